@@ -1,0 +1,368 @@
+"""Text generation as small pure functions: filter logits, sample, prefill, decode one token, stream.
+
+Everything random takes a `torch.Generator`, so a seed reproduces a completion exactly. The decode
+loop (`iter_generate`) serves single prompts and batches of prompts of different lengths (left
+padding + attention mask + per-row position ids): each row comes out as if it ran alone.
+
+Shape legend: B batch, T time, S cached positions, V vocab.
+"""
+
+from __future__ import annotations
+
+import codecs
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from scratchgpt.config import SamplingConfig
+from scratchgpt.model import GPT, KVCache
+
+# ---------------------------------------------------------------------------------------------
+# Pure sampling functions
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL-style penalty on tokens in `seen` (1-D ids): positive logits ÷ penalty, negative × penalty."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    logits = logits.clone()
+    ids = seen.unique()
+    score = logits[..., ids]
+    logits[..., ids] = torch.where(score > 0, score / penalty, score * penalty)
+    return logits
+
+
+def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
+    """Set to -inf every logit that top-k, then top-p (nucleus), then min-p would drop. (B, V) -> (B, V)."""
+    if top_k is not None and top_k < logits.size(-1):
+        # topk returns exactly k indices even when values tie, so exactly k tokens survive.
+        kept = logits.topk(top_k, dim=-1).indices
+        out = torch.full_like(logits, float("-inf"))
+        logits = out.scatter(-1, kept, logits.gather(-1, kept))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Keep a token if the mass strictly before it is still below top_p: the smallest prefix whose
+        # mass reaches top_p. The most likely token is always kept.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[..., 0] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(dim=-1)
+        threshold = min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def sample_next_token(
+    logits: Tensor, sampling: SamplingConfig, *, generator: torch.Generator | None = None, seen: Tensor | None = None
+) -> Tensor:
+    """Pick one token per row from logits (B, V) -> (B,). Temperature 0 is greedy (first max wins ties)."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    logits = filter_logits(logits, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text assembly: UTF-8-safe streaming and stop strings
+# ---------------------------------------------------------------------------------------------
+
+
+class TextAssembler:
+    """Turns a token stream into text pieces that never split a UTF-8 character or leak a stop string.
+
+    Text that could still be the start of a stop string is held back until it is clearly not one.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""  # everything decoded so far
+        self._emitted = 0  # how much of self.text has been handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one token; return the text that is now safe to show (maybe empty)."""
+        self.text += self._decoder.decode(self.tokenizer.decode_bytes([token]))
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """Flush what is left (an incomplete UTF-8 tail becomes U+FFFD)."""
+        self.text += self._decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, *, final: bool) -> str:
+        if self.stopped:
+            return ""
+        end = len(self.text)
+        if self.stop:
+            longest = max(map(len, self.stop))
+            window_start = max(0, self._emitted - longest)
+            hits = [i for s in self.stop if (i := self.text.find(s, window_start)) != -1]
+            if hits:
+                self.stopped = True
+                end = min(hits)
+                self.text = self.text[:end]
+            elif not final:
+                end -= self._held_back(longest)
+        piece = self.text[self._emitted : end]
+        self._emitted = max(self._emitted, end)
+        return piece
+
+    def _held_back(self, longest: int) -> int:
+        """Length of the longest suffix of the text that is a proper prefix of some stop string."""
+        tail = self.text[-(longest - 1) :] if longest > 1 else ""
+        for n in range(len(tail), 0, -1):
+            if any(s.startswith(tail[-n:]) for s in self.stop):
+                return n
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One row's new token in one decode step. `finish_reason` is set on the row's last step."""
+
+    row: int
+    token: int
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (end-of-text or a stop string) or "length"
+
+
+def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, device=None) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-pad prompts to one length: ids (B, T), attention mask (B, T), position ids (B, T)."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, T - len(p) :] = torch.as_tensor(p, dtype=torch.long, device=device)
+            mask[i, T - len(p) :] = 1
+    return ids, mask, positions_from_mask(mask)
+
+
+def positions_from_mask(mask: Tensor) -> Tensor:
+    """Position ids that count real tokens only, so a padded row sees positions 0, 1, 2, ... (B, T)."""
+    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def prefill(model: GPT, ids: Tensor, cache: KVCache, *, mask: Tensor | None, positions: Tensor | None) -> Tensor:
+    """Run the prompts (B, T) through the model, filling the cache; logits of the last position (B, V)."""
+    logits, _ = model(ids, kv_cache=cache, attention_mask=mask, position_ids=positions, last_token_only=True)
+    return logits[:, -1, :]
+
+
+@torch.inference_mode()
+def decode_one_token(model: GPT, token: Tensor, cache: KVCache, *, positions: Tensor | None) -> Tensor:
+    """Feed one new token per row (B, 1) through the cached model; logits (B, V)."""
+    logits, _ = model(token, kv_cache=cache, position_ids=positions)
+    return logits[:, -1, :]
+
+
+def _as_prompt_list(prompts: Sequence[int] | Sequence[Sequence[int]] | Tensor) -> list[list[int]]:
+    if isinstance(prompts, Tensor):
+        return [row.tolist() for row in (prompts if prompts.dim() == 2 else prompts[None])]
+    if len(prompts) and isinstance(prompts[0], int):
+        return [list(prompts)]  # type: ignore[arg-type]
+    return [list(p) for p in prompts]  # type: ignore[union-attr]
+
+
+@torch.inference_mode()
+def iter_generate(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig | Sequence[SamplingConfig],
+    *,
+    eot_id: int | None = None,
+    tokenizer=None,
+    generators: Sequence[torch.Generator | None] | None = None,
+    use_cache: bool = True,
+) -> Iterator[list[Step]]:
+    """Decode a batch of prompts together; yield, per step, the new token of every unfinished row.
+
+    `sampling` and `generators` may be one for all rows or one per row. Stop strings need a
+    `tokenizer`; with one, each Step also carries the row's newly released text.
+    """
+    B = len(prompts)
+    if B == 0:
+        return
+    samplings = list(sampling) if isinstance(sampling, Sequence) else [sampling] * B
+    gens = list(generators) if generators is not None else [None] * B
+    if len(samplings) != B or len(gens) != B:
+        raise ValueError(f"got {B} prompts but {len(samplings)} sampling configs and {len(gens)} generators")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if any(s.stop for s in samplings) and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer")
+    n_ctx = model.config.n_positions
+    if max(len(p) for p in prompts) > n_ctx:
+        warnings.warn(f"prompt longer than the context ({n_ctx} tokens): keeping its last {n_ctx} tokens", stacklevel=2)
+        prompts = [list(p)[-n_ctx:] for p in prompts]
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        yield from _decode(model, [list(p) for p in prompts], samplings, gens, eot_id, tokenizer, use_cache, device)
+    finally:
+        model.train(was_training)
+
+
+def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, device) -> Iterator[list[Step]]:
+    B = len(prompts)
+    n_ctx = model.config.n_positions
+    max_new = max(s.max_new_tokens for s in samplings)
+    assemblers = [TextAssembler(tokenizer, s.stop) if tokenizer is not None else None for s in samplings]
+    # seq holds every row's tokens so far (left-padded); mask marks the real ones.
+    seq, mask, positions = left_pad(prompts, device=device)
+    padded = bool((mask == 0).any())
+    produced = [0] * B
+    active = [s.max_new_tokens > 0 for s in samplings]
+    if not any(active):
+        return
+    needs_history = any(s.repetition_penalty != 1.0 for s in samplings)
+
+    cache = None
+    if use_cache:
+        cache = KVCache.empty(model.config, batch_size=B, max_len=min(n_ctx, seq.size(1) + max_new), device=device,
+                              dtype=next(model.parameters()).dtype)
+        logits = prefill(model, seq, cache, mask=mask if padded else None, positions=positions if padded else None)
+    else:
+        logits = _full_forward(model, seq, mask, padded)
+
+    while True:
+        # -- sample every active row; one SamplingConfig for all rows samples in one call ------------
+        next_tokens = _sample_rows(logits, samplings, gens, active, seq, mask, needs_history)
+        steps = []
+        for r in range(B):
+            if not active[r]:
+                continue
+            tok = int(next_tokens[r])
+            produced[r] += 1
+            finish = None
+            text = ""
+            if eot_id is not None and tok == eot_id and samplings[r].stop_at_eot:
+                finish = "stop"
+            elif assemblers[r] is not None:
+                text = assemblers[r].push(tok)
+                if assemblers[r].stopped:
+                    finish = "stop"
+            if finish is None and produced[r] >= samplings[r].max_new_tokens:
+                finish = "length"
+            if finish is not None and assemblers[r] is not None:
+                text += assemblers[r].finish()
+            if finish is not None:
+                active[r] = False
+            steps.append(Step(row=r, token=tok, text=text, finish_reason=finish))
+        yield steps
+        if not any(active):
+            return
+
+        # -- extend every row (finished ones too: keeping the batch rectangular is cheaper) --------
+        seq = torch.cat([seq, next_tokens.view(B, 1).to(seq.dtype)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        if cache is not None and cache.length < cache.max_len:
+            pos = positions_from_mask(mask)[:, -1:] if padded else None
+            logits = decode_one_token(model, next_tokens.view(B, 1), cache, positions=pos)
+        else:
+            # No cache, or the context is full: slide the window over the last n_ctx tokens and
+            # recompute, exactly like the textbook's uncached generate loop.
+            cache = None
+            seq, mask = seq[:, -n_ctx:], mask[:, -n_ctx:]
+            logits = _full_forward(model, seq, mask, padded)
+
+
+def _full_forward(model: GPT, seq: Tensor, mask: Tensor, padded: bool) -> Tensor:
+    if padded:
+        logits, _ = model(seq, attention_mask=mask, position_ids=positions_from_mask(mask), last_token_only=True)
+    else:
+        logits, _ = model(seq, last_token_only=True)
+    return logits[:, -1, :]
+
+
+def _sample_rows(logits, samplings, gens, active, seq, mask, needs_history) -> Tensor:
+    B = logits.size(0)
+    if not needs_history and all(s is samplings[0] for s in samplings) and all(g is gens[0] for g in gens):
+        if samplings[0].greedy or B == 1:
+            return sample_next_token(logits, samplings[0], generator=gens[0])
+    # Rows differ in settings or generators: sample each row with its own, so a row's draws never
+    # depend on which other rows share the batch.
+    out = torch.zeros(B, dtype=torch.long, device=logits.device)
+    for r in range(B):
+        if active[r]:
+            seen = seq[r][mask[r].bool()] if needs_history else None
+            out[r] = sample_next_token(logits[r : r + 1], samplings[r], generator=gens[r], seen=seen)[0]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Convenience wrappers
+# ---------------------------------------------------------------------------------------------
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A torch.Generator seeded with `seed`, or None (the global RNG) when seed is None."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def generate(
+    model: GPT,
+    prompts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+    sampling: SamplingConfig,
+    *,
+    eot_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    tokenizer=None,
+) -> list[list[int]]:
+    """New token ids for each prompt (end-of-text excluded). One prompt or a batch of any lengths."""
+    rows = _as_prompt_list(prompts)
+    out: list[list[int]] = [[] for _ in rows]
+    # With one shared generator, rows draw from it in row order; pass per-row generators to
+    # iter_generate for draws independent of batch composition.
+    for steps in iter_generate(model, rows, sampling, eot_id=eot_id, tokenizer=tokenizer,
+                               generators=[generator] * len(rows), use_cache=use_cache):
+        for s in steps:
+            if not (s.finish_reason == "stop" and s.token == eot_id and sampling.stop_at_eot):
+                out[s.row].append(s.token)
+    return out
+
+
+def stream_text(
+    model: GPT, tokenizer, prompt: str, sampling: SamplingConfig, *,
+    generator: torch.Generator | None = None, use_cache: bool = True,
+) -> Iterator[str]:
+    """Yield the completion of `prompt` as text pieces, never splitting a UTF-8 character."""
+    ids = tokenizer.encode(prompt)
+    if generator is None and sampling.seed is not None:
+        generator = make_generator(sampling.seed, next(model.parameters()).device)
+    for steps in iter_generate(model, [ids], sampling, eot_id=tokenizer.eot_id, tokenizer=tokenizer,
+                               generators=[generator], use_cache=use_cache):
+        for s in steps:
+            if s.text:
+                yield s.text
+
+
+def generate_text(
+    model: GPT, tokenizer, prompt: str, sampling: SamplingConfig, *, generator: torch.Generator | None = None,
+) -> str:
+    """The completion of `prompt` (without the prompt), stopping at end-of-text or a stop string."""
+    return "".join(stream_text(model, tokenizer, prompt, sampling, generator=generator))
