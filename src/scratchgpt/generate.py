@@ -298,9 +298,9 @@ def _full_forward(model: GPT, seq: Tensor, mask: Tensor, padded: bool) -> Tensor
 
 def _sample_rows(logits, samplings, gens, active, seq, mask, needs_history) -> Tensor:
     B = logits.size(0)
-    if not needs_history and all(s is samplings[0] for s in samplings) and all(g is gens[0] for g in gens):
-        if samplings[0].greedy or B == 1:
-            return sample_next_token(logits, samplings[0], generator=gens[0])
+    shared = all(s is samplings[0] for s in samplings) and all(g is gens[0] for g in gens)
+    if shared and not needs_history and (samplings[0].greedy or B == 1):
+        return sample_next_token(logits, samplings[0], generator=gens[0])
     # Rows differ in settings or generators: sample each row with its own, so a row's draws never
     # depend on which other rows share the batch.
     out = torch.zeros(B, dtype=torch.long, device=logits.device)

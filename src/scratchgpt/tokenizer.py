@@ -259,8 +259,19 @@ def default_gpt2_cache_dir() -> Path:
     return Path(base) / "scratchgpt" / "gpt2"
 
 
+# Hugging Face folders hold the same two files under other names.
+_HF_NAMES = {"encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}
+
+
+def _gpt2_file(directory: Path, name: str) -> Path:
+    """`directory/name`, or its Hugging Face-named twin when only that exists."""
+    path = directory / name
+    twin = directory / _HF_NAMES[name]
+    return twin if not path.is_file() and twin.is_file() else path
+
+
 def _has_gpt2_files(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in _GPT2_FILES)
+    return all(_gpt2_file(directory, name).is_file() for name in _GPT2_FILES)
 
 
 def _download_gpt2_files(directory: Path) -> None:
@@ -332,11 +343,11 @@ class GPT2Tokenizer(Tokenizer):
 
     @classmethod
     def from_dir(cls, path: str | Path) -> GPT2Tokenizer:
-        """The tokenizer from `path`/encoder.json and `path`/vocab.bpe."""
+        """The tokenizer from `path`/encoder.json + vocab.bpe (or HF's vocab.json + merges.txt)."""
         path = Path(path)
         if not _has_gpt2_files(path):
             raise FileNotFoundError(f"{path} lacks encoder.json and/or vocab.bpe; pass GPT-2's BPE folder")
-        return cls((path / "encoder.json").read_bytes(), (path / "vocab.bpe").read_bytes())
+        return cls(_gpt2_file(path, "encoder.json").read_bytes(), _gpt2_file(path, "vocab.bpe").read_bytes())
 
     @classmethod
     def _from_saved(cls, directory: Path, meta: dict[str, Any]) -> GPT2Tokenizer:
@@ -375,6 +386,13 @@ class GPT2Tokenizer(Tokenizer):
             {"type": "gpt2", "vocab_size": self.vocab_size, "eot_id": self.eot_id,
              "files": sorted(self._files)},
         )
+
+    def save_hf(self, directory: str | Path) -> None:
+        """Write the files under Hugging Face's names, so `GPT2TokenizerFast.from_pretrained` reads them."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, data in self._files.items():
+            (directory / _HF_NAMES[name]).write_bytes(data)
 
 
 def gpt2_tokenizer(path: str | Path | None = None) -> GPT2Tokenizer:

@@ -1,0 +1,260 @@
+"""Checkpoints: Hugging Face GPT-2 import/export against `transformers`, run directories, corruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from scratchgpt.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    hf_to_scratchgpt,
+    load_hf,
+    load_model,
+    load_tensors,
+    save_hf,
+    save_model,
+    scratchgpt_to_hf,
+)
+from scratchgpt.config import GPTConfig
+from scratchgpt.model import GPT
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-5
+VOCAB = 99
+
+
+def tiny_hf(*, tied: bool = True, seed: int = 0, activation: str = "gelu_new"):
+    """A random GPT2LMHeadModel with every parameter random (biases and LayerNorms too), in eval mode."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=32, n_embd=48, n_layer=3, n_head=4, tie_word_embeddings=tied,
+        activation_function=activation, bos_token_id=0, eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def tiny_gpt(**overrides) -> GPT:
+    base = dict(vocab_size=VOCAB, n_positions=32, n_embd=48, n_layer=2, n_head=4)
+    model = GPT(GPTConfig(**{**base, **overrides}), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def tokens(batch: int = 2, length: int = 10, *, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(model, idx: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(idx).logits
+
+
+def our_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(idx)[0]
+
+
+def greedy(logits_fn, idx: torch.Tensor, steps: int = 6) -> torch.Tensor:
+    """Append `steps` argmax tokens, recomputing the whole sequence each step (no cache: plain and sure)."""
+    for _ in range(steps):
+        next_id = logits_fn(idx)[:, -1].argmax(-1, keepdim=True)
+        idx = torch.cat([idx, next_id], dim=1)
+    return idx
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Import from Hugging Face
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_load_hf_matches_transformers(tmp_path, tied):
+    torch.manual_seed(0)
+    hf = tiny_hf(tied=tied)
+    hf.save_pretrained(tmp_path)
+    idx = tokens()
+    for model in (load_hf(tmp_path), GPT.from_pretrained(str(tmp_path))):
+        assert model.config.tie_word_embeddings == tied
+        assert (model.lm_head.weight is model.transformer.wte.weight) == tied
+        assert not model.training
+        assert max_diff(our_logits(model, idx), hf_logits(hf, idx)) <= TOL
+        ours = greedy(lambda x, m=model: our_logits(m, x), idx)
+        assert torch.equal(ours, greedy(lambda x: hf_logits(hf, x), idx))
+
+
+def test_load_hf_from_pytorch_model_bin(tmp_path):
+    torch.manual_seed(0)
+    hf = tiny_hf(tied=False)
+    hf.config.save_pretrained(tmp_path)
+    # transformers 5 no longer writes .bin files, so write the pickle the way older versions did.
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    model = load_hf(tmp_path)
+    idx = tokens()
+    assert max_diff(our_logits(model, idx), hf_logits(hf, idx)) <= TOL
+
+
+class _NotATensor:
+    """Pickled into a .bin to prove the loader unpickles plain weights only."""
+
+
+def test_pytorch_model_bin_with_arbitrary_objects_is_refused(tmp_path):
+    torch.manual_seed(0)
+    hf = tiny_hf()
+    hf.config.save_pretrained(tmp_path)
+    torch.save({**hf.state_dict(), "payload": _NotATensor()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot be read as plain weights"):
+        load_hf(tmp_path)
+
+
+def test_load_hf_without_transformer_prefix(tmp_path):
+    # GPT2Model (no LM head) saves "h.0.attn..." rather than "transformer.h.0.attn...".
+    torch.manual_seed(0)
+    hf = tiny_hf(tied=True)
+    hf.transformer.save_pretrained(tmp_path)
+    model = load_hf(tmp_path)
+    idx = tokens()
+    assert max_diff(our_logits(model, idx), hf_logits(hf, idx)) <= TOL
+
+
+def test_unknown_hf_activation_is_refused(tmp_path):
+    torch.manual_seed(0)
+    tiny_hf().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["activation_function"] = "swish"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="activation_function"):
+        load_hf(tmp_path)
+
+
+def test_hf_relu_model_loads(tmp_path):
+    torch.manual_seed(0)
+    hf = tiny_hf(activation="relu")
+    hf.save_pretrained(tmp_path)
+    model = load_hf(tmp_path)
+    assert model.config.activation == "relu"
+    idx = tokens()
+    assert max_diff(our_logits(model, idx), hf_logits(hf, idx)) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Export to Hugging Face
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_hf_loads_in_transformers(tmp_path, tied):
+    torch.manual_seed(0)
+    model = tiny_gpt(tie_word_embeddings=tied)
+    save_hf(model, tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = tokens()
+    assert max_diff(hf_logits(hf, idx), our_logits(model, idx)) <= TOL
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_hf_to_scratchgpt_to_hf_is_exact(tmp_path, tied):
+    torch.manual_seed(0)
+    hf = tiny_hf(tied=tied)
+    state = hf.state_dict()
+    assert_same_state(scratchgpt_to_hf(hf_to_scratchgpt(state)), state)
+    # And through files: what HF wrote comes back byte-for-byte equal after our load and save.
+    hf.save_pretrained(tmp_path / "hf")
+    save_hf(load_hf(tmp_path / "hf"), tmp_path / "ours")
+    assert_same_state(load_tensors(tmp_path / "ours" / "model.safetensors"),
+                      load_tensors(tmp_path / "hf" / "model.safetensors"))
+
+
+@pytest.mark.parametrize(("overrides", "reason"), [(dict(pos_encoding="sinusoidal"), "pos_encoding"),
+                                                   (dict(bias=False), "bias=False")])
+def test_save_hf_refuses_what_gpt2_cannot_express(tmp_path, overrides, reason):
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=reason):
+        save_hf(tiny_gpt(**overrides), tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# scratchgpt run directories
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(tie_word_embeddings=False), dict(pos_encoding="sinusoidal", bias=False, activation="relu")],
+)
+def test_save_model_load_model_round_trip(tmp_path, overrides):
+    torch.manual_seed(0)
+    model = tiny_gpt(**overrides)
+    save_model(model, tmp_path, extra={"step": 12})
+    loaded, cfg = load_model(tmp_path)
+    assert cfg["step"] == 12
+    assert loaded.config == model.config
+    assert_same_state(loaded.state_dict(), model.state_dict())
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == model.config.tie_word_embeddings
+    idx = tokens()
+    assert torch.equal(our_logits(loaded, idx), our_logits(model, idx))
+
+
+def save_and_load(kind: str):
+    """(save, load) for a scratchgpt run directory or a Hugging Face directory."""
+    if kind == "scratchgpt":
+        return (lambda d: save_model(tiny_gpt(), d)), (lambda d: load_model(d))
+    return (lambda d: save_hf(tiny_gpt(), d)), (lambda d: load_hf(d))
+
+
+@pytest.mark.parametrize("kind", ["scratchgpt", "hf"])
+def test_truncated_safetensors_names_the_file(tmp_path, kind):
+    torch.manual_seed(0)
+    save, load = save_and_load(kind)
+    save(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["scratchgpt", "hf"])
+def test_corrupted_config_names_the_file(tmp_path, kind):
+    torch.manual_seed(0)
+    save, load = save_and_load(kind)
+    save(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text(config.read_text()[:20])
+    with pytest.raises(CheckpointError, match="config.json"):
+        load(tmp_path)
+
+
+def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
+    path = tmp_path / "state.txt"
+    path.write_text("old contents")
+
+    def failing_writer(tmp: Path) -> None:
+        tmp.write_text("half of the new con")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, failing_writer)
+    assert path.read_text() == "old contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.txt"]  # no temporary file left behind

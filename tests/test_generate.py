@@ -1,0 +1,250 @@
+"""Sampling functions, the KV-cached decode loop, batching, streaming and stop strings."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from scratchgpt import GPT, GPTConfig, SamplingConfig
+from scratchgpt.generate import (
+    TextAssembler,
+    apply_repetition_penalty,
+    filter_logits,
+    generate,
+    generate_text,
+    iter_generate,
+    left_pad,
+    make_generator,
+    sample_next_token,
+    stream_text,
+)
+
+
+class ByteTokenizer:
+    """Token i < 256 is byte i; 256 is end-of-text. Lets tests split UTF-8 characters at will."""
+
+    vocab_size = 257
+    eot_id = 256
+    name = "bytes"
+
+    def encode(self, text: str, *, allowed_special: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode_bytes(self, ids) -> bytes:
+        return bytes(i for i in ids if i < 256)
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def tiny_model(*, vocab_size: int = 97, n_positions: int = 32, seed: int = 0) -> GPT:
+    config = GPTConfig(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4)
+    return GPT(config, generator=torch.Generator().manual_seed(seed)).eval()
+
+
+GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0)
+
+
+# -- pure functions --------------------------------------------------------------------------------
+
+
+def test_top_k_keeps_exactly_k_even_with_ties():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.5, 3.0]])
+    out = filter_logits(logits, top_k=2)
+    assert torch.isfinite(out).sum().item() == 2
+    assert torch.isfinite(out[0, [1, 2, 3, 5]]).sum().item() == 2  # two of the four tied maxima
+
+
+def test_top_p_one_is_a_no_op_and_small_top_p_keeps_only_the_best():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(filter_logits(logits, top_p=1.0), logits)
+    out = filter_logits(logits, top_p=1e-6)
+    assert torch.equal(torch.isfinite(out).sum(-1), torch.ones(3, dtype=torch.long))
+    assert torch.equal(out.argmax(-1), logits.argmax(-1))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    out = filter_logits(probs.log(), top_p=0.8)  # 0.5 + 0.3 reaches 0.8 exactly: two survive
+    assert torch.isfinite(out).tolist() == [[True, True, False, False]]
+    out = filter_logits(probs.log(), top_p=0.81)
+    assert torch.isfinite(out).tolist() == [[True, True, True, False]]
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best():
+    probs = torch.tensor([[0.6, 0.25, 0.1, 0.05]])
+    out = filter_logits(probs.log(), min_p=0.2)  # threshold 0.12
+    assert torch.isfinite(out).tolist() == [[True, True, False, False]]
+
+
+def test_temperature_zero_is_argmax_and_first_max_wins_ties():
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0]])
+    assert sample_next_token(logits, SamplingConfig(temperature=0.0)).item() == 1
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([0, 1, 1]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+    assert torch.equal(apply_repetition_penalty(logits, torch.tensor([0]), 1.0), logits)
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ():
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0))
+    cfg = SamplingConfig(temperature=1.0)
+    draws = lambda seed: [sample_next_token(logits, cfg, generator=g).item()  # noqa: E731
+                          for g in [make_generator(seed)] for _ in range(20)]
+    assert draws(1) == draws(1)
+    assert draws(1) != draws(2)
+
+
+def test_sampling_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=-1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingConfig(top_k=0)
+    assert SamplingConfig(stop="###").stop == ("###",)
+
+
+# -- the decode loop -------------------------------------------------------------------------------
+
+
+def test_cached_and_uncached_greedy_generation_give_the_same_tokens():
+    model = tiny_model()
+    prompt = [5, 17, 3, 9, 44]
+    cached = generate(model, prompt, GREEDY, use_cache=True)
+    uncached = generate(model, prompt, GREEDY, use_cache=False)
+    assert cached == uncached
+    assert len(cached[0]) == 12
+
+
+def test_generation_past_the_context_slides_the_window_like_the_uncached_loop():
+    model = tiny_model(n_positions=16)
+    cfg = SamplingConfig(max_new_tokens=30, temperature=0.0)  # 6 + 30 > 16 positions
+    assert generate(model, [1, 2, 3, 4, 5, 6], cfg) == generate(model, [1, 2, 3, 4, 5, 6], cfg, use_cache=False)
+
+
+def test_prompt_longer_than_context_is_cropped_with_a_warning():
+    model = tiny_model(n_positions=16)
+    long_prompt = list(range(1, 40))
+    with pytest.warns(UserWarning, match="last 16 tokens"):
+        out = generate(model, long_prompt, SamplingConfig(max_new_tokens=3, temperature=0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert out == generate(model, long_prompt[-16:], SamplingConfig(max_new_tokens=3, temperature=0.0))
+
+
+def test_batch_of_different_lengths_equals_each_prompt_alone():
+    model = tiny_model()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    batched = generate(model, prompts, GREEDY)
+    assert batched == [generate(model, p, GREEDY)[0] for p in prompts]
+    assert batched == generate(model, prompts, GREEDY, use_cache=False)
+
+
+def test_sampled_batch_rows_with_own_generators_equal_rows_alone():
+    model = tiny_model()
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0.9, top_k=20)
+
+    def tokens(ps, seeds):
+        out = [[] for _ in ps]
+        for steps in iter_generate(model, ps, cfg, generators=[make_generator(s) for s in seeds]):
+            for s in steps:
+                out[s.row].append(s.token)
+        return out
+
+    together = tokens(prompts, [11, 12])
+    assert together == [tokens([prompts[0]], [11])[0], tokens([prompts[1]], [12])[0]]
+
+
+def test_left_pad_builds_mask_and_positions():
+    ids, mask, pos = left_pad([[7, 8, 9], [5]], pad_id=0)
+    assert ids.tolist() == [[7, 8, 9], [0, 0, 5]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_generation_matches_transformers_greedy_tokens(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from scratchgpt.checkpoint import load_hf
+
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=101, n_positions=40, n_embd=32, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None,
+    )).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path)
+    prompt = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.inference_mode():
+        ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, min_new_tokens=20,
+                          do_sample=False, pad_token_id=0)[0, 5:].tolist()
+    assert generate(ours, prompt, SamplingConfig(max_new_tokens=20, temperature=0.0)) == [ref]
+
+
+def test_stops_at_end_of_text_and_max_new_tokens_zero():
+    model = tiny_model(vocab_size=97)
+    first = generate(model, [1, 2, 3], SamplingConfig(max_new_tokens=1, temperature=0.0))[0][0]
+    # Declare the token greedy decoding picks first to be end-of-text: nothing is returned.
+    assert generate(model, [1, 2, 3], GREEDY, eot_id=first) == [[]]
+    assert generate(model, [1, 2, 3], SamplingConfig(max_new_tokens=0)) == [[]]
+    no_stop = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_at_eot=False)
+    assert len(generate(model, [1, 2, 3], no_stop, eot_id=first)[0]) == 12
+
+
+def test_finish_reasons():
+    model = tiny_model()
+    steps = [s for batch in iter_generate(model, [[1, 2]], SamplingConfig(max_new_tokens=4, temperature=0))
+             for s in batch]
+    assert [s.finish_reason for s in steps] == [None, None, None, "length"]
+
+
+# -- text: streaming and stop strings --------------------------------------------------------------
+
+
+def test_text_assembler_never_splits_a_utf8_character():
+    tok = ByteTokenizer()
+    asm = TextAssembler(tok)
+    pieces = [asm.push(b) for b in "héllo → 世界".encode()] + [asm.finish()]
+    assert "".join(pieces) == "héllo → 世界"
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces[1] == ""  # first byte of 'é' alone is held back
+
+
+def test_text_assembler_stops_at_a_stop_string_and_never_leaks_it():
+    tok = ByteTokenizer()
+    asm = TextAssembler(tok, stop=("###", "END"))
+    shown = ""
+    for b in b"answer: 42 ## not yet ### more":
+        shown += asm.push(b)
+        if asm.stopped:
+            break
+    shown += asm.finish()
+    assert shown == "answer: 42 ## not yet "
+    assert asm.stopped
+
+
+def test_stream_text_joins_to_generate_text_and_respects_stop_strings():
+    tok = ByteTokenizer()
+    model = tiny_model(vocab_size=257, n_positions=64)
+    cfg = SamplingConfig(max_new_tokens=25, temperature=0.0, stop_at_eot=False)
+    full = generate_text(model, tok, "hi", cfg)
+    assert "".join(stream_text(model, tok, "hi", cfg)) == full
+    ids = generate(model, tok.encode("hi"), cfg)[0]
+    assert full == tok.decode(ids)
+    # Use a piece of the greedy text itself as a stop string: output is cut right before it.
+    stop = full[5:8]
+    assert len(stop) == 3 and "\ufffd" not in stop  # the seeded model's text is long enough to cut
+    cut = generate_text(model, tok, "hi", SamplingConfig(max_new_tokens=25, temperature=0.0, stop=(stop,)))
+    assert cut == full[: full.find(stop)]
+
+
+def test_seeded_text_generation_is_reproducible():
+    tok = ByteTokenizer()
+    model = tiny_model(vocab_size=257, n_positions=64)
+    cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, seed=1234)
+    assert generate_text(model, tok, "abc", cfg) == generate_text(model, tok, "abc", cfg)

@@ -1,0 +1,320 @@
+"""GPTConfig validation and the GPT module: sizes, init, attention paths, KV cache, padding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchgpt.config import GPTConfig
+from scratchgpt.model import GPT, KVCache
+
+TOL = 1e-5
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    base = dict(vocab_size=53, n_positions=24, n_embd=32, n_layer=2, n_head=4)
+    return GPTConfig(**{**base, **overrides})
+
+
+def tiny_model(*, attn_impl: str = "sdpa", seed: int = 0, **overrides) -> GPT:
+    """A small GPT in eval mode with non-zero biases, so padding and cache bugs cannot hide behind zeros."""
+    model = GPT(tiny_config(**overrides), attn_impl=attn_impl, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def tokens(batch: int, length: int, *, seed: int = 0, vocab: int = 53) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPTConfig
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(n_embd=30, n_head=4), "n_embd"),
+        (dict(embd_pdrop=1.0), "embd_pdrop"),
+        (dict(resid_pdrop=-0.1), "resid_pdrop"),
+        (dict(attn_pdrop=1.5), "attn_pdrop"),
+        (dict(pos_encoding="rotary"), "pos_encoding"),
+        (dict(activation="swish"), "activation"),
+        (dict(n_layer=0), "n_layer"),
+    ],
+)
+def test_config_validation_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="gpt3"):
+        GPTConfig.from_name("gpt3")
+
+
+def test_config_dict_round_trip():
+    config = tiny_config(pos_encoding="sinusoidal", activation="relu", bias=False)
+    assert GPTConfig.from_dict(config.to_dict()) == config
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes (meta device: no memory, no init)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "tied", "expected"),
+    [
+        ("gpt2", True, 124_439_808),
+        ("gpt2", False, 163_037_184),
+        ("gpt2-medium", True, 354_823_168),
+        ("gpt2-large", True, 774_030_080),
+        ("gpt2-xl", True, 1_557_611_200),
+    ],
+)
+def test_parameter_counts(name, tied, expected):
+    model = GPT(GPTConfig.from_name(name, tie_word_embeddings=tied), device="meta")
+    assert model.num_parameters() == expected
+
+
+def test_sinusoidal_model_has_no_position_parameters():
+    model = GPT(tiny_config(pos_encoding="sinusoidal"))
+    assert not any(name.startswith("transformer.wpe") for name, _ in model.named_parameters())
+    learned = GPT(tiny_config())
+    assert learned.num_parameters() - model.num_parameters() == 24 * 32  # exactly the wpe table
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and loss
+# ---------------------------------------------------------------------------------------------
+
+
+def test_forward_shapes_and_loss():
+    torch.manual_seed(0)
+    model = tiny_model()
+    idx, targets = tokens(3, 10), tokens(3, 10, seed=1)
+    logits, loss = model(idx)
+    assert logits.shape == (3, 10, 53) and loss is None
+    logits, loss = model(idx, targets)
+    assert loss.shape == () and torch.isfinite(loss)
+    # An untrained model is close to uniform: loss near ln(V).
+    assert abs(loss.item() - math.log(53)) < 0.5
+    last, _ = model(idx, last_token_only=True)
+    assert last.shape == (3, 1, 53)
+    assert max_diff(last[:, 0], logits[:, -1]) <= TOL
+
+
+def test_loss_ignores_minus_100_targets():
+    torch.manual_seed(0)
+    model = tiny_model()
+    idx, targets = tokens(2, 8), tokens(2, 8, seed=1)
+    masked = targets.clone()
+    masked[0, :3] = -100
+    masked[1, 5] = -100
+    logits, loss = model(idx, masked)
+    keep = masked != -100
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_too_long_sequence_is_refused():
+    torch.manual_seed(0)
+    model = tiny_model()
+    with pytest.raises(ValueError, match="n_positions"):
+        model(tokens(1, 25))
+
+
+def test_relu_activation():
+    torch.manual_seed(0)
+    relu = tiny_model(activation="relu")
+    assert isinstance(relu.transformer.h[0].mlp.act, nn.ReLU)
+    gelu = tiny_model(activation="gelu")  # same seed, so the same weights
+    idx = tokens(2, 6)
+    relu_logits, gelu_logits = relu(idx)[0], gelu(idx)[0]
+    assert torch.isfinite(relu_logits).all()
+    assert max_diff(relu_logits, gelu_logits) > 1e-4
+
+
+def test_dropout_active_in_train_mode_only():
+    torch.manual_seed(0)
+    model = tiny_model(embd_pdrop=0.2, resid_pdrop=0.2, attn_pdrop=0.2)
+    idx = tokens(2, 8)
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], model(idx)[0])
+        model.train()
+        assert not torch.equal(model(idx)[0], model(idx)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    config = tiny_config(n_embd=64, n_layer=4, n_head=4)
+    model = GPT(config, generator=torch.Generator().manual_seed(0))
+    proj_std = 0.02 / math.sqrt(2 * config.n_layer)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert p.std().item() == pytest.approx(proj_std, rel=0.1), name
+        elif name.endswith(("c_attn.weight", "c_fc.weight", "wte.weight", "wpe.weight")):
+            assert p.std().item() == pytest.approx(0.02, rel=0.1), name
+        elif name.endswith("bias"):
+            assert torch.count_nonzero(p) == 0, name
+        elif "ln_" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_seeded_init_is_reproducible():
+    config = tiny_config()
+    a = GPT(config, generator=torch.Generator().manual_seed(7))
+    b = GPT(config, generator=torch.Generator().manual_seed(7))
+    c = GPT(config, generator=torch.Generator().manual_seed(8))
+    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(),
+                                  strict=True):
+        assert torch.equal(pa, pb), name
+        if name.endswith("weight") and "ln_" not in name:
+            assert not torch.equal(pa, pc), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention implementations
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sdpa_and_eager_agree():
+    torch.manual_seed(0)
+    model = tiny_model()
+    idx = tokens(2, 12)
+    with torch.no_grad():
+        sdpa = model(idx)[0]
+        model.set_attn_impl("eager")
+        eager = model(idx)[0]
+    assert max_diff(sdpa, eager) <= TOL
+    with pytest.raises(ValueError, match="attn_impl"):
+        model.set_attn_impl("flash")
+
+
+def test_eager_attention_weights_are_causal_and_normalised():
+    torch.manual_seed(0)
+    model = tiny_model(attn_impl="eager")
+    x = torch.randn(2, 9, 32)
+    _, weights = model.transformer.h[0].attn(x, return_weights=True)
+    assert weights.shape == (2, 4, 9, 9)
+    assert torch.count_nonzero(torch.triu(weights, diagonal=1)) == 0
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 4, 9), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache and left padding
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
+def test_kv_cache_one_token_at_a_time_matches_full_forward(attn_impl, pos_encoding):
+    torch.manual_seed(0)
+    model = tiny_model(attn_impl=attn_impl, pos_encoding=pos_encoding)
+    idx = tokens(2, 11)
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = KVCache.empty(model.config, batch_size=2)
+        steps = [model(idx[:, :5], kv_cache=cache)[0]]
+        steps += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(5, 11)]
+    assert cache.length == 11
+    assert max_diff(torch.cat(steps, dim=1), full) <= TOL
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+def test_kv_cache_multi_token_chunks_match_full_forward(attn_impl):
+    # Several new tokens after a cached prefix must still be causal among themselves.
+    torch.manual_seed(0)
+    model = tiny_model(attn_impl=attn_impl)
+    idx = tokens(2, 12)
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = KVCache.empty(model.config, batch_size=2, max_len=12)
+        chunks = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in ((0, 4), (4, 9), (9, 12))]
+    assert max_diff(torch.cat(chunks, dim=1), full) <= TOL
+
+
+def test_kv_cache_overflow_is_refused():
+    torch.manual_seed(0)
+    model = tiny_model()
+    cache = KVCache.empty(model.config, batch_size=1, max_len=4)
+    with torch.no_grad():
+        model(tokens(1, 4), kv_cache=cache)
+        with pytest.raises(ValueError, match="KV cache"):
+            model(tokens(1, 1), kv_cache=cache)
+
+
+def left_pad(rows: list[torch.Tensor], *, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(idx, attention_mask, position_ids) for rows left-padded to the longest."""
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), pad_id)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, T - len(r) :] = r
+        mask[i, T - len(r) :] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return idx, mask, position_ids
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+def test_left_padded_batch_matches_each_row_alone(attn_impl):
+    torch.manual_seed(0)
+    model = tiny_model(attn_impl=attn_impl)
+    rows = [tokens(1, n, seed=n)[0] for n in (5, 9, 2)]
+    idx, mask, position_ids = left_pad(rows)
+    next_ids = tokens(3, 1, seed=99)
+    with torch.no_grad():
+        batched = model(idx, attention_mask=mask, position_ids=position_ids)[0][:, -1]
+        # Then one decode step through the cache, as generation does.
+        cache = KVCache.empty(model.config, batch_size=3)
+        model(idx, attention_mask=mask, position_ids=position_ids, kv_cache=cache)
+        next_pos = position_ids[:, -1:] + 1
+        decoded = model(next_ids, kv_cache=cache, position_ids=next_pos)[0][:, -1]
+        for i, row in enumerate(rows):
+            alone = model(row[None])[0][0, -1]
+            assert max_diff(batched[i], alone) <= TOL, f"row {i}"
+            alone_next = model(torch.cat([row, next_ids[i]])[None])[0][0, -1]
+            assert max_diff(decoded[i], alone_next) <= TOL, f"row {i} after one decode step"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_autocast_forward_on_cuda_uses_sdpa():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = tiny_model(n_embd=64, n_head=4).cuda()
+    idx = tokens(2, 16).cuda()
+    with torch.no_grad():
+        reference = model(idx)[0]
+        # Restricting SDPA to the flash kernel makes the forward fail unless the fused path really runs.
+        with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            logits, loss = model(idx, tokens(2, 16, seed=1).cuda())
+    assert logits.dtype == torch.bfloat16
+    assert torch.isfinite(loss)
+    assert max_diff(logits.float(), reference) < 0.05
