@@ -141,6 +141,9 @@ def test_config_conversions():
     assert config.bias and config.activation == "gelu" and config.attn_pdrop == 0.1
     cfg = gptconfig_to_config(config, per_head_attention=True)
     assert cfg == {**GPT_CONFIG_124M, "qkv_bias": True, "per_head_attention": True}
+    # The book's own dict, without this module's two extra keys, means learned positions, fused heads.
+    book_only = {k: v for k, v in GPT_CONFIG_124M.items() if k not in ("pos_encoding", "per_head_attention")}
+    assert config_to_gptconfig(book_only) == config
 
 
 @pytest.mark.parametrize(
