@@ -10,6 +10,7 @@ import torch
 from scratchgpt import GPT, GPTConfig, SamplingConfig
 from scratchgpt.generate import (
     TextAssembler,
+    _lookup_draft,
     apply_repetition_penalty,
     filter_logits,
     generate,
@@ -261,3 +262,28 @@ def test_seeded_text_generation_is_reproducible():
     model = tiny_model(vocab_size=257, n_positions=64)
     cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, seed=1234)
     assert generate_text(model, tok, "abc", cfg) == generate_text(model, tok, "abc", cfg)
+
+
+# -- prompt-lookup decoding ------------------------------------------------------------------------
+
+
+def test_lookup_draft_copies_what_followed_the_latest_match_of_the_last_ngram():
+    assert _lookup_draft([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 2) == [7, 8]  # latest trigram match
+    assert _lookup_draft([5, 6, 1, 2], 3) == []  # trailing 2 never occurred before
+    assert _lookup_draft([4, 4, 4, 4, 4], 5) == [4, 4]  # no full draft: the longest continuation
+    assert _lookup_draft([7, 4, 4, 4, 4, 4], 2) == [4, 4]  # a run: a match far enough back fills k
+    assert _lookup_draft([1, 2, 1, 2], 0) == []
+
+
+@pytest.mark.parametrize("n_positions", [64, 24])
+def test_prompt_lookup_decoding_gives_the_plain_greedy_tokens(n_positions):
+    model = tiny_model(n_positions=n_positions, seed=1)
+    prompt = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
+    cfg = SamplingConfig(max_new_tokens=40, temperature=0.0)
+    plain = generate(model, prompt, cfg)
+    passes = []
+    hook = model.register_forward_hook(lambda *_: passes.append(1))
+    assert generate(model, prompt, cfg, prompt_lookup=5) == plain
+    hook.remove()
+    assert len(plain[0]) == 40
+    assert len(passes) < 40  # drafts were accepted: fewer forward passes than tokens

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import suppress
@@ -190,7 +191,9 @@ def _load_state_strict(model: GPT, state: dict[str, Tensor], *, source: str | Pa
         )
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}")
+            raise CheckpointError(
+                f"{source}: {k} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}"
+            )
     model.load_state_dict(state, strict=False, assign=True)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
@@ -237,7 +240,9 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> GPTCon
         raise CheckpointError(f"{source}: model_type {hf.get('model_type')!r} is not 'gpt2'")
     act = hf.get("activation_function", "gelu_new")
     if act not in _HF_ACTIVATIONS:
-        raise CheckpointError(f"{source}: activation_function {act!r} is not supported; use one of {list(_HF_ACTIVATIONS)}")
+        raise CheckpointError(
+            f"{source}: activation_function {act!r} is not supported; use one of {list(_HF_ACTIVATIONS)}"
+        )
     n_inner = hf.get("n_inner")
     if n_inner not in (None, 4 * hf["n_embd"]):
         raise CheckpointError(f"{source}: n_inner={n_inner} is not supported (scratchgpt uses 4 * n_embd)")
@@ -385,3 +390,264 @@ def load_any(
     directory = _resolve_hf(path_or_name)
     has_files = (directory / "vocab.json").is_file() or (directory / "encoder.json").is_file()
     return model, gpt2_tokenizer(directory if has_files else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state: step checkpoints, the `latest` pointer, the exported best/final model
+# ---------------------------------------------------------------------------------------------
+#
+#   run_dir/
+#     ckpt-00000500/   model.safetensors, config.json, tokenizer files   (a loadable run directory)
+#                      train_state.safetensors   optimizer moments, torch RNG states (per rank)
+#                      train_state.json          step, sampler position, python/numpy RNG, scaler, ...
+#     latest           "ckpt-00000500": the checkpoint to resume from (replaced atomically)
+#     model.safetensors, config.json, tokenizer files   the latest model (hard links into ckpt-*)
+#     best/            the model with the lowest validation loss so far
+#
+# Each ckpt-* folder is written under a temporary name and renamed into place; train_state.json is
+# its last file, so a folder without it is never read. Nothing is pickled: RNG states are uint8 tensors
+# (safetensors) or lists of integers (JSON).
+
+CKPT_PREFIX = "ckpt-"
+LATEST_FILE = "latest"
+BEST_DIR = "best"
+TRAIN_STATE_JSON = "train_state.json"
+TRAIN_STATE_TENSORS = "train_state.safetensors"
+TRAIN_STATE_FORMAT = "scratchgpt-train-state"
+_TRAIN_STATE_FILES = (TRAIN_STATE_JSON, TRAIN_STATE_TENSORS)
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint after `step` optimizer steps (zero-padded, so names sort by step)."""
+    return f"{CKPT_PREFIX}{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    # Make the renames inside `path` durable; not every platform can open a directory.
+    with suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete step checkpoints in `run_dir` (those with train_state.json), oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.glob(f"{CKPT_PREFIX}*") if p.is_dir() and (p / TRAIN_STATE_JSON).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `run_dir/latest` points at; the newest complete one if the pointer is missing; else None."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST_FILE
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        ckpt = run_dir / name
+        if not name.startswith(CKPT_PREFIX) or not (ckpt / TRAIN_STATE_JSON).is_file():
+            raise CheckpointError(f"{pointer}: points at {name!r}, which is not a complete checkpoint in {run_dir}")
+        return ckpt
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def write_training_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    write_model: Callable[[Path], None],
+    tensors: dict[str, Tensor],
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write `run_dir/ckpt-<step>/` atomically, point `latest` at it and prune to the last `keep_last`.
+
+    `write_model(folder)` writes the model files (model.safetensors, config.json, tokenizer); `tensors`
+    and `state` become train_state.safetensors and train_state.json.
+    """
+    run_dir = Path(run_dir)
+    name = checkpoint_name(step)
+    tmp = run_dir / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_model(tmp)
+        save_tensors(tensors, tmp / TRAIN_STATE_TENSORS, metadata={"format": TRAIN_STATE_FORMAT})
+        write_json(tmp / TRAIN_STATE_JSON, {"format": TRAIN_STATE_FORMAT, "format_version": 1, **state})
+        _fsync_dir(tmp)
+        final = run_dir / name
+        if final.exists():  # the same step saved again: move the old one aside, then swap
+            old = run_dir / f".old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(run_dir / LATEST_FILE, name + "\n")
+    prune_checkpoints(run_dir, keep_last=keep_last)
+    return final
+
+
+def prune_checkpoints(run_dir: str | Path, *, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step checkpoints (never the one `latest` names) and temp folders."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST_FILE
+    keep = {pointer.read_text().strip()} if pointer.is_file() else set()
+    ckpts = list_checkpoints(run_dir)
+    for ckpt in ckpts[: max(len(ckpts) - keep_last, 0)]:
+        if ckpt.name not in keep:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    for stale in run_dir.glob(f".tmp-{CKPT_PREFIX}*"):
+        # A folder from a process that died mid-save; ours is already renamed by now.
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def export_model_files(src: str | Path, dst: str | Path) -> Path:
+    """Make `dst` a loadable run directory with the model files of checkpoint `src` (hard links where possible).
+
+    Only the files are replaced (each atomically, config.json last), so `dst` may be the run directory
+    itself, next to log.csv and the checkpoints.
+    """
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in src.iterdir() if p.is_file() and p.name not in _TRAIN_STATE_FILES)
+    for name in sorted(names, key=lambda n: n == "config.json"):  # config.json last: it marks completeness
+        tmp = dst / f".{name}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src / name, tmp)  # checkpoints are never modified in place, so sharing bytes is safe
+        except OSError:
+            shutil.copyfile(src / name, tmp)
+        os.replace(tmp, dst / name)
+    return dst
+
+
+def replace_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Replace folder `path` with one that `write(tmp)` fills: built aside, then swapped in by rename."""
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    old = path.parent / f".old-{path.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def save_model_files(
+    state: dict[str, Tensor], folder: str | Path, *, model_config: dict[str, Any] | None, tokenizer: Any = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """`save_model` for weights already gathered into `state` (e.g. from FSDP shards); config.json last."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(state, folder / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    cfg: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, **(extra or {})}
+    if model_config is not None:
+        cfg["model"] = model_config
+    write_json(folder / "config.json", cfg)
+    return folder
+
+
+def read_training_checkpoint(ckpt_dir: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+    """(model weights, train_state tensors, train_state.json) of a step checkpoint; one-line errors naming the file."""
+    ckpt_dir = Path(ckpt_dir)
+    state = read_json(ckpt_dir / TRAIN_STATE_JSON)
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        raise CheckpointError(f"{ckpt_dir / TRAIN_STATE_JSON}: not a scratchgpt training state")
+    return load_tensors(ckpt_dir / "model.safetensors"), load_tensors(ckpt_dir / TRAIN_STATE_TENSORS), state
+
+
+def load_module_state(model: nn.Module, state: dict[str, Tensor], *, source: str | Path) -> None:
+    """Copy `state` into `model` in place (a tied lm_head may be absent); any other mismatch is a CheckpointError."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if isinstance(model, GPT) and model.config.tie_word_embeddings else set()
+    missing = sorted(set(missing) - tied)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the model (missing {missing[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+
+
+# -- optimizer and RNG state as flat tensors + JSON ------------------------------------------------
+
+
+def optimizer_state_to_flat(osd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimizer state dict keyed by parameter name into safetensors tensors and a JSON part."""
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pname, pstate in osd["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer/{pname}/{key}"] = value
+            else:
+                scalars.setdefault(str(pname), {})[key] = value
+    return tensors, {"param_groups": osd["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_from_flat(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of `optimizer_state_to_flat`."""
+    state: dict[str, dict[str, Any]] = {k: dict(v) for k, v in meta.get("scalars", {}).items()}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            _, pname, field_name = key.split("/", 2)
+            state.setdefault(pname, {})[field_name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def capture_rng_state() -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """This process's python, numpy and torch (CPU, CUDA) RNG states: a JSON part and uint8 tensors."""
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    json_part = {"python": [version, list(internal), gauss],
+                 "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return json_part, tensors
+
+
+def restore_rng_state(json_part: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Inverse of `capture_rng_state`."""
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = json_part["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = json_part["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["torch_cuda"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuned models whose head is not the LM head (classifiers)
+# ---------------------------------------------------------------------------------------------
+
+
+def load_state_strict(model: GPT, state: dict[str, Tensor], *, source: str | Path) -> None:
+    """Assign `state` into a (meta-device) GPT, whatever head it carries; any mismatch is a CheckpointError."""
+    _load_state_strict(model, state, source=source)

@@ -193,11 +193,15 @@ def iter_generate(
     tokenizer=None,
     generators: Sequence[torch.Generator | None] | None = None,
     use_cache: bool = True,
+    prompt_lookup: int = 0,
 ) -> Iterator[list[Step]]:
     """Decode a batch of prompts together; yield, per step, the new token of every unfinished row.
 
     `sampling` and `generators` may be one for all rows or one per row. Stop strings need a
-    `tokenizer`; with one, each Step also carries the row's newly released text.
+    `tokenizer`; with one, each Step also carries the row's newly released text. `prompt_lookup` > 0
+    turns on prompt-lookup decoding for a single greedy prompt: up to that many draft tokens, copied
+    from where the last few tokens occurred before, are checked in one forward pass. The output is
+    the same greedy text; repetitive text (code, quotes, summaries) comes out several tokens per pass.
     """
     B = len(prompts)
     if B == 0:
@@ -219,12 +223,13 @@ def iter_generate(
     was_training = model.training
     model.eval()
     try:
-        yield from _decode(model, [list(p) for p in prompts], samplings, gens, eot_id, tokenizer, use_cache, device)
+        yield from _decode(model, [list(p) for p in prompts], samplings, gens, eot_id, tokenizer, use_cache, device,
+                           prompt_lookup)
     finally:
         model.train(was_training)
 
 
-def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, device) -> Iterator[list[Step]]:
+def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, device, lookup) -> Iterator[list[Step]]:
     B = len(prompts)
     n_ctx = model.config.n_positions
     max_new = max(s.max_new_tokens for s in samplings)
@@ -237,6 +242,27 @@ def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, devic
     if not any(active):
         return
     needs_history = any(s.repetition_penalty != 1.0 for s in samplings)
+    # Prompt lookup is exact only for greedy decoding, where a draft token is accepted iff it is
+    # the argmax the model would have produced anyway.
+    lookup = lookup if (B == 1 and use_cache and samplings[0].greedy and not needs_history) else 0
+
+    def emit(r: int, tok: int) -> Step:
+        """Account for row r's new token: its text piece and whether the row is now finished."""
+        produced[r] += 1
+        finish, text = None, ""
+        if eot_id is not None and tok == eot_id and samplings[r].stop_at_eot:
+            finish = "stop"
+        elif assemblers[r] is not None:
+            text = assemblers[r].push(tok)
+            if assemblers[r].stopped:
+                finish = "stop"
+        if finish is None and produced[r] >= samplings[r].max_new_tokens:
+            finish = "length"
+        if finish is not None:
+            active[r] = False
+            if assemblers[r] is not None:
+                text += assemblers[r].finish()
+        return Step(row=r, token=tok, text=text, finish_reason=finish)
 
     cache = None
     if use_cache:
@@ -247,30 +273,8 @@ def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, devic
         logits = _full_forward(model, seq, mask, padded)
 
     while True:
-        # -- sample every active row; one SamplingConfig for all rows samples in one call ------------
         next_tokens = _sample_rows(logits, samplings, gens, active, seq, mask, needs_history)
-        steps = []
-        for r in range(B):
-            if not active[r]:
-                continue
-            tok = int(next_tokens[r])
-            produced[r] += 1
-            finish = None
-            text = ""
-            if eot_id is not None and tok == eot_id and samplings[r].stop_at_eot:
-                finish = "stop"
-            elif assemblers[r] is not None:
-                text = assemblers[r].push(tok)
-                if assemblers[r].stopped:
-                    finish = "stop"
-            if finish is None and produced[r] >= samplings[r].max_new_tokens:
-                finish = "length"
-            if finish is not None and assemblers[r] is not None:
-                text += assemblers[r].finish()
-            if finish is not None:
-                active[r] = False
-            steps.append(Step(row=r, token=tok, text=text, finish_reason=finish))
-        yield steps
+        yield [emit(r, int(next_tokens[r])) for r in range(B) if active[r]]
         if not any(active):
             return
 
@@ -278,14 +282,66 @@ def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, devic
         seq = torch.cat([seq, next_tokens.view(B, 1).to(seq.dtype)], dim=1)
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         if cache is not None and cache.length < cache.max_len:
-            pos = positions_from_mask(mask)[:, -1:] if padded else None
-            logits = decode_one_token(model, next_tokens.view(B, 1), cache, positions=pos)
+            room = min(cache.max_len - cache.length - 1, samplings[0].max_new_tokens - produced[0] - 1)
+            draft = _lookup_draft(seq[0].tolist(), min(lookup, room)) if lookup else []
+            if draft:
+                logits, accepted = _verify_draft(model, next_tokens, draft, cache)
+                for tok in accepted:
+                    yield [emit(0, tok)]
+                    if not active[0]:
+                        return
+                seq = torch.cat([seq, seq.new_tensor([accepted])], dim=1)
+                mask = torch.cat([mask, mask.new_ones(1, len(accepted))], dim=1)
+            else:
+                pos = positions_from_mask(mask)[:, -1:] if padded else None
+                logits = decode_one_token(model, next_tokens.view(B, 1), cache, positions=pos)
         else:
             # No cache, or the context is full: slide the window over the last n_ctx tokens and
             # recompute, exactly like the textbook's uncached generate loop.
             cache = None
             seq, mask = seq[:, -n_ctx:], mask[:, -n_ctx:]
             logits = _full_forward(model, seq, mask, padded)
+
+
+def _lookup_draft(tokens: list[int], k: int, *, max_ngram: int = 3) -> list[int]:
+    """Prompt-lookup draft: up to k tokens that followed an earlier occurrence of the last n-gram.
+
+    Prefers the latest occurrence that is followed by k tokens (recent context predicts best),
+    else the occurrence followed by the most tokens; longer n-grams are tried first.
+    """
+    if k <= 0:
+        return []
+    n_tok = len(tokens)
+    for n in range(min(max_ngram, n_tok - 1), 0, -1):
+        tail = tokens[n_tok - n :]
+        best: list[int] = []
+        for i in range(n_tok - n - 1, -1, -1):
+            if tokens[i : i + n] == tail:
+                follow = tokens[i + n : i + n + k]
+                if len(follow) == k:
+                    return follow
+                best = follow if len(follow) > len(best) else best
+        if best:
+            return best
+    return []
+
+
+@torch.inference_mode()
+def _verify_draft(model: GPT, token: Tensor, draft: list[int], cache: KVCache) -> tuple[Tensor, list[int]]:
+    """Run [token, *draft] (1, 1+k) in one pass; keep the draft prefix greedy decoding agrees with.
+
+    Returns the logits that follow the last kept token (1, V) and the kept draft tokens. The cache is
+    rolled back past rejected tokens; their stale entries are overwritten by the next write.
+    """
+    start = cache.length
+    inp = torch.cat([token.view(1, 1), token.new_tensor([draft])], dim=1)  # (1, 1+k)
+    logits, _ = model(inp, kv_cache=cache)  # (1, 1+k, V): reads the weights once for 1+k tokens
+    preds = logits[0].argmax(dim=-1).tolist()  # greedy choice after each input position
+    n_ok = 0
+    while n_ok < len(draft) and preds[n_ok] == draft[n_ok]:
+        n_ok += 1
+    cache.length = start + 1 + n_ok
+    return logits[:, n_ok, :], draft[:n_ok]
 
 
 def _full_forward(model: GPT, seq: Tensor, mask: Tensor, padded: bool) -> Tensor:
@@ -332,6 +388,7 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     tokenizer=None,
+    prompt_lookup: int = 0,
 ) -> list[list[int]]:
     """New token ids for each prompt (end-of-text excluded). One prompt or a batch of any lengths."""
     rows = _as_prompt_list(prompts)
@@ -339,7 +396,8 @@ def generate(
     # With one shared generator, rows draw from it in row order; pass per-row generators to
     # iter_generate for draws independent of batch composition.
     for steps in iter_generate(model, rows, sampling, eot_id=eot_id, tokenizer=tokenizer,
-                               generators=[generator] * len(rows), use_cache=use_cache):
+                               generators=[generator] * len(rows), use_cache=use_cache,
+                               prompt_lookup=prompt_lookup):
         for s in steps:
             if not (s.finish_reason == "stop" and s.token == eot_id and sampling.stop_at_eot):
                 out[s.row].append(s.token)
