@@ -92,6 +92,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="independent completions to print")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                   help="greedy only: check up to K tokens copied from earlier context per pass (same output)")
     p.add_argument("--gpt2-dir", help="encoder.json + vocab.bpe for --model presets (else SCRATCHGPT_GPT2_DIR)")
     add_dataclass_args(p, SamplingConfig)
     p.set_defaults(func=_run_generate)
@@ -110,7 +112,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         pieces = stream_text(model, tokenizer, args.prompt, sampling, generator=generator,
-                             use_cache=not args.no_cache)
+                             use_cache=not args.no_cache, prompt_lookup=args.prompt_lookup)
         if args.stream:
             print(args.prompt, end="", flush=True)
             for piece in pieces:
@@ -122,6 +124,99 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 # ================================ data + training: prepare, train ================================
+
+
+def _bool_flags_optional(p: argparse.ArgumentParser) -> None:
+    """Let boolean flags stand alone: `--resume` means `--resume true` (an explicit value still works)."""
+    for action in p._actions:
+        if action.metavar == "{true,false}" and action.nargs is None:
+            action.nargs, action.const = "?", True
+
+
+def _toml_sections(path: str | None) -> dict:
+    from scratchgpt.config import read_toml
+
+    return read_toml(path) if path else {}
+
+
+_PREPARE_ONLY_SKIP = ("block_size", "sampler", "stride", "shuffle")
+
+
+@command
+def _add_prepare(sub) -> None:
+    from scratchgpt.config import DataConfig
+
+    p = sub.add_parser(
+        "prepare", help="tokenize text files into train.bin / val.bin / meta.json",
+        description="Tokenize a file, a folder of .txt files or a glob into DIR/train.bin, DIR/val.bin and "
+                    "DIR/meta.json, with the tokenizer saved beside them. Example: scratchgpt prepare "
+                    "--source input.txt --dir data/mytext --tokenizer char",
+    )
+    p.add_argument("--config", "-c", help="a run TOML file; its [data] section supplies the defaults")
+    p.add_argument("--gpt2-dir", help="folder with GPT-2's encoder.json + vocab.bpe (else SCRATCHGPT_GPT2_DIR)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_dataclass_args(p, DataConfig, skip=_PREPARE_ONLY_SKIP)
+    p.set_defaults(func=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    import json
+
+    from scratchgpt.config import DataConfig, config_from_dict
+    from scratchgpt.data import prepare
+
+    raw = {**_toml_sections(args.config).get("data", {}), **overrides_from_args(args, DataConfig)}
+    data = config_from_dict(DataConfig, raw, source=f"{args.config or 'command line'} [data]")
+    if not data.source:
+        raise ValueError("nothing to prepare: pass --source FILE|FOLDER|GLOB (or set source in [data])")
+    if not data.dir:
+        raise ValueError("no output folder: pass --dir FOLDER (or set dir in [data])")
+    meta = prepare(data.source, data.dir, tokenizer=data.tokenizer, bpe_vocab_size=data.bpe_vocab_size,
+                   val_fraction=data.val_fraction, errors=data.errors, workers=data.workers,
+                   gpt2_dir=args.gpt2_dir, progress=not args.quiet)
+    summary = {k: meta[k] for k in ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens")}
+    print(json.dumps({"dir": data.dir, "files": len(meta["files"]), **summary}))
+    return 0
+
+
+@command
+def _add_train(sub) -> None:
+    from scratchgpt.config import DataConfig, TrainConfig
+
+    p = sub.add_parser(
+        "train", help="pretrain a GPT on prepared token files (torchrun: DDP, or FSDP with --fsdp)",
+        description="Train a GPT as a TOML run file describes ([model], [data], [train]); every field can be "
+                    "overridden by its flag. Several processes: torchrun --nproc_per_node=N -m scratchgpt train ...",
+    )
+    p.add_argument("--config", "-c", help="run TOML file with [model], [data] and [train] sections")
+    add_dataclass_args(p, GPTConfig)
+    add_dataclass_args(p, DataConfig)
+    add_dataclass_args(p, TrainConfig)
+    _bool_flags_optional(p)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from scratchgpt.config import DataConfig, TrainConfig
+    from scratchgpt.train import pretrain, resolve_run_config
+
+    flags = {"model": overrides_from_args(args, GPTConfig), "data": overrides_from_args(args, DataConfig),
+             "train": overrides_from_args(args, TrainConfig)}
+    run = resolve_run_config([_toml_sections(args.config), flags], source=args.config or "command line")
+    result = pretrain(run)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+        summary = {"run_dir": str(result.run_dir), "step": result.step, "tokens": result.tokens,
+                   "elapsed_s": round(result.elapsed_s, 1), "tokens_per_s": round(result.tokens_per_s, 1),
+                   "mfu": None if result.mfu is None else round(result.mfu, 4),
+                   **{k: round(v, 4) for k, v in result.metrics.items()},
+                   "best_val_loss": result.best_val_loss, "interrupted": result.interrupted}
+        print(json.dumps(summary))
+    return 130 if result.interrupted else 0
+
+
 
 
 # ================================ fine-tuning: finetune, classify, chat ================================

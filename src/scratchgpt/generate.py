@@ -406,14 +406,15 @@ def generate(
 
 def stream_text(
     model: GPT, tokenizer, prompt: str, sampling: SamplingConfig, *,
-    generator: torch.Generator | None = None, use_cache: bool = True,
+    generator: torch.Generator | None = None, use_cache: bool = True, prompt_lookup: int = 0,
 ) -> Iterator[str]:
     """Yield the completion of `prompt` as text pieces, never splitting a UTF-8 character."""
-    ids = tokenizer.encode(prompt)
+    # An empty prompt starts from end-of-text, the token GPT-2 saw between documents.
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     if generator is None and sampling.seed is not None:
         generator = make_generator(sampling.seed, next(model.parameters()).device)
     for steps in iter_generate(model, [ids], sampling, eot_id=tokenizer.eot_id, tokenizer=tokenizer,
-                               generators=[generator], use_cache=use_cache):
+                               generators=[generator], use_cache=use_cache, prompt_lookup=prompt_lookup):
         for s in steps:
             if s.text:
                 yield s.text
