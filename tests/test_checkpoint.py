@@ -258,3 +258,15 @@ def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
         atomic_write(path, failing_writer)
     assert path.read_text() == "old contents"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.txt"]  # no temporary file left behind
+
+
+def test_hub_name_offline_gives_a_clear_error(monkeypatch, tmp_path):
+    pytest.importorskip("huggingface_hub")
+    from scratchgpt.checkpoint import CheckpointError, load_hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to fall back on
+    monkeypatch.chdir(tmp_path)  # so "gpt2" cannot resolve to a local folder
+    with pytest.raises(CheckpointError, match="could not download") as err:
+        load_hf("gpt2")
+    assert "\n" not in str(err.value)
