@@ -129,6 +129,37 @@ class TextAssembler:
         return 0
 
 
+class Completion:
+    """One row's progress: the tokens sampled so far, the text released, and why it finished.
+
+    The one place that decides when a completion ends (end-of-text, a stop string, max_new_tokens);
+    `iter_generate` and the server's continuous batcher both use it.
+    """
+
+    def __init__(self, sampling: SamplingConfig, *, tokenizer=None, eot_id: int | None = None):
+        self.sampling = sampling
+        self.eot_id = eot_id
+        self.assembler = TextAssembler(tokenizer, sampling.stop) if tokenizer is not None else None
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None  # "stop" (end-of-text or a stop string) or "length"
+
+    def push(self, token: int) -> str:
+        """Record the next token; return the text it releases (the rest of the text when it finishes)."""
+        self.tokens.append(token)
+        text = ""
+        if self.eot_id is not None and token == self.eot_id and self.sampling.stop_at_eot:
+            self.finish_reason = "stop"
+        elif self.assembler is not None:
+            text = self.assembler.push(token)
+            if self.assembler.stopped:
+                self.finish_reason = "stop"
+        if self.finish_reason is None and len(self.tokens) >= self.sampling.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None and self.assembler is not None:
+            text += self.assembler.finish()
+        return text
+
+
 # ---------------------------------------------------------------------------------------------
 # The decode loop
 # ---------------------------------------------------------------------------------------------
@@ -233,11 +264,10 @@ def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, devic
     B = len(prompts)
     n_ctx = model.config.n_positions
     max_new = max(s.max_new_tokens for s in samplings)
-    assemblers = [TextAssembler(tokenizer, s.stop) if tokenizer is not None else None for s in samplings]
+    rows = [Completion(s, tokenizer=tokenizer, eot_id=eot_id) for s in samplings]
     # seq holds every row's tokens so far (left-padded); mask marks the real ones.
     seq, mask, positions = left_pad(prompts, device=device)
     padded = bool((mask == 0).any())
-    produced = [0] * B
     active = [s.max_new_tokens > 0 for s in samplings]
     if not any(active):
         return
@@ -247,22 +277,9 @@ def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, devic
     lookup = lookup if (B == 1 and use_cache and samplings[0].greedy and not needs_history) else 0
 
     def emit(r: int, tok: int) -> Step:
-        """Account for row r's new token: its text piece and whether the row is now finished."""
-        produced[r] += 1
-        finish, text = None, ""
-        if eot_id is not None and tok == eot_id and samplings[r].stop_at_eot:
-            finish = "stop"
-        elif assemblers[r] is not None:
-            text = assemblers[r].push(tok)
-            if assemblers[r].stopped:
-                finish = "stop"
-        if finish is None and produced[r] >= samplings[r].max_new_tokens:
-            finish = "length"
-        if finish is not None:
-            active[r] = False
-            if assemblers[r] is not None:
-                text += assemblers[r].finish()
-        return Step(row=r, token=tok, text=text, finish_reason=finish)
+        text = rows[r].push(tok)
+        active[r] = rows[r].finish_reason is None
+        return Step(row=r, token=tok, text=text, finish_reason=rows[r].finish_reason)
 
     cache = None
     if use_cache:
@@ -282,7 +299,7 @@ def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, devic
         seq = torch.cat([seq, next_tokens.view(B, 1).to(seq.dtype)], dim=1)
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         if cache is not None and cache.length < cache.max_len:
-            room = min(cache.max_len - cache.length - 1, samplings[0].max_new_tokens - produced[0] - 1)
+            room = min(cache.max_len - cache.length - 1, samplings[0].max_new_tokens - len(rows[0].tokens) - 1)
             draft = _lookup_draft(seq[0].tolist(), min(lookup, room)) if lookup else []
             if draft:
                 logits, accepted = _verify_draft(model, next_tokens, draft, cache)

@@ -1,0 +1,1036 @@
+"""HTTP serving: an OpenAI-compatible API and a chat page over one model, batching concurrent requests.
+
+    scratchgpt serve --checkpoint runs/sft      # then open http://127.0.0.1:8000/
+
+Four layers, top to bottom of this file:
+  parsing    JSON body -> `GenerationRequest`; every client mistake is an `APIError` (4xx) naming its field
+  decoding   `DecodeBatch`: rows join and leave one KV-cached batch between decode steps
+  scheduling `Scheduler`: one thread owns the model, gathers queued rows, streams events to requests
+  HTTP       `create_app` (FastAPI) and `serve` (uvicorn); both are imported lazily (the `serve` extra)
+
+Each row samples with its own `torch.Generator` and sits right-aligned in the shared cache with the
+columns to its left masked out, so its text does not depend on what else is being decoded.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (`request:
+# Request`) at runtime, and the handlers live inside create_app where fastapi is imported.
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from scratchgpt.chat import TEMPLATES, Message, TemplateName, render_chat, stop_strings
+from scratchgpt.config import SamplingConfig
+from scratchgpt.generate import Completion, decode_one_token, left_pad, prefill, sample_next_token
+from scratchgpt.model import GPT, KVCache
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+API_KEY_ENV = "SCRATCHGPT_API_KEY"
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+_OPEN_PATHS = frozenset({"/", "/health"})  # the page holds no data; health checks rarely carry keys
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one server accepts: batch size, queue bound, request size. Validated when built."""
+
+    max_batch_size: int = field(default=16, metadata={"help": "rows (choices) decoded together at most"})
+    batch_window_ms: float = field(
+        default=5.0, metadata={"help": "how long an idle server waits for requests arriving together"}
+    )
+    max_requests: int = field(
+        default=64, metadata={"help": "requests queued or running at once; more are refused with 503"}
+    )
+    max_choices: int = field(default=16, metadata={"help": "choices per request (n x prompts) at most"})
+    max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body accepted"})
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_requests", "max_choices", "max_body_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ServeLimits.{name}={value!r} must be a positive integer")
+        if not 0 <= self.batch_window_ms <= 1000:
+            raise ValueError(f"ServeLimits.batch_window_ms={self.batch_window_ms!r} must lie in [0, 1000]")
+
+
+class APIError(Exception):
+    """A request the server refuses: HTTP status plus OpenAI's error fields."""
+
+    def __init__(
+        self, status: int, message: str, *, kind: str = "invalid_request_error",
+        param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        """The JSON error object OpenAI clients parse."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# =============================================================================================
+# Parsing: JSON body -> GenerationRequest
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated completion or chat request: token prompts and how to sample each."""
+
+    chat: bool
+    prompts: tuple[tuple[int, ...], ...]
+    samplings: tuple[SamplingConfig, ...]  # one per prompt (max_new_tokens is clamped per prompt)
+    n: int
+    seed: int | None
+    stream: bool
+    include_usage: bool = False
+    echo: tuple[str, ...] | None = None  # prompt texts to put before each completion (echo=true)
+
+    @property
+    def n_choices(self) -> int:
+        return len(self.prompts) * self.n
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+class _Fields:
+    """Typed access to a JSON object's fields; a wrong one raises a 400 APIError naming it.
+
+    JSON null means "use the default", as in OpenAI's API.
+    """
+
+    def __init__(self, body: Any, known: Collection[str]):
+        if not isinstance(body, dict):
+            raise APIError(400, f"the request body must be a JSON object, got {_json_type(body)}")
+        for key in body:
+            if key not in known:
+                raise APIError(400, f"Unrecognized request argument supplied: {key}", param=key)
+        self.body = body
+
+    def get(self, name: str, types: type | tuple[type, ...], what: str, *, required: bool = False) -> Any:
+        value = self.body.get(name)
+        if value is None:
+            if required:
+                raise APIError(400, f"you must provide the `{name}` parameter", param=name,
+                               code="missing_required_parameter")
+            return None
+        types = types if isinstance(types, tuple) else (types,)
+        # bool is an int subclass in Python, but `true` is not a number in JSON.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise APIError(400, f"`{name}` must be {what}, got {_json_type(value)}", param=name)
+        return value
+
+    def integer(self, name: str, *, default: int | None = None, lo: int | None = None, hi: int | None = None,
+                hi_reason: str = "") -> int | None:
+        value = self.get(name, int, "an integer")
+        if value is None:
+            return default
+        if lo is not None and value < lo:
+            raise APIError(400, f"`{name}`={value} is too small; the minimum is {lo}", param=name)
+        if hi is not None and value > hi:
+            raise APIError(400, f"`{name}`={value} is too large; the maximum is {hi}{hi_reason}", param=name)
+        return value
+
+    def number(self, name: str, *, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+        value = self.get(name, (int, float), "a number")
+        if value is None:
+            return default
+        if not (lo < value if lo_open else lo <= value) or value > hi:
+            interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
+            raise APIError(400, f"`{name}`={value} is out of range; it must lie in {interval}", param=name)
+        return float(value)
+
+    def boolean(self, name: str, *, default: bool = False) -> bool:
+        value = self.get(name, bool, "a boolean")
+        return default if value is None else value
+
+    def unsupported(self, name: str, *, allowed: Sequence[Any] = ()) -> None:
+        """Refuse a known OpenAI field this server cannot honour, unless it asks for the default."""
+        value = self.body.get(name)
+        if value is not None and value not in allowed and value is not False:
+            raise APIError(400, f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")
+
+
+_COMMON_FIELDS = frozenset({
+    "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop", "seed",
+    "n", "stream", "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user",
+})
+_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
+_CHAT_FIELDS = _COMMON_FIELDS | {
+    "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
+    "parallel_tool_calls",
+}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class RequestParser:
+    """Turns request bodies into `GenerationRequest`s for one served model."""
+
+    tokenizer: Any
+    model_name: str
+    n_ctx: int
+    chat_template: TemplateName
+    limits: ServeLimits
+
+    def completion(self, body: Any) -> GenerationRequest:
+        """Validate a /v1/completions body."""
+        f = _Fields(body, _COMPLETION_FIELDS)
+        self._check_model(f)
+        f.unsupported("suffix", allowed=("",))
+        texts, prompts = self._prompts(f)
+        n = self._n(f, n_prompts=len(prompts))
+        if f.integer("best_of", default=n) != n:
+            raise APIError(400, "`best_of` must equal `n` (this server does not rank candidates)", param="best_of")
+        echo = f.boolean("echo")
+        return self._request(f, prompts, n=n, chat=False, default_max=16, extra_stop=(),
+                             echo=tuple(texts) if echo else None)
+
+    def chat(self, body: Any) -> GenerationRequest:
+        """Validate a /v1/chat/completions body; the conversation is rendered with the chat template."""
+        f = _Fields(body, _CHAT_FIELDS)
+        self._check_model(f)
+        for name in ("top_logprobs", "tools"):
+            f.unsupported(name, allowed=(0, []))
+        f.unsupported("tool_choice", allowed=("none", "auto"))
+        f.unsupported("response_format", allowed=({"type": "text"},))
+        messages = self._messages(f.get("messages", list, "an array of messages", required=True))
+        try:
+            text = render_chat(messages, self.chat_template)
+            ids = self.tokenizer.encode(text)  # specials stay forbidden: chat text may not forge one
+        except ValueError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        self._check_length(ids, param="messages")
+        n = self._n(f, n_prompts=1)
+        # The newer name wins; OpenAI deprecated max_tokens for chat.
+        limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        return self._request(f, [ids], n=n, chat=True, default_max=None, max_tokens_param=limit,
+                             extra_stop=stop_strings(self.chat_template))
+
+    # -- pieces -----------------------------------------------------------------------------------
+
+    def _check_model(self, f: _Fields) -> None:
+        name = f.get("model", str, "a string", required=True)
+        if name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`",
+                           param="model", code="model_not_found")
+
+    def _n(self, f: _Fields, *, n_prompts: int) -> int:
+        most = self.limits.max_choices // n_prompts
+        return f.integer("n", default=1, lo=1, hi=most, hi_reason=f" for {n_prompts} prompt(s) "
+                         f"(at most {self.limits.max_choices} choices per request)")
+
+    def _prompts(self, f: _Fields) -> tuple[list[str], list[list[int]]]:
+        """(texts, token ids) of `prompt`: a string, strings, token ids, or lists of token ids."""
+        prompt = f.get("prompt", (str, list), "a string, an array of strings or an array of token ids",
+                       required=True)
+        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "`prompt` must not be an empty array", param="prompt")
+        if len(prompt) > self.limits.max_choices:
+            raise APIError(400, f"at most {self.limits.max_choices} prompts per request", param="prompt")
+        texts, prompts = [], []
+        for p in prompt:
+            if isinstance(p, str):
+                try:
+                    # Like OpenAI's completions endpoint, `<|endoftext|>` in a prompt is the document separator.
+                    ids = self.tokenizer.encode(p, allowed_special=True)
+                except ValueError as e:
+                    raise APIError(400, f"prompt: {e}", param="prompt") from None
+                texts.append(p)
+            elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                if any(not 0 <= t < self.tokenizer.vocab_size for t in p):
+                    raise APIError(400, f"`prompt` holds a token id outside [0, {self.tokenizer.vocab_size})",
+                                   param="prompt")
+                ids = list(p)
+                texts.append(self.tokenizer.decode(ids))
+            else:
+                raise APIError(400, "`prompt` must be a string, an array of strings or an array of token ids",
+                               param="prompt")
+            # An empty prompt starts a new document, as GPT-2 was trained.
+            ids = ids or [self.tokenizer.eot_id]
+            self._check_length(ids, param="prompt")
+            prompts.append(ids)
+        return texts, prompts
+
+    def _messages(self, raw: list[Any]) -> list[Message]:
+        messages: list[Message] = []
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict) or m.get("role") not in _ROLES:
+                raise APIError(400, f"messages[{i}] needs a role of {sorted(_ROLES)}", param=f"messages[{i}].role")
+            content = m.get("content")
+            if isinstance(content, list):
+                # The content-parts form: only text parts mean something to a text model.
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise APIError(400, f"messages[{i}].content: only text parts are supported",
+                                   param=f"messages[{i}].content")
+                content = "\n".join(p["text"] for p in content)
+            if not isinstance(content, str):
+                raise APIError(400, f"messages[{i}].content must be a string, got {_json_type(content)}",
+                               param=f"messages[{i}].content")
+            messages.append(Message(role=_ROLES[m["role"]], content=content))
+        return messages
+
+    def _check_length(self, ids: Sequence[int], *, param: str) -> None:
+        if len(ids) > self.n_ctx - 1:
+            raise APIError(
+                400, f"This model's maximum context length is {self.n_ctx} tokens, but the {param} has "
+                f"{len(ids)} tokens; at most {self.n_ctx - 1} leave room for an answer",
+                param=param, code="context_length_exceeded",
+            )
+
+    def _request(self, f: _Fields, prompts: list[list[int]], *, n: int, chat: bool, default_max: int | None,
+                 extra_stop: Sequence[str], echo: tuple[str, ...] | None = None,
+                 max_tokens_param: str = "max_tokens") -> GenerationRequest:
+        for name in ("presence_penalty", "frequency_penalty"):
+            f.unsupported(name, allowed=(0, 0.0))
+        f.unsupported("logit_bias", allowed=({},))
+        f.unsupported("logprobs", allowed=(0,))
+        f.get("user", str, "a string")
+        max_tokens = f.integer(max_tokens_param, default=default_max, lo=1, hi=self.n_ctx,
+                               hi_reason=" (the model's context length)")
+        stop = f.get("stop", (str, list), "a string or an array of strings")
+        stop = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+            raise APIError(400, f"`stop` must be up to {MAX_STOP_STRINGS} non-empty strings", param="stop")
+        seed = f.integer("seed", lo=-(2**63), hi=2**63 - 1)
+        stream = f.boolean("stream")
+        options = f.get("stream_options", dict, "an object") or {}
+        include_usage = options.get("include_usage") is True
+        base = dict(
+            temperature=f.number("temperature", default=1.0, lo=0.0, hi=2.0),
+            top_p=f.number("top_p", default=1.0, lo=0.0, hi=1.0, lo_open=True),
+            top_k=f.integer("top_k", lo=1),
+            min_p=f.number("min_p", default=0.0, lo=0.0, hi=1.0),
+            repetition_penalty=f.number("repetition_penalty", default=1.0, lo=0.0, hi=10.0, lo_open=True),
+            stop=(*stop, *extra_stop),
+            seed=seed,
+        )
+        try:
+            # The answer ends where the context does: a prompt of P tokens leaves n_ctx - P for it.
+            samplings = tuple(
+                SamplingConfig(max_new_tokens=min(max_tokens or self.n_ctx, self.n_ctx - len(p)), **base)
+                for p in prompts
+            )
+        except ValueError as e:  # the checks above should catch everything; never answer 500 for it
+            raise APIError(400, str(e)) from None
+        return GenerationRequest(chat=chat, prompts=tuple(map(tuple, prompts)), samplings=samplings, n=n,
+                                 seed=seed, stream=stream, include_usage=include_usage, echo=echo)
+
+
+# =============================================================================================
+# Decoding: rows join and leave one KV-cached batch between steps
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class Event:
+    """What one choice produced in one step: new text, and on its last step why it ended."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None  # "stop" or "length"
+    completion_tokens: int = 0  # tokens sampled so far (set on the last event)
+    error: str | None = None  # the server failed this request
+
+
+class Job:
+    """One HTTP request being served: its rows, and the asyncio queue their events land in."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.rows: list[Row] = []
+        # Set from the event loop, read by the scheduler thread: a plain bool is enough under the GIL.
+        self.released = False
+
+    def emit(self, event: Event) -> None:
+        """Hand an event to the request's event loop (called from the scheduler thread)."""
+        with suppress(RuntimeError):  # the loop has closed: nobody is waiting for this request any more
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+@dataclass(eq=False)
+class Row:
+    """One choice to generate: prompt, sampling settings and RNG, and its decode state."""
+
+    job: Job
+    index: int  # the choice's index in the response
+    prompt: list[int]
+    sampling: SamplingConfig
+    generator: torch.Generator
+    completion: Completion | None = None  # tokens sampled so far, released text, finish reason
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.completion.tokens if self.completion is not None else []
+
+    def columns_needed(self, cached: int) -> int:
+        """Cache columns this row may still add when `cached` of its tokens are in the cache."""
+        # The last token is sampled but never fed back, so a row occupies prompt + max_new - 1 columns.
+        return len(self.prompt) + self.sampling.max_new_tokens - 1 - cached
+
+
+class DecodeBatch:
+    """Rows decoded together with one KV cache; rows may join or leave between decode steps.
+
+    Row r's `lens[r]` real tokens sit right-aligned in cache columns [S - lens[r], S); columns to their
+    left are masked out, and positions count real tokens only, so every row computes what it would
+    alone. Membership changes rebuild the cache compactly (S = the longest row).
+    """
+
+    def __init__(self, model: GPT, tokenizer: Any):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n_ctx = model.config.n_positions
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.rows: list[Row] = []
+        self.lens: list[int] = []
+        self.cache: KVCache | None = None
+        self.logits: Tensor | None = None  # (B, V): each row's next-token logits
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def fits(self, new: Sequence[Row]) -> bool:
+        """Whether `new` rows can join now with no row ever needing more than n_ctx cache columns."""
+        lens = self.lens + [len(r.prompt) for r in new]
+        need = [r.columns_needed(n) for r, n in zip(self.rows + list(new), lens, strict=True)]
+        return max(lens) + max(need) <= self.n_ctx
+
+    @torch.inference_mode()
+    def add(self, rows: Sequence[Row]) -> None:
+        """Prefill `rows` as one left-padded batch and merge them into the running batch."""
+        ids, mask, positions = left_pad([r.prompt for r in rows], device=self.device)
+        padded = bool((mask == 0).any())
+        cache = KVCache.empty(self.model.config, batch_size=len(rows), max_len=ids.size(1), device=self.device,
+                              dtype=self.dtype)
+        logits = prefill(self.model, ids, cache, mask=mask if padded else None,
+                         positions=positions if padded else None)
+        for r in rows:
+            r.completion = Completion(r.sampling, tokenizer=self.tokenizer, eot_id=self.tokenizer.eot_id)
+        self._rebuild(list(range(len(self.rows))), new=(list(rows), cache, logits))
+
+    def drop(self, gone: Callable[[Row], bool]) -> None:
+        """Remove the rows for which `gone(row)` is true (e.g. their client disconnected)."""
+        keep = [i for i, r in enumerate(self.rows) if not gone(r)]
+        if len(keep) < len(self.rows):
+            self._rebuild(keep)
+
+    def clear(self) -> list[Row]:
+        """Drop every row (after an error); returns them."""
+        rows = self.rows
+        self.rows, self.lens, self.cache, self.logits = [], [], None, None
+        return rows
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Row, str, str | None]]:
+        """Sample one token per row, retire finished rows, feed the rest: [(row, new text, finish)]."""
+        out = [(row, *self._advance(row, token)) for row, token in zip(self.rows, self._sample(), strict=True)]
+        live = [i for i, (_, _, finish) in enumerate(out) if finish is None]
+        if len(live) < len(self.rows):
+            self._rebuild(live)
+        if self.rows:
+            fed = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)  # (B, 1)
+            positions = torch.tensor([[n] for n in self.lens], device=self.device)  # (B, 1)
+            self.logits = decode_one_token(self.model, fed, self.cache, positions=positions)
+            self.lens = [n + 1 for n in self.lens]
+        return out
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _sample(self) -> list[int]:
+        tokens = [0] * len(self.rows)
+        plain_greedy = [i for i, r in enumerate(self.rows)
+                        if r.sampling.greedy and r.sampling.repetition_penalty == 1.0]
+        if plain_greedy:  # one argmax for all of them: the same first-max-wins rule as sample_next_token
+            for i, t in zip(plain_greedy, self.logits[plain_greedy].argmax(dim=-1).tolist(), strict=True):
+                tokens[i] = t
+        skip = set(plain_greedy)
+        for i, r in enumerate(self.rows):
+            if i in skip:
+                continue
+            seen = None
+            if r.sampling.repetition_penalty != 1.0:
+                seen = torch.tensor(r.prompt + r.tokens, device=self.device)
+            tokens[i] = int(sample_next_token(self.logits[i : i + 1], r.sampling, generator=r.generator,
+                                              seen=seen)[0])
+        return tokens
+
+    def _advance(self, row: Row, token: int) -> tuple[str, str | None]:
+        """Record `token` for `row`: its newly safe text and finish reason (the rules of generate.Completion)."""
+        assert row.completion is not None
+        text = row.completion.push(token)
+        return text, row.completion.finish_reason
+
+    @torch.inference_mode()
+    def _rebuild(self, keep: list[int], new: tuple[list[Row], KVCache, Tensor] | None = None) -> None:
+        """A fresh cache with the kept rows (+ new ones) right-aligned and dead columns dropped."""
+        new_rows, new_cache, new_logits = new if new is not None else ([], None, None)
+        rows = [self.rows[i] for i in keep] + new_rows
+        lens = [self.lens[i] for i in keep] + [len(r.prompt) for r in new_rows]
+        if not rows:
+            self.clear()
+            return
+        sources = []  # (cache, its rows to copy, their logits)
+        if keep:
+            sources.append((self.cache, keep, self.logits))
+        if new_cache is not None:
+            sources.append((new_cache, list(range(new_cache.batch_size)), new_logits))
+        S = max(lens)
+        # Room for every row to finish: no row ever needs the cache to grow before the next rebuild.
+        capacity = S + max(r.columns_needed(n) for r, n in zip(rows, lens, strict=True))
+        L, _, nh, _, hs = sources[0][0].k.shape
+        # Zeros, not empty: masked columns still enter softmax(QK^T)V as 0 x value, and 0 x NaN = NaN.
+        k = torch.zeros(L, len(rows), nh, capacity, hs, device=self.device, dtype=self.dtype)  # (L, B, nh, cap, hs)
+        v = torch.zeros_like(k)
+        logits, first = [], 0
+        for cache, index, part in sources:
+            idx = torch.tensor(index, device=self.device)
+            w = min(S, cache.length)  # each of these rows has its real tokens in the source's last w columns
+            end = first + len(index)
+            k[:, first:end, :, S - w : S] = cache.k[:, idx, :, cache.length - w : cache.length]
+            v[:, first:end, :, S - w : S] = cache.v[:, idx, :, cache.length - w : cache.length]
+            logits.append(part[idx])
+            first = end
+        if all(n == S for n in lens):
+            key_valid = None  # no padding anywhere: the model takes its plain causal path
+        else:
+            cols = torch.arange(capacity, device=self.device)
+            key_valid = cols[None, :] >= (S - torch.tensor(lens, device=self.device))[:, None]  # (B, cap)
+        self.cache = KVCache(k, v, length=S, key_valid=key_valid)
+        self.logits = torch.cat(logits)  # (B, V)
+        self.rows, self.lens = rows, lens
+
+
+# =============================================================================================
+# Scheduling: one thread owns the model
+# =============================================================================================
+
+
+class Scheduler:
+    """Owns the model on one background thread: queues rows, batches them, streams events back.
+
+    Between decode steps it drops rows whose request went away and admits queued rows (FIFO, up to
+    `max_batch_size`); an idle server first waits `batch_window_ms` so requests arriving together
+    start together.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Any, *, limits: ServeLimits):
+        self.batch = DecodeBatch(model, tokenizer)
+        self.limits = limits
+        self._pending: deque[Row] = deque()
+        self._cond = threading.Condition()
+        self._jobs = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.tokens_generated = 0  # every token sampled since start
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="scratchgpt-scheduler", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread; requests still queued or running get an error event."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with self._cond:
+            rows = list(self._pending) + self.batch.clear()
+            self._pending.clear()
+        for row in rows:
+            row.job.emit(Event(row.index, error="the server is shutting down"))
+
+    def submit(self, job: Job) -> None:
+        """Queue a job's rows, or refuse it with 503 when `max_requests` are already in flight."""
+        with self._cond:
+            if self._closed:
+                raise APIError(503, "the server is shutting down", kind="server_error")
+            if self._jobs >= self.limits.max_requests:
+                raise APIError(503, f"the server is busy ({self._jobs} requests in flight); retry shortly",
+                               kind="server_error", code="server_overloaded", headers={"Retry-After": "1"})
+            self._jobs += 1
+            self._pending.extend(job.rows)
+            self._cond.notify()
+
+    def release(self, job: Job) -> None:
+        """Forget `job` (answered or abandoned): its slot frees now, its rows stop at the next step."""
+        with self._cond:
+            if not job.released:
+                job.released = True
+                self._jobs -= 1
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"requests_in_flight": self._jobs, "rows_waiting": len(self._pending),
+                    "rows_decoding": len(self.batch), "tokens_generated": self.tokens_generated}
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._pending and not self.batch:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                idle = not self.batch
+            if idle and self.limits.batch_window_ms:
+                time.sleep(self.limits.batch_window_ms / 1000)  # let requests that arrive together gather
+            try:
+                self._admit()
+                self.batch.drop(lambda r: r.job.released)
+                if self.batch:
+                    self._step()
+            except Exception:  # a bug or out of memory: fail these requests, keep serving others
+                logger.exception("decoding failed")
+                for row in self.batch.clear():
+                    row.job.emit(Event(row.index, error="the server failed while generating; see its log"))
+
+    def _admit(self) -> None:
+        with self._cond:
+            rows: list[Row] = []
+            while self._pending and len(self.batch) + len(rows) < self.limits.max_batch_size:
+                row = self._pending[0]
+                if row.job.released:
+                    self._pending.popleft()
+                    continue
+                if not self.batch.fits([*rows, row]):
+                    break  # first in, first out: it waits until the batch has room in the context
+                rows.append(self._pending.popleft())
+        if rows:
+            try:
+                self.batch.add(rows)
+            except Exception:
+                logger.exception("prefill failed")
+                for row in rows:
+                    row.job.emit(Event(row.index, error="the server failed while reading the prompt; see its log"))
+
+    def _step(self) -> None:
+        produced = self.batch.step()
+        with self._cond:
+            self.tokens_generated += len(produced)
+        for row, text, finish in produced:
+            if text or finish:
+                row.job.emit(Event(row.index, text, finish, completion_tokens=len(row.tokens)))
+
+
+def job_rows(job: Job, req: GenerationRequest, device: torch.device | str) -> list[Row]:
+    """The request's choices as rows: prompt i, copy j is choice i * n + j, seeded seed + index."""
+    rows = []
+    for i, (prompt, sampling) in enumerate(zip(req.prompts, req.samplings, strict=True)):
+        for j in range(req.n):
+            index = i * req.n + j
+            # Without a seed, draw one: never touch the global RNG another thread might use.
+            seed = (req.seed + index) % 2**64 if req.seed is not None else secrets.randbits(63)
+            rows.append(Row(job, index, list(prompt), sampling, torch.Generator(device=device).manual_seed(seed)))
+    return rows
+
+
+# =============================================================================================
+# HTTP: responses, streaming, middleware, the app
+# =============================================================================================
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+@dataclass
+class _Reply:
+    """Shared fields of one response and helpers to build its choices and chunks."""
+
+    req: GenerationRequest
+    model_name: str
+    id: str = field(init=False)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = f"{'chatcmpl' if self.req.chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+    def head(self, chunk: bool) -> dict[str, Any]:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.req.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_name}
+
+    def choice(self, index: int, text: str | None, finish: str | None, *, chunk: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": index}
+        if not self.req.chat:
+            out["text"] = text or ""
+        elif chunk:
+            out["delta"] = {"content": text} if text is not None else {}
+        else:
+            out["message"] = {"role": "assistant", "content": text or ""}
+        out["logprobs"] = None
+        out["finish_reason"] = finish
+        return out
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        prompt_tokens = sum(len(p) for p in self.req.prompts)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def echo(self, index: int) -> str:
+        return self.req.echo[index // self.req.n] if self.req.echo else ""
+
+
+async def _answer(reply: _Reply, job: Job) -> dict[str, Any]:
+    """Wait for every choice and build the non-streaming response body."""
+    n = reply.req.n_choices
+    texts: list[list[str]] = [[reply.echo(i)] for i in range(n)]
+    finish: list[str | None] = [None] * n
+    tokens = [0] * n
+    while any(f is None for f in finish):
+        ev = await job.events.get()
+        if ev.error:
+            raise APIError(500, ev.error, kind="server_error")
+        texts[ev.index].append(ev.text)
+        if ev.finish_reason:
+            finish[ev.index], tokens[ev.index] = ev.finish_reason, ev.completion_tokens
+    choices = [reply.choice(i, "".join(texts[i]), finish[i], chunk=False) for i in range(n)]
+    return {**reply.head(chunk=False), "choices": choices, "usage": reply.usage(sum(tokens))}
+
+
+async def _stream(reply: _Reply, job: Job, release: Callable[[], None]) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    try:
+        n = reply.req.n_choices
+        for i in range(n):
+            if reply.req.chat:
+                first = reply.choice(i, "", None, chunk=True)
+                first["delta"] = {"role": "assistant", "content": ""}
+                yield _sse({**reply.head(chunk=True), "choices": [first]})
+            elif reply.echo(i):
+                yield _sse({**reply.head(chunk=True), "choices": [reply.choice(i, reply.echo(i), None, chunk=True)]})
+        done, tokens = 0, 0
+        while done < n:
+            ev = await job.events.get()
+            if ev.error:
+                yield _sse(APIError(500, ev.error, kind="server_error").body())
+                return
+            if ev.text:
+                yield _sse({**reply.head(chunk=True), "choices": [reply.choice(ev.index, ev.text, None, chunk=True)]})
+            if ev.finish_reason:
+                done, tokens = done + 1, tokens + ev.completion_tokens
+                last = reply.choice(ev.index, None, ev.finish_reason, chunk=True)
+                yield _sse({**reply.head(chunk=True), "choices": [last]})
+        if reply.req.include_usage:
+            yield _sse({**reply.head(chunk=True), "choices": [], "usage": reply.usage(tokens)})
+        yield "data: [DONE]\n\n"
+    finally:
+        release()  # also when the client disconnects: Starlette cancels this generator
+
+
+async def _disconnected(receive: Callable[[], Any]) -> None:
+    """Return when the client hangs up (the body has already been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _parse_json(raw: bytes) -> Any:
+    def reject(constant: str) -> None:
+        raise ValueError(f"{constant} is not valid JSON")
+
+    try:
+        return json.loads(raw, parse_constant=reject)
+    except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        raise APIError(400, f"We could not parse the JSON body of your request ({e}). The body must be a "
+                       "JSON object (Content-Type: application/json).") from None
+
+
+def _host_name(host: bytes) -> str:
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text.split("]")[0] + "]"  # [::1]:8000 -> [::1]
+    return text.rsplit(":", 1)[0]
+
+
+class _Guard:
+    """ASGI middleware run before routing: Host check, API key, request body size, JSON content type."""
+
+    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, allowed_hosts: Collection[str] | None):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.allowed_hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        error = self._check_headers(scope["method"], scope["path"], headers)
+        if error is not None:
+            await _send_error(send, error)
+            return
+        # Read the whole (bounded) body here, so an oversized one is refused even without Content-Length.
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                await _send_error(send, _too_large(self.max_body_bytes))
+                return
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # afterwards: wait for the client to disconnect
+
+        await self.app(scope, replay, send)
+
+    def _check_headers(self, method: str, path: str, headers: dict[bytes, bytes]) -> APIError | None:
+        # A page on another site can reach a loopback server through DNS rebinding; its Host gives it away.
+        if self.allowed_hosts is not None and _host_name(headers.get(b"host", b"")) not in self.allowed_hosts:
+            return APIError(400, "invalid Host header", code="invalid_host")
+        if self.api_key is not None and path not in _OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                what = "Incorrect API key provided" if given else "You didn't provide an API key"
+                return APIError(401, f"{what}. Send it as the header 'Authorization: Bearer <key>'.",
+                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return _too_large(self.max_body_bytes)
+        # Browsers send form and text bodies cross-site without asking; JSON needs a CORS preflight,
+        # which this server never grants. So insisting on JSON keeps other sites' pages out.
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if method == "POST" and ctype and ctype != b"application/json":
+            return APIError(415, f"Content-Type must be application/json, got {ctype.decode('latin-1')!r}",
+                            code="unsupported_media_type")
+        return None
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server's limit of {limit} bytes",
+                    code="request_too_large")
+
+
+async def _send_error(send: Callable, error: APIError) -> None:
+    payload = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def create_app(
+    model: GPT,
+    tokenizer: Any,
+    *,
+    model_name: str,
+    chat_template: TemplateName = "alpaca",
+    api_key: str | None = None,
+    limits: ServeLimits | None = None,
+    allowed_hosts: Collection[str] | None = None,
+) -> "FastAPI":
+    """The FastAPI app serving `model`: OpenAI-style /v1 endpoints, /health and the chat page at /.
+
+    `api_key` (if set) is required as a Bearer token on every endpoint except / and /health.
+    `allowed_hosts` (if set) restricts the Host header, e.g. to loopback names.
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.background import BackgroundTask
+    from starlette.exceptions import HTTPException
+
+    if chat_template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {chat_template!r}; choose one of {list(TEMPLATES)}")
+    limits = limits or ServeLimits()
+    model.eval()
+    device = next(model.parameters()).device
+    parser = RequestParser(tokenizer, model_name, model.config.n_positions, chat_template, limits)
+    scheduler = Scheduler(model, tokenizer, limits=limits)
+    page = resources.files("scratchgpt").joinpath("static/chat.html").read_text(encoding="utf-8")
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(scheduler.close)
+
+    app = FastAPI(title="scratchgpt", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)  # the docs pages would load a CDN
+    app.state.scheduler = scheduler
+    app.state.model_name, app.state.chat_template = model_name, chat_template
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, allowed_hosts=allowed_hosts)
+
+    def error_response(error: APIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return error_response(APIError(400, f"{param or 'request'}: {first.get('msg', 'invalid')}", param=param))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                       code=code, headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(APIError(500, "internal server error; see the server's log", kind="server_error"))
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": started, "owned_by": "scratchgpt",
+                "max_model_len": model.config.n_positions}
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, **scheduler.stats()}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict[str, Any]:
+        if name != model_name:
+            raise APIError(404, f"The model `{name}` does not exist", param="model", code="model_not_found")
+        return model_card()
+
+    async def generate(request: Request, parse: Callable[[Any], GenerationRequest]) -> Any:
+        body = _parse_json(await request.body())
+        req = await asyncio.to_thread(parse, body)  # tokenizing a long prompt should not stall the loop
+        job = Job(asyncio.get_running_loop())
+        job.rows = job_rows(job, req, device)
+        scheduler.submit(job)
+        reply = _Reply(req, model_name)
+
+        def release() -> None:
+            scheduler.release(job)
+
+        if req.stream:
+            # The generator releases the job when it ends or is cancelled by a disconnect; the
+            # background task covers a client that left before the stream even started.
+            return StreamingResponse(_stream(reply, job, release), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(release))
+        answer = asyncio.ensure_future(_answer(reply, job))
+        hangup = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            await asyncio.wait({answer, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done():  # the client left: nobody will read an answer
+                return Response(status_code=499)
+            return JSONResponse(answer.result())
+        finally:
+            answer.cancel()
+            hangup.cancel()
+            release()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await generate(request, parser.completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await generate(request, parser.chat)
+
+    return app
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    checkpoint: str | Path,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    chat_template: TemplateName | None = None,
+    device: str = "cpu",
+    limits: ServeLimits | None = None,
+    log_level: str = "info",
+) -> None:
+    """Load `checkpoint` and serve it with uvicorn until interrupted.
+
+    The chat template comes from the checkpoint's config.json ("chat_template"), else Alpaca; the API
+    key from `api_key`, else $SCRATCHGPT_API_KEY, else none.
+    """
+    import uvicorn
+
+    from scratchgpt.checkpoint import FORMAT, checkpoint_kind, load_any, read_run_config
+
+    model, tokenizer = load_any(checkpoint, device=device)
+    if chat_template is None:
+        saved = read_run_config(checkpoint).get("chat_template") if checkpoint_kind(checkpoint) == FORMAT else None
+        chat_template = saved or "alpaca"
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    name = model_name or Path(checkpoint).resolve().name or str(checkpoint)
+    loopback = _is_loopback(host)
+    if not loopback and api_key is None:
+        logger.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
+    app = create_app(model, tokenizer, model_name=name, chat_template=chat_template, api_key=api_key,
+                     limits=limits, allowed_hosts=_LOOPBACK_HOSTS if loopback else None)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {name!r} ({chat_template} chat template) on http://{shown}:{port}/  (Ctrl+C to stop)",
+          flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
