@@ -42,3 +42,72 @@ def _gpt2_files_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     gpt2_dir = DATA_DIR / "gpt2"
     if gpt2_dir.is_dir():
         monkeypatch.setenv("SCRATCHGPT_GPT2_DIR", str(gpt2_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving (tests/test_serve*.py): a tiny chat checkpoint and real uvicorn servers on loopback
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_checkpoint(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer) -> Path:
+    """A tiny random GPT (2 layers, 32 wide, 64-token context) with GPT-2's tokenizer, saved as an
+    Alpaca-tuned run directory."""
+    import torch
+
+    from scratchgpt import GPT, GPTConfig
+    from scratchgpt.checkpoint import save_model
+
+    config = GPTConfig(vocab_size=gpt2_tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    model = GPT(config, generator=torch.Generator().manual_seed(0))
+    run_dir = tmp_path_factory.mktemp("tiny-chat")
+    return save_model(model, run_dir, tokenizer=gpt2_tokenizer, extra={"chat_template": "alpaca"})
+
+
+@pytest.fixture(scope="module")
+def start_server():
+    """`start_server(app) -> base URL`: runs the ASGI app under uvicorn in a thread on a free loopback
+    port; every server started is shut down when the module's tests are done."""
+    import socket
+    import threading
+    import time
+
+    uvicorn = pytest.importorskip("uvicorn")
+    running = []
+
+    def start(app) -> str:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))  # port 0: the OS picks a free one, and nobody can take it meanwhile
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        running.append((server, thread, sock))
+        deadline = time.monotonic() + 20
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield start
+    for server, thread, sock in running:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data (tests/test_train.py, tests/test_distributed.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def char_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared char-level folder (train.bin, val.bin, meta.json, tokenizer) of Tiny Shakespeare's first 40k chars."""
+    from scratchgpt.data import prepare
+
+    root = tmp_path_factory.mktemp("char_data")
+    text = (data_dir / "text" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:40_000]
+    (root / "input.txt").write_text(text, encoding="utf-8")
+    prepare(root / "input.txt", root / "data", tokenizer="char", progress=False)
+    return root / "data"

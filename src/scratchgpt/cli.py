@@ -172,7 +172,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
     if not data.dir:
         raise ValueError("no output folder: pass --dir FOLDER (or set dir in [data])")
     meta = prepare(data.source, data.dir, tokenizer=data.tokenizer, bpe_vocab_size=data.bpe_vocab_size,
-                   val_fraction=data.val_fraction, errors=data.errors, workers=data.workers,
+                   val_fraction=data.val_fraction, split_by=data.split_by, errors=data.errors, workers=data.workers,
                    gpt2_dir=args.gpt2_dir, progress=not args.quiet)
     summary = {k: meta[k] for k in ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens")}
     print(json.dumps({"dir": data.dir, "files": len(meta["files"]), **summary}))
@@ -205,7 +205,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
     flags = {"model": overrides_from_args(args, GPTConfig), "data": overrides_from_args(args, DataConfig),
              "train": overrides_from_args(args, TrainConfig)}
-    run = resolve_run_config([_toml_sections(args.config), flags], source=args.config or "command line")
+    layers = [_toml_sections(args.config), flags]
+    progress = layers[1]["train"].get("progress", layers[0].get("train", {}).get("progress", True))
+    run = resolve_run_config(layers, source=args.config or "command line", progress=progress)
     result = pretrain(run)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
         summary = {"run_dir": str(result.run_dir), "step": result.step, "tokens": result.tokens,
@@ -221,8 +223,234 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # ================================ fine-tuning: finetune, classify, chat ================================
 
+# TrainConfig fields a fine-tune does not take from flags: the start is --init, samples are the mode's,
+# and a custom export (merged LoRA, classifier head) needs the whole model on one rank.
+_FINETUNE_TRAIN_SKIP = ("init_from", "fsdp", "sample_prompt", "sample_tokens", "sample_temperature", "sample_top_k")
+_FINETUNE_MODES = {
+    "classify": ("ClassifyConfig", "classification: replace the LM head by a Linear(C, classes) head",
+                 "Fine-tune a classifier on (text, label) rows of a TSV (headerless = label<TAB>text), CSV, "
+                 "JSONL or JSON file. Example: scratchgpt finetune classify --data SMSSpamCollection --balance "
+                 "--init runs/shakespeare --out-dir runs/spam"),
+    "instruct": ("InstructConfig", "instruction tuning on Alpaca-style JSON (instruction, input, output)",
+                 "Instruction-tune on a JSON list or JSONL of {instruction, input, output}, rendered with the "
+                 "alpaca or chatml template; the loss covers the response only unless --no-mask-prompt. "
+                 "Example: scratchgpt finetune instruct --data instruction-data.json --init gpt2 --out-dir runs/sft"),
+    "dpo": ("DPOConfig", "preference tuning (DPO) on (instruction, input, chosen, rejected)",
+            "Direct preference optimisation against a frozen copy of the starting model. Example: scratchgpt "
+            "finetune dpo --data instruction-data-with-preference.json --init runs/sft --out-dir runs/dpo"),
+}
+
+
+@command
+def _add_finetune(sub) -> None:
+    from scratchgpt import config as config_module
+    from scratchgpt.config import LoRAConfig, TrainConfig
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune a model: classify, instruct, dpo (full, partial or LoRA); merge LoRA adapters",
+        description="Fine-tune through the same training loop as pretraining: a mode changes only the data, the "
+                    "head, the loss and which weights train (--trainable, or --lora-rank N for LoRA adapters).",
+    )
+    modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
+    for name, (cls_name, help_text, description) in _FINETUNE_MODES.items():
+        cls = getattr(config_module, cls_name)
+        m = modes.add_parser(name, help=help_text, description=description)
+        add_dataclass_args(m, cls)
+        if name == "instruct":
+            m.add_argument("--no-mask-prompt", dest="mask_prompt", action="store_const", const=False,
+                           help="let the prompt's tokens count in the loss too")
+        add_dataclass_args(m, LoRAConfig, prefix="lora-")
+        add_dataclass_args(m, TrainConfig, skip=_FINETUNE_TRAIN_SKIP)
+        add_dataclass_args(m, GPTConfig)
+        _bool_flags_optional(m)
+        m.set_defaults(func=_run_finetune, finetune_config=cls)
+
+    merge = modes.add_parser(
+        "merge", help="fold saved LoRA adapters into their base: a plain model again",
+        description="Apply the adapters of a LoRA run (adapter.safetensors + adapter_config.json) to BASE, merge "
+                    "them into its weights and save a run directory every command loads.",
+    )
+    merge.add_argument("--base", required=True, help="the model the adapters were trained on (run dir, HF dir/name)")
+    merge.add_argument("--adapters", required=True, help="folder holding adapter.safetensors + adapter_config.json")
+    merge.add_argument("--out-dir", required=True, help="where to write the merged model")
+    merge.set_defaults(func=_run_finetune_merge)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from scratchgpt.config import LoRAConfig, TrainConfig, config_from_dict
+
+    cfg = config_from_dict(args.finetune_config, overrides_from_args(args, args.finetune_config),
+                           source="command line")
+    lora_flags = overrides_from_args(args, LoRAConfig, prefix="lora-")
+    lora = LoRAConfig(**lora_flags) if lora_flags or cfg.trainable == "lora" else None
+    train = overrides_from_args(args, TrainConfig)
+    model = overrides_from_args(args, GPTConfig) or None
+    if args.mode == "classify":
+        from scratchgpt.classify import finetune_classify as run
+    elif args.mode == "instruct":
+        from scratchgpt.instruct import finetune_instruct as run
+    else:
+        from scratchgpt.dpo import finetune_dpo as run
+    result = run(cfg, train=train, lora=lora, model=model)
+
+    def scalars(metrics: dict) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if not isinstance(v, list)}
+
+    splits = {k: scalars(v) for k, v in result.metrics.items() if k in ("train", "val", "test")}
+    start = {k: scalars(v) for k, v in result.metrics["start"].items()}
+    rest = {k: v for k, v in result.metrics.items() if not isinstance(v, dict)}
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+        print(json.dumps({"out_dir": str(result.out_dir), **splits, "start": start, **rest}))
+    return 130 if result.interrupted else 0
+
+
+def _run_finetune_merge(args: argparse.Namespace) -> int:
+    import json
+
+    from scratchgpt.finetune import merge_adapters
+
+    out = merge_adapters(args.base, args.adapters, args.out_dir)
+    print(json.dumps({"out_dir": str(out)}))
+    return 0
+
+
+@command
+def _add_classify(sub) -> None:
+    p = sub.add_parser(
+        "classify", help="label texts with a classifier from `finetune classify`",
+        description="Print one line per text: the label, its probability and the text (or JSON lines with --json). "
+                    "Texts come from the arguments, from --file (one per line), or from stdin.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a run directory written by `scratchgpt finetune classify`")
+    p.add_argument("texts", nargs="*", help="texts to label")
+    p.add_argument("--file", help="a file with one text per line")
+    p.add_argument("--json", action="store_true", help="print JSON lines with every label's probability")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.set_defaults(func=_run_classify)
+
+
+def _run_classify(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from scratchgpt.classify import classify_texts, load_classifier
+
+    texts = list(args.texts)
+    if args.file:
+        texts += [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ValueError("no texts to label: pass them as arguments, with --file, or on stdin")
+    model, tokenizer, labels = load_classifier(args.checkpoint, device=args.device)
+    for row in classify_texts(model, tokenizer, texts, labels):
+        if args.json:
+            print(json.dumps(row, ensure_ascii=False))
+        else:
+            print(f"{row['label']}\t{row['probs'][row['label']]:.4f}\t{row['text']}")
+    return 0
+
+
+@command
+def _add_chat(sub) -> None:
+    from scratchgpt.chat import TEMPLATES
+
+    p = sub.add_parser(
+        "chat", help="talk to an instruction-tuned checkpoint (reads stdin lines; /reset, /quit)",
+        description="An interactive prompt loop: each line you type is a user turn, the answer streams back, and "
+                    "the conversation is kept (oldest turns dropped when the context fills). /reset forgets it, "
+                    "/quit (or end of input) exits. Works with piped stdin too.",
+    )
+    p.add_argument("--checkpoint", required=True, help="scratchgpt run directory, Hugging Face GPT-2 directory or name")
+    p.add_argument("--chat-template", choices=TEMPLATES,
+                   help="override the checkpoint's chat template (default: its config.json, else alpaca)")
+    p.add_argument("--system", help="a system message that opens the conversation")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    add_dataclass_args(p, SamplingConfig)
+    p.set_defaults(func=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from scratchgpt.checkpoint import checkpoint_kind, load_any, read_run_config
+    from scratchgpt.instruct import ChatSession
+
+    model, tokenizer = load_any(args.checkpoint, device=args.device)
+    template = args.chat_template
+    if template is None:
+        saved = read_run_config(args.checkpoint) if checkpoint_kind(args.checkpoint) == "scratchgpt" else {}
+        template = saved.get("chat_template", "alpaca")
+    session = ChatSession(model, tokenizer, template=template, system=args.system,
+                          sampling=SamplingConfig(**overrides_from_args(args, SamplingConfig)))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {args.checkpoint} ({template} template); /reset forgets the conversation, /quit exits")
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and not line:
+            break  # end of piped input
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/quit":
+            break
+        if text == "/reset":
+            session.reset()
+            print("(conversation cleared)", flush=True)
+            continue
+        try:
+            for piece in session.reply(text):
+                print(piece, end="", flush=True)
+        except ValueError as e:  # one bad line (e.g. a special token) should not end the conversation
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
+        print(flush=True)
+    return 0
+
 
 # ================================ serving: serve ================================
+
+
+@command
+def _add_serve(sub) -> None:
+    from scratchgpt.chat import TEMPLATES
+    from scratchgpt.serve import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, ServeLimits
+
+    p = sub.add_parser(
+        "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page at /",
+        description="Serve a checkpoint: POST /v1/completions and /v1/chat/completions (OpenAI's format, "
+        "streaming included), GET /v1/models, GET /health, and a chat page at GET /. Needs the `serve` extra.",
+    )
+    p.add_argument("--checkpoint", required=True, help="scratchgpt run directory or Hugging Face GPT-2 directory")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST}, this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to bind (default: {DEFAULT_PORT})")
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else no key)")
+    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
+    p.add_argument("--chat-template", choices=TEMPLATES,
+                   help="override the checkpoint's chat template (default: its config.json, else alpaca)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_dataclass_args(p, ServeLimits)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401  (checked here so a missing extra is a one-line error)
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"serving needs the `serve` extra ({e}); pip install 'scratchgpt[serve]'") from None
+    from scratchgpt.serve import ServeLimits, serve
+
+    limits = ServeLimits(**overrides_from_args(args, ServeLimits))
+    serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+          chat_template=args.chat_template, device=args.device, limits=limits, log_level=args.log_level)
+    return 0
 
 
 # ================================ entry point ================================

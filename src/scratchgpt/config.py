@@ -272,7 +272,11 @@ class DataConfig:
         default="gpt2", metadata={"help": "gpt2 BPE, a byte-level BPE trained on the corpus, or characters"}
     )
     bpe_vocab_size: int = field(default=4096, metadata={"help": "vocabulary of a trained 'bpe' tokenizer"})
-    val_fraction: float = field(default=0.1, metadata={"help": "tail of each document held out for validation"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of the corpus held out for validation"})
+    split_by: Literal["chars", "documents"] = field(
+        default="chars", metadata={"help": "chars: each document's last val_fraction goes to val (nanoGPT's "
+                                           "split); documents: whole files, spread evenly (many-file corpora)"}
+    )
     errors: Literal["strict", "replace"] = field(
         default="strict", metadata={"help": "non-UTF-8 bytes: fail naming the offset, or replace with U+FFFD"}
     )
@@ -314,7 +318,9 @@ class TrainConfig:
     lr: float = field(default=6e-4, metadata={"help": "peak learning rate"})
     min_lr: float | None = field(default=None, metadata={"help": "cosine floor (default: lr / 10)"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
-    lr_decay_steps: int | None = field(default=None, metadata={"help": "step the cosine reaches min_lr (default: max_steps)"})
+    lr_decay_steps: int | None = field(
+        default=None, metadata={"help": "step at which the cosine reaches min_lr (default: max_steps)"}
+    )
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay, applied to >=2-D tensors only"})
     beta1: float = 0.9
     beta2: float = 0.95
@@ -335,7 +341,7 @@ class TrainConfig:
         default="auto", metadata={"help": "autocast dtype; auto = bfloat16 on CUDA, float32 on CPU"}
     )
     attn_impl: Literal["auto", "eager", "sdpa"] = field(
-        default="auto", metadata={"help": "attention path; auto = eager on CPU (measured faster), sdpa on GPU"}
+        default="auto", metadata={"help": "attention path; auto = sdpa (measured faster for training on CPU and GPU)"}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     fused_adamw: bool = field(default=True, metadata={"help": "fused AdamW kernel where PyTorch has one"})
@@ -399,7 +405,9 @@ class RunConfig:
         unknown = sorted(set(data) - set(RUN_SECTIONS))
         if unknown:
             raise ValueError(f"{source}: unknown section(s) {unknown}; a run has {list(RUN_SECTIONS)}")
-        parts = {k: config_from_dict(cls_, data.get(k, {}), source=f"{source} [{k}]") for k, cls_ in RUN_SECTIONS.items()}
+        parts = {
+            k: config_from_dict(cls_, data.get(k, {}), source=f"{source} [{k}]") for k, cls_ in RUN_SECTIONS.items()
+        }
         return cls(**parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -434,3 +442,150 @@ def merge_run_dicts(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
                 raise ValueError(f"[{section}] must be a table of fields, got {type(values).__name__}")
             out.setdefault(section, {}).update(values)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning: LoRA adapters and the three modes (classify, instruct, dpo)
+# ---------------------------------------------------------------------------------------------
+
+# Linear layers LoRA can adapt, as module-name suffixes ("c_proj" alone matches both c_proj layers).
+LORA_TARGETS: tuple[str, ...] = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head")
+Trainable = Literal["all", "last-block", "head", "lora"]
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters: which Linear layers get them, their rank, scaling (alpha / rank) and dropout."""
+
+    rank: int = field(default=8, metadata={"help": "rank r of each update B·A"})
+    alpha: float = field(default=16.0, metadata={"help": "the update is scaled by alpha / rank"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})
+    targets: tuple[str, ...] = field(
+        default=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+        metadata={"help": f"Linear layers to adapt, by name suffix: {', '.join(LORA_TARGETS)}"},
+    )
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"{name}.rank={self.rank!r} must be a positive integer")
+        _check_range(name, "alpha", self.alpha, lo=0.0, lo_open=True)
+        _check_range(name, "dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
+        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if not self.targets or any(not isinstance(t, str) or not t for t in self.targets):
+            raise ValueError(f"{name}.targets={self.targets!r} must name at least one layer, e.g. {LORA_TARGETS}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+def _check_split(name: str, split: tuple[float, ...]) -> None:
+    if len(split) != 3 or any(not isinstance(f, (int, float)) or f < 0 for f in split):
+        raise ValueError(f"{name}.split={split!r} must be three fractions >= 0: train, val, test")
+    if split[0] <= 0 or sum(split) > 1 + 1e-9:
+        raise ValueError(f"{name}.split={split!r}: the train fraction must be > 0 and the three must sum to <= 1")
+
+
+@dataclass
+class FinetuneConfig:
+    """What every fine-tuning mode shares: the data, its split, sequence limits and what trains."""
+
+    data: str = field(default="", metadata={"help": "the data file"})
+    init: str = field(
+        default="scratch",
+        metadata={"help": "starting model: a run directory, a Hugging Face GPT-2 directory or hub name "
+                          "(gpt2), or 'scratch' (random weights shaped by the model flags)"},
+    )
+    tokenizer: Literal["auto", "gpt2", "char"] = field(
+        default="auto",
+        metadata={"help": "auto = the checkpoint's (GPT-2 for scratch); a different kind than the checkpoint's "
+                          "is an error"},
+    )
+    split: tuple[float, ...] = field(
+        default=(0.85, 0.10, 0.05), metadata={"help": "train, val and test fractions (0 = no such split)"}
+    )
+    split_shuffle: bool = field(default=True, metadata={"help": "shuffle the entries before splitting"})
+    split_seed: int = field(default=123, metadata={"help": "seed of the split (and of balancing)"})
+    max_length: int | None = field(
+        default=None, metadata={"help": "tokens per training sequence (default: the model's context)"}
+    )
+    too_long: Literal["truncate", "drop", "error"] = field(
+        default="truncate", metadata={"help": "an entry longer than max_length: cut its end, skip it, or fail"}
+    )
+    trainable: Trainable | None = field(
+        default=None,
+        metadata={"help": "weights that train: all, last-block (+ final norm + head), head, or lora "
+                          "(default: the mode's; lora when a --lora-* flag is given)"},
+    )
+    dropout: float | None = field(default=None, metadata={"help": "set every dropout rate (default: the model's)"})
+    epochs: float | None = field(
+        default=None, metadata={"help": "passes over the training split; sets max_steps (default: the mode's)"}
+    )
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _validate_literals(self)
+        self.split = tuple(self.split)
+        _check_split(name, self.split)
+        if self.trainable is not None:
+            _check_choice(name, "trainable", self.trainable, get_args(Trainable))
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
+            raise ValueError(f"{name}.max_length={self.max_length!r} must be an integer >= 2 (or unset)")
+        if self.dropout is not None:
+            _check_range(name, "dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
+        if self.epochs is not None:
+            _check_range(name, "epochs", self.epochs, lo=0.0, lo_open=True)
+
+
+@dataclass
+class ClassifyConfig(FinetuneConfig):
+    """Text classification: (text, label) rows, a Linear(C, classes) head on the last real token."""
+
+    split: tuple[float, ...] = field(
+        default=(0.7, 0.1, 0.2), metadata={"help": "train, val and test fractions (0 = no such split)"}
+    )
+    format: Literal["auto", "tsv", "csv", "jsonl", "json"] = field(
+        default="auto",
+        metadata={"help": "auto: by extension (.csv, .jsonl, .json; anything else is TSV). Headerless TSV "
+                          "is label<TAB>text, split on the first tab"},
+    )
+    text_field: str = field(default="text", metadata={"help": "column / key holding the text"})
+    label_field: str = field(default="label", metadata={"help": "column / key holding the label"})
+    labels: tuple[str, ...] = field(default=(), metadata={"help": "label names in class-id order (default: sorted)"})
+    balance: bool = field(default=False, metadata={"help": "undersample every class to the rarest one's count"})
+
+
+@dataclass
+class InstructConfig(FinetuneConfig):
+    """Instruction tuning: Alpaca-style entries rendered with a chat template, loss on the response."""
+
+    template: Literal["alpaca", "chatml"] = field(default="alpaca", metadata={"help": "prompt template"})
+    mask_prompt: bool = field(default=True, metadata={"help": "leave the prompt's tokens out of the loss"})
+    response_tokens: int = field(
+        default=256, metadata={"help": "max new tokens per test response (0 = skip test_responses.json)"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.response_tokens, int) or self.response_tokens < 0:
+            raise ValueError(f"InstructConfig.response_tokens={self.response_tokens!r} must be an integer >= 0")
+
+
+@dataclass
+class DPOConfig(FinetuneConfig):
+    """Direct preference optimisation on (prompt, chosen, rejected) against a frozen reference."""
+
+    template: Literal["auto", "alpaca", "chatml"] = field(
+        default="auto", metadata={"help": "prompt template (auto: the checkpoint's chat_template, else alpaca)"}
+    )
+    beta: float = field(default=0.1, metadata={"help": "strength of the pull away from the reference"})
+    # Dropout would make the policy's log-ratios against the (dropout-free) reference noisy from step 0.
+    dropout: float | None = field(default=0.0, metadata={"help": "set every dropout rate (None: the model's)"})
+    logp: Literal["sum", "mean"] = field(
+        default="sum", metadata={"help": "a response's log-probability: sum over its tokens, or their mean"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_range("DPOConfig", "beta", self.beta, lo=0.0, lo_open=True)

@@ -1,0 +1,271 @@
+"""Instruction fine-tuning: Alpaca-style entries rendered with a chat template, loss on the response.
+
+Each entry (`instruction`, optional `input`, `output`) becomes prompt + response + end-of-text, where
+the prompt is `chat.render_prompt(template, ...)` — the same text the chat command and the server
+render, so the model is always asked in the format it learned. Batches are padded per batch with
+the end-of-text id; the targets are the inputs shifted by one, with -100 (ignored) on the padding
+after the first end-of-text and, by default, on the prompt. config.json records the template
+(`"chat_template"`). After training, `test_responses.json` holds greedy answers for the test split.
+
+Shape legend: B batch, T time, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scratchgpt.chat import Message, TemplateName, render_chat, render_prompt, response_suffix, stop_strings
+from scratchgpt.checkpoint import unwrap
+from scratchgpt.config import InstructConfig, LoRAConfig, SamplingConfig, TrainConfig
+from scratchgpt.data import DataError
+from scratchgpt.finetune import (
+    FinetuneResult,
+    Mode,
+    all_reduce_sums,
+    check_splits,
+    context_limit,
+    encode_checked,
+    eval_batches,
+    is_main_process,
+    load_start_model,
+    read_entries,
+    run_mode,
+    split_indices,
+    split_record,
+)
+from scratchgpt.generate import iter_generate, stream_text
+from scratchgpt.model import GPT
+from scratchgpt.tokenizer import Tokenizer
+from scratchgpt.train import lm_loss, model_device
+
+TEST_RESPONSES_FILE = "test_responses.json"
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InstructExample:
+    """Prompt + response + end-of-text ids (at most max_length + 1); the first `prompt_len` are the prompt."""
+
+    ids: list[int]
+    prompt_len: int
+    entry: int
+
+
+def encode_instruction(
+    entry: dict[str, Any], tokenizer: Tokenizer, *, template: TemplateName, vocab_size: int,
+    response_key: str = "output",
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids + end-of-text) of one entry, encoded apart as generation will see them."""
+    where = entry.get("where", "entry")
+    prompt = encode_checked(tokenizer, render_prompt(template, entry["instruction"], entry.get("input", "")),
+                            vocab_size=vocab_size, where=where)
+    response = encode_checked(tokenizer, entry[response_key] + response_suffix(template),
+                              vocab_size=vocab_size, where=f"{where} ({response_key!r})")
+    return prompt, response + [tokenizer.eot_id]
+
+
+def fit_length(ids: list[int], prompt_len: int, *, max_length: int, too_long: str, where: str) -> list[int] | None:
+    """ids cut to max_length + 1 tokens (inputs and targets are those shifted by one), or None to drop them.
+
+    Truncation cuts the end of the response; an entry whose prompt alone fills the window has nothing
+    left to learn from and is dropped even under 'truncate'.
+    """
+    if len(ids) <= max_length + 1:
+        return ids
+    if too_long == "error":
+        raise DataError(f"{where}: {len(ids) - 1} tokens, longer than max_length {max_length}; "
+                        f"pass --too-long truncate or drop, or a larger --max-length")
+    if too_long == "drop" or prompt_len > max_length:
+        return None
+    return ids[: max_length + 1]
+
+
+def encode_instructions(
+    entries: Sequence[dict[str, Any]], tokenizer: Tokenizer, *, template: TemplateName, vocab_size: int,
+    max_length: int, too_long: str = "truncate",
+) -> list[InstructExample]:
+    """Tokenize entries for instruction tuning; over-long ones are truncated, dropped or an error."""
+    out = []
+    for i, e in enumerate(entries):
+        prompt, response = encode_instruction(e, tokenizer, template=template, vocab_size=vocab_size)
+        ids = fit_length(prompt + response, len(prompt), max_length=max_length, too_long=too_long,
+                         where=e.get("where", f"entry {i}"))
+        if ids is not None:
+            out.append(InstructExample(ids, len(prompt), e.get("index", i)))
+    return out
+
+
+def collate_instruct(
+    examples: Sequence[InstructExample], *, pad_id: int, mask_prompt: bool = True
+) -> tuple[Tensor, Tensor]:
+    """(x, y), each (B, T): x padded with pad_id; y = x shifted by one, -100 on padding (and on the prompt)."""
+    T = max(len(e.ids) for e in examples) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids = torch.tensor(e.ids, dtype=torch.long)
+        n = len(e.ids) - 1
+        x[i, :n], y[i, :n] = ids[:-1], ids[1:]
+        if mask_prompt:
+            # Target t predicts token t+1, so targets 0 .. prompt_len-2 are prompt tokens; the one at
+            # prompt_len-1 is the response's first token and stays.
+            y[i, : e.prompt_len - 1] = -100
+    return x, y
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: nn.Module, examples: Sequence[InstructExample], *, pad_id: int, mask_prompt: bool = True,
+    batch_size: int = 8, max_batches: int | None = None, final: bool = False,
+) -> dict[str, float]:
+    """{"loss"}: cross-entropy per target token over (the first max_batches batches of) examples."""
+    # The plain module: DDP would sync buffers on every forward, and ranks may score unequal batch counts.
+    model = unwrap(model)
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    collate = lambda items: collate_instruct(items, pad_id=pad_id, mask_prompt=mask_prompt)  # noqa: E731
+    for x, y in eval_batches(examples, collate, batch_size=batch_size, max_batches=max_batches):
+        x, y = x.to(device), y.to(device)
+        logits, _ = model(x)  # (B, T, V)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((y != -100).sum())
+    model.train(was_training)
+    sums = all_reduce_sums({"loss": total, "count": count}, device)
+    # Summed over tokens, then divided once: every target token weighs the same, whatever its batch.
+    return {"loss": sums["loss"] / max(sums["count"], 1), **({"tokens": int(sums["count"])} if final else {})}
+
+
+# ---------------------------------------------------------------------------------------------
+# Using the tuned model: test responses and chat
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_responses(
+    model: GPT, tokenizer: Tokenizer, entries: Sequence[dict[str, Any]], *, template: TemplateName,
+    max_new_tokens: int = 256, batch_size: int = 8,
+) -> list[dict[str, str]]:
+    """Greedy answers: [{"instruction", "input", "output", "model_response"}] per entry."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop_strings(template))
+    out = []
+    for i in range(0, len(entries), batch_size):
+        chunk = entries[i : i + batch_size]
+        prompts = [tokenizer.encode(render_prompt(template, e["instruction"], e.get("input", ""))) for e in chunk]
+        texts = [""] * len(chunk)
+        for steps in iter_generate(model, prompts, sampling, eot_id=tokenizer.eot_id, tokenizer=tokenizer):
+            for s in steps:
+                texts[s.row] += s.text
+        out += [{"instruction": e["instruction"], "input": e.get("input", ""), "output": e.get("output", ""),
+                 "model_response": t.strip()} for e, t in zip(chunk, texts, strict=True)]
+    return out
+
+
+class ChatSession:
+    """A conversation with an instruction-tuned model: the history, rendered with its template, replies streamed."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, *, template: TemplateName, sampling: SamplingConfig,
+                 system: str | None = None) -> None:
+        self.model, self.tokenizer, self.template, self.system = model, tokenizer, template, system
+        # The template's turn markers end a reply, besides end-of-text and the user's own stop strings.
+        stops = tuple(dict.fromkeys((*sampling.stop, *stop_strings(template))))
+        self.sampling = dataclasses.replace(sampling, stop=stops)
+        self.messages: list[Message] = []
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays)."""
+        self.messages = []
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Add the user's turn, stream the assistant's answer in pieces, and keep it in the history."""
+        self.messages.append({"role": "user", "content": text})
+        pieces: list[str] = []
+        try:
+            for piece in stream_text(self.model, self.tokenizer, self.prompt(), self.sampling):
+                pieces.append(piece)
+                yield piece
+        except ValueError:
+            self.messages.pop()  # e.g. text the tokenizer cannot encode: forget the turn, keep the history
+            raise
+        finally:
+            # Also when the caller stops reading early (Ctrl-C): the turns keep alternating.
+            if self.messages and self.messages[-1]["role"] == "user":
+                self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+    def prompt(self) -> str:
+        """The history (ending in the user's turn) rendered for the reply; oldest exchanges dropped to fit."""
+        n_ctx = self.model.config.n_positions
+        budget = n_ctx - min(self.sampling.max_new_tokens, n_ctx // 2)
+        system: list[Message] = [{"role": "system", "content": self.system}] if self.system else []
+        while True:
+            text = render_chat(system + self.messages, self.template)
+            if len(self.messages) <= 1 or len(self.tokenizer.encode(text)) <= budget:
+                return text
+            self.messages = self.messages[2:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The mode
+# ---------------------------------------------------------------------------------------------
+
+
+def finetune_instruct(
+    cfg: InstructConfig, *, train: dict[str, Any] | None = None, lora: LoRAConfig | None = None,
+    model: dict[str, Any] | None = None, verbose: bool = True,
+) -> FinetuneResult:
+    """Instruction-tune on cfg.data; writes the run directory (model, splits, metrics, test_responses.json).
+
+    `train` overrides TrainConfig fields, `model` GPTConfig fields of a scratch model.
+    """
+    if not cfg.data:
+        raise ValueError("pass the data file (--data)")
+    entries = read_entries(cfg.data, required=("instruction", "output"))
+    seed = (train or {}).get("seed", TrainConfig.seed)
+    start = load_start_model(
+        cfg.init, tokenizer=cfg.tokenizer, model_overrides=model, seed=seed,
+        corpus=lambda: "".join(render_prompt(cfg.template, e["instruction"], e["input"]) + e["output"]
+                               + response_suffix(cfg.template) for e in entries),
+    )
+    max_length = context_limit(start.model, cfg.max_length)
+    positions = split_indices(len(entries), cfg.split, shuffle=cfg.split_shuffle, seed=cfg.split_seed)
+    split_entries = {k: [entries[i] for i in v] for k, v in positions.items()}
+    parts = {k: encode_instructions(v, start.tokenizer, template=cfg.template, max_length=max_length,
+                                    vocab_size=start.model.config.vocab_size, too_long=cfg.too_long)
+             for k, v in split_entries.items()}
+    dropped = sum(map(len, positions.values())) - sum(map(len, parts.values()))
+    check_splits(parts, cfg.split, source=cfg.data, dropped=dropped, max_length=max_length)
+
+    pad, tok = start.tokenizer.eot_id, start.tokenizer
+    sample_entry = (split_entries["val"] or split_entries["train"])[0]
+    mode = Mode(
+        name="instruct", parts=parts,
+        splits=split_record(cfg.data, {k: [e.entry for e in v] for k, v in parts.items()}, seed=cfg.split_seed,
+                            shuffle=cfg.split_shuffle, note="0-based entries of the data file"),
+        collate=lambda items: collate_instruct(items, pad_id=pad, mask_prompt=cfg.mask_prompt),
+        loss_fn=lm_loss,
+        evaluate=lambda m, part, **kw: evaluate_lm(m, part, pad_id=pad, mask_prompt=cfg.mask_prompt, **kw),
+        info={"task": "instruct", "chat_template": cfg.template},
+        sample_fn=lambda m: generate_responses(unwrap(m), tok, [sample_entry], template=cfg.template,
+                                               max_new_tokens=64)[0]["model_response"],
+    )
+    result = run_mode(mode, start, cfg, train=train, lora=lora, verbose=verbose)
+    test = split_entries["test"]
+    if cfg.response_tokens and test and is_main_process():
+        responses = generate_responses(result.model, tok, test, template=cfg.template,
+                                       max_new_tokens=cfg.response_tokens)
+        path = Path(result.out_dir) / TEST_RESPONSES_FILE
+        path.write_text(json.dumps(responses, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result

@@ -1,0 +1,232 @@
+"""LoRA: low-rank adapters applied to an existing model, merged back, saved and loaded on their own.
+
+`apply_lora(model, config)` swaps each targeted `nn.Linear` for a `LoRALinear` that keeps the base
+`weight` and `bias` under their old names and adds `lora_A` (r, in) and `lora_B` (out, r):
+
+    y = x Wᵀ + b + dropout(x) Aᵀ Bᵀ · alpha / r
+
+B starts at zero, so the adapted model computes exactly what the base did until training moves it.
+Everything but the adapters is frozen. `merge_lora` folds B·A into W and returns plain `nn.Linear`
+layers, so a merged model has the base's state-dict names again (and exports to Hugging Face).
+`save_adapters` writes only what trained (adapter.safetensors + adapter_config.json): a few MB
+instead of the whole model. `load_adapters` puts them back onto a base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scratchgpt.checkpoint import CheckpointError, load_tensors, read_json, save_tensors, unwrap, write_json
+from scratchgpt.config import LoRAConfig, config_from_dict, config_to_dict
+from scratchgpt.model import GPT
+
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_FORMAT = "scratchgpt-lora"
+ADAPTER_FORMAT_VERSION = 1
+# Fields that may differ between the base a set of adapters was trained on and the one it is loaded
+# onto: they change training behaviour, not the shape or meaning of any weight.
+_SHAPE_FREE_FIELDS = ("embd_pdrop", "resid_pdrop", "attn_pdrop", "initializer_range")
+
+
+class LoRALinear(nn.Module):
+    """A Linear layer plus a trainable low-rank update B·A scaled by alpha / rank."""
+
+    def __init__(self, base: nn.Linear, config: LoRAConfig, *, generator: torch.Generator | None = None):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.config = config
+        self.scaling = config.scaling
+        # The very same Parameter objects move over: state-dict names stay `<layer>.weight/.bias`, and
+        # a weight tied to another module (GPT-2's lm_head and wte) stays tied.
+        self.weight = base.weight
+        self.bias = base.bias
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(config.rank, self.in_features, **kw))
+        # Zero B: the update B·A starts at zero, so the adapted model starts equal to the base.
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, **kw))
+        # A gets nn.Linear's own init (Kaiming-uniform, a=√5), as in the LoRA paper's code.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        self.lora_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)  # (B, T, out)
+        # x Aᵀ first: (B, T, r) is far smaller than forming the (out, in) product B·A every step.
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (B, T, out)
+        return y + update * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        """The update this adapter adds to the weight: B·A · alpha / rank, shape (out, in)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"in={self.in_features}, out={self.out_features}, rank={c.rank}, alpha={c.alpha}, dropout={c.dropout}"
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, *, generator: torch.Generator | None = None) -> list[str]:
+    """Wrap every targeted Linear of `model` in a LoRALinear and freeze all else; returns the wrapped names."""
+    model = unwrap(model)
+    if lora_layers(model):
+        raise ValueError("this model already has LoRA adapters; merge_lora() them first or load it fresh")
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    wrapped: list[str] = []
+    for target in config.targets:
+        hits = [n for n, _ in linears if _matches(n, target)]
+        if not hits:
+            # Block layers are listed by their in-block name ("attn.c_attn"), the rest in full.
+            names = sorted({n.split(".", 3)[-1] if n.startswith("transformer.h.") else n for n, _ in linears})
+            raise ValueError(f"LoRA target {target!r} matches no Linear layer of this model; choose among {names}")
+        wrapped += [n for n in hits if n not in wrapped]
+    modules = dict(linears)
+    for name in wrapped:
+        _set_submodule(model, name, LoRALinear(modules[name], config, generator=generator))
+    for pname, p in model.named_parameters():
+        p.requires_grad_(".lora_" in f".{pname}")
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRALinear layers by module name (empty when it has none)."""
+    return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_config(model: nn.Module) -> LoRAConfig | None:
+    """The LoRAConfig the model's adapters were built with, or None without adapters."""
+    layers = lora_layers(model)
+    return next(iter(layers.values())).config if layers else None
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter matrices (every lora_A and lora_B) of `model`."""
+    return [p for n, p in unwrap(model).named_parameters() if ".lora_" in f".{n}"]
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight (W + B·A·alpha/r) in place: plain nn.Linear layers again."""
+    model = unwrap(model)
+    for name, layer in lora_layers(model).items():
+        merged = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device=layer.weight.device, dtype=layer.weight.dtype)
+        merged.weight = nn.Parameter((layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype),
+                                     requires_grad=layer.weight.requires_grad)
+        if layer.bias is not None:
+            merged.bias = layer.bias
+        if isinstance(model, GPT) and name == "lm_head" and model.config.tie_word_embeddings:
+            # The update belongs to the head alone; folding it into a shared matrix would change the
+            # token embeddings too, so the merged model stores its head separately.
+            model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
+        _set_submodule(model, name, merged)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading adapters on their own
+# ---------------------------------------------------------------------------------------------
+
+
+def adapter_state(model: nn.Module) -> dict[str, Tensor]:
+    """What a set of adapters consists of: every lora_A/lora_B plus any other parameter that trains."""
+    model = unwrap(model)
+    # requires_grad marks what fine-tuning changed: the adapters, and e.g. a new classification head.
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad or ".lora_" in f".{n}"}
+
+
+def save_adapters(
+    model: nn.Module, directory: str | Path, *, base: str | None = None, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write adapter.safetensors + adapter_config.json (LoRA config, base model config) into `directory`."""
+    config = lora_config(model)
+    if config is None:
+        raise ValueError("the model has no LoRA adapters to save; apply_lora() first")
+    inner = unwrap(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = adapter_state(inner)
+    save_tensors(state, directory / ADAPTER_FILE, metadata={"format": "pt"})
+    meta = {
+        "format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
+        "lora": config_to_dict(config),
+        "layers": sorted(lora_layers(inner)),
+        "other_tensors": sorted(n for n in state if ".lora_" not in f".{n}"),
+        "base": {"source": base, "model": inner.config.to_dict() if isinstance(inner, GPT) else None},
+        "parameters": sum(t.numel() for t in state.values()),
+        **(extra or {}),
+    }
+    write_json(directory / ADAPTER_CONFIG_FILE, meta)
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """adapter_config.json of an adapter directory, checked for format and version."""
+    path = Path(directory) / ADAPTER_CONFIG_FILE
+    meta = read_json(path)
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        raise CheckpointError(f"{path}: not a scratchgpt LoRA adapter config (no \"format\": \"{ADAPTER_FORMAT}\")")
+    if meta.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {meta['format_version']} is newer than this scratchgpt reads")
+    return meta
+
+
+def load_adapters(model: nn.Module, directory: str | Path, *, generator: torch.Generator | None = None) -> nn.Module:
+    """Apply the adapters saved in `directory` to `model` (a compatible base) and load their weights."""
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    source = directory / ADAPTER_CONFIG_FILE
+    inner = unwrap(model)
+    base_model = (meta.get("base") or {}).get("model")
+    if isinstance(inner, GPT) and base_model:
+        ours = {k: v for k, v in inner.config.to_dict().items() if k not in _SHAPE_FREE_FIELDS}
+        theirs = {k: v for k, v in base_model.items() if k not in _SHAPE_FREE_FIELDS}
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        if diff:
+            raise CheckpointError(
+                f"{source}: these adapters were trained on a different base model "
+                f"({', '.join(f'{k}={theirs.get(k)!r} vs {ours.get(k)!r}' for k in diff[:3])})"
+            )
+    try:
+        config = config_from_dict(LoRAConfig, meta["lora"], source=str(source))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: invalid LoRA config: {e}") from None
+    apply_lora(inner, config, generator=generator)
+    state = load_tensors(directory / ADAPTER_FILE, device=next(inner.parameters()).device)
+    params = dict(inner.named_parameters())
+    missing = sorted(n for n in params if ".lora_" in f".{n}" and n not in state)
+    unexpected = sorted(n for n in state if n not in params)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory / ADAPTER_FILE}: adapters do not fit this model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise CheckpointError(
+                    f"{directory / ADAPTER_FILE}: {name} has shape {tuple(tensor.shape)}, "
+                    f"the model needs {tuple(params[name].shape)}"
+                )
+            params[name].copy_(tensor)
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """{"trainable": ..., "total": ...} parameters of `model` (a tied matrix counts once)."""
+    params = list(unwrap(model).parameters())
+    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}

@@ -1,0 +1,283 @@
+"""Token files from text (prepare), their validation, and the two window samplers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scratchgpt.cli import main
+from scratchgpt.data import (
+    DataError,
+    RandomWindows,
+    SequentialWindows,
+    find_text_files,
+    open_dataset,
+    prepare,
+    read_text,
+    split_text,
+    token_dtype,
+)
+from scratchgpt.tokenizer import load_tokenizer
+
+# ---------------------------------------------------------------------------------------------
+# prepare on the real data
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shakespeare_gpt2(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ts_gpt2")
+    prepare(data_dir / "text" / "tinyshakespeare.txt", out, tokenizer="gpt2", gpt2_dir=data_dir / "gpt2",
+            progress=False)
+    return out
+
+
+def test_tiny_shakespeare_gpt2_split_matches_nanogpt(shakespeare_gpt2: Path) -> None:
+    meta = json.loads((shakespeare_gpt2 / "meta.json").read_text())
+    # nanoGPT splits the text at 90% of its characters and encodes each part: 301,966 + 36,059 = 338,025,
+    # which is also the whole file's count (the cut falls between two tokens).
+    assert (meta["train_tokens"], meta["val_tokens"]) == (301_966, 36_059)
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 50257 and meta["tokenizer"] == "gpt2"
+    ds = open_dataset(shakespeare_gpt2)
+    train = ds.tokens("train")
+    assert isinstance(train, np.memmap) and train.dtype == np.uint16 and len(train) == 301_966
+    assert (shakespeare_gpt2 / "train.bin").stat().st_size == 2 * 301_966
+    tok = load_tokenizer(shakespeare_gpt2)  # saved beside the data
+    assert tok.decode(train[:5].tolist()) == "First Citizen:\nBefore"
+    assert 50256 not in set(np.asarray(train).tolist())  # one document: no separator
+
+
+def test_whole_file_token_counts(data_dir: Path, gpt2_tokenizer) -> None:
+    text = (data_dir / "text" / "tinyshakespeare.txt").read_text()
+    assert len(text) == 1_115_394 and len(set(text)) == 65
+    assert len(gpt2_tokenizer.encode(text)) == 338_025
+    train, val = split_text(text, 0.1)
+    assert len(train) == 1_003_854 and train + val == text
+
+
+def test_the_verdict_all_train(data_dir: Path, tmp_path: Path) -> None:
+    meta = prepare(data_dir / "text" / "the-verdict.txt", tmp_path, val_fraction=0.0, gpt2_dir=data_dir / "gpt2",
+                   progress=False)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (5145, 0)
+    assert len(open_dataset(tmp_path).tokens("val")) == 0
+
+
+def test_char_level_tiny_shakespeare(data_dir: Path, tmp_path: Path) -> None:
+    meta = prepare(data_dir / "text" / "tinyshakespeare.txt", tmp_path, tokenizer="char", progress=False)
+    # nanoGPT's shakespeare_char: 1,003,854 / 111,540; 65 characters plus end-of-text.
+    assert (meta["train_tokens"], meta["val_tokens"], meta["vocab_size"]) == (1_003_854, 111_540, 66)
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare on small synthetic corpora
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_docs(folder: Path, texts: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(texts):
+        (folder / f"doc{i:02d}.txt").write_text(text)
+    return folder
+
+
+def test_folder_documents_separated_by_eot_and_parallel_is_deterministic(tmp_path: Path) -> None:
+    docs = _write_docs(tmp_path / "docs", [f"document number {i}: " + "abcdefghij" * (i + 3) for i in range(5)])
+    (tmp_path / "docs" / "notes.md").write_text("ignored: not a .txt file")
+    one = prepare(docs, tmp_path / "w1", tokenizer="char", workers=1, progress=False)
+    two = prepare(docs, tmp_path / "w2", tokenizer="char", workers=2, progress=False)
+    assert (tmp_path / "w1" / "train.bin").read_bytes() == (tmp_path / "w2" / "train.bin").read_bytes()
+    assert (tmp_path / "w1" / "val.bin").read_bytes() == (tmp_path / "w2" / "val.bin").read_bytes()
+    assert len(one["files"]) == 5 and one["train_tokens"] == two["train_tokens"]
+    ds = open_dataset(tmp_path / "w1")
+    tok = ds.tokenizer()
+    train = np.asarray(ds.tokens("train")).tolist()
+    assert train.count(tok.eot_id) == 4  # between the 5 documents, not after the last
+    first = tok.decode(train[: train.index(tok.eot_id)])
+    assert first == split_text((docs / "doc00.txt").read_text(), 0.1)[0]
+
+
+def test_split_by_documents_holds_out_whole_files(tmp_path: Path) -> None:
+    docs = _write_docs(tmp_path / "docs", [f"doc {i} " * 20 for i in range(10)])
+    meta = prepare(docs, tmp_path / "out", tokenizer="char", val_fraction=0.2, split_by="documents", progress=False)
+    held_out = [f["path"] for f in meta["files"] if f["val_share"] == 1.0]
+    assert [Path(p).name for p in held_out] == ["doc04.txt", "doc09.txt"]
+    tok = open_dataset(tmp_path / "out").tokenizer()
+    val = tok.decode(np.asarray(open_dataset(tmp_path / "out").tokens("val")).tolist())
+    assert val == "doc 4 " * 20 + "<|endoftext|>" + "doc 9 " * 20
+
+
+def test_glob_source_and_bpe_tokenizer(data_dir: Path, tmp_path: Path) -> None:
+    meta = prepare(str(data_dir / "text" / "the-verdict*"), tmp_path, tokenizer="bpe", bpe_vocab_size=300,
+                   progress=False)
+    assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == 300 and meta["dtype"] == "uint16"
+    ds = open_dataset(tmp_path)
+    text = (data_dir / "text" / "the-verdict.txt").read_text()
+    assert ds.tokenizer().decode(np.asarray(ds.tokens("train")).tolist()) == split_text(text, 0.1)[0]
+
+
+def test_token_dtype_switches_to_uint32() -> None:
+    assert token_dtype(65_536) == np.uint16 and token_dtype(65_537) == np.uint32
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line naming the file, before any training
+# ---------------------------------------------------------------------------------------------
+
+
+def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_empty_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    err = _error_line(capsys, ["prepare", "--source", str(empty), "--dir", str(tmp_path / "out"), "--quiet"])
+    assert str(empty) in err and "empty corpus" in err
+
+
+def test_non_utf8_names_file_and_offset_or_is_replaced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf" + b"\xe9 au lait, " * 3)
+    out = tmp_path / "out"
+    err = _error_line(capsys, ["prepare", "--source", str(bad), "--dir", str(out), "--tokenizer", "char", "--quiet"])
+    assert str(bad) in err and "byte offset 3" in err and "--errors replace" in err
+    assert not (out / "meta.json").exists()
+    assert main(["prepare", "--source", str(bad), "--dir", str(out), "--tokenizer", "char", "--quiet",
+                 "--errors", "replace"]) == 0
+    assert "\ufffd" in load_tokenizer(out).chars
+    with pytest.raises(DataError, match="byte offset 3"):
+        read_text(bad)
+
+
+def test_missing_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error_line(capsys, ["prepare", "--source", str(tmp_path / "nope.txt"), "--dir", str(tmp_path), "--quiet"])
+    assert "nope.txt" in err
+    with pytest.raises(DataError, match="no .txt files"):
+        find_text_files(tmp_path)
+
+
+@pytest.fixture
+def tiny_char_data(tmp_path: Path) -> Path:
+    text = tmp_path / "tiny.txt"
+    text.write_text("to be or not to be, that is the question\n" * 3)
+    prepare(text, tmp_path / "data", tokenizer="char", progress=False)
+    return tmp_path / "data"
+
+
+_TINY = ["--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--max-steps", "1", "--progress", "false"]
+
+
+def test_corpus_shorter_than_one_window(tiny_char_data: Path, tmp_path: Path, capsys) -> None:
+    meta = json.loads((tiny_char_data / "meta.json").read_text())
+    block = meta["train_tokens"]  # needs block + 1 tokens
+    err = _error_line(capsys, ["train", "--dir", str(tiny_char_data), "--out-dir", str(tmp_path / "run"),
+                               "--block-size", str(block), *_TINY])
+    assert str(tiny_char_data / "train.bin") in err and "shorter than one window" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_tokenizer_larger_than_model_vocab(tiny_char_data: Path, tmp_path: Path, capsys) -> None:
+    err = _error_line(capsys, ["train", "--dir", str(tiny_char_data), "--out-dir", str(tmp_path / "run"),
+                               "--vocab-size", "5", "--block-size", "8", *_TINY])
+    assert str(tiny_char_data / "meta.json") in err and "vocab_size is 5" in err
+
+
+def test_missing_train_bin_and_meta(tiny_char_data: Path, tmp_path: Path, capsys) -> None:
+    (tiny_char_data / "train.bin").unlink()
+    err = _error_line(capsys, ["train", "--dir", str(tiny_char_data), "--out-dir", str(tmp_path / "run"),
+                               "--vocab-size", "50", "--block-size", "8", *_TINY])
+    assert str(tiny_char_data / "train.bin") in err and "not found" in err
+    err = _error_line(capsys, ["train", "--dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "run"),
+                               "--vocab-size", "50", "--block-size", "8", *_TINY])
+    assert str(tmp_path / "nowhere" / "meta.json") in err and "scratchgpt prepare" in err
+
+
+def test_truncated_token_file(tiny_char_data: Path) -> None:
+    path = tiny_char_data / "val.bin"
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(DataError, match="val.bin: .* truncated"):
+        open_dataset(tiny_char_data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------
+
+TOKENS = np.arange(1000, dtype=np.uint16)  # token i at position i, so a window's start is its first id
+
+
+def test_random_windows_shapes_shift_and_resume() -> None:
+    s = RandomWindows(TOKENS, block_size=16, batch_size=4, seed=7)
+    x, y = s.next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(y, x + 1)  # the next token
+    s.next_batch()
+    state = json.loads(json.dumps(s.state_dict()))  # JSON-able
+    expected = [s.next_batch() for _ in range(3)]
+    resumed = RandomWindows(TOKENS, block_size=16, batch_size=4, seed=7)
+    resumed.load_state_dict(state)
+    for (ex, ey), (rx, ry) in zip(expected, (resumed.next_batch() for _ in range(3)), strict=True):
+        assert torch.equal(ex, rx) and torch.equal(ey, ry)
+    assert int(x.max()) + 1 < len(TOKENS)  # windows stay inside the file
+
+
+def test_random_windows_ranks_split_the_global_batch() -> None:
+    whole = RandomWindows(TOKENS, block_size=8, batch_size=6, seed=3)
+    ranks = [RandomWindows(TOKENS, block_size=8, batch_size=3, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        x, _ = whole.next_batch()
+        parts = [r.next_batch()[0] for r in ranks]
+        assert torch.equal(torch.cat(parts), x)
+
+
+def _starts(x: torch.Tensor) -> list[int]:
+    return x[:, 0].tolist()
+
+
+def test_sequential_windows_visit_each_window_once_per_epoch() -> None:
+    s = SequentialWindows(TOKENS, block_size=10, batch_size=7, stride=5, seed=1)
+    n = len(s)
+    assert n == (1000 - 10 - 1) // 5 + 1
+    seen = [start for _ in range(n) for start in _starts(s.next_batch()[0])]  # 7 epochs' worth
+    for epoch in range(7):
+        assert sorted(seen[epoch * n : (epoch + 1) * n]) == list(range(0, 5 * n, 5))  # no repeats, none missed
+    assert seen[:n] != sorted(seen[:n])  # shuffled
+    assert seen[:n] != seen[n : 2 * n]  # reshuffled each epoch
+
+
+def test_sequential_windows_unshuffled_is_the_textbook_order() -> None:
+    s = SequentialWindows(TOKENS, block_size=4, batch_size=2, stride=4, shuffle=False)
+    x, y = s.next_batch()
+    assert x.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and y.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+def test_sequential_windows_ranks_disjoint_and_resume() -> None:
+    ranks = [SequentialWindows(TOKENS, block_size=10, batch_size=4, seed=2, rank=r, world_size=3) for r in range(3)]
+    whole = SequentialWindows(TOKENS, block_size=10, batch_size=12, seed=2)
+    per_rank: list[set[int]] = [set(), set(), set()]
+    for _ in range(5):
+        parts = [_starts(r.next_batch()[0]) for r in ranks]
+        assert sum(parts, []) == _starts(whole.next_batch()[0])
+        for r, p in enumerate(parts):
+            per_rank[r].update(p)
+    assert not (per_rank[0] & per_rank[1]) and not (per_rank[1] & per_rank[2])
+    state = ranks[1].state_dict()
+    assert state == ranks[0].state_dict()  # identical on every rank: rank 0 may save it for all
+    expected = _starts(ranks[1].next_batch()[0])
+    again = SequentialWindows(TOKENS, block_size=10, batch_size=4, seed=2, rank=1, world_size=3)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    assert _starts(again.next_batch()[0]) == expected
+    with pytest.raises(DataError, match="same data and block size"):
+        SequentialWindows(TOKENS, block_size=20, batch_size=4).load_state_dict(state)
+
+
+def test_sampler_needs_one_window() -> None:
+    with pytest.raises(DataError, match="shorter than one window"):
+        RandomWindows(TOKENS[:16], block_size=16, batch_size=1)

@@ -1,0 +1,182 @@
+"""Instruction fine-tuning: entries, prompt masking, padding, training, test responses, chat."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from scratchgpt.chat import render_chat, render_prompt
+from scratchgpt.checkpoint import CheckpointError, load_any
+from scratchgpt.cli import main
+from scratchgpt.config import GPTConfig, InstructConfig, SamplingConfig
+from scratchgpt.data import DataError
+from scratchgpt.finetune import load_start_model, read_entries, split_indices
+from scratchgpt.instruct import (
+    ChatSession,
+    InstructExample,
+    collate_instruct,
+    encode_instructions,
+    finetune_instruct,
+    fit_length,
+)
+from scratchgpt.model import GPT
+from scratchgpt.tokenizer import CharTokenizer
+from scratchgpt.train import lm_loss
+
+TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=256)
+FAST = dict(max_steps=30, lr=3e-3, batch_size=8, eval_interval=10, progress=False, plot=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 tiny instructions (copy or upper-case a word), as JSON."""
+    rng = random.Random(0)
+    words = ["apple", "river", "stone", "cloud", "green", "light", "music", "table", "paper", "smile"]
+    entries = []
+    for _ in range(60):
+        w = rng.choice(words)
+        if rng.random() < 0.5:
+            entries.append({"instruction": "Repeat the word.", "input": w, "output": w})
+        else:
+            entries.append({"instruction": f"Shout {w}.", "input": "", "output": w.upper() + "!"})
+    path = tmp_path_factory.mktemp("instruct") / "toy.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_real_instruction_data_splits_935_110_55(data_dir: Path):
+    entries = read_entries(data_dir / "instruct" / "instruction-data.json", required=("instruction", "output"))
+    assert len(entries) == 1100 and sum(not e["input"] for e in entries) == 775
+    sizes = {k: len(v) for k, v in split_indices(1100, (0.85, 0.10, 0.05)).items()}
+    assert sizes == {"train": 935, "val": 110, "test": 55}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', r"bad\.json: entry 1: no 'output'"),
+        ('[{"output": "b"}]', r"bad\.json: entry 0: no 'instruction'"),
+        ('[{"instruction": "a", "output": 3}]', r"entry 0: 'output' must be a string"),
+        ('{"instruction": "a"}', r"expected a JSON list"),
+        ("[]", r"bad\.json: no entries"),
+    ],
+)
+def test_bad_entries_name_the_file_and_entry(tmp_path: Path, content, message):
+    (tmp_path / "bad.json").write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_entries(tmp_path / "bad.json", required=("instruction", "output"))
+
+
+def test_jsonl_entries_name_the_line(tmp_path: Path):
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 3: no 'output'"):
+        read_entries(tmp_path / "bad.jsonl", required=("instruction", "output"))
+
+
+def test_collate_pads_with_eot_and_masks_prompt_and_padding():
+    eot = 99
+    a = InstructExample(ids=[1, 2, 3, 10, 11, eot], prompt_len=3, entry=0)
+    b = InstructExample(ids=[4, 5, 12, eot], prompt_len=2, entry=1)
+    x, y = collate_instruct([a, b], pad_id=eot)
+    assert x.tolist() == [[1, 2, 3, 10, 11], [4, 5, 12, eot, eot]]
+    # Targets: prompt tokens masked, the response and its end-of-text kept, padding masked.
+    assert y.tolist() == [[-100, -100, 10, 11, eot], [-100, 12, eot, -100, -100]]
+    _, y_all = collate_instruct([a, b], pad_id=eot, mask_prompt=False)
+    assert y_all.tolist() == [[2, 3, 10, 11, eot], [5, 12, eot, -100, -100]]
+
+
+def test_masked_prompt_targets_do_not_change_the_loss():
+    """Changing a label at a masked (prompt) position leaves the loss unchanged; unmasked, it changes it."""
+    model = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4),
+                generator=torch.Generator().manual_seed(0)).eval()
+    example = InstructExample(ids=[5, 6, 7, 8, 20, 21, 49], prompt_len=4, entry=0)
+    other = InstructExample(ids=[5, 6, 30, 8, 20, 21, 49], prompt_len=4, entry=0)  # prompt token 2 differs
+    for mask_prompt, same in ((True, True), (False, False)):
+        x, y = collate_instruct([example], pad_id=49, mask_prompt=mask_prompt)
+        _, y_other = collate_instruct([other], pad_id=49, mask_prompt=mask_prompt)
+        assert (y != y_other).any() != mask_prompt  # the label differs only where it is not masked
+        loss, loss_other = lm_loss(model, (x, y)), lm_loss(model, (x, y_other))  # same inputs, other labels
+        assert torch.equal(loss, loss_other) == same
+
+
+def test_fit_length_truncates_drops_or_rejects():
+    ids = list(range(10))
+    assert fit_length(ids, 3, max_length=9, too_long="error", where="e") == ids  # 9 inputs + 1 target
+    assert fit_length(ids, 3, max_length=5, too_long="truncate", where="e") == ids[:6]
+    assert fit_length(ids, 3, max_length=5, too_long="drop", where="e") is None
+    assert fit_length(ids, 7, max_length=5, too_long="truncate", where="e") is None  # nothing left to learn
+    with pytest.raises(DataError, match=r"file: entry 4: 9 tokens, longer than max_length 5"):
+        fit_length(ids, 3, max_length=5, too_long="error", where="file: entry 4")
+
+
+def test_encoding_follows_the_template_and_ends_with_eot():
+    tok = CharTokenizer.train(render_prompt("chatml", "Hi", "") + render_prompt("alpaca", "Hi", "x") + "Hello<>|_")
+    entries = [{"instruction": "Hi", "input": "", "output": "Hello", "where": "f: entry 0", "index": 7}]
+    (ex,) = encode_instructions(entries, tok, template="chatml", vocab_size=tok.vocab_size, max_length=200)
+    assert tok.decode(ex.ids[: ex.prompt_len]) == render_prompt("chatml", "Hi", "")
+    assert tok.decode(ex.ids[ex.prompt_len : -1]) == "Hello<|im_end|>" and ex.ids[-1] == tok.eot_id
+    assert ex.entry == 7
+
+
+def test_finetune_val_loss_falls_and_writes_responses(toy_data: Path, tmp_path: Path):
+    out = tmp_path / "sft"
+    result = finetune_instruct(InstructConfig(data=str(toy_data), tokenizer="char", response_tokens=8),
+                               train={**FAST, "out_dir": str(out)}, model=TINY, verbose=False)
+    m = result.metrics
+    assert m["val"]["loss"] < m["start"]["val"]["loss"] - 0.5
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["chat_template"] == "alpaca" and saved["task"] == "instruct"
+    responses = json.loads((out / "test_responses.json").read_text())
+    assert len(responses) == 3  # 5% of 60
+    assert set(responses[0]) == {"instruction", "input", "output", "model_response"}
+    model, tok = load_any(out)  # a plain GPT run directory
+    assert tok.name == "char" and model.config.n_positions == 256
+
+
+def test_tokenizer_mismatch_with_the_checkpoint_is_an_error(toy_data: Path, tmp_path: Path, capsys):
+    out = tmp_path / "sft"
+    finetune_instruct(InstructConfig(data=str(toy_data), tokenizer="char", response_tokens=0),
+                      train={**FAST, "out_dir": str(out), "max_steps": 1, "eval_interval": 0}, model=TINY,
+                      verbose=False)
+    with pytest.raises(CheckpointError, match=r"trained with a 'char' tokenizer, not 'gpt2'"):
+        load_start_model(str(out), tokenizer="gpt2")
+    (tmp_path / "new.json").write_text('[{"instruction": "Hi", "output": "ok"}, {"instruction": "Zap", "output": "q"}]')
+    rc = main(["finetune", "instruct", "--data", str(tmp_path / "new.json"), "--init", str(out),
+               "--out-dir", str(tmp_path / "again")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "new.json: entry 1: character 'Z'" in err
+
+
+def test_chat_session_keeps_history_and_trims_it(toy_data: Path):
+    tok = CharTokenizer.train(render_prompt("alpaca", "x", "y") + "abcdefghijklmnopqrstuvwxyz ")
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=256, n_embd=16, n_layer=1, n_head=2),
+                generator=torch.Generator().manual_seed(0)).eval()
+    chat = ChatSession(model, tok, template="alpaca", sampling=SamplingConfig(max_new_tokens=5, temperature=0.0))
+    first = "".join(chat.reply("hello there"))
+    assert len(chat.messages) == 2 and chat.messages[1] == {"role": "assistant", "content": first.strip()}
+    for _ in range(3):
+        "".join(chat.reply("a" * 40))
+    # The history was cut from the oldest exchange so the last prompt left room for the answer.
+    assert chat.messages[0]["content"] != "hello there"
+    assert len(tok.encode(render_chat(chat.messages[:-1], "alpaca"))) <= 256 - 5
+    assert chat.messages[-2]["content"] == "a" * 40
+    chat.reset()
+    assert chat.messages == []
+
+
+def test_cli_chat_reads_piped_stdin(toy_data: Path, tmp_path: Path, monkeypatch, capsys):
+    out = tmp_path / "sft"
+    finetune_instruct(InstructConfig(data=str(toy_data), tokenizer="char", template="chatml", response_tokens=0),
+                      train={**FAST, "out_dir": str(out), "max_steps": 2, "eval_interval": 0}, model=TINY,
+                      verbose=False)
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Shout apple.\n/reset\n\nRepeat the word.\n/quit\nnever read\n"))
+    assert main(["chat", "--checkpoint", str(out), "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[1] == "(conversation cleared)"

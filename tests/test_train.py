@@ -1,0 +1,300 @@
+"""The training loop: schedule, optimizer groups, accumulation, learning, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from scratchgpt.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_any, load_model
+from scratchgpt.cli import main
+from scratchgpt.config import GPTConfig, RunConfig, TrainConfig
+from scratchgpt.model import GPT
+from scratchgpt.train import (
+    flops_per_token,
+    gpu_peak_flops,
+    lm_loss,
+    lr_at,
+    make_optimizer,
+    param_groups,
+    pretrain,
+    resolve_run_config,
+    train,
+    train_step,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_cosine_floor() -> None:
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-3 / 11)
+    assert lr_at(9, cfg) == pytest.approx(1e-3 * 10 / 11)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)  # peak right after warmup
+    assert lr_at(60, cfg) == pytest.approx(5.5e-4)  # half way down the cosine
+    assert lr_at(110, cfg) == lr_at(500, cfg) == pytest.approx(1e-4)
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert TrainConfig(lr=6e-4).floor_lr == pytest.approx(6e-5)
+
+
+def test_param_groups_decay_only_matrices() -> None:
+    model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    decay, no_decay = param_groups(model.parameters(), 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    opt = make_optimizer(model.parameters(), TrainConfig(), device_type="cpu")
+    assert opt.defaults["fused"] and opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_flops_per_token_gpt2_124m() -> None:
+    model = GPT(GPTConfig.from_name("gpt2"), device="meta")
+    n = 124_439_808 - 1024 * 768  # every parameter but the position table
+    assert flops_per_token(model, 1024) == 6 * n + 12 * 12 * 768 * 1024
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-40GB", torch.bfloat16) == 312e12
+    assert gpu_peak_flops("Some Future GPU", torch.bfloat16) is None
+
+
+def test_grad_accumulation_matches_one_big_batch() -> None:
+    cfg = GPTConfig(vocab_size=20, n_positions=8, n_embd=16, n_layer=1, n_head=2,
+                    embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+    x = torch.randint(20, (8, 8), generator=torch.Generator().manual_seed(0))
+    y = torch.roll(x, -1, dims=1)
+    models = [GPT(cfg, generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    losses = []
+    for model, chunks in zip(models, ([(x, y)], [(x[:4], y[:4]), (x[4:], y[4:])]), strict=True):
+        params = list(model.parameters())
+        opt = make_optimizer(params, TrainConfig(), device_type="cpu")
+        loss, tokens = train_step(model, opt, chunks, params=params, grad_accum_steps=len(chunks), grad_clip=1.0)
+        losses.append(loss.item())
+        assert tokens == 64
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs on a tiny char-level corpus
+# ---------------------------------------------------------------------------------------------
+
+# A 2-layer, 32-wide GPT: a few milliseconds per step. Dropout stays on (GPTConfig's 0.1), so exact
+# resume must also restore the RNG that dropout draws from.
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+        "--eval-steps", "2", "--log-interval", "5", "--progress", "false", "--plot", "false",
+        "--warmup-steps", "5", "--lr", "3e-3", "--seed", "5"]
+
+
+def _train(char_data: Path, out: Path, *extra: str) -> int:
+    return main(["train", "--dir", str(char_data), "--out-dir", str(out), *TINY, *extra])
+
+
+def test_loss_decreases_and_run_directory_is_loadable(char_data: Path, tmp_path: Path) -> None:
+    run = resolve_run_config([{
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
+        "data": {"dir": str(char_data), "block_size": 32},
+        "train": {"out_dir": str(tmp_path / "run"), "max_steps": 150, "batch_size": 8, "lr": 3e-3,
+                  "warmup_steps": 10, "eval_interval": 50, "eval_steps": 4, "checkpoint_interval": 50,
+                  "keep_last": 2, "sample_interval": 150, "sample_tokens": 20, "progress": False},
+    }])
+    assert run.model.vocab_size == json.loads((char_data / "meta.json").read_text())["vocab_size"]
+    assert run.model.n_positions == 32  # from block_size
+    result = pretrain(run, log=lambda msg: None)
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    vals = [float(r["val_loss"]) for r in rows if r["val_loss"]]
+    assert vals[0] > 4.0 and vals[-1] < vals[0] - 1.0  # from ~ln(60) to well below
+    assert result.metrics["val_loss"] == pytest.approx(vals[-1], rel=1e-4)
+    assert result.metrics["val_ppl"] == pytest.approx(math.exp(vals[-1]), rel=1e-3)
+    assert {"step", "tokens", "lr", "train_loss", "val_loss", "tok_per_s", "mfu", "elapsed_s"} <= set(rows[0])
+    assert rows[-1]["step"] == "150" and int(rows[-1]["tokens"]) == 150 * 8 * 32
+    assert 0 < float(rows[-1]["mfu"]) < 1 and float(rows[-1]["tok_per_s"]) > 0
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 10_000
+
+    run_dir = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run_dir)] == ["ckpt-00000100", "ckpt-00000150"]  # keep_last 2
+    model, cfg = load_model(run_dir)  # the run directory itself holds the final model
+    assert cfg["run"]["train"]["max_steps"] == 150 and cfg["run"]["data"]["dir"] == str(char_data)
+    final = latest_checkpoint(run_dir)
+    assert (final / "model.safetensors").read_bytes() == (run_dir / "model.safetensors").read_bytes()
+    best, _ = load_model(run_dir / "best")
+    assert result.best_val_loss == pytest.approx(min(vals), rel=1e-6)
+    model, tok = load_any(run_dir)
+    assert tok.name == "char" and tok.vocab_size == model.config.vocab_size
+
+
+def test_exact_resume_stop_and_continue(char_data: Path, tmp_path: Path) -> None:
+    common = ["--lr-decay-steps", "24", "--eval-interval", "6", "--checkpoint-interval", "8",
+              "--grad-accum-steps", "2"]
+    assert _train(char_data, tmp_path / "straight", *common, "--max-steps", "24") == 0
+    assert _train(char_data, tmp_path / "parts", *common, "--max-steps", "10") == 0
+    assert _train(char_data, tmp_path / "parts", *common, "--max-steps", "24", "--resume") == 0
+    straight = (tmp_path / "straight" / "model.safetensors").read_bytes()
+    assert (tmp_path / "parts" / "model.safetensors").read_bytes() == straight
+    # The log keeps one row per step across the two processes.
+    steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "parts" / "log.csv").open())]
+    assert steps == sorted(set(steps)) and steps[-1] == 24
+
+
+def _start_training(char_data: Path, out: Path, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "scratchgpt", "train", "--dir", str(char_data), "--out-dir", str(out),
+            *TINY, *extra]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not (out / "latest").is_file():
+        assert proc.poll() is None, f"training ended early: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+
+
+# Runs that are stopped pass a huge --max-steps, so they cannot finish first; the schedule is pinned by
+# --lr-decay-steps, so it is the same as in the run that goes straight to step 300.
+INTERRUPTIBLE = ["--lr-decay-steps", "300", "--eval-interval", "100", "--checkpoint-interval", "10"]
+
+
+@pytest.fixture(scope="module")
+def straight_300(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    out = tmp_path_factory.mktemp("straight")
+    assert main(["train", "--dir", str(char_data), "--out-dir", str(out / "run"), *TINY, *INTERRUPTIBLE,
+                 "--max-steps", "300", "--sampler", "sequential"]) == 0
+    return (out / "run" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
+def test_exact_resume_after_kill_9(char_data: Path, tmp_path: Path, straight_300: bytes) -> None:
+    out = tmp_path / "run"
+    proc = _start_training(char_data, out, *INTERRUPTIBLE, "--max-steps", "1000000", "--sampler", "sequential")
+    _wait_for_checkpoint(proc, out)
+    proc.kill()  # SIGKILL: no handler runs, whatever was being written stays half-written
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    step = int(latest_checkpoint(out).name.split("-")[1])
+    assert 0 < step < 300
+    assert _train(char_data, out, *INTERRUPTIBLE, "--max-steps", "300", "--sampler", "sequential", "--resume") == 0
+    assert (out / "model.safetensors").read_bytes() == straight_300
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
+def test_ctrl_c_saves_and_resumes_exactly(char_data: Path, tmp_path: Path, straight_300: bytes) -> None:
+    out = tmp_path / "run"
+    proc = _start_training(char_data, out, *INTERRUPTIBLE, "--max-steps", "1000000", "--sampler", "sequential")
+    _wait_for_checkpoint(proc, out)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "stopped at step" in stdout
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["interrupted"] and 0 < summary["step"] < 300
+    assert latest_checkpoint(out).name == f"ckpt-{summary['step']:08d}"  # saved at the step it stopped
+    assert _train(char_data, out, *INTERRUPTIBLE, "--max-steps", "300", "--sampler", "sequential", "--resume") == 0
+    assert (out / "model.safetensors").read_bytes() == straight_300
+
+
+@pytest.fixture
+def finished_run(char_data: Path, tmp_path: Path) -> Path:
+    assert _train(char_data, tmp_path / "run", "--max-steps", "4", "--eval-interval", "0") == 0
+    return tmp_path / "run"
+
+
+def test_refuses_to_overwrite_a_run(char_data: Path, finished_run: Path, capsys) -> None:
+    assert _train(char_data, finished_run, "--max-steps", "4") == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncate_model", "truncate_state", "garble_json", "dangling_latest"])
+def test_corrupted_checkpoint_is_a_one_line_error(char_data: Path, finished_run: Path, capsys, damage: str) -> None:
+    ckpt = latest_checkpoint(finished_run)
+    if damage == "truncate_model":
+        bad = ckpt / "model.safetensors"
+        bad.write_bytes(bad.read_bytes()[:1000])
+    elif damage == "truncate_state":
+        bad = ckpt / "train_state.safetensors"
+        bad.write_bytes(bad.read_bytes()[:-10])
+    elif damage == "garble_json":
+        bad = ckpt / "train_state.json"
+        bad.write_text('{"step": 4, ')
+    else:
+        bad = finished_run / "latest"
+        bad.write_text("ckpt-00000099\n")
+    assert _train(char_data, finished_run, "--max-steps", "8", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(bad) in err, err
+    if damage != "dangling_latest":
+        with pytest.raises(CheckpointError, match=str(bad)):
+            from scratchgpt.checkpoint import read_training_checkpoint
+
+            read_training_checkpoint(ckpt)
+
+
+def test_custom_loss_params_and_batches_through_train(tmp_path: Path) -> None:
+    """The loop's contract for fine-tuning: any batch source, loss, parameter subset and evals."""
+
+    class Fixed:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def next_batch(self) -> dict[str, torch.Tensor]:
+            self.n += 1
+            x = torch.arange(16).view(2, 8) % 10
+            return {"x": x, "y": torch.roll(x, -1, dims=1)}
+
+        def state_dict(self) -> dict:
+            return {"n": self.n}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.n = state["n"]
+
+    model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=16, n_layer=1, n_head=2),
+                generator=torch.Generator().manual_seed(0))
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    head = [model.transformer.ln_f.weight, model.transformer.ln_f.bias]
+    calls = []
+    result = train(
+        model, Fixed(), config=TrainConfig(out_dir=str(tmp_path / "ft"), max_steps=6, eval_interval=3,
+                                           log_interval=1, checkpoint_interval=0, warmup_steps=0, lr=1e-2,
+                                           progress=False, plot=False),
+        loss_fn=lambda m, b: lm_loss(m, (b["x"], b["y"])), params=head,
+        evals={"val": lambda m: calls.append(m.training) or {"loss": 1.0 / (len(calls)), "accuracy": 0.5}},
+        log=lambda msg: None,
+    )
+    assert result.step == 6 and result.tokens == 6 * 16 and calls == [False, False, False]
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, frozen[k])}
+    assert changed == {"transformer.ln_f.weight", "transformer.ln_f.bias"}
+    rows = list(csv.DictReader((tmp_path / "ft" / "log.csv").open()))
+    assert rows[-1]["eval_val_accuracy"] == "0.5" and rows[-1]["val_loss"]
+    assert load_model(tmp_path / "ft" / "best")[0] is not None
+
+
+def test_configs_parse() -> None:
+    from scratchgpt.config import read_toml
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("*.toml")):
+        run = RunConfig.from_dict(read_toml(path), source=str(path))
+        assert run.train.max_steps > 0, path
+    char = RunConfig.from_dict(read_toml(root / "shakespeare_char.toml"))
+    assert (char.model.n_layer, char.model.n_head, char.model.n_embd, char.data.block_size) == (4, 4, 128, 64)
+    assert (char.train.batch_size, char.train.max_steps, char.train.lr) == (12, 2000, 1e-3)
+
+
+def test_cli_flags_override_toml(tmp_path: Path, char_data: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'[model]\nn_layer = 1\nn_head = 1\nn_embd = 8\n[data]\ndir = "{char_data}"\nblock_size = 8\n'
+                    f'[train]\nmax_steps = 2\nlr = 1e-3\nout_dir = "{tmp_path / "run"}"\nprogress = false\n')
+    assert main(["train", "-c", str(toml), "--lr", "2e-3", "--max-steps", "3", "--eval-interval", "0"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["run"]
+    assert saved["train"]["lr"] == 2e-3 and saved["train"]["max_steps"] == 3 and saved["model"]["n_layer"] == 1
