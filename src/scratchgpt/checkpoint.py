@@ -47,6 +47,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    # mkstemp makes the file owner-only; a checkpoint should read like any other file the user writes.
+    os.chmod(tmp, 0o644)
     try:
         write(Path(tmp))
         with open(tmp, "rb") as f:

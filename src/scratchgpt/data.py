@@ -104,7 +104,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-# One tokenizer per worker process, loaded from the output folder: nothing but a path crosses over.
+Encoded = tuple[np.ndarray, np.ndarray, int]  # (train ids, val ids, characters) of one document
+
+
+def _encode_file(tok: Tokenizer, path: str, val_share: float, errors: str, dtype: str) -> Encoded:
+    """(train ids, val ids, characters) of one document."""
+    text = read_text(path, errors=errors)  # type: ignore[arg-type]
+    # allowed_special: a corpus that already separates documents with <|endoftext|> keeps them as ids.
+    parts = [np.asarray(tok.encode(part, allowed_special=True), dtype=dtype) for part in split_text(text, val_share)]
+    return parts[0], parts[1], len(text)
+
+
+# The tokenizer of a pool worker process, loaded once from the output folder by `_init_worker`, so that
+# nothing but file names crosses between processes. The main process never sets it.
 _WORKER_TOKENIZER: list[Tokenizer] = []
 
 
@@ -112,13 +124,8 @@ def _init_worker(tokenizer_dir: str) -> None:
     _WORKER_TOKENIZER[:] = [load_tokenizer(tokenizer_dir)]
 
 
-def _encode_file(path: str, val_fraction: float, errors: str, dtype: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """(train ids, val ids, characters) of one document, in the worker's tokenizer."""
-    text = read_text(path, errors=errors)  # type: ignore[arg-type]
-    tok = _WORKER_TOKENIZER[0]
-    # allowed_special: a corpus that already separates documents with <|endoftext|> keeps them as ids.
-    parts = [np.asarray(tok.encode(part, allowed_special=True), dtype=dtype) for part in split_text(text, val_fraction)]
-    return parts[0], parts[1], len(text)
+def _encode_in_worker(path: str, val_share: float, errors: str, dtype: str) -> Encoded:
+    return _encode_file(_WORKER_TOKENIZER[0], path, val_share, errors, dtype)
 
 
 def prepare(
@@ -171,7 +178,7 @@ def prepare(
         with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
             outs = {"train": f_train, "val": f_val}
             for (train_ids, val_ids, n_chars), size in zip(
-                _encode_all(files, out_dir, shares, errors, dtype, n_workers), sizes, strict=True
+                _encode_all(files, tok, out_dir, shares, errors, dtype, n_workers), sizes, strict=True
             ):
                 for split, ids in (("train", train_ids), ("val", val_ids)):
                     if not len(ids):
@@ -205,20 +212,17 @@ def prepare(
 
 
 def _encode_all(
-    files: Sequence[Path], tok_dir: Path, shares: Sequence[float], errors: str, dtype: np.dtype, n_workers: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    files: Sequence[Path], tok: Tokenizer, tok_dir: Path, shares: Sequence[float], errors: str, dtype: np.dtype,
+    n_workers: int,
+) -> Iterator[Encoded]:
     """Encoded files in order, from a process pool when there is more than one file to share out."""
     args = [(str(p), share, errors, dtype.name) for p, share in zip(files, shares, strict=True)]
     if n_workers <= 1:
-        _init_worker(str(tok_dir))
-        try:
-            yield from (_encode_file(*a) for a in args)
-        finally:
-            _WORKER_TOKENIZER.clear()
+        yield from (_encode_file(tok, *a) for a in args)
         return
     with ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=(str(tok_dir),)) as pool:
         # map keeps file order, so the output is the same for any number of workers.
-        yield from pool.map(_encode_file, *zip(*args, strict=True))
+        yield from pool.map(_encode_in_worker, *zip(*args, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
