@@ -161,9 +161,14 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
 
 
 def load_model(
-    run_dir: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    run_dir: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    prepare: Callable[[GPT, dict[str, Any]], None] | None = None,
 ) -> tuple[GPT, dict[str, Any]]:
-    """Load a scratchgpt run directory: (model in eval mode, its config.json as a dict)."""
+    """Load a scratchgpt run directory: (model in eval mode, its config.json as a dict).
+
+    `prepare(model, config_json)` runs on the empty (meta) model before the weights are assigned, for
+    checkpoints whose model carries more than a plain GPT (e.g. a classification head).
+    """
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     try:
@@ -171,6 +176,8 @@ def load_model(
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{run_dir / 'config.json'}: invalid model config: {e}") from None
     model = GPT(config, device="meta")
+    if prepare is not None:
+        prepare(model, cfg)
     state = load_tensors(run_dir / "model.safetensors")
     _load_state_strict(model, state, source=run_dir / "model.safetensors")
     model = model.to(device=device, dtype=dtype)
@@ -362,6 +369,13 @@ def save_hf(model: nn.Module, directory: str | Path, *, tokenizer: Any = None) -
 # ---------------------------------------------------------------------------------------------
 # One entry point for "give me a model from this path or name"
 # ---------------------------------------------------------------------------------------------
+
+
+def saved_chat_template(path: str | Path, *, default: str = "alpaca") -> str:
+    """The chat template a scratchgpt checkpoint was instruction-tuned with, else `default`."""
+    if checkpoint_kind(path) != FORMAT:
+        return default
+    return read_run_config(path).get("chat_template") or default
 
 
 def checkpoint_kind(path: str | Path) -> str:
@@ -643,13 +657,3 @@ def restore_rng_state(json_part: dict[str, Any], tensors: dict[str, Tensor]) -> 
     torch.set_rng_state(tensors["torch_cpu"])
     if "torch_cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(tensors["torch_cuda"]))
-
-
-# ---------------------------------------------------------------------------------------------
-# Fine-tuned models whose head is not the LM head (classifiers)
-# ---------------------------------------------------------------------------------------------
-
-
-def load_state_strict(model: GPT, state: dict[str, Tensor], *, source: str | Path) -> None:
-    """Assign `state` into a (meta-device) GPT, whatever head it carries; any mismatch is a CheckpointError."""
-    _load_state_strict(model, state, source=source)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scratchgpt.checkpoint import CheckpointError, load_state_strict, load_tensors, read_run_config, unwrap
-from scratchgpt.config import ClassifyConfig, GPTConfig, LoRAConfig, TrainConfig
+from scratchgpt.checkpoint import CheckpointError, load_model, read_run_config, unwrap
+from scratchgpt.config import ClassifyConfig, LoRAConfig, TrainConfig
 from scratchgpt.data import DataError
 from scratchgpt.finetune import (
     FinetuneResult,
@@ -329,14 +329,9 @@ def load_classifier(run_dir: str | Path, *, device: torch.device | str = "cpu") 
     if cfg.get("task") != "classification" or not isinstance(head, dict) or not head.get("labels"):
         raise CheckpointError(f"{run_dir / 'config.json'}: not a classifier (no \"task\": \"classification\"); "
                               f"fine-tune one with `scratchgpt finetune classify`")
-    try:
-        config = GPTConfig.from_dict(cfg["model"], source=str(run_dir / "config.json"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{run_dir / 'config.json'}: invalid model config: {e}") from None
-    model = GPT(config, device="meta")
-    add_classification_head(model, len(head["labels"]))
-    load_state_strict(model, load_tensors(run_dir / "model.safetensors"), source=run_dir / "model.safetensors")
-    return model.to(device).eval(), load_tokenizer(run_dir), list(head["labels"])
+    model, _ = load_model(run_dir, device=device,
+                          prepare=lambda m, _cfg: add_classification_head(m, len(head["labels"])))
+    return model, load_tokenizer(run_dir), list(head["labels"])
 
 
 @torch.no_grad()

@@ -374,14 +374,11 @@ def _add_chat(sub) -> None:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    from scratchgpt.checkpoint import checkpoint_kind, load_any, read_run_config
+    from scratchgpt.checkpoint import load_any, saved_chat_template
     from scratchgpt.instruct import ChatSession
 
     model, tokenizer = load_any(args.checkpoint, device=args.device)
-    template = args.chat_template
-    if template is None:
-        saved = read_run_config(args.checkpoint) if checkpoint_kind(args.checkpoint) == "scratchgpt" else {}
-        template = saved.get("chat_template", "alpaca")
+    template = args.chat_template or saved_chat_template(args.checkpoint)
     session = ChatSession(model, tokenizer, template=template, system=args.system,
                           sampling=SamplingConfig(**overrides_from_args(args, SamplingConfig)))
     interactive = sys.stdin.isatty()

@@ -76,10 +76,6 @@ def config_to_dict(obj: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(obj)))
 
 
-def save_json(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(config_to_dict(obj), indent=2, sort_keys=True) + "\n")
-
-
 def _arg_type(hint: Any) -> tuple[Any, dict[str, Any]]:
     """argparse `type=` and extra kwargs for one dataclass field type."""
     origin = get_origin(hint)

@@ -145,8 +145,10 @@ def add_reference_logprobs(
     device = model_device(model)
     was_training = model.training
     model.eval()
-    # Same batches (order, size, padding) as evaluate_dpo uses: at step 0 the policy then reproduces
-    # the reference bit for bit, so the starting margins are exactly 0.
+    # Same batches (order, size, padding) as evaluate_dpo uses in one process: at step 0 the policy
+    # then reproduces the reference bit for bit, so the starting margins are exactly 0. Under several
+    # processes evaluation strides examples across ranks, so batch shapes differ and step-0 margins
+    # are 0 only up to float rounding.
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
         chosen, rejected = batch_logprobs(model, to_device(collate_preferences(chunk, pad_id=pad_id), device),

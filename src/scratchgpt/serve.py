@@ -1016,12 +1016,10 @@ def serve(
     """
     import uvicorn
 
-    from scratchgpt.checkpoint import FORMAT, checkpoint_kind, load_any, read_run_config
+    from scratchgpt.checkpoint import load_any, saved_chat_template
 
     model, tokenizer = load_any(checkpoint, device=device)
-    if chat_template is None:
-        saved = read_run_config(checkpoint).get("chat_template") if checkpoint_kind(checkpoint) == FORMAT else None
-        chat_template = saved or "alpaca"
+    chat_template = chat_template or saved_chat_template(checkpoint)
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     name = model_name or Path(checkpoint).resolve().name or str(checkpoint)
     loopback = _is_loopback(host)

@@ -578,11 +578,6 @@ class ByteBPETokenizer(Tokenizer):
         """The merges in priority order; merge i makes token 256 + i."""
         return self._merges
 
-    def token_bytes(self, token_id: int) -> bytes:
-        """The bytes token `token_id` stands for."""
-        self._check_ids([token_id])
-        return self._vocab[token_id]
-
     def _encode_chunk(self, chunk: bytes) -> list[int]:
         ids = [self._byte_ids[b] for b in chunk]
         merge_ids = self._merge_ids
