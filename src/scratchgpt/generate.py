@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import codecs
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -290,7 +290,8 @@ def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, devic
         logits = _full_forward(model, seq, mask, padded)
 
     while True:
-        next_tokens = _sample_rows(logits, samplings, gens, active, seq, mask, needs_history)
+        next_tokens = sample_rows(logits, samplings, gens, active=active,
+                                  history=lambda r, seq=seq, mask=mask: seq[r][mask[r].bool()])
         yield [emit(r, int(next_tokens[r])) for r in range(B) if active[r]]
         if not any(active):
             return
@@ -369,18 +370,30 @@ def _full_forward(model: GPT, seq: Tensor, mask: Tensor, padded: bool) -> Tensor
     return logits[:, -1, :]
 
 
-def _sample_rows(logits, samplings, gens, active, seq, mask, needs_history) -> Tensor:
-    B = logits.size(0)
-    shared = all(s is samplings[0] for s in samplings) and all(g is gens[0] for g in gens)
-    if shared and not needs_history and (samplings[0].greedy or B == 1):
-        return sample_next_token(logits, samplings[0], generator=gens[0])
-    # Rows differ in settings or generators: sample each row with its own, so a row's draws never
-    # depend on which other rows share the batch.
-    out = torch.zeros(B, dtype=torch.long, device=logits.device)
-    for r in range(B):
-        if active[r]:
-            seen = seq[r][mask[r].bool()] if needs_history else None
-            out[r] = sample_next_token(logits[r : r + 1], samplings[r], generator=gens[r], seen=seen)[0]
+def sample_rows(
+    logits: Tensor,
+    samplings: Sequence[SamplingConfig],
+    generators: Sequence[torch.Generator | None],
+    *,
+    active: Sequence[bool] | None = None,
+    history: Callable[[int], Tensor] | None = None,
+) -> Tensor:
+    """One next token per row of logits (B, V) -> (B,), each row with its own settings and generator.
+
+    Plain greedy rows share one argmax; every other row samples alone, so a row's draws never depend
+    on which rows share the batch. `history(r)` gives row r's tokens so far (1-D), needed only for a
+    repetition penalty. Rows marked inactive get token 0.
+    """
+    out = torch.zeros(logits.size(0), dtype=torch.long, device=logits.device)
+    rows = [r for r in range(logits.size(0)) if active is None or active[r]]
+    greedy = [r for r in rows if samplings[r].greedy and samplings[r].repetition_penalty == 1.0]
+    if greedy:
+        out[greedy] = logits[greedy].argmax(dim=-1)
+    for r in rows:
+        if r in greedy:
+            continue
+        seen = history(r) if history is not None and samplings[r].repetition_penalty != 1.0 else None
+        out[r] = sample_next_token(logits[r : r + 1], samplings[r], generator=generators[r], seen=seen)[0]
     return out
 
 

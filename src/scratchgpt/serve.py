@@ -38,7 +38,7 @@ from torch import Tensor
 
 from scratchgpt.chat import TEMPLATES, Message, TemplateName, render_chat, stop_strings
 from scratchgpt.config import SamplingConfig
-from scratchgpt.generate import Completion, decode_one_token, left_pad, prefill, sample_next_token
+from scratchgpt.generate import Completion, decode_one_token, left_pad, prefill, sample_rows
 from scratchgpt.model import GPT, KVCache
 
 if TYPE_CHECKING:
@@ -476,22 +476,11 @@ class DecodeBatch:
     # -- internals --------------------------------------------------------------------------------
 
     def _sample(self) -> list[int]:
-        tokens = [0] * len(self.rows)
-        plain_greedy = [i for i, r in enumerate(self.rows)
-                        if r.sampling.greedy and r.sampling.repetition_penalty == 1.0]
-        if plain_greedy:  # one argmax for all of them: the same first-max-wins rule as sample_next_token
-            for i, t in zip(plain_greedy, self.logits[plain_greedy].argmax(dim=-1).tolist(), strict=True):
-                tokens[i] = t
-        skip = set(plain_greedy)
-        for i, r in enumerate(self.rows):
-            if i in skip:
-                continue
-            seen = None
-            if r.sampling.repetition_penalty != 1.0:
-                seen = torch.tensor(r.prompt + r.tokens, device=self.device)
-            tokens[i] = int(sample_next_token(self.logits[i : i + 1], r.sampling, generator=r.generator,
-                                              seen=seen)[0])
-        return tokens
+        rows = self.rows
+        return sample_rows(
+            self.logits, [r.sampling for r in rows], [r.generator for r in rows],
+            history=lambda i: torch.tensor(rows[i].prompt + rows[i].tokens, device=self.device),
+        ).tolist()
 
     def _advance(self, row: Row, token: int) -> tuple[str, str | None]:
         """Record `token` for `row`: its newly safe text and finish reason (the rules of generate.Completion)."""
