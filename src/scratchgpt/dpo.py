@@ -42,7 +42,7 @@ from scratchgpt.finetune import (
     split_indices,
     split_record,
 )
-from scratchgpt.instruct import encode_instruction, fit_length
+from scratchgpt.instruct import InstructExample, collate_instruct, encode_instruction, fit_length
 from scratchgpt.tokenizer import Tokenizer
 from scratchgpt.train import model_device, to_device
 
@@ -112,16 +112,10 @@ def encode_preferences(
 
 def collate_preferences(pairs: Sequence[PreferencePair], *, pad_id: int) -> dict[str, Tensor]:
     """x, y (2B, T) with the B chosen rows first; y is -100 except on answer tokens; ref (2B,)."""
-    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    prompt_lens = [p.prompt_len for p in pairs] * 2
-    T = max(len(r) for r in rows) - 1
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), -100, dtype=torch.long)
-    for i, (ids, p_len) in enumerate(zip(rows, prompt_lens, strict=True)):
-        t = torch.tensor(ids, dtype=torch.long)
-        x[i, : len(ids) - 1] = t[:-1]
-        # Only the answer's tokens count: targets from the one after the prompt's last token onwards.
-        y[i, p_len - 1 : len(ids) - 1] = t[p_len:]
+    # The same padding, shift and prompt masking as instruction tuning: only answer tokens count.
+    rows = [InstructExample(p.chosen, p.prompt_len, p.entry) for p in pairs]
+    rows += [InstructExample(p.rejected, p.prompt_len, p.entry) for p in pairs]
+    x, y = collate_instruct(rows, pad_id=pad_id, mask_prompt=True)
     ref = torch.tensor([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=torch.float32)
     return {"x": x, "y": y, "ref": ref}
 
