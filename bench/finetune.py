@@ -143,10 +143,10 @@ def lora(work: Path, threads: int | None, *, init: str) -> dict:
     import torch
 
     from scratchgpt.checkpoint import load_model
-    from scratchgpt.classify import load_classifier
     from scratchgpt.config import GPTConfig, LoRAConfig
-    from scratchgpt.lora import apply_lora, count_parameters, load_adapters, merge_lora
-    from scratchgpt.model import GPT
+    from scratchgpt.model.gpt import GPT
+    from scratchgpt.training.lora import apply_lora, count_parameters, load_adapters, merge_lora
+    from scratchgpt.training.modes.classify import load_classifier
 
     flags = ("--trainable", "lora", "--lora-rank", "8", "--lora-alpha", "16", "--lr", "1e-3")
     cls = spam(work, threads, init=init, name="spam-lora", extra=flags)

@@ -43,7 +43,7 @@ def main() -> None:
 
     from scratchgpt import GPT, GPTConfig, SamplingConfig
     from scratchgpt.checkpoint import hf_to_scratchgpt
-    from scratchgpt.generate import generate
+    from scratchgpt.inference.generate import generate
 
     torch.manual_seed(0)
     config = GPTConfig.from_name(args.model)

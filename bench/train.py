@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scratchgpt.config import GPTConfig, TrainConfig
-from scratchgpt.model import GPT
-from scratchgpt.train import lm_loss, make_optimizer, train_step
+from scratchgpt.model.gpt import GPT
+from scratchgpt.training.train import lm_loss, make_optimizer, train_step
 
 # name: (model config, batch size, sequence length, timed rounds)
 SETUPS: dict[str, tuple[GPTConfig, int, int, int]] = {

@@ -31,7 +31,7 @@ def tiny_shakespeare(data_dir: Path) -> str:
 def gpt2_tokenizer(data_dir: Path):
     """GPT-2's tokenizer from the local data folder, so no test ever downloads it."""
     # Imported here so that a broken tokenizer module fails its own tests, not every test file.
-    from scratchgpt.tokenizer import GPT2Tokenizer
+    from scratchgpt.data.tokenizer import GPT2Tokenizer
 
     return GPT2Tokenizer.from_dir(data_dir / "gpt2")
 
@@ -104,7 +104,7 @@ def start_server():
 @pytest.fixture(scope="session")
 def char_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A prepared char-level folder (train.bin, val.bin, meta.json, tokenizer) of Tiny Shakespeare's first 40k chars."""
-    from scratchgpt.data import prepare
+    from scratchgpt.data.dataset import prepare
 
     root = tmp_path_factory.mktemp("char_data")
     text = (data_dir / "text" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:40_000]

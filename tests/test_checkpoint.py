@@ -20,7 +20,7 @@ from scratchgpt.checkpoint import (
     scratchgpt_to_hf,
 )
 from scratchgpt.config import GPTConfig
-from scratchgpt.model import GPT
+from scratchgpt.model.gpt import GPT
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from scratchgpt.classify import (
+from scratchgpt.cli import main
+from scratchgpt.config import ClassifyConfig, GPTConfig, LoRAConfig
+from scratchgpt.data.dataset import DataError
+from scratchgpt.model.gpt import GPT
+from scratchgpt.training.finetune import split_indices
+from scratchgpt.training.modes.classify import (
     ClassExample,
     add_classification_head,
     balance_classes,
@@ -21,11 +26,6 @@ from scratchgpt.classify import (
     pooled_logits,
     read_labeled_texts,
 )
-from scratchgpt.cli import main
-from scratchgpt.config import ClassifyConfig, GPTConfig, LoRAConfig
-from scratchgpt.data import DataError
-from scratchgpt.finetune import split_indices
-from scratchgpt.model import GPT
 
 TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)
 FAST = dict(max_steps=40, lr=3e-3, batch_size=16, eval_interval=20, progress=False, plot=False, device="cpu")

@@ -9,7 +9,7 @@ import torch
 from scratchgpt import GPT, GPTConfig
 from scratchgpt.checkpoint import save_model
 from scratchgpt.cli import main
-from scratchgpt.tokenizer import CharTokenizer
+from scratchgpt.data.tokenizer import CharTokenizer
 
 
 def _tiny_run(tmp_path):

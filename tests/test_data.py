@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from scratchgpt.cli import main
-from scratchgpt.data import (
+from scratchgpt.data.dataset import (
     DataError,
     RandomWindows,
     SequentialWindows,
@@ -21,7 +21,7 @@ from scratchgpt.data import (
     split_text,
     token_dtype,
 )
-from scratchgpt.tokenizer import load_tokenizer
+from scratchgpt.data.tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # prepare on the real data

@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from scratchgpt.checkpoint import model_state
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, TrainConfig
-from scratchgpt.data import RandomWindows, open_dataset
-from scratchgpt.model import GPT
-from scratchgpt.train import lm_evaluator, train
+from scratchgpt.data.dataset import RandomWindows, open_dataset
+from scratchgpt.model.gpt import GPT
+from scratchgpt.training.train import lm_evaluator, train
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from scratchgpt.config import DPOConfig
-from scratchgpt.data import DataError
-from scratchgpt.dpo import PreferencePair, collate_preferences, dpo_loss, finetune_dpo, sequence_logprobs
+from scratchgpt.data.dataset import DataError
+from scratchgpt.training.modes.dpo import PreferencePair, collate_preferences, dpo_loss, finetune_dpo, sequence_logprobs
 
 TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=256)
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from scratchgpt.checkpoint import CheckpointError, load_model
-from scratchgpt.classify import finetune_classify
 from scratchgpt.cli import main
 from scratchgpt.config import ClassifyConfig, FinetuneConfig, GPTConfig, LoRAConfig
-from scratchgpt.finetune import (
+from scratchgpt.model.gpt import GPT
+from scratchgpt.training.finetune import (
     ExampleBatches,
     load_start_model,
     resolve_train_config,
@@ -22,8 +22,8 @@ from scratchgpt.finetune import (
     set_trainable,
     split_indices,
 )
-from scratchgpt.lora import apply_lora
-from scratchgpt.model import GPT
+from scratchgpt.training.lora import apply_lora
+from scratchgpt.training.modes.classify import finetune_classify
 
 TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)
 

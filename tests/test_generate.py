@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scratchgpt import GPT, GPTConfig, SamplingConfig
-from scratchgpt.generate import (
+from scratchgpt.inference.generate import (
     TextAssembler,
     _lookup_draft,
     apply_repetition_penalty,

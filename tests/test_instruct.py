@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from scratchgpt.chat import render_chat, render_prompt
 from scratchgpt.checkpoint import CheckpointError, load_any
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, InstructConfig, SamplingConfig
-from scratchgpt.data import DataError
-from scratchgpt.finetune import load_start_model, read_entries, split_indices
-from scratchgpt.instruct import (
+from scratchgpt.data.chat import render_chat, render_prompt
+from scratchgpt.data.dataset import DataError
+from scratchgpt.data.tokenizer import CharTokenizer
+from scratchgpt.model.gpt import GPT
+from scratchgpt.training.finetune import load_start_model, read_entries, split_indices
+from scratchgpt.training.modes.instruct import (
     ChatSession,
     InstructExample,
     collate_instruct,
@@ -24,9 +26,7 @@ from scratchgpt.instruct import (
     finetune_instruct,
     fit_length,
 )
-from scratchgpt.model import GPT
-from scratchgpt.tokenizer import CharTokenizer
-from scratchgpt.train import lm_loss
+from scratchgpt.training.train import lm_loss
 
 TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=256)
 FAST = dict(max_steps=30, lr=3e-3, batch_size=8, eval_interval=10, progress=False, plot=False, device="cpu")

@@ -7,7 +7,8 @@ import torch
 
 from scratchgpt.checkpoint import CheckpointError, load_model, save_hf, save_model
 from scratchgpt.config import GPTConfig, LoRAConfig
-from scratchgpt.lora import (
+from scratchgpt.model.gpt import GPT
+from scratchgpt.training.lora import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
     LoRALinear,
@@ -19,7 +20,6 @@ from scratchgpt.lora import (
     merge_lora,
     save_adapters,
 )
-from scratchgpt.model import GPT
 
 CONFIG = GPTConfig(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                    embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)

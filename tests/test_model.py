@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchgpt.config import GPTConfig
-from scratchgpt.model import GPT, KVCache
+from scratchgpt.model.gpt import GPT, KVCache
 
 TOL = 1e-5
 

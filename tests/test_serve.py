@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from scratchgpt import SamplingConfig
-from scratchgpt.chat import render_chat, stop_strings
 from scratchgpt.checkpoint import load_any
-from scratchgpt.generate import generate, generate_text
-from scratchgpt.serve import DecodeBatch, Job, Row, ServeLimits, create_app
+from scratchgpt.data.chat import render_chat, stop_strings
+from scratchgpt.inference.generate import generate, generate_text
+from scratchgpt.inference.serve import DecodeBatch, Job, Row, ServeLimits, create_app
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -479,7 +479,7 @@ def test_a_row_waits_when_the_batch_has_no_room_in_the_context(model, tok):
 def test_serve_reads_the_chat_template_and_binds_loopback(tiny_chat_checkpoint, monkeypatch):
     import uvicorn
 
-    from scratchgpt import serve as serve_module
+    from scratchgpt.inference import serve as serve_module
 
     calls = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.update(app=app, **kw))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from scratchgpt.checkpoint import load_any
-from scratchgpt.serve import create_app
+from scratchgpt.inference.serve import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

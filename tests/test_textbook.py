@@ -11,8 +11,8 @@ from torch import nn
 
 import scratchgpt
 from scratchgpt.config import GPTConfig
-from scratchgpt.model import GPT, sinusoidal_table
-from scratchgpt.textbook import (
+from scratchgpt.model.gpt import GPT, sinusoidal_table
+from scratchgpt.model.textbook import (
     GPT_CONFIG_124M,
     GPTModel,
     config_to_gptconfig,

@@ -15,7 +15,7 @@ import tiktoken.load
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchgpt.tokenizer import (
+from scratchgpt.data.tokenizer import (
     EOT_TEXT,
     GPT2_PATTERN,
     ByteBPETokenizer,

@@ -18,8 +18,8 @@ import torch
 from scratchgpt.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_any, load_model
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, RunConfig, TrainConfig
-from scratchgpt.model import GPT
-from scratchgpt.train import (
+from scratchgpt.model.gpt import GPT
+from scratchgpt.training.train import (
     flops_per_token,
     gpu_peak_flops,
     lm_loss,

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from scratchgpt.config import GPTConfig
-from scratchgpt.model import GPT
+from scratchgpt.model.gpt import GPT
 
 FORMAT = "scratchgpt"
 FORMAT_VERSION = 1
@@ -397,7 +397,7 @@ def load_any(
     path_or_name: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[GPT, Any]:
     """(model, tokenizer) from a scratchgpt run directory, a Hugging Face directory, or a hub name."""
-    from scratchgpt.tokenizer import gpt2_tokenizer, load_tokenizer
+    from scratchgpt.data.tokenizer import gpt2_tokenizer, load_tokenizer
 
     if checkpoint_kind(path_or_name) == FORMAT:
         model, _ = load_model(path_or_name, device=device, dtype=dtype)

@@ -41,7 +41,7 @@ def _load_source(args: argparse.Namespace):
     import torch
 
     from scratchgpt.checkpoint import load_any
-    from scratchgpt.model import GPT
+    from scratchgpt.model.gpt import GPT
 
     if args.checkpoint:
         return load_any(args.checkpoint, device=args.device)
@@ -62,7 +62,7 @@ def _run_info(args: argparse.Namespace) -> int:
     import torch
 
     from scratchgpt.checkpoint import checkpoint_kind, load_any
-    from scratchgpt.model import GPT
+    from scratchgpt.model.gpt import GPT
 
     if args.checkpoint:
         model, tokenizer = load_any(args.checkpoint, device=args.device)
@@ -100,8 +100,8 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from scratchgpt.generate import make_generator, stream_text
-    from scratchgpt.tokenizer import gpt2_tokenizer
+    from scratchgpt.data.tokenizer import gpt2_tokenizer
+    from scratchgpt.inference.generate import make_generator, stream_text
 
     sampling = SamplingConfig(**overrides_from_args(args, SamplingConfig))
     model, tokenizer = _load_source(args)
@@ -163,7 +163,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
     import json
 
     from scratchgpt.config import DataConfig, config_from_dict
-    from scratchgpt.data import prepare
+    from scratchgpt.data.dataset import prepare
 
     raw = {**_toml_sections(args.config).get("data", {}), **overrides_from_args(args, DataConfig)}
     data = config_from_dict(DataConfig, raw, source=f"{args.config or 'command line'} [data]")
@@ -201,7 +201,7 @@ def _run_train(args: argparse.Namespace) -> int:
     import os
 
     from scratchgpt.config import DataConfig, TrainConfig
-    from scratchgpt.train import pretrain, resolve_run_config
+    from scratchgpt.training.train import pretrain, resolve_run_config
 
     flags = {"model": overrides_from_args(args, GPTConfig), "data": overrides_from_args(args, DataConfig),
              "train": overrides_from_args(args, TrainConfig)}
@@ -289,11 +289,11 @@ def _run_finetune(args: argparse.Namespace) -> int:
     train = overrides_from_args(args, TrainConfig)
     model = overrides_from_args(args, GPTConfig) or None
     if args.mode == "classify":
-        from scratchgpt.classify import finetune_classify as run
+        from scratchgpt.training.modes.classify import finetune_classify as run
     elif args.mode == "instruct":
-        from scratchgpt.instruct import finetune_instruct as run
+        from scratchgpt.training.modes.instruct import finetune_instruct as run
     else:
-        from scratchgpt.dpo import finetune_dpo as run
+        from scratchgpt.training.modes.dpo import finetune_dpo as run
     result = run(cfg, train=train, lora=lora, model=model)
 
     def scalars(metrics: dict) -> dict:
@@ -310,7 +310,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
 def _run_finetune_merge(args: argparse.Namespace) -> int:
     import json
 
-    from scratchgpt.finetune import merge_adapters
+    from scratchgpt.training.finetune import merge_adapters
 
     out = merge_adapters(args.base, args.adapters, args.out_dir)
     print(json.dumps({"out_dir": str(out)}))
@@ -336,7 +336,7 @@ def _run_classify(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from scratchgpt.classify import classify_texts, load_classifier
+    from scratchgpt.training.modes.classify import classify_texts, load_classifier
 
     texts = list(args.texts)
     if args.file:
@@ -356,7 +356,7 @@ def _run_classify(args: argparse.Namespace) -> int:
 
 @command
 def _add_chat(sub) -> None:
-    from scratchgpt.chat import TEMPLATES
+    from scratchgpt.data.chat import TEMPLATES
 
     p = sub.add_parser(
         "chat", help="talk to an instruction-tuned checkpoint (reads stdin lines; /reset, /quit)",
@@ -375,7 +375,7 @@ def _add_chat(sub) -> None:
 
 def _run_chat(args: argparse.Namespace) -> int:
     from scratchgpt.checkpoint import load_any, saved_chat_template
-    from scratchgpt.instruct import ChatSession
+    from scratchgpt.training.modes.instruct import ChatSession
 
     model, tokenizer = load_any(args.checkpoint, device=args.device)
     template = args.chat_template or saved_chat_template(args.checkpoint)
@@ -415,8 +415,8 @@ def _run_chat(args: argparse.Namespace) -> int:
 
 @command
 def _add_serve(sub) -> None:
-    from scratchgpt.chat import TEMPLATES
-    from scratchgpt.serve import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, ServeLimits
+    from scratchgpt.data.chat import TEMPLATES
+    from scratchgpt.inference.serve import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, ServeLimits
 
     p = sub.add_parser(
         "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page at /",
@@ -442,7 +442,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise ValueError(f"serving needs the `serve` extra ({e}); pip install 'scratchgpt[serve]'") from None
-    from scratchgpt.serve import ServeLimits, serve
+    from scratchgpt.inference.serve import ServeLimits, serve
 
     limits = ServeLimits(**overrides_from_args(args, ServeLimits))
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scratchgpt.chat import TEMPLATES, TemplateName, render_prompt
 from scratchgpt.checkpoint import unwrap
 from scratchgpt.config import DPOConfig, LoRAConfig, TrainConfig
-from scratchgpt.finetune import (
+from scratchgpt.data.chat import TEMPLATES, TemplateName, render_prompt
+from scratchgpt.data.tokenizer import Tokenizer
+from scratchgpt.training.finetune import (
     FinetuneResult,
     Mode,
     all_reduce_sums,
@@ -42,9 +43,8 @@ from scratchgpt.finetune import (
     split_indices,
     split_record,
 )
-from scratchgpt.instruct import InstructExample, collate_instruct, encode_instruction, fit_length
-from scratchgpt.tokenizer import Tokenizer
-from scratchgpt.train import model_device, to_device
+from scratchgpt.training.modes.instruct import InstructExample, collate_instruct, encode_instruction, fit_length
+from scratchgpt.training.train import model_device, to_device
 
 # ---------------------------------------------------------------------------------------------
 # The loss (pure functions)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from scratchgpt.config import GPTConfig
-from scratchgpt.model import GPT, sinusoidal_table
+from scratchgpt.model.gpt import GPT, sinusoidal_table
 
 # The book's smallest GPT-2, plus two keys for the variants built here: fixed sinusoidal positions
 # instead of a learned `pos_emb`, and attention as a list of single-head modules.

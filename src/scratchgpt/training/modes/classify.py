@@ -23,8 +23,10 @@ from torch import Tensor, nn
 
 from scratchgpt.checkpoint import CheckpointError, load_model, read_run_config, unwrap
 from scratchgpt.config import ClassifyConfig, LoRAConfig, TrainConfig
-from scratchgpt.data import DataError
-from scratchgpt.finetune import (
+from scratchgpt.data.dataset import DataError
+from scratchgpt.data.tokenizer import Tokenizer, load_tokenizer
+from scratchgpt.model.gpt import GPT
+from scratchgpt.training.finetune import (
     FinetuneResult,
     Mode,
     all_reduce_sums,
@@ -38,9 +40,7 @@ from scratchgpt.finetune import (
     split_indices,
     split_record,
 )
-from scratchgpt.model import GPT
-from scratchgpt.tokenizer import Tokenizer, load_tokenizer
-from scratchgpt.train import model_device, to_device
+from scratchgpt.training.train import model_device, to_device
 
 # ---------------------------------------------------------------------------------------------
 # Data

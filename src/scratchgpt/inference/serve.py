@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from scratchgpt.chat import TEMPLATES, Message, TemplateName, render_chat, stop_strings
 from scratchgpt.config import SamplingConfig
-from scratchgpt.generate import Completion, decode_one_token, left_pad, prefill, sample_rows
-from scratchgpt.model import GPT, KVCache
+from scratchgpt.data.chat import TEMPLATES, Message, TemplateName, render_chat, stop_strings
+from scratchgpt.inference.generate import Completion, decode_one_token, left_pad, prefill, sample_rows
+from scratchgpt.model.gpt import GPT, KVCache
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -874,7 +874,7 @@ def create_app(
     device = next(model.parameters()).device
     parser = RequestParser(tokenizer, model_name, model.config.n_positions, chat_template, limits)
     scheduler = Scheduler(model, tokenizer, limits=limits)
-    page = resources.files("scratchgpt").joinpath("static/chat.html").read_text(encoding="utf-8")
+    page = resources.files("scratchgpt.inference").joinpath("static/chat.html").read_text(encoding="utf-8")
     started = int(time.time())
 
     @asynccontextmanager

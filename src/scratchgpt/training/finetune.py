@@ -38,11 +38,18 @@ from scratchgpt.checkpoint import (
     write_json,
 )
 from scratchgpt.config import FinetuneConfig, GPTConfig, LoRAConfig, Trainable, TrainConfig, config_to_dict
-from scratchgpt.data import DataError
-from scratchgpt.lora import apply_lora, count_parameters, lora_config, lora_parameters, merge_lora, save_adapters
-from scratchgpt.model import GPT, CausalSelfAttention
-from scratchgpt.tokenizer import CharTokenizer, Tokenizer, gpt2_tokenizer, load_tokenizer
-from scratchgpt.train import (
+from scratchgpt.data.dataset import DataError
+from scratchgpt.data.tokenizer import CharTokenizer, Tokenizer, gpt2_tokenizer, load_tokenizer
+from scratchgpt.model.gpt import GPT, CausalSelfAttention
+from scratchgpt.training.lora import (
+    apply_lora,
+    count_parameters,
+    lora_config,
+    lora_parameters,
+    merge_lora,
+    save_adapters,
+)
+from scratchgpt.training.train import (
     autocast,
     distributed_info,
     init_distributed,
@@ -50,7 +57,7 @@ from scratchgpt.train import (
     resolve_device,
     resolve_dtype,
 )
-from scratchgpt.train import train as train_loop
+from scratchgpt.training.train import train as train_loop
 
 E = TypeVar("E")
 
@@ -562,13 +569,13 @@ def plot_metric(out_dir: str | Path, metric: str) -> Path | None:
 
 def merge_adapters(base: str, adapters: str | Path, out_dir: str | Path) -> Path:
     """Apply saved LoRA adapters to `base`, fold them into its weights, and save a plain run directory."""
-    from scratchgpt.lora import load_adapters, read_adapter_config
+    from scratchgpt.training.lora import load_adapters, read_adapter_config
 
     meta = read_adapter_config(adapters)
     info = meta.get("info") or {}
     model, tokenizer = load_any(base)
     if info.get("task") == "classification":
-        from scratchgpt.classify import add_classification_head  # classify imports this module
+        from scratchgpt.training.modes.classify import add_classification_head  # classify imports this module
 
         add_classification_head(model, len(info["classifier"]["labels"]))
     load_adapters(model, adapters)

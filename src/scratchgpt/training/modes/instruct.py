@@ -23,11 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scratchgpt.chat import Message, TemplateName, render_chat, render_prompt, response_suffix, stop_strings
 from scratchgpt.checkpoint import unwrap
 from scratchgpt.config import InstructConfig, LoRAConfig, SamplingConfig, TrainConfig
-from scratchgpt.data import DataError
-from scratchgpt.finetune import (
+from scratchgpt.data.chat import Message, TemplateName, render_chat, render_prompt, response_suffix, stop_strings
+from scratchgpt.data.dataset import DataError
+from scratchgpt.data.tokenizer import Tokenizer
+from scratchgpt.inference.generate import iter_generate, stream_text
+from scratchgpt.model.gpt import GPT
+from scratchgpt.training.finetune import (
     FinetuneResult,
     Mode,
     all_reduce_sums,
@@ -42,10 +45,7 @@ from scratchgpt.finetune import (
     split_indices,
     split_record,
 )
-from scratchgpt.generate import iter_generate, stream_text
-from scratchgpt.model import GPT
-from scratchgpt.tokenizer import Tokenizer
-from scratchgpt.train import lm_loss, model_device
+from scratchgpt.training.train import lm_loss, model_device
 
 TEST_RESPONSES_FILE = "test_responses.json"
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from scratchgpt.config import SamplingConfig
-from scratchgpt.model import GPT, KVCache
+from scratchgpt.model.gpt import GPT, KVCache
 
 # ---------------------------------------------------------------------------------------------
 # Pure sampling functions

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from scratchgpt.checkpoint import CheckpointError, load_tensors, read_json, save_tensors, unwrap, write_json
 from scratchgpt.config import LoRAConfig, config_from_dict, config_to_dict
-from scratchgpt.model import GPT
+from scratchgpt.model.gpt import GPT
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"

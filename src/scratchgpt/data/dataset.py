@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from scratchgpt.checkpoint import write_json
-from scratchgpt.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
+from scratchgpt.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 META_FILE = "meta.json"
 SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}

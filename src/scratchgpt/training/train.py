@@ -28,7 +28,7 @@ The contract of `train()` (fine-tuning builds on exactly this; nothing else chan
   `<name>_<key>`; `evals["val"]["loss"]` (else the first eval's "loss") picks the best checkpoint.
 - The batch source's `state_dict()` must be JSON-able and identical on every rank (rank-aware
   sources derive their shard from the rank themselves), so that resuming continues at exactly the
-  same batch. Both samplers in `scratchgpt.data` do this.
+  same batch. Both samplers in `scratchgpt.data.dataset` do this.
 - Checkpoints: `out_dir/ckpt-<step>/` (full training state), a `latest` pointer, and the model alone
   exported to `out_dir/` (latest) and `out_dir/best/` (best by validation loss): `load_model(out_dir)`
   and `load_any(out_dir)` work on both.
@@ -78,8 +78,8 @@ from scratchgpt.checkpoint import (
     write_training_checkpoint,
 )
 from scratchgpt.config import DataConfig, RunConfig, SamplingConfig, TrainConfig, config_from_dict, merge_run_dicts
-from scratchgpt.data import DataError, RandomWindows, TokenDataset, make_sampler, open_dataset, prepare
-from scratchgpt.model import GPT
+from scratchgpt.data.dataset import DataError, RandomWindows, TokenDataset, make_sampler, open_dataset, prepare
+from scratchgpt.model.gpt import GPT
 
 
 class BatchSource(Protocol):
@@ -1033,9 +1033,9 @@ def make_sample_fn(tokenizer: Any, config: TrainConfig) -> SampleFn:
 
     def sample(model: nn.Module) -> str:
         try:
-            from scratchgpt.generate import generate_text
+            from scratchgpt.inference.generate import generate_text
         except ImportError:  # generation lives in its own module; training works without it
-            return "(no sample: scratchgpt.generate is not available)"
+            return "(no sample: scratchgpt.inference.generate is not available)"
         gen = torch.Generator(device=model_device(model)).manual_seed(config.seed)
         return config.sample_prompt + generate_text(model, tokenizer, config.sample_prompt, sampling, generator=gen)
 

@@ -1,0 +1,1 @@
+"""The data stage: tokenizers, token files and datasets, chat templates."""

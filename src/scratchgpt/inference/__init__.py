@@ -1,0 +1,1 @@
+"""The inference stage: generation and the HTTP server."""

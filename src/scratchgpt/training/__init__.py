@@ -1,0 +1,1 @@
+"""The training stage: the one loop, LoRA, and the modes that feed it."""

@@ -1,0 +1,1 @@
+"""Fine-tuning modes: each brings its data, head, loss and trainable set to the one loop."""
