@@ -1083,6 +1083,7 @@ def _prepare_once(data: DataConfig, *, progress: bool) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         prepare(data.source, data.dir, tokenizer=data.tokenizer, bpe_vocab_size=data.bpe_vocab_size,
                 val_fraction=data.val_fraction, split_by=data.split_by, errors=data.errors, workers=data.workers,
+                shard_tokens=data.shard_tokens,
                 progress=progress)
         return
     # No process group exists yet, and none is needed: meta.json is written last, atomically. If rank 0
