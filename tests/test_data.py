@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from scratchgpt.cli import main
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scratchgpt.cli import main
 from scratchgpt.data.dataset import (
     DataError,
     RandomWindows,
@@ -316,7 +315,12 @@ def test_one_big_file_is_streamed_in_bounded_pieces(data_dir: Path, tmp_path: Pa
 
     seen: list[int] = []
     encode = dataset._encode_text
-    monkeypatch.setattr(dataset, "_encode_text", lambda tok, text, dtype: seen.append(len(text)) or encode(tok, text, dtype))
+
+    def spy(tok, text: str, dtype: str) -> np.ndarray:
+        seen.append(len(text))
+        return encode(tok, text, dtype)
+
+    monkeypatch.setattr(dataset, "_encode_text", spy)
     src = data_dir / "text" / "tinyshakespeare.txt"
     meta = prepare(src, tmp_path / "w1", gpt2_dir=data_dir / "gpt2", workers=1, chunk_bytes=50_000, progress=False)
     assert len(seen) > 20 and max(seen) < 51_000  # 23 pieces (+1 where train ends), none near the whole file
