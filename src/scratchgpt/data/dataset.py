@@ -336,7 +336,9 @@ def prepare(
     The corpus is streamed twice, `chunk_bytes` at a time: once to validate it and learn what the split
     and a trained tokenizer need, once to tokenize pieces on `workers` processes (0: one per core).
     Memory stays bounded whatever the corpus size, and the bytes written are the same for any number
-    of workers or any chunk size. `shard_tokens` > 0 writes each split as shards of that many ids.
+    of workers or any chunk size (for `bpe`, the sample it learns from is made of pieces, so past
+    `bpe_sample_chars` of text the chunk size picks the sample). `shard_tokens` > 0 writes each split as
+    shards of that many ids. A stretch of text with no whitespace at all is one piece, held whole.
     """
     from tqdm.auto import tqdm
 
