@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scratchgpt.checkpoint import write_json
 from scratchgpt.data.tokenizer import EOT_TEXT, Tokenizer, build_tokenizer, load_tokenizer, safe_cut
+from scratchgpt.files import write_json
 
 META_FILE = "meta.json"
 SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
