@@ -203,7 +203,7 @@ def main() -> None:
                       "speedup_ge_1_8": min(out[k]["speedup_2_vs_1"] for k in ("one_file", "many_files")) >= 1.8,
                       "identical_to_one_call": out["same_bytes_all_runs"] and out["one_call_prefix"]["identical"]}
     out["identical_how"] = ("prefix: one encode_ordinary call on the whole prefix; full corpus: sha256 equal for "
-                            "1/2 workers, both layouts and a run with 16x larger pieces")
+                            "1/2 workers in each layout and, for one file, a run with 16x larger pieces")
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out))
 
