@@ -435,3 +435,29 @@ def test_bpe_learns_from_a_bounded_deterministic_sample(data_dir: Path, tmp_path
 class _NoBar:
     def update(self, n: int) -> None:
         pass
+
+
+def test_prepare_memory_does_not_grow_with_the_corpus(data_dir: Path, tmp_path: Path) -> None:
+    import tracemalloc
+
+    from scratchgpt.data.tokenizer import build_tokenizer
+
+    def peak_of(fn) -> int:
+        tracemalloc.start()
+        try:
+            fn()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    text = (data_dir / "text" / "tinyshakespeare.txt").read_text()
+    tables = peak_of(lambda: build_tokenizer("gpt2", gpt2_dir=data_dir / "gpt2"))  # GPT-2's merge tables
+    peaks = []
+    for copies in (1, 3):
+        src = tmp_path / f"x{copies}.txt"
+        src.write_text(text * copies)
+        peaks.append(peak_of(lambda src=src: prepare(src, tmp_path / "out", gpt2_dir=data_dir / "gpt2", workers=1,
+                                                     chunk_bytes=64 << 10, progress=False)))
+    # Streaming 64 KB pieces, the Python heap holds little beyond the tokenizer, for 1.1 MB or 3.3 MB of
+    # text; reading the 3.3 MB whole would add ~60 MB (its text and a million token ints).
+    assert peaks[1] < peaks[0] + (1 << 20) and peaks[1] < tables + (4 << 20), (tables, peaks)
