@@ -8,13 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scratchgpt.cli import main
 from scratchgpt.data.dataset import (
     DataError,
     RandomWindows,
     SequentialWindows,
+    ShardedTokens,
+    _survey,
     find_text_files,
+    iter_text_pieces,
     open_dataset,
     prepare,
     read_text,
@@ -281,3 +286,178 @@ def test_sequential_windows_ranks_disjoint_and_resume() -> None:
 def test_sampler_needs_one_window() -> None:
     with pytest.raises(DataError, match="shorter than one window"):
         RandomWindows(TOKENS[:16], block_size=16, batch_size=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: pieces, workers, shards, old folders, bounded bpe sample
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=300) | st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass")),
+       chunk=st.integers(1, 16))
+def test_pieces_join_to_the_decoded_file(tmp_path_factory: pytest.TempPathFactory, data: bytes, chunk: int) -> None:
+    path = tmp_path_factory.mktemp("pieces") / "f.txt"
+    path.write_bytes(data)
+    pieces = list(iter_text_pieces(path, errors="replace", chunk_bytes=chunk))
+    assert "".join(p for p, _ in pieces) == data.decode("utf-8", errors="replace")
+    assert sum(n for _, n in pieces) == len(data)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:  # strict: the offset of the first bad byte, whatever the chunk size
+        with pytest.raises(DataError, match=f"byte offset {e.start} "):
+            list(iter_text_pieces(path, chunk_bytes=chunk))
+
+
+def test_one_big_file_is_streamed_in_bounded_pieces(data_dir: Path, tmp_path: Path, shakespeare_gpt2: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import scratchgpt.data.dataset as dataset
+
+    seen: list[int] = []
+    encode = dataset._encode_text
+
+    def spy(tok, text: str, dtype: str) -> np.ndarray:
+        seen.append(len(text))
+        return encode(tok, text, dtype)
+
+    monkeypatch.setattr(dataset, "_encode_text", spy)
+    src = data_dir / "text" / "tinyshakespeare.txt"
+    meta = prepare(src, tmp_path / "w1", gpt2_dir=data_dir / "gpt2", workers=1, chunk_bytes=50_000, progress=False)
+    assert len(seen) > 20 and max(seen) < 51_000  # 23 pieces (+1 where train ends), none near the whole file
+    assert (meta["train_tokens"], meta["val_tokens"]) == (301_966, 36_059)
+    for split in ("train", "val"):  # same bytes as the fixture's one piece per split (default chunk of 4 MB)
+        assert (tmp_path / "w1" / f"{split}.bin").read_bytes() == (shakespeare_gpt2 / f"{split}.bin").read_bytes()
+
+
+def test_one_file_same_bytes_with_one_or_two_workers(data_dir: Path, tmp_path: Path) -> None:
+    src = data_dir / "text" / "tinyshakespeare.txt"
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        prepare(src, out, tokenizer="char", workers=workers, chunk_bytes=100_000, shard_tokens=300_000, progress=False)
+        outs.append({p.name: p.read_bytes() for p in sorted(out.glob("*.bin"))})
+    assert list(outs[0]) == ["train-00000.bin", "train-00001.bin", "train-00002.bin", "train-00003.bin",
+                             "val-00000.bin"]
+    assert outs[0] == outs[1]
+
+
+def test_shards_read_like_the_single_file(data_dir: Path, tmp_path: Path, shakespeare_gpt2: Path) -> None:
+    src = data_dir / "text" / "tinyshakespeare.txt"
+    meta = prepare(src, tmp_path, gpt2_dir=data_dir / "gpt2", shard_tokens=100_000, progress=False)
+    assert [s["tokens"] for s in meta["shards"]["train"]] == [100_000, 100_000, 100_000, 1_966]
+    assert meta["shards"]["val"] == [{"file": "val-00000.bin", "tokens": 36_059}]
+    sharded, single = open_dataset(tmp_path), open_dataset(shakespeare_gpt2)
+    train = sharded.tokens("train")
+    assert isinstance(train, ShardedTokens) and len(train) == 301_966
+    assert np.array_equal(np.asarray(train), np.asarray(single.tokens("train")))
+    assert isinstance(sharded.tokens("val"), np.memmap)  # one shard: a plain memmap
+    # Windows cross shard boundaries, so every batch, and every resume, is that of the single file.
+    block = 64
+    for kind in (RandomWindows, SequentialWindows):
+        a, b = (kind(ds.tokens("train"), block_size=block, batch_size=8, seed=5) for ds in (sharded, single))
+        for _ in range(3):
+            a.next_batch(), b.next_batch()
+        assert a.state_dict() == b.state_dict()
+        for _ in range(20):
+            (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    crossing = SequentialWindows(train, block_size=block, batch_size=1, stride=1, shuffle=False)
+    crossing.position = 100_000 - 10  # the window over tokens 99,990 .. 100,054 spans shards 0 and 1
+    x, y = crossing.next_batch()
+    assert x[0].tolist() == np.asarray(single.tokens("train")[99_990:100_054], dtype=np.int64).tolist()
+
+
+@settings(max_examples=50, deadline=None)
+@given(lengths=st.lists(st.integers(0, 7), max_size=5), start=st.integers(-30, 30), stop=st.integers(-30, 30))
+def test_sharded_tokens_slice_like_their_concatenation(lengths: list[int], start: int, stop: int) -> None:
+    parts = [np.arange(sum(lengths[:i]), sum(lengths[: i + 1]), dtype=np.uint16) for i in range(len(lengths))]
+    whole = np.arange(sum(lengths), dtype=np.uint16)
+    view = ShardedTokens(parts)
+    assert len(view) == len(whole)
+    assert np.array_equal(view[start:stop], whole[start:stop]) and np.array_equal(view[start:], whole[start:])
+    if -len(whole) <= start < len(whole):
+        assert view[start] == whole[start]
+
+
+def test_version_1_folder_still_loads(tiny_char_data: Path) -> None:
+    meta_path = tiny_char_data / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    expected = np.asarray(open_dataset(tiny_char_data).tokens("train")).tolist()
+    for key in ("shards", "shard_tokens"):  # what a folder from before shards lacks
+        del meta[key]
+    meta["format_version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    ds = open_dataset(tiny_char_data)
+    assert np.asarray(ds.tokens("train")).tolist() == expected and ds.path("train") == tiny_char_data / "train.bin"
+    meta["format_version"] = 99
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="format_version 99"):
+        open_dataset(tiny_char_data)
+
+
+def test_reprepare_switches_layout_and_checks_shards(tmp_path: Path) -> None:
+    src = tmp_path / "t.txt"
+    src.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    out = tmp_path / "out"
+    prepare(src, out, tokenizer="char", progress=False)
+    prepare(src, out, tokenizer="char", shard_tokens=500, progress=False)
+    assert sorted(p.name for p in out.glob("*.bin")) == [f"train-{i:05d}.bin" for i in range(4)] + ["val-00000.bin"]
+    (out / "train-00002.bin").write_bytes(b"\0")
+    with pytest.raises(DataError, match="train-00002.bin: 1 bytes"):
+        open_dataset(out)
+    (out / "train-00002.bin").unlink()
+    with pytest.raises(DataError, match="train-00002.bin: not found"):
+        open_dataset(out)
+    prepare(src, out, tokenizer="char", progress=False)  # back to one file per split: the shards go
+    assert sorted(p.name for p in out.glob("*.bin")) == ["train.bin", "val.bin"]
+
+
+def test_bpe_learns_from_a_bounded_deterministic_sample(data_dir: Path, tmp_path: Path) -> None:
+    src = data_dir / "text" / "tinyshakespeare.txt"
+    survey = _survey([src], [src.stat().st_size], tokenizer="bpe", errors="strict", chunk_bytes=20_000,
+                     sample_chars=100_000, bar=_NoBar())
+    sampled = sum(map(len, survey.sample))
+    assert 80_000 <= sampled <= 100_000 and len(survey.sample) >= 4  # evenly spread pieces, within budget
+    text = src.read_text()
+    assert text.index(survey.sample[-1]) > len(text) // 2  # not just the beginning
+    metas, toks = [], []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        metas.append(prepare(src, out, tokenizer="bpe", bpe_vocab_size=300, workers=workers, chunk_bytes=20_000,
+                             bpe_sample_chars=100_000, progress=False))
+        toks.append((out / "tokenizer.json").read_bytes() + (out / "train.bin").read_bytes())
+    assert toks[0] == toks[1] and metas[0]["bpe_sample_chars"] == 100_000
+    from scratchgpt.data.tokenizer import ByteBPETokenizer
+
+    assert load_tokenizer(tmp_path / "w1").merges == ByteBPETokenizer.train(survey.sample, 300).merges
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+def test_prepare_memory_does_not_grow_with_the_corpus(data_dir: Path, tmp_path: Path) -> None:
+    import tracemalloc
+
+    from scratchgpt.data.tokenizer import build_tokenizer
+
+    def peak_of(fn) -> int:
+        tracemalloc.start()
+        try:
+            fn()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    text = (data_dir / "text" / "tinyshakespeare.txt").read_text()
+    tables = peak_of(lambda: build_tokenizer("gpt2", gpt2_dir=data_dir / "gpt2"))  # GPT-2's merge tables
+    peaks = []
+    for copies in (1, 3):
+        src = tmp_path / f"x{copies}.txt"
+        src.write_text(text * copies)
+        peaks.append(peak_of(lambda src=src: prepare(src, tmp_path / "out", gpt2_dir=data_dir / "gpt2", workers=1,
+                                                     chunk_bytes=64 << 10, progress=False)))
+    # Streaming 64 KB pieces, the Python heap holds little beyond the tokenizer, for 1.1 MB or 3.3 MB of
+    # text; reading the 3.3 MB whole would add ~60 MB (its text and a million token ints).
+    assert peaks[1] < peaks[0] + (1 << 20) and peaks[1] < tables + (4 << 20), (tables, peaks)

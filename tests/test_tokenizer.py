@@ -25,6 +25,7 @@ from scratchgpt.data.tokenizer import (
     build_tokenizer,
     gpt2_tokenizer,
     load_tokenizer,
+    safe_cut,
 )
 
 FEW = settings(max_examples=200, deadline=None)
@@ -407,3 +408,93 @@ def test_saved_files_are_plain_json(small_bpe: ByteBPETokenizer, tmp_path: Path)
     small_bpe.save(tmp_path)
     meta = json.loads((tmp_path / "tokenizer.json").read_text())
     assert meta["type"] == "bpe" and len(meta["merges"]) == 300 and meta["special_tokens"] == {EOT_TEXT: 556}
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe cuts: pieces tokenize to the ids of the whole (what lets `prepare` stream and parallelise)
+# ---------------------------------------------------------------------------------------------
+
+# Pieces that stress GPT-2's pre-tokenizer: whitespace runs of every kind (Unicode White_Space and
+# the four str.isspace()-only separators), contractions, numbers, punctuation, combining marks, specials.
+_TRICKY = st.sampled_from([
+    " ", "  ", "\n", "\n\n", "\n\n\n", "\r\n", "\t", " \t ", "\u00a0", "\u3000", "\u2028", "\x85", "\x1c", "\x1f",
+    "\x0b", "\x0c", "a", "word", "Word", "'s", "'ll", "don't", "123", "4", ".", ",!?", "--", "é", "e\u0301",
+    "日本語", "😀", EOT_TEXT, "<|", "|>",
+])
+_TRICKY_TEXT = st.lists(st.one_of(_TRICKY, st.text(max_size=4)), max_size=40).map("".join)
+
+
+def _cut_at(text: str, sizes: list[int]) -> list[str]:
+    """`text` in pieces, cutting with safe_cut at most `size` characters into what is left."""
+    pieces, rest = [], text
+    for size in sizes:
+        cut = safe_cut(rest, size)
+        if cut > 0:
+            pieces.append(rest[:cut])
+            rest = rest[cut:]
+    return [*pieces, rest] if rest else pieces
+
+
+def _assert_pieces_encode_like_whole(tokenizers: list[Tokenizer], text: str, pieces: list[str]) -> None:
+    assert "".join(pieces) == text
+    for tok in tokenizers:
+        joined = [i for piece in pieces for i in tok.encode(piece, allowed_special=True)]
+        assert joined == tok.encode(text, allowed_special=True), (type(tok).__name__, pieces)
+
+
+@FEW
+@given(text=_TRICKY_TEXT, sizes=st.lists(st.integers(1, 30), max_size=12))
+def test_safe_cut_pieces_encode_like_the_whole_text(
+    gpt2_tokenizer: GPT2Tokenizer, gpt2_bpe: ByteBPETokenizer, small_bpe: ByteBPETokenizer, text: str,
+    sizes: list[int],
+) -> None:
+    pieces = _cut_at(text, sizes)
+    toks: list[Tokenizer] = [gpt2_tokenizer, gpt2_bpe, small_bpe]
+    if text.replace(EOT_TEXT, ""):
+        toks.append(CharTokenizer.train(text))
+    _assert_pieces_encode_like_whole(toks, text, pieces)
+
+
+def test_every_safe_cut_of_real_text_is_safe(gpt2_tokenizer: GPT2Tokenizer, gpt2_bpe: ByteBPETokenizer,
+                                             tiny_shakespeare: str) -> None:
+    # All 1,000+ cut positions of a stretch of Shakespeare, with CRLF and odd whitespace mixed in.
+    text = tiny_shakespeare[:3000].replace("\n\n", "\r\n\n", 5).replace(" the", "\u00a0 \tthe", 5)
+    cuts = [i for i in range(1, len(text)) if safe_cut(text, i) == i]
+    assert len(cuts) > 500
+    whole = gpt2_tokenizer.encode(text)
+    for i in cuts:
+        assert gpt2_tokenizer.encode(text[:i]) + gpt2_tokenizer.encode(text[i:]) == whole, i
+    assert all(gpt2_bpe.encode(text[:i]) + gpt2_bpe.encode(text[i:]) == gpt2_bpe.encode(text) for i in cuts[::25])
+
+
+def test_safe_cut_avoids_the_unsafe_places(gpt2_tokenizer: GPT2Tokenizer) -> None:
+    enc = gpt2_tokenizer.encode
+    # The naive places would change the ids: after the space of "foo bar" (" bar" is one token), between
+    # newlines of a run ("\n\n" + "\n" before a word), after a whitespace run's end ("\n\n" is one token
+    # at the end of a piece, two before a word).
+    for text, bad in (("foo bar", 4), ("x\n\n\nabc", 2), ("foo\n\nBar", 5)):
+        assert enc(text[:bad]) + enc(text[bad:]) != enc(text)
+        assert safe_cut(text, bad) != bad
+    assert safe_cut("foo bar", 7) == 3 and safe_cut("x\n\n\nabc", 7) == 3 and safe_cut("foo\n\nBar", 8) == 4
+    assert safe_cut("nowhitespaceatall", 10) == -1 and safe_cut("ends with space ", 16) == 9
+    assert safe_cut(" leading", 5) == -1  # never an empty first piece
+
+
+def test_whitespace_facts_the_safe_cut_proof_relies_on() -> None:
+    import re
+    import sys
+
+    # Everything tiktoken / `regex` call whitespace (Unicode White_Space) is whitespace to str.isspace()
+    # and to `re`, so a character `re` sees as \S is non-whitespace for every engine.
+    every = "".join(map(chr, range(sys.maxunicode + 1)))
+    isspace = {c for c in every if c.isspace()}
+    assert set(regex.findall(r"\s", every)) < isspace  # U+001C..U+001F are str.isspace() only
+    assert set(re.findall(r"\s", every)) == isspace
+    assert len(regex.findall(r"\s", every)) == 25  # Unicode White_Space
+
+
+def test_training_on_pieces_equals_training_on_the_whole(verdict: str, small_bpe: ByteBPETokenizer) -> None:
+    pieces = _cut_at(verdict, [97] * 400)
+    assert len(pieces) > 100 and "".join(pieces) == verdict
+    assert ByteBPETokenizer.train(iter(pieces), 256 + 300 + 1).merges == small_bpe.merges
+    assert CharTokenizer.train(iter(pieces)).chars == CharTokenizer.train(verdict).chars

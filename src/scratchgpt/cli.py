@@ -227,7 +227,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         raise ValueError("no output folder: pass --dir FOLDER (or set dir in [data])")
     meta = prepare(data.source, data.dir, tokenizer=data.tokenizer, bpe_vocab_size=data.bpe_vocab_size,
                    val_fraction=data.val_fraction, split_by=data.split_by, errors=data.errors, workers=data.workers,
-                   gpt2_dir=args.gpt2_dir, progress=args.progress)
+                   shard_tokens=data.shard_tokens, gpt2_dir=args.gpt2_dir, progress=args.progress)
     summary = {k: meta[k] for k in ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens")}
     print(json.dumps({"dir": data.dir, "files": len(meta["files"]), **summary}))
     return 0

@@ -328,6 +328,8 @@ class DataConfig:
         default="strict", metadata={"help": "non-UTF-8 bytes: fail naming the offset, or replace with U+FFFD"}
     )
     workers: int = field(default=0, metadata={"help": "processes for tokenizing (0 = one per core)"})
+    shard_tokens: int = field(default=0, metadata={"help": "prepare: write each split as shards of this many "
+                                                           "tokens, train-00000.bin, ... (0 = one file)"})
     block_size: int | None = field(default=None, metadata={"help": "tokens per window (default: n_positions)"})
     sampler: Literal["random", "sequential"] = field(
         default="random", metadata={"help": "random windows, or every window once per epoch (sliding, strided)"}
@@ -339,7 +341,7 @@ class DataConfig:
         name = type(self).__name__
         _validate_literals(self)
         _check_range(name, "val_fraction", self.val_fraction, lo=0.0, hi=1.0, hi_open=True)
-        for attr in ("bpe_vocab_size", "workers", "block_size", "stride"):
+        for attr in ("bpe_vocab_size", "workers", "shard_tokens", "block_size", "stride"):
             value = getattr(self, attr)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{name}.{attr}={value!r} must be a non-negative integer")

@@ -3,26 +3,38 @@
 `prepare` turns text files into a folder the trainer reads:
     train.bin, val.bin   token ids back to back (uint16 when the vocabulary fits, else uint32);
                          documents are separated by the end-of-text id
-    meta.json            tokenizer kind, vocab size, dtype, token counts, split, source files
+      or train-00000.bin, ... val-00000.bin, ...   the same ids cut into shards of `shard_tokens` each
+    meta.json            tokenizer kind, vocab size, dtype, token counts, split, source files, and the
+                         index of the token files (format_version 2; version 1 folders, without the
+                         index, hold train.bin and val.bin and still load)
     tokenizer.json (+)   the tokenizer itself, so training and generation use the same one
 
-By default each document's first (1 - val_fraction) of characters goes to train and the rest to val, as
-nanoGPT splits Tiny Shakespeare (301,966 / 36,059 GPT-2 tokens). For corpora of many small documents
-(one per file), `split_by="documents"` sends whole files to val instead, spread evenly over the sorted list.
+The corpus is streamed: each file is read a few MB at a time and cut only where the pieces tokenize to
+the ids of the whole text (`tokenizer.safe_cut`), the pieces are tokenized by a pool of processes, and
+their ids are written in order, so memory stays bounded and the output is the same for any number of
+workers. By default each document's first (1 - val_fraction) of characters goes to train and the rest
+to val, as nanoGPT splits Tiny Shakespeare (301,966 / 36,059 GPT-2 tokens). For corpora of many small
+documents (one per file), `split_by="documents"` sends whole files to val instead, spread evenly over
+the sorted list.
 
 The samplers read those files through `numpy.memmap` and yield (x, y) pairs of (B, T) int64 tensors
-(y is x shifted by one token). Both are rank-aware: at every step the *global* batch of B * world_size
+(y is x shifted by one token). Shards are read as one sequence (`ShardedTokens`): a window may cross a
+shard boundary, so a sharded folder gives exactly the batches of the single-file one and no tokens are
+lost at shard ends. Both samplers are rank-aware: at every step the *global* batch of B * world_size
 windows is the same whatever the world size, and rank r takes rows [r*B, (r+1)*B) of it. Their
 state is one JSON-able dict, identical on every rank, so a resumed run continues at the same batch.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+import re
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,12 +43,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scratchgpt.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
+from scratchgpt.data.tokenizer import EOT_TEXT, Tokenizer, build_tokenizer, load_tokenizer, safe_cut
 from scratchgpt.files import write_json
 
 META_FILE = "meta.json"
 SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
 META_FORMAT = "scratchgpt-tokens"
+META_VERSION = 2  # 2 added the shard index
 
 Split = Literal["train", "val"]
 
@@ -87,7 +100,53 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# prepare: text files -> train.bin / val.bin / meta.json / tokenizer
+# Streaming text: a file in pieces that tokenize like the whole
+# ---------------------------------------------------------------------------------------------
+
+# Bytes read per step; pieces come out about this long, so memory stays bounded whatever the file size.
+CHUNK_BYTES = 4 << 20
+# A trained `bpe` tokenizer learns its merges from at most this many characters of the corpus.
+BPE_SAMPLE_CHARS = 32 << 20
+
+
+def iter_text_pieces(
+    path: str | Path, *, errors: Literal["strict", "replace"] = "strict", chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[tuple[str, int]]:
+    """(piece, bytes read for it): the file's text in pieces cut by `safe_cut`, joined they give `read_text`.
+
+    A file is read `chunk_bytes` at a time through an incremental UTF-8 decoder (which decodes exactly as
+    one `bytes.decode` does) and cut at the last safe place of what has been read; the rest waits for
+    the next read. A stretch without any safe place (no whitespace at all) stays one piece, however long.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
+    pending, unreported = "", 0
+    offset = 0  # of the next byte to read
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            held = len(decoder.getstate()[0])  # bytes of an incomplete character kept from the last read
+            try:
+                pending += decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                at = offset - held + e.start
+                raise DataError(
+                    f"{path}: not valid UTF-8 at byte offset {at} (byte 0x{e.object[e.start]:02x}); fix the file "
+                    f"or pass --errors replace to substitute U+FFFD"
+                ) from None
+            offset += len(block)
+            unreported += len(block)
+            if not block:
+                if pending or unreported:
+                    yield pending, unreported
+                return
+            cut = safe_cut(pending)
+            if cut > 0:
+                yield pending[:cut], unreported
+                pending, unreported = pending[cut:], 0
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare: text files -> token files (one per split, or shards) / meta.json / tokenizer
 # ---------------------------------------------------------------------------------------------
 
 
@@ -104,19 +163,53 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-Encoded = tuple[np.ndarray, np.ndarray, int]  # (train ids, val ids, characters) of one document
+@dataclass
+class _Survey:
+    """What one streaming pass over the corpus learns before anything is written."""
+
+    chars: list[int]  # characters per file (for the train/val cut)
+    alphabet: set[str]  # distinct characters, `<|endoftext|>` markers aside (char tokenizer only)
+    sample: list[str]  # pieces a bpe tokenizer trains on
+    has_text: bool  # any non-whitespace at all
 
 
-def _encode_file(tok: Tokenizer, path: str, val_share: float, errors: str, dtype: str) -> Encoded:
-    """(train ids, val ids, characters) of one document."""
-    text = read_text(path, errors=errors)  # type: ignore[arg-type]
+def _survey(
+    files: Sequence[Path], sizes: Sequence[int], *, tokenizer: str, errors: str, chunk_bytes: int, sample_chars: int,
+    bar: Any,
+) -> _Survey:
+    """Read every file once: validate its UTF-8, count its characters, gather what a trained tokenizer needs."""
+    survey = _Survey([], set(), [], False)
+    # bpe: a deterministic sample spread evenly over the corpus. A piece is taken when the running
+    # quota (rate * characters seen so far) covers it; rate * total bytes <= sample_chars, and a file has
+    # at most as many characters as bytes, so the sample never exceeds sample_chars. Small corpora
+    # (rate 1) are taken whole, so their merges are those of the full text.
+    rate = min(1.0, sample_chars / max(1, sum(sizes)))
+    quota, taken = 0.0, 0
+    for path in files:
+        n = 0
+        for piece, nbytes in iter_text_pieces(path, errors=errors, chunk_bytes=chunk_bytes):  # type: ignore[arg-type]
+            n += len(piece)
+            if not survey.has_text and not piece.isspace() and piece:
+                survey.has_text = True
+            if tokenizer == "char":
+                survey.alphabet.update(piece.replace(EOT_TEXT, ""))
+            elif tokenizer == "bpe":
+                quota += len(piece) * rate
+                if quota >= taken + len(piece):
+                    survey.sample.append(piece)
+                    taken += len(piece)
+            bar.update(nbytes)
+        survey.chars.append(n)
+    return survey
+
+
+def _encode_text(tok: Tokenizer, text: str, dtype: str) -> np.ndarray:
     # allowed_special: a corpus that already separates documents with <|endoftext|> keeps them as ids.
-    parts = [np.asarray(tok.encode(part, allowed_special=True), dtype=dtype) for part in split_text(text, val_share)]
-    return parts[0], parts[1], len(text)
+    return np.asarray(tok.encode(text, allowed_special=True), dtype=dtype)
 
 
 # The tokenizer of a pool worker process, loaded once from the output folder by `_init_worker`, so that
-# nothing but file names crosses between processes. The main process never sets it.
+# only text and ids cross between processes. The main process never sets it.
 _WORKER_TOKENIZER: list[Tokenizer] = []
 
 
@@ -124,8 +217,102 @@ def _init_worker(tokenizer_dir: str) -> None:
     _WORKER_TOKENIZER[:] = [load_tokenizer(tokenizer_dir)]
 
 
-def _encode_in_worker(path: str, val_share: float, errors: str, dtype: str) -> Encoded:
-    return _encode_file(_WORKER_TOKENIZER[0], path, val_share, errors, dtype)
+def _encode_in_worker(text: str, dtype: str) -> np.ndarray:
+    return _encode_text(_WORKER_TOKENIZER[0], text, dtype)
+
+
+# One piece of work: (document index, split, text of that document's part)
+_Task = tuple[int, Split, str]
+
+
+def _tasks(files: Sequence[Path], survey: _Survey, shares: Sequence[float], *, errors: str, chunk_bytes: int,
+           bar: Any) -> Iterator[_Task]:
+    """Every document's train part then its val part, in pieces, in file order."""
+    for doc, (path, n_chars, share) in enumerate(zip(files, survey.chars, shares, strict=True)):
+        # The same cut as split_text: the first (1 - share) of the document's characters go to train.
+        cut = int(n_chars * (1.0 - share))
+        pos = 0
+        for piece, nbytes in iter_text_pieces(path, errors=errors, chunk_bytes=chunk_bytes):  # type: ignore[arg-type]
+            head = max(0, min(len(piece), cut - pos))
+            if head:
+                yield doc, "train", piece[:head]
+            if head < len(piece):
+                yield doc, "val", piece[head:]
+            pos += len(piece)
+            bar.update(nbytes)
+
+
+def _encode_tasks(
+    tasks: Iterator[_Task], tok: Tokenizer, tok_dir: Path, dtype: np.dtype, n_workers: int
+) -> Iterator[tuple[int, Split, np.ndarray]]:
+    """(document, split, ids) for every task, in task order, from a process pool when n_workers > 1."""
+    if n_workers <= 1:
+        for doc, split, text in tasks:
+            yield doc, split, _encode_text(tok, text, dtype.name)
+        return
+    with ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=(str(tok_dir),)) as pool:
+        # At most 2 pieces per worker in flight: enough to keep every worker busy, few enough that memory
+        # stays bounded. Results are taken in submission order, so the output is the same for any
+        # number of workers (and, since every cut is safe, the same as one call on the whole text).
+        in_flight: deque[tuple[int, Split, Future[np.ndarray]]] = deque()
+        for doc, split, text in tasks:
+            in_flight.append((doc, split, pool.submit(_encode_in_worker, text, dtype.name)))
+            if len(in_flight) >= 2 * n_workers:
+                d, s, fut = in_flight.popleft()
+                yield d, s, fut.result()
+        while in_flight:
+            d, s, fut = in_flight.popleft()
+            yield d, s, fut.result()
+
+
+_TOKEN_FILE = re.compile(r"(train|val)(-\d{5})?\.bin")
+
+
+class _SplitWriter:
+    """One split's ids, appended to `train.bin` (shard_tokens 0) or to shards `train-00000.bin`, ... of
+    shard_tokens ids each (the last one shorter); written under temporary names until `commit`."""
+
+    def __init__(self, out_dir: Path, split: Split, shard_tokens: int) -> None:
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.shards: list[dict[str, Any]] = []  # {"file", "tokens"}, the index meta.json keeps
+        self.total = 0
+        self._f: Any = None
+        if not shard_tokens:
+            self._open(SPLIT_FILES[split])  # the single-file layout always has its file, even when empty
+
+    def _tmp(self, name: str) -> Path:
+        return self.out_dir / f".{name}.tmp"
+
+    def _open(self, name: str) -> None:
+        if self._f is not None:
+            self._f.close()
+        self.shards.append({"file": name, "tokens": 0})
+        self._f = open(self._tmp(name), "wb")  # noqa: SIM115 (closed by close())
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if self.shard_tokens and (not self.shards or self.shards[-1]["tokens"] == self.shard_tokens):
+                self._open(f"{self.split}-{len(self.shards):05d}.bin")
+            room = self.shard_tokens - self.shards[-1]["tokens"] if self.shard_tokens else len(ids)
+            part, ids = ids[:room], ids[room:]
+            self._f.write(part.tobytes())
+            self.shards[-1]["tokens"] += len(part)
+            self.total += len(part)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def commit(self) -> None:
+        self.close()
+        for shard in self.shards:
+            os.replace(self._tmp(shard["file"]), self.out_dir / shard["file"])
+
+    def discard(self) -> None:
+        self.close()
+        for shard in self.shards:
+            self._tmp(shard["file"]).unlink(missing_ok=True)
 
 
 def prepare(
@@ -140,27 +327,43 @@ def prepare(
     workers: int = 0,
     gpt2_dir: str | Path | None = None,
     progress: bool = True,
+    shard_tokens: int = 0,
+    chunk_bytes: int = CHUNK_BYTES,
+    bpe_sample_chars: int = BPE_SAMPLE_CHARS,
 ) -> dict[str, Any]:
-    """Tokenize the text files of `source` into `out_dir` (train.bin, val.bin, meta.json, tokenizer); returns meta."""
+    """Tokenize the text files of `source` into `out_dir` (token files, meta.json, tokenizer); returns meta.
+
+    The corpus is streamed twice, `chunk_bytes` at a time: once to validate it and learn what the split
+    and a trained tokenizer need, once to tokenize pieces on `workers` processes (0: one per core).
+    Memory stays bounded whatever the corpus size, and the bytes written are the same for any number
+    of workers or any chunk size (for `bpe`, the sample it learns from is made of pieces, so past
+    `bpe_sample_chars` of text the chunk size picks the sample). `shard_tokens` > 0 writes each split as
+    shards of that many ids. A stretch of text with no whitespace at all is one piece, held whole.
+    """
     from tqdm.auto import tqdm
 
+    if shard_tokens < 0 or chunk_bytes < 1:
+        raise ValueError(f"shard_tokens={shard_tokens} must be >= 0 and chunk_bytes={chunk_bytes} >= 1")
     files = find_text_files(source)
     out_dir = Path(out_dir)
-    # Read (and so validate) every file before writing anything: a bad byte fails in seconds.
     sizes = [p.stat().st_size for p in files]
+    where = files[0] if len(files) == 1 else source
     if sum(sizes) == 0:
-        raise DataError(f"{files[0] if len(files) == 1 else source}: empty corpus (no text to tokenize)")
+        raise DataError(f"{where}: empty corpus (no text to tokenize)")
+    # Pass 1 validates every file before anything is written: a bad byte fails in seconds.
+    with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="reading", disable=not progress) as bar:
+        survey = _survey(files, sizes, tokenizer=tokenizer, errors=errors, chunk_bytes=chunk_bytes,
+                         sample_chars=bpe_sample_chars, bar=bar)
     if tokenizer == "gpt2":
-        for p in files:
-            read_text(p, errors=errors)
         tok = build_tokenizer("gpt2", gpt2_dir=gpt2_dir)
     else:
-        # bpe and char learn their vocabulary from the whole corpus (documents joined by newlines).
-        text = "\n".join(read_text(p, errors=errors) for p in files)
-        if not text.strip():
-            raise DataError(f"{files[0] if len(files) == 1 else source}: empty corpus (only whitespace)")
-        tok = build_tokenizer(tokenizer, text=text, vocab_size=bpe_vocab_size if tokenizer == "bpe" else None)
-        del text
+        if not survey.has_text:
+            raise DataError(f"{where}: empty corpus (only whitespace)")
+        # char: the streaming pass saw every character, so the alphabet is exact. bpe: merges learned
+        # on the bounded sample (the whole corpus when it fits in bpe_sample_chars).
+        material: Iterable[str] = survey.sample if tokenizer == "bpe" else ["".join(sorted(survey.alphabet))]
+        tok = build_tokenizer(tokenizer, text=material, vocab_size=bpe_vocab_size if tokenizer == "bpe" else None)
+        survey.sample.clear()
     out_dir.mkdir(parents=True, exist_ok=True)
     # Until the new meta.json is written, the folder must not look complete to the trainer.
     (out_dir / META_FILE).unlink(missing_ok=True)
@@ -168,61 +371,53 @@ def prepare(
     dtype = token_dtype(tok.vocab_size)
     eot = np.asarray([tok.eot_id], dtype=dtype)
 
-    n_workers = min(workers or os.cpu_count() or 1, len(files))
     shares = [val_share(i, len(files), val_fraction, split_by) for i in range(len(files))]
-    tmp = {split: out_dir / f".{name}.tmp" for split, name in SPLIT_FILES.items()}
-    counts = {"train": 0, "val": 0}
-    chars = []
+    # More workers than pieces would only cost start-up time.
+    n_workers = max(1, min(workers or os.cpu_count() or 1, -(-sum(sizes) // chunk_bytes)))
+    writers = {split: _SplitWriter(out_dir, split, shard_tokens) for split in SPLIT_FILES}
+    last_doc = {split: -1 for split in SPLIT_FILES}
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
     try:
-        with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
-            outs = {"train": f_train, "val": f_val}
-            for (train_ids, val_ids, n_chars), size in zip(
-                _encode_all(files, tok, out_dir, shares, errors, dtype, n_workers), sizes, strict=True
-            ):
-                for split, ids in (("train", train_ids), ("val", val_ids)):
-                    if not len(ids):
-                        continue
-                    if counts[split]:  # documents are separated (not terminated) by end-of-text
-                        outs[split].write(eot.tobytes())
-                        counts[split] += 1
-                    outs[split].write(ids.tobytes())
-                    counts[split] += len(ids)
-                chars.append(n_chars)
-                bar.update(size)
-                bar.set_postfix(tokens=counts["train"] + counts["val"])
-        for split, name in SPLIT_FILES.items():
-            os.replace(tmp[split], out_dir / name)
+        tasks = _tasks(files, survey, shares, errors=errors, chunk_bytes=chunk_bytes, bar=bar)
+        for doc, split, ids in _encode_tasks(tasks, tok, out_dir, dtype, n_workers):
+            if not len(ids):
+                continue
+            if doc != last_doc[split]:
+                if writers[split].total:  # documents are separated (not terminated) by end-of-text
+                    writers[split].write(eot)
+                last_doc[split] = doc
+            writers[split].write(ids)
+            bar.set_postfix(tokens=writers["train"].total + writers["val"].total, refresh=False)
+        for w in writers.values():
+            w.close()
+        # Token files of an earlier prepare into this folder that the new layout does not name go first.
+        keep = {shard["file"] for w in writers.values() for shard in w.shards}
+        for path in out_dir.iterdir():
+            if _TOKEN_FILE.fullmatch(path.name) and path.name not in keep:
+                path.unlink()
+        for w in writers.values():
+            w.commit()
     finally:
         bar.close()
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
+        for w in writers.values():
+            w.discard()
 
     meta = {
-        "format": META_FORMAT, "format_version": 1,
+        "format": META_FORMAT, "format_version": META_VERSION,
         "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "dtype": dtype.name,
-        "train_tokens": counts["train"], "val_tokens": counts["val"], "val_fraction": val_fraction,
+        "train_tokens": writers["train"].total, "val_tokens": writers["val"].total, "val_fraction": val_fraction,
         "split_by": split_by,
         "errors": errors, "source": str(source),
         "files": [{"path": str(p), "bytes": b, "chars": c, "val_share": v}
-                  for p, b, c, v in zip(files, sizes, chars, shares, strict=True)],
+                  for p, b, c, v in zip(files, sizes, survey.chars, shares, strict=True)],
+        # The index: which files hold each split, in order, and how many ids each holds.
+        "shard_tokens": shard_tokens,
+        "shards": {split: w.shards for split, w in writers.items()},
     }
+    if tokenizer == "bpe":
+        meta["bpe_sample_chars"] = bpe_sample_chars
     write_json(out_dir / META_FILE, meta)  # written last: its presence marks a complete folder
     return meta
-
-
-def _encode_all(
-    files: Sequence[Path], tok: Tokenizer, tok_dir: Path, shares: Sequence[float], errors: str, dtype: np.dtype,
-    n_workers: int,
-) -> Iterator[Encoded]:
-    """Encoded files in order, from a process pool when there is more than one file to share out."""
-    args = [(str(p), share, errors, dtype.name) for p, share in zip(files, shares, strict=True)]
-    if n_workers <= 1:
-        yield from (_encode_file(tok, *a) for a in args)
-        return
-    with ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=(str(tok_dir),)) as pool:
-        # map keeps file order, so the output is the same for any number of workers.
-        yield from pool.map(_encode_in_worker, *zip(*args, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,9 +425,51 @@ def _encode_all(
 # ---------------------------------------------------------------------------------------------
 
 
+class ShardedTokens:
+    """Several token files read as one sequence of ids: `len()` and slices behave as on their
+    concatenation, and a slice that crosses a shard boundary reads from both (nothing loads until sliced)."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.parts = [p for p in parts if len(p)]
+        self.dtype = parts[0].dtype if parts else np.dtype(np.uint16)
+        self.starts = np.cumsum([0, *map(len, self.parts)])  # shard i holds ids [starts[i], starts[i+1])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key: int | slice) -> Any:
+        n = len(self)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                return self[start:stop][::step] if stop > start else np.zeros(0, dtype=self.dtype)
+            if stop <= start:
+                return np.zeros(0, dtype=self.dtype)
+            first = int(np.searchsorted(self.starts, start, side="right")) - 1
+            pieces = []
+            i = first
+            while i < len(self.parts) and self.starts[i] < stop:
+                lo, hi = max(start, self.starts[i]) - self.starts[i], min(stop, self.starts[i + 1]) - self.starts[i]
+                pieces.append(self.parts[i][lo:hi])
+                i += 1
+            return np.asarray(pieces[0]) if len(pieces) == 1 else np.concatenate(pieces)
+        index = int(key) + n if int(key) < 0 else int(key)
+        if not 0 <= index < n:
+            raise IndexError(f"token index {key} is out of range for {n} tokens")
+        i = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[i][index - self.starts[i]]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+Tokens = np.ndarray | ShardedTokens  # what the samplers read: len() and slices
+
+
 @dataclass(frozen=True)
 class TokenDataset:
-    """A prepared folder: its meta.json and memory-mapped train/val token files."""
+    """A prepared folder: its meta.json and memory-mapped train/val token files (one per split, or shards)."""
 
     dir: Path
     meta: dict[str, Any]
@@ -245,15 +482,36 @@ class TokenDataset:
     def dtype(self) -> np.dtype:
         return np.dtype(self.meta["dtype"])
 
-    def path(self, split: Split) -> Path:
-        return self.dir / SPLIT_FILES[split]
+    def shards(self, split: Split) -> list[tuple[Path, int]]:
+        """(file, ids) of each file holding the split, in order; folders from before shards hold one."""
+        index = self.meta.get("shards")
+        if index is None:  # format_version 1: train.bin / val.bin
+            return [(self.dir / SPLIT_FILES[split], int(self.meta[f"{split}_tokens"]))]
+        return [(self.dir / shard["file"], int(shard["tokens"])) for shard in index[split]]
 
-    def tokens(self, split: Split) -> np.ndarray:
-        """The split's ids as a read-only memmap (nothing is loaded until indexed); empty if no tokens."""
-        n = int(self.meta[f"{split}_tokens"])
-        if n == 0:
+    def path(self, split: Split) -> Path:
+        """The split's file (the first shard when there are several)."""
+        shards = self.shards(split)
+        return shards[0][0] if shards else self.dir / META_FILE
+
+    def describe(self, split: Split) -> str:
+        """The split's file, or its shards, for messages."""
+        shards = self.shards(split)
+        if len(shards) == 1:
+            return str(shards[0][0])
+        return f"{self.dir / f'{split}-*.bin'} ({len(shards)} shards)"
+
+    def tokens(self, split: Split) -> Tokens:
+        """The split's ids, memory-mapped read-only (nothing is loaded until indexed); empty if no tokens.
+
+        One file gives a plain np.memmap; shards give a ShardedTokens over one memmap per shard.
+        """
+        parts = [np.memmap(path, dtype=self.dtype, mode="r", shape=(n,)) for path, n in self.shards(split) if n]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
             return np.zeros(0, dtype=self.dtype)
-        return np.memmap(self.path(split), dtype=self.dtype, mode="r", shape=(n,))
+        return ShardedTokens(parts)
 
     def tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.dir)
@@ -263,7 +521,7 @@ class TokenDataset:
         n = int(self.meta[f"{split}_tokens"])
         if n < block_size + 1:
             raise DataError(
-                f"{self.path(split)}: {n} tokens is shorter than one window (block_size {block_size} + 1); "
+                f"{self.describe(split)}: {n} tokens is shorter than one window (block_size {block_size} + 1); "
                 f"use more text or a smaller block_size"
             )
 
@@ -281,17 +539,29 @@ def open_dataset(directory: str | Path) -> TokenDataset:
         raise DataError(f"{meta_path}: not valid JSON ({e}); run `scratchgpt prepare` again") from None
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         raise DataError(f"{meta_path}: not a scratchgpt token folder; run `scratchgpt prepare` again")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > META_VERSION:
+        raise DataError(f"{meta_path}: format_version {version!r} is newer than this scratchgpt reads "
+                        f"({META_VERSION}); upgrade scratchgpt or run `scratchgpt prepare` again")
     ds = TokenDataset(directory, meta)
     for split in SPLIT_FILES:
-        path = ds.path(split)
-        if not path.is_file():
-            raise DataError(f"{path}: not found; run `scratchgpt prepare` to create it")
-        expected = int(meta[f"{split}_tokens"]) * ds.dtype.itemsize
-        if path.stat().st_size != expected:
-            raise DataError(
-                f"{path}: {path.stat().st_size} bytes, but meta.json promises {expected}; the file is truncated "
-                f"or from another run of prepare"
-            )
+        try:
+            shards = ds.shards(split)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{meta_path}: malformed shard index ({type(e).__name__}: {e}); "
+                            f"run `scratchgpt prepare` again") from None
+        if sum(n for _, n in shards) != int(meta[f"{split}_tokens"]):
+            raise DataError(f"{meta_path}: the {split} shards hold {sum(n for _, n in shards)} tokens, but "
+                            f"{split}_tokens is {meta[f'{split}_tokens']}; run `scratchgpt prepare` again")
+        for path, n in shards:
+            if not path.is_file():
+                raise DataError(f"{path}: not found; run `scratchgpt prepare` to create it")
+            expected = n * ds.dtype.itemsize
+            if path.stat().st_size != expected:
+                raise DataError(
+                    f"{path}: {path.stat().st_size} bytes, but meta.json promises {expected}; the file is "
+                    f"truncated or from another run of prepare"
+                )
     return ds
 
 
@@ -312,7 +582,7 @@ def _mix_seed(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-def _windows(tokens: np.ndarray, starts: Sequence[int], block_size: int) -> tuple[Tensor, Tensor]:
+def _windows(tokens: Tokens, starts: Sequence[int], block_size: int) -> tuple[Tensor, Tensor]:
     """(x, y), each (B, T) int64, for windows beginning at `starts`."""
     rows = np.stack([np.asarray(tokens[s : s + block_size + 1], dtype=np.int64) for s in starts])  # (B, T+1)
     rows_t = torch.from_numpy(rows)
@@ -327,7 +597,7 @@ class RandomWindows:
     """
 
     def __init__(
-        self, tokens: np.ndarray, *, block_size: int, batch_size: int, seed: int = 0,
+        self, tokens: Tokens, *, block_size: int, batch_size: int, seed: int = 0,
         rank: int = 0, world_size: int = 1,
     ) -> None:
         if len(tokens) < block_size + 1:
@@ -363,7 +633,7 @@ class SequentialWindows:
     """
 
     def __init__(
-        self, tokens: np.ndarray, *, block_size: int, batch_size: int, stride: int | None = None,
+        self, tokens: Tokens, *, block_size: int, batch_size: int, stride: int | None = None,
         shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
     ) -> None:
         if len(tokens) < block_size + 1:
@@ -424,7 +694,7 @@ def _expect_kind(state: dict[str, Any], kind: str) -> None:
 
 
 def make_sampler(
-    tokens: np.ndarray, *, kind: Literal["random", "sequential"], block_size: int, batch_size: int, seed: int,
+    tokens: Tokens, *, kind: Literal["random", "sequential"], block_size: int, batch_size: int, seed: int,
     stride: int | None = None, shuffle: bool = True, rank: int = 0, world_size: int = 1,
 ) -> RandomWindows | SequentialWindows:
     """The sampler DataConfig.sampler names."""

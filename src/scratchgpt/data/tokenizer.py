@@ -50,6 +50,46 @@ _CHUNK_CACHE_LIMIT = 100_000
 
 
 # ---------------------------------------------------------------------------------------------
+# Where text may be cut so that its pieces tokenize to the same ids as the whole
+# ---------------------------------------------------------------------------------------------
+
+# A cut goes just before an ASCII whitespace character w that is followed by a non-whitespace
+# character c. Why this never changes GPT-2's pre-tokens ('(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++|
+# ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s), so never the ids of tiktoken, of ByteBPETokenizer (same
+# regex, merges stay inside a pre-token) or of CharTokenizer (any cut is safe for it):
+# - Whole text: let W be the run of whitespace that ends with w. No pre-token but a whitespace one
+#   holds whitespace, except one space leading a letter/number/punctuation run, and inside W every
+#   character is followed by whitespace. So a pre-token starts where W starts, and `\s+(?!\S)` takes
+#   all of W but w (the lookahead sees w; `\s++$` cannot match mid-text). Then a pre-token starts at w:
+#   w alone (`\s`), or w + the run after it when w is a space (` ?\p{L}++` ...).
+# - Left piece: it ends with W minus w, preceded by non-whitespace. The pre-tokens before W end where
+#   they ended in the whole text (each run stops at whitespace or at the end alike: the quantifiers are
+#   possessive, contractions have fixed length), and W minus w, if not empty, is one `\s++$`: the same.
+# - Right piece: it starts at w, where the whole text also starts a pre-token, and the regex has no
+#   lookbehind, so everything from w on is matched as in the whole text until the next cut.
+# - `<|endoftext|>` holds no whitespace, so a cut never falls inside it.
+# Whitespace differs between engines: tiktoken (Rust) and `regex` read \s as Unicode White_Space, which
+# str.isspace() (Python's `re` \s) contains (it adds U+001C..U+001F). So w is taken from [ \t\n\r\f\v]
+# (whitespace everywhere) and c must not be str.isspace() (whitespace nowhere); tests check both facts.
+_SAFE_CUT = re.compile(r"[ \t\n\r\f\v](?=\S)")
+
+
+def safe_cut(text: str, end: int | None = None) -> int:
+    """The largest index i in [1, end] where text[:i] and text[i:] tokenize to the ids of text; -1 if none."""
+    end = len(text) if end is None else min(end, len(text))
+    window = 256
+    while True:
+        lo = max(1, end - window)
+        # endpos end + 2 lets the lookahead see text[end + 1] and no further, so no match lies past `end`.
+        last = -1
+        for m in _SAFE_CUT.finditer(text, lo, end + 2):
+            last = m.start()
+        if last > 0 or lo == 1:
+            return last
+        window *= 16
+
+
+# ---------------------------------------------------------------------------------------------
 # The interface
 # ---------------------------------------------------------------------------------------------
 
@@ -170,11 +210,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 def build_tokenizer(
     kind: TokenizerKind,
     *,
-    text: str | None = None,
+    text: str | Iterable[str] | None = None,
     vocab_size: int | None = None,
     gpt2_dir: str | Path | None = None,
 ) -> Tokenizer:
-    """A tokenizer of `kind`: "gpt2" loads GPT-2's files; "bpe" and "char" train on `text`."""
+    """A tokenizer of `kind`: "gpt2" loads GPT-2's files; "bpe" and "char" train on `text` (or its pieces)."""
     if kind == "gpt2":
         tok = gpt2_tokenizer(gpt2_dir)
         if vocab_size is not None and vocab_size != tok.vocab_size:
@@ -522,10 +562,12 @@ class ByteBPETokenizer(Tokenizer):
 
     @classmethod
     def train(
-        cls, text: str, vocab_size: int, *, special_tokens: Sequence[str] = (EOT_TEXT,)
+        cls, text: str | Iterable[str], vocab_size: int, *, special_tokens: Sequence[str] = (EOT_TEXT,)
     ) -> ByteBPETokenizer:
         """Learn vocab_size - 256 - len(special_tokens) merges on `text` (fewer if no pair is left).
 
+        `text` may be one string or an iterable of pieces, read once and pre-tokenized one by one (so
+        pieces cut by `safe_cut` give exactly the merges of their concatenation, without joining them).
         Each step merges the pair with the highest count over all pre-token chunks; ties go to the
         lexicographically smallest (left id, right id), so the same text always gives the same merges.
         """
@@ -539,8 +581,9 @@ class ByteBPETokenizer(Tokenizer):
         splitter = re.compile("|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True))))
         pattern = regex.compile(GPT2_PATTERN)
         chunk_counts: Counter[str] = Counter()
-        for piece in splitter.split(text):
-            chunk_counts.update(pattern.findall(piece))
+        for part in [text] if isinstance(text, str) else text:
+            for piece in splitter.split(part):
+                chunk_counts.update(pattern.findall(piece))
         byte_counts: Counter[bytes] = Counter()
         for chunk, count in chunk_counts.items():
             byte_counts[_utf8(chunk)] += count
@@ -635,9 +678,15 @@ class CharTokenizer(Tokenizer):
         self._specials = {EOT_TEXT: len(chars)}
 
     @classmethod
-    def train(cls, text: str) -> CharTokenizer:
-        """The sorted distinct characters of `text` (`<|endoftext|>` markers aside) as the alphabet."""
-        chars = "".join(sorted(set(text.replace(EOT_TEXT, ""))))
+    def train(cls, text: str | Iterable[str]) -> CharTokenizer:
+        """The sorted distinct characters of `text` or its pieces (`<|endoftext|>` markers aside) as the alphabet.
+
+        Pieces are read once, so a stream of any length works; a marker must not straddle two pieces.
+        """
+        alphabet: set[str] = set()
+        for part in [text] if isinstance(text, str) else text:
+            alphabet.update(part.replace(EOT_TEXT, ""))
+        chars = "".join(sorted(alphabet))
         if not chars:
             raise ValueError("cannot train a char tokenizer on empty text")
         return cls(chars)

@@ -106,7 +106,7 @@ def _prepare_once(data: DataConfig, *, progress: bool) -> None:
     if is_main():
         prepare(data.source, data.dir, tokenizer=data.tokenizer, bpe_vocab_size=data.bpe_vocab_size,
                 val_fraction=data.val_fraction, split_by=data.split_by, errors=data.errors, workers=data.workers,
-                progress=progress)
+                shard_tokens=data.shard_tokens, progress=progress)
         return
     # No process group exists yet, and none is needed: meta.json is written last, atomically. If rank 0
     # fails, torchrun stops this process too.

@@ -1,0 +1,212 @@
+"""`prepare` on a corpus bigger than RAM should be: GPT-2 tokenization of >= 2 GB, one file and many files.
+
+The corpus is Tiny Shakespeare written again and again, each copy with its paragraphs in a different
+order (seeded shuffle) and each paragraph numbered "copy.paragraph", so no two MB of it repeat and no
+piece of work can be served from a tokenizer's memo; the many-file layout holds the same text cut into
+`--files` files at paragraph ends. Each run is `prepare(..., tokenizer="gpt2", val_fraction=0)` in a
+fresh process with 1 and then 2 workers; peak memory is that of the whole process tree (the prepare
+process and its pool), sampled from /proc every 50 ms: the sum of RSS (counts pages that forked
+workers share once per process) and the sum of PSS (shares them out: the honest total), plus the
+largest single process's peak from getrusage(RUSAGE_CHILDREN).
+
+Identical to one call: a 2 GB one-call tokenization does not fit in memory as Python ints, so the
+check has three parts: (1) on a prefix of `--prefix-mb` MB of the corpus, train.bin equals
+tiktoken's `encode_ordinary` of the whole prefix in ONE call; (2) on the full corpus, the sha256 of
+train.bin is the same for 1 and 2 workers (per layout: many files add end-of-text separators), and
+(3) for the single file, the same as a reference run with 16x larger pieces (different cut places,
+so an unsafe cut would show as a different hash). tests/test_tokenizer.py proves the cut rule on random and real text.
+
+    flock /tmp/scratchgpt-bench.lock .venv/bin/python bench/prepare.py [--size-mb 2048] [--files 256]
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+_RUN = """
+import json, sys, time
+from scratchgpt.data.dataset import prepare
+t0 = time.perf_counter()
+meta = prepare(sys.argv[1], sys.argv[2], tokenizer="gpt2", val_fraction=0.0, workers=int(sys.argv[3]),
+               chunk_bytes=int(sys.argv[4]), gpt2_dir=sys.argv[5], progress=False)
+print(json.dumps({"seconds": time.perf_counter() - t0, "tokens": meta["train_tokens"]}))
+"""
+
+
+def cpu_info() -> dict:
+    import torch
+
+    flags = ""
+    with contextlib.suppress(OSError, StopIteration):
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "avx512_bf16": " avx512_bf16" in flags,
+            "amx_bf16": " amx_bf16" in flags, "cpus": os.cpu_count(), "torch": torch.__version__}
+
+
+def write_corpus(text: str, size: int, single: Path, many: Path, n_files: int) -> int:
+    """Write >= size bytes of perturbed copies of `text` to `single`, and the same text as n_files files."""
+    paragraphs = text.split("\n\n")
+    many.mkdir(parents=True, exist_ok=True)
+    per_file = max(1, size // n_files)
+    written, copy, file_no, in_file = 0, 0, 0, 0
+    out_many = open(many / f"part-{file_no:05d}.txt", "wb")  # noqa: SIM115
+    with open(single, "wb") as out_single:
+        while written < size:
+            order = list(range(len(paragraphs)))
+            random.Random(copy).shuffle(order)
+            for k in order:
+                para = f"{copy}.{k} {paragraphs[k]}\n\n".encode()
+                out_single.write(para)
+                if in_file >= per_file and file_no + 1 < n_files:
+                    out_many.close()
+                    file_no += 1
+                    out_many = open(many / f"part-{file_no:05d}.txt", "wb")  # noqa: SIM115
+                    in_file = 0
+                out_many.write(para)
+                in_file += len(para)
+                written += len(para)
+            copy += 1
+    out_many.close()
+    return written
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants (from /proc/*/stat parent links)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(parents.get(p, []))
+    return out
+
+
+def _kb(path: str, key: str) -> int:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_prepare(source: Path, out: Path, workers: int, chunk_bytes: int) -> dict:
+    """One prepare in a fresh process, with its tree's peak memory and its own timing."""
+    proc = subprocess.Popen([sys.executable, "-c", _RUN, str(source), str(out), str(workers), str(chunk_bytes),
+                             str(DATA / "gpt2")], stdout=subprocess.PIPE, text=True)
+    peak = {"rss": 0, "pss": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            pids = _tree(proc.pid)
+            peak["rss"] = max(peak["rss"], sum(_kb(f"/proc/{p}/status", "VmRSS:") for p in pids))
+            peak["pss"] = max(peak["pss"], sum(_kb(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, _ = proc.communicate()
+    done.set()
+    sampler.join()
+    if proc.returncode:
+        raise SystemExit(f"prepare failed on {source} with {workers} workers (exit {proc.returncode})")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    digest = hashlib.sha256()
+    with open(out / "train.bin", "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return {"seconds": round(result["seconds"], 2), "tokens": result["tokens"],
+            "peak_tree_rss_mb": round(peak["rss"] / 1024, 1), "peak_tree_pss_mb": round(peak["pss"] / 1024, 1),
+            "sha256": digest.hexdigest()[:16]}
+
+
+def one_call_prefix(corpus: Path, work: Path, prefix_bytes: int) -> dict:
+    """train.bin of a prefix of the corpus against ONE encode_ordinary call on the whole prefix."""
+    import numpy as np
+
+    from scratchgpt.data.tokenizer import GPT2Tokenizer
+
+    data = corpus.read_bytes()[:prefix_bytes] if corpus.stat().st_size > prefix_bytes else corpus.read_bytes()
+    text = data.decode("utf-8", errors="ignore")  # the cut may fall inside a character: drop its bytes
+    prefix = work / "prefix.txt"
+    prefix.write_text(text, encoding="utf-8")
+    run_prepare(prefix, work / "prefix_out", 2, 1 << 20)  # 1 MB pieces: many cuts to get wrong
+    encoding = GPT2Tokenizer.from_dir(DATA / "gpt2")._encoding
+    reference = np.asarray(encoding.encode_ordinary(text), dtype=np.uint16)
+    ours = np.fromfile(work / "prefix_out" / "train.bin", dtype=np.uint16)
+    return {"prefix_mb": round(len(data) / 2**20, 1), "tokens": len(reference),
+            "identical": bool(np.array_equal(ours, reference))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=2048, help="corpus size in MB (default 2048)")
+    parser.add_argument("--files", type=int, default=256, help="files in the many-file layout")
+    parser.add_argument("--prefix-mb", type=int, default=64, help="prefix checked against one encode call")
+    parser.add_argument("--chunk-mb", type=float, default=4.0, help="prepare's piece size (chunk_bytes)")
+    parser.add_argument("--tmp", help="folder for the corpus (default: the system temp dir)")
+    args = parser.parse_args()
+    chunk = int(args.chunk_mb * 2**20)
+    out: dict = {"bench": "prepare", "tokenizer": "gpt2", **cpu_info()}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=args.tmp, prefix="scratchgpt-prepare-") as tmp:
+        work = Path(tmp)
+        text = (DATA / "text" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+        size = write_corpus(text, args.size_mb * 2**20, work / "corpus.txt", work / "many", args.files)
+        out["corpus_mb"] = round(size / 2**20, 1)
+        out["files_many"] = len(list((work / "many").iterdir()))
+        hashes: dict[str, set[str]] = {}
+        for layout, source in (("one_file", work / "corpus.txt"), ("many_files", work / "many")):
+            runs = {w: run_prepare(source, work / f"{layout}_w{w}", w, chunk) for w in (1, 2)}
+            for w, r in runs.items():
+                r["mb_per_s"] = round(size / 2**20 / r["seconds"], 2)
+                hashes.setdefault(layout, set()).add(r["sha256"])
+                (work / f"{layout}_w{w}" / "train.bin").unlink()
+            out[layout] = {f"workers_{w}": r for w, r in runs.items()}
+            out[layout]["speedup_2_vs_1"] = round(runs[1]["seconds"] / runs[2]["seconds"], 3)
+        reference = run_prepare(work / "corpus.txt", work / "reference", 2, chunk * 16)
+        out["reference_16x_pieces_sha256"] = reference["sha256"]
+        # Many files are documents separated by end-of-text, so that layout has its own (single) hash.
+        out["same_bytes_all_runs"] = hashes["one_file"] == {reference["sha256"]} and len(hashes["many_files"]) == 1
+        out["one_call_prefix"] = one_call_prefix(work / "corpus.txt", work, args.prefix_mb * 2**20)
+    runs = [out[layout][f"workers_{w}"] for layout in ("one_file", "many_files") for w in (1, 2)]
+    out["peak_tree_pss_mb_max"] = max(r["peak_tree_pss_mb"] for r in runs)
+    out["peak_tree_rss_mb_max"] = max(r["peak_tree_rss_mb"] for r in runs)
+    out["max_single_process_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    out["targets"] = {"peak_tree_pss_le_1gb": out["peak_tree_pss_mb_max"] <= 1024,
+                      "speedup_ge_1_8": min(out[k]["speedup_2_vs_1"] for k in ("one_file", "many_files")) >= 1.8,
+                      "identical_to_one_call": out["same_bytes_all_runs"] and out["one_call_prefix"]["identical"]}
+    out["identical_how"] = ("prefix: one encode_ordinary call on the whole prefix; full corpus: sha256 equal for "
+                            "1/2 workers in each layout and, for one file, a run with 16x larger pieces")
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
