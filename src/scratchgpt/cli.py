@@ -424,9 +424,11 @@ def _add_serve(sub) -> None:
         "streaming included), GET /v1/models, GET /health, and a chat page at GET /. Needs the `serve` extra.",
     )
     p.add_argument("--checkpoint", required=True, help="scratchgpt run directory or Hugging Face GPT-2 directory")
-    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST}, this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to bind (default: {DEFAULT_PORT})")
-    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else no key)")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST}, this machine "
+                   "only); any other address needs an API key")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to bind, 0-65535 (default: {DEFAULT_PORT})")
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else no key; "
+                   "an empty key is an error)")
     p.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
     p.add_argument("--chat-template", choices=TEMPLATES,
                    help="override the checkpoint's chat template (default: its config.json, else alpaca)")
