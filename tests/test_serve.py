@@ -906,8 +906,13 @@ def test_ctrl_c_ends_every_stream_with_done_and_no_traceback(tiny_chat_checkpoin
         port = int(proc.stdout.readline())
         url = f"http://127.0.0.1:{port}/v1/completions"
         deadline = time.monotonic() + 30
-        while httpx.get(url.replace("/v1/completions", "/health")).status_code != 200:
-            assert time.monotonic() < deadline
+        while True:  # the port is bound before the model loads, but listens only once uvicorn runs
+            try:
+                if httpx.get(url.replace("/v1/completions", "/health")).status_code == 200:
+                    break
+            except httpx.ConnectError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.1)
 
         def stream(max_tokens):
