@@ -436,6 +436,7 @@ class Event:
     completion_tokens: int = 0  # tokens sampled so far (set on the last event)
     error: str | None = None  # the server failed this request
     status: int = 500  # the HTTP status of `error` (503 when the server is shutting down)
+    code: str | None = None  # OpenAI's error code of `error`
 
 
 # A streaming client this many events behind is not reading (its socket's send buffer is full):
@@ -722,14 +723,14 @@ class Scheduler:
                 for row in self._clear_batch():
                     row.job.emit(Event(row.index, error="the server failed while generating; see its log"))
 
-    def _fail_all(self, message: str, *, status: int) -> None:
+    def _fail_all(self, message: str, *, status: int, code: str | None = "server_shutting_down") -> None:
         with self._cond:
             rows = [row for job in self._waiting for row in job.waiting]
             for job in self._waiting:
                 job.waiting.clear()
             self._waiting.clear()
         for row in rows + self._clear_batch():
-            row.job.emit(Event(row.index, error=message, status=status))
+            row.job.emit(Event(row.index, error=message, status=status, code=code))
 
     def _clear_batch(self) -> list[Row]:
         rows = self.batch.clear()
@@ -843,7 +844,7 @@ async def _answer(reply: _Reply, job: Job) -> dict[str, Any]:
     while any(f is None for f in finish):
         ev = await job.next_event()
         if ev.error:
-            raise APIError(ev.status, ev.error, kind="server_error")
+            raise APIError(ev.status, ev.error, kind="server_error", code=ev.code)
         texts[ev.index].append(ev.text)
         if ev.finish_reason:
             finish[ev.index], tokens[ev.index] = ev.finish_reason, ev.completion_tokens
@@ -866,7 +867,7 @@ async def _stream(reply: _Reply, job: Job, release: Callable[[], None]) -> Async
         while done < n:
             ev = await job.next_event()
             if ev.error:  # e.g. the server is shutting down: say so, then end the stream properly
-                yield _sse(APIError(ev.status, ev.error, kind="server_error").body())
+                yield _sse(APIError(ev.status, ev.error, kind="server_error", code=ev.code).body())
                 break
             if ev.text:
                 yield _sse({**reply.head(chunk=True), "choices": [reply.choice(ev.index, ev.text, None, chunk=True)]})
