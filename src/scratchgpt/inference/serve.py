@@ -939,7 +939,7 @@ class _Guard:
         while True:
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:  # a client that stops sending mid-body holds a connection for nothing
+            except asyncio.TimeoutError:  # a stalled body holds a connection for nothing (3.10: not the builtin)
                 await _send_error(send, APIError(408, f"the request body did not arrive within "
                                                  f"{self.read_timeout_s:g} s", code="request_timeout",
                                                  headers={"Connection": "close"}))
