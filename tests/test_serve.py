@@ -875,6 +875,35 @@ def test_a_request_whose_client_is_not_reading_gets_no_new_rows(model, tok):
     loop.close()
 
 
+def test_rows_of_a_client_that_stops_reading_pause_and_resume_where_they_were(model, tok):
+    import asyncio
+
+    from scratchgpt.inference.serve import MAX_BACKLOG, Scheduler
+
+    loop = asyncio.new_event_loop()
+    scheduler = Scheduler(model, tok, limits=ServeLimits(max_batch_size=8, batch_window_ms=0))
+    job = _job(model, tok, loop, n=2, max_tokens=12)
+    scheduler.submit(job)
+    scheduler._admit()
+    for _ in range(5):
+        scheduler._step()
+    assert job.decoding == 2 and all(len(r.tokens) == 5 for r in job.rows)
+    job.emitted += MAX_BACKLOG + 1  # its client stopped reading
+    scheduler._pause_unread()
+    assert (job.decoding, len(job.waiting), len(scheduler.batch)) == (0, 2, 0)
+    scheduler._admit()
+    assert job.decoding == 0  # still not reading: it stays paused
+    job.consumed = job.emitted
+    while job.waiting or job.decoding:
+        scheduler._admit()
+        scheduler._step()
+    # Resumed from prompt + its first 5 tokens, it ends as an uninterrupted greedy run does.
+    expected = greedy_ids(model, tok, [1, 2, 3], 12)
+    for row in job.rows:
+        assert row.tokens[: len(expected)] == expected and row.completion.finish_reason is not None
+    loop.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Shutdown: Ctrl+C with streams running, in a real server process
 # ---------------------------------------------------------------------------------------------

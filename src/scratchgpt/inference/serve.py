@@ -490,6 +490,12 @@ class Row:
     def tokens(self) -> list[int]:
         return self.completion.tokens if self.completion is not None else []
 
+    @property
+    def context(self) -> list[int]:
+        """What a fresh prefill of this row reads: its prompt plus the tokens sampled so far (a row
+        paused mid-answer resumes from here)."""
+        return self.prompt + self.tokens
+
     def columns_needed(self, cached: int) -> int:
         """Cache columns this row may still add when `cached` of its tokens are in the cache."""
         # The last token is sampled but never fed back, so a row occupies prompt + max_new - 1 columns.
@@ -520,22 +526,27 @@ class DecodeBatch:
 
     def fits(self, new: Sequence[Row]) -> bool:
         """Whether `new` rows can join now with no row ever needing more than n_ctx cache columns."""
-        lens = self.lens + [len(r.prompt) for r in new]
+        lens = self.lens + [len(r.context) for r in new]
         need = [r.columns_needed(n) for r, n in zip(self.rows + list(new), lens, strict=True)]
         return max(lens) + max(need) <= self.n_ctx
 
     @torch.inference_mode()
     def add(self, rows: Sequence[Row]) -> None:
-        """Prefill `rows` as one left-padded batch and merge them into the running batch."""
-        ids, mask, positions = left_pad([r.prompt for r in rows], device=self.device)
+        """Prefill `rows` as one left-padded batch and merge them into the running batch.
+
+        A row that was decoding before (paused, then dropped) is prefilled with its prompt and answer
+        so far, and carries on from there."""
+        ids, mask, positions = left_pad([r.context for r in rows], device=self.device)
         padded = bool((mask == 0).any())
         cache = KVCache.empty(self.model.config, batch_size=len(rows), max_len=ids.size(1), device=self.device,
                               dtype=self.dtype)
         logits = prefill(self.model, ids, cache, mask=mask if padded else None,
                          positions=positions if padded else None)
+        lens = [len(r.context) for r in rows]  # before any new completion: a fresh row has no tokens yet
         for r in rows:
-            r.completion = Completion(r.sampling, tokenizer=self.tokenizer, eot_id=self.tokenizer.eot_id)
-        self._rebuild(list(range(len(self.rows))), new=(list(rows), cache, logits))
+            if r.completion is None:
+                r.completion = Completion(r.sampling, tokenizer=self.tokenizer, eot_id=self.tokenizer.eot_id)
+        self._rebuild(list(range(len(self.rows))), new=(list(rows), cache, logits, lens))
 
     def drop(self, gone: Callable[[Row], bool]) -> list[Row]:
         """Remove the rows for which `gone(row)` is true (e.g. their client disconnected); returns them."""
@@ -581,11 +592,12 @@ class DecodeBatch:
         return text, row.completion.finish_reason
 
     @torch.inference_mode()
-    def _rebuild(self, keep: list[int], new: tuple[list[Row], KVCache, Tensor] | None = None) -> None:
-        """A fresh cache with the kept rows (+ new ones) right-aligned and dead columns dropped."""
-        new_rows, new_cache, new_logits = new if new is not None else ([], None, None)
+    def _rebuild(self, keep: list[int], new: tuple[list[Row], KVCache, Tensor, list[int]] | None = None) -> None:
+        """A fresh cache with the kept rows (+ new ones, with their lengths) right-aligned and dead
+        columns dropped."""
+        new_rows, new_cache, new_logits, new_lens = new if new is not None else ([], None, None, [])
         rows = [self.rows[i] for i in keep] + new_rows
-        lens = [self.lens[i] for i in keep] + [len(r.prompt) for r in new_rows]
+        lens = [self.lens[i] for i in keep] + new_lens
         if not rows:
             self.clear()
             return
@@ -631,8 +643,9 @@ class Scheduler:
     Between decode steps it drops rows whose request went away and admits waiting rows fairly: each
     free slot goes to the request with the fewest rows decoding (the earliest on a tie), so one
     request with many choices cannot make a small one wait behind all of them; a request whose
-    client is not reading its stream gets no new rows. An idle server first waits `batch_window_ms`
-    so requests arriving together start together.
+    client is not reading its stream is paused: its rows leave the batch (keeping their answer so
+    far) until it catches up. An idle server first waits `batch_window_ms` so requests arriving
+    together start together.
     """
 
     def __init__(self, model: GPT, tokenizer: Any, *, limits: ServeLimits):
@@ -713,6 +726,7 @@ class Scheduler:
                 self._admit()
                 for row in self.batch.drop(lambda r: r.job.released):
                     row.job.decoding -= 1
+                self._pause_unread()
                 if self.batch:
                     self._step()
                 else:
@@ -722,6 +736,19 @@ class Scheduler:
                 logger.exception("decoding failed")
                 for row in self._clear_batch():
                     row.job.emit(Event(row.index, error="the server failed while generating; see its log"))
+
+    def _pause_unread(self) -> None:
+        """Take the rows of requests whose client is not reading out of the batch; they wait (with
+        their answer so far) until it catches up, and their slots go to others meanwhile."""
+        paused = self.batch.drop(lambda r: r.job.backlogged)
+        if not paused:
+            return
+        with self._cond:
+            for row in reversed(paused):  # back at the front of their request's queue, in order
+                row.job.decoding -= 1
+                row.job.waiting.appendleft(row)
+                if row.job not in self._waiting:
+                    self._waiting.append(row.job)
 
     def _fail_all(self, message: str, *, status: int, code: str | None = "server_shutting_down") -> None:
         with self._cond:
