@@ -531,11 +531,12 @@ def test_serve_reads_the_chat_template_and_binds_loopback(tiny_chat_checkpoint, 
 
 
 def test_cli_serve_flags():
-    from scratchgpt.cli import build_parser
+    from scratchgpt.cli import build_parser, read_config_sections
 
     args = build_parser().parse_args(["serve", "--checkpoint", "runs/x", "--max-batch-size", "4", "--port", "9000"])
     assert args.func.__name__ == "_run_serve"
-    assert (args.port, args.max_batch_size, args.host) == (9000, 4, "127.0.0.1")
+    configs, _ = read_config_sections(args)
+    assert (configs["serve"].port, configs["limits"].max_batch_size, configs["serve"].host) == (9000, 4, "127.0.0.1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,9 +688,9 @@ def busy_port():
 
 
 @pytest.mark.parametrize("extra,env,expected", [
-    (["--port", "-1"], {}, "--port -1 must be an integer in [0, 65535]"),
-    (["--port", "70000"], {}, "--port 70000"),
-    (["--device", "tpu9"], {}, "--device 'tpu9' is not a device name"),
+    (["--port", "-1"], {}, "port=-1 must lie in [0, 65535]"),
+    (["--port", "70000"], {}, "port=70000 must lie in [0, 65535]"),
+    (["--device", "tpu9"], {}, "device='tpu9' is not a device"),
     (["--device", "cuda"], {}, "no CUDA device"),
     (["--host", "0.0.0.0"], {}, "needs an API key"),
     (["--host", "::"], {}, "needs an API key"),

@@ -33,13 +33,14 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from scratchgpt.config import SamplingConfig
 from scratchgpt.data.chat import TEMPLATES, Message, TemplateName, render_chat, stop_strings
+from scratchgpt.device import resolve_device
 from scratchgpt.inference.generate import Completion, decode_one_token, left_pad, prefill, sample_rows
 from scratchgpt.model.gpt import GPT, KVCache
 
@@ -1177,21 +1178,14 @@ def _is_loopback(host: str) -> bool:
 
 
 def check_device(device: str) -> torch.device:
-    """`device` as a torch.device this machine has, or a one-line ValueError saying what is wrong."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: this machine or torch build has no CUDA device; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {device}: serving runs on cpu, cuda or mps")
+    """`device` ('auto' included) as a torch.device this machine has, or a one-line ValueError."""
+    dev = resolve_device(device)  # the one rule for names, 'auto' and a missing CUDA
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}: MPS is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r}: serving runs on cpu, cuda or mps")
     return dev
 
 
@@ -1313,6 +1307,38 @@ def make_server(app: "FastAPI", *, log_level: str = "info") -> Any:
     return Server(config)
 
 
+@dataclass
+class ServeConfig:
+    """`scratchgpt serve`: what to serve, where, and to whom (what one server accepts is ServeLimits)."""
+
+    checkpoint: str = field(default="", metadata={"help": "scratchgpt run directory or Hugging Face GPT-2 directory"})
+    host: str = field(default=DEFAULT_HOST, metadata={
+        "help": "address to bind (127.0.0.1: this machine only; any non-loopback address needs an API key)"})
+    port: int = field(default=DEFAULT_PORT, metadata={"help": "port to bind (0: any free one)"})
+    api_key: str | None = field(default=None, metadata={
+        "help": f"require 'Authorization: Bearer KEY' (None: ${API_KEY_ENV}, else no key; an empty key is an error)"})
+    model_name: str | None = field(
+        default=None, metadata={"help": "the model id clients send (None: the checkpoint folder's name)"}
+    )
+    chat_template: TemplateName | None = field(
+        default=None, metadata={"help": "override the checkpoint's chat template (None: its config.json, else alpaca)"}
+    )
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda if present, else cpu), 'cpu', 'cuda:1'"})
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = field(
+        default="info", metadata={"help": "uvicorn's log level"}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("ServeConfig: no checkpoint to serve; pass --checkpoint DIR (or set it in [serve])")
+        if self.chat_template is not None and self.chat_template not in TEMPLATES:
+            raise ValueError(f"ServeConfig.chat_template={self.chat_template!r}; choose one of {list(TEMPLATES)}")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug"):
+            raise ValueError(f"ServeConfig.log_level={self.log_level!r}; choose critical, error, warning, info, debug")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"ServeConfig.port={self.port} must lie in [0, 65535]")
+
+
 def serve(
     checkpoint: str | Path,
     *,
@@ -1321,7 +1347,7 @@ def serve(
     api_key: str | None = None,
     model_name: str | None = None,
     chat_template: TemplateName | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     limits: ServeLimits | None = None,
     log_level: str = "info",
 ) -> None:
