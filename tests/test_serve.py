@@ -945,15 +945,23 @@ def test_ctrl_c_ends_every_stream_with_done_and_no_traceback(tiny_chat_checkpoin
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.1)
 
+        started = threading.Semaphore(0)
+
         def stream(max_tokens):
             body = _completion(max_tokens=max_tokens, stream=True, prompt="a")
+            lines = []
             with httpx.stream("POST", url, json=body, timeout=30) as r:
-                return [line for line in r.iter_lines() if line]
+                for line in r.iter_lines():
+                    if line and not lines:
+                        started.release()  # this stream is running
+                    lines += [line] if line else []
+            return lines
 
         with ThreadPoolExecutor(6) as pool:
             # 4 x 50 tokens at 0.05 s a step outlast the 1 s grace; 2 x 3 tokens finish within it.
             futures = [pool.submit(stream, 50) for _ in range(4)] + [pool.submit(stream, 3) for _ in range(2)]
-            time.sleep(1.0)
+            for _ in futures:
+                assert started.acquire(timeout=30)
             proc.send_signal(signal.SIGINT)
             results = [f.result(timeout=30) for f in futures]
         _, err = proc.communicate(timeout=30)
