@@ -287,6 +287,8 @@ BAD_REQUESTS = {
     "temperature as text": ("/v1/completions", dict(json=_completion(temperature="hot")), 400, "temperature"),
     "temperature too high": ("/v1/completions", dict(json=_completion(temperature=5)), 400, "temperature"),
     "top_p zero": ("/v1/completions", dict(json=_completion(top_p=0)), 400, "top_p"),
+    "repetition_penalty near zero": ("/v1/completions", dict(json=_completion(repetition_penalty=1e-300)), 400,
+                                     "repetition_penalty"),
     "top_k zero": ("/v1/completions", dict(json=_completion(top_k=0)), 400, "top_k"),
     "n zero": ("/v1/completions", dict(json=_completion(n=0)), 400, "n"),
     "n huge": ("/v1/completions", dict(json=_completion(n=1000)), 400, "n"),
@@ -606,6 +608,17 @@ def test_endoftext_text_is_ordinary_text_in_both_endpoints(client, http, tok):
     # Token ids still carry the special token.
     r = client.completions.create(model=MODEL, prompt=[tok.eot_id, 1], max_tokens=1)
     assert r.usage.prompt_tokens == 2
+
+
+@pytest.mark.parametrize("extra", [dict(temperature=1e-300), dict(temperature=5e-5, top_k=10**30),
+                                   dict(top_p=1e-300), dict(min_p=1.0), dict(top_k=10**6, repetition_penalty=0.01),
+                                   dict(temperature=2, top_k=1, min_p=0.99, repetition_penalty=10)])
+def test_extreme_sampling_values_are_served_not_500(client, http, extra):
+    r = http.post("/v1/completions", json=_completion(max_tokens=3, **extra))
+    assert r.status_code == 200, r.text
+    if extra.get("temperature", 1) < 1e-4:  # greedy in all but name
+        assert r.json()["choices"][0]["text"] == client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0).choices[0].text
 
 
 def test_chat_without_max_tokens_uses_the_documented_default(model, tok):

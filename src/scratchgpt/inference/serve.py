@@ -131,6 +131,13 @@ class GenerationRequest:
         return len(self.prompts) * self.n
 
 
+MIN_TEMPERATURE = 1e-4
+
+
+def _greedy_below(temperature: float, limit: float) -> float:
+    return 0.0 if temperature < limit else temperature
+
+
 def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -402,11 +409,13 @@ class RequestParser:
         if options.body and not stream:
             raise APIError(400, "`stream_options` is only allowed when `stream` is true", param="stream_options")
         base = dict(
-            temperature=f.number("temperature", default=1.0, lo=0.0, hi=2.0),
+            # Below 1e-4, dividing the logits by the temperature overflows: it is greedy in all but name.
+            temperature=_greedy_below(f.number("temperature", default=1.0, lo=0.0, hi=2.0), MIN_TEMPERATURE),
             top_p=f.number("top_p", default=1.0, lo=0.0, hi=1.0, lo_open=True),
             top_k=f.integer("top_k", lo=1),
             min_p=f.number("min_p", default=0.0, lo=0.0, hi=1.0),
-            repetition_penalty=f.number("repetition_penalty", default=1.0, lo=0.0, hi=10.0, lo_open=True),
+            # Its inverse multiplies logits, so a penalty near 0 would overflow them to inf.
+            repetition_penalty=f.number("repetition_penalty", default=1.0, lo=0.01, hi=10.0),
             stop=(*stop, *extra_stop),
             seed=seed,
         )
