@@ -1018,7 +1018,7 @@ class _Guard:
         # which this server never grants. So insisting on JSON keeps other sites' pages out.
         # A missing Content-Type counts as not JSON: that is what a cross-site "simple request" looks like.
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if method in ("POST", "PUT", "PATCH") and ctype != b"application/json":
+        if method == "POST" and ctype != b"application/json":
             got = repr(ctype.decode("latin-1")) if ctype else "none"
             return APIError(415, f"Content-Type must be application/json, got {got}", code="unsupported_media_type")
         return None
