@@ -260,12 +260,14 @@ def _chat(**fields):
     return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
 
 
+JSON = {"headers": {"Content-Type": "application/json"}}
+
 BAD_REQUESTS = {
     # name: (path, request kwargs for httpx, status, param)
-    "malformed JSON": ("/v1/completions", dict(content=b'{"model": "tiny", "prompt": '), 400, None),
+    "malformed JSON": ("/v1/completions", dict(content=b'{"model": "tiny", "prompt": ', **JSON), 400, None),
     "body is an array": ("/v1/completions", dict(json=[1, 2]), 400, None),
-    "absurdly nested JSON": ("/v1/completions", dict(content=b"[" * 100_000), 400, None),
-    "NaN is not JSON": ("/v1/completions", dict(content=b'{"model":"tiny","prompt":"a","temperature":NaN}'),
+    "absurdly nested JSON": ("/v1/completions", dict(content=b"[" * 100_000, **JSON), 400, None),
+    "NaN is not JSON": ("/v1/completions", dict(content=b'{"model":"tiny","prompt":"a","temperature":NaN}', **JSON),
                         400, None),
     "missing prompt": ("/v1/completions", dict(json={"model": MODEL}), 400, "prompt"),
     "missing model": ("/v1/completions", dict(json={"prompt": "a"}), 400, "model"),
@@ -285,6 +287,8 @@ BAD_REQUESTS = {
     "temperature as text": ("/v1/completions", dict(json=_completion(temperature="hot")), 400, "temperature"),
     "temperature too high": ("/v1/completions", dict(json=_completion(temperature=5)), 400, "temperature"),
     "top_p zero": ("/v1/completions", dict(json=_completion(top_p=0)), 400, "top_p"),
+    "repetition_penalty near zero": ("/v1/completions", dict(json=_completion(repetition_penalty=1e-300)), 400,
+                                     "repetition_penalty"),
     "top_k zero": ("/v1/completions", dict(json=_completion(top_k=0)), 400, "top_k"),
     "n zero": ("/v1/completions", dict(json=_completion(n=0)), 400, "n"),
     "n huge": ("/v1/completions", dict(json=_completion(n=1000)), 400, "n"),
@@ -314,14 +318,38 @@ BAD_REQUESTS = {
                         "messages[0].content"),
     "image content": ("/v1/chat/completions",
                       dict(json=_chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}])),
-                      400, "messages[0].content"),
-    "special token in chat": ("/v1/chat/completions",
-                              dict(json=_chat(messages=[{"role": "user", "content": "<|endoftext|>"}])),
-                              400, "messages"),
+                      400, "messages[0].content[0].type"),
+    "no Content-Type": ("/v1/completions", dict(content=b'{"model": "tiny", "prompt": "a"}'), 415, None),
+    "empty Content-Type": ("/v1/completions", dict(content=b'{"model": "tiny", "prompt": "a"}',
+                                                   headers={"Content-Type": ""}), 415, None),
+    "content is an empty list": ("/v1/chat/completions", dict(json=_chat(messages=[{"role": "user", "content": []}])),
+                                 400, "messages[0].content"),
+    "unknown key in a message": ("/v1/chat/completions",
+                                 dict(json=_chat(messages=[{"role": "user", "content": "hi", "name": "x"}])),
+                                 400, "messages[0].name"),
+    "unknown key in a content part": ("/v1/chat/completions", dict(json=_chat(messages=[
+        {"role": "user", "content": [{"type": "text", "text": "hi", "cache": 1}]}])), 400,
+        "messages[0].content[0].cache"),
+    "message is not an object": ("/v1/chat/completions", dict(json=_chat(messages=["hi"])), 400, "messages[0]"),
+    "role is a number": ("/v1/chat/completions", dict(json=_chat(messages=[{"role": 1, "content": "hi"}])), 400,
+                         "messages[0].role"),
+    "prompt is a list of an empty list": ("/v1/completions", dict(json=_completion(prompt=[[]])), 400, "prompt"),
+    "prompt mixes token lists and strings": ("/v1/completions", dict(json=_completion(prompt=[[1], "a"])), 400,
+                                             "prompt"),
+    "prompt mixes strings and token lists": ("/v1/completions", dict(json=_completion(prompt=["a", [1]])), 400,
+                                             "prompt"),
+    "stream_options is text": ("/v1/completions", dict(json=_completion(stream=True, stream_options="yes")), 400,
+                               "stream_options"),
+    "stream_options.include_usage is text": ("/v1/completions", dict(json=_completion(
+        stream=True, stream_options={"include_usage": "yes"})), 400, "stream_options.include_usage"),
+    "stream_options has an unknown key": ("/v1/chat/completions", dict(json=_chat(
+        stream=True, stream_options={"include_usage": True, "extra": 1})), 400, "stream_options.extra"),
+    "stream_options without stream": ("/v1/completions", dict(json=_completion(stream_options={"include_usage": True})),
+                                      400, "stream_options"),
     "form body": ("/v1/completions", dict(content=b"model=tiny", headers={"Content-Type": "text/plain"}), 415,
                   None),
     "body over 1 MB": ("/v1/completions", dict(json=_completion(prompt="a" * 1_100_000)), 413, None),
-    "body over 1 MB, chunked": ("/v1/completions", dict(content=iter([b"{" + b" " * 600_000] * 2)), 413, None),
+    "body over 1 MB, chunked": ("/v1/completions", dict(content=iter([b"{" + b" " * 600_000] * 2), **JSON), 413, None),
 }
 
 
@@ -477,21 +505,26 @@ def test_a_row_waits_when_the_batch_has_no_room_in_the_context(model, tok):
 
 
 def test_serve_reads_the_chat_template_and_binds_loopback(tiny_chat_checkpoint, monkeypatch):
-    import uvicorn
+    from types import SimpleNamespace
 
     from scratchgpt.inference import serve as serve_module
 
     calls = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.update(app=app, **kw))
+
+    def fake_server(app, **kw):
+        calls.update(app=app)
+        return SimpleNamespace(run=lambda sockets: calls.update(address=sockets[0].getsockname()))
+
+    monkeypatch.setattr(serve_module, "make_server", fake_server)
     monkeypatch.setenv("SCRATCHGPT_API_KEY", "from-env")
-    serve_module.serve(tiny_chat_checkpoint, port=8123)
+    serve_module.serve(tiny_chat_checkpoint, port=0)
     app = calls["app"]
-    assert (calls["host"], calls["port"]) == ("127.0.0.1", 8123)
+    assert calls["address"][0] == "127.0.0.1"
     assert app.state.chat_template == "alpaca"
     assert app.state.model_name == tiny_chat_checkpoint.name
     from fastapi.testclient import TestClient
 
-    local = TestClient(app, base_url="http://127.0.0.1:8123")
+    local = TestClient(app, base_url="http://127.0.0.1:8000")
     assert local.get("/v1/models").status_code == 401  # the key came from $SCRATCHGPT_API_KEY
     assert local.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
     # Bound to loopback, it refuses other Host names (a DNS-rebinding page would send its own).
@@ -506,3 +539,449 @@ def test_cli_serve_flags():
     assert args.func.__name__ == "_run_serve"
     configs, _ = read_config_sections(args)
     assert (configs["serve"].port, configs["limits"].max_batch_size, configs["serve"].host) == (9000, 4, "127.0.0.1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening: no 5xx from any string, one rule for special-token text, HEAD, Host, defaults
+# ---------------------------------------------------------------------------------------------
+
+SURROGATE = "\ud800"
+
+
+def _string_variants(value, path=()):
+    """Every way to put a lone surrogate into `value`: into each string, and as each object's extra key."""
+    if isinstance(value, str):
+        yield path, value + SURROGATE
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            for sub_path, new in _string_variants(item, (*path, i)):
+                yield sub_path, value[:i] + [new] + value[i + 1:]
+    elif isinstance(value, dict):
+        yield (*path, "<key>"), {**value, "x" + SURROGATE: 1}
+        for key, item in value.items():
+            for sub_path, new in _string_variants(item, (*path, key)):
+                yield sub_path, {**value, key: new}
+
+
+SURROGATE_BODIES = [
+    ("/v1/completions", _completion(stop=["zz"], user="u", suffix="", echo=True)),
+    ("/v1/completions", _completion(prompt=["one", "two"], stream=True, stream_options={"include_usage": True})),
+    ("/v1/chat/completions", _chat(messages=[
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        stop="zz", user="u", tool_choice="none", response_format={"type": "text"})),
+    ("/v1/chat/completions", _chat(stream=True, stream_options={"include_usage": True})),
+]
+
+
+@pytest.mark.parametrize("path,body", SURROGATE_BODIES)
+def test_lone_surrogates_in_any_string_never_give_a_5xx(http, path, body):
+    import json
+
+    sent = 0
+    for where, variant in _string_variants(body):
+        raw = json.dumps(variant)  # ASCII: the surrogate travels as the JSON escape \ud800
+        r = http.post(path, content=raw.encode(), headers={"Content-Type": "application/json"})
+        assert r.status_code < 500, (where, r.text)
+        if r.headers["content-type"].startswith("application/json"):
+            r.json()
+        else:
+            assert r.text.rstrip().endswith("data: [DONE]"), (where, r.text)
+        sent += 1
+    assert sent >= 5
+    # Echoed back as text, the surrogate comes back escaped (valid JSON), not as a 500.
+    r = http.post("/v1/completions", content=json.dumps(_completion(prompt="a" + SURROGATE, echo=True)).encode(),
+                  headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("a" + SURROGATE)
+    assert_openai_error(http.get("/v1/models/%ED%A0%80"), 404, code="model_not_found")
+
+
+def test_endoftext_text_is_ordinary_text_in_both_endpoints(client, http, tok):
+    text = "Hello <|endoftext|> world"
+    ordinary = tok._encode_ordinary(text)
+    assert tok.eot_id not in ordinary
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=1)
+    assert r.usage.prompt_tokens == len(ordinary)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=1)
+    assert r.usage.prompt_tokens == len(tok._encode_ordinary(render_chat([{"role": "user", "content": text}],
+                                                                         "alpaca")))
+    # Token ids still carry the special token.
+    r = client.completions.create(model=MODEL, prompt=[tok.eot_id, 1], max_tokens=1)
+    assert r.usage.prompt_tokens == 2
+
+
+@pytest.mark.parametrize("extra", [dict(temperature=1e-300), dict(temperature=5e-5, top_k=10**30),
+                                   dict(top_p=1e-300), dict(min_p=1.0), dict(top_k=10**6, repetition_penalty=0.01),
+                                   dict(temperature=2, top_k=1, min_p=0.99, repetition_penalty=10)])
+def test_extreme_sampling_values_are_served_not_500(client, http, extra):
+    r = http.post("/v1/completions", json=_completion(max_tokens=3, **extra))
+    assert r.status_code == 200, r.text
+    if extra.get("temperature", 1) < 1e-4:  # greedy in all but name
+        assert r.json()["choices"][0]["text"] == client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0).choices[0].text
+
+
+def test_chat_without_max_tokens_uses_the_documented_default(model, tok):
+    from scratchgpt.inference.serve import DEFAULT_CHAT_MAX_TOKENS, DEFAULT_MAX_TOKENS, RequestParser
+
+    parser = RequestParser(tok, MODEL, 4096, "alpaca", ServeLimits())  # a context wider than the default
+    chat = parser.chat({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.samplings[0].max_new_tokens == DEFAULT_CHAT_MAX_TOKENS == 256
+    completion = parser.completion({"model": MODEL, "prompt": "hi"})
+    assert completion.samplings[0].max_new_tokens == DEFAULT_MAX_TOKENS == 16
+    # Near the context's end, the answer stops there.
+    small = RequestParser(tok, MODEL, 64, "alpaca", ServeLimits())
+    chat = small.chat({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.samplings[0].max_new_tokens == 64 - len(chat.prompts[0])
+
+
+def test_head_is_get_without_a_body(server):
+    for path in ("/health", "/", "/v1/models"):
+        head = httpx.head(server + path, headers={"Authorization": f"Bearer {KEY}"})
+        assert head.status_code == 200 and head.content == b"", path
+        assert int(head.headers["content-length"]) > 0
+
+
+@pytest.mark.parametrize("host,ok", [
+    ("127.0.0.1", True), ("localhost:8000", True), ("[::1]:8000", True), ("LOCALHOST", True),
+    ("localhost:8000@evil.example", False), ("evil.example", False), ("localhost.evil.example", False),
+    ("127.0.0.1:80/x", False), ("[::1]evil", False), ("", False), ("localhost:", False),
+])
+def test_host_header_is_parsed_as_host_and_port(tiny_chat_checkpoint, loaded, host, ok):
+    from fastapi.testclient import TestClient
+
+    from scratchgpt.inference.serve import _LOOPBACK_HOSTS
+
+    model, tok = loaded
+    app = create_app(model, tok, model_name=MODEL, allowed_hosts=_LOOPBACK_HOSTS)
+    r = TestClient(app).get("/health", headers={"Host": host})
+    if ok:
+        assert r.status_code == 200, r.text
+    else:
+        assert_openai_error(r, 400, code="invalid_host")
+
+
+def test_a_char_level_checkpoint_disables_chat_once_and_clearly(tmp_path, caplog):
+    from fastapi.testclient import TestClient
+
+    from scratchgpt import GPT, GPTConfig
+    from scratchgpt.data.tokenizer import CharTokenizer
+
+    tok = CharTokenizer("abcdefgh ")
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=1, n_head=2),
+                generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING"):
+        app = create_app(model, tok, model_name="char")
+    assert "chat/completions is disabled" in caplog.text and "alphabet" in caplog.text
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", json={"model": "char", "messages": [{"role": "user", "content": "abc"}]})
+        assert_openai_error(r, 400, code="chat_not_supported")
+        assert "alpaca" in r.json()["error"]["message"]
+        assert c.get("/health").json()["chat"] is False
+        ok = c.post("/v1/completions", json={"model": "char", "prompt": "abc", "max_tokens": 2})
+        assert ok.status_code == 200
+        bad = c.post("/v1/completions", json={"model": "char", "prompt": "xyz"})
+        assert_openai_error(bad, 400, param="prompt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up: every bad argument is one line and a non-zero exit, before anything is announced
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def busy_port():
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+@pytest.mark.parametrize("extra,env,expected", [
+    (["--port", "-1"], {}, "port=-1 must lie in [0, 65535]"),
+    (["--port", "70000"], {}, "port=70000 must lie in [0, 65535]"),
+    (["--device", "tpu9"], {}, "device='tpu9' is not a device"),
+    (["--device", "cuda"], {}, "no CUDA device"),
+    (["--host", "0.0.0.0"], {}, "needs an API key"),
+    (["--host", "::"], {}, "needs an API key"),
+    (["--api-key", ""], {}, "--api-key is empty"),
+    ([], {"SCRATCHGPT_API_KEY": ""}, "$SCRATCHGPT_API_KEY is empty"),
+    (["--host", "no-such-host.invalid", "--api-key", "k"], {}, "is not an address of this machine"),
+    (["--port", "BUSY"], {}, "cannot listen on 127.0.0.1:"),
+    (["--max-batch-size", "0"], {}, "max_batch_size=0"),
+])
+def test_serve_start_up_errors_are_one_line(tiny_chat_checkpoint, busy_port, monkeypatch, capsys, extra, env,
+                                            expected):
+    from scratchgpt.cli import main
+
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    extra = [str(busy_port) if a == "BUSY" else a for a in extra]
+    assert main(["serve", "--checkpoint", str(tiny_chat_checkpoint), *extra]) == 2
+    out, err = capsys.readouterr()
+    assert "serving" not in out
+    assert err.count("\n") == 1 and err.startswith("scratchgpt serve: error: "), err
+    assert expected in err
+
+
+@pytest.mark.parametrize("path", ["runs/no-such-run", "./nope", "/no/such/dir", "nope/"])
+def test_serve_a_missing_local_checkpoint_says_not_found(tmp_path, monkeypatch, capsys, path):
+    from scratchgpt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert main(["serve", "--checkpoint", path]) == 2
+    err = capsys.readouterr().err
+    assert "no such checkpoint directory" in err and "hub" not in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Connections: silent sockets are closed, half-closed clients are answered (raw sockets)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hardened(loaded):
+    """A server as `serve` runs it (make_server: its protocol, timeouts and shutdown), read timeout 0.5 s."""
+    import socket
+
+    from scratchgpt.inference.serve import make_server
+
+    model, tok = loaded
+    app = create_app(model, tok, model_name=MODEL, limits=ServeLimits(read_timeout_s=0.5, shutdown_grace_s=1))
+    server = make_server(app, log_level="warning")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.01)
+    yield sock.getsockname()
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def _read_all(sock, timeout=10.0) -> tuple[bytes, float]:
+    """Everything until the server closes, and how long that took."""
+    sock.settimeout(timeout)
+    start, data = time.monotonic(), b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data, time.monotonic() - start
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"])
+def test_silent_and_trickling_connections_are_closed(hardened, sent):
+    import socket
+
+    with socket.create_connection(hardened, timeout=10) as s:
+        s.sendall(sent)
+        data, took = _read_all(s)
+    assert data == b"" and took < 5
+
+
+def test_a_stalled_body_gets_408(hardened):
+    import socket
+
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{\"model\"")
+    with socket.create_connection(hardened, timeout=10) as s:
+        s.sendall(head)
+        data, took = _read_all(s)
+    assert data.startswith(b"HTTP/1.1 408") and b"request_timeout" in data and took < 5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_half_closed_client_still_gets_its_answer(hardened, stream):
+    import json
+    import socket
+
+    body = json.dumps(_completion(max_tokens=3, stream=stream)).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    with socket.create_connection(hardened, timeout=10) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        data, _ = _read_all(s)
+    assert data.startswith(b"HTTP/1.1 200"), data
+    if stream:
+        assert b"data: [DONE]" in data  # (chunked: the last chunk follows)
+    else:
+        assert b'"completion_tokens":3' in data
+
+
+def test_keep_alive_connections_are_closed_after_their_timeout(hardened):
+    import socket
+
+    with socket.create_connection(hardened, timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        data, took = _read_all(s, timeout=15)
+    assert data.startswith(b"HTTP/1.1 200") and took < 10  # uvicorn's keep-alive timeout: 5 s
+
+
+# ---------------------------------------------------------------------------------------------
+# Fairness: a small request is not queued behind every row of big ones
+# ---------------------------------------------------------------------------------------------
+
+
+def _job(model, tok, loop, n, max_tokens, seed=0):
+    from scratchgpt.inference.serve import GenerationRequest, job_rows
+
+    job = Job(loop)
+    sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=0.0)
+    req = GenerationRequest(chat=False, prompts=((1, 2, 3),), samplings=(sampling,), n=n, seed=seed, stream=True)
+    job.rows = job_rows(job, req, "cpu")
+    return job
+
+
+def test_a_small_request_is_not_queued_behind_big_ones(model, tok):
+    import asyncio
+
+    from scratchgpt.inference.serve import Scheduler
+
+    loop = asyncio.new_event_loop()
+    scheduler = Scheduler(model, tok, limits=ServeLimits(max_batch_size=8, batch_window_ms=0))
+    big = [_job(model, tok, loop, n=16, max_tokens=20, seed=i) for i in range(4)]  # 64 rows, 8 waves by row
+    for job in big:
+        scheduler.submit(job)
+    scheduler._admit()
+    scheduler._step()
+    small = _job(model, tok, loop, n=1, max_tokens=4)
+    scheduler.submit(small)
+    steps = 0
+    while small.decoding or small.waiting:
+        scheduler._admit()
+        scheduler._step()
+        steps += 1
+        assert steps < 200
+    # First come, first served by row it would wait for 8 waves of 20 steps; fairly, for one row to end.
+    assert steps <= 20 + 4
+    # Rows are shared out by request: 8 slots over 4 big requests is 2 each (one just freed by the small one).
+    scheduler._admit()
+    assert [j.decoding for j in big] == [2, 2, 2, 2]
+    loop.close()
+
+
+def test_a_request_whose_client_is_not_reading_gets_no_new_rows(model, tok):
+    import asyncio
+
+    from scratchgpt.inference.serve import MAX_BACKLOG, Scheduler
+
+    loop = asyncio.new_event_loop()
+    scheduler = Scheduler(model, tok, limits=ServeLimits(max_batch_size=8, batch_window_ms=0))
+    stalled, other = _job(model, tok, loop, n=4, max_tokens=5), _job(model, tok, loop, n=4, max_tokens=5, seed=9)
+    stalled.emitted = MAX_BACKLOG + 1  # as if that many events were waiting for a client that does not read
+    scheduler.submit(stalled)
+    scheduler.submit(other)
+    scheduler._admit()
+    assert (stalled.decoding, other.decoding) == (0, 4)
+    stalled.consumed = stalled.emitted  # it caught up
+    scheduler._admit()
+    assert stalled.decoding == 4
+    loop.close()
+
+
+def test_rows_of_a_client_that_stops_reading_pause_and_resume_where_they_were(model, tok):
+    import asyncio
+
+    from scratchgpt.inference.serve import MAX_BACKLOG, Scheduler
+
+    loop = asyncio.new_event_loop()
+    scheduler = Scheduler(model, tok, limits=ServeLimits(max_batch_size=8, batch_window_ms=0))
+    job = _job(model, tok, loop, n=2, max_tokens=12)
+    scheduler.submit(job)
+    scheduler._admit()
+    for _ in range(5):
+        scheduler._step()
+    assert job.decoding == 2 and all(len(r.tokens) == 5 for r in job.rows)
+    job.emitted += MAX_BACKLOG + 1  # its client stopped reading
+    scheduler._pause_unread()
+    assert (job.decoding, len(job.waiting), len(scheduler.batch)) == (0, 2, 0)
+    scheduler._admit()
+    assert job.decoding == 0  # still not reading: it stays paused
+    job.consumed = job.emitted
+    while job.waiting or job.decoding:
+        scheduler._admit()
+        scheduler._step()
+    # Resumed from prompt + its first 5 tokens, it ends as an uninterrupted greedy run does.
+    expected = greedy_ids(model, tok, [1, 2, 3], 12)
+    for row in job.rows:
+        assert row.tokens[: len(expected)] == expected and row.completion.finish_reason is not None
+    loop.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Shutdown: Ctrl+C with streams running, in a real server process
+# ---------------------------------------------------------------------------------------------
+
+_SERVER_SCRIPT = """
+import sys, time
+from scratchgpt.checkpoint import load_any
+from scratchgpt.inference.serve import ServeLimits, bind_socket, create_app, make_server
+model, tok = load_any(sys.argv[1])
+model.register_forward_pre_hook(lambda m, a, k: time.sleep(0.05), with_kwargs=True)
+app = create_app(model, tok, model_name="tiny", limits=ServeLimits(shutdown_grace_s=1.0))
+sock = bind_socket("127.0.0.1", 0)
+print(sock.getsockname()[1], flush=True)
+try:
+    make_server(app, log_level="info").run(sockets=[sock])
+except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it handled; the CLI turns it into exit code 130
+    print("interrupted", file=sys.stderr)
+"""
+
+
+def test_ctrl_c_ends_every_stream_with_done_and_no_traceback(tiny_chat_checkpoint):
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT, str(tiny_chat_checkpoint)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        deadline = time.monotonic() + 30
+        while True:  # the port is bound before the model loads, but listens only once uvicorn runs
+            try:
+                if httpx.get(url.replace("/v1/completions", "/health")).status_code == 200:
+                    break
+            except httpx.ConnectError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+
+        started = threading.Semaphore(0)
+
+        def stream(max_tokens):
+            body = _completion(max_tokens=max_tokens, stream=True, prompt="a")
+            lines = []
+            with httpx.stream("POST", url, json=body, timeout=30) as r:
+                for line in r.iter_lines():
+                    if line and not lines:
+                        started.release()  # this stream is running
+                    lines += [line] if line else []
+            return lines
+
+        with ThreadPoolExecutor(6) as pool:
+            # 4 x 50 tokens at 0.05 s a step outlast the 1 s grace; 2 x 3 tokens finish within it.
+            futures = [pool.submit(stream, 50) for _ in range(4)] + [pool.submit(stream, 3) for _ in range(2)]
+            for _ in futures:
+                assert started.acquire(timeout=30)
+            proc.send_signal(signal.SIGINT)
+            results = [f.result(timeout=30) for f in futures]
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    for lines in results:
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+    assert all(any('"finish_reason":"length"' in line for line in lines) for lines in results[4:])
+    assert all(any("shutting down" in line for line in lines) for lines in results[:4])
+    assert "Traceback" not in err and "CancelledError" not in err, err

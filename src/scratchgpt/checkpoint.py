@@ -291,6 +291,11 @@ def _resolve_hf(name_or_dir: str | Path) -> Path:
     if path.is_dir():
         return path
     name = str(name_or_dir)
+    # A path, not a hub name: say it is missing rather than fail a download nobody asked for.
+    if path.exists() or name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or (
+        "/" in name and path.parent.is_dir()
+    ):
+        raise CheckpointError(f"{name}: no such checkpoint directory")
     if name not in HF_MODEL_NAMES and "/" not in name:
         raise CheckpointError(f"{name}: no such directory, and not a known hub name {list(HF_MODEL_NAMES)}")
     try:

@@ -21,7 +21,9 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -68,14 +70,26 @@ class ServeLimits:
     )
     max_choices: int = field(default=16, metadata={"help": "choices per request (n x prompts) at most"})
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body accepted"})
+    read_timeout_s: float = field(
+        default=10.0, metadata={"help": "seconds a client may take to send a request; slower or silent "
+                                "connections are closed (request body: 408)"}
+    )
+    shutdown_grace_s: float = field(
+        default=10.0, metadata={"help": "on Ctrl+C, seconds running requests may take to finish before each "
+                                "ends with an error"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_requests", "max_choices", "max_body_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ServeLimits.{name}={value!r} must be a positive integer")
-        if not 0 <= self.batch_window_ms <= 1000:
-            raise ValueError(f"ServeLimits.batch_window_ms={self.batch_window_ms!r} must lie in [0, 1000]")
+        # `not a <= x <= b` also refuses NaN.
+        for name, lo, hi in (("batch_window_ms", 0, 1000), ("read_timeout_s", 0.01, 3600),
+                             ("shutdown_grace_s", 0, 3600)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ValueError(f"ServeLimits.{name}={value!r} must lie in [{lo}, {hi}]")
 
 
 class APIError(Exception):
@@ -117,6 +131,17 @@ class GenerationRequest:
         return len(self.prompts) * self.n
 
 
+MIN_TEMPERATURE = 1e-4
+
+
+def _greedy_below(temperature: float, limit: float) -> float:
+    return 0.0 if temperature < limit else temperature
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
@@ -133,25 +158,35 @@ class _Fields:
     JSON null means "use the default", as in OpenAI's API.
     """
 
-    def __init__(self, body: Any, known: Collection[str]):
+    def __init__(self, body: Any, known: Collection[str], *, path: str = ""):
+        # `path` names a nested object (e.g. "messages[0]"); every object of a request, top level or
+        # nested, goes through here, so unknown keys and wrong types are refused the same way everywhere.
+        self.path = path
         if not isinstance(body, dict):
-            raise APIError(400, f"the request body must be a JSON object, got {_json_type(body)}")
+            what = f"`{path}`" if path else "the request body"
+            raise APIError(400, f"{what} must be a JSON object, got {_json_type(body)}", param=path or None)
         for key in body:
             if key not in known:
-                raise APIError(400, f"Unrecognized request argument supplied: {key}", param=key)
+                where = f" in `{path}`" if path else ""
+                raise APIError(400, f"Unrecognized request argument supplied{where}: {key}", param=self.name(key))
         self.body = body
+
+    def name(self, key: str) -> str:
+        """The parameter's full name for error messages: `key`, or `path.key` inside a nested object."""
+        return f"{self.path}.{key}" if self.path else key
 
     def get(self, name: str, types: type | tuple[type, ...], what: str, *, required: bool = False) -> Any:
         value = self.body.get(name)
+        full = self.name(name)
         if value is None:
             if required:
-                raise APIError(400, f"you must provide the `{name}` parameter", param=name,
+                raise APIError(400, f"you must provide the `{full}` parameter", param=full,
                                code="missing_required_parameter")
             return None
         types = types if isinstance(types, tuple) else (types,)
         # bool is an int subclass in Python, but `true` is not a number in JSON.
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise APIError(400, f"`{name}` must be {what}, got {_json_type(value)}", param=name)
+            raise APIError(400, f"`{full}` must be {what}, got {_json_type(value)}", param=full)
         return value
 
     def integer(self, name: str, *, default: int | None = None, lo: int | None = None, hi: int | None = None,
@@ -195,6 +230,31 @@ _CHAT_FIELDS = _COMMON_FIELDS | {
     "parallel_tool_calls",
 }
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_MESSAGE_FIELDS = frozenset({"role", "content"})
+_CONTENT_PART_FIELDS = frozenset({"type", "text"})
+_STREAM_OPTION_FIELDS = frozenset({"include_usage"})
+DEFAULT_MAX_TOKENS = 16  # completions, as OpenAI's
+DEFAULT_CHAT_MAX_TOKENS = 256  # chat: an answer, not the rest of the context
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Ids of client text, always as ordinary text: `<|endoftext|>` typed by a client is 13 characters.
+
+    One rule for both endpoints, so no client text can forge the special token (in chat it would end
+    a turn the template did not end); a client that wants it sends token ids (completions).
+    """
+    return tokenizer._encode_ordinary(text)
+
+
+def chat_unavailable_reason(tokenizer: Any, template: TemplateName) -> str | None:
+    """Why this tokenizer cannot encode `template`'s chat prompts (e.g. a character-level alphabet
+    without its markup characters), or None when it can."""
+    sample = [Message(role=role, content="a") for role in ("system", "user", "assistant", "user")]
+    try:
+        encode_text(tokenizer, render_chat(sample, template) + "".join(stop_strings(template)))
+    except ValueError as e:
+        return f"the {template!r} chat template cannot be encoded by this checkpoint's tokenizer ({e})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -206,6 +266,7 @@ class RequestParser:
     n_ctx: int
     chat_template: TemplateName
     limits: ServeLimits
+    chat_disabled: str | None = None  # why /v1/chat/completions cannot work with this checkpoint
 
     def completion(self, body: Any) -> GenerationRequest:
         """Validate a /v1/completions body."""
@@ -217,7 +278,7 @@ class RequestParser:
         if f.integer("best_of", default=n) != n:
             raise APIError(400, "`best_of` must equal `n` (this server does not rank candidates)", param="best_of")
         echo = f.boolean("echo")
-        return self._request(f, prompts, n=n, chat=False, default_max=16, extra_stop=(),
+        return self._request(f, prompts, n=n, chat=False, default_max=DEFAULT_MAX_TOKENS, extra_stop=(),
                              echo=tuple(texts) if echo else None)
 
     def chat(self, body: Any) -> GenerationRequest:
@@ -229,16 +290,18 @@ class RequestParser:
         f.unsupported("tool_choice", allowed=("none", "auto"))
         f.unsupported("response_format", allowed=({"type": "text"},))
         messages = self._messages(f.get("messages", list, "an array of messages", required=True))
+        if self.chat_disabled:
+            raise APIError(400, f"chat is not available on this server: {self.chat_disabled}; use /v1/completions",
+                           code="chat_not_supported")
         try:
-            text = render_chat(messages, self.chat_template)
-            ids = self.tokenizer.encode(text)  # specials stay forbidden: chat text may not forge one
+            ids = encode_text(self.tokenizer, render_chat(messages, self.chat_template))
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
         self._check_length(ids, param="messages")
         n = self._n(f, n_prompts=1)
         # The newer name wins; OpenAI deprecated max_tokens for chat.
         limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        return self._request(f, [ids], n=n, chat=True, default_max=None, max_tokens_param=limit,
+        return self._request(f, [ids], n=n, chat=True, default_max=DEFAULT_CHAT_MAX_TOKENS, max_tokens_param=limit,
                              extra_stop=stop_strings(self.chat_template))
 
     # -- pieces -----------------------------------------------------------------------------------
@@ -255,35 +318,38 @@ class RequestParser:
                          f"(at most {self.limits.max_choices} choices per request)")
 
     def _prompts(self, f: _Fields) -> tuple[list[str], list[list[int]]]:
-        """(texts, token ids) of `prompt`: a string, strings, token ids, or lists of token ids."""
-        prompt = f.get("prompt", (str, list), "a string, an array of strings or an array of token ids",
-                       required=True)
-        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        """(texts, token ids) of `prompt`: a string, strings, token ids, or lists of token ids.
+
+        A list holds one kind only: all strings, all token ids, or all non-empty lists of token ids.
+        """
+        what = "a string, an array of strings, an array of token ids or an array of arrays of token ids"
+        prompt = f.get("prompt", (str, list), what, required=True)
+        if isinstance(prompt, str) or (prompt and all(_is_token_id(t) for t in prompt)):
             prompt = [prompt]
         if not prompt:
             raise APIError(400, "`prompt` must not be an empty array", param="prompt")
         if len(prompt) > self.limits.max_choices:
             raise APIError(400, f"at most {self.limits.max_choices} prompts per request", param="prompt")
+        if not (all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt)):
+            raise APIError(400, f"`prompt` must be {what}; do not mix kinds in one array", param="prompt")
         texts, prompts = [], []
-        for p in prompt:
+        for i, p in enumerate(prompt):
             if isinstance(p, str):
                 try:
-                    # Like OpenAI's completions endpoint, `<|endoftext|>` in a prompt is the document separator.
-                    ids = self.tokenizer.encode(p, allowed_special=True)
-                except ValueError as e:
+                    ids = encode_text(self.tokenizer, p)
+                except ValueError as e:  # e.g. a character outside a char-level alphabet
                     raise APIError(400, f"prompt: {e}", param="prompt") from None
                 texts.append(p)
-            elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                # An empty prompt starts a new document, as GPT-2 was trained.
+                ids = ids or [self.tokenizer.eot_id]
+            else:
+                if not p or not all(_is_token_id(t) for t in p):
+                    raise APIError(400, f"`prompt[{i}]` must be a non-empty array of token ids", param="prompt")
                 if any(not 0 <= t < self.tokenizer.vocab_size for t in p):
                     raise APIError(400, f"`prompt` holds a token id outside [0, {self.tokenizer.vocab_size})",
                                    param="prompt")
                 ids = list(p)
                 texts.append(self.tokenizer.decode(ids))
-            else:
-                raise APIError(400, "`prompt` must be a string, an array of strings or an array of token ids",
-                               param="prompt")
-            # An empty prompt starts a new document, as GPT-2 was trained.
-            ids = ids or [self.tokenizer.eot_id]
             self._check_length(ids, param="prompt")
             prompts.append(ids)
         return texts, prompts
@@ -291,20 +357,26 @@ class RequestParser:
     def _messages(self, raw: list[Any]) -> list[Message]:
         messages: list[Message] = []
         for i, m in enumerate(raw):
-            if not isinstance(m, dict) or m.get("role") not in _ROLES:
-                raise APIError(400, f"messages[{i}] needs a role of {sorted(_ROLES)}", param=f"messages[{i}].role")
-            content = m.get("content")
+            path = f"messages[{i}]"
+            fields = _Fields(m, _MESSAGE_FIELDS, path=path)
+            role = fields.get("role", str, f"one of {sorted(_ROLES)}", required=True)
+            if role not in _ROLES:
+                raise APIError(400, f"`{path}.role` must be one of {sorted(_ROLES)}, got {role!r}",
+                               param=f"{path}.role")
+            content = fields.get("content", (str, list), "a string or an array of text parts", required=True)
             if isinstance(content, list):
                 # The content-parts form: only text parts mean something to a text model.
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise APIError(400, f"messages[{i}].content: only text parts are supported",
-                                   param=f"messages[{i}].content")
-                content = "\n".join(p["text"] for p in content)
-            if not isinstance(content, str):
-                raise APIError(400, f"messages[{i}].content must be a string, got {_json_type(content)}",
-                               param=f"messages[{i}].content")
-            messages.append(Message(role=_ROLES[m["role"]], content=content))
+                if not content:
+                    raise APIError(400, f"`{path}.content` must not be an empty array", param=f"{path}.content")
+                texts = []
+                for j, part in enumerate(content):
+                    part_fields = _Fields(part, _CONTENT_PART_FIELDS, path=f"{path}.content[{j}]")
+                    if part_fields.get("type", str, "a string", required=True) != "text":
+                        raise APIError(400, f"`{path}.content[{j}].type`: only text parts are supported",
+                                       param=f"{path}.content[{j}].type")
+                    texts.append(part_fields.get("text", str, "a string", required=True))
+                content = "\n".join(texts)
+            messages.append(Message(role=_ROLES[role], content=content))
         return messages
 
     def _check_length(self, ids: Sequence[int], *, param: str) -> None:
@@ -315,7 +387,7 @@ class RequestParser:
                 param=param, code="context_length_exceeded",
             )
 
-    def _request(self, f: _Fields, prompts: list[list[int]], *, n: int, chat: bool, default_max: int | None,
+    def _request(self, f: _Fields, prompts: list[list[int]], *, n: int, chat: bool, default_max: int,
                  extra_stop: Sequence[str], echo: tuple[str, ...] | None = None,
                  max_tokens_param: str = "max_tokens") -> GenerationRequest:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -331,21 +403,26 @@ class RequestParser:
             raise APIError(400, f"`stop` must be up to {MAX_STOP_STRINGS} non-empty strings", param="stop")
         seed = f.integer("seed", lo=-(2**63), hi=2**63 - 1)
         stream = f.boolean("stream")
-        options = f.get("stream_options", dict, "an object") or {}
-        include_usage = options.get("include_usage") is True
+        options = _Fields(f.get("stream_options", dict, "an object") or {}, _STREAM_OPTION_FIELDS,
+                          path="stream_options")
+        include_usage = options.boolean("include_usage")
+        if options.body and not stream:
+            raise APIError(400, "`stream_options` is only allowed when `stream` is true", param="stream_options")
         base = dict(
-            temperature=f.number("temperature", default=1.0, lo=0.0, hi=2.0),
+            # Below 1e-4, dividing the logits by the temperature overflows: it is greedy in all but name.
+            temperature=_greedy_below(f.number("temperature", default=1.0, lo=0.0, hi=2.0), MIN_TEMPERATURE),
             top_p=f.number("top_p", default=1.0, lo=0.0, hi=1.0, lo_open=True),
             top_k=f.integer("top_k", lo=1),
             min_p=f.number("min_p", default=0.0, lo=0.0, hi=1.0),
-            repetition_penalty=f.number("repetition_penalty", default=1.0, lo=0.0, hi=10.0, lo_open=True),
+            # Its inverse multiplies logits, so a penalty near 0 would overflow them to inf.
+            repetition_penalty=f.number("repetition_penalty", default=1.0, lo=0.01, hi=10.0),
             stop=(*stop, *extra_stop),
             seed=seed,
         )
         try:
             # The answer ends where the context does: a prompt of P tokens leaves n_ctx - P for it.
             samplings = tuple(
-                SamplingConfig(max_new_tokens=min(max_tokens or self.n_ctx, self.n_ctx - len(p)), **base)
+                SamplingConfig(max_new_tokens=min(max_tokens, self.n_ctx - len(p)), **base)
                 for p in prompts
             )
         except ValueError as e:  # the checks above should catch everything; never answer 500 for it
@@ -368,6 +445,13 @@ class Event:
     finish_reason: str | None = None  # "stop" or "length"
     completion_tokens: int = 0  # tokens sampled so far (set on the last event)
     error: str | None = None  # the server failed this request
+    status: int = 500  # the HTTP status of `error` (503 when the server is shutting down)
+    code: str | None = None  # OpenAI's error code of `error`
+
+
+# A streaming client this many events behind is not reading (its socket's send buffer is full):
+# its request gets no new rows until it catches up.
+MAX_BACKLOG = 256
 
 
 class Job:
@@ -377,13 +461,28 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.rows: list[Row] = []
-        # Set from the event loop, read by the scheduler thread: a plain bool is enough under the GIL.
+        # Set from the event loop, read by the scheduler thread: plain values are enough under the GIL.
         self.released = False
+        self.consumed = 0  # events the response has taken (event loop)
+        self.emitted = 0  # events handed over (scheduler thread)
+        self.waiting: deque[Row] = deque()  # rows not yet admitted (scheduler, under its lock)
+        self.decoding = 0  # rows in the batch now (scheduler thread)
+        self.seq = 0  # arrival order (scheduler)
 
     def emit(self, event: Event) -> None:
         """Hand an event to the request's event loop (called from the scheduler thread)."""
+        self.emitted += 1
         with suppress(RuntimeError):  # the loop has closed: nobody is waiting for this request any more
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    async def next_event(self) -> Event:
+        event = await self.events.get()
+        self.consumed += 1
+        return event
+
+    @property
+    def backlogged(self) -> bool:
+        return self.emitted - self.consumed > MAX_BACKLOG
 
 
 @dataclass(eq=False)
@@ -400,6 +499,12 @@ class Row:
     @property
     def tokens(self) -> list[int]:
         return self.completion.tokens if self.completion is not None else []
+
+    @property
+    def context(self) -> list[int]:
+        """What a fresh prefill of this row reads: its prompt plus the tokens sampled so far (a row
+        paused mid-answer resumes from here)."""
+        return self.prompt + self.tokens
 
     def columns_needed(self, cached: int) -> int:
         """Cache columns this row may still add when `cached` of its tokens are in the cache."""
@@ -431,28 +536,35 @@ class DecodeBatch:
 
     def fits(self, new: Sequence[Row]) -> bool:
         """Whether `new` rows can join now with no row ever needing more than n_ctx cache columns."""
-        lens = self.lens + [len(r.prompt) for r in new]
+        lens = self.lens + [len(r.context) for r in new]
         need = [r.columns_needed(n) for r, n in zip(self.rows + list(new), lens, strict=True)]
         return max(lens) + max(need) <= self.n_ctx
 
     @torch.inference_mode()
     def add(self, rows: Sequence[Row]) -> None:
-        """Prefill `rows` as one left-padded batch and merge them into the running batch."""
-        ids, mask, positions = left_pad([r.prompt for r in rows], device=self.device)
+        """Prefill `rows` as one left-padded batch and merge them into the running batch.
+
+        A row that was decoding before (paused, then dropped) is prefilled with its prompt and answer
+        so far, and carries on from there."""
+        ids, mask, positions = left_pad([r.context for r in rows], device=self.device)
         padded = bool((mask == 0).any())
         cache = KVCache.empty(self.model.config, batch_size=len(rows), max_len=ids.size(1), device=self.device,
                               dtype=self.dtype)
         logits = prefill(self.model, ids, cache, mask=mask if padded else None,
                          positions=positions if padded else None)
+        lens = [len(r.context) for r in rows]  # before any new completion: a fresh row has no tokens yet
         for r in rows:
-            r.completion = Completion(r.sampling, tokenizer=self.tokenizer, eot_id=self.tokenizer.eot_id)
-        self._rebuild(list(range(len(self.rows))), new=(list(rows), cache, logits))
+            if r.completion is None:
+                r.completion = Completion(r.sampling, tokenizer=self.tokenizer, eot_id=self.tokenizer.eot_id)
+        self._rebuild(list(range(len(self.rows))), new=(list(rows), cache, logits, lens))
 
-    def drop(self, gone: Callable[[Row], bool]) -> None:
-        """Remove the rows for which `gone(row)` is true (e.g. their client disconnected)."""
+    def drop(self, gone: Callable[[Row], bool]) -> list[Row]:
+        """Remove the rows for which `gone(row)` is true (e.g. their client disconnected); returns them."""
         keep = [i for i, r in enumerate(self.rows) if not gone(r)]
-        if len(keep) < len(self.rows):
+        dropped = [r for r in self.rows if gone(r)]
+        if dropped:
             self._rebuild(keep)
+        return dropped
 
     def clear(self) -> list[Row]:
         """Drop every row (after an error); returns them."""
@@ -490,11 +602,12 @@ class DecodeBatch:
         return text, row.completion.finish_reason
 
     @torch.inference_mode()
-    def _rebuild(self, keep: list[int], new: tuple[list[Row], KVCache, Tensor] | None = None) -> None:
-        """A fresh cache with the kept rows (+ new ones) right-aligned and dead columns dropped."""
-        new_rows, new_cache, new_logits = new if new is not None else ([], None, None)
+    def _rebuild(self, keep: list[int], new: tuple[list[Row], KVCache, Tensor, list[int]] | None = None) -> None:
+        """A fresh cache with the kept rows (+ new ones, with their lengths) right-aligned and dead
+        columns dropped."""
+        new_rows, new_cache, new_logits, new_lens = new if new is not None else ([], None, None, [])
         rows = [self.rows[i] for i in keep] + new_rows
-        lens = [self.lens[i] for i in keep] + [len(r.prompt) for r in new_rows]
+        lens = [self.lens[i] for i in keep] + new_lens
         if not rows:
             self.clear()
             return
@@ -537,24 +650,37 @@ class DecodeBatch:
 class Scheduler:
     """Owns the model on one background thread: queues rows, batches them, streams events back.
 
-    Between decode steps it drops rows whose request went away and admits queued rows (FIFO, up to
-    `max_batch_size`); an idle server first waits `batch_window_ms` so requests arriving together
-    start together.
+    Between decode steps it drops rows whose request went away and admits waiting rows fairly: each
+    free slot goes to the request with the fewest rows decoding (the earliest on a tie), so one
+    request with many choices cannot make a small one wait behind all of them; a request whose
+    client is not reading its stream is paused: its rows leave the batch (keeping their answer so
+    far) until it catches up. An idle server first waits `batch_window_ms` so requests arriving
+    together start together.
     """
 
     def __init__(self, model: GPT, tokenizer: Any, *, limits: ServeLimits):
         self.batch = DecodeBatch(model, tokenizer)
         self.limits = limits
-        self._pending: deque[Row] = deque()
+        self._waiting: list[Job] = []  # jobs with rows not yet admitted, in arrival order
         self._cond = threading.Condition()
         self._jobs = 0
+        self._seq = 0
         self._closed = False
+        self._drain_deadline: float | None = None  # set when shutting down: stop decoding at this time
         self._thread: threading.Thread | None = None
         self.tokens_generated = 0  # every token sampled since start
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="scratchgpt-scheduler", daemon=True)
         self._thread.start()
+
+    def drain(self, grace_s: float) -> None:
+        """Begin shutting down: refuse new requests; those in flight may finish within `grace_s`
+        seconds, then each ends with an error event. Safe to call from a signal handler's thread."""
+        with self._cond:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + grace_s
+            self._cond.notify()
 
     def close(self) -> None:
         """Stop the thread; requests still queued or running get an error event."""
@@ -563,22 +689,21 @@ class Scheduler:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        with self._cond:
-            rows = list(self._pending) + self.batch.clear()
-            self._pending.clear()
-        for row in rows:
-            row.job.emit(Event(row.index, error="the server is shutting down"))
+        self._fail_all("the server is shutting down", status=503)
 
     def submit(self, job: Job) -> None:
         """Queue a job's rows, or refuse it with 503 when `max_requests` are already in flight."""
         with self._cond:
-            if self._closed:
-                raise APIError(503, "the server is shutting down", kind="server_error")
+            if self._closed or self._drain_deadline is not None:
+                raise APIError(503, "the server is shutting down", kind="server_error", code="server_shutting_down")
             if self._jobs >= self.limits.max_requests:
                 raise APIError(503, f"the server is busy ({self._jobs} requests in flight); retry shortly",
                                kind="server_error", code="server_overloaded", headers={"Retry-After": "1"})
             self._jobs += 1
-            self._pending.extend(job.rows)
+            self._seq += 1
+            job.seq = self._seq
+            job.waiting.extend(job.rows)
+            self._waiting.append(job)
             self._cond.notify()
 
     def release(self, job: Job) -> None:
@@ -590,46 +715,86 @@ class Scheduler:
 
     def stats(self) -> dict[str, int]:
         with self._cond:
-            return {"requests_in_flight": self._jobs, "rows_waiting": len(self._pending),
+            return {"requests_in_flight": self._jobs, "rows_waiting": sum(len(j.waiting) for j in self._waiting),
                     "rows_decoding": len(self.batch), "tokens_generated": self.tokens_generated}
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._pending and not self.batch:
-                    self._cond.wait()
+                while not self._closed and not self._waiting and not self.batch:
+                    self._cond.wait(timeout=None if self._drain_deadline is None else 0.1)
                 if self._closed:
                     return
                 idle = not self.batch
+                overdue = self._drain_deadline is not None and time.monotonic() > self._drain_deadline
+            if overdue:
+                self._fail_all("the server is shutting down", status=503)
+                continue
             if idle and self.limits.batch_window_ms:
                 time.sleep(self.limits.batch_window_ms / 1000)  # let requests that arrive together gather
             try:
                 self._admit()
-                self.batch.drop(lambda r: r.job.released)
+                for row in self.batch.drop(lambda r: r.job.released):
+                    row.job.decoding -= 1
+                self._pause_unread()
                 if self.batch:
                     self._step()
+                else:
+                    with self._cond:  # only backlogged or abandoned jobs wait: do not spin
+                        self._cond.wait(timeout=0.01)
             except Exception:  # a bug or out of memory: fail these requests, keep serving others
                 logger.exception("decoding failed")
-                for row in self.batch.clear():
+                for row in self._clear_batch():
                     row.job.emit(Event(row.index, error="the server failed while generating; see its log"))
+
+    def _pause_unread(self) -> None:
+        """Take the rows of requests whose client is not reading out of the batch; they wait (with
+        their answer so far) until it catches up, and their slots go to others meanwhile."""
+        paused = self.batch.drop(lambda r: r.job.backlogged)
+        if not paused:
+            return
+        with self._cond:
+            for row in reversed(paused):  # back at the front of their request's queue, in order
+                row.job.decoding -= 1
+                row.job.waiting.appendleft(row)
+                if row.job not in self._waiting:
+                    self._waiting.append(row.job)
+
+    def _fail_all(self, message: str, *, status: int, code: str | None = "server_shutting_down") -> None:
+        with self._cond:
+            rows = [row for job in self._waiting for row in job.waiting]
+            for job in self._waiting:
+                job.waiting.clear()
+            self._waiting.clear()
+        for row in rows + self._clear_batch():
+            row.job.emit(Event(row.index, error=message, status=status, code=code))
+
+    def _clear_batch(self) -> list[Row]:
+        rows = self.batch.clear()
+        for row in rows:
+            row.job.decoding = 0
+        return rows
 
     def _admit(self) -> None:
         with self._cond:
+            self._waiting = [j for j in self._waiting if j.waiting and not j.released]
             rows: list[Row] = []
-            while self._pending and len(self.batch) + len(rows) < self.limits.max_batch_size:
-                row = self._pending[0]
-                if row.job.released:
-                    self._pending.popleft()
-                    continue
-                if not self.batch.fits([*rows, row]):
-                    break  # first in, first out: it waits until the batch has room in the context
-                rows.append(self._pending.popleft())
+            while len(self.batch) + len(rows) < self.limits.max_batch_size:
+                ready = [j for j in self._waiting if j.waiting and not j.backlogged]
+                if not ready:
+                    break
+                job = min(ready, key=lambda j: (j.decoding, j.seq))  # the fewest rows decoding goes first
+                if not self.batch.fits([*rows, job.waiting[0]]):
+                    break  # it waits until the batch has room in the context; nobody overtakes it
+                rows.append(job.waiting.popleft())
+                job.decoding += 1
         if rows:
             try:
                 self.batch.add(rows)
             except Exception:
                 logger.exception("prefill failed")
                 for row in rows:
+                    row.job.decoding -= 1
                     row.job.emit(Event(row.index, error="the server failed while reading the prompt; see its log"))
 
     def _step(self) -> None:
@@ -637,6 +802,8 @@ class Scheduler:
         with self._cond:
             self.tokens_generated += len(produced)
         for row, text, finish in produced:
+            if finish:
+                row.job.decoding -= 1
             if text or finish:
                 row.job.emit(Event(row.index, text, finish, completion_tokens=len(row.tokens)))
 
@@ -658,8 +825,14 @@ def job_rows(job: Job, req: GenerationRequest, device: torch.device | str) -> li
 # =============================================================================================
 
 
+def _json_bytes(data: Any) -> bytes:
+    """Every JSON body the server writes. ASCII-only: a lone UTF-16 surrogate from a client (legal in
+    JSON text, not encodable as UTF-8) is written as the escape `\\ud800` instead of failing."""
+    return json.dumps(data, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def _sse(data: Any) -> str:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+    return f"data: {_json_bytes(data).decode('ascii')}\n\n"
 
 
 @dataclass
@@ -706,9 +879,9 @@ async def _answer(reply: _Reply, job: Job) -> dict[str, Any]:
     finish: list[str | None] = [None] * n
     tokens = [0] * n
     while any(f is None for f in finish):
-        ev = await job.events.get()
+        ev = await job.next_event()
         if ev.error:
-            raise APIError(500, ev.error, kind="server_error")
+            raise APIError(ev.status, ev.error, kind="server_error", code=ev.code)
         texts[ev.index].append(ev.text)
         if ev.finish_reason:
             finish[ev.index], tokens[ev.index] = ev.finish_reason, ev.completion_tokens
@@ -729,18 +902,19 @@ async def _stream(reply: _Reply, job: Job, release: Callable[[], None]) -> Async
                 yield _sse({**reply.head(chunk=True), "choices": [reply.choice(i, reply.echo(i), None, chunk=True)]})
         done, tokens = 0, 0
         while done < n:
-            ev = await job.events.get()
-            if ev.error:
-                yield _sse(APIError(500, ev.error, kind="server_error").body())
-                return
+            ev = await job.next_event()
+            if ev.error:  # e.g. the server is shutting down: say so, then end the stream properly
+                yield _sse(APIError(ev.status, ev.error, kind="server_error", code=ev.code).body())
+                break
             if ev.text:
                 yield _sse({**reply.head(chunk=True), "choices": [reply.choice(ev.index, ev.text, None, chunk=True)]})
             if ev.finish_reason:
                 done, tokens = done + 1, tokens + ev.completion_tokens
                 last = reply.choice(ev.index, None, ev.finish_reason, chunk=True)
                 yield _sse({**reply.head(chunk=True), "choices": [last]})
-        if reply.req.include_usage:
-            yield _sse({**reply.head(chunk=True), "choices": [], "usage": reply.usage(tokens)})
+        else:
+            if reply.req.include_usage:
+                yield _sse({**reply.head(chunk=True), "choices": [], "usage": reply.usage(tokens)})
         yield "data: [DONE]\n\n"
     finally:
         release()  # also when the client disconnects: Starlette cancels this generator
@@ -763,26 +937,34 @@ def _parse_json(raw: bytes) -> Any:
                        "JSON object (Content-Type: application/json).") from None
 
 
-def _host_name(host: bytes) -> str:
-    text = host.decode("latin-1").strip().lower()
-    if text.startswith("["):
-        return text.split("]")[0] + "]"  # [::1]:8000 -> [::1]
-    return text.rsplit(":", 1)[0]
+# host[:port], the host a name or a bracketed IPv6 address; anything else (user info, paths) fails.
+_HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::[0-9]{1,5})?")
+
+
+def _host_name(host: bytes) -> str | None:
+    """The host of a Host header ("[::1]:8000" -> "[::1]"), or None when it is not host[:port]."""
+    match = _HOST_HEADER.fullmatch(host.decode("latin-1").strip().lower())
+    return match.group(1) if match else None
 
 
 class _Guard:
     """ASGI middleware run before routing: Host check, API key, request body size, JSON content type."""
 
-    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, allowed_hosts: Collection[str] | None):
+    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, allowed_hosts: Collection[str] | None,
+                 read_timeout_s: float = 10.0):
         self.app = app
-        self.api_key = api_key.encode() if api_key else None
+        self.api_key = api_key.encode() if api_key is not None else None
         self.max_body_bytes = max_body_bytes
         self.allowed_hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["method"] == "HEAD":
+            # HEAD is GET without the body, for every GET route (the server, not the app, drops the body).
+            scope = {**scope, "method": "GET"}
         headers = dict(scope["headers"])
         error = self._check_headers(scope["method"], scope["path"], headers)
         if error is not None:
@@ -790,8 +972,15 @@ class _Guard:
             return
         # Read the whole (bounded) body here, so an oversized one is refused even without Content-Length.
         body = bytearray()
+        deadline = time.monotonic() + self.read_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:  # a stalled body holds a connection for nothing (3.10: not the builtin)
+                await _send_error(send, APIError(408, f"the request body did not arrive within "
+                                                 f"{self.read_timeout_s:g} s", code="request_timeout",
+                                                 headers={"Connection": "close"}))
+                return
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
@@ -827,10 +1016,11 @@ class _Guard:
             return _too_large(self.max_body_bytes)
         # Browsers send form and text bodies cross-site without asking; JSON needs a CORS preflight,
         # which this server never grants. So insisting on JSON keeps other sites' pages out.
+        # A missing Content-Type counts as not JSON: that is what a cross-site "simple request" looks like.
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if method == "POST" and ctype and ctype != b"application/json":
-            return APIError(415, f"Content-Type must be application/json, got {ctype.decode('latin-1')!r}",
-                            code="unsupported_media_type")
+        if method == "POST" and ctype != b"application/json":
+            got = repr(ctype.decode("latin-1")) if ctype else "none"
+            return APIError(415, f"Content-Type must be application/json, got {got}", code="unsupported_media_type")
         return None
 
 
@@ -840,7 +1030,7 @@ def _too_large(limit: int) -> APIError:
 
 
 async def _send_error(send: Callable, error: APIError) -> None:
-    payload = json.dumps(error.body()).encode()
+    payload = _json_bytes(error.body())
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
@@ -873,7 +1063,11 @@ def create_app(
     limits = limits or ServeLimits()
     model.eval()
     device = next(model.parameters()).device
-    parser = RequestParser(tokenizer, model_name, model.config.n_positions, chat_template, limits)
+    chat_disabled = chat_unavailable_reason(tokenizer, chat_template)
+    if chat_disabled:  # e.g. a character-level alphabet: say it once here, not in every request's error
+        logger.warning("/v1/chat/completions is disabled: %s", chat_disabled)
+    parser = RequestParser(tokenizer, model_name, model.config.n_positions, chat_template, limits,
+                           chat_disabled=chat_disabled)
     scheduler = Scheduler(model, tokenizer, limits=limits)
     page = resources.files("scratchgpt.inference").joinpath("static/chat.html").read_text(encoding="utf-8")
     started = int(time.time())
@@ -886,14 +1080,19 @@ def create_app(
         finally:
             await asyncio.to_thread(scheduler.close)
 
-    app = FastAPI(title="scratchgpt", lifespan=lifespan,
+    class SafeJSONResponse(JSONResponse):
+        def render(self, content: Any) -> bytes:
+            return _json_bytes(content)
+
+    app = FastAPI(title="scratchgpt", lifespan=lifespan, default_response_class=SafeJSONResponse,
                   docs_url=None, redoc_url=None, openapi_url=None)  # the docs pages would load a CDN
-    app.state.scheduler = scheduler
-    app.state.model_name, app.state.chat_template = model_name, chat_template
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, allowed_hosts=allowed_hosts)
+    app.state.scheduler, app.state.limits = scheduler, limits
+    app.state.model_name, app.state.chat_template, app.state.chat_disabled = model_name, chat_template, chat_disabled
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, allowed_hosts=allowed_hosts,
+                       read_timeout_s=limits.read_timeout_s)
 
     def error_response(error: APIError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        return SafeJSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -926,7 +1125,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, **scheduler.stats()}
+        return {"status": "ok", "model": model_name, "chat": chat_disabled is None, **scheduler.stats()}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -961,7 +1160,7 @@ def create_app(
             await asyncio.wait({answer, hangup}, return_when=asyncio.FIRST_COMPLETED)
             if not answer.done():  # the client left: nobody will read an answer
                 return Response(status_code=499)
-            return JSONResponse(answer.result())
+            return SafeJSONResponse(answer.result())
         finally:
             answer.cancel()
             hangup.cancel()
@@ -987,16 +1186,146 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_device(device: str) -> torch.device:
+    """`device` ('auto' included) as a torch.device this machine has, or a one-line ValueError."""
+    dev = resolve_device(device)  # the one rule for names, 'auto' and a missing CUDA
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}: MPS is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r}: serving runs on cpu, cuda or mps")
+    return dev
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    """The key from `api_key`, else $SCRATCHGPT_API_KEY, else None (no key). An empty key is an error,
+    whichever way it came: silently serving without authentication is never what that meant."""
+    source = "--api-key"
+    if api_key is None:
+        api_key, source = os.environ.get(API_KEY_ENV), f"${API_KEY_ENV}"
+    if api_key is not None and not api_key.strip():
+        raise ValueError(f"{source} is empty; give a key, or unset it to serve without one (loopback only)")
+    return api_key.strip() if api_key is not None else None
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a one-line ValueError (port in use, unknown host, ...)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"--port {port!r} must be an integer in [0, 65535]")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host!r} is not an address of this machine ({e})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart without waiting
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _http_protocol(read_timeout_s: float) -> type:
+    """uvicorn's h11 protocol plus what it lacks: a deadline for a request's head, and half-close.
+
+    - A connection must deliver a complete request head within `read_timeout_s` of connecting or of
+      starting its next request; silent or trickling sockets are closed (between requests uvicorn's
+      keep-alive timeout applies).
+    - A client that sends its request and then shuts down its sending side (`shutdown(SHUT_WR)`) still
+      gets its answer. A shut-down side looks the same as a closed socket, so until the answer starts
+      the server writes an interim `100 Continue` each second: a socket that is really closed answers
+      it with a reset, and the request stops as for any disconnect.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _read_timer: asyncio.TimerHandle | None = None
+        _probe_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._watch_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch_head()
+
+        def eof_received(self) -> bool | None:
+            if self.cycle is not None and not self.cycle.response_complete and self.conn.their_state is h11.DONE:
+                self.cycle.keep_alive = False  # answer, then close
+                self._probe_timer = self.loop.call_later(1.0, self._probe)
+                return True  # keep the sending side open
+            return None  # nothing asked, or a request cut short: close, as uvicorn does
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            for timer in (self._read_timer, self._probe_timer):
+                if timer is not None:
+                    timer.cancel()
+            super().connection_lost(exc)
+
+        def _awaiting_head(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _watch_head(self) -> None:
+            if not self._awaiting_head():
+                if self._read_timer is not None:
+                    self._read_timer.cancel()
+                    self._read_timer = None
+            elif self._read_timer is None:
+                self._read_timer = self.loop.call_later(read_timeout_s, self._head_timed_out)
+
+        def _head_timed_out(self) -> None:
+            self._read_timer = None
+            if self._awaiting_head() and not self.transport.is_closing():
+                self.transport.close()
+
+        def _probe(self) -> None:
+            cycle = self.cycle
+            if cycle is None or cycle.response_started or cycle.response_complete or self.transport.is_closing():
+                return
+            self.transport.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[],
+                                                                          reason=b"Continue")))
+            self._probe_timer = self.loop.call_later(1.0, self._probe)
+
+    return Protocol
+
+
+def make_server(app: "FastAPI", *, log_level: str = "info") -> Any:
+    """A uvicorn.Server for `app` (from `create_app`) with its timeouts and a draining shutdown:
+    on Ctrl+C or SIGTERM running requests get `shutdown_grace_s` to finish, then an error event."""
+    import uvicorn
+
+    limits: ServeLimits = app.state.limits
+    scheduler: Scheduler = app.state.scheduler
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            scheduler.drain(limits.shutdown_grace_s)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(
+        app, log_level=log_level, http=_http_protocol(limits.read_timeout_s),
+        timeout_keep_alive=5,
+        # Longer than the drain, so every stream ends by itself with [DONE] before uvicorn would cancel it.
+        timeout_graceful_shutdown=int(limits.shutdown_grace_s) + 5,
+    )
+    return Server(config)
+
+
 @dataclass
 class ServeConfig:
     """`scratchgpt serve`: what to serve, where, and to whom (what one server accepts is ServeLimits)."""
 
     checkpoint: str = field(default="", metadata={"help": "scratchgpt run directory or Hugging Face GPT-2 directory"})
-    host: str = field(default=DEFAULT_HOST, metadata={"help": "address to bind (127.0.0.1: this machine only)"})
-    port: int = field(default=DEFAULT_PORT, metadata={"help": "port to bind"})
-    api_key: str | None = field(
-        default=None, metadata={"help": f"require 'Authorization: Bearer KEY' (None: ${API_KEY_ENV}, else no key)"}
-    )
+    host: str = field(default=DEFAULT_HOST, metadata={
+        "help": "address to bind (127.0.0.1: this machine only; any non-loopback address needs an API key)"})
+    port: int = field(default=DEFAULT_PORT, metadata={"help": "port to bind (0: any free one)"})
+    api_key: str | None = field(default=None, metadata={
+        "help": f"require 'Authorization: Bearer KEY' (None: ${API_KEY_ENV}, else no key; an empty key is an error)"})
     model_name: str | None = field(
         default=None, metadata={"help": "the model id clients send (None: the checkpoint folder's name)"}
     )
@@ -1034,23 +1363,28 @@ def serve(
     """Load `checkpoint` and serve it with uvicorn until interrupted.
 
     The chat template comes from the checkpoint's config.json ("chat_template"), else Alpaca; the API
-    key from `api_key`, else $SCRATCHGPT_API_KEY, else none.
+    key from `api_key`, else $SCRATCHGPT_API_KEY, else none. Serving beyond loopback needs a key.
+    Every mistake in the arguments is a one-line ValueError raised before anything is announced.
     """
-    import uvicorn
-
     from scratchgpt.checkpoint import load_any, saved_chat_template
 
-    model, tokenizer = load_any(checkpoint, device=resolve_device(device))
-    chat_template = chat_template or saved_chat_template(checkpoint)
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    name = model_name or Path(checkpoint).resolve().name or str(checkpoint)
+    api_key = resolve_api_key(api_key)
     loopback = _is_loopback(host)
     if not loopback and api_key is None:
-        logger.warning("serving on %s without an API key: anyone who can reach this port can use the model", host)
-    app = create_app(model, tokenizer, model_name=name, chat_template=chat_template, api_key=api_key,
-                     limits=limits, allowed_hosts=_LOOPBACK_HOSTS if loopback else None)
-    shown = f"[{host}]" if ":" in host else host
-    print(f"serving {name!r} ({chat_template} chat template) on http://{shown}:{port}/  (Ctrl+C to stop)",
-          flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-
+        raise ValueError(f"--host {host} makes the server reachable from other machines: it needs an API key "
+                         f"(--api-key KEY or ${API_KEY_ENV})")
+    dev = check_device(device)
+    sock = bind_socket(host, port)  # before loading: a port in use fails in a second, not after a load
+    try:
+        model, tokenizer = load_any(checkpoint, device=dev)
+        chat_template = chat_template or saved_chat_template(checkpoint)
+        name = model_name or Path(checkpoint).resolve().name or str(checkpoint)
+        app = create_app(model, tokenizer, model_name=name, chat_template=chat_template, api_key=api_key,
+                         limits=limits, allowed_hosts=_LOOPBACK_HOSTS if loopback else None)
+        shown = f"[{host.strip('[]')}]" if ":" in host else host
+        bound_port = sock.getsockname()[1]
+        chat = "chat disabled" if app.state.chat_disabled else f"{chat_template} chat template"
+        print(f"serving {name!r} ({chat}) on http://{shown}:{bound_port}/  (Ctrl+C to stop)", flush=True)
+        make_server(app, log_level=log_level).run(sockets=[sock])
+    finally:
+        sock.close()
