@@ -571,8 +571,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, **kwargs) -> GPT:
-        """Load GPT-2 weights from a Hugging Face directory or hub name (see `checkpoint.load_hf`)."""
-        # The I/O lives in checkpoint.py; this is only the familiar entry point.
-        from scratchgpt.checkpoint import load_hf
+        """Load a Hugging Face GPT-2 / Llama / Qwen directory or hub name (see `scratchgpt.hf.load_hf`)."""
+        # The I/O lives in scratchgpt.hf; this is only the familiar entry point.
+        from scratchgpt.hf import load_hf
 
         return load_hf(name_or_dir, **kwargs)
