@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -475,3 +476,61 @@ def test_random_option_combinations_cache_and_batch_consistent(drawn, seed):
     for i, p in enumerate(prompts):
         solo, _ = model(torch.tensor([p]))
         assert max_diff(batch[i, -len(p):], solo[0]) < TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# A Llama-style model through the CLI: train, resume bit-exact, generate, serve
+# ---------------------------------------------------------------------------------------------
+
+LLAMA_FLAGS = ["--pos-encoding", "rope", "--norm", "rmsnorm", "--activation", "swiglu", "--n-kv-head", "1",
+               "--bias", "false", "--tie-word-embeddings", "false", "--qk-norm", "true"]
+
+
+def test_llama_style_training_resumes_bit_exact_generates_and_serves(char_data, tmp_path, capsys, start_server):
+    import json as _json
+
+    from scratchgpt.checkpoint import load_any, load_model
+    from scratchgpt.cli import main
+    from scratchgpt.config import read_toml
+    from scratchgpt.inference.serve import create_app
+
+    # The shipped example config is this family.
+    shipped = read_toml(Path(__file__).resolve().parents[1] / "configs" / "shakespeare_char_llama.toml")["model"]
+    assert (shipped["pos_encoding"], shipped["norm"], shipped["activation"], shipped["n_kv_head"]) == (
+        "rope", "rmsnorm", "swiglu", 1)
+
+    tiny = ["--dir", str(char_data), "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--n-inner", "40",
+            "--block-size", "32", "--batch-size", "4", "--eval-steps", "2", "--eval-interval", "6",
+            "--checkpoint-interval", "8", "--lr-decay-steps", "24", "--log-interval", "4", "--progress", "false",
+            "--plot", "false", "--warmup-steps", "4", "--lr", "3e-3", "--seed", "5", *LLAMA_FLAGS]
+    assert main(["train", "--out-dir", str(tmp_path / "straight"), *tiny, "--max-steps", "24"]) == 0
+    assert main(["train", "--out-dir", str(tmp_path / "parts"), *tiny, "--max-steps", "10"]) == 0
+    assert main(["train", "--out-dir", str(tmp_path / "parts"), *tiny, "--max-steps", "24", "--resume"]) == 0
+    straight = (tmp_path / "straight" / "model.safetensors").read_bytes()
+    assert (tmp_path / "parts" / "model.safetensors").read_bytes() == straight
+
+    model, cfg = load_model(tmp_path / "straight")
+    c = model.config
+    assert (c.pos_encoding, c.norm, c.activation, c.kv_heads, c.qk_norm, c.bias) == (
+        "rope", "rmsnorm", "swiglu", 1, True, False)
+    assert not any("wpe" in n for n, _ in model.named_parameters())
+    capsys.readouterr()
+
+    args = ["generate", "--checkpoint", str(tmp_path / "straight"), "--prompt", "ROMEO:", "--max-new-tokens", "16",
+            "--temperature", "0", "--stop-at-eot", "false"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert plain.startswith("ROMEO:") and len(plain.rstrip("\n")) == len("ROMEO:") + 16
+    assert main([*args, "--stream"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main([*args, "--no-cache"]) == 0
+    assert capsys.readouterr().out == plain
+
+    model, tok = load_any(tmp_path / "straight")
+    base = start_server(create_app(model, tok, model_name="llama-tiny"))
+    import httpx
+
+    r = httpx.post(f"{base}/v1/completions", json={"model": "llama-tiny", "prompt": "ROMEO:", "max_tokens": 16,
+                                                   "temperature": 0}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert "ROMEO:" + _json.loads(r.text)["choices"][0]["text"] == plain.rstrip("\n")
