@@ -254,3 +254,28 @@ def test_preset_parameter_counts_equal_published_models(name):
     mine = {k: tuple(v.shape) for k, v in ours.state_dict().items() if k != "lm_head.weight"}
     theirs.pop("lm_head.weight", None)
     assert mine == theirs
+
+
+def test_lora_on_an_imported_qwen3_merges_and_exports(tmp_path):
+    """LoRA's default targets (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) are the fused
+    projections, so they adapt q/k/v and gate/up of a Llama/Qwen import too; merged, it exports."""
+    from scratchgpt.config import LoRAConfig
+    from scratchgpt.training.lora import apply_lora, merge_lora
+
+    random_hf_model("qwen3", tied=True, seed=8).save_pretrained(tmp_path / "hf")
+    model = load_hf(tmp_path / "hf")
+    wrapped = apply_lora(model, LoRAConfig(rank=2, alpha=4, dropout=0.0), generator=torch.Generator().manual_seed(0))
+    assert "transformer.h.0.attn.c_attn" in wrapped and "transformer.h.1.mlp.c_fc" in wrapped
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    x = ids(seed=9)
+    with torch.no_grad():
+        adapted, _ = model(x)
+        merge_lora(model)
+        merged, _ = model(x)
+    assert (merged - adapted).abs().max().item() < TOL
+    save_hf(model, tmp_path / "merged")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
+    assert (hf_logits(theirs.eval(), x) - merged).abs().max().item() < TOL
