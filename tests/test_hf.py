@@ -194,19 +194,30 @@ def test_load_any_reads_tokenizer_json_and_chat_template(tmp_path):
     assert tok.decode(tok.encode("hello")) == "hello"
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    ids_ = tok.encode_chat([{"role": "user", "content": "hi"}])
+    assert ids_[0] == 96 and ids_.count(95) == 1 and tok.decode(ids_) == text
+    with pytest.raises(ValueError, match="messages\\[0\\]"):
+        tok.encode_chat([{"role": "user", "content": "hi<|im_end|>"}])  # content cannot forge a turn
+    # Saved into a scratchgpt run directory, the tokenizer reloads as itself (with its template).
+    from scratchgpt.checkpoint import save_model
+
+    save_model(model, tmp_path / "run", tokenizer=tok)
+    _, tok2 = load_any(tmp_path / "run")
+    assert tok2.encode_chat([{"role": "user", "content": "hi"}]) == ids_
+    # Streaming decodes token by token: byte-level tokens map back to their bytes.
+    assert b"".join(tok.decode_bytes([i]) for i in tok.encode("hello")) == b"hello"
 
 
 def write_tiny_tokenizer(directory, tokenizers) -> None:
-    """A byte-level BPE over a 97-token vocabulary (95 merges-free byte tokens + 2 specials)."""
+    """A byte-level BPE over a 97-token vocabulary (95 byte tokens, no merges, + 2 specials)."""
     from tokenizers import decoders, models, pre_tokenizers
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    keep = sorted(alphabet)[:95]
-    # Make sure the letters used in the tests are present.
-    for ch in "hello":
-        if ch not in keep:
-            keep[-1 - "hello".index(ch)] = ch
-    vocab = {c: i for i, c in enumerate(sorted(set(keep)))}
+    from scratchgpt.data.tokenizer import _gpt2_byte_to_unicode
+
+    byte_char = _gpt2_byte_to_unicode()
+    needed = [byte_char[b] for b in sorted(set(b"hello hi user assistant\n"))]
+    rest = [c for c in sorted(pre_tokenizers.ByteLevel.alphabet()) if c not in needed]
+    vocab = {c: i for i, c in enumerate((needed + rest)[:95])}
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -787,6 +787,17 @@ class HFTokenizer(Tokenizer):
         return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                                 **specials, **variables)
 
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+        """Ids of `messages` rendered with the chat template: the template's markers become special
+        tokens, while a special-token text inside a message's content is refused (it cannot forge a turn)."""
+        for i, m in enumerate(messages):
+            try:
+                self._reject_specials(str(m.get("content", "")))
+            except ValueError as e:
+                raise ValueError(f"messages[{i}]: {e}") from None
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, allowed_special=True)
+
     def _encode_ordinary(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
