@@ -14,9 +14,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from scratchgpt.checkpoint import CheckpointError, load_any  # noqa: E402
+from scratchgpt.checkpoint import CheckpointError, load_any, load_hf, save_hf  # noqa: E402
 from scratchgpt.config import GPTConfig  # noqa: E402
-from scratchgpt.hf import config_from_hf, config_to_hf, hf_to_scratchgpt, load_hf, save_hf  # noqa: E402
+from scratchgpt.hf import config_from_hf, config_to_hf, hf_to_scratchgpt  # noqa: E402
 from scratchgpt.model.gpt import GPT, KVCache, rope_inv_freq  # noqa: E402
 
 TOL = 1e-5
@@ -112,7 +112,7 @@ def test_our_own_random_model_round_trips_through_transformers(tmp_path, family)
     with torch.no_grad():
         logits, _ = ours(x)
     assert (hf_logits(theirs, x) - logits).abs().max().item() < TOL
-    assert GPT.from_pretrained(str(tmp_path)).config == config
+    assert load_hf(tmp_path).config == config
 
 
 def test_sharded_folders_both_ways(tmp_path):
@@ -169,18 +169,26 @@ def test_published_checkpoint_config_spelling(tmp_path):
 
 def test_unsupported_hf_configs_are_refused_with_the_reason():
     good = FAMILIES["llama"](False).to_dict()
-    with pytest.raises(CheckpointError, match="hidden_act"):
+    with pytest.raises(ValueError, match="hidden_act"):
         config_from_hf({**good, "hidden_act": "gelu"})
-    with pytest.raises(CheckpointError, match="yarn"):
+    with pytest.raises(ValueError, match="yarn"):
         config_from_hf({**good, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}})
-    with pytest.raises(CheckpointError, match="model_type"):
+    with pytest.raises(ValueError, match="model_type"):
         config_from_hf({**good, "model_type": "mistral"})
-    with pytest.raises(CheckpointError, match="unexpected weight"):
+    with pytest.raises(ValueError, match="unexpected weight"):
         hf_to_scratchgpt({"model.layers.0.self_attn.rotary.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="no Hugging Face architecture"):
         config_to_hf(GPTConfig(vocab_size=97, n_positions=8, n_embd=16, n_layer=1, n_head=2, pos_encoding="rope"))
     with pytest.raises(ValueError, match="logit_softcap"):
         config_to_hf(GPTConfig.from_name("qwen3-0.6b", logit_softcap=30.0))
+
+
+def test_load_hf_names_the_file_for_a_bad_family_config(tmp_path):
+    random_hf_model("llama", tied=False).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    with pytest.raises(CheckpointError, match="config.json: hidden_act"):
+        load_hf(tmp_path)
 
 
 def test_load_any_reads_tokenizer_json_and_chat_template(tmp_path):
