@@ -298,3 +298,20 @@ def test_lora_on_an_imported_qwen3_merges_and_exports(tmp_path):
     save_hf(model, tmp_path / "merged")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
     assert (hf_logits(theirs.eval(), x) - merged).abs().max().item() < TOL
+
+
+def test_cli_generates_and_streams_from_a_qwen3_folder(tmp_path, capsys):
+    from scratchgpt.cli import main
+
+    random_hf_model("qwen3", tied=True, seed=10).save_pretrained(tmp_path)
+    write_tiny_tokenizer(tmp_path, pytest.importorskip("tokenizers"))
+    args = ["generate", "--checkpoint", str(tmp_path), "--prompt", "hello", "--max-new-tokens", "8",
+            "--temperature", "0", "--stop-at-eot", "false"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert plain.startswith("hello") and len(plain) > len("hello")
+    assert main([*args, "--stream"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main(["info", "--checkpoint", str(tmp_path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tokenizer"] == "hf" and info["config"]["qk_norm"] is True
