@@ -409,6 +409,17 @@ def test_rope_scores_depend_only_on_distance():
     assert torch.equal(apply_rotary(q, cos, sin), q)  # position 0 is not rotated
 
 
+def test_rope_angles_stay_float32_in_a_bf16_model():
+    model = GPT(tiny_config(pos_encoding="rope", norm="rmsnorm", n_positions=2048)).to(torch.bfloat16)
+    assert model.transformer.wpe.inv_freq.dtype == torch.bfloat16  # .to() casts buffers...
+    cos, sin = model.transformer.wpe(torch.tensor([1000, 1001]))
+    exact = RotaryEmbedding(tiny_config(pos_encoding="rope", n_positions=2048))(torch.tensor([1000, 1001]))
+    assert cos.dtype == torch.float32 and torch.equal(cos, exact[0]) and torch.equal(sin, exact[1])  # ...not angles
+    x = tokens(1, 6)
+    logits, _ = model(x)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
 def test_softcap_bounds_logits():
     x = torch.tensor([-1e4, -1.0, 0.0, 0.01, 1e4])
     y = softcap(x, 30.0)

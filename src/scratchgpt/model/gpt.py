@@ -162,8 +162,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config, device=device), persistent=False)
 
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        # float32 angles whatever the model dtype: bf16 cannot resolve position 1000 vs 1001.
-        angles = position_ids.float()[..., None] * self.inv_freq  # (B|1, T, hs/2)
+        # float32 angles whatever the model dtype: bf16 cannot resolve position 1000 vs 1001. A
+        # `model.to(bfloat16)` also casts this buffer, so then recompute the exact frequencies.
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:
+            inv_freq = rope_inv_freq(self.config, device=position_ids.device)
+        angles = position_ids.float()[..., None] * inv_freq  # (B|1, T, hs/2)
         angles = torch.cat([angles, angles], dim=-1)  # (B|1, T, hs): the same angle for both halves
         if angles.dim() == 3:
             angles = angles[:, None]  # (B, 1, T, hs): broadcast over heads
