@@ -214,6 +214,9 @@ def test_load_any_reads_tokenizer_json_and_chat_template(tmp_path):
     assert tok2.encode_chat([{"role": "user", "content": "hi"}]) == ids_
     # Streaming decodes token by token: byte-level tokens map back to their bytes.
     assert b"".join(tok.decode_bytes([i]) for i in tok.encode("hello")) == b"hello"
+    assert tok.decode_bytes([200]) == b""  # beyond the tokenizer, inside a rounded-up embedding
+    with pytest.raises(ValueError, match="negative"):
+        tok.decode_bytes([-1])
 
 
 def write_tiny_tokenizer(directory, tokenizers) -> None:
