@@ -181,6 +181,11 @@ def test_unsupported_hf_configs_are_refused_with_the_reason():
         config_to_hf(GPTConfig(vocab_size=97, n_positions=8, n_embd=16, n_layer=1, n_head=2, pos_encoding="rope"))
     with pytest.raises(ValueError, match="logit_softcap"):
         config_to_hf(GPTConfig.from_name("qwen3-0.6b", logit_softcap=30.0))
+    with pytest.raises(ValueError, match="qkv_bias=False with bias=True"):
+        config_to_hf(GPTConfig.from_name("llama-3.2-1b", bias=True, qkv_bias=False))
+    with pytest.raises(ValueError, match="relu2"):
+        config_to_hf(GPTConfig.from_name("llama-3.2-1b", activation="relu2"))
+    assert config_to_hf(GPTConfig.from_name("llama-3.2-1b", bias=True))["attention_bias"] is True
 
 
 def test_load_hf_names_the_file_for_a_bad_family_config(tmp_path):
@@ -318,3 +323,23 @@ def test_cli_generates_and_streams_from_a_qwen3_folder(tmp_path, capsys):
     assert main(["info", "--checkpoint", str(tmp_path)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["tokenizer"] == "hf" and info["config"]["qk_norm"] is True
+
+
+def test_llama_with_all_biases_round_trips(tmp_path):
+    cfg = FAMILIES["llama"](False)
+    cfg.attention_bias, cfg.mlp_bias = True, True
+    torch.manual_seed(11)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf")
+    assert ours.config.bias and ours.config.attn_bias
+    x = ids(seed=12)
+    with torch.no_grad():
+        logits, _ = ours(x)
+    assert (logits - hf_logits(hf, x)).abs().max().item() < TOL
+    save_hf(ours, tmp_path / "out")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert (hf_logits(again, x) - logits).abs().max().item() < TOL

@@ -180,7 +180,9 @@ def hf_model_type(config: GPTConfig) -> str:
         elif config.attn_bias and not config.bias:
             model_type = "qwen2"  # Qwen2: biases on q, k, v only
         else:
-            model_type = "llama"
+            model_type = "llama"  # Llama: attention_bias and mlp_bias, both following `bias`
+            if config.attn_bias != config.bias:
+                problems.append("qkv_bias=False with bias=True (Llama's attention_bias covers q, k, v and o)")
     else:
         raise ValueError(
             "no Hugging Face architecture matches this model: GPT-2 needs pos_encoding=learned, norm=layernorm, "
