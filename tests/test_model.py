@@ -462,7 +462,7 @@ def family_configs(draw) -> tuple[GPTConfig, str]:
     return config, draw(st.sampled_from(["sdpa", "eager"]))
 
 
-@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(drawn=family_configs(), seed=st.integers(0, 2**16))
 def test_random_option_combinations_cache_and_batch_consistent(drawn, seed):
     config, attn_impl = drawn
