@@ -47,6 +47,19 @@ def _causal_mask(context_length: int) -> Tensor:
     return torch.triu(torch.ones(context_length, context_length), diagonal=1)
 
 
+def _drop_saved_mask(module: nn.Module, state_dict: dict[str, Tensor], prefix: str) -> None:
+    """Accept the `mask` buffer that the book's own GPTModel saves, after checking it is the causal mask.
+
+    The book registers its mask as a persistent buffer, so its state dicts carry `...att.mask`. Here the
+    mask is not persistent (it follows from context_length), so without this a strict load of a state dict
+    saved by the book's code would fail on keys that hold no information.
+    """
+    saved = state_dict.pop(prefix + "mask", None)
+    if saved is not None and not torch.equal(saved.bool(), module.mask.bool()):
+        raise ValueError(f"{prefix}mask of shape {tuple(saved.shape)} is not the causal mask of this model "
+                         f"(context_length {module.mask.size(0)}); build GPTModel with the saved config")
+
+
 class CausalAttention(nn.Module):
     """One attention head: softmax(q·kᵀ/√d_out) over past positions, applied to the values."""
 
@@ -58,6 +71,10 @@ class CausalAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         # Not persistent: the mask follows from context_length, so it has no place in a state dict.
         self.register_buffer("mask", _causal_mask(context_length), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        _drop_saved_mask(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         T = x.size(1)
@@ -112,6 +129,10 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("mask", _causal_mask(context_length), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        _drop_saved_mask(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -204,6 +225,7 @@ class GPTModel(nn.Module):
         else:
             raise ValueError(f"pos_encoding={pos_encoding!r}; choose 'learned' or 'sinusoidal'")
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.cfg = dict(cfg)  # kept for the book's helpers (load_weights_into_gpt); not in the state dict
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
@@ -325,6 +347,11 @@ def _qkv_to_textbook(c_attn: dict[str, Tensor], cfg: dict[str, Any], prefix: str
     out = {}
     for param, fused in c_attn.items():
         for name, block in zip(_QKV, fused.split(C, dim=0), strict=True):
+            if param == "bias" and not cfg["qkv_bias"]:
+                if name == _QKV[0] and bool(fused.any()):
+                    raise ValueError("these q/k/v biases are not zero, but the config has qkv_bias=False; "
+                                     "build GPTModel with qkv_bias=True")
+                continue  # all zero: a model without q/k/v biases computes the same
             if cfg.get("per_head_attention", False):
                 # Head h owns rows [h·hs, (h+1)·hs) of each projection.
                 for h, rows in enumerate(block.split(hs, dim=0)):
@@ -350,14 +377,19 @@ def _qkv_from_textbook(state: dict[str, Tensor], cfg: dict[str, Any], prefix: st
     return {"weight": weight, "bias": bias}
 
 
-def textbook_from_gpt(gpt: GPT, *, per_head_attention: bool = False) -> GPTModel:
-    """A GPTModel holding copies of `gpt`'s weights (a tied lm_head becomes its own out_head)."""
-    cfg = gptconfig_to_config(gpt.config, per_head_attention=per_head_attention)
-    src = gpt.state_dict()
+def textbook_state_from_gpt_state(src: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
+    """The GPTModel(cfg) state dict holding a GPT state dict's tensors (c_attn split into q, k, v)."""
     dst = {t: src[g] for g, t in _name_pairs(cfg)}
     for i in range(cfg["n_layers"]):
         c_attn = {p: src[f"transformer.h.{i}.attn.c_attn.{p}"] for p in ("weight", "bias")}
         dst.update(_qkv_to_textbook(c_attn, cfg, prefix=f"trf_blocks.{i}.att."))
+    return dst
+
+
+def textbook_from_gpt(gpt: GPT, *, per_head_attention: bool = False) -> GPTModel:
+    """A GPTModel holding copies of `gpt`'s weights (a tied lm_head becomes its own out_head)."""
+    cfg = gptconfig_to_config(gpt.config, per_head_attention=per_head_attention)
+    dst = textbook_state_from_gpt_state(gpt.state_dict(), cfg)
     wte = gpt.transformer.wte.weight
     model = GPTModel(cfg).to(device=wte.device, dtype=wte.dtype)
     model.load_state_dict(dst)  # copies: the two models share no storage
