@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from scratchgpt.checkpoint import hf_to_scratchgpt
+from scratchgpt.hf import hf_to_scratchgpt
 from scratchgpt.config import SamplingConfig
 from scratchgpt.data.dataset import SequentialWindows
 from scratchgpt.data.tokenizer import Tokenizer, gpt2_tokenizer
@@ -172,7 +172,7 @@ def _openai_params_to_hf(params: Mapping[str, Any]) -> dict[str, Tensor]:
     """The book's `params` (OpenAI's TensorFlow checkpoint as nested dicts of arrays) under HF GPT-2 names.
 
     OpenAI's checkpoint and Hugging Face's GPT-2 share Conv1D's (in, out) layout, so this is renaming only;
-    the one tested name map (`checkpoint.hf_to_scratchgpt`) does the transposes from there.
+    the one tested name map (`hf.hf_to_scratchgpt`) does the transposes from there.
     """
 
     def t(x: Any) -> Tensor:
