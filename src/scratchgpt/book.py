@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from scratchgpt.hf import hf_to_scratchgpt
 from scratchgpt.config import SamplingConfig
 from scratchgpt.data.dataset import SequentialWindows
 from scratchgpt.data.tokenizer import Tokenizer, gpt2_tokenizer
+from scratchgpt.hf import hf_to_scratchgpt
 from scratchgpt.inference.generate import sample_next_token
 from scratchgpt.model.gpt import GPT
 from scratchgpt.model.textbook import GPT_CONFIG_124M, GPTModel, textbook_state_from_gpt_state
