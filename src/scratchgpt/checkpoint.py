@@ -10,8 +10,10 @@ name and renamed into place, so a crash mid-save leaves the previous checkpoint 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -36,26 +38,65 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, corrupted or of an unknown kind (one-line message)."""
 
 
+class WriteError(CheckpointError):
+    """A file could not be written (disk full, no permission); the previous version of it is intact."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Small I/O helpers
 # ---------------------------------------------------------------------------------------------
 
 
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file: 0o666 less the process umask."""
+    try:  # Linux reports the umask without changing it (os.umask can only set-and-return)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_failure(path: Path, e: BaseException) -> WriteError:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or any(
+        s in msg for s in ("No space left", "StorageFull", "File too large", "FileTooLarge", "Disk quota")
+    )
+    what = "disk full: cannot write" if full else "cannot write"
+    return WriteError(f"{what} {path}: {msg}; the previous version of the file is intact "
+                      f"({'free some space' if full else 'check the folder and its permissions'}, then retry)")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` then rename tmp over `path`: readers see the old file or the new one."""
+    """Call `write(tmp_path)` then rename tmp over `path`: readers see the old file or the new one.
+
+    The file ends with the mode a normal write would give it (0o666 less the umask), whatever `write`
+    did (mkstemp makes files 0600, and safetensors replaces the file it is given). A failed write
+    (disk full, no permission) removes the temporary file and raises a one-line `WriteError`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    # mkstemp makes the file owner-only; a checkpoint should read like any other file the user writes.
-    os.chmod(tmp, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise _write_failure(path, e) from None
     try:
         write(Path(tmp))
+        os.chmod(tmp, file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise _write_failure(path, e) from None
     except BaseException:
-        with suppress(FileNotFoundError):
+        with suppress(OSError):
             os.unlink(tmp)
         raise
 
@@ -547,7 +588,12 @@ def export_model_files(src: str | Path, dst: str | Path) -> Path:
 
 
 def replace_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Replace folder `path` with one that `write(tmp)` fills: built aside, then swapped in by rename."""
+    """Replace folder `path` with one that `write(tmp)` fills: built aside, then swapped in by rename.
+
+    Between the two renames `path` is briefly absent; a process killed right there leaves
+    `.old-<name>-<pid>` and the complete `.tmp-<name>-<pid>`, from which `recover_replaced_dir` (run
+    at the next start of training in that folder) puts `path` back.
+    """
     path = Path(path)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     old = path.parent / f".old-{path.name}-{os.getpid()}"
@@ -563,6 +609,158 @@ def replace_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def recover_replaced_dir(path: str | Path) -> Path | None:
+    """Undo a `replace_dir` that was killed between its two renames: the new folder if complete, else the old."""
+    path = Path(path)
+    if path.exists():
+        return None
+    for kind in ("tmp", "old"):  # the new copy first: it is what the interrupted swap was installing
+        found = sorted(path.parent.glob(f".{kind}-{path.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for candidate in found:
+            if candidate.is_dir() and (candidate / "config.json").is_file():
+                os.replace(candidate, path)
+                _fsync_dir(path.parent)
+                return path
+    return None
+
+
+# Temporary names this module (and training) writes, and nothing else: `.tmp-ckpt-…-<pid>`,
+# `.old-best-<pid>`, `.<file>.<random or pid>.tmp` (atomic_write, export_model_files, log.csv).
+_LEFTOVER_DIR = re.compile(rf"^\.(tmp|old)-({CKPT_PREFIX}\d+|{BEST_DIR})-\d+$")
+_LEFTOVER_FILE = re.compile(r"^\..+\.tmp$")
+LOCK_FILE = ".scratchgpt.lock"
+
+
+def clean_leftovers(run_dir: str | Path) -> list[Path]:
+    """Restore an interrupted best/ swap, then delete what killed writers left in `run_dir` (and best/).
+
+    Only call it while holding the run's lock (`RunLock`): the temporary names belong to whichever
+    process is writing, and only the lock tells that no other one is.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    recover_replaced_dir(run_dir / BEST_DIR)
+    removed = []
+    for folder in (run_dir, run_dir / BEST_DIR):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.is_dir() and not p.is_symlink() and folder == run_dir and _LEFTOVER_DIR.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.is_file() and _LEFTOVER_FILE.match(p.name):
+                p.unlink(missing_ok=True)
+            else:
+                continue
+            removed.append(p)
+    return removed
+
+
+class RunLock:
+    """An exclusive advisory lock on `run_dir/.scratchgpt.lock`, held while one process trains there."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks; run without one
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(
+                f"{self.path.parent}: another scratchgpt process is training into this folder (it holds "
+                f"{self.path}); wait for it to finish, or choose another --out-dir"
+            ) from None
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# What marks a folder as holding a model, a run or prepared data (all of which training would overwrite).
+_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+_RUN_FILES = (LATEST_FILE, "log.csv", BEST_DIR)
+_DATA_FILES = ("meta.json", "train.bin", "val.bin")
+# Our training outputs, which --overwrite deletes (the model files are replaced by the new run's).
+_OVERWRITE_DELETES = (LATEST_FILE, BEST_DIR, "log.csv", "loss.png", "config.json", "model.safetensors")
+
+
+def folder_contents(path: str | Path) -> list[str]:
+    """What in `path` training would overwrite: model files, run files, prepared data, ckpt-* folders."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    found = [n for n in (*_MODEL_FILES, *_RUN_FILES, *_DATA_FILES) if (path / n).exists()]
+    ckpts = sorted(p.name for p in path.glob(f"{CKPT_PREFIX}*") if p.is_dir())
+    return found + ([f"{ckpts[-1]} ({len(ckpts)} ckpt-* folder(s))"] if ckpts else [])
+
+
+def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, or None to start at step 0; refuses to train over another run.
+
+    - --resume with a checkpoint: continue it.
+    - --resume without one: start at step 0 only if the folder holds nothing from an earlier run
+      (a deleted ckpt-* would otherwise mean retraining over model.safetensors, best/ and log.csv).
+    - no --resume: the folder must not hold a model, a run or prepared data (`run/best` included).
+    --overwrite allows the last two: the old run's outputs are deleted (see `clear_run_dir`).
+    Read-only, so every rank of a job can call it and reach the same verdict.
+    """
+    run_dir = Path(run_dir)
+    existing = latest_checkpoint(run_dir)
+    if resume and existing is not None:
+        return existing
+    held = folder_contents(run_dir)
+    if not held or overwrite:
+        return None
+    if resume:
+        raise ValueError(
+            f"{run_dir}: --resume found no complete checkpoint (ckpt-*/ with train_state.json), but the folder "
+            f"holds {', '.join(held)} from an earlier run; refusing to retrain from step 0 over them. Restore "
+            f"the ckpt-* folders, choose another --out-dir, or pass --overwrite to start afresh there"
+        )
+    if existing is not None:
+        raise ValueError(
+            f"{run_dir} already holds checkpoints (latest {existing.name}); pass --resume to continue that run, "
+            f"--overwrite to start afresh there (deleting it), or choose another --out-dir"
+        )
+    raise ValueError(
+        f"{run_dir} already holds {', '.join(held)}; refusing to train over it. Choose another --out-dir, or "
+        f"pass --overwrite to replace it"
+    )
+
+
+def clear_run_dir(run_dir: str | Path) -> None:
+    """--overwrite: delete a previous run's checkpoints, latest, best/, log.csv, loss.png and model files."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for ckpt in run_dir.glob(f"{CKPT_PREFIX}*"):
+        if ckpt.is_dir():
+            shutil.rmtree(ckpt)
+    for name in _OVERWRITE_DELETES:
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
 
 
 def save_model_files(
@@ -593,6 +791,14 @@ def read_training_checkpoint(ckpt_dir: str | Path) -> tuple[dict[str, Tensor], d
 
 def load_module_state(model: nn.Module, state: dict[str, Tensor], *, source: str | Path) -> None:
     """Copy `state` into `model` in place (a tied lm_head may be absent); any other mismatch is a CheckpointError."""
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(
+                f"{source}: {k} has shape {tuple(v.shape)} but the model being trained needs {tuple(own[k].shape)}; "
+                f"the checkpoint was saved with other model settings (n_embd, n_head, vocab_size, ...): drop the "
+                f"changed flags to continue it, or start a new run in another --out-dir"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if isinstance(model, GPT) and model.config.tie_word_embeddings else set()
     missing = sorted(set(missing) - tied)
