@@ -212,6 +212,11 @@ def load_model(
     """
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
+    if prepare is None and cfg.get("task") == "classification":
+        raise CheckpointError(
+            f"{run_dir}: a classifier (from `scratchgpt finetune classify`): it predicts labels, not text; use "
+            f"`scratchgpt classify --checkpoint {run_dir} TEXT...` (or load it with load_classifier)"
+        )
     try:
         config = GPTConfig.from_dict(cfg["model"], source=str(run_dir / "config.json"))
     except (TypeError, ValueError, KeyError) as e:
@@ -234,6 +239,9 @@ def _load_state_strict(model: GPT, state: dict[str, Tensor], *, source: str | Pa
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    if not missing and unexpected == ["lm_head.bias"]:
+        raise CheckpointError(f"{source}: holds a classification head (lm_head.bias), not a language model head; "
+                              f"use `scratchgpt classify` for a classifier")
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: weights do not match the config (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
@@ -447,6 +455,43 @@ def load_any(
     directory = _resolve_hf(path_or_name)
     has_files = (directory / "vocab.json").is_file() or (directory / "encoder.json").is_file()
     return model, gpt2_tokenizer(directory if has_files else None)
+
+
+def describe_checkpoint(path_or_name: str | Path) -> tuple[GPTConfig, dict[str, Any]]:
+    """(GPTConfig, {"kind", "tokenizer", "task"}) of a checkpoint, from its config files alone.
+
+    Reads no weights and loads no tokenizer (so it works offline on a Hugging Face folder without
+    vocabulary files); the tokenizer is named from tokenizer.json, or "gpt2" when GPT-2 files are there.
+    """
+    kind = checkpoint_kind(path_or_name)
+    if kind == FORMAT:
+        directory = Path(path_or_name)
+        cfg = read_run_config(directory)
+        try:
+            config = GPTConfig.from_dict(cfg["model"], source=str(directory / "config.json"))
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{directory / 'config.json'}: invalid model config: {e}") from None
+        tok = directory / "tokenizer.json"
+        tok_meta = read_json(tok) if tok.is_file() else None
+        details = {"kind": kind, "tokenizer": tok_meta.get("type") if isinstance(tok_meta, dict) else None}
+        if cfg.get("task"):
+            details["task"] = cfg["task"]
+        return config, details
+    directory = _resolve_hf(path_or_name)
+    config = config_from_hf(read_json(directory / "config.json"), source=str(directory / "config.json"))
+    has_files = any((directory / n).is_file() for n in ("vocab.json", "encoder.json", "tokenizer.json"))
+    return config, {"kind": kind, "tokenizer": "gpt2" if has_files else None}
+
+
+def check_prepare_dir(directory: str | Path, *, overwrite: bool = False) -> None:
+    """`prepare` writes train.bin, val.bin, meta.json and tokenizer files: never into a model or run folder."""
+    directory = Path(directory)
+    held = [n for n in folder_contents(directory) if n not in _DATA_FILES and n != "tokenizer.json"]
+    if held and not overwrite:
+        raise ValueError(
+            f"{directory} holds a model or training run ({', '.join(held)}); preparing data there would replace "
+            f"its tokenizer. Choose another --dir, or pass --overwrite to prepare there anyway"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1175,6 +1175,9 @@ def _prepare_once(data: DataConfig, *, progress: bool) -> None:
     meta = Path(data.dir) / "meta.json"
     if meta.is_file():
         return
+    from scratchgpt.checkpoint import check_prepare_dir
+
+    check_prepare_dir(data.dir)  # never tokenize into a model or run folder (its tokenizer would be replaced)
     if int(os.environ.get("RANK", "0")) == 0:
         prepare(data.source, data.dir, tokenizer=data.tokenizer, bpe_vocab_size=data.bpe_vocab_size,
                 val_fraction=data.val_fraction, split_by=data.split_by, errors=data.errors, workers=data.workers,
