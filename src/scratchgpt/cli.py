@@ -174,8 +174,8 @@ def _add_prepare(sub) -> None:
 def _run_prepare(args: argparse.Namespace) -> int:
     import json
 
-    from scratchgpt.config import DataConfig, config_from_dict
     from scratchgpt.checkpoint import check_prepare_dir
+    from scratchgpt.config import DataConfig, config_from_dict
     from scratchgpt.data.dataset import prepare
 
     raw = {**_toml_sections(args.config).get("data", {}), **overrides_from_args(args, DataConfig)}
