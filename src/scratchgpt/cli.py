@@ -212,10 +212,10 @@ def _add_train(sub) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     import json
-    import os
 
     from scratchgpt.config import DataConfig, TrainConfig
-    from scratchgpt.training.train import pretrain, resolve_run_config
+    from scratchgpt.training.modes.pretrain import pretrain, resolve_run_config
+    from scratchgpt.training.runtime import is_main
 
     flags = {"model": overrides_from_args(args, GPTConfig), "data": overrides_from_args(args, DataConfig),
              "train": overrides_from_args(args, TrainConfig)}
@@ -223,7 +223,7 @@ def _run_train(args: argparse.Namespace) -> int:
     progress = layers[1]["train"].get("progress", layers[0].get("train", {}).get("progress", True))
     run = resolve_run_config(layers, source=args.config or "command line", progress=progress)
     result = pretrain(run)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+    if is_main():  # under torchrun, rank 0 speaks for the job
         summary = {"run_dir": str(result.run_dir), "step": result.step, "tokens": result.tokens,
                    "elapsed_s": round(result.elapsed_s, 1), "tokens_per_s": round(result.tokens_per_s, 1),
                    "mfu": None if result.mfu is None else round(result.mfu, 4),
@@ -292,7 +292,6 @@ def _add_finetune(sub) -> None:
 
 def _run_finetune(args: argparse.Namespace) -> int:
     import json
-    import os
 
     from scratchgpt.config import LoRAConfig, TrainConfig, config_from_dict
 
@@ -309,6 +308,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     else:
         from scratchgpt.training.modes.dpo import finetune_dpo as run
     result = run(cfg, train=train, lora=lora, model=model)
+    from scratchgpt.training.runtime import is_main
 
     def scalars(metrics: dict) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if not isinstance(v, list)}
@@ -316,7 +316,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     splits = {k: scalars(v) for k, v in result.metrics.items() if k in ("train", "val", "test")}
     start = {k: scalars(v) for k, v in result.metrics["start"].items()}
     rest = {k: v for k, v in result.metrics.items() if not isinstance(v, dict)}
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+    if is_main():  # under torchrun, rank 0 speaks for the job
         print(json.dumps({"out_dir": str(result.out_dir), **splits, "start": start, **rest}))
     return 130 if result.interrupted else 0
 
@@ -389,7 +389,7 @@ def _add_chat(sub) -> None:
 
 def _run_chat(args: argparse.Namespace) -> int:
     from scratchgpt.checkpoint import load_any, saved_chat_template
-    from scratchgpt.training.modes.instruct import ChatSession
+    from scratchgpt.inference.chat_session import ChatSession
 
     model, tokenizer = load_any(args.checkpoint, device=args.device)
     template = args.chat_template or saved_chat_template(args.checkpoint)
