@@ -406,6 +406,7 @@ def describe_checkpoint(path_or_name: str | Path) -> tuple[GPTConfig, dict[str, 
             config = GPTConfig.from_dict(cfg["model"], source=str(directory / "config.json"))
         except (TypeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{directory / 'config.json'}: invalid model config: {e}") from None
+        _check_header(directory / "model.safetensors")
         tok = directory / "tokenizer.json"
         tok_meta = read_json(tok) if tok.is_file() else None
         details = {"kind": kind, "tokenizer": tok_meta.get("type") if isinstance(tok_meta, dict) else None}
@@ -414,8 +415,24 @@ def describe_checkpoint(path_or_name: str | Path) -> tuple[GPTConfig, dict[str, 
         return config, details
     directory = _resolve_hf(path_or_name)
     config = config_from_hf(read_json(directory / "config.json"), source=str(directory / "config.json"))
+    if (directory / "model.safetensors").is_file():
+        _check_header(directory / "model.safetensors")
     has_files = any((directory / n).is_file() for n in ("vocab.json", "encoder.json", "tokenizer.json"))
     return config, {"kind": kind, "tokenizer": "gpt2" if has_files else None}
+
+
+def _check_header(path: Path) -> None:
+    """Read a safetensors file's header only (no tensor data): a missing or corrupted file is a CheckpointError."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupted safetensors file ({msg})") from None
 
 
 def check_prepare_dir(directory: str | Path, *, overwrite: bool = False) -> None:

@@ -66,7 +66,6 @@ from scratchgpt.checkpoint import (
     clean_leftovers,
     clear_run_dir,
     export_model_files,
-    latest_checkpoint,
     load_module_state,
     model_state,
     optimizer_state_from_flat,
