@@ -55,7 +55,7 @@ def _type_name(hint: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in get_args(hint))
     if origin is tuple:
         args = get_args(hint)
-        return f"a list of {_type_name(args[0])}" if args else "a list"
+        return f"a list (each item {_type_name(args[0])})" if args else "a list"
     if hint is type(None):
         return "null"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
