@@ -366,9 +366,11 @@ class _Trainer:
         Rank 0 holds an exclusive lock on out_dir for the whole run, so the leftovers it deletes
         (temporary files and folders of our own naming) cannot belong to another writer.
         """
+        ckpt = check_run_dir(self.out_dir, resume=self.cfg.resume, overwrite=self.cfg.overwrite)  # before writing
         if self.dist.is_main:
             self._lock = RunLock(self.out_dir).acquire()
-        ckpt = check_run_dir(self.out_dir, resume=self.cfg.resume, overwrite=self.cfg.overwrite)
+            # Again under the lock: another process may have been writing here a moment ago.
+            ckpt = check_run_dir(self.out_dir, resume=self.cfg.resume, overwrite=self.cfg.overwrite)
         if self.dist.enabled:
             dist.barrier()  # every rank has looked before rank 0 changes anything
         if self.dist.is_main:
