@@ -36,7 +36,15 @@ from scratchgpt.checkpoint import (
     unwrap,
     write_json,
 )
-from scratchgpt.config import FinetuneConfig, GPTConfig, LoRAConfig, Trainable, TrainConfig, config_to_dict
+from scratchgpt.config import (
+    FinetuneConfig,
+    GPTConfig,
+    LoRAConfig,
+    Trainable,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+)
 from scratchgpt.data.dataset import DataError
 from scratchgpt.data.tokenizer import CharTokenizer, Tokenizer, gpt2_tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT, CausalSelfAttention
@@ -58,19 +66,6 @@ E = TypeVar("E")
 SPLITS = ("train", "val", "test")
 SPLITS_FILE = "splits.json"
 METRICS_FILE = "metrics.json"
-
-# Where each mode's training defaults differ from pretraining's (TrainConfig): fine-tuning starts from
-# trained weights, so small learning rates, a few epochs, frequent evaluation and one final checkpoint.
-# The values follow the textbook's chapters 6 and 7 and its DPO notebook.
-_COMMON: dict[str, Any] = dict(batch_size=8, warmup_steps=0, eval_steps=5, log_interval=5, checkpoint_interval=0)
-MODE_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "classify": dict(_COMMON, lr=5e-5, weight_decay=0.1, eval_interval=50),
-    "instruct": dict(_COMMON, lr=5e-5, weight_decay=0.1, eval_interval=50),
-    "dpo": dict(_COMMON, lr=5e-6, weight_decay=0.01, eval_interval=25),
-}
-MODE_EPOCHS: dict[str, float] = {"classify": 5, "instruct": 2, "dpo": 1}
-MODE_TRAINABLE: dict[str, Trainable] = {"classify": "last-block", "instruct": "all", "dpo": "all"}
-
 
 # ---------------------------------------------------------------------------------------------
 # Data: reading entries, splitting, batching
@@ -399,7 +394,7 @@ def prepare_model(
         set_dropout(model, cfg.dropout)
     if add_head is not None:
         add_head(model)
-    trainable: Trainable = cfg.trainable or ("lora" if lora is not None else MODE_TRAINABLE[mode])
+    trainable: Trainable = cfg.trainable or ("lora" if lora is not None else type(cfg).default_trainable)
     if trainable == "lora":
         apply_lora(model, lora or LoRAConfig(), generator=torch.Generator().manual_seed(seed))
     elif lora is not None:
@@ -407,14 +402,19 @@ def prepare_model(
     return set_trainable(model, trainable, head_trains=add_head is not None), trainable
 
 
-def resolve_train_config(mode: str, overrides: dict[str, Any], *, n_train: int, epochs: float | None) -> TrainConfig:
-    """TrainConfig from the mode's defaults and the user's overrides; max_steps follows from epochs unless set."""
-    values = {**MODE_TRAIN_DEFAULTS[mode], "out_dir": f"runs/finetune-{mode}", **overrides}
-    if "max_steps" not in overrides or epochs is not None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        per_step = values.get("batch_size", TrainConfig.batch_size) * values.get("grad_accum_steps", 1) * world
-        values["max_steps"] = max(1, math.ceil((epochs or MODE_EPOCHS[mode]) * n_train / per_step))
-    return TrainConfig(**values)
+def train_config(cfg: FinetuneConfig, train: TrainConfig | dict[str, Any] | None = None) -> TrainConfig:
+    """The mode's typed TrainConfig: its class's defaults (`type(cfg).train_config`) with `train`'s fields set."""
+    if isinstance(train, TrainConfig):
+        return train
+    return config_from_dict(type(cfg).train_config, dict(train or {}), source="train settings")
+
+
+def resolve_train_config(cfg: FinetuneConfig, train: TrainConfig, *, n_train: int) -> TrainConfig:
+    """`train` with max_steps set: as given, else cfg.epochs passes over n_train examples at the global batch."""
+    if train.max_steps is not None:
+        return train
+    per_step = train.batch_size * train.grad_accum_steps * int(os.environ.get("WORLD_SIZE", "1"))
+    return dataclasses.replace(train, max_steps=max(1, math.ceil(cfg.epochs * n_train / per_step)))
 
 
 def export_fn(tokenizer: Tokenizer, extra: dict[str, Any], *, base: str) -> Callable[[nn.Module, str | Path], None]:
@@ -478,7 +478,7 @@ class FinetuneResult:
 
 
 def run_mode(
-    mode: Mode, start: StartModel, cfg: FinetuneConfig, *, train: dict[str, Any] | None = None,
+    mode: Mode, start: StartModel, cfg: FinetuneConfig, *, train: TrainConfig | dict[str, Any] | None = None,
     lora: LoRAConfig | None = None, verbose: bool = True,
 ) -> FinetuneResult:
     """Prepare the model for `mode`, train it through the one driver, and write metrics.json for every split.
@@ -486,11 +486,9 @@ def run_mode(
     metrics.json holds the final metrics per split, "start" (val before the first step), the time
     taken and the parameter counts. Under torchrun every rank calls this; rank 0 writes the files.
     """
-    train = dict(train or {})
     model = start.model
-    params, trainable = prepare_model(model, cfg, mode=mode.name, lora=lora, seed=train.get("seed", TrainConfig.seed),
-                                      add_head=mode.add_head)
-    tcfg = resolve_train_config(mode.name, train, n_train=len(mode.parts["train"]), epochs=cfg.epochs)
+    tcfg = resolve_train_config(cfg, train_config(cfg, train), n_train=len(mode.parts["train"]))
+    params, trainable = prepare_model(model, cfg, mode=mode.name, lora=lora, seed=tcfg.seed, add_head=mode.add_head)
     finetune = {"mode": mode.name, **config_to_dict(cfg), "trainable": trainable, "init": start.source,
                 "lora": config_to_dict(lora_config(model)) if lora_config(model) else None}
     counts = count_parameters(model)

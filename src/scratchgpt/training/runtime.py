@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from scratchgpt.device import resolve_device as pick_device
 from scratchgpt.model.gpt import GPT
 
 
@@ -58,15 +59,7 @@ def init_distributed(device: str = "auto") -> bool:
 
 def resolve_device(name: str, dist_info: Distributed) -> torch.device:
     """'auto' picks CUDA when present; under torchrun each process takes the GPU of its local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r} but no CUDA device is available; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", dist_info.local_rank if dist_info.enabled else torch.cuda.current_device())
-    return device
+    return pick_device(name, local_rank=dist_info.local_rank if dist_info.enabled else None)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

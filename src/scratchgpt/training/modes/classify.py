@@ -38,6 +38,7 @@ from scratchgpt.training.finetune import (
     run_mode,
     split_indices,
     split_record,
+    train_config,
 )
 from scratchgpt.training.runtime import model_device, to_device
 
@@ -255,12 +256,13 @@ def evaluate_classifier(
 
 
 def finetune_classify(
-    cfg: ClassifyConfig, *, train: dict[str, Any] | None = None, lora: LoRAConfig | None = None,
+    cfg: ClassifyConfig, *, train: TrainConfig | dict[str, Any] | None = None, lora: LoRAConfig | None = None,
     model: dict[str, Any] | None = None, verbose: bool = True,
 ) -> FinetuneResult:
     """Fine-tune a classifier on cfg.data; writes the run directory (model, splits.json, metrics.json, curves).
 
-    `train` overrides TrainConfig fields, `model` GPTConfig fields of a scratch model.
+    `train` is the mode's TrainConfig (or fields overriding its defaults), `model` GPTConfig fields of a
+    scratch model.
     """
     if not cfg.data:
         raise ValueError("pass the data file (--data)")
@@ -270,7 +272,8 @@ def finetune_classify(
         raise DataError(f"{cfg.data}: needs at least two labels, found {labels}")
     if cfg.balance:
         rows = balance_classes(rows, seed=cfg.split_seed)
-    seed = (train or {}).get("seed", TrainConfig.seed)
+    train = train_config(cfg, train)
+    seed = train.seed
     start = load_start_model(cfg.init, tokenizer=cfg.tokenizer, corpus=lambda: "".join(r.text for r in rows),
                              model_overrides=model, seed=seed)
     max_length = context_limit(start.model, cfg.max_length)

@@ -40,6 +40,7 @@ from scratchgpt.training.finetune import (
     run_mode,
     split_indices,
     split_record,
+    train_config,
 )
 from scratchgpt.training.modes.instruct import InstructExample, collate_instruct, encode_instruction, fit_length
 from scratchgpt.training.runtime import model_device, to_device
@@ -189,17 +190,19 @@ def evaluate_dpo(
 
 
 def finetune_dpo(
-    cfg: DPOConfig, *, train: dict[str, Any] | None = None, lora: LoRAConfig | None = None,
+    cfg: DPOConfig, *, train: TrainConfig | dict[str, Any] | None = None, lora: LoRAConfig | None = None,
     model: dict[str, Any] | None = None, verbose: bool = True,
 ) -> FinetuneResult:
     """Preference-tune on cfg.data (instruction, input, chosen, rejected); writes the run directory.
 
-    `train` overrides TrainConfig fields, `model` GPTConfig fields of a scratch model.
+    `train` is the mode's TrainConfig (or fields overriding its defaults), `model` GPTConfig fields of a
+    scratch model.
     """
     if not cfg.data:
         raise ValueError("pass the data file (--data)")
     entries = read_entries(cfg.data, required=("instruction", "chosen", "rejected"), optional=("input", "output"))
-    seed = (train or {}).get("seed", TrainConfig.seed)
+    train = train_config(cfg, train)
+    seed = train.seed
     start = load_start_model(
         cfg.init, tokenizer=cfg.tokenizer, model_overrides=model, seed=seed,
         # Only a scratch model's char tokenizer reads this; it has no checkpoint template to follow.

@@ -41,6 +41,7 @@ from scratchgpt.training.finetune import (
     run_mode,
     split_indices,
     split_record,
+    train_config,
 )
 from scratchgpt.training.runtime import is_main
 from scratchgpt.training.train import lm_loss
@@ -173,17 +174,19 @@ def generate_responses(
 
 
 def finetune_instruct(
-    cfg: InstructConfig, *, train: dict[str, Any] | None = None, lora: LoRAConfig | None = None,
+    cfg: InstructConfig, *, train: TrainConfig | dict[str, Any] | None = None, lora: LoRAConfig | None = None,
     model: dict[str, Any] | None = None, verbose: bool = True,
 ) -> FinetuneResult:
     """Instruction-tune on cfg.data; writes the run directory (model, splits, metrics, test_responses.json).
 
-    `train` overrides TrainConfig fields, `model` GPTConfig fields of a scratch model.
+    `train` is the mode's TrainConfig (or fields overriding its defaults), `model` GPTConfig fields of a
+    scratch model.
     """
     if not cfg.data:
         raise ValueError("pass the data file (--data)")
     entries = read_entries(cfg.data, required=("instruction", "output"))
-    seed = (train or {}).get("seed", TrainConfig.seed)
+    train = train_config(cfg, train)
+    seed = train.seed
     start = load_start_model(
         cfg.init, tokenizer=cfg.tokenizer, model_overrides=model, seed=seed,
         corpus=lambda: "".join(render_prompt(cfg.template, e["instruction"], e["input"]) + e["output"]
