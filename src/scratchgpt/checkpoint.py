@@ -671,12 +671,15 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             os.close(fd)
             raise ValueError(
                 f"{self.path.parent}: another scratchgpt process is training into this folder (it holds "
                 f"{self.path}); wait for it to finish, or choose another --out-dir"
             ) from None
+        except OSError:  # a file system without locks (some network mounts): run without one
+            os.close(fd)
+            return self
         self._fd = fd
         return self
 

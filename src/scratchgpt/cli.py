@@ -276,6 +276,7 @@ def _run_train(args: argparse.Namespace) -> int:
         summary = {"run_dir": str(result.run_dir), "step": result.step, "tokens": result.tokens,
                    "elapsed_s": round(result.elapsed_s, 1), "tokens_per_s": round(result.tokens_per_s, 1),
                    "mfu": None if result.mfu is None else round(result.mfu, 4),
+                   "running_train_loss": None if result.train_loss is None else round(result.train_loss, 4),
                    "eval_step": result.metrics_step, **{k: round(v, 4) for k, v in result.metrics.items()},
                    "best_val_loss": result.best_val_loss, "interrupted": result.interrupted}
         print(json.dumps(summary))
