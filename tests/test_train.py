@@ -366,18 +366,21 @@ def test_nan_validation_loss_is_never_the_best(tmp_path: Path) -> None:
     assert result.best_val_loss is None and not (tmp_path / "r" / "best").exists()
 
 
+@pytest.mark.parametrize("latest", ["deleted", "dangling"])
 def test_resume_without_checkpoints_refuses_to_retrain_over_the_run(char_data: Path, finished_run: Path,
-                                                                   capsys) -> None:
+                                                                   capsys, latest: str) -> None:
     import shutil
 
     for ckpt in list_checkpoints(finished_run):
         shutil.rmtree(ckpt)
-    (finished_run / "latest").unlink()
+    if latest == "deleted":
+        (finished_run / "latest").unlink()
     model = (finished_run / "model.safetensors").read_bytes()
     log = (finished_run / "log.csv").read_bytes()
     assert _train(char_data, finished_run, "--max-steps", "8", "--resume") == 2
     err = _one_line(capsys)
-    assert str(finished_run) in err and "--overwrite" in err and "no complete checkpoint" in err
+    assert str(finished_run) in err and "--overwrite" in err
+    assert ("no complete checkpoint" if latest == "deleted" else "not a complete checkpoint") in err
     assert (finished_run / "model.safetensors").read_bytes() == model and (finished_run / "log.csv").read_bytes() == log
     assert _train(char_data, finished_run, "--max-steps", "4", "--resume", "--overwrite") == 0
     assert latest_checkpoint(finished_run).name == "ckpt-00000004"

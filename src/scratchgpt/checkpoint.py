@@ -724,7 +724,15 @@ def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> Path
     Read-only, so every rank of a job can call it and reach the same verdict.
     """
     run_dir = Path(run_dir)
-    existing = latest_checkpoint(run_dir)
+    try:
+        existing = latest_checkpoint(run_dir)
+    except CheckpointError as e:  # `latest` names a checkpoint that is gone or incomplete
+        if overwrite and not resume:
+            existing = None
+        elif overwrite:
+            return None
+        else:
+            raise CheckpointError(f"{e}; restore it, or pass --overwrite to start afresh in {run_dir}") from None
     if resume and existing is not None:
         return existing
     held = folder_contents(run_dir)
