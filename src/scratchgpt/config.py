@@ -111,6 +111,10 @@ def _validate_fields(obj: Any) -> None:
 
 
 
+# The older name, kept so that config classes written against it (on other branches) still validate fully.
+_validate_literals = _validate_fields
+
+
 def config_from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config") -> T:
     """Build dataclass `cls` from a dict, rejecting unknown keys with a one-line error."""
     if not isinstance(data, dict):
