@@ -439,6 +439,7 @@ def test_leftovers_are_cleaned_on_the_next_start(char_data: Path, finished_run: 
     assert not [p for p in finished_run.iterdir() if p.name.startswith(".") and p.name != ".scratchgpt.lock"]
 
 
+@pytest.mark.slow  # six interpreter start-ups: CI runs it (scripts/test.sh); the default suite skips it
 @pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_start_up_is_one_line(tmp_path: Path, sig: int) -> None:
