@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,3 +274,92 @@ def test_hub_name_offline_gives_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(CheckpointError, match="could not download") as err:
         load_hf("gpt2")
     assert "\n" not in str(err.value)
+
+
+# -- hardening: file modes, full disks, leftovers, the best/ swap, the run lock ------------------------------
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_umask_mode(tmp_path, umask):
+    from scratchgpt.checkpoint import save_tensors, write_json
+
+    old = os.umask(umask)
+    try:
+        save_tensors({"a": torch.ones(3)}, tmp_path / "model.safetensors")  # safetensors replaces its file
+        write_json(tmp_path / "config.json", {"x": 1})
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and SIGXFSZ")
+def test_disk_full_while_saving_is_one_line_and_keeps_the_old_file(tmp_path):
+    script = (
+        "import resource, signal, sys, torch\n"
+        "from scratchgpt.checkpoint import save_tensors, WriteError\n"
+        "save_tensors({'a': torch.ones(10)}, sys.argv[1])\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # over the limit, write() fails with EFBIG instead
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n"
+        "    save_tensors({'a': torch.ones(100_000)}, sys.argv[1])\n"
+        "except WriteError as e:\n"
+        "    print(e)\n"
+    )
+    path = tmp_path / "model.safetensors"
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    msg = out.stdout.strip()
+    assert msg.startswith(f"disk full: cannot write {path}:") and "\n" not in msg, msg
+    assert torch.equal(load_tensors(path)["a"], torch.ones(10))  # the previous file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temporary left behind
+
+
+def _complete_model_dir(path, marker: str):
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_text(marker)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("left", ["old_only", "tmp_and_old"])
+def test_an_interrupted_best_swap_is_recovered_and_leftovers_cleaned(tmp_path, left):
+    from scratchgpt.checkpoint import clean_leftovers
+
+    _complete_model_dir(tmp_path / ".old-best-111", "old")
+    if left == "tmp_and_old":
+        _complete_model_dir(tmp_path / ".tmp-best-111", "new")  # killed between the two renames
+    (tmp_path / ".tmp-best-222").mkdir()  # killed while writing: no config.json, never installed
+    (tmp_path / ".tmp-ckpt-00000010-333").mkdir()
+    (tmp_path / ".old-ckpt-00000010-333").mkdir()
+    for name in (".latest.ab12cd.tmp", ".model.safetensors.4242.tmp", ".log.csv.tmp"):
+        (tmp_path / name).write_text("x")
+    keep = [tmp_path / ".my-notes", tmp_path / "notes.tmp", tmp_path / ".tmp-best-notes"]
+    keep[0].write_text("mine")
+    keep[1].write_text("mine")
+    keep[2].mkdir()
+    clean_leftovers(tmp_path)
+    assert (tmp_path / "best" / "model.safetensors").read_text() == ("new" if left == "tmp_and_old" else "old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["best", *(p.name for p in keep)])
+
+
+def test_run_lock_is_exclusive(tmp_path):
+    from scratchgpt.checkpoint import RunLock
+
+    with RunLock(tmp_path):
+        script = ("import sys\nfrom scratchgpt.checkpoint import RunLock\n"
+                  "try:\n    RunLock(sys.argv[1]).acquire()\nexcept ValueError as e:\n    print(e)\n")
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                             timeout=120)
+        assert "another scratchgpt process is training into this folder" in out.stdout, out
+    RunLock(tmp_path).acquire().release()  # free again once released
+
+
+def test_resume_with_other_model_sizes_is_a_one_line_error():
+    from scratchgpt.checkpoint import load_module_state
+
+    small = GPT(GPTConfig(vocab_size=50, n_positions=8, n_embd=16, n_layer=1, n_head=2))
+    wide = GPT(GPTConfig(vocab_size=50, n_positions=8, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(CheckpointError, match=r"ckpt: transformer\.wte\.weight has shape \(50, 16\).*\(50, 32\)"):
+        load_module_state(wide, small.state_dict(), source="ckpt")

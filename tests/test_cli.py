@@ -85,6 +85,67 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     assert "top_p" in capsys.readouterr().err
 
 
+def _one_line(err: str) -> str:
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_info_on_an_hf_folder_needs_no_tokenizer_and_counts_untied(tmp_path, capsys, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SCRATCHGPT_GPT2_DIR", str(tmp_path / "nowhere"))  # no GPT-2 vocabulary anywhere
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+    hf.save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf" / "vocab.json").exists()
+    assert main(["info", "--checkpoint", str(tmp_path / "hf"), "--untied"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    tied = sum(p.numel() for p in hf.parameters())  # transformers counts the tied matrix once
+    assert info["kind"] == "hf" and info["tokenizer"] is None and info["parameters"] == tied
+    assert info["parameters_untied"] == tied + 64 * 32
+    assert main(["info", "--checkpoint", str(tmp_path / "hf")]) == 0
+    assert "parameters_untied" not in json.loads(capsys.readouterr().out)
+
+
+def test_generate_on_a_classifier_points_to_classify(tmp_path, capsys):
+    from scratchgpt.checkpoint import load_model, read_json, write_json
+    from scratchgpt.training.finetune import add_classification_head
+
+    run, _, _ = _tiny_run(tmp_path)
+    model, _ = load_model(run)
+    add_classification_head(model, 2)
+    save_model(model, run, extra={"task": "classification", "classifier": {"labels": ["ham", "spam"]}})
+    assert read_json(run / "config.json")["task"] == "classification"
+    for cmd in (["generate", "--checkpoint", str(run), "--prompt", "hi"], ["chat", "--checkpoint", str(run)]):
+        assert main(cmd) == 2
+        err = _one_line(capsys.readouterr().err)
+        assert "scratchgpt classify" in err and str(run) in err
+    # A step checkpoint's config lacks "task": the head's weights still give it away.
+    cfg = read_json(run / "config.json")
+    write_json(run / "config.json", {k: v for k, v in cfg.items() if k not in ("task", "classifier")})
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "hi"]) == 2
+    assert "classify" in _one_line(capsys.readouterr().err)
+
+
+def test_prepare_refuses_a_run_folder(tmp_path, capsys):
+    run, _, _ = _tiny_run(tmp_path)
+    before = (run / "tokenizer.json").read_bytes()
+    (tmp_path / "t.txt").write_text("some text to prepare\n" * 50)
+    argv = ["prepare", "--source", str(tmp_path / "t.txt"), "--dir", str(run), "--tokenizer", "char", "--quiet"]
+    assert main(argv) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert str(run) in err and "--overwrite" in err
+    assert (run / "tokenizer.json").read_bytes() == before
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_generate_with_nan_or_wrong_flags_is_one_line(tmp_path, capsys):
+    run, _, _ = _tiny_run(tmp_path)
+    for flag, value in (("--temperature", "nan"), ("--top-p", "inf"), ("--repetition-penalty", "nan")):
+        assert main(["generate", "--checkpoint", str(run), flag, value]) == 2
+        assert "finite" in _one_line(capsys.readouterr().err)
+
+
 # ---------------------------------------------------------------------------------------------
 # Every command's --help shows the defaults its run applies; -c FILE.toml works the same everywhere
 # ---------------------------------------------------------------------------------------------

@@ -287,3 +287,21 @@ def test_prompt_lookup_decoding_gives_the_plain_greedy_tokens(n_positions):
     hook.remove()
     assert len(plain[0]) == 40
     assert len(passes) < 40  # drafts were accepted: fewer forward passes than tokens
+
+
+def test_sampling_seed_is_honoured_without_a_generator() -> None:
+    from scratchgpt.inference.generate import generate as gen
+
+    model = tiny_model()
+    sampling = SamplingConfig(seed=42, temperature=1.0, max_new_tokens=12, stop_at_eot=False)
+    first = gen(model, [1, 2, 3], sampling)
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert gen(model, [1, 2, 3], sampling) == first
+    assert gen(model, [[1, 2, 3], [4, 5]], sampling) == gen(model, [[1, 2, 3], [4, 5]], sampling)
+    other = gen(model, [1, 2, 3], SamplingConfig(seed=43, temperature=1.0, max_new_tokens=12, stop_at_eot=False))
+    assert other != first
+    # An explicit generator still wins over the seed.
+    g = torch.Generator().manual_seed(7)
+    assert gen(model, [1, 2, 3], sampling, generator=g) == gen(
+        model, [1, 2, 3], SamplingConfig(temperature=1.0, max_new_tokens=12, stop_at_eot=False),
+        generator=torch.Generator().manual_seed(7))

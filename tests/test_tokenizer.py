@@ -498,3 +498,25 @@ def test_training_on_pieces_equals_training_on_the_whole(verdict: str, small_bpe
     assert len(pieces) > 100 and "".join(pieces) == verdict
     assert ByteBPETokenizer.train(iter(pieces), 256 + 300 + 1).merges == small_bpe.merges
     assert CharTokenizer.train(iter(pieces)).chars == CharTokenizer.train(verdict).chars
+
+
+# The `regex` package and tiktoken carry different Unicode versions: U+18EB9 is a letter to one and
+# unassigned to the other. tiktoken is the reference, so the pure-Python BPE must split as it does.
+RECENT_UNICODE = [chr(0x18EB9) + "'ve", "a" + chr(0x18EB9) + "b 12" + chr(0x1CCF0), "x" + chr(0x31350) + "'s"]
+
+
+@pytest.mark.parametrize("text", RECENT_UNICODE)
+def test_bpe_with_gpt2_merges_equals_tiktoken_on_recent_unicode(
+    gpt2_bpe: ByteBPETokenizer, gpt2_tokenizer: GPT2Tokenizer, text: str
+) -> None:
+    assert gpt2_bpe.encode(text) == gpt2_tokenizer.encode(text)
+    assert gpt2_bpe.decode(gpt2_bpe.encode(text)) == text
+
+
+@FEW
+@given(st.text(alphabet=st.characters(min_codepoint=0x10000, max_codepoint=0x3FFFF, exclude_categories=("Cs",)))
+       .map(lambda t: t + "'ve 1"))
+def test_bpe_equals_tiktoken_on_astral_text(
+    gpt2_bpe: ByteBPETokenizer, gpt2_tokenizer: GPT2Tokenizer, text: str
+) -> None:
+    assert gpt2_bpe.encode(text) == gpt2_tokenizer.encode(text)

@@ -137,10 +137,20 @@ def test_exact_resume_stop_and_continue(char_data: Path, tmp_path: Path) -> None
     common = ["--lr-decay-steps", "24", "--eval-interval", "6", "--checkpoint-interval", "8",
               "--grad-accum-steps", "2"]
     assert _train(char_data, tmp_path / "straight", *common, "--max-steps", "24") == 0
-    assert _train(char_data, tmp_path / "parts", *common, "--max-steps", "10") == 0
+    assert _train(char_data, tmp_path / "parts", *common, "--max-steps", "12") == 0  # stops at an eval step
     assert _train(char_data, tmp_path / "parts", *common, "--max-steps", "24", "--resume") == 0
     straight = (tmp_path / "straight" / "model.safetensors").read_bytes()
     assert (tmp_path / "parts" / "model.safetensors").read_bytes() == straight
+    # best/ too: the step-12 checkpoint recorded the best loss *including* its own evaluation.
+    best = {k: tmp_path / k / "best" for k in ("straight", "parts")}
+    assert (best["parts"] / "model.safetensors").read_bytes() == (best["straight"] / "model.safetensors").read_bytes()
+    configs = [json.loads((b / "config.json").read_text()) for b in best.values()]
+    assert configs[0]["model"] == configs[1]["model"]  # (their run sections differ in out_dir only)
+    vals = {int(r["step"]): float(r["val_loss"]) for r in csv.DictReader((tmp_path / "straight" / "log.csv").open())
+            if r["val_loss"]}
+    state = json.loads((tmp_path / "straight" / "ckpt-00000024" / "train_state.json").read_text())
+    assert state["best_val_loss"] == pytest.approx(min(vals.values()), rel=1e-6)
+    assert state["best_step"] == min(vals, key=vals.get)
     # The log keeps one row per step across the two processes.
     steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "parts" / "log.csv").open())]
     assert steps == sorted(set(steps)) and steps[-1] == 24
@@ -204,6 +214,8 @@ def test_ctrl_c_saves_and_resumes_exactly(char_data: Path, tmp_path: Path, strai
     assert "Traceback" not in stderr and "stopped at step" in stdout
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["interrupted"] and 0 < summary["step"] < 300
+    # Step 0 was evaluated: the summary reports it, as the best so far and as the last evaluation.
+    assert summary["eval_step"] == 0 and summary["best_val_loss"] == pytest.approx(summary["val_loss"], rel=1e-3)
     assert latest_checkpoint(out).name == f"ckpt-{summary['step']:08d}"  # saved at the step it stopped
     assert _train(char_data, out, *INTERRUPTIBLE, "--max-steps", "300", "--sampler", "sequential", "--resume") == 0
     assert (out / "model.safetensors").read_bytes() == straight_300
@@ -308,3 +320,160 @@ def test_cli_flags_override_toml(tmp_path: Path, char_data: Path) -> None:
     assert main(["train", "-c", str(toml), "--lr", "2e-3", "--max-steps", "3", "--eval-interval", "0"]) == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["run"]
     assert saved["train"]["lr"] == 2e-3 and saved["train"]["max_steps"] == 3 and saved["model"]["n_layer"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening: nothing silently wrong, nothing overwritten, one-line errors
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("lr", ["1e30", "1e38"])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data: Path, tmp_path: Path, capsys,
+                                                                  lr: str) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert _train(char_data, out, "--max-steps", "40", "--lr", lr, "--checkpoint-interval", "1",
+                  "--eval-interval", "0", "--grad-clip", "0") == 2
+    err = _one_line(capsys)
+    assert "non-finite" in err and "--lr" in err
+    saved = [*out.glob("ckpt-*/*.safetensors"), *out.glob("*.safetensors"), *out.glob("best/*.safetensors")]
+    assert saved
+    for path in saved:
+        assert all(torch.isfinite(t).all() for t in load_file(path).values() if t.is_floating_point()), path
+    step = int(latest_checkpoint(out).name.split("-")[1])
+    assert f"step {step + 1}:" in err  # stopped at the first bad step, right after the last good checkpoint
+
+
+def test_nan_validation_loss_is_never_the_best(tmp_path: Path) -> None:
+    model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=16, n_layer=1, n_head=2),
+                generator=torch.Generator().manual_seed(0))
+
+    class Batches:
+        def next_batch(self):
+            x = torch.arange(16).view(2, 8) % 10
+            return x, torch.roll(x, -1, dims=1)
+
+        def state_dict(self) -> dict:
+            return {}
+
+        def load_state_dict(self, state: dict) -> None:
+            pass
+
+    result = train(model, Batches(), config=TrainConfig(out_dir=str(tmp_path / "r"), max_steps=4, eval_interval=2,
+                                                         progress=False, plot=False),
+                   evals={"val": lambda m: {"loss": float("nan")}}, log=lambda msg: None)
+    assert result.best_val_loss is None and not (tmp_path / "r" / "best").exists()
+
+
+@pytest.mark.parametrize("latest", ["deleted", "dangling"])
+def test_resume_without_checkpoints_refuses_to_retrain_over_the_run(char_data: Path, finished_run: Path,
+                                                                   capsys, latest: str) -> None:
+    import shutil
+
+    for ckpt in list_checkpoints(finished_run):
+        shutil.rmtree(ckpt)
+    if latest == "deleted":
+        (finished_run / "latest").unlink()
+    model = (finished_run / "model.safetensors").read_bytes()
+    log = (finished_run / "log.csv").read_bytes()
+    assert _train(char_data, finished_run, "--max-steps", "8", "--resume") == 2
+    err = _one_line(capsys)
+    assert str(finished_run) in err and "--overwrite" in err
+    assert ("no complete checkpoint" if latest == "deleted" else "not a complete checkpoint") in err
+    assert (finished_run / "model.safetensors").read_bytes() == model and (finished_run / "log.csv").read_bytes() == log
+    assert _train(char_data, finished_run, "--max-steps", "4", "--resume", "--overwrite") == 0
+    assert latest_checkpoint(finished_run).name == "ckpt-00000004"
+
+
+@pytest.mark.parametrize("where", ["best", "run", "data"])
+def test_training_into_a_folder_holding_a_model_refuses(char_data: Path, tmp_path: Path, capsys, where: str) -> None:
+    run = tmp_path / "run"
+    assert _train(char_data, run, "--max-steps", "2", "--eval-interval", "1") == 0
+    capsys.readouterr()
+    target = {"best": run / "best", "run": run, "data": char_data}[where]
+    before = {p: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    assert _train(char_data, target, "--max-steps", "2") == 2
+    err = _one_line(capsys)
+    assert str(target) in err and "--overwrite" in err
+    assert {p: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
+    if where == "best":
+        assert _train(char_data, target, "--max-steps", "2", "--overwrite") == 0
+
+
+def test_resume_at_or_past_max_steps_says_so(char_data: Path, finished_run: Path, capsys) -> None:
+    assert _train(char_data, finished_run, "--max-steps", "2", "--resume") == 2
+    err = _one_line(capsys)
+    assert "step 4, past --max-steps 2" in err
+    assert _train(char_data, finished_run, "--max-steps", "4", "--resume") == 0
+    assert "already at step 4" in capsys.readouterr().out
+
+
+def test_resume_with_another_width_is_one_line(char_data: Path, finished_run: Path, capsys) -> None:
+    assert _train(char_data, finished_run, "--max-steps", "8", "--resume", "--n-embd", "64") == 2
+    err = _one_line(capsys)
+    assert "has shape" in err and "model.safetensors" in err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_run_files_get_the_default_mode(finished_run: Path) -> None:
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    ckpt = latest_checkpoint(finished_run)
+    for path in (finished_run / "model.safetensors", ckpt / "train_state.safetensors", ckpt / "train_state.json",
+                 finished_run / "config.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+
+
+def test_leftovers_are_cleaned_on_the_next_start(char_data: Path, finished_run: Path) -> None:
+    (finished_run / ".tmp-best-999999").mkdir()
+    (finished_run / ".old-best-999999").mkdir()
+    (finished_run / ".latest.x1y2.tmp").write_text("ckpt")
+    (finished_run / ".model.safetensors.999999.tmp").write_text("half a model")
+    (finished_run / ".tmp-ckpt-00000008-999999").mkdir()
+    assert _train(char_data, finished_run, "--max-steps", "6", "--resume", "--eval-interval", "0") == 0
+    assert not [p for p in finished_run.iterdir() if p.name.startswith(".") and p.name != ".scratchgpt.lock"]
+
+
+@pytest.mark.slow  # six interpreter start-ups: CI runs it (scripts/test.sh); the default suite skips it
+@pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_is_one_line(tmp_path: Path, sig: int) -> None:
+    # Whenever it lands (while torch is imported, or while the command runs), no traceback. (Not in the
+    # interpreter's own first ~50 ms: a signal while Python imports `site` is Python's to report.)
+    for delay in (0.3, 0.8, 2.0):
+        proc = subprocess.Popen([sys.executable, "-m", "scratchgpt", "info", "--model", "gpt2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        expected = {signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
+        assert proc.returncode in (expected, 0, -sig), (delay, proc.returncode, err)
+        assert "Traceback" not in err and err.count("\n") <= 1, (delay, err)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and SIGXFSZ")
+def test_disk_full_while_training_is_one_line(char_data: Path, tmp_path: Path) -> None:
+    import resource
+
+    def small_disk() -> None:  # files may not grow past 40 kB: the tiny model's 100 kB cannot be saved
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "scratchgpt", "train", "--dir", str(char_data), "--out-dir", str(out), *TINY,
+            "--max-steps", "2", "--eval-interval", "0"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, preexec_fn=small_disk)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("scratchgpt train: error: disk full: cannot write ") and "model.safetensors" in \
+        proc.stderr
+    assert not list(out.glob(".tmp-*")) and not list(out.glob("ckpt-*"))  # nothing half-written is left

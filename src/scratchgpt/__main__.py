@@ -1,6 +1,11 @@
 """`python -m scratchgpt ...` (also what torchrun runs) is the same as the `scratchgpt` console script."""
 
-from scratchgpt.cli import main
+import sys
 
 if __name__ == "__main__":
+    try:
+        from scratchgpt.cli import main
+    except KeyboardInterrupt:  # Ctrl-C while the package is still being imported
+        print("scratchgpt: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     raise SystemExit(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from contextlib import suppress
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from scratchgpt.config import GPTConfig
-from scratchgpt.files import atomic_write, atomic_write_text, write_json  # noqa: F401 (part of this API)
+from scratchgpt.files import WriteError, atomic_write, atomic_write_text, file_mode, write_json  # noqa: F401 (API)
 from scratchgpt.hf import config_from_hf, config_to_hf, hf_to_scratchgpt, scratchgpt_to_hf  # noqa: F401 (API)
 from scratchgpt.model.gpt import GPT
 
@@ -35,6 +36,8 @@ HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, corrupted or of an unknown kind (one-line message)."""
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +148,11 @@ def load_model(
     """
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
+    if prepare is None and cfg.get("task") == "classification":
+        raise CheckpointError(
+            f"{run_dir}: a classifier (from `scratchgpt finetune classify`): it predicts labels, not text; use "
+            f"`scratchgpt classify --checkpoint {run_dir} TEXT...` (or load it with load_classifier)"
+        )
     try:
         config = GPTConfig.from_dict(cfg["model"], source=str(run_dir / "config.json"))
     except (TypeError, ValueError, KeyError) as e:
@@ -167,6 +175,9 @@ def _load_state_strict(model: GPT, state: dict[str, Tensor], *, source: str | Pa
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    if not missing and unexpected == ["lm_head.bias"]:
+        raise CheckpointError(f"{source}: holds a classification head (lm_head.bias), not a language model head; "
+                              f"use `scratchgpt classify` for a classifier")
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: weights do not match the config (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
@@ -377,6 +388,65 @@ def load_any(
     return model, load_hf_tokenizer(_resolve_hf(path_or_name))
 
 
+def describe_checkpoint(path_or_name: str | Path) -> tuple[GPTConfig, dict[str, Any]]:
+    """(GPTConfig, {"kind", "tokenizer", "task"}) of a checkpoint, from its config files alone.
+
+    Reads no weights and loads no tokenizer (so it works offline on a Hugging Face folder without
+    vocabulary files); the tokenizer is named from tokenizer.json, or "gpt2" when GPT-2 files are there.
+    """
+    kind = checkpoint_kind(path_or_name)
+    if kind == FORMAT:
+        directory = Path(path_or_name)
+        cfg = read_run_config(directory)
+        try:
+            config = GPTConfig.from_dict(cfg["model"], source=str(directory / "config.json"))
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{directory / 'config.json'}: invalid model config: {e}") from None
+        _check_header(directory / "model.safetensors")
+        tok = directory / "tokenizer.json"
+        tok_meta = read_json(tok) if tok.is_file() else None
+        details = {"kind": kind, "tokenizer": tok_meta.get("type") if isinstance(tok_meta, dict) else None}
+        if cfg.get("task"):
+            details["task"] = cfg["task"]
+        return config, details
+    directory = _resolve_hf(path_or_name)
+    config = config_from_hf(read_json(directory / "config.json"), source=str(directory / "config.json"))
+    if (directory / "model.safetensors").is_file():
+        _check_header(directory / "model.safetensors")
+    if (directory / "tokenizer.json").is_file():
+        tokenizer = "hf"  # the model's own tokenizer.json (Llama, Qwen, ...)
+    elif (directory / "vocab.json").is_file() or (directory / "encoder.json").is_file():
+        tokenizer = "gpt2"
+    else:
+        tokenizer = None
+    return config, {"kind": kind, "tokenizer": tokenizer}
+
+
+def _check_header(path: Path) -> None:
+    """Read a safetensors file's header only (no tensor data): a missing or corrupted file is a CheckpointError."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupted safetensors file ({msg})") from None
+
+
+def check_prepare_dir(directory: str | Path, *, overwrite: bool = False) -> None:
+    """`prepare` writes train.bin, val.bin, meta.json and tokenizer files: never into a model or run folder."""
+    directory = Path(directory)
+    held = [n for n in folder_contents(directory) if n not in _DATA_FILES and n != "tokenizer.json"]
+    if held and not overwrite:
+        raise ValueError(
+            f"{directory} holds a model or training run ({', '.join(held)}); preparing data there would replace "
+            f"its tokenizer. Choose another --dir, or pass --overwrite to prepare there anyway"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Training state: step checkpoints, the `latest` pointer, the exported best/final model
 # ---------------------------------------------------------------------------------------------
@@ -516,7 +586,12 @@ def export_model_files(src: str | Path, dst: str | Path) -> Path:
 
 
 def replace_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Replace folder `path` with one that `write(tmp)` fills: built aside, then swapped in by rename."""
+    """Replace folder `path` with one that `write(tmp)` fills: built aside, then swapped in by rename.
+
+    Between the two renames `path` is briefly absent; a process killed right there leaves
+    `.old-<name>-<pid>` and the complete `.tmp-<name>-<pid>`, from which `recover_replaced_dir` (run
+    at the next start of training in that folder) puts `path` back.
+    """
     path = Path(path)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     old = path.parent / f".old-{path.name}-{os.getpid()}"
@@ -532,6 +607,169 @@ def replace_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def recover_replaced_dir(path: str | Path) -> Path | None:
+    """Undo a `replace_dir` that was killed between its two renames: the new folder if complete, else the old."""
+    path = Path(path)
+    if path.exists():
+        return None
+    for kind in ("tmp", "old"):  # the new copy first: it is what the interrupted swap was installing
+        found = sorted(path.parent.glob(f".{kind}-{path.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for candidate in found:
+            if candidate.is_dir() and (candidate / "config.json").is_file():
+                os.replace(candidate, path)
+                _fsync_dir(path.parent)
+                return path
+    return None
+
+
+# Temporary names this module (and training) writes, and nothing else: `.tmp-ckpt-…-<pid>`,
+# `.old-best-<pid>`, `.<file>.<random or pid>.tmp` (atomic_write, export_model_files, log.csv).
+_LEFTOVER_DIR = re.compile(rf"^\.(tmp|old)-({CKPT_PREFIX}\d+|{BEST_DIR})-\d+$")
+_LEFTOVER_FILE = re.compile(r"^\..+\.tmp$")
+LOCK_FILE = ".scratchgpt.lock"
+
+
+def clean_leftovers(run_dir: str | Path) -> list[Path]:
+    """Restore an interrupted best/ swap, then delete what killed writers left in `run_dir` (and best/).
+
+    Only call it while holding the run's lock (`RunLock`): the temporary names belong to whichever
+    process is writing, and only the lock tells that no other one is.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    recover_replaced_dir(run_dir / BEST_DIR)
+    removed = []
+    for folder in (run_dir, run_dir / BEST_DIR):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.is_dir() and not p.is_symlink() and folder == run_dir and _LEFTOVER_DIR.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.is_file() and _LEFTOVER_FILE.match(p.name):
+                p.unlink(missing_ok=True)
+            else:
+                continue
+            removed.append(p)
+    return removed
+
+
+class RunLock:
+    """An exclusive advisory lock on `run_dir/.scratchgpt.lock`, held while one process trains there."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks; run without one
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(
+                f"{self.path.parent}: another scratchgpt process is training into this folder (it holds "
+                f"{self.path}); wait for it to finish, or choose another --out-dir"
+            ) from None
+        except OSError:  # a file system without locks (some network mounts): run without one
+            os.close(fd)
+            return self
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# What marks a folder as holding a model, a run or prepared data (all of which training would overwrite).
+_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+_RUN_FILES = (LATEST_FILE, "log.csv", BEST_DIR)
+_DATA_FILES = ("meta.json", "train.bin", "val.bin")
+# Our training outputs, which --overwrite deletes (the model files are replaced by the new run's).
+_OVERWRITE_DELETES = (LATEST_FILE, BEST_DIR, "log.csv", "loss.png", "config.json", "model.safetensors")
+
+
+def folder_contents(path: str | Path) -> list[str]:
+    """What in `path` training would overwrite: model files, run files, prepared data, ckpt-* folders."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    found = [n for n in (*_MODEL_FILES, *_RUN_FILES, *_DATA_FILES) if (path / n).exists()]
+    ckpts = sorted(p.name for p in path.glob(f"{CKPT_PREFIX}*") if p.is_dir())
+    return found + ([f"{ckpts[-1]} ({len(ckpts)} ckpt-* folder(s))"] if ckpts else [])
+
+
+def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, or None to start at step 0; refuses to train over another run.
+
+    - --resume with a checkpoint: continue it.
+    - --resume without one: start at step 0 only if the folder holds nothing from an earlier run
+      (a deleted ckpt-* would otherwise mean retraining over model.safetensors, best/ and log.csv).
+    - no --resume: the folder must not hold a model, a run or prepared data (`run/best` included).
+    --overwrite allows the last two: the old run's outputs are deleted (see `clear_run_dir`).
+    Read-only, so every rank of a job can call it and reach the same verdict.
+    """
+    run_dir = Path(run_dir)
+    try:
+        existing = latest_checkpoint(run_dir)
+    except CheckpointError as e:  # `latest` names a checkpoint that is gone or incomplete
+        if overwrite and not resume:
+            existing = None
+        elif overwrite:
+            return None
+        else:
+            raise CheckpointError(f"{e}; restore it, or pass --overwrite to start afresh in {run_dir}") from None
+    if resume and existing is not None:
+        return existing
+    held = folder_contents(run_dir)
+    if not held or overwrite:
+        return None
+    if resume:
+        raise ValueError(
+            f"{run_dir}: --resume found no complete checkpoint (ckpt-*/ with train_state.json), but the folder "
+            f"holds {', '.join(held)} from an earlier run; refusing to retrain from step 0 over them. Restore "
+            f"the ckpt-* folders, choose another --out-dir, or pass --overwrite to start afresh there"
+        )
+    if existing is not None:
+        raise ValueError(
+            f"{run_dir} already holds checkpoints (latest {existing.name}); pass --resume to continue that run, "
+            f"--overwrite to start afresh there (deleting it), or choose another --out-dir"
+        )
+    raise ValueError(
+        f"{run_dir} already holds {', '.join(held)}; refusing to train over it. Choose another --out-dir, or "
+        f"pass --overwrite to replace it"
+    )
+
+
+def clear_run_dir(run_dir: str | Path) -> None:
+    """--overwrite: delete a previous run's checkpoints, latest, best/, log.csv, loss.png and model files."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for ckpt in run_dir.glob(f"{CKPT_PREFIX}*"):
+        if ckpt.is_dir():
+            shutil.rmtree(ckpt)
+    for name in _OVERWRITE_DELETES:
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
 
 
 def save_model_files(
@@ -562,6 +800,14 @@ def read_training_checkpoint(ckpt_dir: str | Path) -> tuple[dict[str, Tensor], d
 
 def load_module_state(model: nn.Module, state: dict[str, Tensor], *, source: str | Path) -> None:
     """Copy `state` into `model` in place (a tied lm_head may be absent); any other mismatch is a CheckpointError."""
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(
+                f"{source}: {k} has shape {tuple(v.shape)} but the model being trained needs {tuple(own[k].shape)}; "
+                f"the checkpoint was saved with other model settings (n_embd, n_head, vocab_size, ...): drop the "
+                f"changed flags to continue it, or start a new run in another --out-dir"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if isinstance(model, GPT) and model.config.tie_word_embeddings else set()
     missing = sorted(set(missing) - tied)

@@ -2,18 +2,22 @@
 
 The CLI only parses arguments and calls into the modules; flags for configuration come from the
 config dataclasses (`add_dataclass_args`), so defaults live in one place. Errors a user can fix are
-printed as one line on stderr with exit code 2; nothing here holds logic the library lacks.
+printed as one line on stderr with exit code 2; Ctrl-C exits 130 and SIGTERM 143, each with one line
+(also during the first seconds, while torch is still being imported); nothing here holds logic the
+library lacks. This module imports no torch at import time, so that `python -m scratchgpt` can be
+interrupted cleanly from its first moment.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from scratchgpt.checkpoint import CheckpointError
 from scratchgpt.config import (
     DEVICE_HELP,
     PRESET_NAMES,
@@ -26,7 +30,8 @@ from scratchgpt.config import (
 )
 
 # Exceptions that mean "the user's input is wrong": shown as one line, never as a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, CheckpointError, OSError)
+# (checkpoint.CheckpointError and WriteError are ValueErrors; FileNotFoundError is an OSError.)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 _REGISTER: list = []  # functions that each add one subcommand's parser, in --help order
 
@@ -113,8 +118,10 @@ def _load_source(checkpoint: str, preset: str, device: Any, seed: int | None = N
 
 @command
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="show a model's configuration and parameter counts")
+    p = sub.add_parser("info", help="show a model's configuration and parameter counts (reads no tokenizer)")
     _add_model_source(p)
+    p.add_argument("--untied", action="store_true",
+                   help="also count parameters as if lm_head were a separate matrix (as untied GPT-2 files store it)")
     p.set_defaults(func=_run_info)
 
 
@@ -123,26 +130,28 @@ def _run_info(args: argparse.Namespace) -> int:
 
     import torch
 
-    from scratchgpt.checkpoint import checkpoint_kind, load_any
-    from scratchgpt.device import resolve_device
+    from scratchgpt.checkpoint import describe_checkpoint
     from scratchgpt.model.gpt import GPT
 
     if args.checkpoint:
-        model, tokenizer = load_any(args.checkpoint, device=resolve_device(args.device))
+        config, details = describe_checkpoint(args.checkpoint)
     else:
-        # Presets are only counted: the meta device allocates no memory, even for gpt2-xl.
-        model, tokenizer = GPT(GPTConfig.from_name(args.model), device="meta"), None
-    config = model.config
+        config, details = GPTConfig.from_name(args.model), {"kind": "preset", "tokenizer": None}
+    # Only counted: the meta device allocates no memory (even for gpt2-xl), and no weights or
+    # tokenizer files are read, so this works offline on any folder that has its config.json.
+    model = GPT(config, device="meta")
+    n = model.num_parameters()
     info = {
         "source": args.checkpoint or f"preset {args.model} (random weights)",
-        "kind": checkpoint_kind(args.checkpoint) if args.checkpoint else "preset",
+        **details,
         "config": config.to_dict(),
-        "parameters": model.num_parameters(),
+        "parameters": n,
         "parameters_without_embeddings": model.num_parameters(exclude_embeddings=True),
-        "fp32_megabytes": round(model.num_parameters() * 4 / 2**20, 1),
-        "tokenizer": getattr(tokenizer, "name", None),
+        "fp32_megabytes": round(n * 4 / 2**20, 1),
         "torch": torch.__version__,
     }
+    if args.untied:
+        info["parameters_untied"] = n + (config.vocab_size * config.n_embd if config.tie_word_embeddings else 0)
     print(json.dumps(info, indent=2))
     return 0
 
@@ -211,6 +220,8 @@ def _add_prepare(sub) -> None:
                    help="progress bar (default: True; --no-progress or --quiet: none)")
     p.add_argument("--no-progress", "--quiet", dest="progress", action="store_const", const=False,
                    help=argparse.SUPPRESS)
+    p.add_argument("--overwrite", action="store_true",
+                   help="prepare into a folder that holds a model or run (its tokenizer files are replaced)")
     add_dataclass_args(p, DataConfig, skip=_PREPARE_ONLY_SKIP)
     p.set_defaults(func=_run_prepare)
 
@@ -218,6 +229,7 @@ def _add_prepare(sub) -> None:
 def _run_prepare(args: argparse.Namespace) -> int:
     import json
 
+    from scratchgpt.checkpoint import check_prepare_dir
     from scratchgpt.config import DataConfig, config_from_dict
     from scratchgpt.data.dataset import prepare
 
@@ -227,6 +239,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         raise ValueError("nothing to prepare: pass --source FILE|FOLDER|GLOB (or set source in [data])")
     if not data.dir:
         raise ValueError("no output folder: pass --dir FOLDER (or set dir in [data])")
+    check_prepare_dir(data.dir, overwrite=args.overwrite)
     meta = prepare(data.source, data.dir, tokenizer=data.tokenizer, bpe_vocab_size=data.bpe_vocab_size,
                    val_fraction=data.val_fraction, split_by=data.split_by, errors=data.errors, workers=data.workers,
                    shard_tokens=data.shard_tokens, gpt2_dir=args.gpt2_dir, progress=args.progress)
@@ -265,7 +278,8 @@ def _run_train(args: argparse.Namespace) -> int:
         summary = {"run_dir": str(result.run_dir), "step": result.step, "tokens": result.tokens,
                    "elapsed_s": round(result.elapsed_s, 1), "tokens_per_s": round(result.tokens_per_s, 1),
                    "mfu": None if result.mfu is None else round(result.mfu, 4),
-                   **{k: round(v, 4) for k, v in result.metrics.items()},
+                   "running_train_loss": None if result.train_loss is None else round(result.train_loss, 4),
+                   "eval_step": result.metrics_step, **{k: round(v, 4) for k, v in result.metrics.items()},
                    "best_val_loss": result.best_val_loss, "interrupted": result.interrupted}
         print(json.dumps(summary))
     return 130 if result.interrupted else 0
@@ -502,14 +516,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (which turns it into a stop-and-save request)."""
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    command_name = "scratchgpt"
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command_name = f"scratchgpt {args.command}"
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{command_name}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{command_name}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except USER_ERRORS as e:
-        print(f"scratchgpt {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command_name}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # torchrun's elastic agent turns SIGINT/SIGTERM into SignalException (no torch import needed to test).
+        if type(e).__name__ == "SignalException":
+            sig = getattr(e, "sigval", signal.SIGTERM)
+            print(f"{command_name}: stopped by {signal.Signals(sig).name}", file=sys.stderr)
+            return 128 + int(sig)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

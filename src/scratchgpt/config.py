@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,10 @@ def _check_range(
     cls_name: str, name: str, value: float, *, lo: float | None = None, hi: float | None = None,
     lo_open: bool = False, hi_open: bool = False,
 ) -> None:
+    # NaN compares False with everything, so a range test alone would let it through: refuse
+    # non-finite values first (no knob of ours means anything at nan or +-inf).
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+        raise ValueError(f"{cls_name}.{name}={value!r} must be a finite number")
     bad = (
         (lo is not None and (value <= lo if lo_open else value < lo))
         or (hi is not None and (value >= hi if hi_open else value > hi))
@@ -42,13 +47,72 @@ def _check_range(
         raise ValueError(f"{cls_name}.{name}={value!r} is out of range; it must lie in {rng}")
 
 
-def _validate_literals(obj: Any) -> None:
-    """Raise ValueError for any Literal-typed field whose value is not one of the literals."""
+def _type_name(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    if origin is tuple:
+        args = get_args(hint)
+        return f"a list (each item {_type_name(args[0])})" if args else "a list"
+    if hint is type(None):
+        return "null"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` has type `hint` (bool, int, float (ints too), str, Literal, Optional/Union, tuple)."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in get_args(hint))
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in get_args(hint))
+    if origin is tuple:
+        args = [a for a in get_args(hint) if a is not Ellipsis]
+        return isinstance(value, (tuple, list)) and (not args or all(_matches(v, args[0]) for v in value))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _validate_fields(obj: Any) -> None:
+    """Every field against its type hint (one clear error per wrong type), Literal choices, finite floats.
+
+    Called first by each config's __post_init__, so a value of the wrong type (`bias = "false"`,
+    `lr = "fast"`, `device = 3`) fails here, before any range check could misread it.
+    """
+    name = type(obj).__name__
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
-        hint = hints.get(f.name)
-        if get_origin(hint) is Literal:
-            _check_choice(type(obj).__name__, f.name, getattr(obj, f.name), get_args(hint))
+        hint, value = hints.get(f.name), getattr(obj, f.name)
+        if hint is None or _matches(value, hint):
+            if isinstance(value, float) and not math.isfinite(value) or isinstance(value, tuple) and any(
+                isinstance(v, float) and not math.isfinite(v) for v in value
+            ):
+                raise ValueError(f"{name}.{f.name}={value!r} must be a finite number")
+            continue
+        literals = [a for a in (hint, *get_args(hint)) if get_origin(a) is Literal]
+        if literals and isinstance(value, str):
+            _check_choice(name, f.name, value, get_args(literals[0]))
+        raise ValueError(f"{name}.{f.name}={value!r} ({type(value).__name__}) must be {_type_name(hint)}")
+
+
+
+
+# The older name, kept so that config classes written against it (on other branches) still validate fully.
+_validate_literals = _validate_fields
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config") -> T:
@@ -64,52 +128,23 @@ def config_from_dict(cls: type[T], data: dict[str, Any], *, source: str = "confi
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for k, v in data.items():
-        if not _type_ok(hints.get(k, Any), v):
-            raise ValueError(f"{source}: {k} = {v!r} ({type(v).__name__}) is not {_type_name(hints.get(k, Any))}")
+        hint = hints.get(k)
         # JSON has no tuples: turn lists back into tuples where the field is a tuple.
-        if isinstance(v, list) and get_origin(hints.get(k)) is tuple:
+        if isinstance(v, list) and any(get_origin(h) is tuple for h in (hint, *get_args(hint))):
             v = tuple(v)
+        # Checked here too (not only in __post_init__), so that the message names the file and key even
+        # for a value the constructor would choke on before validating.
+        if hint is not None and not _matches(v, hint):
+            raise ValueError(f"{source}: {k} = {v!r} ({type(v).__name__}) must be {_type_name(hint)}"
+                             + (" (write true or false without quotes)" if hint is bool and isinstance(v, str)
+                                else ""))
         kwargs[k] = v
     try:
         return cls(**kwargs)
-    except ValueError as e:  # a value out of range or inconsistent: name where it came from
+    except ValueError as e:
+        if str(e).startswith(f"{source}:"):
+            raise
         raise ValueError(f"{source}: {e}") from None
-
-
-def _type_ok(hint: Any, value: Any) -> bool:
-    """Whether `value` (from TOML, JSON or a flag) fits a field annotated `hint`; a bool is never a number."""
-    origin = get_origin(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(a, value) for a in get_args(hint))
-    if origin is Literal:
-        return value in get_args(hint)
-    if origin is tuple:
-        args = [a for a in get_args(hint) if a is not Ellipsis]
-        return isinstance(value, (list, tuple)) and all(_type_ok(args[0] if args else Any, v) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
-def _type_name(hint: Any) -> str:
-    """How an error names a field's type: 'an integer', 'one of [...]', 'true or false', ..."""
-    origin = get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(hint))
-    if origin is Literal:
-        return f"one of {list(get_args(hint))}"
-    if origin is tuple:
-        return "a list"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "unset"}
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def config_to_dict(obj: Any) -> dict[str, Any]:
@@ -273,6 +308,7 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        _validate_fields(self)
         for attr in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, attr)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -286,7 +322,6 @@ class GPTConfig:
             _check_range(name, attr, getattr(self, attr), lo=0.0, hi=1.0, hi_open=True)
         _check_range(name, "layer_norm_epsilon", self.layer_norm_epsilon, lo=0.0, lo_open=True)
         _check_range(name, "initializer_range", self.initializer_range, lo=0.0, lo_open=True)
-        _validate_literals(self)
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
             raise ValueError(f"{name}.n_embd={self.n_embd} must be even for sinusoidal positions")
         for attr in ("n_inner", "n_kv_head", "head_dim", "rope_original_n_positions"):
@@ -370,19 +405,20 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, (list, tuple)):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        _validate_fields(self)
+        if self.max_new_tokens < 0:
             raise ValueError(f"{name}.max_new_tokens={self.max_new_tokens!r} must be an integer >= 0")
         _check_range(name, "temperature", self.temperature, lo=0.0)
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"{name}.top_k={self.top_k!r} must be None or an integer >= 1")
         _check_range(name, "top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         _check_range(name, "min_p", self.min_p, lo=0.0, hi=1.0)
         _check_range(name, "repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        if any(not isinstance(s, str) or not s for s in self.stop):
+        if any(not s for s in self.stop):
             raise ValueError(f"{name}.stop must hold non-empty strings, got {self.stop!r}")
 
     @property
@@ -425,7 +461,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        _validate_literals(self)
+        _validate_fields(self)
         _check_range(name, "val_fraction", self.val_fraction, lo=0.0, hi=1.0, hi_open=True)
         for attr in ("bpe_vocab_size", "workers", "shard_tokens", "block_size", "stride"):
             value = getattr(self, attr)
@@ -450,6 +486,10 @@ class TrainConfig:
         default="scratch", metadata={"help": "'scratch', a run directory, or a Hugging Face GPT-2 dir/name"}
     )
     resume: bool = field(default=False, metadata={"help": "continue the run in out_dir from its latest checkpoint"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "start afresh in an out_dir that already holds a model or run: its "
+                                         "checkpoints, best/ and log.csv are deleted first"}
+    )
     max_steps: int = field(default=5000, metadata={"help": "optimizer steps to train for"})
     batch_size: int = field(default=12, metadata={"help": "sequences per micro-batch, per process"})
     grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -490,7 +530,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        _validate_literals(self)
+        _validate_fields(self)
         for attr in ("max_steps", "batch_size", "grad_accum_steps", "eval_steps", "log_interval", "keep_last"):
             value = getattr(self, attr)
             if attr == "max_steps" and value is None and self.steps_from_epochs:
@@ -609,11 +649,13 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+        if isinstance(self.targets, (str, list)):
+            self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        _validate_fields(self)
+        if self.rank < 1:
             raise ValueError(f"{name}.rank={self.rank!r} must be a positive integer")
         _check_range(name, "alpha", self.alpha, lo=0.0, lo_open=True)
         _check_range(name, "dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
-        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         if not self.targets or any(not isinstance(t, str) or not t for t in self.targets):
             raise ValueError(f"{name}.targets={self.targets!r} must name at least one layer, e.g. {LORA_TARGETS}")
 
@@ -718,7 +760,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        _validate_literals(self)
+        _validate_fields(self)
         self.split = tuple(self.split)
         _check_split(name, self.split)
         if self.trainable is not None:
@@ -825,7 +867,7 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        _validate_literals(self)
+        _validate_fields(self)
         if self.model and self.model not in _PRESETS:
             raise ValueError(f"{name}.model={self.model!r} is not a preset; choose one of {list(_PRESETS)}")
         if bool(self.checkpoint) == bool(self.model):

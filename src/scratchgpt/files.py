@@ -5,6 +5,7 @@ Shared by the data stage (prepared folders) and checkpoints, so neither imports 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -13,22 +14,63 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
+
+class WriteError(ValueError):
+    """A file could not be written (disk full, no permission); the previous version of it is intact."""
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file: 0o666 less the process umask."""
+    try:  # Linux reports the umask without changing it (os.umask can only set-and-return)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_failure(path: Path, e: BaseException) -> WriteError:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or any(
+        s in msg for s in ("No space left", "StorageFull", "File too large", "FileTooLarge", "Disk quota")
+    )
+    what = "disk full: cannot write" if full else "cannot write"
+    return WriteError(f"{what} {path}: {msg}; the previous version of the file is intact "
+                      f"({'free some space' if full else 'check the folder and its permissions'}, then retry)")
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` then rename tmp over `path`: readers see the old file or the new one."""
+    """Call `write(tmp_path)` then rename tmp over `path`: readers see the old file or the new one.
+
+    The file ends with the mode a normal write would give it (0o666 less the umask), whatever `write`
+    did (mkstemp makes files 0600, and safetensors replaces the file it is given). A failed write
+    (disk full, no permission) removes the temporary file and raises a one-line `WriteError`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    # mkstemp makes the file owner-only; a checkpoint should read like any other file the user writes.
-    os.chmod(tmp, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise _write_failure(path, e) from None
     try:
         write(Path(tmp))
+        os.chmod(tmp, file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise _write_failure(path, e) from None
     except BaseException:
-        with suppress(FileNotFoundError):
+        with suppress(OSError):
             os.unlink(tmp)
         raise
 

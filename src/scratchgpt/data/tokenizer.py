@@ -519,6 +519,68 @@ def _train_merges(chunk_counts: Mapping[bytes, int], n_merges: int) -> list[tupl
     return merges
 
 
+class Pretokenizer:
+    """Splits text into chunks with a GPT-2-style regex, agreeing with tiktoken on every character.
+
+    The `regex` package and tiktoken's Rust regex ship different Unicode versions, so for recently
+    assigned characters they disagree on `\\p{L}` / `\\p{N}` (e.g. U+18EB9 is a letter to `regex`
+    2026, unassigned to tiktoken: `chr(0x18EB9) + "'ve"` splits differently). tiktoken is the
+    reference, so each non-ASCII character is classified once by tiktoken itself (a pattern matching
+    one class; text it does not match is skipped) and, where the two disagree, the pattern's classes
+    are amended for exactly those characters. ASCII text takes the plain compiled pattern.
+    """
+
+    _CLASSES = (r"\p{L}", r"\p{N}")
+
+    def __init__(self, pattern: str = GPT2_PATTERN) -> None:
+        self.pattern = pattern
+        self._plain = regex.compile(pattern)
+        self._compiled = self._plain
+        self._amend = any(c in pattern for c in self._CLASSES)
+        self._seen: set[str] = set()
+        self._extra: dict[str, set[str]] = {c: set() for c in self._CLASSES}  # tiktoken says yes, regex no
+        self._missing: dict[str, set[str]] = {c: set() for c in self._CLASSES}  # regex says yes, tiktoken no
+        self._probes: dict[str, tiktoken.Encoding] = {}
+
+    def findall(self, text: str) -> list[str]:
+        if text.isascii() or not self._amend:
+            return self._plain.findall(text)
+        new = {c for c in set(text) - self._seen if ord(c) > 127 and not 0xD800 <= ord(c) <= 0xDFFF}
+        if new:
+            self._classify(new)
+        return self._compiled.findall(text)
+
+    def _in_class_per_tiktoken(self, cls: str, chars: str) -> set[str]:
+        probe = self._probes.get(cls)
+        if probe is None:
+            probe = self._probes[cls] = tiktoken.Encoding(
+                f"scratchgpt-probe-{len(self._probes)}", pat_str=cls,
+                mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens={},
+            )
+        return set(probe.decode(probe.encode_ordinary(chars)))
+
+    def _classify(self, chars: set[str]) -> None:
+        self._seen |= chars
+        text = "".join(sorted(chars))
+        changed = False
+        for cls in self._CLASSES:
+            theirs = self._in_class_per_tiktoken(cls, text)
+            ours = set(regex.findall(cls, text))
+            extra, missing = theirs - ours, ours - theirs
+            if extra or missing:
+                self._extra[cls] |= extra
+                self._missing[cls] |= missing
+                changed = True
+        if changed:
+            pattern = self.pattern
+            for cls in self._CLASSES:
+                add = "".join(regex.escape(c) for c in sorted(self._extra[cls]))
+                drop = "".join(regex.escape(c) for c in sorted(self._missing[cls]))
+                amended = f"[{cls}{add}" + (f"--[{drop}]" if drop else "") + "]"
+                pattern = pattern.replace(cls, amended)
+            self._compiled = regex.compile(pattern, flags=regex.V1)
+
+
 class ByteBPETokenizer(Tokenizer):
     """Byte-level BPE in pure Python: GPT-2's regex splits text, then ranked merges join bytes."""
 
@@ -559,7 +621,7 @@ class ByteBPETokenizer(Tokenizer):
         for text, _ in sorted(self._specials.items(), key=lambda item: item[1]):
             self._vocab.append(text.encode("utf-8"))
         self._pattern = pattern
-        self._regex = regex.compile(pattern)
+        self._regex = Pretokenizer(pattern)
         # Memo of chunk -> ids: natural text repeats a few thousand words, so this is most of the speed.
         self._chunk_cache: dict[str, list[int]] = {}
 
@@ -582,7 +644,7 @@ class ByteBPETokenizer(Tokenizer):
             raise ValueError(f"special_tokens must include {EOT_TEXT!r}")
         # Special tokens are document boundaries, never material for merges.
         splitter = re.compile("|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True))))
-        pattern = regex.compile(GPT2_PATTERN)
+        pattern = Pretokenizer(GPT2_PATTERN)
         chunk_counts: Counter[str] = Counter()
         for part in [text] if isinstance(text, str) else text:
             for piece in splitter.split(part):

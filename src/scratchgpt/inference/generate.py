@@ -251,6 +251,7 @@ def iter_generate(
         prompts = [list(p)[-n_ctx:] for p in prompts]
 
     device = next(model.parameters()).device
+    gens = seeded_generators(samplings, gens, device)
     was_training = model.training
     model.eval()
     try:
@@ -402,6 +403,25 @@ def sample_rows(
 # ---------------------------------------------------------------------------------------------
 
 
+def seeded_generators(
+    samplings: Sequence[SamplingConfig], generators: Sequence[torch.Generator | None], device: torch.device | str
+) -> list[torch.Generator | None]:
+    """Fill in a generator seeded with `sampling.seed` for every row that has a seed but no generator.
+
+    Rows that share one SamplingConfig share one generator (drawing in row order, as one generator
+    passed for all rows would), so a seeded call gives the same tokens every time it is made.
+    """
+    made: dict[int, torch.Generator | None] = {}
+    out = []
+    for s, g in zip(samplings, generators, strict=True):
+        if g is None and s.seed is not None:
+            if id(s) not in made:
+                made[id(s)] = make_generator(s.seed, device)
+            g = made[id(s)]
+        out.append(g)
+    return out
+
+
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
     """A torch.Generator seeded with `seed`, or None (the global RNG) when seed is None."""
     if seed is None:
@@ -420,7 +440,10 @@ def generate(
     tokenizer=None,
     prompt_lookup: int = 0,
 ) -> list[list[int]]:
-    """New token ids for each prompt (end-of-text excluded). One prompt or a batch of any lengths."""
+    """New token ids for each prompt (end-of-text excluded). One prompt or a batch of any lengths.
+
+    Without a `generator`, `sampling.seed` (when set) seeds one: the same call gives the same tokens.
+    """
     rows = _as_prompt_list(prompts)
     out: list[list[int]] = [[] for _ in rows]
     # With one shared generator, rows draw from it in row order; pass per-row generators to
@@ -441,8 +464,6 @@ def stream_text(
     """Yield the completion of `prompt` as text pieces, never splitting a UTF-8 character."""
     # An empty prompt starts from end-of-text, the token GPT-2 saw between documents.
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-    if generator is None and sampling.seed is not None:
-        generator = make_generator(sampling.seed, next(model.parameters()).device)
     for steps in iter_generate(model, [ids], sampling, eot_id=tokenizer.eot_id, tokenizer=tokenizer,
                                generators=[generator], use_cache=use_cache, prompt_lookup=prompt_lookup):
         for s in steps:

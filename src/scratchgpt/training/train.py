@@ -59,10 +59,13 @@ from torch import Tensor, nn
 from scratchgpt.checkpoint import (
     BEST_DIR,
     CheckpointError,
+    RunLock,
     capture_rng_state,
+    check_run_dir,
     checkpoint_name,
+    clean_leftovers,
+    clear_run_dir,
     export_model_files,
-    latest_checkpoint,
     load_module_state,
     model_state,
     optimizer_state_from_flat,
@@ -196,6 +199,7 @@ class TrainResult:
     mfu: float | None
     train_loss: float | None
     metrics: dict[str, float] = field(default_factory=dict)  # last evaluation, as "<eval>_<metric>"
+    metrics_step: int | None = None  # the step that evaluation ran at
     best_val_loss: float | None = None
     best_step: int | None = None
     run_dir: Path | None = None
@@ -217,7 +221,9 @@ def train_step(
     """One optimizer step over `grad_accum_steps` micro-batches: (mean loss as a device tensor, tokens).
 
     Gradients are synchronised across processes only on the last micro-batch, and nothing here waits
-    for the device (no .item()), so the CPU can queue the next step while the GPU works.
+    for the device (no .item()), so the CPU can queue the next step while the GPU works. The returned
+    loss is non-finite when the loss or the gradient norm is (one device-side value for the caller to
+    check; without a GradScaler, which skips such steps itself, the optimizer has then stepped on them).
     """
     loss_sum: Tensor | None = None
     tokens = 0
@@ -231,7 +237,9 @@ def train_step(
     if scaler is not None:
         scaler.unscale_(optimizer)
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    elif scaler is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -239,7 +247,12 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     assert loss_sum is not None, "no micro-batches"
-    return loss_sum / grad_accum_steps, tokens
+    mean = loss_sum / grad_accum_steps
+    if scaler is None:
+        # 0 * norm is 0 for a finite norm and nan for inf/nan: the loss carries the gradient's verdict.
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        mean = mean + 0.0 * norm.to(mean.device, torch.float32)
+    return mean, tokens
 
 
 def train(
@@ -260,6 +273,10 @@ def train(
     return _Trainer(model, batches, config=config, loss_fn=loss_fn, params=params, evals=evals or {},
                     sample_fn=sample_fn, tokenizer=tokenizer, run_config=run_config, export_fn=export_fn,
                     log=log).run()
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the gradient norm became non-finite; nothing after the last good checkpoint was saved."""
 
 
 class _Interval:
@@ -313,6 +330,8 @@ class _Trainer:
         self.best_step: int | None = None
         self.peak: float | None = None
         self.ckpt_step: int | None = None  # step of the newest checkpoint written or resumed from
+        self._lock: RunLock | None = None
+        self._first_bad: Tensor | None = None  # device-side: step and loss of the first non-finite step
 
     # -- output -----------------------------------------------------------------------------------
 
@@ -341,18 +360,28 @@ class _Trainer:
             raise ValueError(f"params[{missing[0]}] is not a parameter of the model being trained")
         return [by_id[id(p)] for p in params]
 
-    def _find_checkpoint(self) -> Path | None:
-        existing = latest_checkpoint(self.out_dir)
-        if self.cfg.resume:
-            if existing is None:
+    def _open_run_dir(self) -> Path | None:
+        """Lock the run directory, decide between resuming and a fresh start, tidy what killed runs left.
+
+        Rank 0 holds an exclusive lock on out_dir for the whole run, so the leftovers it deletes
+        (temporary files and folders of our own naming) cannot belong to another writer.
+        """
+        ckpt = check_run_dir(self.out_dir, resume=self.cfg.resume, overwrite=self.cfg.overwrite)  # before writing
+        if self.dist.is_main:
+            self._lock = RunLock(self.out_dir).acquire()
+            # Again under the lock: another process may have been writing here a moment ago.
+            ckpt = check_run_dir(self.out_dir, resume=self.cfg.resume, overwrite=self.cfg.overwrite)
+        if self.dist.enabled:
+            dist.barrier()  # every rank has looked before rank 0 changes anything
+        if self.dist.is_main:
+            if ckpt is None and self.cfg.overwrite:
+                clear_run_dir(self.out_dir)
+            clean_leftovers(self.out_dir)
+            if ckpt is None and self.cfg.resume:
                 self.say(f"no checkpoint in {self.out_dir} to resume from; starting from step 0")
-            return existing
-        if existing is not None:
-            raise ValueError(
-                f"{self.out_dir} already holds checkpoints (latest {existing.name}); pass --resume to continue "
-                f"that run, or choose another --out-dir"
-            )
-        return None
+        if self.dist.enabled:
+            dist.barrier()
+        return ckpt
 
     def _seed(self) -> None:
         # Python and numpy for any code that uses them; torch for dropout. Each rank gets its own dropout
@@ -369,6 +398,15 @@ class _Trainer:
     # -- the run ----------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            if self._lock is not None:
+                self._lock.release()
+
+    def _run(self) -> TrainResult:
         cfg, device = self.cfg, self.device
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
@@ -380,7 +418,7 @@ class _Trainer:
         if hasattr(self.inner, "set_attn_impl"):
             self.inner.set_attn_impl(resolve_attn_impl(cfg.attn_impl, device))
 
-        ckpt = self._find_checkpoint()
+        ckpt = self._open_run_dir()
         loaded = read_training_checkpoint(ckpt) if ckpt is not None else None
         if loaded is not None and not self.fsdp:
             load_module_state(self.inner, loaded[0], source=ckpt / "model.safetensors")  # type: ignore[operator]
@@ -398,6 +436,8 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         if loaded is not None:
             self._restore(ckpt, *loaded)  # type: ignore[arg-type]
+            if self.step >= cfg.max_steps:
+                return self._nothing_to_do(ckpt)  # type: ignore[arg-type]
         else:
             self._seed()
         if self.peak is None:
@@ -430,9 +470,12 @@ class _Trainer:
                          disable=not (cfg.progress and self.dist.is_main),
                          mininterval=0.2 if sys.stderr.isatty() else 30.0)
 
+        metrics_step: int | None = None
         if not resumed and self.evals and cfg.eval_interval > 0:
-            metrics = self._evaluate()
+            metrics, metrics_step = self._evaluate(), 0
             self._record(csv_log, {"step": 0, "tokens": 0, "lr": lr_at(0, cfg), "elapsed_s": 0.0}, metrics)
+            if self._update_best(metrics):  # the starting point counts: best/ is never worse than it
+                self._export_best()
         interrupted = False
         with StopRequest() as stop:
             while self.step < cfg.max_steps:
@@ -446,6 +489,9 @@ class _Trainer:
                                          grad_accum_steps=cfg.grad_accum_steps, grad_clip=cfg.grad_clip,
                                          scaler=self.scaler, amp=amp)
                 self.step += 1
+                self._note_finite(loss)
+                if device.type != "cuda" and not self.dist.enabled:
+                    self._stop_if_diverged()  # no queue to keep full on the CPU: look after every step
                 self.tokens += n_tok * self.dist.world_size
                 interval.add(loss, n_tok * self.dist.world_size)
                 self._bar.update(1)
@@ -456,6 +502,9 @@ class _Trainer:
                 stopping = stop.requested if not self.dist.enabled else (
                     (last or self.step % cfg.log_interval == 0) and self._agree(stop.requested))
                 do_eval = bool(self.evals) and not stopping and (last or _every(self.step, cfg.eval_interval))
+                ckpt_due = last or stopping or _every(self.step, cfg.checkpoint_interval)
+                if do_eval or ckpt_due or self.step % cfg.log_interval == 0:
+                    self._stop_if_diverged()  # never log, evaluate or save after a non-finite step
                 if do_eval or stopping or last or self.step % cfg.log_interval == 0:
                     train_loss = all_reduce_mean(interval.loss_sum / interval.steps, self.dist).item()  # one sync
                     seconds = time.perf_counter() - interval.t0
@@ -470,17 +519,19 @@ class _Trainer:
                            "tok_per_s": tok_s, "mfu": last_mfu,
                            "elapsed_s": self.elapsed_before + time.perf_counter() - t_start}
                     if do_eval:
-                        metrics = self._evaluate()
+                        metrics, metrics_step = self._evaluate(), self.step
                     self._record(csv_log, row, metrics if do_eval else {})
                     if not do_eval and not self._bar.disable:
                         self._bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:.0f}")
                     elif self._bar.disable and not do_eval:
                         self.say(_progress_line(row, cfg.max_steps))
-                ckpt_due = last or stopping or _every(self.step, cfg.checkpoint_interval)
+                # The best loss is updated before the checkpoint of this step is written, so that the
+                # checkpoint records it: a run resumed from it then ends with the same best/.
+                improved = do_eval and self._update_best(metrics)
                 if ckpt_due:
                     self._checkpoint(elapsed=self.elapsed_before + time.perf_counter() - t_start, lr=lr)
-                if do_eval:
-                    self._maybe_export_best(metrics)
+                if improved:
+                    self._export_best()
                 if self.sample_fn is not None and not stopping and (last or _every(self.step, cfg.sample_interval)):
                     self._sample()
                 if do_eval or ckpt_due:
@@ -500,8 +551,49 @@ class _Trainer:
         return TrainResult(
             step=self.step, tokens=self.tokens, elapsed_s=self.elapsed_before + time.perf_counter() - t_start,
             tokens_per_s=total_tokens / total_seconds if total_seconds else 0.0, mfu=last_mfu,
-            train_loss=train_loss, metrics=metrics, best_val_loss=self.best_val, best_step=self.best_step,
+            train_loss=train_loss, metrics=metrics, metrics_step=metrics_step, best_val_loss=self.best_val,
+            best_step=self.best_step,
             run_dir=self.out_dir, interrupted=interrupted,
+        )
+
+    def _nothing_to_do(self, ckpt: Path) -> TrainResult:
+        """--resume of a run already at (or past) max_steps: say so; past it is an error (exit 2)."""
+        if self.step > self.cfg.max_steps:
+            raise ValueError(
+                f"{ckpt}: the run is at step {self.step}, past --max-steps {self.cfg.max_steps}; nothing to train "
+                f"(a run cannot go back: raise --max-steps above {self.step} to continue it)"
+            )
+        self.say(f"{ckpt}: the run is already at step {self.step} = --max-steps; nothing to train "
+                 f"(raise --max-steps to continue it)")
+        return TrainResult(step=self.step, tokens=self.tokens, elapsed_s=self.elapsed_before, tokens_per_s=0.0,
+                           mfu=None, train_loss=None, best_val_loss=self.best_val, best_step=self.best_step,
+                           run_dir=self.out_dir)
+
+    def _note_finite(self, loss: Tensor) -> None:
+        """Remember (on the device, no sync) the first step whose loss or gradient norm was non-finite."""
+        bad = ~torch.isfinite(loss)
+        entry = torch.stack([torch.tensor(float(self.step), device=loss.device), loss.float()])
+        if self._first_bad is None:
+            self._first_bad = torch.where(bad, entry, torch.full_like(entry, -1.0))
+        else:
+            self._first_bad = torch.where(bad & (self._first_bad[0] < 0), entry, self._first_bad)
+
+    def _stop_if_diverged(self) -> None:
+        """Raise TrainingDiverged if any rank saw a non-finite loss; called before anything is logged or saved."""
+        if self._first_bad is None:
+            return
+        first = self._first_bad
+        if self.dist.enabled:
+            first = first.clone()
+            dist.all_reduce(first, op=dist.ReduceOp.MAX)
+        step, value = first.tolist()
+        if step < 0:
+            return
+        last = f"the last good checkpoint, {self.out_dir / checkpoint_name(self.ckpt_step)}, is kept" \
+            if self.ckpt_step is not None else "no checkpoint had been saved yet"
+        raise TrainingDiverged(
+            f"step {int(step)}: the training loss or gradient norm became non-finite (loss {value}); stopped "
+            f"without saving ({last}). Lower --lr (now {self.cfg.lr:g}), keep --grad-clip on, or check the data"
         )
 
     def _agree(self, flag: bool) -> bool:
@@ -626,11 +718,16 @@ class _Trainer:
         if self.dist.enabled:
             dist.barrier()
 
-    def _maybe_export_best(self, metrics: dict[str, float]) -> None:
+    def _update_best(self, metrics: dict[str, float]) -> bool:
+        """Record this evaluation as the best if its loss is finite and lower than every earlier one."""
         val = self._val_metric(metrics)
-        if val is None or (self.best_val is not None and val >= self.best_val):
-            return
+        if val is None or not math.isfinite(val) or (self.best_val is not None and val >= self.best_val):
+            return False
         self.best_val, self.best_step = val, self.step
+        return True
+
+    def _export_best(self) -> None:
+        """Write the current model to out_dir/best/ (swapped in whole; see checkpoint.replace_dir)."""
         best = self.out_dir / BEST_DIR
         if self.export_fn is not None:
             if self.dist.is_main:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scratchgpt.checkpoint import latest_checkpoint, read_json
+from scratchgpt.checkpoint import check_prepare_dir, check_run_dir, read_json
 from scratchgpt.config import DataConfig, RunConfig, SamplingConfig, TrainConfig, config_from_dict, merge_run_dicts
 from scratchgpt.data.dataset import DataError, RandomWindows, TokenDataset, make_sampler, open_dataset, prepare
 from scratchgpt.model.gpt import GPT
@@ -78,8 +78,9 @@ def resolve_run_config(
     raw = merge_run_dicts(*layers)
     train_raw = raw.get("train", {})
     out_dir = Path(train_raw.get("out_dir", RunConfig().train.out_dir))
-    if train_raw.get("resume"):
-        ckpt = latest_checkpoint(out_dir)
+    if train_raw.get("resume") is True:
+        # The same verdict the loop reaches (resume, fresh start or refusal), before anything is prepared.
+        ckpt = check_run_dir(out_dir, resume=True, overwrite=train_raw.get("overwrite") is True)
         if ckpt is not None:
             saved = read_json(ckpt / "config.json").get("run")
             if isinstance(saved, dict):
@@ -103,6 +104,7 @@ def _prepare_once(data: DataConfig, *, progress: bool) -> None:
     meta = Path(data.dir) / "meta.json"
     if meta.is_file():
         return
+    check_prepare_dir(data.dir)  # never tokenize into a model or run folder (its tokenizer would be replaced)
     if is_main():
         prepare(data.source, data.dir, tokenizer=data.tokenizer, bpe_vocab_size=data.bpe_vocab_size,
                 val_fraction=data.val_fraction, split_by=data.split_by, errors=data.errors, workers=data.workers,
