@@ -318,3 +318,160 @@ def test_bf16_autocast_forward_on_cuda_uses_sdpa():
     assert logits.dtype == torch.bfloat16
     assert torch.isfinite(loss)
     assert max_diff(logits.float(), reference) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# The model family: RoPE, RMSNorm, SwiGLU / ReLU², grouped-query attention, QK-norm, soft-cap
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from scratchgpt.config import SamplingConfig  # noqa: E402
+from scratchgpt.inference.generate import generate  # noqa: E402
+from scratchgpt.model.gpt import RMSNorm, RotaryEmbedding, apply_rotary, softcap  # noqa: E402
+
+
+def randomise(model: GPT, seed: int) -> GPT:
+    """Every parameter (norm gains and zero-initialised projections too) drawn at random, so no
+    option can pass a test by contributing zeros or ones."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def test_family_config_validation():
+    with pytest.raises(ValueError, match="n_kv_head"):
+        tiny_config(n_head=4, n_kv_head=3)
+    with pytest.raises(ValueError, match="head size"):
+        tiny_config(pos_encoding="rope", n_embd=30, n_head=2, head_dim=15)
+    with pytest.raises(ValueError, match="norm"):
+        tiny_config(norm="batchnorm")
+    with pytest.raises(ValueError, match="logit_softcap"):
+        tiny_config(logit_softcap=0.0)
+    config = tiny_config(pos_encoding="rope", norm="rmsnorm", activation="swiglu", n_kv_head=2, head_dim=6,
+                         n_inner=40, qk_norm=True, qkv_bias=True, bias=False, rope_scaling_factor=8.0,
+                         rope_original_n_positions=16, logit_softcap=15.0, zero_init=True)
+    assert GPTConfig.from_dict(config.to_dict()) == config
+
+
+def test_old_config_json_still_loads_as_gpt2():
+    old = dict(vocab_size=53, n_positions=24, n_embd=32, n_layer=2, n_head=4, embd_pdrop=0.1, resid_pdrop=0.1,
+               attn_pdrop=0.1, layer_norm_epsilon=1e-5, initializer_range=0.02, bias=True,
+               tie_word_embeddings=True, pos_encoding="learned", activation="gelu")
+    config = GPTConfig.from_dict(old)
+    assert (config.norm, config.kv_heads, config.head_size, config.mlp_hidden) == ("layernorm", 4, 8, 128)
+
+
+def test_family_parameter_shapes():
+    config = tiny_config(pos_encoding="rope", norm="rmsnorm", activation="swiglu", n_head=3, n_kv_head=1,
+                         n_embd=30, head_dim=8, n_inner=20, qk_norm=True, qkv_bias=True, bias=False,
+                         tie_word_embeddings=False)
+    shapes = {n: tuple(p.shape) for n, p in GPT(config, device="meta").named_parameters()}
+    assert shapes["transformer.h.0.attn.c_attn.weight"] == ((3 + 2 * 1) * 8, 30)
+    assert shapes["transformer.h.0.attn.c_attn.bias"] == (40,)
+    assert shapes["transformer.h.0.attn.c_proj.weight"] == (30, 24)
+    assert shapes["transformer.h.0.attn.q_norm.weight"] == (8,)
+    assert shapes["transformer.h.0.mlp.c_fc.weight"] == (40, 30)  # gate and up stacked
+    assert shapes["transformer.h.0.mlp.c_proj.weight"] == (30, 20)
+    assert shapes["transformer.h.0.ln_1.weight"] == (30,)
+    assert not any(n.endswith("ln_1.bias") or n.endswith("c_proj.bias") or "wpe" in n for n in shapes)
+    assert "lm_head.weight" in shapes
+    cache = KVCache.empty(config, batch_size=2, max_len=10)
+    assert cache.k.shape == (2, 2, 1, 10, 8)  # only the one key/value head is cached
+
+
+def test_rmsnorm_formula():
+    norm = RMSNorm(6, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(1.0, 7.0))
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(0))
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * torch.arange(1.0, 7.0)
+    assert max_diff(norm(x), expected) < 1e-6
+
+
+def test_rope_scores_depend_only_on_distance():
+    rotary = RotaryEmbedding(tiny_config(pos_encoding="rope", n_head=2, rope_theta=100.0))  # hs 16
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+
+    def score(i: int, j: int) -> float:
+        cq, sq = rotary(torch.tensor([i]))
+        ck, sk = rotary(torch.tensor([j]))
+        return (apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(13, 10), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+    cos, sin = rotary(torch.tensor([0]))
+    assert torch.equal(apply_rotary(q, cos, sin), q)  # position 0 is not rotated
+
+
+def test_softcap_bounds_logits():
+    x = torch.tensor([-1e4, -1.0, 0.0, 0.01, 1e4])
+    y = softcap(x, 30.0)
+    assert y.abs().max() <= 30.0 and y[3] == pytest.approx(0.01, rel=1e-4)
+    model = randomise(GPT(tiny_config(logit_softcap=0.5)), 0)
+    logits, _ = model(tokens(1, 5))
+    assert logits.abs().max() <= 0.5
+
+
+def test_zero_init_starts_projections_and_untied_head_at_zero():
+    model = GPT(tiny_config(zero_init=True, tie_word_embeddings=False), generator=torch.Generator().manual_seed(0))
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight") or name == "lm_head.weight":
+            assert torch.count_nonzero(p) == 0, name
+    assert torch.count_nonzero(model.transformer.h[0].attn.c_attn.weight) > 0
+    logits, _ = model(tokens(1, 4))
+    assert torch.count_nonzero(logits) == 0  # uniform first predictions
+    tied = GPT(tiny_config(zero_init=True), generator=torch.Generator().manual_seed(0))
+    assert torch.count_nonzero(tied.lm_head.weight) > 0  # the tied head is the embedding: never zeroed
+
+
+@st.composite
+def family_configs(draw) -> tuple[GPTConfig, str]:
+    n_head = draw(st.sampled_from([1, 2, 3, 4]))
+    n_kv_head = draw(st.sampled_from([d for d in (1, 2, 3, 4) if n_head % d == 0]))
+    head_dim = draw(st.sampled_from([4, 6, 8]))
+    pos = draw(st.sampled_from(["learned", "sinusoidal", "rope"]))
+    config = GPTConfig(
+        vocab_size=37, n_positions=20, n_layer=draw(st.integers(1, 2)), n_head=n_head, n_kv_head=n_kv_head,
+        n_embd=draw(st.sampled_from([12, 16])), head_dim=head_dim, pos_encoding=pos,
+        norm=draw(st.sampled_from(["layernorm", "rmsnorm"])),
+        activation=draw(st.sampled_from(["gelu", "relu", "relu2", "swiglu"])),
+        n_inner=draw(st.sampled_from([None, 10])), qk_norm=draw(st.booleans()), bias=draw(st.booleans()),
+        qkv_bias=draw(st.sampled_from([None, True, False])), tie_word_embeddings=draw(st.booleans()),
+        logit_softcap=draw(st.sampled_from([None, 3.0])), zero_init=draw(st.booleans()),
+        rope_theta=draw(st.sampled_from([10000.0, 50.0])),
+        rope_scaling_factor=draw(st.sampled_from([None, 4.0])) if pos == "rope" else None,
+        rope_original_n_positions=8,
+    )
+    return config, draw(st.sampled_from(["sdpa", "eager"]))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(drawn=family_configs(), seed=st.integers(0, 2**16))
+def test_random_option_combinations_cache_and_batch_consistent(drawn, seed):
+    config, attn_impl = drawn
+    model = randomise(GPT(config, attn_impl=attn_impl, generator=torch.Generator().manual_seed(seed)), seed)
+    x = tokens(1, 9, seed=seed, vocab=37)
+    full, _ = model(x)
+
+    # KV cache, a chunk and then one token at a time, equals the full forward.
+    cache = KVCache.empty(config, batch_size=1, max_len=12)
+    assert cache.k.size(2) == config.kv_heads
+    steps = [model(x[:, :4], kv_cache=cache)[0]] + [model(x[:, t : t + 1], kv_cache=cache)[0] for t in range(4, 9)]
+    assert max_diff(torch.cat(steps, dim=1), full) < TOL
+
+    # Each row of a left-padded batch equals that row run alone, with and without the cache.
+    prompts = [x[0, :9].tolist(), x[0, 2:5].tolist(), x[0, 4:10].tolist()]
+    greedy = SamplingConfig(max_new_tokens=4, temperature=0.0)
+    alone = [generate(model, [p], greedy, use_cache=False)[0] for p in prompts]
+    assert generate(model, prompts, greedy) == alone
+    assert generate(model, prompts, greedy, use_cache=False) == alone
+    ids, mask, positions = left_pad([torch.tensor(p) for p in prompts])
+    batch, _ = model(ids, attention_mask=mask, position_ids=positions)
+    for i, p in enumerate(prompts):
+        solo, _ = model(torch.tensor([p]))
+        assert max_diff(batch[i, -len(p):], solo[0]) < TOL

@@ -1,4 +1,4 @@
-"""Checkpoints: scratchgpt run directories and Hugging Face GPT-2 import/export.
+"""Checkpoints: scratchgpt run directories (Hugging Face import/export: scratchgpt.hf).
 
 A run directory is self-describing and pickle-free:
     config.json          {"format": "scratchgpt", "format_version": 1, "model": {...}, ...}
@@ -29,7 +29,6 @@ from scratchgpt.model.gpt import GPT
 
 FORMAT = "scratchgpt"
 FORMAT_VERSION = 1
-HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 class CheckpointError(ValueError):
@@ -211,159 +210,21 @@ def _load_state_strict(model: GPT, state: dict[str, Tensor], *, source: str | Pa
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face GPT-2 interop: the one name map
+# Hugging Face interop lives in scratchgpt.hf (GPT-2, Llama, Qwen2, Qwen3: the one name map)
 # ---------------------------------------------------------------------------------------------
 
-# HF's GPT-2 uses Conv1D, which stores weights as (in, out); nn.Linear stores (out, in). These four
-# are the only weights that differ; every other name and tensor maps unchanged.
-_TRANSPOSED_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_MOVED_TO_HF = ("HF_MODEL_NAMES", "hf_to_scratchgpt", "scratchgpt_to_hf", "config_from_hf", "config_to_hf",
+                "load_hf", "save_hf", "_read_hf_weights", "_resolve_hf")
 
 
-def _is_transposed(name: str) -> bool:
-    return name.endswith(_TRANSPOSED_SUFFIXES)
+def __getattr__(name: str) -> Any:
+    # Old import paths (`from scratchgpt.checkpoint import load_hf`) keep working. Resolved lazily
+    # because scratchgpt.hf builds on this module's I/O helpers.
+    if name in _MOVED_TO_HF:
+        from scratchgpt import hf
 
-
-def hf_to_scratchgpt(hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Map a `GPT2LMHeadModel` (or `GPT2Model`) state dict to scratchgpt names and layouts."""
-    out = {}
-    for name, tensor in hf_state.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # old transformers saved its causal-mask buffers; we derive ours
-        if not name.startswith(("transformer.", "lm_head.")):
-            name = "transformer." + name  # saved from GPT2Model (e.g. OpenAI's own hub files)
-        out[name] = tensor.t().contiguous() if _is_transposed(name) else tensor
-    return out
-
-
-def scratchgpt_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Map scratchgpt weights to `GPT2LMHeadModel` names and Conv1D layouts (inverse of the above)."""
-    return {name: (t.t().contiguous() if _is_transposed(name) else t) for name, t in state.items()}
-
-
-_HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
-
-
-def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> GPTConfig:
-    """GPTConfig from a Hugging Face GPT-2 config.json dict; unsupported variants are refused."""
-    if hf.get("model_type") != "gpt2":
-        raise CheckpointError(f"{source}: model_type {hf.get('model_type')!r} is not 'gpt2'")
-    act = hf.get("activation_function", "gelu_new")
-    if act not in _HF_ACTIVATIONS:
-        raise CheckpointError(
-            f"{source}: activation_function {act!r} is not supported; use one of {list(_HF_ACTIVATIONS)}"
-        )
-    n_inner = hf.get("n_inner")
-    if n_inner not in (None, 4 * hf["n_embd"]):
-        raise CheckpointError(f"{source}: n_inner={n_inner} is not supported (scratchgpt uses 4 * n_embd)")
-    for flag, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
-                     ("scale_attn_weights", True)):
-        if hf.get(flag, ok) != ok:
-            raise CheckpointError(f"{source}: {flag}={hf[flag]} is not supported")
-    return GPTConfig(
-        vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_embd=hf["n_embd"],
-        n_layer=hf["n_layer"], n_head=hf["n_head"],
-        embd_pdrop=hf.get("embd_pdrop", 0.1), resid_pdrop=hf.get("resid_pdrop", 0.1),
-        attn_pdrop=hf.get("attn_pdrop", 0.1), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        initializer_range=hf.get("initializer_range", 0.02),
-        tie_word_embeddings=hf.get("tie_word_embeddings", True), activation=_HF_ACTIVATIONS[act],
-    )
-
-
-def config_to_hf(config: GPTConfig) -> dict[str, Any]:
-    """A Hugging Face GPT-2 config.json dict for `config`; refuses what GPT2LMHeadModel cannot express."""
-    if config.pos_encoding != "learned":
-        raise ValueError("cannot export to Hugging Face GPT-2: it has learned positions only "
-                         f"(this model uses pos_encoding={config.pos_encoding!r})")
-    if not config.bias:
-        raise ValueError("cannot export to Hugging Face GPT-2: its Linear layers and LayerNorms always have "
-                         "biases (this model has bias=False)")
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": config.vocab_size, "n_positions": config.n_positions, "n_ctx": config.n_positions,
-        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
-        "activation_function": "gelu_new" if config.activation == "gelu" else "relu",
-        "embd_pdrop": config.embd_pdrop, "resid_pdrop": config.resid_pdrop, "attn_pdrop": config.attn_pdrop,
-        "layer_norm_epsilon": config.layer_norm_epsilon, "initializer_range": config.initializer_range,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        # GPT-2's <|endoftext|> is 50256; a smaller (custom) vocabulary has no such id.
-        "bos_token_id": 50256 if config.vocab_size > 50256 else None,
-        "eos_token_id": 50256 if config.vocab_size > 50256 else None,
-    }
-
-
-def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
-    single = directory / "model.safetensors"
-    index = directory / "model.safetensors.index.json"
-    if single.is_file():
-        return load_tensors(single)
-    if index.is_file():
-        shards = sorted(set(read_json(index)["weight_map"].values()))
-        state: dict[str, Tensor] = {}
-        for shard in shards:
-            state.update(load_tensors(directory / shard))
-        return state
-    pt = directory / "pytorch_model.bin"
-    if pt.is_file():
-        try:
-            # weights_only=True: a .bin is a pickle, and we never unpickle arbitrary objects.
-            return torch.load(pt, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-            raise CheckpointError(f"{pt}: cannot be read as plain weights ({str(e).splitlines()[0]})") from None
-    raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin found")
-
-
-def _resolve_hf(name_or_dir: str | Path) -> Path:
-    """A local directory, or a hub name downloaded (and cached) with huggingface_hub."""
-    path = Path(name_or_dir)
-    if path.is_dir():
-        return path
-    name = str(name_or_dir)
-    if name not in HF_MODEL_NAMES and "/" not in name:
-        raise CheckpointError(f"{name}: no such directory, and not a known hub name {list(HF_MODEL_NAMES)}")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise CheckpointError(f"{name}: downloading needs huggingface_hub: pip install 'scratchgpt[hub]'") from None
-    try:
-        return Path(snapshot_download(
-            repo_id=name if "/" in name else f"openai-community/{name}",
-            allow_patterns=["config.json", "model.safetensors", "vocab.json", "merges.txt"],
-        ))
-    except Exception as e:  # noqa: BLE001 - network/hub errors come in many types
-        raise CheckpointError(
-            f"{name}: could not download from the Hugging Face hub ({type(e).__name__}); when offline, "
-            f"pass a local directory holding config.json and model.safetensors"
-        ) from None
-
-
-def load_hf(
-    name_or_dir: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-    **config_overrides: Any,
-) -> GPT:
-    """A GPT from a Hugging Face GPT-2 directory or hub name (`gpt2` ... `gpt2-xl`), in eval mode."""
-    directory = _resolve_hf(name_or_dir)
-    hf_cfg = read_json(directory / "config.json")
-    config = config_from_hf(hf_cfg, source=str(directory / "config.json"))
-    if config_overrides:
-        config = GPTConfig.from_dict({**config.to_dict(), **config_overrides})
-    model = GPT(config, device="meta")
-    _load_state_strict(model, hf_to_scratchgpt(_read_hf_weights(directory)), source=directory)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def save_hf(model: nn.Module, directory: str | Path, *, tokenizer: Any = None) -> Path:
-    """Write `model` as a Hugging Face GPT-2 directory that `GPT2LMHeadModel.from_pretrained` loads."""
-    inner = unwrap(model)
-    if not isinstance(inner, GPT):
-        raise TypeError(f"save_hf expects a GPT, got {type(inner).__name__}")
-    hf_config = config_to_hf(inner.config)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_tensors(scratchgpt_to_hf(model_state(inner)), directory / "model.safetensors", metadata={"format": "pt"})
-    write_json(directory / "config.json", hf_config)
-    if tokenizer is not None and hasattr(tokenizer, "save_hf"):
-        tokenizer.save_hf(directory)
-    return directory
+        return getattr(hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,9 +246,10 @@ def checkpoint_kind(path: str | Path) -> str:
         cfg = read_json(cfg_path)
         if isinstance(cfg, dict) and cfg.get("format") == FORMAT:
             return FORMAT
-        if isinstance(cfg, dict) and cfg.get("model_type") == "gpt2":
+        if isinstance(cfg, dict) and cfg.get("model_type") in ("gpt2", "llama", "qwen2", "qwen3"):
             return "hf"
-        raise CheckpointError(f"{cfg_path}: neither a scratchgpt checkpoint nor a Hugging Face GPT-2 config")
+        raise CheckpointError(f"{cfg_path}: neither a scratchgpt checkpoint nor a Hugging Face GPT-2, Llama, "
+                              f"Qwen2 or Qwen3 config")
     if Path(path).exists():
         raise CheckpointError(f"{path}: no config.json; not a checkpoint directory")
     return "hf"  # a hub name; _resolve_hf checks it
@@ -397,15 +259,14 @@ def load_any(
     path_or_name: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[GPT, Any]:
     """(model, tokenizer) from a scratchgpt run directory, a Hugging Face directory, or a hub name."""
-    from scratchgpt.data.tokenizer import gpt2_tokenizer, load_tokenizer
+    from scratchgpt.data.tokenizer import load_tokenizer
+    from scratchgpt.hf import _resolve_hf, load_hf, load_hf_tokenizer
 
     if checkpoint_kind(path_or_name) == FORMAT:
         model, _ = load_model(path_or_name, device=device, dtype=dtype)
         return model, load_tokenizer(path_or_name)
     model = load_hf(path_or_name, device=device, dtype=dtype)
-    directory = _resolve_hf(path_or_name)
-    has_files = (directory / "vocab.json").is_file() or (directory / "encoder.json").is_file()
-    return model, gpt2_tokenizer(directory if has_files else None)
+    return model, load_hf_tokenizer(_resolve_hf(path_or_name))
 
 
 # ---------------------------------------------------------------------------------------------

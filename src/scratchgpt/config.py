@@ -142,11 +142,32 @@ def overrides_from_args(args: argparse.Namespace, cls: type, *, prefix: str = ""
 # The model
 # ---------------------------------------------------------------------------------------------
 
-_PRESETS: dict[str, dict[str, int]] = {
+# The Llama / Qwen blocks: pre-RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, no dropout.
+_LLAMA_BLOCK: dict[str, Any] = dict(
+    pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False,
+    embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0,
+)
+# Llama 3.2's config.json: rope_theta 500000 with "llama3" frequency scaling, rms_norm_eps 1e-5.
+_LLAMA_32: dict[str, Any] = dict(
+    _LLAMA_BLOCK, vocab_size=128256, n_positions=131072, rope_theta=500000.0, rope_scaling_factor=32.0,
+    rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_n_positions=8192,
+    layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+)
+# Qwen3's config.json: head_dim 128 whatever the width, QK-norm, rope_theta 1e6, rms_norm_eps 1e-6.
+_QWEN3: dict[str, Any] = dict(
+    _LLAMA_BLOCK, vocab_size=151936, n_positions=40960, head_dim=128, qk_norm=True, rope_theta=1000000.0,
+    layer_norm_epsilon=1e-6, tie_word_embeddings=True,
+)
+
+_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "llama-3.2-1b": dict(_LLAMA_32, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, n_inner=8192),
+    "llama-3.2-3b": dict(_LLAMA_32, n_layer=28, n_head=24, n_kv_head=8, n_embd=3072, n_inner=8192),
+    "qwen3-0.6b": dict(_QWEN3, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024, n_inner=3072),
+    "qwen3-1.7b": dict(_QWEN3, n_layer=28, n_head=16, n_kv_head=8, n_embd=2048, n_inner=6144),
 }
 
 
@@ -166,8 +187,38 @@ class GPTConfig:
     initializer_range: float = 0.02
     bias: bool = field(default=True, metadata={"help": "biases in Linear layers and LayerNorms"})
     tie_word_embeddings: bool = field(default=True, metadata={"help": "share wte with lm_head"})
-    pos_encoding: Literal["learned", "sinusoidal"] = "learned"
-    activation: Literal["gelu", "relu"] = "gelu"
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = field(
+        default="learned", metadata={"help": "learned table (GPT-2), fixed sin/cos, or rotary (Llama, Qwen)"}
+    )
+    activation: Literal["gelu", "relu", "relu2", "swiglu"] = field(
+        default="gelu", metadata={"help": "MLP non-linearity: gelu (GPT-2), relu, relu² , swiglu (Llama, Qwen)"}
+    )
+    # -- the Llama / Qwen family (defaults keep GPT-2; see the README's family table) --------------
+    norm: Literal["layernorm", "rmsnorm"] = field(
+        default="layernorm", metadata={"help": "layernorm (GPT-2) or rmsnorm (Llama, Qwen); eps = layer_norm_epsilon"}
+    )
+    n_inner: int | None = field(default=None, metadata={"help": "MLP hidden size (default: 4 * n_embd)"})
+    n_kv_head: int | None = field(
+        default=None, metadata={"help": "key/value heads for grouped-query attention (default: n_head)"}
+    )
+    head_dim: int | None = field(default=None, metadata={"help": "width of one head (default: n_embd // n_head)"})
+    qkv_bias: bool | None = field(
+        default=None, metadata={"help": "biases on the q/k/v projection (default: follow bias; Qwen2: true)"}
+    )
+    qk_norm: bool = field(default=False, metadata={"help": "RMSNorm each query and key head before RoPE (Qwen3)"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base: larger = slower-turning angles"})
+    rope_scaling_factor: float | None = field(
+        default=None, metadata={"help": "Llama 3 RoPE frequency scaling factor (default: no scaling)"}
+    )
+    rope_low_freq_factor: float = field(default=1.0, metadata={"help": "Llama 3 RoPE scaling: low_freq_factor"})
+    rope_high_freq_factor: float = field(default=4.0, metadata={"help": "Llama 3 RoPE scaling: high_freq_factor"})
+    rope_original_n_positions: int = field(
+        default=8192, metadata={"help": "Llama 3 RoPE scaling: original_max_position_embeddings"}
+    )
+    logit_softcap: float | None = field(default=None, metadata={"help": "cap logits to ±c via c·tanh(x/c)"})
+    zero_init: bool = field(
+        default=False, metadata={"help": "start attn.c_proj, mlp.c_proj and an untied lm_head at zero"}
+    )
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -175,7 +226,7 @@ class GPTConfig:
             value = getattr(self, attr)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}.{attr}={value!r} must be a positive integer")
-        if self.n_embd % self.n_head != 0:
+        if self.head_dim is None and self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"{name}.n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                 f"choose n_head among the divisors of n_embd"
@@ -187,16 +238,51 @@ class GPTConfig:
         _validate_literals(self)
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
             raise ValueError(f"{name}.n_embd={self.n_embd} must be even for sinusoidal positions")
+        for attr in ("n_inner", "n_kv_head", "head_dim", "rope_original_n_positions"):
+            value = getattr(self, attr)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}.{attr}={value!r} must be a positive integer (or unset for the default)")
+        if self.n_head % self.kv_heads:
+            raise ValueError(
+                f"{name}.n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}; each key/value head "
+                f"serves a whole group of query heads, so choose a divisor of n_head"
+            )
+        if self.pos_encoding == "rope" and self.head_size % 2:
+            raise ValueError(f"{name}: RoPE rotates channel pairs, so the head size ({self.head_size}) must be even")
+        _check_range(name, "rope_theta", self.rope_theta, lo=0.0, lo_open=True)
+        if self.rope_scaling_factor is not None:
+            _check_range(name, "rope_scaling_factor", self.rope_scaling_factor, lo=0.0, lo_open=True)
+            _check_range(name, "rope_low_freq_factor", self.rope_low_freq_factor, lo=0.0, lo_open=True)
+            if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+                raise ValueError(f"{name}.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                                 f"rope_low_freq_factor={self.rope_low_freq_factor}")
+        if self.logit_softcap is not None:
+            _check_range(name, "logit_softcap", self.logit_softcap, lo=0.0, lo_open=True)
 
     @property
     def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when unset (plain multi-head attention)."""
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width: n_inner, or 4 * n_embd when unset."""
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def attn_bias(self) -> bool:
+        """Whether the fused q/k/v projection has biases: qkv_bias, or `bias` when unset."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> GPTConfig:
-        """A GPT-2 preset ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") with optional overrides."""
+        """A preset (GPT-2 sizes, llama-3.2-1b/3b, qwen3-0.6b/1.7b) with optional overrides."""
         if name not in _PRESETS:
-            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {list(_PRESETS)}")
+            raise ValueError(f"unknown model preset {name!r}; choose one of {list(_PRESETS)}")
         return cls(**{**_PRESETS[name], **overrides})
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Tokenizers behind one interface: GPT-2 BPE (tiktoken), byte-level BPE trained from scratch, characters.
+"""Tokenizers behind one interface: GPT-2 BPE (tiktoken), byte-level BPE trained from scratch, characters,
+and a model's own Hugging Face tokenizer.json (the `tokenizers` library).
 
 Every tokenizer saves itself into a run directory as `tokenizer.json` (GPT-2 adds its two vocabulary
 files), and `load_tokenizer(run_dir)` restores whichever kind is there. The text `<|endoftext|>` is
@@ -26,7 +27,7 @@ import regex
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
 
-TokenizerKind = Literal["gpt2", "bpe", "char"]
+TokenizerKind = Literal["gpt2", "bpe", "char", "hf"]
 
 EOT_TEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -151,6 +152,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}); re-save it with Tokenizer.save()") from None
+    if _is_hf_tokenizer_json(meta):
+        return HFTokenizer.from_dir(directory)  # a model's own tokenizer.json (Llama, Qwen, ...)
     loaders = {"gpt2": GPT2Tokenizer._from_saved, "bpe": ByteBPETokenizer._from_saved,
                "char": CharTokenizer._from_saved}
     kind = meta.get("type") if isinstance(meta, dict) else None
@@ -677,3 +680,140 @@ class CharTokenizer(Tokenizer):
 
     def save(self, directory: str | Path) -> None:
         _write_tokenizer_json(directory, {"type": "char", "chars": self._chars})
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A Hugging Face tokenizer.json (Llama 3, Qwen, ...), run by the `tokenizers` library
+# ---------------------------------------------------------------------------------------------
+
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _is_hf_tokenizer_json(meta: Any) -> bool:
+    """True for the `tokenizers` library's own file format (it has a "model"; ours has a "type")."""
+    return isinstance(meta, dict) and "model" in meta and "type" not in meta
+
+
+class HFTokenizer(Tokenizer):
+    """A model's own `tokenizer.json`, encoded by Hugging Face's `tokenizers` (Rust), plus the
+    special tokens and chat template of its `tokenizer_config.json` when present.
+
+    End of text is the config's `eos_token` (e.g. `<|im_end|>` for Qwen3 chat, `<|eot_id|>` for
+    Llama 3.2 Instruct), else `<|endoftext|>` / `<|end_of_text|>`. `encode` adds no BOS token,
+    like the other tokenizers here; chat templates write it themselves.
+    """
+
+    name = "hf"
+
+    def __init__(self, tokenizer_json: str, tokenizer_config: Mapping[str, Any] | None = None) -> None:
+        try:
+            from tokenizers import Tokenizer as RustTokenizer
+        except ImportError:
+            raise ImportError("tokenizer.json files need the `tokenizers` library: pip install tokenizers") from None
+        self._json = tokenizer_json
+        self._tok = RustTokenizer.from_str(tokenizer_json)
+        self.config: dict[str, Any] = dict(tokenizer_config or {})
+        self._specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self._eot = self._find_eot()
+        decoder = (json.loads(tokenizer_json).get("decoder") or {})
+        kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", [])]
+        # Byte-level BPE (GPT-2, Llama 3, Qwen) spells bytes as printable characters: map them back, so
+        # one token can end inside a UTF-8 character and streaming still never splits one.
+        self._byte_level = "ByteLevel" in kinds
+        self._unicode_to_byte = {c: b for b, c in _gpt2_byte_to_unicode().items()}
+
+    def _find_eot(self) -> int:
+        eos = self.config.get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        for text in (eos, EOT_TEXT, "<|end_of_text|>", "</s>"):
+            if isinstance(text, str) and self._tok.token_to_id(text) is not None:
+                return self._tok.token_to_id(text)
+        raise ValueError("tokenizer.json has no end-of-text token (no eos_token in tokenizer_config.json, no "
+                         f"{EOT_TEXT!r}); add eos_token to tokenizer_config.json")
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> HFTokenizer:
+        """The tokenizer of an HF model folder: tokenizer.json (+ tokenizer_config.json if present)."""
+        directory = Path(directory)
+        path = directory / TOKENIZER_FILE
+        config_path = directory / HF_TOKENIZER_CONFIG
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{config_path}: not valid JSON ({err}); restore the model's original file") from None
+        try:
+            return cls(path.read_text(encoding="utf-8"), config if isinstance(config, dict) else {})
+        except Exception as err:  # noqa: BLE001 - the Rust parser raises its own exception type
+            raise ValueError(f"{path}: cannot be read by the tokenizers library ({str(err).splitlines()[0]}); "
+                             f"restore the model's original tokenizer.json") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_tokens(self) -> Mapping[str, int]:
+        return self._specials
+
+    @property
+    def eot_id(self) -> int:
+        return self._eot
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template from tokenizer_config.json, or None."""
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # several named templates: take the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        return template if isinstance(template, str) else None
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                            **variables: Any) -> str:
+        """Render `messages` with the model's own chat template (Jinja, sandboxed as transformers does)."""
+        template = self.chat_template
+        if template is None:
+            raise ValueError("this tokenizer's tokenizer_config.json has no chat_template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise ValueError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        specials = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in self.config.items()
+                    if k.endswith("_token") and isinstance(v, str | dict)}
+        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                                **specials, **variables)
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        self._check_ids(ids)
+        out = bytearray()
+        for i in ids:
+            token = self._tok.id_to_token(i)
+            if token is None:
+                continue  # an id inside the model's vocabulary but outside the tokenizer's (padding rows)
+            if token in self._specials or not (self._byte_level or token.startswith("<0x") or "▁" in token):
+                out += token.encode("utf-8")
+            elif self._byte_level:
+                out += bytes(self._unicode_to_byte.get(c, 0x3F) for c in token)
+            elif m := _BYTE_FALLBACK.fullmatch(token):
+                out.append(int(m.group(1), 16))  # SentencePiece byte fallback
+            else:
+                out += token.replace("▁", " ").encode("utf-8")  # SentencePiece marks spaces with ▁
+        return bytes(out)
+
+    def save(self, directory: str | Path) -> None:
+        self.save_hf(directory)
+
+    def save_hf(self, directory: str | Path) -> None:
+        """Write tokenizer.json (+ tokenizer_config.json) as the `tokenizers` library reads them."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / TOKENIZER_FILE).write_text(self._json, encoding="utf-8")
+        if self.config:
+            (directory / HF_TOKENIZER_CONFIG).write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")

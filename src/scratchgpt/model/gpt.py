@@ -1,11 +1,18 @@
-"""The GPT-2 model as pure `torch.nn` modules: no I/O, no optimizer, no downloads.
+"""The GPT model as pure `torch.nn` modules: no I/O, no optimizer, no downloads.
 
 Shape legend used in comments: B batch, T time (query positions), S key positions (cache + new),
-C channels (n_embd), V vocab, nh heads, hs head size (C // nh).
+C channels (n_embd), V vocab, nh heads, nkv key/value heads, hs head size (C // nh unless head_dim),
+H the MLP's hidden width.
+
+By default this is GPT-2 exactly. `GPTConfig` options swap single parts for the ones the Llama and
+Qwen families use (README: the family table): `RMSNorm` for `LayerNorm`, `RotaryEmbedding` for the
+learned position table, `SwiGLU` / `ReLUSquared` for GELU, fewer key/value heads than query heads
+(grouped-query attention), per-head QK-norm, logit soft-capping, zero-initialised output projections.
 
 Parameter names follow Hugging Face's `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn.weight`, ...),
 so importing GPT-2 weights is an identity map plus four transposes (HF stores Conv1D weights as
-(in, out); `nn.Linear` stores (out, in)).
+(in, out); `nn.Linear` stores (out, in)). The other families keep these names too: their separate
+q/k/v (and gate/up) projections are stacked into the fused `c_attn` (and `c_fc`) by `scratchgpt.hf`.
 """
 
 from __future__ import annotations
@@ -63,6 +70,29 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
+class RMSNorm(nn.Module):
+    """Scale each position by 1/RMS of its channels, then by a learned gain: (..., C) -> (..., C).
+
+    Why: LayerNorm without the mean subtraction and bias; as good in practice and cheaper (Llama, Qwen).
+    Computed in float32 whatever the input dtype, as the reference implementations do.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype) * self.weight
+
+
+def make_norm(config: GPTConfig, dim: int, *, device=None, dtype=None) -> nn.Module:
+    """The configured normalisation over `dim` channels: GPT-2's LayerNorm or Llama's RMSNorm."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, eps=config.layer_norm_epsilon, device=device, dtype=dtype)
+    return LayerNorm(dim, eps=config.layer_norm_epsilon, bias=config.bias, device=device, dtype=dtype)
+
+
 class GELU(nn.Module):
     """GPT-2's GELU: the tanh approximation 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
 
@@ -71,43 +101,140 @@ class GELU(nn.Module):
         return F.gelu(x, approximate="tanh")
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)²: (..., H) -> (..., H). Why: sparse like ReLU but smooth at 0; trains faster in small
+    models (Primer; the nanoGPT speedruns and nanochat use it)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x).square()
+
+
+class SwiGLU(nn.Module):
+    """Gated linear unit with a SiLU gate: (..., 2H) -> (..., H), silu(gate) · up.
+
+    Why: the gate lets each hidden unit scale its own signal by the input; better loss per
+    parameter than GELU (Shazeer 2020), so Llama and Qwen use it. The MLP's c_fc produces the gate
+    (first half of its outputs) and the "up" value (second half) in one matrix product.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+def make_activation(name: str) -> nn.Module:
+    """The MLP's non-linearity by config name."""
+    return {"gelu": GELU, "relu": nn.ReLU, "relu2": ReLUSquared, "swiglu": SwiGLU}[name]()
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward network: expand 4×, non-linearity, project back."""
+    """Position-wise feed-forward network: expand to H (4·C by default), non-linearity, project back.
+
+    With SwiGLU, c_fc produces 2·H values (gate and up) and the activation halves them back to H.
+    """
 
     def __init__(self, config: GPTConfig, *, device=None, dtype=None):
         super().__init__()
         kw = dict(bias=config.bias, device=device, dtype=dtype)
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, **kw)
-        self.act = GELU() if config.activation == "gelu" else nn.ReLU()
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, **kw)
+        hidden = config.mlp_hidden
+        self.c_fc = Linear(config.n_embd, (2 if config.activation == "swiglu" else 1) * hidden, **kw)
+        self.act = make_activation(config.activation)
+        self.c_proj = Linear(hidden, config.n_embd, **kw)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, C)
 
 
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE): position ids (T,) or (B, T) -> (cos, sin), each (B|1, 1, T, hs).
+
+    Why: rotating each query/key channel pair by an angle proportional to the position makes the
+    score q·k depend only on the distance between the two tokens, with no parameters and no table
+    bounded by a trained length. Channels are paired as (i, i + hs/2) ("rotate half"), as in the
+    Llama and Qwen checkpoints. With `rope_scaling_factor`, low frequencies are slowed by the
+    Llama 3 rule so a model trained at `rope_original_n_positions` reads longer contexts.
+    """
+
+    def __init__(self, config: GPTConfig, *, device=None):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", rope_inv_freq(config, device=device), persistent=False)
+
+    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        # float32 angles whatever the model dtype: bf16 cannot resolve position 1000 vs 1001.
+        angles = position_ids.float()[..., None] * self.inv_freq  # (B|1, T, hs/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (B|1, T, hs): the same angle for both halves
+        if angles.dim() == 3:
+            angles = angles[:, None]  # (B, 1, T, hs): broadcast over heads
+        return angles.cos(), angles.sin()
+
+
+def rope_inv_freq(config: GPTConfig, *, device=None) -> Tensor:
+    """(hs/2,) float32 rotation speeds theta^(-2i/hs), with the Llama 3 frequency scaling if configured."""
+    hs = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hs, 2, device=device).float() / hs))
+    factor = config.rope_scaling_factor
+    if factor is None:
+        return inv_freq
+    # Llama 3: wavelengths longer than original/low_freq_factor are slowed by `factor`, shorter ones
+    # than original/high_freq_factor are kept, and the band between blends the two smoothly.
+    old_len = config.rope_original_n_positions
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs (i, i + hs/2) of x (B, nh, T, hs) by the angles in cos/sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)  # the pair (a, b) -> (-b, a): a quarter turn
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """(B, nkv, S, hs) -> (B, nkv·n_rep, S, hs): each key/value head serves n_rep consecutive query heads."""
+    if n_rep == 1:
+        return x
+    B, nkv, S, hs = x.shape
+    return x[:, :, None].expand(B, nkv, n_rep, S, hs).reshape(B, nkv * n_rep, S, hs)
+
+
+def causal_mask(T: int, S: int, start: int, *, device=None) -> Tensor:
+    """Bool (T, S), True where query start+i may look at key j (j <= start+i): the shifted lower triangle."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with one fused q/k/v projection.
 
+    With n_kv_head < n_head (grouped-query attention) fewer key/value heads are projected and
+    cached, each shared by a group of query heads: the cache shrinks by n_head / n_kv_head.
     Two implementations compute the same thing: `sdpa` (PyTorch's fused kernel, flash attention on
     CUDA) and `eager` (masked softmax(QKᵀ/√hs) written out, which can also return the weights).
     """
 
     def __init__(self, config: GPTConfig, *, attn_impl: AttnImpl = "sdpa", device=None, dtype=None):
         super().__init__()
-        kw = dict(bias=config.bias, device=device, dtype=dtype)
         self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.n_kv_head = config.kv_heads
+        self.head_size = config.head_size
         self.attn_impl: AttnImpl = attn_impl
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, **kw)
-        self.c_proj = Linear(config.n_embd, config.n_embd, **kw)
+        q_dim, kv_dim = self.n_head * self.head_size, self.n_kv_head * self.head_size
+        self.c_attn = Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.attn_bias, device=device, dtype=dtype)
+        self.c_proj = Linear(q_dim, config.n_embd, bias=config.bias, device=device, dtype=dtype)
+        if config.qk_norm:
+            # Why: normalising each head's queries and keys bounds the attention logits, which keeps
+            # training stable at high learning rates (Qwen3, nanochat).
+            self.q_norm = RMSNorm(self.head_size, eps=config.layer_norm_epsilon, device=device, dtype=dtype)
+            self.k_norm = RMSNorm(self.head_size, eps=config.layer_norm_epsilon, device=device, dtype=dtype)
         self.attn_pdrop = config.attn_pdrop
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
-        # True where a query may look at a key: the lower triangle. Not persistent: it is derived
-        # from n_positions, so it stays out of checkpoints and the HF name map.
-        mask = torch.ones(config.n_positions, config.n_positions, dtype=torch.bool, device=device)
-        self.register_buffer("causal_mask", torch.tril(mask), persistent=False)
 
     def forward(
         self,
@@ -116,24 +243,31 @@ class CausalSelfAttention(nn.Module):
         kv: tuple[Tensor, Tensor] | None = None,
         start: int = 0,
         mask: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
         return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Attend over the keys so far; `kv` are (B, nh, T_max, hs) cache buffers filled from `start`.
+        """Attend over the keys so far; `kv` are (B, nkv, T_max, hs) cache buffers filled from `start`.
 
         `mask` is None for plain causal attention, else a bool (B|1, 1, T, S) tensor, True = attend.
+        `rope` is the (cos, sin) pair of `RotaryEmbedding` for these positions when RoPE is on.
         """
-        B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × (B, T, C)
+        B, T, _ = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nh, hs).transpose(1, 2)
-        v = v.view(B, T, nh, hs).transpose(1, 2)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv is not None:
             # Write this step's keys/values into the pre-allocated cache, then attend over all of it.
             k_buf, v_buf = kv
             k_buf[:, :, start : start + T] = k
             v_buf[:, :, start : start + T] = v
-            k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]  # (B, nh, S, hs)
+            k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]  # (B, nkv, S, hs)
+        k, v = repeat_kv(k, nh // nkv), repeat_kv(v, nh // nkv)  # (B, nh, S, hs)
         S = k.size(2)
 
         if self.attn_impl == "eager" or return_weights:
@@ -144,21 +278,21 @@ class CausalSelfAttention(nn.Module):
             if mask is None and 1 < T < S:
                 # Several new queries after a cached prefix: is_causal would align the triangle
                 # top-left, so pass the causal mask's rows for these positions instead.
-                mask = self.causal_mask[start : start + T, :S]
+                mask = causal_mask(T, S, start, device=q.device)
             if mask is not None:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
             else:
                 # is_causal aligns the triangle top-left, which is right only when T == S; a single
                 # new query (T == 1) may see every key, so it needs no mask at all.
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T == S and T > 1)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
-        y = self.resid_dropout(self.c_proj(y))
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # re-assemble heads: (B, T, nh·hs)
+        y = self.resid_dropout(self.c_proj(y))  # (B, T, C)
         return (y, weights) if return_weights else y
 
     def _eager(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, start: int) -> tuple[Tensor, Tensor]:
         T, S = q.size(2), k.size(2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, S)
-        allowed = self.causal_mask[start : start + T, :S] if mask is None else mask
+        allowed = causal_mask(T, S, start, device=q.device) if mask is None else mask
         att = att.masked_fill(~allowed, float("-inf"))
         att = F.softmax(att, dim=-1)
         att = self.attn_dropout(att)
@@ -166,24 +300,33 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: two sub-layers, each wrapped in a shortcut connection."""
+    """Pre-norm transformer block: two sub-layers, each wrapped in a shortcut connection."""
 
     def __init__(self, config: GPTConfig, *, attn_impl: AttnImpl = "sdpa", device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
-        ln = dict(eps=config.layer_norm_epsilon, bias=config.bias, **kw)
-        self.ln_1 = LayerNorm(config.n_embd, **ln)
+        self.ln_1 = make_norm(config, config.n_embd, **kw)
         self.attn = CausalSelfAttention(config, attn_impl=attn_impl, **kw)
-        self.ln_2 = LayerNorm(config.n_embd, **ln)
+        self.ln_2 = make_norm(config, config.n_embd, **kw)
         self.mlp = MLP(config, **kw)
 
     def forward(
-        self, x: Tensor, *, kv: tuple[Tensor, Tensor] | None = None, start: int = 0, mask: Tensor | None = None
+        self, x: Tensor, *, kv: tuple[Tensor, Tensor] | None = None, start: int = 0, mask: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         # The shortcuts let gradients flow straight through deep stacks.
-        x = x + self.attn(self.ln_1(x), kv=kv, start=start, mask=mask)
+        x = x + self.attn(self.ln_1(x), kv=kv, start=start, mask=mask, rope=rope)
         x = x + self.mlp(self.ln_2(x))
         return x  # (B, T, C)
+
+
+def softcap(logits: Tensor, cap: float) -> Tensor:
+    """cap·tanh(logits / cap): (..., V) squashed smoothly into (-cap, cap).
+
+    Why: bounded logits keep a confident model's loss from spiking and its logits from growing
+    without limit (Gemma 2, modded-nanoGPT); near zero it is almost the identity.
+    """
+    return cap * torch.tanh(logits / cap)
 
 
 class SinusoidalPositions(nn.Module):
@@ -215,8 +358,9 @@ def sinusoidal_table(n_positions: int, n_embd: int, *, device=None, dtype=None) 
 class KVCache:
     """Pre-allocated keys and values for all layers, filled left to right.
 
-    k, v: (n_layer, B, nh, T_max, hs). `length` is how many positions are filled. `key_valid` (B, T_max)
-    marks real (non-padding) positions when a batch of prompts was left-padded; None means all real.
+    k, v: (n_layer, B, nkv, T_max, hs): only the key/value heads are stored (grouped-query attention).
+    `length` is how many positions are filled. `key_valid` (B, T_max) marks real (non-padding)
+    positions when a batch of prompts was left-padded; None means all real.
     """
 
     k: Tensor
@@ -230,7 +374,7 @@ class KVCache:
         device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
     ) -> KVCache:
         max_len = min(max_len or config.n_positions, config.n_positions)
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_size)
         return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
 
     @property
@@ -243,7 +387,7 @@ class KVCache:
 
 
 class GPT(nn.Module):
-    """GPT-2: token + position embeddings, a stack of blocks, final LayerNorm, LM head."""
+    """GPT: token (+ position) embeddings, a stack of blocks, final norm, LM head (GPT-2 by default)."""
 
     def __init__(
         self,
@@ -257,17 +401,21 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         kw = dict(device=device, dtype=dtype)
+        # wpe is whichever position encoding is configured; RoPE's has no parameters and acts inside
+        # attention rather than being added to the embeddings.
         if config.pos_encoding == "learned":
             wpe: nn.Module = nn.Embedding(config.n_positions, config.n_embd, **kw)
-        else:
+        elif config.pos_encoding == "sinusoidal":
             wpe = SinusoidalPositions(config.n_positions, config.n_embd, **kw)
+        else:
+            wpe = RotaryEmbedding(config, device=device)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd, **kw),
                 wpe=wpe,
                 drop=nn.Dropout(config.embd_pdrop),
                 h=nn.ModuleList([Block(config, attn_impl=attn_impl, **kw) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias, **kw),
+                ln_f=make_norm(config, config.n_embd, **kw),
             )
         )
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, **kw)
@@ -281,7 +429,11 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, *, generator: torch.Generator | None = None) -> None:
-        """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/√(2·n_layer)."""
+        """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/√(2·n_layer).
+
+        With `zero_init`, the residual projections and an untied LM head start at exactly zero, so
+        every block starts as the identity and the first logits are uniform (modded-nanoGPT, nanochat).
+        """
         std = self.config.initializer_range
         # Each block adds two residual branches; scaling their output projections keeps the
         # residual stream's variance from growing with depth.
@@ -294,20 +446,26 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
-            elif isinstance(module, LayerNorm):
+            elif isinstance(module, (LayerNorm, RMSNorm)):
                 nn.init.ones_(module.weight)
-                if module.bias is not None:
+                if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        if self.config.zero_init:
+            for name, module in self.named_modules():
+                if isinstance(module, nn.Linear) and name.endswith("c_proj"):
+                    nn.init.zeros_(module.weight)
+            if not self.config.tie_word_embeddings:
+                nn.init.zeros_(self.lm_head.weight)
 
     def reset_buffers(self, *, device: torch.device | str | None = None) -> None:
-        """Recompute the derived, non-persistent buffers (causal masks, sinusoidal table) on `device`.
+        """Recompute the derived, non-persistent buffers (sinusoidal table, RoPE frequencies) on `device`.
 
         Needed after building on the meta device and assigning weights: buffers are not in checkpoints.
         """
         n = self.config.n_positions
         for module in self.modules():
-            if isinstance(module, CausalSelfAttention):
-                module.causal_mask = torch.tril(torch.ones(n, n, dtype=torch.bool, device=device))
+            if isinstance(module, RotaryEmbedding):
+                module.inv_freq = rope_inv_freq(self.config, device=device)
             elif isinstance(module, SinusoidalPositions):
                 module.table = sinusoidal_table(n, self.config.n_embd, device=device, dtype=module.table.dtype)
 
@@ -359,17 +517,24 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=idx.device)  # (T,)
 
-        x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_encoding == "rope":
+            rope = self.transformer.wpe(position_ids)  # (cos, sin), applied to q and k in every layer
+        else:
+            x = x + self.transformer.wpe(position_ids)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             kv = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
-            x = block(x, kv=kv, start=start, mask=mask)
+            x = block(x, kv=kv, start=start, mask=mask, rope=rope)
         if kv_cache is not None:
             kv_cache.length = start + T
 
         if last_token_only:
             x = x[:, -1:, :]  # (B, 1, C): skip the V-wide head for positions nobody samples from
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        if self.config.logit_softcap is not None:
+            logits = softcap(logits, self.config.logit_softcap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -406,8 +571,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, **kwargs) -> GPT:
-        """Load GPT-2 weights from a Hugging Face directory or hub name (see `checkpoint.load_hf`)."""
-        # The I/O lives in checkpoint.py; this is only the familiar entry point.
-        from scratchgpt.checkpoint import load_hf
+        """Load a Hugging Face GPT-2 / Llama / Qwen directory or hub name (see `scratchgpt.hf.load_hf`)."""
+        # The I/O lives in scratchgpt.hf; this is only the familiar entry point.
+        from scratchgpt.hf import load_hf
 
         return load_hf(name_or_dir, **kwargs)

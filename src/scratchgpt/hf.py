@@ -1,0 +1,482 @@
+"""Hugging Face interop: GPT-2, Llama, Qwen2 and Qwen3 folders in and out, through one name map.
+
+A Hugging Face model folder holds config.json, the weights (model.safetensors, or shards named by
+model.safetensors.index.json) and the tokenizer (GPT-2's vocab.json + merges.txt, or tokenizer.json
+with tokenizer_config.json for the newer families). scratchgpt keeps GPT-2's parameter names for
+every family, so the map is:
+
+    GPT2LMHeadModel                       scratchgpt
+    transformer.*                         transformer.*     (Conv1D weights transposed)
+
+    LlamaForCausalLM / Qwen2 / Qwen3      scratchgpt
+    model.embed_tokens                    transformer.wte
+    model.layers.{i}.input_layernorm      transformer.h.{i}.ln_1
+    ...self_attn.{q,k,v}_proj             ...attn.c_attn    (stacked along the output rows: q; k; v)
+    ...self_attn.o_proj                   ...attn.c_proj
+    ...self_attn.{q,k}_norm               ...attn.{q,k}_norm   (Qwen3's QK-norm)
+    ...post_attention_layernorm           ...ln_2
+    ...mlp.{gate,up}_proj                 ...mlp.c_fc       (stacked: gate; up; see model.gpt.SwiGLU)
+    ...mlp.down_proj                      ...mlp.c_proj
+    model.norm                            transformer.ln_f
+    lm_head                               lm_head           (absent when tied to the embedding)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from scratchgpt.checkpoint import (
+    CheckpointError,
+    _load_state_strict,
+    load_tensors,
+    model_state,
+    read_json,
+    save_tensors,
+    unwrap,
+    write_json,
+)
+from scratchgpt.config import GPTConfig
+from scratchgpt.model.gpt import GPT
+
+HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# model_type in config.json -> the transformers class that reads it.
+HF_ARCHITECTURES = {
+    "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+}
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT-2: identity names, four transposes
+# ---------------------------------------------------------------------------------------------
+
+# HF's GPT-2 uses Conv1D, which stores weights as (in, out); nn.Linear stores (out, in). These four
+# are the only weights that differ; every other name and tensor maps unchanged.
+_TRANSPOSED_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _is_transposed(name: str) -> bool:
+    return name.endswith(_TRANSPOSED_SUFFIXES)
+
+
+def _gpt2_to_scratchgpt(hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for name, tensor in hf_state.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # old transformers saved its causal-mask buffers; we derive ours
+        if not name.startswith(("transformer.", "lm_head.")):
+            name = "transformer." + name  # saved from GPT2Model (e.g. OpenAI's own hub files)
+        out[name] = tensor.t().contiguous() if _is_transposed(name) else tensor
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama / Qwen2 / Qwen3: renamed, with q/k/v and gate/up stacked into our fused projections
+# ---------------------------------------------------------------------------------------------
+
+# Per-layer one-to-one renames (HF name inside model.layers.{i} -> ours inside transformer.h.{i}).
+_LLAMA_LAYER_NAMES = {
+    "input_layernorm": "ln_1",
+    "post_attention_layernorm": "ln_2",
+    "self_attn.o_proj": "attn.c_proj",
+    "self_attn.q_norm": "attn.q_norm",
+    "self_attn.k_norm": "attn.k_norm",
+    "mlp.down_proj": "mlp.c_proj",
+}
+# Our fused projections and the HF projections stacked into them, in row order.
+_LLAMA_STACKED = {
+    "attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.c_fc": ("mlp.gate_proj", "mlp.up_proj"),
+}
+_LLAMA_TOP_NAMES = {"model.embed_tokens": "transformer.wte", "model.norm": "transformer.ln_f", "lm_head": "lm_head"}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def _llama_to_scratchgpt(hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    stacked: dict[tuple[str, str, str], dict[str, Tensor]] = {}  # (layer, ours, weight|bias) -> parts
+    part_of = {hf: ours for ours, parts in _LLAMA_STACKED.items() for hf in parts}
+    for name, tensor in hf_state.items():
+        top, _, kind = name.rpartition(".")
+        if top in _LLAMA_TOP_NAMES:
+            out[f"{_LLAMA_TOP_NAMES[top]}.{kind}"] = tensor
+            continue
+        m = _LAYER.fullmatch(name)
+        if m is None:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # old transformers saved its RoPE buffer; ours is derived from the config
+            raise CheckpointError(f"unexpected weight {name!r}: not part of a Llama/Qwen causal LM")
+        layer, inner, kind = m.groups()
+        if inner in _LLAMA_LAYER_NAMES:
+            out[f"transformer.h.{layer}.{_LLAMA_LAYER_NAMES[inner]}.{kind}"] = tensor
+        elif inner in part_of:
+            stacked.setdefault((layer, part_of[inner], kind), {})[inner] = tensor
+        elif inner.endswith("rotary_emb.inv_freq"):
+            continue
+        else:
+            raise CheckpointError(f"unexpected weight {name!r}: not part of a Llama/Qwen causal LM")
+    for (layer, ours, kind), parts in stacked.items():
+        missing = [p for p in _LLAMA_STACKED[ours] if p not in parts]
+        if missing:
+            raise CheckpointError(f"layer {layer}: {ours}.{kind} needs {missing} as well; the weights are incomplete")
+        out[f"transformer.h.{layer}.{ours}.{kind}"] = torch.cat([parts[p] for p in _LLAMA_STACKED[ours]], dim=0)
+    return out
+
+
+def _scratchgpt_to_llama(state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
+    ours_to_hf = {ours: hf for hf, ours in _LLAMA_LAYER_NAMES.items()}
+    top = {ours: hf for hf, ours in _LLAMA_TOP_NAMES.items()}
+    q, kv = config.n_head * config.head_size, config.kv_heads * config.head_size
+    split_rows = {"attn.c_attn": [q, kv, kv], "mlp.c_fc": [config.mlp_hidden, config.mlp_hidden]}
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        stem, _, kind = name.rpartition(".")
+        if stem in top:
+            out[f"{top[stem]}.{kind}"] = tensor
+            continue
+        _, _, layer, inner = stem.split(".", 3)  # transformer.h.{i}.{inner}
+        if inner in ours_to_hf:
+            out[f"model.layers.{layer}.{ours_to_hf[inner]}.{kind}"] = tensor
+        elif inner in _LLAMA_STACKED:
+            for hf, part in zip(_LLAMA_STACKED[inner], tensor.split(split_rows[inner], dim=0), strict=True):
+                out[f"model.layers.{layer}.{hf}.{kind}"] = part.contiguous()
+        else:
+            raise ValueError(f"{name}: no Hugging Face Llama/Qwen name for this weight")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The name map (both directions) and config.json
+# ---------------------------------------------------------------------------------------------
+
+
+def hf_to_scratchgpt(hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Map a GPT-2, Llama, Qwen2 or Qwen3 causal-LM state dict to scratchgpt names and layouts."""
+    if any(name.startswith("model.") for name in hf_state):
+        return _llama_to_scratchgpt(hf_state)
+    return _gpt2_to_scratchgpt(hf_state)
+
+
+def scratchgpt_to_hf(state: dict[str, Tensor], config: GPTConfig | None = None) -> dict[str, Tensor]:
+    """Map scratchgpt weights to the HF family of `config` (GPT-2 when None): inverse of the above."""
+    if config is not None and hf_model_type(config) != "gpt2":
+        return _scratchgpt_to_llama(state, config)
+    return {name: (t.t().contiguous() if _is_transposed(name) else t) for name, t in state.items()}
+
+
+def hf_model_type(config: GPTConfig) -> str:
+    """The HF model_type that expresses `config` exactly: gpt2, llama, qwen2 or qwen3; else ValueError."""
+    gpt2_like = (config.pos_encoding == "learned" and config.norm == "layernorm"
+                 and config.activation in ("gelu", "relu"))
+    llama_like = config.pos_encoding == "rope" and config.norm == "rmsnorm" and config.activation == "swiglu"
+    problems = []
+    if config.logit_softcap is not None:
+        problems.append(f"logit_softcap={config.logit_softcap}")
+    if gpt2_like:
+        if config.kv_heads != config.n_head or config.head_dim not in (None, config.n_embd // config.n_head):
+            problems.append("grouped-query attention or a custom head_dim")
+        if config.qk_norm:
+            problems.append("qk_norm")
+        if config.n_inner not in (None, 4 * config.n_embd):
+            problems.append(f"n_inner={config.n_inner}")
+        if not config.bias or config.attn_bias != config.bias:
+            problems.append(f"bias={config.bias}, qkv_bias={config.qkv_bias} (GPT-2 always has biases in every "
+                            f"Linear and LayerNorm)")
+        model_type = "gpt2"
+    elif llama_like:
+        if config.qk_norm:
+            model_type = "qwen3"  # Qwen3: q/k/v/o biases all on or all off, like Llama
+            if config.attn_bias != config.bias:
+                problems.append("qkv_bias differing from bias (Qwen3 has no such option)")
+        elif config.attn_bias and not config.bias:
+            model_type = "qwen2"  # Qwen2: biases on q, k, v only
+        else:
+            model_type = "llama"
+    else:
+        raise ValueError(
+            "no Hugging Face architecture matches this model: GPT-2 needs pos_encoding=learned, norm=layernorm, "
+            "activation=gelu|relu; Llama/Qwen need pos_encoding=rope, norm=rmsnorm, activation=swiglu (this model: "
+            f"{config.pos_encoding}, {config.norm}, {config.activation})"
+        )
+    if problems:
+        raise ValueError(f"cannot export to Hugging Face {model_type}: it cannot express {'; '.join(problems)}")
+    return model_type
+
+
+_HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
+
+
+def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> GPTConfig:
+    """GPTConfig from a Hugging Face config.json dict (gpt2, llama, qwen2, qwen3); unsupported variants refused."""
+    model_type = hf.get("model_type")
+    if model_type == "gpt2":
+        return _gpt2_config_from_hf(hf, source)
+    if model_type in ("llama", "qwen2", "qwen3"):
+        try:
+            return _llama_config_from_hf(hf, source)
+        except KeyError as e:
+            raise CheckpointError(f"{source}: {model_type} config lacks {e}") from None
+    raise CheckpointError(f"{source}: model_type {model_type!r} is not one of {sorted(HF_ARCHITECTURES)}")
+
+
+def _gpt2_config_from_hf(hf: dict[str, Any], source: str) -> GPTConfig:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _HF_ACTIVATIONS:
+        raise CheckpointError(
+            f"{source}: activation_function {act!r} is not supported; use one of {list(_HF_ACTIVATIONS)}"
+        )
+    n_inner = hf.get("n_inner")
+    if n_inner not in (None, 4 * hf["n_embd"]):
+        raise CheckpointError(f"{source}: n_inner={n_inner} is not supported (scratchgpt uses 4 * n_embd)")
+    for flag, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
+                     ("scale_attn_weights", True)):
+        if hf.get(flag, ok) != ok:
+            raise CheckpointError(f"{source}: {flag}={hf[flag]} is not supported")
+    return GPTConfig(
+        vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_embd=hf["n_embd"],
+        n_layer=hf["n_layer"], n_head=hf["n_head"],
+        embd_pdrop=hf.get("embd_pdrop", 0.1), resid_pdrop=hf.get("resid_pdrop", 0.1),
+        attn_pdrop=hf.get("attn_pdrop", 0.1), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        initializer_range=hf.get("initializer_range", 0.02),
+        tie_word_embeddings=hf.get("tie_word_embeddings", True), activation=_HF_ACTIVATIONS[act],
+    )
+
+
+def _rope_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """RoPE fields from either spelling: `rope_theta` + `rope_scaling` (published checkpoints,
+    transformers 4) or `rope_parameters` (transformers 5)."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    merged = {**params, **scaling}
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    out: dict[str, Any] = {"rope_theta": float(theta)}
+    if rope_type == "llama3":
+        out.update(rope_scaling_factor=float(merged["factor"]), rope_low_freq_factor=float(merged["low_freq_factor"]),
+                   rope_high_freq_factor=float(merged["high_freq_factor"]),
+                   rope_original_n_positions=int(merged["original_max_position_embeddings"]))
+    elif rope_type != "default":
+        raise CheckpointError(f"{source}: RoPE scaling type {rope_type!r} is not supported (default or llama3 only)")
+    return out
+
+
+def _llama_config_from_hf(hf: dict[str, Any], source: str) -> GPTConfig:
+    model_type = hf["model_type"]
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses silu)")
+    if hf.get("use_sliding_window"):
+        raise CheckpointError(f"{source}: use_sliding_window=true is not supported (full attention only)")
+    if hf.get("pretraining_tp", 1) != 1:
+        raise CheckpointError(f"{source}: pretraining_tp={hf['pretraining_tp']} is not supported")
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or n_embd // n_head
+    if model_type == "qwen2":
+        bias, qkv_bias = False, True  # Qwen2: biases on q, k, v and nowhere else
+    else:
+        bias = bool(hf.get("attention_bias", False))
+        if model_type == "llama" and bool(hf.get("mlp_bias", False)) != bias:
+            raise CheckpointError(f"{source}: attention_bias={bias} with mlp_bias={hf.get('mlp_bias')} is not "
+                                  f"supported (scratchgpt has one `bias` switch for attention output and MLP)")
+        qkv_bias = None
+    try:
+        return GPTConfig(
+            vocab_size=hf["vocab_size"], n_positions=hf["max_position_embeddings"], n_embd=n_embd,
+            n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+            head_dim=head_dim if head_dim * n_head != n_embd else None, n_inner=hf["intermediate_size"],
+            pos_encoding="rope", norm="rmsnorm", activation="swiglu", qk_norm=model_type == "qwen3",
+            bias=bias, qkv_bias=qkv_bias, layer_norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+            initializer_range=hf.get("initializer_range", 0.02),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=float(hf.get("attention_dropout", 0.0)),
+            **_rope_from_hf(hf, source),
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def config_to_hf(config: GPTConfig) -> dict[str, Any]:
+    """A Hugging Face config.json dict for `config` (GPT-2, Llama, Qwen2 or Qwen3, whichever expresses it)."""
+    model_type = hf_model_type(config)
+    if model_type == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "vocab_size": config.vocab_size, "n_positions": config.n_positions, "n_ctx": config.n_positions,
+            "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+            "activation_function": "gelu_new" if config.activation == "gelu" else "relu",
+            "embd_pdrop": config.embd_pdrop, "resid_pdrop": config.resid_pdrop, "attn_pdrop": config.attn_pdrop,
+            "layer_norm_epsilon": config.layer_norm_epsilon, "initializer_range": config.initializer_range,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            # GPT-2's <|endoftext|> is 50256; a smaller (custom) vocabulary has no such id.
+            "bos_token_id": 50256 if config.vocab_size > 50256 else None,
+            "eos_token_id": 50256 if config.vocab_size > 50256 else None,
+        }
+    hf: dict[str, Any] = {
+        "architectures": [HF_ARCHITECTURES[model_type]], "model_type": model_type,
+        "vocab_size": config.vocab_size, "max_position_embeddings": config.n_positions,
+        "hidden_size": config.n_embd, "intermediate_size": config.mlp_hidden,
+        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads, "head_dim": config.head_size, "hidden_act": "silu",
+        "rms_norm_eps": config.layer_norm_epsilon, "initializer_range": config.initializer_range,
+        "tie_word_embeddings": config.tie_word_embeddings, "attention_dropout": config.attn_pdrop,
+        "rope_theta": config.rope_theta, "rope_scaling": None, "torch_dtype": "float32",
+    }
+    if config.rope_scaling_factor is not None:
+        hf["rope_scaling"] = {
+            "rope_type": "llama3", "factor": config.rope_scaling_factor,
+            "low_freq_factor": config.rope_low_freq_factor, "high_freq_factor": config.rope_high_freq_factor,
+            "original_max_position_embeddings": config.rope_original_n_positions,
+        }
+    if model_type == "llama":
+        hf.update(attention_bias=config.bias, mlp_bias=config.bias)
+    elif model_type == "qwen3":
+        hf.update(attention_bias=config.bias)
+    if model_type != "llama":
+        hf.update(use_sliding_window=False, sliding_window=None)
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders: read (single file or shards) and write
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
+    single = directory / "model.safetensors"
+    index = directory / SAFETENSORS_INDEX
+    if single.is_file():
+        return load_tensors(single)
+    if index.is_file():
+        try:
+            weight_map = read_json(index)["weight_map"]
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{index}: no \"weight_map\"; re-save the model or restore the index") from None
+        state: dict[str, Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = directory / shard
+            if not shard_path.is_file():
+                raise CheckpointError(f"{index} names shard {shard!r}, which is missing from {directory}")
+            state.update(load_tensors(shard_path))
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise CheckpointError(f"{index}: {missing[:3]} are listed but absent from their shards")
+        return state
+    pt = directory / "pytorch_model.bin"
+    if pt.is_file():
+        try:
+            # weights_only=True: a .bin is a pickle, and we never unpickle arbitrary objects.
+            return torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+            raise CheckpointError(f"{pt}: cannot be read as plain weights ({str(e).splitlines()[0]})") from None
+    raise CheckpointError(f"{directory}: no model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin found")
+
+
+def _resolve_hf(name_or_dir: str | Path) -> Path:
+    """A local directory, or a hub name downloaded (and cached) with huggingface_hub."""
+    path = Path(name_or_dir)
+    if path.is_dir():
+        return path
+    name = str(name_or_dir)
+    if name not in HF_MODEL_NAMES and "/" not in name:
+        raise CheckpointError(f"{name}: no such directory, and not a known hub name {list(HF_MODEL_NAMES)}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{name}: downloading needs huggingface_hub: pip install 'scratchgpt[hub]'") from None
+    try:
+        return Path(snapshot_download(
+            repo_id=name if "/" in name else f"openai-community/{name}",
+            allow_patterns=["config.json", "model.safetensors", "model-*.safetensors", SAFETENSORS_INDEX,
+                            "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"],
+        ))
+    except Exception as e:  # noqa: BLE001 - network/hub errors come in many types
+        raise CheckpointError(
+            f"{name}: could not download from the Hugging Face hub ({type(e).__name__}); when offline, "
+            f"pass a local directory holding config.json and model.safetensors"
+        ) from None
+
+
+def load_hf(
+    name_or_dir: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    **config_overrides: Any,
+) -> GPT:
+    """A GPT from a Hugging Face GPT-2 / Llama / Qwen2 / Qwen3 directory or hub name, in eval mode."""
+    directory = _resolve_hf(name_or_dir)
+    hf_cfg = read_json(directory / "config.json")
+    config = config_from_hf(hf_cfg, source=str(directory / "config.json"))
+    if config_overrides:
+        config = GPTConfig.from_dict({**config.to_dict(), **config_overrides})
+    model = GPT(config, device="meta")
+    try:
+        state = hf_to_scratchgpt(_read_hf_weights(directory))
+    except CheckpointError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
+    _load_state_strict(model, state, source=directory)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_hf(
+    model: nn.Module, directory: str | Path, *, tokenizer: Any = None, max_shard_bytes: int | None = None,
+) -> Path:
+    """Write `model` as a Hugging Face folder that transformers' `AutoModelForCausalLM` loads.
+
+    The family (GPT-2, Llama, Qwen2, Qwen3) follows from the config (`hf_model_type`). With
+    `max_shard_bytes`, weights go into model-0000k-of-0000n.safetensors shards plus an index file.
+    """
+    inner = unwrap(model)
+    if not isinstance(inner, GPT):
+        raise TypeError(f"save_hf expects a GPT, got {type(inner).__name__}")
+    hf_config = config_to_hf(inner.config)
+    state = scratchgpt_to_hf(model_state(inner), inner.config)
+    if inner.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = _shard(state, max_shard_bytes)
+    if len(shards) == 1:
+        save_tensors(state, directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards, start=1):
+            name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_tensors(shard, directory / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        write_json(directory / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(directory / "config.json", hf_config)
+    if tokenizer is not None and hasattr(tokenizer, "save_hf"):
+        tokenizer.save_hf(directory)
+    return directory
+
+
+def _shard(state: dict[str, Tensor], max_bytes: int | None) -> list[dict[str, Tensor]]:
+    """Split `state` (in order) into groups of at most `max_bytes` (a bigger tensor gets its own)."""
+    if max_bytes is None:
+        return [state]
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    return shards
+
+
+def load_hf_tokenizer(directory: str | Path) -> Any:
+    """The tokenizer of an HF folder: tokenizer.json via `tokenizers`, else GPT-2's BPE files, else
+    GPT-2's tokenizer from the usual places (the folder of a GPT-2 model without tokenizer files)."""
+    from scratchgpt.data.tokenizer import HFTokenizer, gpt2_tokenizer
+
+    d = Path(directory)
+    if (d / "tokenizer.json").is_file():
+        return HFTokenizer.from_dir(d)
+    has_files = (d / "vocab.json").is_file() or (d / "encoder.json").is_file()
+    return gpt2_tokenizer(d if has_files else None)
+

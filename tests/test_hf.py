@@ -1,0 +1,256 @@
+"""Hugging Face interop for the Llama / Qwen2 / Qwen3 family: logits parity both ways, shards, presets.
+
+GPT-2's import/export is tested in test_checkpoint.py. Here every model is a random tiny one that
+transformers builds at test time, with odd shapes (3 query heads over 1 key/value head, vocab 97,
+an odd MLP width) so that a wrong split, transpose or head grouping cannot cancel out.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from scratchgpt.checkpoint import CheckpointError, load_any  # noqa: E402
+from scratchgpt.config import GPTConfig  # noqa: E402
+from scratchgpt.hf import config_from_hf, config_to_hf, hf_to_scratchgpt, load_hf, save_hf  # noqa: E402
+from scratchgpt.model.gpt import GPT, KVCache, rope_inv_freq  # noqa: E402
+
+TOL = 1e-5
+
+_TINY = dict(vocab_size=97, hidden_size=30, intermediate_size=37, num_hidden_layers=2, num_attention_heads=3,
+             num_key_value_heads=1, max_position_embeddings=64)
+# Each family with the options that make it itself: Llama 3 RoPE scaling, Qwen2's q/k/v biases,
+# Qwen3's QK-norm and a head_dim that is not hidden_size / heads.
+FAMILIES = {
+    "llama": lambda tied: transformers.LlamaConfig(
+        **_TINY, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "qwen2": lambda tied: transformers.Qwen2Config(
+        **_TINY, rms_norm_eps=1e-6, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen3": lambda tied: transformers.Qwen3Config(
+        **_TINY, head_dim=8, rms_norm_eps=1e-6, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+}
+
+
+def random_hf_model(family: str, *, tied: bool, seed: int = 0):
+    """A transformers model of `family` with every parameter random (norm gains and biases too)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family](tied), attn_implementation="eager")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def ids(batch: int = 2, length: int = 11, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_import_matches_transformers(tmp_path, family, tied):
+    hf = random_hf_model(family, tied=tied)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path)
+    cfg = ours.config
+    assert (cfg.pos_encoding, cfg.norm, cfg.activation, cfg.n_head, cfg.kv_heads) == ("rope", "rmsnorm", "swiglu", 3, 1)
+    assert cfg.qk_norm == (family == "qwen3") and cfg.attn_bias == (family == "qwen2")
+    assert cfg.tie_word_embeddings == tied
+    x = ids()
+    with torch.no_grad():
+        logits, _ = ours(x)
+    assert (logits - hf_logits(hf, x)).abs().max().item() < TOL
+    # The KV cache (one key/value head per layer) reproduces the same logits token by token.
+    cache = KVCache.empty(cfg, batch_size=2, max_len=11)
+    assert cache.k.shape[2] == 1
+    with torch.no_grad():
+        steps = torch.cat([ours(x[:, t : t + 1], kv_cache=cache)[0] for t in range(11)], dim=1)
+    assert (steps - logits).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_loads_in_transformers_with_same_logits(tmp_path, family):
+    hf = random_hf_model(family, tied=False, seed=1)
+    hf.save_pretrained(tmp_path / "src")
+    ours = load_hf(tmp_path / "src")
+    save_hf(ours, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == family
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    assert type(again).__name__ == type(hf).__name__
+    x = ids(seed=2)
+    with torch.no_grad():
+        logits, _ = ours(x)
+    assert (hf_logits(again, x) - logits).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_our_own_random_model_round_trips_through_transformers(tmp_path, family):
+    """Export a model scratchgpt initialised itself (not one that came from HF), for both directions."""
+    config = GPTConfig(vocab_size=97, n_positions=64, n_embd=30, n_layer=2, n_head=3, n_kv_head=1, n_inner=37,
+                       pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False,
+                       qk_norm=family == "qwen3", head_dim=8 if family == "qwen3" else None,
+                       rope_theta=10000.0, layer_norm_epsilon=1e-6, tie_word_embeddings=True,
+                       embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+    ours = GPT(config, generator=torch.Generator().manual_seed(3)).eval()
+    save_hf(ours, tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    x = ids(seed=4)
+    with torch.no_grad():
+        logits, _ = ours(x)
+    assert (hf_logits(theirs, x) - logits).abs().max().item() < TOL
+    assert GPT.from_pretrained(str(tmp_path)).config == config
+
+
+def test_sharded_folders_both_ways(tmp_path):
+    hf = random_hf_model("llama", tied=False, seed=5)
+    hf.save_pretrained(tmp_path / "hf_sharded", max_shard_size="20KB")
+    assert (tmp_path / "hf_sharded" / "model.safetensors.index.json").is_file()
+    ours = load_hf(tmp_path / "hf_sharded")
+    x = ids(seed=6)
+    with torch.no_grad():
+        logits, _ = ours(x)
+    assert (logits - hf_logits(hf, x)).abs().max().item() < TOL
+
+    save_hf(ours, tmp_path / "ours_sharded", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "ours_sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert not (tmp_path / "ours_sharded" / "model.safetensors").exists()
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours_sharded").eval()
+    assert (hf_logits(again, x) - logits).abs().max().item() < TOL
+    with torch.no_grad():
+        assert (load_hf(tmp_path / "ours_sharded")(x)[0] - logits).abs().max().item() == 0.0
+
+    # A shard that the index names but the folder lacks is a clear error, not a half-loaded model.
+    first = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "ours_sharded" / first).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_hf(tmp_path / "ours_sharded")
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    hf_cfg = FAMILIES["llama"](False)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    ours = rope_inv_freq(config_from_hf(hf_cfg.to_dict()))
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=0)
+    plain = rope_inv_freq(config_from_hf({**hf_cfg.to_dict(), "rope_parameters": {"rope_theta": 500000.0}}))
+    assert not torch.allclose(ours, plain)  # the scaling really changed the low frequencies
+
+
+def test_published_checkpoint_config_spelling(tmp_path):
+    """Published Llama 3.2 config.json files spell RoPE as rope_theta + rope_scaling (transformers 4)."""
+    published = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 2048,
+        "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 64, "max_position_embeddings": 131072, "hidden_act": "silu", "rms_norm_eps": 1e-05,
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    }
+    config = config_from_hf(published)
+    assert config == GPTConfig.from_name("llama-3.2-1b", initializer_range=config.initializer_range)
+    assert config_from_hf(config_to_hf(config)) == config
+
+
+def test_unsupported_hf_configs_are_refused_with_the_reason():
+    good = FAMILIES["llama"](False).to_dict()
+    with pytest.raises(CheckpointError, match="hidden_act"):
+        config_from_hf({**good, "hidden_act": "gelu"})
+    with pytest.raises(CheckpointError, match="yarn"):
+        config_from_hf({**good, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}})
+    with pytest.raises(CheckpointError, match="model_type"):
+        config_from_hf({**good, "model_type": "mistral"})
+    with pytest.raises(CheckpointError, match="unexpected weight"):
+        hf_to_scratchgpt({"model.layers.0.self_attn.rotary.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="no Hugging Face architecture"):
+        config_to_hf(GPTConfig(vocab_size=97, n_positions=8, n_embd=16, n_layer=1, n_head=2, pos_encoding="rope"))
+    with pytest.raises(ValueError, match="logit_softcap"):
+        config_to_hf(GPTConfig.from_name("qwen3-0.6b", logit_softcap=30.0))
+
+
+def test_load_any_reads_tokenizer_json_and_chat_template(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = random_hf_model("qwen3", tied=True, seed=7)
+    hf.save_pretrained(tmp_path)
+    write_tiny_tokenizer(tmp_path, tokenizers)
+    model, tok = load_any(tmp_path)
+    assert type(tok).__name__ == "HFTokenizer"
+    assert tok.eot_id == 95 and tok.special_tokens["<|im_start|>"] == 96
+    assert tok.decode(tok.encode("hello")) == "hello"
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def write_tiny_tokenizer(directory, tokenizers) -> None:
+    """A byte-level BPE over a 97-token vocabulary (95 merges-free byte tokens + 2 specials)."""
+    from tokenizers import decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    keep = sorted(alphabet)[:95]
+    # Make sure the letters used in the tests are present.
+    for ch in "hello":
+        if ch not in keep:
+            keep[-1 - "hello".index(ch)] = ch
+    vocab = {c: i for i, c in enumerate(sorted(set(keep)))}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|im_end|>", "<|im_start|>"])
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>",
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    }))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: parameter counts equal the published models' (meta device: no memory, no init)
+# ---------------------------------------------------------------------------------------------
+
+# The published models' config.json values, and their parameter counts (unique tensors; the four
+# models tie lm_head to the embedding). The literals are the models' published totals.
+PUBLISHED = {
+    "llama-3.2-1b": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                         tie_word_embeddings=True), 1_235_814_400),
+    "llama-3.2-3b": ("LlamaConfig", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                                         num_attention_heads=24, num_key_value_heads=8, vocab_size=128256,
+                                         tie_word_embeddings=True), 3_212_749_824),
+    "qwen3-0.6b": ("Qwen3Config", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                       num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                       vocab_size=151936, tie_word_embeddings=True), 596_049_920),
+    "qwen3-1.7b": ("Qwen3Config", dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                       num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                       vocab_size=151936, tie_word_embeddings=True), 1_720_574_976),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preset_parameter_counts_equal_published_models(name):
+    cls_name, hf_values, published = PUBLISHED[name]
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**hf_values))
+    reference_count = sum(p.numel() for p in reference.parameters())
+    ours = GPT(GPTConfig.from_name(name), device="meta")
+    assert ours.num_parameters() == reference_count == published
+    # And the shapes agree tensor by tensor, through the one name map.
+    theirs = {k: tuple(v.shape) for k, v in hf_to_scratchgpt(reference.state_dict()).items()}
+    mine = {k: tuple(v.shape) for k, v in ours.state_dict().items() if k != "lm_head.weight"}
+    theirs.pop("lm_head.weight", None)
+    assert mine == theirs
