@@ -20,7 +20,8 @@ from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, TrainConfig
 from scratchgpt.data.dataset import RandomWindows, open_dataset
 from scratchgpt.model.gpt import GPT
-from scratchgpt.training.train import lm_evaluator, train
+from scratchgpt.training.modes.pretrain import lm_evaluator
+from scratchgpt.training.train import train
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 

@@ -112,7 +112,7 @@ def test_our_own_random_model_round_trips_through_transformers(tmp_path, family)
     with torch.no_grad():
         logits, _ = ours(x)
     assert (hf_logits(theirs, x) - logits).abs().max().item() < TOL
-    assert GPT.from_pretrained(str(tmp_path)).config == config
+    assert load_hf(str(tmp_path)).config == config
 
 
 def test_sharded_folders_both_ways(tmp_path):

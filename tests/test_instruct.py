@@ -16,10 +16,10 @@ from scratchgpt.config import GPTConfig, InstructConfig, SamplingConfig
 from scratchgpt.data.chat import render_chat, render_prompt
 from scratchgpt.data.dataset import DataError
 from scratchgpt.data.tokenizer import CharTokenizer
+from scratchgpt.inference.chat_session import ChatSession
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.finetune import load_start_model, read_entries, split_indices
 from scratchgpt.training.modes.instruct import (
-    ChatSession,
     InstructExample,
     collate_instruct,
     encode_instructions,

@@ -25,14 +25,14 @@ from scratchgpt.training.optim import (
     lr_at,
     lr_factor,
     make_optimizer,
-    native_bf16,
     newton_schulz,
     ns_dtype_of,
     param_roles,
     resolve_ns_dtype,
     set_lr,
 )
-from scratchgpt.training.train import lm_loss, resolve_dtype, train_step
+from scratchgpt.training.runtime import native_bf16, resolve_dtype
+from scratchgpt.training.train import lm_loss, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEEDRUN = ROOT / "configs" / "shakespeare_char_speedrun.toml"

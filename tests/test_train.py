@@ -19,15 +19,13 @@ from scratchgpt.checkpoint import CheckpointError, latest_checkpoint, list_check
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, RunConfig, TrainConfig
 from scratchgpt.model.gpt import GPT
+from scratchgpt.training.modes.pretrain import pretrain, resolve_run_config
+from scratchgpt.training.runlog import flops_per_token, gpu_peak_flops
 from scratchgpt.training.train import (
-    flops_per_token,
-    gpu_peak_flops,
     lm_loss,
     lr_at,
     make_optimizer,
     param_groups,
-    pretrain,
-    resolve_run_config,
     train,
     train_step,
 )

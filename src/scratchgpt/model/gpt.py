@@ -568,11 +568,3 @@ class GPT(nn.Module):
         # see itself. Its output is never used.
         allowed = allowed | (k_pos == q_pos)[None]
         return allowed[:, None]  # (B, 1, T, S)
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str, **kwargs) -> GPT:
-        """Load a Hugging Face GPT-2 / Llama / Qwen directory or hub name (see `scratchgpt.hf.load_hf`)."""
-        # The I/O lives in scratchgpt.hf; this is only the familiar entry point.
-        from scratchgpt.hf import load_hf
-
-        return load_hf(name_or_dir, **kwargs)

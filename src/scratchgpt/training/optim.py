@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from scratchgpt.config import TrainConfig
+from scratchgpt.training.runtime import native_bf16
 
 # Keller Jordan's quintic Newton-Schulz coefficients (the ones torch.optim.Muon uses): they maximise the
 # slope at zero, so 5 steps push every singular value into roughly [0.7, 1.2] instead of exactly 1.
@@ -38,21 +39,8 @@ ROLES = ("matrix", "embed", "head", "decay", "no_decay")
 
 
 # ---------------------------------------------------------------------------------------------
-# Hardware: does this device compute bfloat16 natively?
+# Hardware: the Newton-Schulz dtype
 # ---------------------------------------------------------------------------------------------
-
-
-def native_bf16(device: torch.device | str) -> bool:
-    """True where bfloat16 matmuls run on native units: CUDA GPUs that support it, and CPUs with
-    AVX512_BF16 or AMX-BF16 (x86) or the BF16 extension (Arm). Elsewhere PyTorch emulates bf16 in
-    software, which measured ~100x slower than float32 on an AVX2-only CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    caps = torch.cpu.get_capabilities()
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16") or caps.get("bf16") or caps.get("sve_bf16"))
 
 
 def resolve_ns_dtype(name: str, device: torch.device | str) -> torch.dtype:
