@@ -304,13 +304,13 @@ TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32
         "--pos-encoding", "rope", "--norm", "rmsnorm", "--activation", "relu2", "--qk-norm", "true",
         "--tie-word-embeddings", "false", "--zero-init", "true", "--logit-softcap", "15",
         "--lr", "0.02", "--embed-lr", "0.05", "--head-lr", "0.004", "--schedule", "warmdown",
-        "--warmup-steps", "3", "--lr-decay-steps", "60", "--checkpoint-interval", "5", "--sampler", "sequential"]
+        "--warmup-steps", "3", "--lr-decay-steps", "30", "--checkpoint-interval", "5", "--sampler", "sequential"]
 
 
 @pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
 def test_exact_resume_after_kill_9_with_muon_and_bf16(char_data: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    assert main(["train", "--dir", str(char_data), "--out-dir", str(straight), *TINY, "--max-steps", "60"]) == 0
+    assert main(["train", "--dir", str(char_data), "--out-dir", str(straight), *TINY, "--max-steps", "30"]) == 0
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "scratchgpt", "train", "--dir", str(char_data), "--out-dir", str(out), *TINY,
             "--max-steps", "1000000"]
@@ -323,8 +323,8 @@ def test_exact_resume_after_kill_9_with_muon_and_bf16(char_data: Path, tmp_path:
     proc.kill()  # SIGKILL mid-run
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert 0 < int(latest_checkpoint(out).name.split("-")[1]) < 60
-    assert main(["train", "--dir", str(char_data), "--out-dir", str(out), *TINY, "--max-steps", "60",
+    assert 0 < int(latest_checkpoint(out).name.split("-")[1]) < 30
+    assert main(["train", "--dir", str(char_data), "--out-dir", str(out), *TINY, "--max-steps", "30",
                  "--resume"]) == 0
     assert (out / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
 

@@ -116,9 +116,9 @@ class Muon(torch.optim.Muon):
     """torch.optim.Muon whose Newton-Schulz iteration runs in a chosen dtype (torch's is always bf16).
 
     Everything else (arguments, param groups, the momentum buffer in `state`, validation) is
-    torch.optim.Muon's; only `step` is re-written, to call `newton_schulz` with `ns_dtype`. The dtype is
-    an attribute, not part of the param groups, so that it follows the hardware a run resumes on, not
-    the one it was saved on.
+    torch.optim.Muon's; only `step` is re-written, to call `newton_schulz` with `ns_dtype`, on all
+    same-shaped matrices at once. The dtype is an attribute, not part of the param groups, so that it
+    follows the hardware a run resumes on, not the one it was saved on.
     """
 
     def __init__(self, params: Any, *, ns_dtype: torch.dtype = torch.float32, **kwargs: Any) -> None:
