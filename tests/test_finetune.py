@@ -166,6 +166,7 @@ def test_resume_continues_exactly(toy_tsv: Path, tmp_path: Path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
 def test_lora_instruct_through_the_cli_then_merge(tmp_path: Path, capsys):
     entries = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ["hi", "yo", "ok", "no"] * 10]
     (tmp_path / "d.json").write_text(json.dumps(entries))

@@ -114,10 +114,9 @@ class CsvLog:
         self.rows: list[dict[str, Any]] = []
         if keep_through_step is not None and path.is_file():
             # Resuming: rows past the checkpoint came from steps that are about to be redone.
-            with path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                self.columns = list(reader.fieldnames or LOG_COLUMNS)
-                self.rows = [r for r in reader if r.get("step") and int(r["step"]) <= keep_through_step]
+            columns, rows = read_log_table(path)
+            self.columns = columns or list(LOG_COLUMNS)
+            self.rows = [r for r in rows if r.get("step") and int(r["step"]) <= keep_through_step]
         self._rewrite()
 
     def add(self, row: dict[str, Any]) -> None:
@@ -143,15 +142,22 @@ def _format_row(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
 
 
-def read_log(path: str | Path) -> list[dict[str, str]]:
-    """The rows of a log.csv (a run directory or the file itself); empty when there is none."""
+def read_log_table(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a log.csv (a run directory or the file itself); empty when there is none."""
     path = Path(path)
     if path.is_dir():
         path = path / LOG_FILE
     if not path.is_file():
-        return []
+        return [], []
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def read_log(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a log.csv (a run directory or the file itself); empty when there is none."""
+    return read_log_table(path)[1]
 
 
 def _figure(size: tuple[float, float]) -> Any:
