@@ -307,6 +307,7 @@ TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32
         "--warmup-steps", "3", "--lr-decay-steps", "30", "--checkpoint-interval", "5", "--sampler", "sequential"]
 
 
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
 @pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
 def test_exact_resume_after_kill_9_with_muon_and_bf16(char_data: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight"
@@ -329,6 +330,7 @@ def test_exact_resume_after_kill_9_with_muon_and_bf16(char_data: Path, tmp_path:
     assert (out / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
 def test_ddp_two_processes_with_muon(char_data: Path, tmp_path: Path) -> None:
     """torchrun, 2 processes (gloo): the same weights as one process with the same global batch."""
     common = [*TINY[:TINY.index("--dtype")], "--dtype", "float32", "--ns-dtype", "float32",
