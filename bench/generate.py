@@ -7,6 +7,11 @@ loads the transformers model's state dict), and all runs must produce the same t
 
 Caveat for reading the lookup numbers: a randomly initialised GPT-2 decoded greedily falls into long
 runs of one token, which prompt lookup predicts perfectly; on real text its gain is much smaller.
+
+A second line does the same for a Llama-shaped model (rotary positions, RMSNorm, SwiGLU, grouped-query
+attention, untied head) against transformers' `LlamaForCausalLM` with the same random weights:
+`--llama-model llama-124m` (GPT-2 124M's width and depth as a Llama block; the default) or a preset
+such as `llama-3.2-1b`. `--tiny` shrinks both models to 2 layers x 64 channels, to check the script.
 """
 
 from __future__ import annotations
@@ -27,34 +32,40 @@ def _best_rate(fn, *, repeats: int, n_tokens: int) -> float:
     return n_tokens / best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gpt2", help="GPT-2 preset to build with random weights")
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (best is kept)")
-    parser.add_argument("--lookup", type=int, default=10, help="draft tokens for prompt-lookup decoding")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _cpu_info() -> dict[str, object]:
+    """The CPU kind the numbers were measured on: torch's SIMD level and whether bf16 is native."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "avx512_bf16": "avx512_bf16" in flags.split()}
 
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from scratchgpt import GPT, GPTConfig, SamplingConfig
-    from scratchgpt.checkpoint import hf_to_scratchgpt
+def _llama_config(name: str, *, tiny: bool):
+    """GPTConfig of the Llama row: a preset, or `llama-124m` (GPT-2 124M's size as a Llama block)."""
+    from scratchgpt import GPTConfig
+
+    if name == "llama-124m":
+        config = GPTConfig(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_kv_head=4,
+                           n_inner=2048, pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False,
+                           tie_word_embeddings=False, rope_theta=500000.0, embd_pdrop=0.0, resid_pdrop=0.0,
+                           attn_pdrop=0.0)
+    else:
+        config = GPTConfig.from_name(name)
+    if tiny:
+        config = GPTConfig.from_dict({**config.to_dict(), "n_layer": 2, "n_embd": 64, "n_head": 4,
+                                      "n_kv_head": 1, "head_dim": None, "n_inner": 96, "vocab_size": 512})
+    return config
+
+
+def _bench_pair(ours, hf, *, label: str, vocab: int, args) -> dict[str, object]:
+    """Time greedy decoding (plain and prompt lookup) for two models holding the same weights."""
+    from scratchgpt import SamplingConfig
     from scratchgpt.inference.generate import generate
 
-    torch.manual_seed(0)
-    config = GPTConfig.from_name(args.model)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)).eval()
-    ours = GPT(config, device="meta")
-    ours.load_state_dict(hf_to_scratchgpt(hf.state_dict()), strict=False, assign=True)
-    ours.lm_head.weight = ours.transformer.wte.weight
-    ours.reset_buffers(device="cpu")
-    ours.eval()
-
-    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0)
 
     def run_ours() -> list[int]:
@@ -78,16 +89,66 @@ def main() -> None:
     rate = lambda fn: _best_rate(fn, repeats=args.repeats, n_tokens=args.new_tokens)  # noqa: E731
     ours_tps, hf_tps = rate(run_ours), rate(run_hf)
     ours_lk, hf_lk = rate(run_ours_lookup), rate(run_hf_lookup)
-    print(json.dumps({
-        "bench": "generate", "model": args.model, "batch": 1, "prompt_tokens": args.prompt_len,
-        "new_tokens": args.new_tokens, "dtype": "float32", "threads": torch.get_num_threads(),
+    return {
+        "bench": "generate", "model": label, "reference": type(hf).__name__, "batch": 1,
+        "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens, "dtype": "float32",
+        "threads": torch.get_num_threads(), **_cpu_info(),
         "scratchgpt_tok_s": round(ours_tps, 2), "transformers_tok_s": round(hf_tps, 2),
         "ratio": round(ours_tps / hf_tps, 3),
         "prompt_lookup": args.lookup,
         "scratchgpt_lookup_tok_s": round(ours_lk, 2), "transformers_lookup_tok_s": round(hf_lk, 2),
         "lookup_ratio": round(ours_lk / hf_lk, 3), "lookup_vs_transformers_plain": round(ours_lk / hf_tps, 3),
         "same_tokens": same,
-    }))
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt2", help="GPT-2 preset to build with random weights")
+    parser.add_argument("--llama-model", default="llama-124m",
+                        help="Llama row: llama-124m (GPT-2 124M's size as a Llama block) or a preset (llama-3.2-1b)")
+    parser.add_argument("--rows", default="gpt2,llama", help="which rows to run: gpt2, llama or both")
+    parser.add_argument("--tiny", action="store_true", help="2 layers x 64 channels: only checks the script works")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (best is kept)")
+    parser.add_argument("--lookup", type=int, default=10, help="draft tokens for prompt-lookup decoding")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = set(args.rows.split(","))
+
+    import transformers
+
+    from scratchgpt import GPT, GPTConfig
+    from scratchgpt.hf import config_to_hf, hf_to_scratchgpt
+
+    def ours_from(hf_model, config: GPTConfig) -> GPT:
+        model = GPT(config, device="meta")
+        model.load_state_dict(hf_to_scratchgpt(hf_model.state_dict()), strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight
+        model.reset_buffers(device="cpu")
+        return model.eval()
+
+    if "gpt2" in rows:
+        torch.manual_seed(0)
+        config = GPTConfig.from_name(args.model)
+        if args.tiny:
+            config = GPTConfig.from_dict({**config.to_dict(), "n_layer": 2, "n_embd": 64, "n_head": 4})
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)).eval()
+        label = args.model + ("-tiny" if args.tiny else "")
+        print(json.dumps(_bench_pair(ours_from(hf, config), hf, label=label, vocab=config.vocab_size, args=args)))
+    if "llama" in rows:
+        torch.manual_seed(0)
+        config = _llama_config(args.llama_model, tiny=args.tiny)
+        hf_dict = config_to_hf(config)
+        hf_dict.pop("architectures"), hf_dict.pop("model_type")
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_dict)).eval()
+        label = args.llama_model + ("-tiny" if args.tiny else "")
+        print(json.dumps(_bench_pair(ours_from(hf, config), hf, label=label, vocab=config.vocab_size, args=args)))
 
 
 if __name__ == "__main__":

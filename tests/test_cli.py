@@ -26,6 +26,17 @@ def test_info_on_a_preset_counts_gpt2_parameters(capsys):
     assert info["config"]["n_layer"] == 12
 
 
+def test_info_prints_exact_counts_of_the_family_presets(capsys):
+    # The published models' totals (their config.json values; test_hf checks them against transformers).
+    published = {"llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824,
+                 "qwen3-0.6b": 596_049_920, "qwen3-1.7b": 1_720_574_976}
+    for name, count in published.items():
+        assert main(["info", "--model", name]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["parameters"] == count, name
+    assert info["config"]["qk_norm"] and info["config"]["n_kv_head"] == 8
+
+
 def test_info_and_generate_on_a_checkpoint(tmp_path, capsys):
     run, model, tok = _tiny_run(tmp_path)
     assert main(["info", "--checkpoint", str(run)]) == 0

@@ -14,9 +14,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from scratchgpt.checkpoint import CheckpointError, load_any  # noqa: E402
+from scratchgpt.checkpoint import CheckpointError, load_any, load_hf, save_hf  # noqa: E402
 from scratchgpt.config import GPTConfig  # noqa: E402
-from scratchgpt.hf import config_from_hf, config_to_hf, hf_to_scratchgpt, load_hf, save_hf  # noqa: E402
+from scratchgpt.hf import config_from_hf, config_to_hf, hf_to_scratchgpt  # noqa: E402
 from scratchgpt.model.gpt import GPT, KVCache, rope_inv_freq  # noqa: E402
 
 TOL = 1e-5
@@ -112,7 +112,7 @@ def test_our_own_random_model_round_trips_through_transformers(tmp_path, family)
     with torch.no_grad():
         logits, _ = ours(x)
     assert (hf_logits(theirs, x) - logits).abs().max().item() < TOL
-    assert load_hf(str(tmp_path)).config == config
+    assert load_hf(tmp_path).config == config
 
 
 def test_sharded_folders_both_ways(tmp_path):
@@ -169,18 +169,31 @@ def test_published_checkpoint_config_spelling(tmp_path):
 
 def test_unsupported_hf_configs_are_refused_with_the_reason():
     good = FAMILIES["llama"](False).to_dict()
-    with pytest.raises(CheckpointError, match="hidden_act"):
+    with pytest.raises(ValueError, match="hidden_act"):
         config_from_hf({**good, "hidden_act": "gelu"})
-    with pytest.raises(CheckpointError, match="yarn"):
+    with pytest.raises(ValueError, match="yarn"):
         config_from_hf({**good, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}})
-    with pytest.raises(CheckpointError, match="model_type"):
+    with pytest.raises(ValueError, match="model_type"):
         config_from_hf({**good, "model_type": "mistral"})
-    with pytest.raises(CheckpointError, match="unexpected weight"):
+    with pytest.raises(ValueError, match="unexpected weight"):
         hf_to_scratchgpt({"model.layers.0.self_attn.rotary.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="no Hugging Face architecture"):
         config_to_hf(GPTConfig(vocab_size=97, n_positions=8, n_embd=16, n_layer=1, n_head=2, pos_encoding="rope"))
     with pytest.raises(ValueError, match="logit_softcap"):
         config_to_hf(GPTConfig.from_name("qwen3-0.6b", logit_softcap=30.0))
+    with pytest.raises(ValueError, match="qkv_bias=False with bias=True"):
+        config_to_hf(GPTConfig.from_name("llama-3.2-1b", bias=True, qkv_bias=False))
+    with pytest.raises(ValueError, match="relu2"):
+        config_to_hf(GPTConfig.from_name("llama-3.2-1b", activation="relu2"))
+    assert config_to_hf(GPTConfig.from_name("llama-3.2-1b", bias=True))["attention_bias"] is True
+
+
+def test_load_hf_names_the_file_for_a_bad_family_config(tmp_path):
+    random_hf_model("llama", tied=False).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    with pytest.raises(CheckpointError, match="config.json: hidden_act"):
+        load_hf(tmp_path)
 
 
 def test_load_any_reads_tokenizer_json_and_chat_template(tmp_path):
@@ -194,19 +207,33 @@ def test_load_any_reads_tokenizer_json_and_chat_template(tmp_path):
     assert tok.decode(tok.encode("hello")) == "hello"
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    ids_ = tok.encode_chat([{"role": "user", "content": "hi"}])
+    assert ids_[0] == 96 and ids_.count(95) == 1 and tok.decode(ids_) == text
+    with pytest.raises(ValueError, match="messages\\[0\\]"):
+        tok.encode_chat([{"role": "user", "content": "hi<|im_end|>"}])  # content cannot forge a turn
+    # Saved into a scratchgpt run directory, the tokenizer reloads as itself (with its template).
+    from scratchgpt.checkpoint import save_model
+
+    save_model(model, tmp_path / "run", tokenizer=tok)
+    _, tok2 = load_any(tmp_path / "run")
+    assert tok2.encode_chat([{"role": "user", "content": "hi"}]) == ids_
+    # Streaming decodes token by token: byte-level tokens map back to their bytes.
+    assert b"".join(tok.decode_bytes([i]) for i in tok.encode("hello")) == b"hello"
+    assert tok.decode_bytes([200]) == b""  # beyond the tokenizer, inside a rounded-up embedding
+    with pytest.raises(ValueError, match="negative"):
+        tok.decode_bytes([-1])
 
 
 def write_tiny_tokenizer(directory, tokenizers) -> None:
-    """A byte-level BPE over a 97-token vocabulary (95 merges-free byte tokens + 2 specials)."""
+    """A byte-level BPE over a 97-token vocabulary (95 byte tokens, no merges, + 2 specials)."""
     from tokenizers import decoders, models, pre_tokenizers
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    keep = sorted(alphabet)[:95]
-    # Make sure the letters used in the tests are present.
-    for ch in "hello":
-        if ch not in keep:
-            keep[-1 - "hello".index(ch)] = ch
-    vocab = {c: i for i, c in enumerate(sorted(set(keep)))}
+    from scratchgpt.data.tokenizer import _gpt2_byte_to_unicode
+
+    byte_char = _gpt2_byte_to_unicode()
+    needed = [byte_char[b] for b in sorted(set(b"hello hi user assistant\n"))]
+    rest = [c for c in sorted(pre_tokenizers.ByteLevel.alphabet()) if c not in needed]
+    vocab = {c: i for i, c in enumerate((needed + rest)[:95])}
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -254,3 +281,65 @@ def test_preset_parameter_counts_equal_published_models(name):
     mine = {k: tuple(v.shape) for k, v in ours.state_dict().items() if k != "lm_head.weight"}
     theirs.pop("lm_head.weight", None)
     assert mine == theirs
+
+
+def test_lora_on_an_imported_qwen3_merges_and_exports(tmp_path):
+    """LoRA's default targets (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) are the fused
+    projections, so they adapt q/k/v and gate/up of a Llama/Qwen import too; merged, it exports."""
+    from scratchgpt.config import LoRAConfig
+    from scratchgpt.training.lora import apply_lora, merge_lora
+
+    random_hf_model("qwen3", tied=True, seed=8).save_pretrained(tmp_path / "hf")
+    model = load_hf(tmp_path / "hf")
+    wrapped = apply_lora(model, LoRAConfig(rank=2, alpha=4, dropout=0.0), generator=torch.Generator().manual_seed(0))
+    assert "transformer.h.0.attn.c_attn" in wrapped and "transformer.h.1.mlp.c_fc" in wrapped
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    x = ids(seed=9)
+    with torch.no_grad():
+        adapted, _ = model(x)
+        merge_lora(model)
+        merged, _ = model(x)
+    assert (merged - adapted).abs().max().item() < TOL
+    save_hf(model, tmp_path / "merged")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
+    assert (hf_logits(theirs.eval(), x) - merged).abs().max().item() < TOL
+
+
+def test_cli_generates_and_streams_from_a_qwen3_folder(tmp_path, capsys):
+    from scratchgpt.cli import main
+
+    random_hf_model("qwen3", tied=True, seed=10).save_pretrained(tmp_path)
+    write_tiny_tokenizer(tmp_path, pytest.importorskip("tokenizers"))
+    args = ["generate", "--checkpoint", str(tmp_path), "--prompt", "hello", "--max-new-tokens", "8",
+            "--temperature", "0", "--stop-at-eot", "false"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert plain.startswith("hello") and len(plain) > len("hello")
+    assert main([*args, "--stream"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main(["info", "--checkpoint", str(tmp_path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tokenizer"] == "hf" and info["config"]["qk_norm"] is True
+
+
+def test_llama_with_all_biases_round_trips(tmp_path):
+    cfg = FAMILIES["llama"](False)
+    cfg.attention_bias, cfg.mlp_bias = True, True
+    torch.manual_seed(11)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf")
+    assert ours.config.bias and ours.config.attn_bias
+    x = ids(seed=12)
+    with torch.no_grad():
+        logits, _ = ours(x)
+    assert (logits - hf_logits(hf, x)).abs().max().item() < TOL
+    save_hf(ours, tmp_path / "out")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert (hf_logits(again, x) - logits).abs().max().item() < TOL

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -408,6 +409,17 @@ def test_rope_scores_depend_only_on_distance():
     assert torch.equal(apply_rotary(q, cos, sin), q)  # position 0 is not rotated
 
 
+def test_rope_angles_stay_float32_in_a_bf16_model():
+    model = GPT(tiny_config(pos_encoding="rope", norm="rmsnorm", n_positions=2048)).to(torch.bfloat16)
+    assert model.transformer.wpe.inv_freq.dtype == torch.bfloat16  # .to() casts buffers...
+    cos, sin = model.transformer.wpe(torch.tensor([1000, 1001]))
+    exact = RotaryEmbedding(tiny_config(pos_encoding="rope", n_positions=2048))(torch.tensor([1000, 1001]))
+    assert cos.dtype == torch.float32 and torch.equal(cos, exact[0]) and torch.equal(sin, exact[1])  # ...not angles
+    x = tokens(1, 6)
+    logits, _ = model(x)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
 def test_softcap_bounds_logits():
     x = torch.tensor([-1e4, -1.0, 0.0, 0.01, 1e4])
     y = softcap(x, 30.0)
@@ -450,7 +462,7 @@ def family_configs(draw) -> tuple[GPTConfig, str]:
     return config, draw(st.sampled_from(["sdpa", "eager"]))
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(drawn=family_configs(), seed=st.integers(0, 2**16))
 def test_random_option_combinations_cache_and_batch_consistent(drawn, seed):
     config, attn_impl = drawn
@@ -475,3 +487,61 @@ def test_random_option_combinations_cache_and_batch_consistent(drawn, seed):
     for i, p in enumerate(prompts):
         solo, _ = model(torch.tensor([p]))
         assert max_diff(batch[i, -len(p):], solo[0]) < TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# A Llama-style model through the CLI: train, resume bit-exact, generate, serve
+# ---------------------------------------------------------------------------------------------
+
+LLAMA_FLAGS = ["--pos-encoding", "rope", "--norm", "rmsnorm", "--activation", "swiglu", "--n-kv-head", "1",
+               "--bias", "false", "--tie-word-embeddings", "false", "--qk-norm", "true"]
+
+
+def test_llama_style_training_resumes_bit_exact_generates_and_serves(char_data, tmp_path, capsys, start_server):
+    import json as _json
+
+    from scratchgpt.checkpoint import load_any, load_model
+    from scratchgpt.cli import main
+    from scratchgpt.config import read_toml
+    from scratchgpt.inference.serve import create_app
+
+    # The shipped example config is this family.
+    shipped = read_toml(Path(__file__).resolve().parents[1] / "configs" / "shakespeare_char_llama.toml")["model"]
+    assert (shipped["pos_encoding"], shipped["norm"], shipped["activation"], shipped["n_kv_head"]) == (
+        "rope", "rmsnorm", "swiglu", 1)
+
+    tiny = ["--dir", str(char_data), "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--n-inner", "40",
+            "--block-size", "32", "--batch-size", "4", "--eval-steps", "2", "--eval-interval", "6",
+            "--checkpoint-interval", "8", "--lr-decay-steps", "24", "--log-interval", "4", "--progress", "false",
+            "--plot", "false", "--warmup-steps", "4", "--lr", "3e-3", "--seed", "5", *LLAMA_FLAGS]
+    assert main(["train", "--out-dir", str(tmp_path / "straight"), *tiny, "--max-steps", "24"]) == 0
+    assert main(["train", "--out-dir", str(tmp_path / "parts"), *tiny, "--max-steps", "10"]) == 0
+    assert main(["train", "--out-dir", str(tmp_path / "parts"), *tiny, "--max-steps", "24", "--resume"]) == 0
+    straight = (tmp_path / "straight" / "model.safetensors").read_bytes()
+    assert (tmp_path / "parts" / "model.safetensors").read_bytes() == straight
+
+    model, cfg = load_model(tmp_path / "straight")
+    c = model.config
+    assert (c.pos_encoding, c.norm, c.activation, c.kv_heads, c.qk_norm, c.bias) == (
+        "rope", "rmsnorm", "swiglu", 1, True, False)
+    assert not any("wpe" in n for n, _ in model.named_parameters())
+    capsys.readouterr()
+
+    args = ["generate", "--checkpoint", str(tmp_path / "straight"), "--prompt", "ROMEO:", "--max-new-tokens", "16",
+            "--temperature", "0", "--stop-at-eot", "false"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert plain.startswith("ROMEO:") and len(plain.rstrip("\n")) == len("ROMEO:") + 16
+    assert main([*args, "--stream"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main([*args, "--no-cache"]) == 0
+    assert capsys.readouterr().out == plain
+
+    model, tok = load_any(tmp_path / "straight")
+    base = start_server(create_app(model, tok, model_name="llama-tiny"))
+    import httpx
+
+    r = httpx.post(f"{base}/v1/completions", json={"model": "llama-tiny", "prompt": "ROMEO:", "max_tokens": 16,
+                                                   "temperature": 0}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert "ROMEO:" + _json.loads(r.text)["choices"][0]["text"] == plain.rstrip("\n")

@@ -165,3 +165,14 @@ def test_production_code_never_imports_the_textbook():
     imports_textbook = re.compile(r"^\s*(from|import)\s.*\btextbook\b", re.MULTILINE)
     production = [p for p in package.glob("*.py") if p.name != "textbook.py"]
     assert [p.name for p in production if imports_textbook.search(p.read_text())] == []
+
+
+@pytest.mark.parametrize("overrides", [dict(pos_encoding="rope"), dict(norm="rmsnorm"), dict(n_kv_head=2),
+                                       dict(n_inner=40), dict(qk_norm=True), dict(logit_softcap=5.0),
+                                       dict(head_dim=4), dict(qkv_bias=False)])
+def test_family_options_the_book_cannot_express_are_refused(overrides):
+    from scratchgpt.model.textbook import gptconfig_to_config
+
+    name = next(iter(overrides))
+    with pytest.raises(ValueError, match=name):
+        gptconfig_to_config(tiny_config(**overrides))

@@ -1,4 +1,4 @@
-"""Checkpoints: scratchgpt run directories (Hugging Face import/export: scratchgpt.hf).
+"""Checkpoints: scratchgpt run directories, and Hugging Face folders in and out (name map: scratchgpt.hf).
 
 A run directory is self-describing and pickle-free:
     config.json          {"format": "scratchgpt", "format_version": 1, "model": {...}, ...}
@@ -25,10 +25,12 @@ from torch import Tensor, nn
 
 from scratchgpt.config import GPTConfig
 from scratchgpt.files import atomic_write, atomic_write_text, write_json  # noqa: F401 (part of this API)
+from scratchgpt.hf import config_from_hf, config_to_hf, hf_to_scratchgpt, scratchgpt_to_hf  # noqa: F401 (API)
 from scratchgpt.model.gpt import GPT
 
 FORMAT = "scratchgpt"
 FORMAT_VERSION = 1
+HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 class CheckpointError(ValueError):
@@ -183,21 +185,150 @@ def _load_state_strict(model: GPT, state: dict[str, Tensor], *, source: str | Pa
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face interop lives in scratchgpt.hf (GPT-2, Llama, Qwen2, Qwen3: the one name map)
+# Hugging Face folders (GPT-2, Llama, Qwen2, Qwen3) in and out; the name map is scratchgpt.hf
 # ---------------------------------------------------------------------------------------------
 
-_MOVED_TO_HF = ("HF_MODEL_NAMES", "hf_to_scratchgpt", "scratchgpt_to_hf", "config_from_hf", "config_to_hf",
-                "load_hf", "save_hf", "_read_hf_weights", "_resolve_hf")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-def __getattr__(name: str) -> Any:
-    # Old import paths (`from scratchgpt.checkpoint import load_hf`) keep working. Resolved lazily
-    # because scratchgpt.hf builds on this module's I/O helpers.
-    if name in _MOVED_TO_HF:
-        from scratchgpt import hf
+def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
+    single = directory / "model.safetensors"
+    index = directory / SAFETENSORS_INDEX
+    if single.is_file():
+        return load_tensors(single)
+    if index.is_file():
+        try:
+            weight_map = read_json(index)["weight_map"]
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{index}: no \"weight_map\"; re-save the model or restore the index") from None
+        state: dict[str, Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = directory / shard
+            if not shard_path.is_file():
+                raise CheckpointError(f"{index} names shard {shard!r}, which is missing from {directory}")
+            state.update(load_tensors(shard_path))
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise CheckpointError(f"{index}: {missing[:3]} are listed but absent from their shards")
+        return state
+    pt = directory / "pytorch_model.bin"
+    if pt.is_file():
+        try:
+            # weights_only=True: a .bin is a pickle, and we never unpickle arbitrary objects.
+            return torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+            raise CheckpointError(f"{pt}: cannot be read as plain weights ({str(e).splitlines()[0]})") from None
+    raise CheckpointError(f"{directory}: no model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin found")
 
-        return getattr(hf, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def _resolve_hf(name_or_dir: str | Path) -> Path:
+    """A local directory, or a hub name downloaded (and cached) with huggingface_hub."""
+    path = Path(name_or_dir)
+    if path.is_dir():
+        return path
+    name = str(name_or_dir)
+    if name not in HF_MODEL_NAMES and "/" not in name:
+        raise CheckpointError(f"{name}: no such directory, and not a known hub name {list(HF_MODEL_NAMES)}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{name}: downloading needs huggingface_hub: pip install 'scratchgpt[hub]'") from None
+    try:
+        return Path(snapshot_download(
+            repo_id=name if "/" in name else f"openai-community/{name}",
+            allow_patterns=["config.json", "model.safetensors", "model-*.safetensors", SAFETENSORS_INDEX,
+                            "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"],
+        ))
+    except Exception as e:  # noqa: BLE001 - network/hub errors come in many types
+        raise CheckpointError(
+            f"{name}: could not download from the Hugging Face hub ({type(e).__name__}); when offline, "
+            f"pass a local directory holding config.json and model.safetensors"
+        ) from None
+
+
+def load_hf(
+    name_or_dir: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    **config_overrides: Any,
+) -> GPT:
+    """A GPT from a Hugging Face GPT-2 / Llama / Qwen2 / Qwen3 directory or hub name, in eval mode."""
+    directory = _resolve_hf(name_or_dir)
+    hf_cfg = read_json(directory / "config.json")
+    try:
+        config = config_from_hf(hf_cfg, source=str(directory / "config.json"))
+    except ValueError as e:  # the message names config.json and the field
+        raise CheckpointError(str(e)) from None
+    if config_overrides:
+        config = GPTConfig.from_dict({**config.to_dict(), **config_overrides})
+    model = GPT(config, device="meta")
+    weights = _read_hf_weights(directory)
+    try:
+        state = hf_to_scratchgpt(weights)
+    except ValueError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
+    _load_state_strict(model, state, source=directory)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_hf(
+    model: nn.Module, directory: str | Path, *, tokenizer: Any = None, max_shard_bytes: int | None = None,
+) -> Path:
+    """Write `model` as a Hugging Face folder that transformers' `AutoModelForCausalLM` loads.
+
+    The family (GPT-2, Llama, Qwen2, Qwen3) follows from the config (`hf_model_type`). With
+    `max_shard_bytes`, weights go into model-0000k-of-0000n.safetensors shards plus an index file.
+    """
+    inner = unwrap(model)
+    if not isinstance(inner, GPT):
+        raise TypeError(f"save_hf expects a GPT, got {type(inner).__name__}")
+    hf_config = config_to_hf(inner.config)
+    state = scratchgpt_to_hf(model_state(inner), inner.config)
+    if inner.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = _shard(state, max_shard_bytes)
+    if len(shards) == 1:
+        save_tensors(state, directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards, start=1):
+            name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_tensors(shard, directory / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        write_json(directory / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(directory / "config.json", hf_config)
+    if tokenizer is not None and hasattr(tokenizer, "save_hf"):
+        tokenizer.save_hf(directory)
+    return directory
+
+
+def _shard(state: dict[str, Tensor], max_bytes: int | None) -> list[dict[str, Tensor]]:
+    """Split `state` (in order) into groups of at most `max_bytes` (a bigger tensor gets its own)."""
+    if max_bytes is None:
+        return [state]
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    return shards
+
+
+def load_hf_tokenizer(directory: str | Path) -> Any:
+    """The tokenizer of an HF folder: tokenizer.json via `tokenizers`, else GPT-2's BPE files, else
+    GPT-2's tokenizer from the usual places (the folder of a GPT-2 model without tokenizer files)."""
+    from scratchgpt.data.tokenizer import HFTokenizer, gpt2_tokenizer
+
+    d = Path(directory)
+    if (d / "tokenizer.json").is_file():
+        return HFTokenizer.from_dir(d)
+    has_files = (d / "vocab.json").is_file() or (d / "encoder.json").is_file()
+    return gpt2_tokenizer(d if has_files else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +364,6 @@ def load_any(
 ) -> tuple[GPT, Any]:
     """(model, tokenizer) from a scratchgpt run directory, a Hugging Face directory, or a hub name."""
     from scratchgpt.data.tokenizer import load_tokenizer
-    from scratchgpt.hf import _resolve_hf, load_hf, load_hf_tokenizer
 
     if checkpoint_kind(path_or_name) == FORMAT:
         model, _ = load_model(path_or_name, device=device, dtype=dtype)

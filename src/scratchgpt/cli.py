@@ -91,8 +91,10 @@ def read_config_sections(args: argparse.Namespace) -> tuple[dict[str, Any], dict
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="scratchgpt run directory, Hugging Face GPT-2 directory, or hub name")
-    src.add_argument("--model", choices=PRESET_NAMES, help="a GPT-2 preset with fresh random weights")
+    src.add_argument("--checkpoint", help="scratchgpt run directory, Hugging Face GPT-2/Llama/Qwen directory, "
+                                          "or hub name")
+    src.add_argument("--model", choices=PRESET_NAMES, help="a preset (GPT-2, Llama 3.2, Qwen3) with fresh random "
+                                                           "weights")
     p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: 'auto')")
 
 

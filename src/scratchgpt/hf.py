@@ -1,9 +1,7 @@
-"""Hugging Face interop: GPT-2, Llama, Qwen2 and Qwen3 folders in and out, through one name map.
+"""The one Hugging Face name map: GPT-2, Llama, Qwen2 and Qwen3 weights and config.json, both ways.
 
-A Hugging Face model folder holds config.json, the weights (model.safetensors, or shards named by
-model.safetensors.index.json) and the tokenizer (GPT-2's vocab.json + merges.txt, or tokenizer.json
-with tokenizer_config.json for the newer families). scratchgpt keeps GPT-2's parameter names for
-every family, so the map is:
+Pure functions on state dicts and config dicts (no I/O; `checkpoint.load_hf` / `save_hf` read and
+write the folders). scratchgpt keeps GPT-2's parameter names for every family, so the map is:
 
     GPT2LMHeadModel                       scratchgpt
     transformer.*                         transformer.*     (Conv1D weights transposed)
@@ -24,31 +22,17 @@ every family, so the map is:
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from scratchgpt.checkpoint import (
-    CheckpointError,
-    _load_state_strict,
-    load_tensors,
-    model_state,
-    read_json,
-    save_tensors,
-    unwrap,
-    write_json,
-)
 from scratchgpt.config import GPTConfig
-from scratchgpt.model.gpt import GPT
 
-HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # model_type in config.json -> the transformers class that reads it.
 HF_ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
 }
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +94,7 @@ def _llama_to_scratchgpt(hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
         if m is None:
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # old transformers saved its RoPE buffer; ours is derived from the config
-            raise CheckpointError(f"unexpected weight {name!r}: not part of a Llama/Qwen causal LM")
+            raise ValueError(f"unexpected weight {name!r}: not part of a Llama/Qwen causal LM")
         layer, inner, kind = m.groups()
         if inner in _LLAMA_LAYER_NAMES:
             out[f"transformer.h.{layer}.{_LLAMA_LAYER_NAMES[inner]}.{kind}"] = tensor
@@ -119,11 +103,11 @@ def _llama_to_scratchgpt(hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
         elif inner.endswith("rotary_emb.inv_freq"):
             continue
         else:
-            raise CheckpointError(f"unexpected weight {name!r}: not part of a Llama/Qwen causal LM")
+            raise ValueError(f"unexpected weight {name!r}: not part of a Llama/Qwen causal LM")
     for (layer, ours, kind), parts in stacked.items():
         missing = [p for p in _LLAMA_STACKED[ours] if p not in parts]
         if missing:
-            raise CheckpointError(f"layer {layer}: {ours}.{kind} needs {missing} as well; the weights are incomplete")
+            raise ValueError(f"layer {layer}: {ours}.{kind} needs {missing} as well; the weights are incomplete")
         out[f"transformer.h.{layer}.{ours}.{kind}"] = torch.cat([parts[p] for p in _LLAMA_STACKED[ours]], dim=0)
     return out
 
@@ -196,7 +180,9 @@ def hf_model_type(config: GPTConfig) -> str:
         elif config.attn_bias and not config.bias:
             model_type = "qwen2"  # Qwen2: biases on q, k, v only
         else:
-            model_type = "llama"
+            model_type = "llama"  # Llama: attention_bias and mlp_bias, both following `bias`
+            if config.attn_bias != config.bias:
+                problems.append("qkv_bias=False with bias=True (Llama's attention_bias covers q, k, v and o)")
     else:
         raise ValueError(
             "no Hugging Face architecture matches this model: GPT-2 needs pos_encoding=learned, norm=layernorm, "
@@ -220,23 +206,23 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> GPTCon
         try:
             return _llama_config_from_hf(hf, source)
         except KeyError as e:
-            raise CheckpointError(f"{source}: {model_type} config lacks {e}") from None
-    raise CheckpointError(f"{source}: model_type {model_type!r} is not one of {sorted(HF_ARCHITECTURES)}")
+            raise ValueError(f"{source}: {model_type} config lacks {e}") from None
+    raise ValueError(f"{source}: model_type {model_type!r} is not one of {sorted(HF_ARCHITECTURES)}")
 
 
 def _gpt2_config_from_hf(hf: dict[str, Any], source: str) -> GPTConfig:
     act = hf.get("activation_function", "gelu_new")
     if act not in _HF_ACTIVATIONS:
-        raise CheckpointError(
+        raise ValueError(
             f"{source}: activation_function {act!r} is not supported; use one of {list(_HF_ACTIVATIONS)}"
         )
     n_inner = hf.get("n_inner")
     if n_inner not in (None, 4 * hf["n_embd"]):
-        raise CheckpointError(f"{source}: n_inner={n_inner} is not supported (scratchgpt uses 4 * n_embd)")
+        raise ValueError(f"{source}: n_inner={n_inner} is not supported (scratchgpt uses 4 * n_embd)")
     for flag, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
                      ("scale_attn_weights", True)):
         if hf.get(flag, ok) != ok:
-            raise CheckpointError(f"{source}: {flag}={hf[flag]} is not supported")
+            raise ValueError(f"{source}: {flag}={hf[flag]} is not supported")
     return GPTConfig(
         vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_embd=hf["n_embd"],
         n_layer=hf["n_layer"], n_head=hf["n_head"],
@@ -261,18 +247,18 @@ def _rope_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
                    rope_high_freq_factor=float(merged["high_freq_factor"]),
                    rope_original_n_positions=int(merged["original_max_position_embeddings"]))
     elif rope_type != "default":
-        raise CheckpointError(f"{source}: RoPE scaling type {rope_type!r} is not supported (default or llama3 only)")
+        raise ValueError(f"{source}: RoPE scaling type {rope_type!r} is not supported (default or llama3 only)")
     return out
 
 
 def _llama_config_from_hf(hf: dict[str, Any], source: str) -> GPTConfig:
     model_type = hf["model_type"]
     if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses silu)")
+        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses silu)")
     if hf.get("use_sliding_window"):
-        raise CheckpointError(f"{source}: use_sliding_window=true is not supported (full attention only)")
+        raise ValueError(f"{source}: use_sliding_window=true is not supported (full attention only)")
     if hf.get("pretraining_tp", 1) != 1:
-        raise CheckpointError(f"{source}: pretraining_tp={hf['pretraining_tp']} is not supported")
+        raise ValueError(f"{source}: pretraining_tp={hf['pretraining_tp']} is not supported")
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or n_embd // n_head
     if model_type == "qwen2":
@@ -280,7 +266,7 @@ def _llama_config_from_hf(hf: dict[str, Any], source: str) -> GPTConfig:
     else:
         bias = bool(hf.get("attention_bias", False))
         if model_type == "llama" and bool(hf.get("mlp_bias", False)) != bias:
-            raise CheckpointError(f"{source}: attention_bias={bias} with mlp_bias={hf.get('mlp_bias')} is not "
+            raise ValueError(f"{source}: attention_bias={bias} with mlp_bias={hf.get('mlp_bias')} is not "
                                   f"supported (scratchgpt has one `bias` switch for attention output and MLP)")
         qkv_bias = None
     try:
@@ -296,7 +282,7 @@ def _llama_config_from_hf(hf: dict[str, Any], source: str) -> GPTConfig:
             **_rope_from_hf(hf, source),
         )
     except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
+        raise ValueError(f"{source}: {e}") from None
 
 
 def config_to_hf(config: GPTConfig) -> dict[str, Any]:
@@ -338,145 +324,3 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
     if model_type != "llama":
         hf.update(use_sliding_window=False, sliding_window=None)
     return hf
-
-
-# ---------------------------------------------------------------------------------------------
-# Folders: read (single file or shards) and write
-# ---------------------------------------------------------------------------------------------
-
-
-def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
-    single = directory / "model.safetensors"
-    index = directory / SAFETENSORS_INDEX
-    if single.is_file():
-        return load_tensors(single)
-    if index.is_file():
-        try:
-            weight_map = read_json(index)["weight_map"]
-        except (KeyError, TypeError):
-            raise CheckpointError(f"{index}: no \"weight_map\"; re-save the model or restore the index") from None
-        state: dict[str, Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = directory / shard
-            if not shard_path.is_file():
-                raise CheckpointError(f"{index} names shard {shard!r}, which is missing from {directory}")
-            state.update(load_tensors(shard_path))
-        missing = sorted(set(weight_map) - set(state))
-        if missing:
-            raise CheckpointError(f"{index}: {missing[:3]} are listed but absent from their shards")
-        return state
-    pt = directory / "pytorch_model.bin"
-    if pt.is_file():
-        try:
-            # weights_only=True: a .bin is a pickle, and we never unpickle arbitrary objects.
-            return torch.load(pt, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-            raise CheckpointError(f"{pt}: cannot be read as plain weights ({str(e).splitlines()[0]})") from None
-    raise CheckpointError(f"{directory}: no model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin found")
-
-
-def _resolve_hf(name_or_dir: str | Path) -> Path:
-    """A local directory, or a hub name downloaded (and cached) with huggingface_hub."""
-    path = Path(name_or_dir)
-    if path.is_dir():
-        return path
-    name = str(name_or_dir)
-    if name not in HF_MODEL_NAMES and "/" not in name:
-        raise CheckpointError(f"{name}: no such directory, and not a known hub name {list(HF_MODEL_NAMES)}")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise CheckpointError(f"{name}: downloading needs huggingface_hub: pip install 'scratchgpt[hub]'") from None
-    try:
-        return Path(snapshot_download(
-            repo_id=name if "/" in name else f"openai-community/{name}",
-            allow_patterns=["config.json", "model.safetensors", "model-*.safetensors", SAFETENSORS_INDEX,
-                            "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"],
-        ))
-    except Exception as e:  # noqa: BLE001 - network/hub errors come in many types
-        raise CheckpointError(
-            f"{name}: could not download from the Hugging Face hub ({type(e).__name__}); when offline, "
-            f"pass a local directory holding config.json and model.safetensors"
-        ) from None
-
-
-def load_hf(
-    name_or_dir: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-    **config_overrides: Any,
-) -> GPT:
-    """A GPT from a Hugging Face GPT-2 / Llama / Qwen2 / Qwen3 directory or hub name, in eval mode."""
-    directory = _resolve_hf(name_or_dir)
-    hf_cfg = read_json(directory / "config.json")
-    config = config_from_hf(hf_cfg, source=str(directory / "config.json"))
-    if config_overrides:
-        config = GPTConfig.from_dict({**config.to_dict(), **config_overrides})
-    model = GPT(config, device="meta")
-    try:
-        state = hf_to_scratchgpt(_read_hf_weights(directory))
-    except CheckpointError as e:
-        raise CheckpointError(f"{directory}: {e}") from None
-    _load_state_strict(model, state, source=directory)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def save_hf(
-    model: nn.Module, directory: str | Path, *, tokenizer: Any = None, max_shard_bytes: int | None = None,
-) -> Path:
-    """Write `model` as a Hugging Face folder that transformers' `AutoModelForCausalLM` loads.
-
-    The family (GPT-2, Llama, Qwen2, Qwen3) follows from the config (`hf_model_type`). With
-    `max_shard_bytes`, weights go into model-0000k-of-0000n.safetensors shards plus an index file.
-    """
-    inner = unwrap(model)
-    if not isinstance(inner, GPT):
-        raise TypeError(f"save_hf expects a GPT, got {type(inner).__name__}")
-    hf_config = config_to_hf(inner.config)
-    state = scratchgpt_to_hf(model_state(inner), inner.config)
-    if inner.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    shards = _shard(state, max_shard_bytes)
-    if len(shards) == 1:
-        save_tensors(state, directory / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards, start=1):
-            name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_tensors(shard, directory / name, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        write_json(directory / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    write_json(directory / "config.json", hf_config)
-    if tokenizer is not None and hasattr(tokenizer, "save_hf"):
-        tokenizer.save_hf(directory)
-    return directory
-
-
-def _shard(state: dict[str, Tensor], max_bytes: int | None) -> list[dict[str, Tensor]]:
-    """Split `state` (in order) into groups of at most `max_bytes` (a bigger tensor gets its own)."""
-    if max_bytes is None:
-        return [state]
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += n
-    return shards
-
-
-def load_hf_tokenizer(directory: str | Path) -> Any:
-    """The tokenizer of an HF folder: tokenizer.json via `tokenizers`, else GPT-2's BPE files, else
-    GPT-2's tokenizer from the usual places (the folder of a GPT-2 model without tokenizer files)."""
-    from scratchgpt.data.tokenizer import HFTokenizer, gpt2_tokenizer
-
-    d = Path(directory)
-    if (d / "tokenizer.json").is_file():
-        return HFTokenizer.from_dir(d)
-    has_files = (d / "vocab.json").is_file() or (d / "encoder.json").is_file()
-    return gpt2_tokenizer(d if has_files else None)
-

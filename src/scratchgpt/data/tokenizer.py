@@ -787,16 +787,30 @@ class HFTokenizer(Tokenizer):
         return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                                 **specials, **variables)
 
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+        """Ids of `messages` rendered with the chat template: the template's markers become special
+        tokens, while a special-token text inside a message's content is refused (it cannot forge a turn)."""
+        for i, m in enumerate(messages):
+            try:
+                self._reject_specials(str(m.get("content", "")))
+            except ValueError as e:
+                raise ValueError(f"messages[{i}]: {e}") from None
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, allowed_special=True)
+
     def _encode_ordinary(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        self._check_ids(ids)
+        if any(i < 0 for i in ids):
+            raise ValueError(f"token id {min(ids)} is negative")
         out = bytearray()
         for i in ids:
             token = self._tok.id_to_token(i)
             if token is None:
-                continue  # an id inside the model's vocabulary but outside the tokenizer's (padding rows)
+                # Models round their embedding up (Qwen3: 151,936 rows for 151,669 tokens); the extra
+                # rows are never trained, and an id there decodes to nothing rather than failing a stream.
+                continue
             if token in self._specials or not (self._byte_level or token.startswith("<0x") or "▁" in token):
                 out += token.encode("utf-8")
             elif self._byte_level:

@@ -162,8 +162,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config, device=device), persistent=False)
 
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        # float32 angles whatever the model dtype: bf16 cannot resolve position 1000 vs 1001.
-        angles = position_ids.float()[..., None] * self.inv_freq  # (B|1, T, hs/2)
+        # float32 angles whatever the model dtype: bf16 cannot resolve position 1000 vs 1001. A
+        # `model.to(bfloat16)` also casts this buffer, so then recompute the exact frequencies.
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:
+            inv_freq = rope_inv_freq(self.config, device=position_ids.device)
+        angles = position_ids.float()[..., None] * inv_freq  # (B|1, T, hs/2)
         angles = torch.cat([angles, angles], dim=-1)  # (B|1, T, hs): the same angle for both halves
         if angles.dim() == 3:
             angles = angles[:, None]  # (B, 1, T, hs): broadcast over heads
@@ -267,24 +271,27 @@ class CausalSelfAttention(nn.Module):
             k_buf[:, :, start : start + T] = k
             v_buf[:, :, start : start + T] = v
             k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]  # (B, nkv, S, hs)
-        k, v = repeat_kv(k, nh // nkv), repeat_kv(v, nh // nkv)  # (B, nh, S, hs)
         S = k.size(2)
 
         if self.attn_impl == "eager" or return_weights:
+            k, v = repeat_kv(k, nh // nkv), repeat_kv(v, nh // nkv)  # (B, nh, S, hs)
             y, weights = self._eager(q, k, v, mask, start)
         else:
             weights = None
             dropout_p = self.attn_pdrop if self.training else 0.0
+            # enable_gqa lets the kernel read each key/value head for its whole group of query heads
+            # instead of copying them n_head/n_kv_head times (measured ~20x faster decoding on CPU).
+            gqa = dict(enable_gqa=True) if nkv != nh else {}
             if mask is None and 1 < T < S:
                 # Several new queries after a cached prefix: is_causal would align the triangle
                 # top-left, so pass the causal mask's rows for these positions instead.
                 mask = causal_mask(T, S, start, device=q.device)
             if mask is not None:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
             else:
                 # is_causal aligns the triangle top-left, which is right only when T == S; a single
                 # new query (T == 1) may see every key, so it needs no mask at all.
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T == S and T > 1)
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T == S and T > 1, **gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # re-assemble heads: (B, T, nh·hs)
         y = self.resid_dropout(self.c_proj(y))  # (B, T, C)
         return (y, weights) if return_weights else y

@@ -252,6 +252,15 @@ def gptconfig_to_config(config: GPTConfig, *, per_head_attention: bool = False) 
         raise ValueError(
             f"GPTConfig.activation={config.activation!r}: the textbook's FeedForward uses GELU only"
         )
+    # The Llama / Qwen options have no counterpart in the book's GPTModel (GPT-2 options only).
+    family = {"pos_encoding": (config.pos_encoding, ("learned", "sinusoidal")), "norm": (config.norm, ("layernorm",)),
+              "n_kv_head": (config.kv_heads, (config.n_head,)),
+              "head_dim": (config.head_size, (config.n_embd // config.n_head,)),
+              "n_inner": (config.mlp_hidden, (4 * config.n_embd,)), "qk_norm": (config.qk_norm, (False,)),
+              "qkv_bias": (config.attn_bias, (config.bias,)), "logit_softcap": (config.logit_softcap, (None,))}
+    for name, (value, allowed) in family.items():
+        if value not in allowed:
+            raise ValueError(f"GPTConfig.{name}={value!r}: the textbook's GPTModel has GPT-2's architecture only")
     if config.layer_norm_epsilon != LAYER_NORM_EPS:
         raise ValueError(
             f"GPTConfig.layer_norm_epsilon={config.layer_norm_epsilon}: "
