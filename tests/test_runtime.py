@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scratchgpt.training.runtime import is_main, process_group, resolve_dtype, resolve_runtime
+from scratchgpt.training.runtime import is_main, native_bf16, process_group, resolve_dtype, resolve_runtime
 
 
 def test_is_main_follows_torchrun_rank_before_a_group_exists(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,7 +28,9 @@ def test_process_group_alone_joins_nothing_and_places_models() -> None:
 
 
 def test_dtype_and_device_resolution() -> None:
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    # auto: bf16 autocast on CPUs with native bf16 units, float32 elsewhere (tests/test_optim.py fakes both kinds)
+    native = native_bf16("cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):

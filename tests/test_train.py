@@ -128,7 +128,7 @@ def test_loss_decreases_and_run_directory_is_loadable(char_data: Path, tmp_path:
     final = latest_checkpoint(run_dir)
     assert (final / "model.safetensors").read_bytes() == (run_dir / "model.safetensors").read_bytes()
     best, _ = load_model(run_dir / "best")
-    assert result.best_val_loss == pytest.approx(min(vals), rel=1e-6)
+    assert result.best_val_loss == pytest.approx(min(vals), rel=1e-5)  # log.csv keeps 6 significant digits
     model, tok = load_any(run_dir)
     assert tok.name == "char" and tok.vocab_size == model.config.vocab_size
 

@@ -503,6 +503,28 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
+    # Optimizer and schedule choices (training/optim.py): Muon for hidden matrices + AdamW for the rest.
+    optimizer: Literal["adamw", "muon"] = field(
+        default="adamw", metadata={"help": "adamw for everything, or muon for hidden 2-D matrices + AdamW for "
+                                           "embeddings, head and 1-D tensors (lr)"}
+    )
+    muon_lr: float = field(default=0.02, metadata={"help": "Muon's peak learning rate (optimizer=muon)"})
+    muon_momentum: float = field(default=0.95, metadata={"help": "Muon's (Nesterov) momentum"})
+    muon_weight_decay: float = field(default=0.0, metadata={"help": "Muon's decoupled weight decay"})
+    muon_ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz iterations per Muon update"})
+    ns_dtype: Literal["auto", "float32", "bfloat16"] = field(
+        default="auto", metadata={"help": "Newton-Schulz dtype; auto = bfloat16 where the device has native "
+                                          "bf16, float32 elsewhere"}
+    )
+    embed_lr: float | None = field(default=None, metadata={"help": "AdamW lr of embeddings under muon (default: lr)"})
+    head_lr: float | None = field(default=None, metadata={"help": "AdamW lr of the output head under muon "
+                                                                  "(default: lr)"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    schedule: Literal["cosine", "warmdown"] = field(
+        default="cosine", metadata={"help": "cosine: warmup then cosine to min_lr; warmdown: warmup, constant, "
+                                            "then linear to min_lr over the last warmdown_fraction of the steps"}
+    )
+    warmdown_fraction: float = field(default=0.5, metadata={"help": "share of the steps the warmdown takes"})
     eval_interval: int = field(default=250, metadata={"help": "evaluate every N steps (0 = only at the end)"})
     eval_steps: int = field(default=20, metadata={"help": "batches per split in each evaluation"})
     log_interval: int = field(default=10, metadata={"help": "write a log.csv row every N steps"})
@@ -516,7 +538,8 @@ class TrainConfig:
     seed: int = field(default=1337, metadata={"help": "seeds init, data order, dropout and samples"})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', 'mps'"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "autocast dtype; auto = bfloat16 on CUDA, float32 on CPU"}
+        default="auto", metadata={"help": "autocast dtype; auto = bfloat16 on CUDA and on CPUs with native bf16 "
+                                          "(AVX512_BF16/AMX), float32 elsewhere"}
     )
     attn_impl: Literal["auto", "eager", "sdpa"] = field(
         default="auto", metadata={"help": "attention path; auto = sdpa (measured faster for training on CPU and GPU)"}
@@ -551,6 +574,18 @@ class TrainConfig:
         _check_range(name, "beta1", self.beta1, lo=0.0, hi=1.0, hi_open=True)
         _check_range(name, "beta2", self.beta2, lo=0.0, hi=1.0, hi_open=True)
         _check_range(name, "grad_clip", self.grad_clip, lo=0.0)
+        for attr in ("muon_lr", "adam_eps", "embed_lr", "head_lr"):
+            if getattr(self, attr) is not None:
+                _check_range(name, attr, getattr(self, attr), lo=0.0, lo_open=True)
+        _check_range(name, "muon_momentum", self.muon_momentum, lo=0.0, hi=1.0, hi_open=True)
+        _check_range(name, "muon_weight_decay", self.muon_weight_decay, lo=0.0)
+        if not isinstance(self.muon_ns_steps, int) or isinstance(self.muon_ns_steps, bool) or \
+                not 1 <= self.muon_ns_steps < 100:
+            raise ValueError(f"{name}.muon_ns_steps={self.muon_ns_steps!r} must be an integer in [1, 99]")
+        _check_range(name, "warmdown_fraction", self.warmdown_fraction, lo=0.0, hi=1.0, lo_open=True)
+        if self.optimizer == "muon" and self.fsdp:
+            raise ValueError(f"{name}: optimizer='muon' does not work with fsdp=true (Newton-Schulz needs whole "
+                             f"matrices, FSDP shards them); use DDP (fsdp=false) or optimizer='adamw'")
         _check_range(name, "sample_temperature", self.sample_temperature, lo=0.0)
         if not self.out_dir:
             raise ValueError(f"{name}.out_dir must name a directory")

@@ -18,6 +18,7 @@ from torch import nn
 
 from scratchgpt.checkpoint import unwrap
 from scratchgpt.model.gpt import GPT
+from scratchgpt.training.runtime import native_bf16
 
 # ---------------------------------------------------------------------------------------------
 # Throughput and model FLOPs utilisation
@@ -48,10 +49,10 @@ def gpu_peak_flops(name: str, dtype: torch.dtype, *, tf32: bool = False) -> floa
     return None
 
 
-def measure_cpu_flops(*, n: int = 1024, repeats: int = 10) -> float:
-    """Achievable float32 matmul FLOP/s on this CPU with the current thread count (the best of `repeats`)."""
+def measure_cpu_flops(*, n: int = 1024, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Achievable matmul FLOP/s of `dtype` on this CPU with the current thread count (the best of `repeats`)."""
     gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    a, b = torch.randn(n, n, generator=gen).to(dtype), torch.randn(n, n, generator=gen).to(dtype)
     a @ b  # warm up the kernels and thread pool
     best = 0.0
     for _ in range(repeats):  # other processes only ever slow a run down: keep the fastest
@@ -67,7 +68,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
         return gpu_peak_flops(torch.cuda.get_device_name(device), dtype,
                               tf32=torch.backends.cuda.matmul.allow_tf32)
     if device.type == "cpu":
-        return measure_cpu_flops()
+        if dtype in (torch.bfloat16, torch.float16) and not native_bf16(device):
+            # Emulated half precision is ~100x slower: a small matrix measures it in a fraction of a second.
+            return measure_cpu_flops(n=256, repeats=3, dtype=dtype)
+        return measure_cpu_flops(dtype=dtype)
     return None
 
 

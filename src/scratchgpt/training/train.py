@@ -39,7 +39,6 @@ Only the loop lives here. Where a run executes (device, dtype, the torchrun proc
 """
 from __future__ import annotations
 
-import math
 import random
 import signal
 import sys
@@ -79,6 +78,13 @@ from scratchgpt.checkpoint import (
 )
 from scratchgpt.config import TrainConfig
 from scratchgpt.model.gpt import GPT
+from scratchgpt.training.optim import (  # noqa: F401 - make_optimizer, lr_at, param_groups: the loop's API
+    lr_at,
+    make_optimizer,
+    ns_dtype_of,
+    param_groups,
+    set_lr,
+)
 from scratchgpt.training.runlog import LOG_FILE, PLOT_FILE, CsvLog, flops_per_token, peak_flops, plot_log
 from scratchgpt.training.runtime import (
     all_reduce_mean,
@@ -86,6 +92,7 @@ from scratchgpt.training.runtime import (
     batch_tokens,
     distributed_info,
     grad_sync,
+    native_bf16,
     resolve_attn_impl,
     resolve_device,
     resolve_dtype,
@@ -121,37 +128,6 @@ def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     x, y = batch
     _, loss = model(x, y)
     return loss
-
-
-def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices and embeddings (>= 2-D); never biases or LayerNorm gains (1-D)."""
-    params = list(params)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-            if g["params"]]
-
-
-def make_optimizer(params: Iterable[nn.Parameter], config: TrainConfig, *, device_type: str) -> torch.optim.AdamW:
-    """AdamW over `params` with decoupled weight decay on >= 2-D tensors; the fused kernel where it exists."""
-    params = list(params)
-    # The fused kernel runs one pass over all tensors: 4.5x faster than the foreach default on CPU.
-    fused = config.fused_adamw and device_type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
-    return torch.optim.AdamW(
-        param_groups(params, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
-        fused=fused or None,
-    )
-
-
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, cosine decay, then the floor."""
-    peak, floor = config.lr, config.floor_lr
-    if step < config.warmup_steps:
-        return peak * (step + 1) / (config.warmup_steps + 1)
-    if step >= config.decay_steps:
-        return floor
-    progress = (step - config.warmup_steps) / max(config.decay_steps - config.warmup_steps, 1)
-    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
 
 
 
@@ -410,9 +386,9 @@ class _Trainer:
         cfg, device = self.cfg, self.device
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        if self.amp_dtype != torch.float32 and device.type == "cpu":
-            self.say(f"note: {self.amp_dtype} autocast on the CPU; bfloat16 matmuls measured ~100x slower than "
-                     f"float32 here")
+        if self.amp_dtype != torch.float32 and device.type == "cpu" and not native_bf16(device):
+            self.say(f"note: {self.amp_dtype} autocast on a CPU without native bf16 (capability "
+                     f"{torch.backends.cpu.get_cpu_capability()}): emulated, ~100x slower than float32")
         if self.fsdp and self.export_fn is not None:
             raise ValueError("a custom export_fn is not supported with FSDP (the model is sharded)")
         if hasattr(self.inner, "set_attn_impl"):
@@ -432,7 +408,7 @@ class _Trainer:
             named = dict(self.inner.named_parameters())
             trainable = [named[n] for n in names]
         self.params = trainable
-        self.optimizer = make_optimizer(trainable, cfg, device_type=device.type)
+        self.optimizer = make_optimizer(trainable, cfg, device_type=device.type, model=self.inner)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         if loaded is not None:
             self._restore(ckpt, *loaded)  # type: ignore[arg-type]
@@ -457,6 +433,7 @@ class _Trainer:
                  f"{sum(p.numel() for p in self.params) / 1e6:.2f}M trainable) on {device} "
                  f"({self.amp_dtype}, {self.dist.world_size} process(es)) from step {self.step} to {cfg.max_steps}; "
                  f"run directory {self.out_dir}")
+        self.say(_precision_line(cfg, device, self.amp_dtype, self.optimizer))
         amp = lambda: autocast(device, self.amp_dtype)  # noqa: E731 - a fresh context per micro-step
         fpt: float | None = None
         t_start = time.perf_counter()
@@ -479,9 +456,7 @@ class _Trainer:
         interrupted = False
         with StopRequest() as stop:
             while self.step < cfg.max_steps:
-                lr = lr_at(self.step, cfg)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                lr = set_lr(self.optimizer, self.step, cfg)
                 micro = [to_device(self.batches.next_batch(), device) for _ in range(cfg.grad_accum_steps)]
                 if fpt is None:
                     fpt = flops_per_token(self.inner, _seq_len(micro[0]))
@@ -797,3 +772,18 @@ def _progress_line(row: dict[str, Any], max_steps: int) -> str:
     mfu = f" | mfu {row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else ""
     return (f"step {row['step']}/{max_steps} | loss {row['train_loss']:.4f} | lr {row['lr']:.2e} | "
             f"{row['tok_per_s']:.0f} tok/s{mfu}")
+
+
+def _precision_line(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype,
+                    optimizer: torch.optim.Optimizer) -> str:
+    """What the run computes in, and why: the dtype choice, the hardware it was made for, the optimizer."""
+    if device.type == "cpu":
+        hw = (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+              f"native bf16 {'yes' if native_bf16(device) else 'no'}")
+    else:
+        hw = f"{device.type} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}".strip()
+    mode = "float32" if amp_dtype == torch.float32 else f"{str(amp_dtype).removeprefix('torch.')} autocast"
+    ns = ns_dtype_of(optimizer)
+    opt = (f"Muon (Newton-Schulz in {str(ns).removeprefix('torch.')}, ns_dtype={cfg.ns_dtype}) + AdamW"
+           if ns is not None else "AdamW")
+    return f"precision: {mode} (dtype={cfg.dtype}; {hw}); optimizer: {opt}; schedule: {cfg.schedule}"

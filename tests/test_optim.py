@@ -1,0 +1,354 @@
+"""training/optim.py: Newton-Schulz, Muon + AdamW as one optimizer, its groups, schedules, dtype choice, resume."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+import torch
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+from scratchgpt.checkpoint import latest_checkpoint
+from scratchgpt.cli import main
+from scratchgpt.config import GPTConfig, RunConfig, TrainConfig, read_toml
+from scratchgpt.model.gpt import GPT
+from scratchgpt.training.optim import (
+    Muon,
+    MuonAdamW,
+    lr_at,
+    lr_factor,
+    make_optimizer,
+    newton_schulz,
+    ns_dtype_of,
+    param_roles,
+    resolve_ns_dtype,
+    set_lr,
+)
+from scratchgpt.training.runtime import native_bf16, resolve_dtype
+from scratchgpt.training.train import lm_loss, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEEDRUN = ROOT / "configs" / "shakespeare_char_speedrun.toml"
+NATIVE_BF16 = native_bf16("cpu")
+
+# The speedrun's blocks at toy size: RoPE, RMSNorm, ReLU², QK-norm, untied zero-init head, soft-capped logits.
+MODERN = GPTConfig(vocab_size=40, n_positions=16, n_embd=32, n_layer=2, n_head=2, bias=False, embd_pdrop=0.0,
+                   resid_pdrop=0.0, attn_pdrop=0.0, pos_encoding="rope", norm="rmsnorm", activation="relu2",
+                   qk_norm=True, tie_word_embeddings=False, zero_init=True, logit_softcap=15.0)
+
+
+def _fake_cpu(monkeypatch: pytest.MonkeyPatch, **caps: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: MappingProxyType({"architecture": "x86_64", **caps}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Which dtype where
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("caps", "native"), [
+    ({"avx2": True}, False),  # Zen 2 / older Xeons: bf16 is emulated
+    ({"avx2": True, "avx512_f": True}, False),  # AVX-512 without the BF16 extension (Skylake-X)
+    ({"avx2": True, "avx512_f": True, "avx512_bf16": True}, True),  # Zen 4, Cooper Lake
+    ({"avx2": True, "amx_bf16": True, "amx_tile": True}, True),  # Sapphire Rapids and later
+])
+def test_dtype_choice_follows_the_cpu(monkeypatch: pytest.MonkeyPatch, caps: dict, native: bool) -> None:
+    _fake_cpu(monkeypatch, **caps)
+    cpu = torch.device("cpu")
+    assert native_bf16(cpu) is native
+    want = torch.bfloat16 if native else torch.float32
+    assert resolve_ns_dtype("auto", cpu) == want
+    assert resolve_dtype("auto", cpu) == want  # the autocast dtype follows the same rule
+    # Explicit choices win over the hardware either way.
+    assert resolve_ns_dtype("float32", cpu) == torch.float32 and resolve_ns_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_dtype("float32", cpu) == torch.float32 and resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert not native_bf16("meta") and resolve_ns_dtype("auto", "meta") == torch.float32
+
+
+def test_bad_choices_are_one_line_errors() -> None:
+    with pytest.raises(ValueError, match="ns_dtype='float16'"):
+        resolve_ns_dtype("float16", "cpu")
+    with pytest.raises(ValueError, match="ns_dtype"):
+        TrainConfig(ns_dtype="float16")
+    with pytest.raises(ValueError, match="fsdp"):
+        TrainConfig(optimizer="muon", fsdp=True)
+    with pytest.raises(ValueError, match="warmdown_fraction"):
+        TrainConfig(warmdown_fraction=0.0)
+    with pytest.raises(ValueError, match="muon_momentum"):
+        TrainConfig(muon_momentum=1.0)
+    with pytest.raises(ValueError, match="needs the model"):
+        make_optimizer(GPT(MODERN).parameters(), TrainConfig(optimizer="muon"), device_type="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Newton-Schulz and Muon
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(48, 48), (32, 96), (96, 32)])
+def test_newton_schulz_is_orthogonal_ish(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    # An ill-conditioned input (singular values spread over 2 decades), as momentum buffers are.
+    u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=gen))
+    k = min(shape)
+    s = torch.logspace(0, -2, k)
+    g = u[:, :k] @ torch.diag(s) @ v[:, :k].T
+    out = newton_schulz(g, dtype=dtype)
+    assert out.dtype == dtype and out.shape == g.shape
+    sv = torch.linalg.svdvals(out.float())
+    # Five steps of the quintic do not converge to 1; they leave every singular value in a band around
+    # it (about [0.7, 1.2] in theory). The slope at 0 is a = 3.4445 per step, 3.4445^5 ≈ 485 in all: any
+    # direction above ~1/300 of the Frobenius norm gets lifted into the band.
+    assert sv.min() > 0.6 and sv.max() < 1.25, sv
+    # And it is U Vᵀ up to that band: the same singular vectors as the input.
+    polar = u[:, :k] @ v[:, :k].T
+    cos = (out.float() * polar).sum() / (out.float().norm() * polar.norm())
+    assert cos > 0.98
+    # A stack is orthogonalised matrix by matrix.
+    stack = newton_schulz(torch.stack([g, 2 * g.flip(0)]), dtype=dtype)
+    torch.testing.assert_close(stack[0], out, atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
+
+
+def test_newton_schulz_matches_torch_muon_in_bf16() -> None:
+    """In bf16, ours computes what torch.optim.Muon's private iteration computes."""
+    muon_mod = pytest.importorskip("torch.optim._muon")
+    g = torch.randn(64, 160, generator=torch.Generator().manual_seed(1))
+    for m in (g, g.T):
+        ref = muon_mod._zeropower_via_newtonschulz(m, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+        torch.testing.assert_close(newton_schulz(m, dtype=torch.bfloat16).float(), ref.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_our_muon_follows_torch_muon(ns_dtype: torch.dtype) -> None:
+    """Same updates as torch.optim.Muon (which always iterates in bf16), to the precision of `ns_dtype`."""
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randn(shape, generator=gen) for shape in ((24, 16), (16, 48), (24, 16))]
+    ours = [w.clone().requires_grad_() for w in weights]
+    theirs = [w.clone().requires_grad_() for w in weights]
+    kw = dict(lr=0.02, momentum=0.9, weight_decay=0.01, adjust_lr_fn="original")
+    opt_ours, opt_theirs = Muon(ours, ns_dtype=ns_dtype, **kw), torch.optim.Muon(theirs, **kw)
+    for _ in range(3):
+        grads = [torch.randn(w.shape, generator=gen) for w in weights]
+        for params, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad.clone()
+            opt.step()
+    for a, b, w in zip(ours, theirs, weights, strict=True):
+        moved = (b - w).abs().max()
+        assert moved > 0.01  # three real steps were taken
+        # bf16 rounds each update entry by ~2^-8 relative: 3 steps of lr 0.02·√1.5 → well under 1e-3.
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer object: groups, learning rates, state
+# ---------------------------------------------------------------------------------------------
+
+
+def test_groups_are_what_the_speedrun_recipe_says() -> None:
+    run = RunConfig.from_dict(read_toml(SPEEDRUN), source=str(SPEEDRUN))
+    cfg = run.train
+    assert cfg.optimizer == "muon" and cfg.schedule == "warmdown"
+    model = GPT(GPTConfig(**{**run.model.__dict__, "vocab_size": 66}))
+    opt = make_optimizer(model.parameters(), cfg, device_type="cpu", model=model)
+    assert isinstance(opt, MuonAdamW) and isinstance(opt.muon, Muon) and isinstance(opt.adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_role = {g["role"]: sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups}
+    hidden = sorted(f"transformer.h.{i}.{m}.weight" for i in range(run.model.n_layer)
+                    for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert by_role["matrix"] == hidden  # Muon: exactly the hidden linear maps
+    assert by_role["embed"] == ["transformer.wte.weight"]  # RoPE: no position table
+    assert by_role["head"] == ["lm_head.weight"]  # untied
+    assert all(names[id(p)].endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "q_norm.weight", "k_norm.weight"))
+               for p in opt.param_groups[-1]["params"]) and opt.param_groups[-1]["role"] == "no_decay"
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    # Learning rates and hyper-parameters per group, at the peak of the schedule.
+    set_lr(opt, cfg.max_steps // 4, cfg)
+    lrs = {g["role"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"matrix": cfg.muon_lr, "embed": cfg.embed_lr, "head": cfg.head_lr, "no_decay": cfg.lr}
+    muon_group = opt.muon.param_groups[0]
+    assert muon_group["momentum"] == cfg.muon_momentum and muon_group["nesterov"]
+    assert muon_group["weight_decay"] == cfg.muon_weight_decay
+    for g in opt.adamw.param_groups:
+        assert g["betas"] == (cfg.beta1, cfg.beta2) and g["eps"] == cfg.adam_eps and g["fused"]
+    assert ns_dtype_of(opt) == resolve_ns_dtype(cfg.ns_dtype, "cpu")
+    # Half-way down the warmdown every group is at the same fraction of its peak.
+    set_lr(opt, cfg.max_steps - round(cfg.warmdown_fraction * cfg.max_steps) // 2, cfg)
+    assert {g["role"]: g["lr"] for g in opt.param_groups} == pytest.approx({k: v / 2 for k, v in lrs.items()})
+
+
+def test_tied_head_is_an_embedding_and_adamw_stays_the_default() -> None:
+    model = GPT(GPTConfig(vocab_size=40, n_positions=16, n_embd=32, n_layer=1, n_head=2))  # GPT-2, tied
+    roles = param_roles(model, list(model.parameters()))
+    assert [p is model.transformer.wte.weight for p in roles["embed"]] == [True, False]  # wte, then wpe
+    assert roles["head"] == []
+    assert all(p.dim() == 1 for p in roles["no_decay"]) and all(p.dim() == 2 for p in roles["matrix"])
+    opt = make_optimizer(model.parameters(), TrainConfig(), device_type="cpu", model=model)
+    assert type(opt) is torch.optim.AdamW and ns_dtype_of(opt) is None
+
+
+def _step(model: GPT, opt: torch.optim.Optimizer, seed: int) -> float:
+    x = torch.randint(MODERN.vocab_size, (4, 16), generator=torch.Generator().manual_seed(seed))
+    loss, _ = train_step(model, opt, [(x, x.roll(-1, 1))], params=list(model.parameters()), grad_accum_steps=1)
+    return loss.item()
+
+
+def test_state_dict_round_trip_resumes_exactly() -> None:
+    """Through torch.distributed.checkpoint's full state dict, as the training loop saves and loads it."""
+    cfg = TrainConfig(optimizer="muon", ns_dtype="float32", embed_lr=0.05, head_lr=0.004, lr=0.04)
+    models = [GPT(MODERN, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    opts = [make_optimizer(m.parameters(), cfg, device_type="cpu", model=m) for m in models]
+    for s in range(3):
+        _step(models[0], opts[0], s)
+    assert len(opts[0].state) == len(list(models[0].parameters()))  # Muon buffers + Adam moments, one state
+    # A deep copy stands in for the disk: loading keeps tensors it is given, and these are opts[0]'s own.
+    saved = copy.deepcopy(get_optimizer_state_dict(models[0], opts[0]))
+    assert {k.split(".")[-2] for k in saved["state"] if "h.0.mlp.c_fc" in k} == {"c_fc"}
+    models[1].load_state_dict(models[0].state_dict())
+    set_optimizer_state_dict(models[1], opts[1], saved)
+    assert opts[1].muon.state is opts[1].state and opts[1].adamw.state is opts[1].state  # still shared
+    for s in range(3, 6):
+        assert _step(models[0], opts[0], s) == _step(models[1], opts[1], s)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------
+
+
+def test_warmdown_schedule_values() -> None:
+    cfg = TrainConfig(lr=0.04, min_lr=0.0, warmup_steps=10, max_steps=110, schedule="warmdown",
+                      warmdown_fraction=0.5)
+    assert lr_factor(0, cfg) == pytest.approx(1 / 11)  # warmup, as in the cosine schedule
+    assert lr_factor(9, cfg) == pytest.approx(10 / 11)
+    assert lr_factor(10, cfg) == lr_factor(54, cfg) == 1.0  # constant until the last 55 steps
+    assert lr_factor(55, cfg) == 1.0  # the warmdown's first step is still at the peak
+    assert lr_factor(66, cfg) == pytest.approx(1 - 11 / 55)  # a straight line ...
+    assert lr_factor(82, cfg) == pytest.approx(28 / 55)
+    assert lr_factor(109, cfg) == pytest.approx(1 / 55)  # ... whose last step still learns
+    assert lr_factor(110, cfg) == lr_factor(1000, cfg) == 0.0  # then the floor
+    assert lr_at(66, cfg) == pytest.approx(0.04 * 0.8)
+    # With a floor (min_lr) the line ends there; lr_decay_steps moves the end like for the cosine.
+    floored = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=0, max_steps=300, lr_decay_steps=100,
+                          schedule="warmdown", warmdown_fraction=0.2)
+    assert lr_factor(79, floored) == 1.0 and lr_factor(80, floored) == 1.0
+    assert lr_factor(90, floored) == pytest.approx(1 - 0.9 * 10 / 20)
+    assert lr_factor(100, floored) == lr_factor(299, floored) == pytest.approx(0.1)
+    values = [lr_factor(s, floored) for s in range(300)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_cosine_schedule_unchanged() -> None:
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert cfg.schedule == "cosine"
+    assert lr_at(10, cfg) == pytest.approx(1e-3) and lr_at(60, cfg) == pytest.approx(5.5e-4)
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 autocast tracks float32
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="bf16 is emulated on this CPU (~100x slower matmuls): too slow")
+def test_bf16_loss_tracks_float32() -> None:
+    """Same model, data and optimizer, autocast in bf16 or not: the loss curves agree.
+
+    Tolerance: bf16 keeps 8 significant bits, so each matmul output carries ~0.4% relative error; at a
+    loss of 2-4 nats that is ~0.01 per step, and training (which keeps float32 master weights) does not
+    let it compound. 0.05 nats at every step is ~5x that, and far below what a real error would cost
+    (the loss falls by more than 1 nat here).
+    """
+    curves = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = GPT(MODERN, generator=torch.Generator().manual_seed(4))
+        cfg = TrainConfig(optimizer="muon", ns_dtype="float32", lr=0.04, embed_lr=0.05, head_lr=0.004,
+                          beta1=0.8, grad_clip=0.0)
+        opt = make_optimizer(model.parameters(), cfg, device_type="cpu", model=model)
+        gen = torch.Generator().manual_seed(5)
+        pattern = torch.randint(MODERN.vocab_size, (64,), generator=gen)  # learnable: a repeating sequence
+        losses = []
+        for _ in range(40):
+            start = torch.randint(48, (8,), generator=gen)
+            x = torch.stack([pattern[s:s + 16] for s in start])
+            y = torch.stack([pattern[s + 1:s + 17] for s in start])
+            loss, _ = train_step(model, opt, [(x, y)], loss_fn=lm_loss, params=list(model.parameters()),
+                                 grad_accum_steps=1, amp=lambda d=dtype: torch.autocast("cpu", dtype=d,
+                                                                                        enabled=d != torch.float32))
+            losses.append(loss.item())
+        curves[dtype] = torch.tensor(losses)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
+    f32, bf16 = curves[torch.float32], curves[torch.bfloat16]
+    assert f32[-1] < f32[0] - 1.0  # it learned
+    assert (f32 - bf16).abs().max() < 0.05, (f32 - bf16).abs().max()
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs: exact resume after kill -9 with Muon and bf16; DDP with Muon
+# ---------------------------------------------------------------------------------------------
+
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+        "--eval-steps", "2", "--eval-interval", "40", "--log-interval", "5", "--progress", "false",
+        "--plot", "false", "--seed", "5", "--optimizer", "muon", "--dtype", "bfloat16", "--ns-dtype", "bfloat16",
+        "--pos-encoding", "rope", "--norm", "rmsnorm", "--activation", "relu2", "--qk-norm", "true",
+        "--tie-word-embeddings", "false", "--zero-init", "true", "--logit-softcap", "15",
+        "--lr", "0.02", "--embed-lr", "0.05", "--head-lr", "0.004", "--schedule", "warmdown",
+        "--warmup-steps", "3", "--lr-decay-steps", "30", "--checkpoint-interval", "5", "--sampler", "sequential"]
+
+
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
+@pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
+def test_exact_resume_after_kill_9_with_muon_and_bf16(char_data: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    assert main(["train", "--dir", str(char_data), "--out-dir", str(straight), *TINY, "--max-steps", "30"]) == 0
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "scratchgpt", "train", "--dir", str(char_data), "--out-dir", str(out), *TINY,
+            "--max-steps", "1000000"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while latest_checkpoint(out) is None or int(latest_checkpoint(out).name.split("-")[1]) < 10:
+        assert proc.poll() is None, f"training ended early: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL mid-run
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert 0 < int(latest_checkpoint(out).name.split("-")[1]) < 30
+    assert main(["train", "--dir", str(char_data), "--out-dir", str(out), *TINY, "--max-steps", "30",
+                 "--resume"]) == 0
+    assert (out / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
+def test_ddp_two_processes_with_muon(char_data: Path, tmp_path: Path) -> None:
+    """torchrun, 2 processes (gloo): the same weights as one process with the same global batch."""
+    common = [*TINY[:TINY.index("--dtype")], "--dtype", "float32", "--ns-dtype", "float32",
+              *TINY[TINY.index("--pos-encoding"):], "--max-steps", "8", "--eval-interval", "4",
+              "--sampler", "random", "--embd-pdrop", "0", "--resid-pdrop", "0", "--attn-pdrop", "0"]
+    # (no dropout: the ranks would draw different masks than the one process)
+    assert main(["train", "--dir", str(char_data), "--out-dir", str(tmp_path / "one"), *common,
+                 "--batch-size", "8"]) == 0
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "scratchgpt", "train", "--dir", str(char_data), "--out-dir", str(tmp_path / "two"), *common,
+            "--batch-size", "4"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Muon (Newton-Schulz in float32" in proc.stdout
+    from safetensors.torch import load_file
+
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], atol=1e-4, rtol=0)
