@@ -39,6 +39,7 @@ Only the loop lives here. Where a run executes (device, dtype, the torchrun proc
 """
 from __future__ import annotations
 
+import math
 import random
 import signal
 import sys
