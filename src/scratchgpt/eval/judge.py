@@ -20,7 +20,7 @@ JUDGE_PROMPT = (
     "on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only."
 )
 
-_INT = re.compile(r"(?<![\d.])(\d{1,3})(?![\d.])")
+_INT = re.compile(r"(?<![\d.])(\d{1,3})(?!\d|\.\d)")
 
 
 class JudgeError(ValueError):
@@ -75,6 +75,10 @@ class JudgeClient:
             if r.status_code == 429 or r.status_code >= 500:
                 last = f"HTTP {r.status_code}"
                 continue
+            if r.status_code in (400, 413):
+                # This one request was refused (e.g. longer than the judge's context): its answer goes
+                # unscored and is counted; the other answers can still be judged.
+                return ""
             if r.status_code != 200:
                 raise JudgeError(f"judge endpoint {self.url} answered HTTP {r.status_code}: {r.text[:200]!r}")
             try:
@@ -100,8 +104,8 @@ def judge_answers(answers: Sequence[dict[str, Any]], client: JudgeClient, *, pro
         bins[min(s // 10, 9)] += 1
     mean = sum(scores) / len(scores) if scores else None
     return {"answers": len(rows), "scored": len(scores), "unparsable": len(rows) - len(scores),
-            "mean_score": mean, "histogram": {f"{10 * i}-{10 * i + 9 if i < 9 else 100}": n for i, n in enumerate(bins)},
-            "rows": rows}
+            "mean_score": mean, "rows": rows,
+            "histogram": {f"{10 * i}-{10 * i + 9 if i < 9 else 100}": n for i, n in enumerate(bins)}}
 
 
 def evaluate_instructions(
