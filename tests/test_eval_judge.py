@@ -86,12 +86,11 @@ def test_judge_end_to_end_against_scratchgpt_serve(start_server, tiny_chat_check
     import subprocess
     import sys
 
-    from scratchgpt.checkpoint import load_any
-    from scratchgpt.inference.serve import create_app
-
     import torch
 
     from scratchgpt import GPT, GPTConfig
+    from scratchgpt.checkpoint import load_any
+    from scratchgpt.inference.serve import create_app
 
     _, tok = load_any(tiny_chat_checkpoint)
     # The judge needs room for the judge prompt: a tiny random model with a 256-token context.

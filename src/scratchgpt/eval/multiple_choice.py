@@ -134,31 +134,35 @@ def _score_batch(model: nn.Module, chunk, fitted, device) -> list[tuple[int, tup
                           dtype=next(model.parameters()).dtype)
     logits, _ = model(ids, kv_cache=cache, attention_mask=mask if padded else None,
                       position_ids=positions if padded else None, last_token_only=True)
-    first = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B, V): predicts each continuation's first token
-    rest = None
+    index = torch.tensor([g for g, _ in rows], device=device)
+    # Position 0 of every row is predicted by its context's last logits; positions 1.. by the continuation.
+    first = logits[:, -1].float()[index]  # (R, V)
+    y = torch.zeros((len(rows), longest), dtype=torch.long, device=device)  # continuation tokens, right-padded
+    valid = torch.zeros((len(rows), longest), dtype=torch.bool, device=device)
+    for r, (_, i) in enumerate(rows):
+        y[r, : len(fitted[i])] = torch.as_tensor(fitted[i], device=device)
+        valid[r, : len(fitted[i])] = True
+    lp, hit = _target_logprobs(first[:, None], y[:, :1])  # (R, 1) each
     if longest > 1:
-        index = torch.tensor([g for g, _ in rows], device=device)
         big = _expand(cache, index)
-        # Right-padded continuations (all but their last token, which is only predicted).
-        x = torch.zeros((len(rows), longest - 1), dtype=torch.long, device=device)
-        for r, (_, i) in enumerate(rows):
-            cont = fitted[i][:-1]
-            if cont:
-                x[r, : len(cont)] = torch.as_tensor(cont, device=device)
         ctx_len = mask.sum(dim=1)[index]  # (R,) real context tokens per row
         pos = ctx_len[:, None] + torch.arange(longest - 1, device=device)[None]  # (R, T)
-        logits, _ = model(x, kv_cache=big, position_ids=pos)  # (R, T, V)
-        rest = F.log_softmax(logits.float(), dim=-1)
-    out = []
-    for r, (g, i) in enumerate(rows):
-        cont = torch.as_tensor(fitted[i], device=device)
-        lp = first[g : g + 1]  # (1, V)
-        if len(cont) > 1:
-            lp = torch.cat([lp, rest[r, : len(cont) - 1]], dim=0)  # (L, V)
-        picked = lp.gather(1, cont[:, None]).squeeze(1)
-        greedy = bool((lp.argmax(dim=-1) == cont).all())
-        out.append((i, (float(picked.double().sum()), greedy)))
-    return out
+        # Right padding inside the continuations is harmless: causal attention never looks ahead.
+        logits, _ = model(y[:, :-1], kv_cache=big, position_ids=pos)  # (R, T, V)
+        lp_rest, hit_rest = _target_logprobs(logits.float(), y[:, 1:])
+        lp, hit = torch.cat([lp, lp_rest], dim=1), torch.cat([hit, hit_rest], dim=1)
+    sums = (lp.double() * valid).sum(dim=1).tolist()
+    greedy = (hit | ~valid).all(dim=1).tolist()
+    return [(i, (s, bool(g))) for (_, i), s, g in zip(rows, sums, greedy, strict=True)]
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and whether target is the argmax, per position: logits (R, T, V), targets (R, T)."""
+    R, T, V = logits.shape
+    # cross_entropy is one fused log-softmax + gather; amax is far cheaper than argmax over V.
+    lp = -F.cross_entropy(logits.reshape(R * T, V), targets.reshape(-1), reduction="none").view(R, T)
+    picked = logits.gather(-1, targets[..., None]).squeeze(-1)
+    return lp, picked >= logits.amax(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
