@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from scratchgpt.config import GPTConfig
+from scratchgpt.files import atomic_write, atomic_write_text, write_json  # noqa: F401 (part of this API)
 from scratchgpt.model.gpt import GPT
 
 FORMAT = "scratchgpt"
@@ -39,33 +39,6 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Small I/O helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` then rename tmp over `path`: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    # mkstemp makes the file owner-only; a checkpoint should read like any other file the user writes.
-    os.chmod(tmp, 0o644)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

@@ -42,7 +42,10 @@ class _Models:
     """Loads the evaluated model once, on first use, for every task of a run."""
 
     def __init__(self, common: EvalConfig) -> None:
+        from scratchgpt.device import resolve_device
+
         self.common = common
+        self.device = str(resolve_device(common.device))
         self._lm: tuple[Any, Any] | None = None
 
     def lm(self) -> tuple[Any, Any]:
@@ -51,7 +54,7 @@ class _Models:
 
             if not self.common.checkpoint:
                 raise ValueError("no model to evaluate: pass --checkpoint (or set checkpoint in [eval])")
-            self._lm = load_any(self.common.checkpoint, device=self.common.device)
+            self._lm = load_any(self.common.checkpoint, device=self.device)
         return self._lm
 
 
@@ -64,7 +67,7 @@ def run_task(task: str, cfg: Any, common: EvalConfig, *, models: _Models | None 
     elif task == "choice":
         report = _choice(cfg, common, models)
     elif task == "classify":
-        report = _classify(cfg, common)
+        report = _classify(cfg, common, models)
     elif task == "judge":
         report = _judge(cfg, common, models)
     else:
@@ -82,7 +85,7 @@ def _perplexity(cfg: PerplexityEvalConfig, common: EvalConfig, models: _Models) 
         raise ValueError("nothing to score: pass --data FILE|FOLDER|GLOB|prepared-folder")
     model, tokenizer = models.lm()
     res = evaluate_perplexity(model, tokenizer, list(cfg.data), context=cfg.context, stride=cfg.stride,
-                              batch_size=common.batch_size, device=common.device, prefix_eot=cfg.prefix_eot,
+                              batch_size=common.batch_size, device=models.device, prefix_eot=cfg.prefix_eot,
                               progress=common.progress)
     return {"model": model_info(model, common.checkpoint), "data": list(cfg.data), "results": res.to_dict()}
 
@@ -109,7 +112,7 @@ def _choice(cfg: ChoiceEvalConfig, common: EvalConfig, models: _Models) -> dict[
     return {"model": model_info(model, common.checkpoint), "data": cfg.data, "results": res}
 
 
-def _classify(cfg: ClassifierEvalConfig, common: EvalConfig) -> dict[str, Any]:
+def _classify(cfg: ClassifierEvalConfig, common: EvalConfig, models: _Models) -> dict[str, Any]:
     from scratchgpt.eval.classify_eval import evaluate_classifier_file
 
     if not cfg.data:
@@ -117,7 +120,7 @@ def _classify(cfg: ClassifierEvalConfig, common: EvalConfig) -> dict[str, Any]:
     if not common.checkpoint:
         raise ValueError("no classifier to evaluate: pass --checkpoint RUN_DIR")
     res = evaluate_classifier_file(common.checkpoint, cfg.data, format=cfg.format, text_field=cfg.text_field,
-                                   label_field=cfg.label_field, batch_size=common.batch_size, device=common.device,
+                                   label_field=cfg.label_field, batch_size=common.batch_size, device=models.device,
                                    limit=common.limit)
     return {"model": {"checkpoint": common.checkpoint}, "data": cfg.data, "results": res}
 
