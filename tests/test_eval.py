@@ -120,6 +120,7 @@ def test_stride_equal_to_context_is_the_non_overlapping_mean():
         res.loss, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_smaller_stride_is_never_worse_on_a_trained_model(shakespeare_model):
     model, tok, held_out = shakespeare_model
     doc = text_document(held_out, tok)
@@ -229,6 +230,7 @@ def memorised():
     return model, tok
 
 
+@pytest.mark.slow
 def test_memorised_task_is_answered_right(memorised, tmp_path):
     model, tok = memorised
     path = tmp_path / "memo.jsonl"
@@ -343,6 +345,7 @@ def memorised_dir(memorised, tmp_path_factory):
     return save_model(model, tmp_path_factory.mktemp("memo"), tokenizer=tok)
 
 
+@pytest.mark.slow
 def test_cli_suite_writes_reports_and_prints_the_table(memorised, memorised_dir, tmp_path):
     model, tok = memorised
     task = tmp_path / "memo.jsonl"
@@ -382,7 +385,31 @@ name = "memo-task"
     assert (tmp_path / "reports" / "memo-task.md").read_text().count("| choice |") == 5
 
 
-def test_cli_bad_input_is_one_line_and_exit_2(memorised_dir, tmp_path):
+@pytest.fixture(scope="module")
+def random_dir(tmp_path_factory):
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,")
+    return save_model(tiny(tok.vocab_size), tmp_path_factory.mktemp("random"), tokenizer=tok)
+
+
+def test_cli_task_config_file_and_flags(random_dir, tmp_path):
+    """`scratchgpt eval TASK -c FILE.toml`: [eval] and [TASK] tables fill the configs, flags override them."""
+    text = tmp_path / "t.txt"
+    text.write_text("abc def. ghi, jkl mno pqr stu vwx yz abc def ghi")
+    cfg = tmp_path / "ppl.toml"
+    cfg.write_text(f'[eval]\ncheckpoint = "{random_dir}"\ndevice = "cpu"\nout_dir = "{tmp_path / "r"}"\n'
+                   f'[perplexity]\ndata = ["{text}"]\ncontext = 16\nstride = 4\n')
+    proc = run_cli("perplexity", "-c", str(cfg), "--stride", "8", "--progress", "false")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads((tmp_path / "r" / "perplexity-t.json").read_text())
+    assert rep["settings"]["context"] == 16 and rep["settings"]["stride"] == 8 and rep["results"]["stride"] == 8
+    assert rep["results"]["tokens"] == len(text.read_text())
+    cfg.write_text('[eval]\ncheckpoint = "x"\n[choice]\ndata = "y"\n')
+    proc = run_cli("perplexity", "-c", str(cfg))
+    assert proc.returncode == 2 and "unknown table(s) ['choice']" in proc.stderr
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(random_dir, tmp_path):
+    memorised_dir = random_dir
     task = tmp_path / "bad.jsonl"
     task.write_text('{"context": "a", "choices": ["b", "c"], "label": 7}\n')
     empty = tmp_path / "empty.txt"
