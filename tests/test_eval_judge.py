@@ -49,6 +49,8 @@ def fake_judge_app(replies: list, *, fail_first: int = 0):
         reply = replies[(state["calls"] - fail_first - 1) % len(replies)]
         if reply is None:
             return PlainTextResponse("<html>not an API</html>")
+        if isinstance(reply, int):
+            return JSONResponse({"error": {"message": "refused"}}, status_code=reply)
         return {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}
 
     return app
@@ -67,6 +69,14 @@ def test_scores_parsed_from_a_fake_openai_endpoint_with_retries(start_server):
     assert state["calls"] == 5  # two 503s retried, then one call per answer
     assert state["bodies"][-1]["model"] == "judge" and state["bodies"][-1]["temperature"] == 0.0
     assert state["bodies"][-1]["messages"][0]["content"] == judge_prompt(ANSWERS[2], "Hello")
+
+
+def test_a_refused_request_is_counted_and_a_wrong_url_is_an_error(start_server):
+    url = start_server(fake_judge_app(["50", 400, "80"])) + "/v1"
+    res = judge_answers(ANSWERS, JudgeClient(url, model="j", backoff=0.01))
+    assert [r["score"] for r in res["rows"]] == [50, None, 80] and res["unparsable"] == 1
+    with pytest.raises(JudgeError, match="answered HTTP 404"):
+        JudgeClient(url.replace("/v1", "/nope"), model="j", backoff=0.01).complete("hi")
 
 
 def test_garbage_or_down_endpoints_are_one_line_errors(start_server):
