@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scratchgpt.data.dataset import DataError
+from scratchgpt.eval.perplexity import token_nll
 from scratchgpt.inference.generate import left_pad
 from scratchgpt.model.gpt import KVCache
 from scratchgpt.training.finetune import json_entries
@@ -159,8 +159,8 @@ def _score_batch(model: nn.Module, chunk, fitted, device) -> list[tuple[int, tup
 def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) and whether target is the argmax, per position: logits (R, T, V), targets (R, T)."""
     R, T, V = logits.shape
-    # cross_entropy is one fused log-softmax + gather; amax is far cheaper than argmax over V.
-    lp = -F.cross_entropy(logits.reshape(R * T, V), targets.reshape(-1), reduction="none").view(R, T)
+    # A fused log-softmax + gather, in cache-sized chunks; amax is far cheaper than argmax over V.
+    lp = -token_nll(logits.reshape(R * T, V), targets.reshape(-1)).view(R, T)
     picked = logits.gather(-1, targets[..., None]).squeeze(-1)
     return lp, picked >= logits.amax(dim=-1)
 
