@@ -174,6 +174,8 @@ def straight_300(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> b
 
 
 @pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
+# Its fixture trains 300 steps first: on a crowded 2-core machine that alone can take minutes.
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
 def test_exact_resume_after_kill_9(char_data: Path, tmp_path: Path, straight_300: bytes) -> None:
     out = tmp_path / "run"
@@ -189,6 +191,8 @@ def test_exact_resume_after_kill_9(char_data: Path, tmp_path: Path, straight_300
 
 
 @pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
+# Its fixture trains 300 steps first: on a crowded 2-core machine that alone can take minutes.
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
 def test_ctrl_c_saves_and_resumes_exactly(char_data: Path, tmp_path: Path, straight_300: bytes) -> None:
     out = tmp_path / "run"
