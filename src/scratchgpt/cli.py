@@ -503,6 +503,57 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ================================ evaluation: eval ================================
+
+_EVAL_HELP = {
+    "perplexity": "loss, perplexity and bits per byte on text or prepared token files (strided windows)",
+    "choice": "multiple-choice accuracy from a JSONL task file (HellaSwag, ARC, PIQA layouts)",
+    "classify": "accuracy, per-class P/R/F1 and confusion matrix of a `finetune classify` checkpoint",
+    "judge": "answer held-out instructions, score each 0-100 with a judge behind an OpenAI-compatible URL",
+}
+
+
+@command
+def _add_eval(sub) -> None:
+    from scratchgpt.config import EVAL_TASKS, EvalConfig
+
+    p = sub.add_parser(
+        "eval", help="evaluate a model: perplexity, multiple choice, classifier, judged answers; TOML suites",
+        description="Score a model and write a JSON report plus a markdown table (printed too). One task: "
+                    "scratchgpt eval perplexity --checkpoint runs/x --data val.txt. A suite of tasks for one model: "
+                    "scratchgpt eval -c suite.toml. lm-evaluation-harness: python -m scratchgpt.eval.lm_eval_adapter "
+                    "--model scratchgpt --model_args checkpoint=runs/x --tasks ...",
+    )
+    p.add_argument("--config", "-c", dest="suite", metavar="SUITE.toml",
+                   help="a suite: [eval] (model, device, out_dir) and [[TASK]] tables, one report per table")
+    tasks = p.add_subparsers(dest="task", metavar="TASK")
+    for name, cls in EVAL_TASKS.items():
+        t = tasks.add_parser(name, help=_EVAL_HELP[name],
+                             description=f"{_EVAL_HELP[name]}. -c FILE.toml may hold [eval] and [{name}] tables.")
+        add_config_sections(t, Section("eval", EvalConfig), Section(name, cls))
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from scratchgpt.eval.report import markdown_table
+    from scratchgpt.eval.suite import run_suite, run_task
+
+    if args.suite:
+        if args.task:
+            raise ValueError("pass either a suite (scratchgpt eval -c suite.toml) or one TASK with its flags, not both")
+        reports = run_suite(args.suite)
+    elif args.task:
+        configs, _ = read_config_sections(args)
+        reports = [run_task(args.task, configs[args.task], configs["eval"])]
+    else:
+        raise ValueError("nothing to evaluate: name a TASK (perplexity, choice, classify, judge) or pass -c suite.toml")
+    print(markdown_table(reports))
+    print(json.dumps({"reports": [r["paths"]["json"] for r in reports]}))
+    return 0
+
+
 # ================================ entry point ================================
 
 def build_parser() -> argparse.ArgumentParser:

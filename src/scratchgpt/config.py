@@ -911,3 +911,109 @@ class GenerateConfig:
             raise ValueError(f"{name}.num_samples={self.num_samples} must be >= 1")
         if self.prompt_lookup < 0:
             raise ValueError(f"{name}.prompt_lookup={self.prompt_lookup} must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (`scratchgpt eval`): settings every eval shares, then one config per task
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    """Which model is evaluated, on what device, and where the reports go."""
+
+    checkpoint: str = field(
+        default="", metadata={"help": "scratchgpt run directory, Hugging Face GPT-2 directory, or hub name"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    batch_size: int = field(default=16, metadata={"help": "windows / items scored per forward pass"})
+    limit: int | None = field(default=None, metadata={"help": "score only the first N items of a task file"})
+    out_dir: str = field(default="eval-reports", metadata={"help": "folder for the JSON and markdown reports"})
+    name: str | None = field(default=None, metadata={"help": "report file name (default: task and data file)"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        _check_range("EvalConfig", "batch_size", self.batch_size, lo=1)
+        if self.limit is not None:
+            _check_range("EvalConfig", "limit", self.limit, lo=1)
+
+
+@dataclass
+class PerplexityEvalConfig:
+    """Perplexity and bits per byte with a strided sliding window."""
+
+    data: tuple[str, ...] = field(
+        default=(), metadata={"help": "text files, folders of .txt, globs, or prepared folders / .bin token files"})
+    context: int | None = field(default=None, metadata={"help": "tokens per window (default: the model's context)"})
+    stride: int | None = field(
+        default=None, metadata={"help": "new tokens scored per window (default: context = non-overlapping)"})
+    prefix_eot: bool = field(
+        default=True, metadata={"help": "start each text after <|endoftext|> so its first token is scored too"})
+
+    def __post_init__(self) -> None:
+        self.data = (self.data,) if isinstance(self.data, str) else tuple(self.data)
+        for name in ("context", "stride"):
+            if getattr(self, name) is not None:
+                _check_range("PerplexityEvalConfig", name, getattr(self, name), lo=1)
+
+
+@dataclass
+class ChoiceEvalConfig:
+    """A multiple-choice log-likelihood task from a JSONL file; field names come from the preset or flags."""
+
+    data: str = field(default="", metadata={"help": "JSONL (or JSON list) task file"})
+    preset: Literal["generic", "hellaswag", "arc", "piqa"] = field(
+        default="generic", metadata={"help": "field layout: generic = context, choices, label"})
+    context_field: str | None = field(default=None, metadata={"help": "field holding the context"})
+    choices_field: tuple[str, ...] = field(
+        default=(), metadata={"help": "field holding the list of choices, or several fields of one choice each"})
+    label_field: str | None = field(default=None, metadata={"help": "field holding the gold index or label"})
+    choice_labels_field: str | None = field(
+        default=None, metadata={"help": "list of choice names the label is looked up in (ARC: choices.label)"})
+    template: str = field(default="{context}", metadata={"help": "context text, e.g. 'Question: {context}\\nAnswer:'"})
+    delimiter: str = field(default=" ", metadata={"help": "text between the context and each choice"})
+
+    def __post_init__(self) -> None:
+        _validate_literals(self)
+        self.choices_field = (self.choices_field,) if isinstance(self.choices_field, str) else tuple(
+            self.choices_field)
+
+
+@dataclass
+class ClassifierEvalConfig:
+    """A `finetune classify` checkpoint on a labelled file."""
+
+    data: str = field(default="", metadata={"help": "labelled TSV (label<TAB>text), CSV, JSONL or JSON file"})
+    format: Literal["auto", "tsv", "csv", "jsonl", "json"] = field(
+        default="auto", metadata={"help": "auto: by extension"})
+    text_field: str = field(default="text", metadata={"help": "column / key holding the text"})
+    label_field: str = field(default="label", metadata={"help": "column / key holding the label"})
+
+    def __post_init__(self) -> None:
+        _validate_literals(self)
+
+
+@dataclass
+class JudgeEvalConfig:
+    """Answers to held-out instructions, scored 0-100 by a judge behind an OpenAI-compatible endpoint."""
+
+    data: str = field(default="", metadata={"help": "JSON list / JSONL of {instruction, input, output}"})
+    judge_url: str = field(
+        default="http://127.0.0.1:11434/v1", metadata={"help": "the judge's OpenAI base URL (default: Ollama's)"})
+    judge_model: str = field(default="llama3", metadata={"help": "model name sent to the judge"})
+    judge_api_key: str | None = field(default=None, metadata={"help": "Bearer key for the judge, if it needs one"})
+    chat_template: Literal["auto", "alpaca", "chatml"] = field(
+        default="auto", metadata={"help": "prompt template of the evaluated model (auto: its config, else alpaca)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "longest answer generated"})
+    retries: int = field(default=3, metadata={"help": "retries per judge request on connection errors / 5xx"})
+    timeout: float = field(default=60.0, metadata={"help": "seconds per judge request"})
+
+    def __post_init__(self) -> None:
+        _validate_literals(self)
+        _check_range("JudgeEvalConfig", "max_new_tokens", self.max_new_tokens, lo=1)
+        _check_range("JudgeEvalConfig", "retries", self.retries, lo=0)
+        _check_range("JudgeEvalConfig", "timeout", self.timeout, lo=0.0, lo_open=True)
+
+
+# Task name (the `scratchgpt eval TASK` subcommand and the suite TOML's table name) -> its config.
+EVAL_TASKS: dict[str, type] = {"perplexity": PerplexityEvalConfig, "choice": ChoiceEvalConfig,
+                               "classify": ClassifierEvalConfig, "judge": JudgeEvalConfig}
