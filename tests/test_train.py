@@ -149,7 +149,7 @@ def test_exact_resume_stop_and_continue(char_data: Path, tmp_path: Path) -> None
     vals = {int(r["step"]): float(r["val_loss"]) for r in csv.DictReader((tmp_path / "straight" / "log.csv").open())
             if r["val_loss"]}
     state = json.loads((tmp_path / "straight" / "ckpt-00000024" / "train_state.json").read_text())
-    assert state["best_val_loss"] == pytest.approx(min(vals.values()), rel=1e-6)
+    assert state["best_val_loss"] == pytest.approx(min(vals.values()), rel=1e-5)  # log.csv keeps 6 significant digits
     assert state["best_step"] == min(vals, key=vals.get)
     # The log keeps one row per step across the two processes.
     steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "parts" / "log.csv").open())]
