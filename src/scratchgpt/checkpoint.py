@@ -171,6 +171,13 @@ def load_model(
     """
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
+    if cfg.get("quantization"):  # int8 weights + scales: rebuilt by the quantize module
+        from scratchgpt.inference.quantize import load_quantized
+
+        if prepare is not None or dtype is not None:
+            raise CheckpointError(f"{run_dir}: an int8-quantized model loads for inference only (no dtype "
+                                  f"change, no task head); use its float checkpoint")
+        return load_quantized(run_dir, cfg, device=device), cfg
     try:
         config = GPTConfig.from_dict(cfg["model"], source=str(run_dir / "config.json"))
     except (TypeError, ValueError, KeyError) as e:
@@ -394,18 +401,29 @@ def checkpoint_kind(path: str | Path) -> str:
 
 
 def load_any(
-    path_or_name: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path_or_name: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    quantize: str | None = None, inference_dtype: str | None = None,
 ) -> tuple[GPT, Any]:
-    """(model, tokenizer) from a scratchgpt run directory, a Hugging Face directory, or a hub name."""
+    """(model, tokenizer) from a scratchgpt run directory, a Hugging Face directory, or a hub name.
+
+    `quantize` ("int8") and `inference_dtype` ("bfloat16") prepare the model for fast inference
+    (see inference/quantize.py); an already-quantized run directory loads as it is.
+    """
     from scratchgpt.data.tokenizer import gpt2_tokenizer, load_tokenizer
 
     if checkpoint_kind(path_or_name) == FORMAT:
         model, _ = load_model(path_or_name, device=device, dtype=dtype)
-        return model, load_tokenizer(path_or_name)
-    model = load_hf(path_or_name, device=device, dtype=dtype)
-    directory = _resolve_hf(path_or_name)
-    has_files = (directory / "vocab.json").is_file() or (directory / "encoder.json").is_file()
-    return model, gpt2_tokenizer(directory if has_files else None)
+        tokenizer = load_tokenizer(path_or_name)
+    else:
+        model = load_hf(path_or_name, device=device, dtype=dtype)
+        directory = _resolve_hf(path_or_name)
+        has_files = (directory / "vocab.json").is_file() or (directory / "encoder.json").is_file()
+        tokenizer = gpt2_tokenizer(directory if has_files else None)
+    if quantize or inference_dtype:
+        from scratchgpt.inference.quantize import prepare_for_inference
+
+        prepare_for_inference(model, quantize=quantize, dtype=inference_dtype, device=device)
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
