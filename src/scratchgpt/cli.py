@@ -43,10 +43,35 @@ def _load_source(args: argparse.Namespace):
     from scratchgpt.checkpoint import load_any
     from scratchgpt.model.gpt import GPT
 
+    quantize, dtype = getattr(args, "quantize", None), getattr(args, "dtype", None)
     if args.checkpoint:
-        return load_any(args.checkpoint, device=args.device)
+        return load_any(args.checkpoint, device=args.device, quantize=quantize, inference_dtype=dtype)
     generator = torch.Generator().manual_seed(getattr(args, "seed", None) or 0)
-    return GPT(GPTConfig.from_name(args.model), generator=generator).to(args.device).eval(), None
+    model = GPT(GPTConfig.from_name(args.model), generator=generator).to(args.device).eval()
+    if quantize or dtype:
+        from scratchgpt.inference.quantize import prepare_for_inference
+
+        prepare_for_inference(model, quantize=quantize, dtype=dtype, device=args.device)
+    return model, None
+
+
+def _add_inference_flags(p: argparse.ArgumentParser, *, draft: bool) -> None:
+    """--quantize / --dtype (faster CPU inference) and --draft (speculative decoding; generate only)."""
+    p.add_argument("--quantize", choices=["int8"],
+                   help="int8 weights (per output channel): ~2x faster CPU decoding, ~1/4 of the memory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="weight dtype for inference; bfloat16 needs a CPU with native bf16 (avx512_bf16/AMX)")
+    p.add_argument("--draft", metavar="CHECKPOINT",
+                   help="speculative decoding with this smaller model (same tokenizer)" if draft
+                   else "not supported here (speculative decoding runs in `scratchgpt generate`)")
+    if draft:
+        p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes per pass")
+
+
+def _refuse_draft(args: argparse.Namespace, where: str) -> None:
+    if getattr(args, "draft", None):
+        raise ValueError(f"--draft is not supported by `scratchgpt {where}` (its decoding runs several "
+                         f"conversations in one batch); use `scratchgpt generate --draft`")
 
 
 @command
@@ -95,6 +120,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
                    help="greedy only: check up to K tokens copied from earlier context per pass (same output)")
     p.add_argument("--gpt2-dir", help="encoder.json + vocab.bpe for --model presets (else SCRATCHGPT_GPT2_DIR)")
+    _add_inference_flags(p, draft=True)
     add_dataclass_args(p, SamplingConfig)
     p.set_defaults(func=_run_generate)
 
@@ -107,12 +133,24 @@ def _run_generate(args: argparse.Namespace) -> int:
     model, tokenizer = _load_source(args)
     if tokenizer is None:
         tokenizer = gpt2_tokenizer(args.gpt2_dir)
+    draft, stats = None, {}
+    if args.draft:
+        from scratchgpt.checkpoint import load_any
+        from scratchgpt.inference.generate import check_draft
+
+        draft, draft_tokenizer = load_any(args.draft, device=args.device, quantize=args.quantize,
+                                          inference_dtype=args.dtype)
+        try:
+            check_draft(model, draft, model_tokenizer=tokenizer, draft_tokenizer=draft_tokenizer or tokenizer)
+        except ValueError as e:
+            raise ValueError(f"--draft {args.draft}: {e}") from None
     generator = make_generator(sampling.seed, args.device)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         pieces = stream_text(model, tokenizer, args.prompt, sampling, generator=generator,
-                             use_cache=not args.no_cache, prompt_lookup=args.prompt_lookup)
+                             use_cache=not args.no_cache, prompt_lookup=args.prompt_lookup, draft=draft,
+                             draft_tokens=getattr(args, "draft_tokens", 4), stats=stats)
         if args.stream:
             print(args.prompt, end="", flush=True)
             for piece in pieces:
@@ -120,6 +158,9 @@ def _run_generate(args: argparse.Namespace) -> int:
             print()
         else:
             print(args.prompt + "".join(pieces))
+    if draft is not None and stats.get("drafted"):
+        print(f"draft acceptance: {stats['accepted']}/{stats['drafted']} = "
+              f"{stats['accepted'] / stats['drafted']:.1%}", file=sys.stderr)
     return 0
 
 
@@ -369,6 +410,7 @@ def _add_chat(sub) -> None:
                    help="override the checkpoint's chat template (default: its config.json, else alpaca)")
     p.add_argument("--system", help="a system message that opens the conversation")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    _add_inference_flags(p, draft=False)
     add_dataclass_args(p, SamplingConfig)
     p.set_defaults(func=_run_chat)
 
@@ -377,7 +419,9 @@ def _run_chat(args: argparse.Namespace) -> int:
     from scratchgpt.checkpoint import load_any, saved_chat_template
     from scratchgpt.training.modes.instruct import ChatSession
 
-    model, tokenizer = load_any(args.checkpoint, device=args.device)
+    _refuse_draft(args, "chat")
+    model, tokenizer = load_any(args.checkpoint, device=args.device, quantize=args.quantize,
+                                inference_dtype=args.dtype)
     template = args.chat_template or saved_chat_template(args.checkpoint)
     session = ChatSession(model, tokenizer, template=template, system=args.system,
                           sampling=SamplingConfig(**overrides_from_args(args, SamplingConfig)))
@@ -432,6 +476,7 @@ def _add_serve(sub) -> None:
                    help="override the checkpoint's chat template (default: its config.json, else alpaca)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_inference_flags(p, draft=False)
     add_dataclass_args(p, ServeLimits)
     p.set_defaults(func=_run_serve)
 
@@ -444,9 +489,61 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"serving needs the `serve` extra ({e}); pip install 'scratchgpt[serve]'") from None
     from scratchgpt.inference.serve import ServeLimits, serve
 
+    _refuse_draft(args, "serve")
     limits = ServeLimits(**overrides_from_args(args, ServeLimits))
+    fast = {k: v for k, v in (("quantize", args.quantize), ("inference_dtype", args.dtype)) if v}
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-          chat_template=args.chat_template, device=args.device, limits=limits, log_level=args.log_level)
+          chat_template=args.chat_template, device=args.device, limits=limits, log_level=args.log_level, **fast)
+    return 0
+
+
+# ================================ export: gguf, onnx ================================
+
+
+@command
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write a model as GGUF (llama.cpp, Ollama) or ONNX (onnxruntime)",
+        description="Export a checkpoint for other runtimes. GGUF: llama.cpp's gpt2 architecture with the GPT-2 "
+                    "tokenizer embedded (run it with: llama-cli -m model.gguf -p 'Hello'). ONNX: input_ids plus "
+                    "past_keys/past_values in, logits plus present_keys/present_values out, dynamic lengths. "
+                    "Needs the `export` extra.",
+    )
+    p.add_argument("--checkpoint", required=True, help="scratchgpt run directory or Hugging Face GPT-2 directory")
+    p.add_argument("--format", required=True, choices=["gguf", "onnx"], help="the file format to write")
+    p.add_argument("--out", required=True, help="the file to write (e.g. model.gguf, model.onnx)")
+    p.add_argument("--gguf-dtype", default="float32", choices=["float32", "float16"],
+                   help="GGUF weight type (default float32; llama-quantize makes Q8_0/Q4_K from it)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from scratchgpt.checkpoint import load_any
+
+    src = Path(args.checkpoint)
+    if (src / "adapter_config.json").is_file() and not (src / "config.json").is_file():
+        raise ValueError(f"{src} holds LoRA adapters only; merge them into their base first: scratchgpt finetune "
+                         f"merge --base BASE --adapters {src} --out-dir MERGED, then export MERGED")
+    needs = ["gguf"] if args.format == "gguf" else ["onnx", "onnxscript"]
+    for module in needs:
+        try:
+            __import__(module)
+        except ImportError:
+            raise ValueError(f"--format {args.format} needs the `export` extra (no module {module!r}); "
+                             f"pip install 'scratchgpt[export]'") from None
+    model, tokenizer = load_any(args.checkpoint)
+    if args.format == "gguf":
+        from scratchgpt.export.gguf import export_gguf
+
+        out = export_gguf(model, tokenizer, args.out, dtype=args.gguf_dtype, name=src.name or "scratchgpt")
+    else:
+        from scratchgpt.export.onnx import export_onnx
+
+        out = export_onnx(model, args.out)
+    print(json.dumps({"format": args.format, "out": str(out), "bytes": Path(out).stat().st_size}))
     return 0
 
 

@@ -997,6 +997,8 @@ def serve(
     device: str = "cpu",
     limits: ServeLimits | None = None,
     log_level: str = "info",
+    quantize: str | None = None,
+    inference_dtype: str | None = None,
 ) -> None:
     """Load `checkpoint` and serve it with uvicorn until interrupted.
 
@@ -1007,7 +1009,7 @@ def serve(
 
     from scratchgpt.checkpoint import load_any, saved_chat_template
 
-    model, tokenizer = load_any(checkpoint, device=device)
+    model, tokenizer = load_any(checkpoint, device=device, quantize=quantize, inference_dtype=inference_dtype)
     chat_template = chat_template or saved_chat_template(checkpoint)
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     name = model_name or Path(checkpoint).resolve().name or str(checkpoint)
