@@ -76,9 +76,9 @@ def export_onnx(model: GPT, path: str | Path) -> Path:
     model.eval()
     wrapper = CachedGPT(model).eval()
     c = model.config
-    # Trace with P and T >= 2 so the exporter keeps them symbolic (0 and 1 would be specialised).
-    ids = torch.zeros(1, 3, dtype=torch.long)
-    past = torch.zeros(c.n_layer, 1, c.n_head, 2, c.head_size)
+    # Trace with B, T and P >= 2 so the exporter keeps them symbolic (0 and 1 would be specialised).
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    past = torch.zeros(c.n_layer, 2, c.n_head, 2, c.head_size)
     batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     dynamic = {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past_len},
                "past_values": {1: batch, 3: past_len}}
