@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from scratchgpt.config import read_toml
-from scratchgpt.training.train import pretrain, resolve_run_config
+from scratchgpt.training.modes.pretrain import pretrain, resolve_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "text" / "tinyshakespeare.txt"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: sets up .venv if needed, lints with ruff, runs the whole pytest suite.
+# The test command: sets up .venv if needed, lints with ruff, runs the whole pytest suite (slow tests too).
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -k generate -x`).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,4 +14,5 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "[test] could not install chromium; the browser test will be skipped" >&2
 fi
 .venv/bin/ruff check src tests bench
-exec .venv/bin/python -m pytest "$@"
+# Everything, the slow whole runs included (a later -m given in "$@" still narrows it).
+exec .venv/bin/python -m pytest -m "slow or not slow" "$@"

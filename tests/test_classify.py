@@ -119,6 +119,7 @@ def test_pooled_logits_read_the_last_real_token_whatever_the_padding():
 # -- end to end --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
 def test_finetune_on_sms_subset_beats_chance_and_reloads(sms_subset: Path, tmp_path: Path):
     out = tmp_path / "run"
     result = finetune_classify(

@@ -72,3 +72,140 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
 
     assert main(["generate", "--checkpoint", str(run2), "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Every command's --help shows the defaults its run applies; -c FILE.toml works the same everywhere
+# ---------------------------------------------------------------------------------------------
+
+# Per command: the fewest arguments a run needs (each config is built from them exactly as a run builds it).
+_MINIMAL_ARGS = {
+    ("generate",): ["--model", "gpt2"],
+    ("serve",): ["--checkpoint", "runs/x"],
+    ("train",): [],
+    ("finetune", "classify"): [],
+    ("finetune", "instruct"): [],
+    ("finetune", "dpo"): [],
+}
+
+
+def _subparser(parser, path):
+    import argparse
+
+    for name in path:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[name]
+    return parser
+
+
+def _shown_default(action) -> str | None:
+    """What --help prints as the flag's default: the text of its last "(default: ...)"."""
+    text = action.help or ""
+    return text.rsplit("(default: ", 1)[1][:-1] if "(default: " in text and text.endswith(")") else None
+
+
+def test_every_command_help_shows_the_defaults_its_run_applies():
+    from dataclasses import fields
+
+    from scratchgpt.cli import build_parser, read_config_sections
+
+    parser = build_parser()
+    for path, minimal in _MINIMAL_ARGS.items():
+        sub = _subparser(parser, path)
+        configs, _ = read_config_sections(parser.parse_args([*path, *minimal]))
+        by_dest: dict = {}
+        for a in sub._actions:  # the first flag per field (not its --no-x twin)
+            by_dest.setdefault(a.dest, a)
+        checked = 0
+        for section in sub.get_default("config_sections"):
+            for f in fields(section.cls):
+                if f.name in section.skip:
+                    continue
+                action = by_dest[f"{section.prefix.replace('-', '_')}{f.name}"]
+                applied = getattr(configs[section.name], f.name)
+                if [*path, *minimal].count(action.option_strings[0]):
+                    continue  # set by the minimal arguments, not a default
+                assert _shown_default(action) == repr(applied), (path, f.name)
+                checked += 1
+        assert checked > 10, path
+
+
+def test_finetune_help_shows_the_modes_learning_rate(capsys, monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("COLUMNS", "200")
+    for mode, lr in (("classify", "5e-05"), ("instruct", "5e-05"), ("dpo", "5e-06")):
+        with pytest.raises(SystemExit):
+            main(["finetune", mode, "--help"])
+        out = capsys.readouterr().out
+        assert f"peak learning rate (default: {lr})" in out, mode
+        assert "(default: 'runs/default')" not in out and "(default: 5000)" not in out
+
+
+def test_device_defaults_to_auto_in_every_command():
+    import argparse
+
+    from scratchgpt.cli import build_parser
+
+    parser = build_parser()
+    paths = [("info",), ("generate",), ("classify",), ("chat",), ("serve",), ("train",), ("finetune", "classify"),
+             ("finetune", "instruct"), ("finetune", "dpo")]
+    for path in paths:
+        sub = _subparser(parser, path)
+        action = next(a for a in sub._actions if a.dest == "device")
+        assert action.default == "auto" or _shown_default(action) == "'auto'", path
+    assert isinstance(parser, argparse.ArgumentParser)
+
+
+def test_config_files_for_generate_serve_and_finetune(tmp_path, capsys):
+    from scratchgpt.cli import build_parser, read_config_sections
+
+    run, _, _ = _tiny_run(tmp_path)
+    toml = tmp_path / "gen.toml"
+    toml.write_text(f'[generate]\ncheckpoint = "{run}"\nprompt = "hello"\ndevice = "cpu"\n'
+                    f'[sampling]\nmax_new_tokens = 3\ntemperature = 0\n')
+    assert main(["generate", "-c", str(toml), "--max-new-tokens", "5"]) == 0
+    greedy_5 = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "hello", "--temperature", "0",
+                 "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == greedy_5  # the flag overrode the file's 3
+
+    parser = build_parser()
+    serve_toml = tmp_path / "serve.toml"
+    serve_toml.write_text('[serve]\ncheckpoint = "runs/x"\nport = 9001\n[limits]\nmax_batch_size = 4\n')
+    configs, _ = read_config_sections(parser.parse_args(["serve", "-c", str(serve_toml), "--port", "9002"]))
+    assert (configs["serve"].port, configs["serve"].host, configs["limits"].max_batch_size) == (9002, "127.0.0.1", 4)
+
+    ft = tmp_path / "ft.toml"
+    ft.write_text('[finetune]\nepochs = 3\nbalance = true\n[train]\nlr = 1e-4\n[lora]\nrank = 4\n')
+    configs, given = read_config_sections(parser.parse_args(["finetune", "classify", "-c", str(ft), "--lr", "2e-4"]))
+    assert (configs["finetune"].epochs, configs["finetune"].balance, configs["train"].lr) == (3, True, 2e-4)
+    assert configs["train"].batch_size == 8 and given["lora"] == {"rank": 4}
+
+    # Unknown keys, unknown tables and wrong types: one line naming the file and the key, exit 2.
+    for text, words in (('[generate]\nchekpoint = "x"\n', ["chekpoint", "unknown"]),
+                        ('[sampling]\nmax_new_tokens = "5"\n[generate]\nmodel = "gpt2"\n', ["max_new_tokens",
+                                                                                             "integer"]),
+                        ('[genrate]\nmodel = "gpt2"\n', ["genrate", "unknown table"])):
+        toml.write_text(text)
+        assert main(["generate", "-c", str(toml)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(toml) in err and all(w in err for w in words), err
+    ft.write_text('[train]\nprogress = "false"\n')
+    assert main(["finetune", "instruct", "-c", str(ft)]) == 2
+    err = capsys.readouterr().err
+    assert str(ft) in err and "progress" in err and "true or false" in err
+
+
+def test_boolean_flags_share_one_style(tmp_path):
+    from scratchgpt.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["prepare", "--quiet"]).progress is False  # the old spelling still works
+    assert parser.parse_args(["prepare", "--no-progress"]).progress is False
+    assert parser.parse_args(["prepare"]).progress is True
+    assert parser.parse_args(["train", "--no-progress"]).progress is False
+    assert parser.parse_args(["train", "--progress", "false"]).progress is False
+    assert parser.parse_args(["train", "--resume"]).resume is True
+    assert parser.parse_args(["finetune", "instruct", "--no-mask-prompt"]).mask_prompt is False
+    assert parser.parse_args(["generate", "--model", "gpt2", "--no-cache"]).cache is False

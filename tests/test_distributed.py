@@ -20,7 +20,8 @@ from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, TrainConfig
 from scratchgpt.data.dataset import RandomWindows, open_dataset
 from scratchgpt.model.gpt import GPT
-from scratchgpt.training.train import lm_evaluator, train
+from scratchgpt.training.modes.pretrain import lm_evaluator
+from scratchgpt.training.train import train
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -56,6 +57,7 @@ def _log(out_dir: Path) -> list[dict[str, str]]:
     return list(csv.DictReader((out_dir / "log.csv").open()))
 
 
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
 def test_ddp_two_processes_match_one(char_data: Path, tmp_path: Path) -> None:
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     _run(str(char_data), str(single), 0, 1)
@@ -81,6 +83,7 @@ TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32
         "--embd-pdrop", "0", "--resid-pdrop", "0", "--attn-pdrop", "0", "--progress", "false", "--plot", "false"]
 
 
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_cli(char_data: Path, tmp_path: Path, mode: str) -> None:
     """`torchrun -m scratchgpt train` as documented; FSDP gathers a full checkpoint on rank 0."""

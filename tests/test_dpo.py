@@ -62,6 +62,7 @@ def toy_preferences(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
 @pytest.mark.parametrize("logp", ["sum", "mean"])
 def test_tiny_dpo_run_raises_val_preference_accuracy(toy_preferences: Path, tmp_path: Path, logp):
     result = finetune_dpo(

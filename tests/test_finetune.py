@@ -12,7 +12,7 @@ import torch
 
 from scratchgpt.checkpoint import CheckpointError, load_model
 from scratchgpt.cli import main
-from scratchgpt.config import ClassifyConfig, FinetuneConfig, GPTConfig, LoRAConfig
+from scratchgpt.config import ClassifyConfig, DPOConfig, FinetuneConfig, GPTConfig, InstructConfig, LoRAConfig
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.finetune import (
     ExampleBatches,
@@ -21,6 +21,7 @@ from scratchgpt.training.finetune import (
     set_dropout,
     set_trainable,
     split_indices,
+    train_config,
 )
 from scratchgpt.training.lora import apply_lora
 from scratchgpt.training.modes.classify import finetune_classify
@@ -110,10 +111,27 @@ def test_set_dropout_reaches_modules_and_config():
 
 
 def test_epochs_set_max_steps_unless_given():
-    assert resolve_train_config("classify", {"batch_size": 8}, n_train=100, epochs=None).max_steps == 63  # 5 epochs
-    assert resolve_train_config("instruct", {"batch_size": 8}, n_train=935, epochs=None).max_steps == 234
-    assert resolve_train_config("classify", {"max_steps": 7}, n_train=100, epochs=None).max_steps == 7
-    assert resolve_train_config("dpo", {"max_steps": 7}, n_train=100, epochs=2).max_steps == 25
+    def steps(cfg, **train):
+        return resolve_train_config(cfg, train_config(cfg, train), n_train=n).max_steps
+
+    n = 100
+    assert steps(ClassifyConfig(), batch_size=8) == 63  # the mode's 5 epochs
+    assert steps(ClassifyConfig(epochs=2), batch_size=8, grad_accum_steps=2) == 13
+    assert steps(ClassifyConfig(), max_steps=7) == 7  # given: it wins
+    n = 935
+    assert steps(InstructConfig(), batch_size=8) == 234  # the mode's 2 epochs
+
+
+def test_each_mode_trains_with_its_own_defaults():
+    # The defaults live on the mode's config: what --help shows is what a run gets.
+    classify, dpo = train_config(ClassifyConfig()), train_config(DPOConfig())
+    assert (classify.lr, classify.batch_size, classify.max_steps, classify.out_dir) == (
+        5e-5, 8, None, "runs/finetune-classify")
+    assert (dpo.lr, dpo.weight_decay, dpo.eval_interval) == (5e-6, 0.01, 25)
+    assert ClassifyConfig.default_trainable == "last-block" and InstructConfig.default_trainable == "all"
+    assert train_config(InstructConfig(), {"lr": 1e-4}).lr == 1e-4
+    with pytest.raises(ValueError, match="train settings.*unknown"):
+        train_config(InstructConfig(), {"learning_rate": 1e-4})
 
 
 def test_start_model_errors_are_one_line(tmp_path: Path):
@@ -148,6 +166,7 @@ def test_resume_continues_exactly(toy_tsv: Path, tmp_path: Path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
 def test_lora_instruct_through_the_cli_then_merge(tmp_path: Path, capsys):
     entries = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ["hi", "yo", "ok", "no"] * 10]
     (tmp_path / "d.json").write_text(json.dumps(entries))

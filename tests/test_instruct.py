@@ -16,10 +16,10 @@ from scratchgpt.config import GPTConfig, InstructConfig, SamplingConfig
 from scratchgpt.data.chat import render_chat, render_prompt
 from scratchgpt.data.dataset import DataError
 from scratchgpt.data.tokenizer import CharTokenizer
+from scratchgpt.inference.chat_session import ChatSession
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.finetune import load_start_model, read_entries, split_indices
 from scratchgpt.training.modes.instruct import (
-    ChatSession,
     InstructExample,
     collate_instruct,
     encode_instructions,
@@ -123,6 +123,7 @@ def test_encoding_follows_the_template_and_ends_with_eot():
     assert ex.entry == 7
 
 
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
 def test_finetune_val_loss_falls_and_writes_responses(toy_data: Path, tmp_path: Path):
     out = tmp_path / "sft"
     result = finetune_instruct(InstructConfig(data=str(toy_data), tokenizer="char", response_tokens=8),

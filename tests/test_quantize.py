@@ -120,7 +120,9 @@ def test_load_any_quantize_matches_quantize_model(tmp_path, gpt2_tokenizer):
 
 
 def test_bfloat16_weights_are_refused_on_emulated_bf16(monkeypatch):
-    monkeypatch.setattr(qz, "cpu_has_native_bf16", lambda: False)
+    import scratchgpt.model.quantize as mq
+
+    monkeypatch.setattr(mq, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(ValueError, match="needs a CPU with native bf16"):
         qz.cast_weights(tiny(), "bfloat16")
 

@@ -500,8 +500,9 @@ def test_serve_reads_the_chat_template_and_binds_loopback(tiny_chat_checkpoint, 
 
 
 def test_cli_serve_flags():
-    from scratchgpt.cli import build_parser
+    from scratchgpt.cli import build_parser, read_config_sections
 
     args = build_parser().parse_args(["serve", "--checkpoint", "runs/x", "--max-batch-size", "4", "--port", "9000"])
     assert args.func.__name__ == "_run_serve"
-    assert (args.port, args.max_batch_size, args.host) == (9000, 4, "127.0.0.1")
+    configs, _ = read_config_sections(args)
+    assert (configs["serve"].port, configs["limits"].max_batch_size, configs["serve"].host) == (9000, 4, "127.0.0.1")

@@ -47,6 +47,7 @@ def browser():
         browser.close()
 
 
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
 def test_chat_page_streams_an_answer(browser, page_url, tmp_path):
     from playwright.sync_api import expect
 

@@ -19,15 +19,13 @@ from scratchgpt.checkpoint import CheckpointError, latest_checkpoint, list_check
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, RunConfig, TrainConfig
 from scratchgpt.model.gpt import GPT
+from scratchgpt.training.modes.pretrain import pretrain, resolve_run_config
+from scratchgpt.training.runlog import flops_per_token, gpu_peak_flops
 from scratchgpt.training.train import (
-    flops_per_token,
-    gpu_peak_flops,
     lm_loss,
     lr_at,
     make_optimizer,
     param_groups,
-    pretrain,
-    resolve_run_config,
     train,
     train_step,
 )
@@ -101,6 +99,7 @@ def _train(char_data: Path, out: Path, *extra: str) -> int:
     return main(["train", "--dir", str(char_data), "--out-dir", str(out), *TINY, *extra])
 
 
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
 def test_loss_decreases_and_run_directory_is_loadable(char_data: Path, tmp_path: Path) -> None:
     run = resolve_run_config([{
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
@@ -174,6 +173,9 @@ def straight_300(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> b
     return (out / "run" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
+# Its fixture trains 300 steps first: on a crowded 2-core machine that alone can take minutes.
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
 def test_exact_resume_after_kill_9(char_data: Path, tmp_path: Path, straight_300: bytes) -> None:
     out = tmp_path / "run"
@@ -188,6 +190,9 @@ def test_exact_resume_after_kill_9(char_data: Path, tmp_path: Path, straight_300
     assert (out / "model.safetensors").read_bytes() == straight_300
 
 
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
+# Its fixture trains 300 steps first: on a crowded 2-core machine that alone can take minutes.
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
 def test_ctrl_c_saves_and_resumes_exactly(char_data: Path, tmp_path: Path, straight_300: bytes) -> None:
     out = tmp_path / "run"
@@ -282,13 +287,18 @@ def test_custom_loss_params_and_batches_through_train(tmp_path: Path) -> None:
 def test_configs_parse() -> None:
     from scratchgpt.config import read_toml
 
+    # Every shipped run file builds (no unknown keys, no wrong types) and is self-consistent; the tunable
+    # values themselves (steps, learning rate, sizes) are the file's business, not this test's.
     root = Path(__file__).resolve().parents[1] / "configs"
-    for path in sorted(root.glob("*.toml")):
-        run = RunConfig.from_dict(read_toml(path), source=str(path))
-        assert run.train.max_steps > 0, path
-    char = RunConfig.from_dict(read_toml(root / "shakespeare_char.toml"))
-    assert (char.model.n_layer, char.model.n_head, char.model.n_embd, char.data.block_size) == (4, 4, 128, 64)
-    assert (char.train.batch_size, char.train.max_steps, char.train.lr) == (12, 2000, 1e-3)
+    paths = sorted(root.glob("*.toml"))
+    assert paths
+    for path in paths:
+        raw = read_toml(path)
+        run = RunConfig.from_dict(raw, source=str(path))
+        block = run.data.block_size or run.model.n_positions
+        if "n_positions" in raw.get("model", {}):
+            assert block <= run.model.n_positions, path
+        assert run.train.decay_steps >= run.train.warmup_steps, path
 
 
 def test_cli_flags_override_toml(tmp_path: Path, char_data: Path) -> None:

@@ -10,9 +10,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from scratchgpt.checkpoint import CheckpointError
-from scratchgpt.config import PRESET_NAMES, GPTConfig, SamplingConfig, add_dataclass_args, overrides_from_args
+from scratchgpt.config import (
+    DEVICE_HELP,
+    PRESET_NAMES,
+    GPTConfig,
+    SamplingConfig,
+    add_dataclass_args,
+    config_from_dict,
+    overrides_from_args,
+    parse_bool,
+)
 
 # Exceptions that mean "the user's input is wrong": shown as one line, never as a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, CheckpointError, OSError)
@@ -26,6 +37,55 @@ def command(register):
     return register
 
 
+# ================================ configs for every command ================================
+
+
+@dataclass(frozen=True)
+class Section:
+    """One [table] of a command's TOML file (-c), the config class it fills, and that class's flags."""
+
+    name: str
+    cls: type
+    prefix: str = ""  # flag prefix, e.g. "lora-" for --lora-rank
+    skip: tuple[str, ...] = ()  # fields this command does not take
+
+
+def add_config_sections(p: argparse.ArgumentParser, *sections: Section) -> None:
+    """Give a command `-c FILE.toml` and one flag per field of each section's config class.
+
+    Any command gets the same rules this way: the file's tables fill the configs, flags override the
+    file field by field, and unknown tables, unknown keys or wrong types are one error naming the file.
+    Read them back with `read_config_sections(args)`.
+    """
+    tables = ", ".join(f"[{s.name}]" for s in sections)
+    p.add_argument("--config", "-c", metavar="FILE.toml", help=f"TOML file with {tables}; flags override it")
+    for s in sections:
+        add_dataclass_args(p, s.cls, prefix=s.prefix, skip=s.skip)
+    p.set_defaults(config_sections=sections)
+
+
+def read_config_sections(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(config per section, the values given per section): each config built once, file first, then flags."""
+    sections: tuple[Section, ...] = args.config_sections
+    source = args.config or "command line"
+    tables = _toml_sections(args.config)
+    unknown = sorted(set(tables) - {s.name for s in sections})
+    if unknown:
+        raise ValueError(f"{source}: unknown table(s) {unknown}; this command reads {[s.name for s in sections]}")
+    configs: dict[str, Any] = {}
+    given: dict[str, dict[str, Any]] = {}
+    for s in sections:
+        table = tables.get(s.name, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"{source}: [{s.name}] must be a table of fields, got {type(table).__name__}")
+        refused = sorted(set(table) & set(s.skip))
+        if refused:
+            raise ValueError(f"{source} [{s.name}]: {refused} cannot be set for this command")
+        given[s.name] = {**table, **overrides_from_args(args, s.cls, prefix=s.prefix)}
+        configs[s.name] = config_from_dict(s.cls, given[s.name], source=f"{source} [{s.name}]")
+    return configs, given
+
+
 # ================================ core: info, generate ================================
 
 
@@ -33,25 +93,25 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="scratchgpt run directory, Hugging Face GPT-2 directory, or hub name")
     src.add_argument("--model", choices=PRESET_NAMES, help="a GPT-2 preset with fresh random weights")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: 'auto')")
 
 
-def _load_source(args: argparse.Namespace):
-    """(model, tokenizer or None) from --checkpoint, or a freshly initialised --model preset."""
+def _load_source(checkpoint: str, preset: str, device: Any, seed: int | None = None, *,
+                 quantize: str | None = None, dtype: str | None = None):
+    """(model, tokenizer or None) from a checkpoint, or a freshly initialised preset."""
     import torch
 
     from scratchgpt.checkpoint import load_any
     from scratchgpt.model.gpt import GPT
 
-    quantize, dtype = getattr(args, "quantize", None), getattr(args, "dtype", None)
-    if args.checkpoint:
-        return load_any(args.checkpoint, device=args.device, quantize=quantize, inference_dtype=dtype)
-    generator = torch.Generator().manual_seed(getattr(args, "seed", None) or 0)
-    model = GPT(GPTConfig.from_name(args.model), generator=generator).to(args.device).eval()
+    if checkpoint:
+        return load_any(checkpoint, device=device, quantize=quantize, inference_dtype=dtype)
+    generator = torch.Generator().manual_seed(seed or 0)
+    model = GPT(GPTConfig.from_name(preset), generator=generator).to(device).eval()
     if quantize or dtype:
-        from scratchgpt.inference.quantize import prepare_for_inference
+        from scratchgpt.model.quantize import prepare_for_inference
 
-        prepare_for_inference(model, quantize=quantize, dtype=dtype, device=args.device)
+        prepare_for_inference(model, quantize=quantize, dtype=dtype, device=device)
     return model, None
 
 
@@ -87,10 +147,11 @@ def _run_info(args: argparse.Namespace) -> int:
     import torch
 
     from scratchgpt.checkpoint import checkpoint_kind, load_any
+    from scratchgpt.device import resolve_device
     from scratchgpt.model.gpt import GPT
 
     if args.checkpoint:
-        model, tokenizer = load_any(args.checkpoint, device=args.device)
+        model, tokenizer = load_any(args.checkpoint, device=resolve_device(args.device))
     else:
         # Presets are only counted: the meta device allocates no memory, even for gpt2-xl.
         model, tokenizer = GPT(GPTConfig.from_name(args.model), device="meta"), None
@@ -111,53 +172,51 @@ def _run_info(args: argparse.Namespace) -> int:
 
 @command
 def _add_generate(sub) -> None:
+    from scratchgpt.config import GenerateConfig
+
     p = sub.add_parser("generate", help="generate text from a checkpoint or a fresh preset")
-    _add_model_source(p)
-    p.add_argument("--prompt", default="", help="text to continue (empty: start from end-of-text)")
-    p.add_argument("--num-samples", type=int, default=1, help="independent completions to print")
-    p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
-    p.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
-                   help="greedy only: check up to K tokens copied from earlier context per pass (same output)")
-    p.add_argument("--gpt2-dir", help="encoder.json + vocab.bpe for --model presets (else SCRATCHGPT_GPT2_DIR)")
+    add_config_sections(p, Section("generate", GenerateConfig), Section("sampling", SamplingConfig))
     _add_inference_flags(p, draft=True)
-    add_dataclass_args(p, SamplingConfig)
     p.set_defaults(func=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     from scratchgpt.data.tokenizer import gpt2_tokenizer
+    from scratchgpt.device import resolve_device
     from scratchgpt.inference.generate import make_generator, stream_text
 
-    sampling = SamplingConfig(**overrides_from_args(args, SamplingConfig))
-    model, tokenizer = _load_source(args)
+    configs, _ = read_config_sections(args)
+    cfg, sampling = configs["generate"], configs["sampling"]
+    device = resolve_device(cfg.device)
+    model, tokenizer = _load_source(cfg.checkpoint, cfg.model, device, sampling.seed, quantize=args.quantize,
+                                    dtype=args.dtype)
     if tokenizer is None:
-        tokenizer = gpt2_tokenizer(args.gpt2_dir)
+        tokenizer = gpt2_tokenizer(cfg.gpt2_dir or None)
     draft, stats = None, {}
     if args.draft:
         from scratchgpt.checkpoint import load_any
         from scratchgpt.inference.generate import check_draft
 
-        draft, draft_tokenizer = load_any(args.draft, device=args.device, quantize=args.quantize,
+        draft, draft_tokenizer = load_any(args.draft, device=device, quantize=args.quantize,
                                           inference_dtype=args.dtype)
         try:
             check_draft(model, draft, model_tokenizer=tokenizer, draft_tokenizer=draft_tokenizer or tokenizer)
         except ValueError as e:
             raise ValueError(f"--draft {args.draft}: {e}") from None
-    generator = make_generator(sampling.seed, args.device)
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
+    generator = make_generator(sampling.seed, device)
+    for i in range(cfg.num_samples):
+        if cfg.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        pieces = stream_text(model, tokenizer, args.prompt, sampling, generator=generator,
-                             use_cache=not args.no_cache, prompt_lookup=args.prompt_lookup, draft=draft,
-                             draft_tokens=getattr(args, "draft_tokens", 4), stats=stats)
-        if args.stream:
-            print(args.prompt, end="", flush=True)
+        pieces = stream_text(model, tokenizer, cfg.prompt, sampling, generator=generator,
+                             use_cache=cfg.cache, prompt_lookup=cfg.prompt_lookup, draft=draft,
+                             draft_tokens=args.draft_tokens, stats=stats)
+        if cfg.stream:
+            print(cfg.prompt, end="", flush=True)
             for piece in pieces:
                 print(piece, end="", flush=True)
             print()
         else:
-            print(args.prompt + "".join(pieces))
+            print(cfg.prompt + "".join(pieces))
     if draft is not None and stats.get("drafted"):
         print(f"draft acceptance: {stats['accepted']}/{stats['drafted']} = "
               f"{stats['accepted'] / stats['drafted']:.1%}", file=sys.stderr)
@@ -165,13 +224,6 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 # ================================ data + training: prepare, train ================================
-
-
-def _bool_flags_optional(p: argparse.ArgumentParser) -> None:
-    """Let boolean flags stand alone: `--resume` means `--resume true` (an explicit value still works)."""
-    for action in p._actions:
-        if action.metavar == "{true,false}" and action.nargs is None:
-            action.nargs, action.const = "?", True
 
 
 def _toml_sections(path: str | None) -> dict:
@@ -195,7 +247,10 @@ def _add_prepare(sub) -> None:
     )
     p.add_argument("--config", "-c", help="a run TOML file; its [data] section supplies the defaults")
     p.add_argument("--gpt2-dir", help="folder with GPT-2's encoder.json + vocab.bpe (else SCRATCHGPT_GPT2_DIR)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--progress", type=parse_bool, nargs="?", const=True, default=True, metavar="{true,false}",
+                   help="progress bar (default: True; --no-progress or --quiet: none)")
+    p.add_argument("--no-progress", "--quiet", dest="progress", action="store_const", const=False,
+                   help=argparse.SUPPRESS)
     add_dataclass_args(p, DataConfig, skip=_PREPARE_ONLY_SKIP)
     p.set_defaults(func=_run_prepare)
 
@@ -214,7 +269,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         raise ValueError("no output folder: pass --dir FOLDER (or set dir in [data])")
     meta = prepare(data.source, data.dir, tokenizer=data.tokenizer, bpe_vocab_size=data.bpe_vocab_size,
                    val_fraction=data.val_fraction, split_by=data.split_by, errors=data.errors, workers=data.workers,
-                   gpt2_dir=args.gpt2_dir, progress=not args.quiet)
+                   gpt2_dir=args.gpt2_dir, progress=args.progress)
     summary = {k: meta[k] for k in ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens")}
     print(json.dumps({"dir": data.dir, "files": len(meta["files"]), **summary}))
     return 0
@@ -229,20 +284,16 @@ def _add_train(sub) -> None:
         description="Train a GPT as a TOML run file describes ([model], [data], [train]); every field can be "
                     "overridden by its flag. Several processes: torchrun --nproc_per_node=N -m scratchgpt train ...",
     )
-    p.add_argument("--config", "-c", help="run TOML file with [model], [data] and [train] sections")
-    add_dataclass_args(p, GPTConfig)
-    add_dataclass_args(p, DataConfig)
-    add_dataclass_args(p, TrainConfig)
-    _bool_flags_optional(p)
+    add_config_sections(p, Section("model", GPTConfig), Section("data", DataConfig), Section("train", TrainConfig))
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     import json
-    import os
 
     from scratchgpt.config import DataConfig, TrainConfig
-    from scratchgpt.training.train import pretrain, resolve_run_config
+    from scratchgpt.training.modes.pretrain import pretrain, resolve_run_config
+    from scratchgpt.training.runtime import is_main
 
     flags = {"model": overrides_from_args(args, GPTConfig), "data": overrides_from_args(args, DataConfig),
              "train": overrides_from_args(args, TrainConfig)}
@@ -250,7 +301,7 @@ def _run_train(args: argparse.Namespace) -> int:
     progress = layers[1]["train"].get("progress", layers[0].get("train", {}).get("progress", True))
     run = resolve_run_config(layers, source=args.config or "command line", progress=progress)
     result = pretrain(run)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+    if is_main():  # under torchrun, rank 0 speaks for the job
         summary = {"run_dir": str(result.run_dir), "step": result.step, "tokens": result.tokens,
                    "elapsed_s": round(result.elapsed_s, 1), "tokens_per_s": round(result.tokens_per_s, 1),
                    "mfu": None if result.mfu is None else round(result.mfu, 4),
@@ -285,7 +336,7 @@ _FINETUNE_MODES = {
 @command
 def _add_finetune(sub) -> None:
     from scratchgpt import config as config_module
-    from scratchgpt.config import LoRAConfig, TrainConfig
+    from scratchgpt.config import LoRAConfig
 
     p = sub.add_parser(
         "finetune", help="fine-tune a model: classify, instruct, dpo (full, partial or LoRA); merge LoRA adapters",
@@ -296,15 +347,10 @@ def _add_finetune(sub) -> None:
     for name, (cls_name, help_text, description) in _FINETUNE_MODES.items():
         cls = getattr(config_module, cls_name)
         m = modes.add_parser(name, help=help_text, description=description)
-        add_dataclass_args(m, cls)
-        if name == "instruct":
-            m.add_argument("--no-mask-prompt", dest="mask_prompt", action="store_const", const=False,
-                           help="let the prompt's tokens count in the loss too")
-        add_dataclass_args(m, LoRAConfig, prefix="lora-")
-        add_dataclass_args(m, TrainConfig, skip=_FINETUNE_TRAIN_SKIP)
-        add_dataclass_args(m, GPTConfig)
-        _bool_flags_optional(m)
-        m.set_defaults(func=_run_finetune, finetune_config=cls)
+        # The [train] flags are the mode's own TrainConfig class: --help shows the defaults a run uses.
+        add_config_sections(m, Section("finetune", cls), Section("train", cls.train_config, skip=_FINETUNE_TRAIN_SKIP),
+                            Section("lora", LoRAConfig, prefix="lora-"), Section("model", GPTConfig))
+        m.set_defaults(func=_run_finetune)
 
     merge = modes.add_parser(
         "merge", help="fold saved LoRA adapters into their base: a plain model again",
@@ -319,16 +365,14 @@ def _add_finetune(sub) -> None:
 
 def _run_finetune(args: argparse.Namespace) -> int:
     import json
-    import os
 
-    from scratchgpt.config import LoRAConfig, TrainConfig, config_from_dict
+    from scratchgpt.training.runtime import is_main
 
-    cfg = config_from_dict(args.finetune_config, overrides_from_args(args, args.finetune_config),
-                           source="command line")
-    lora_flags = overrides_from_args(args, LoRAConfig, prefix="lora-")
-    lora = LoRAConfig(**lora_flags) if lora_flags or cfg.trainable == "lora" else None
-    train = overrides_from_args(args, TrainConfig)
-    model = overrides_from_args(args, GPTConfig) or None
+    configs, given = read_config_sections(args)
+    cfg = configs["finetune"]
+    lora = configs["lora"] if given["lora"] or cfg.trainable == "lora" else None
+    train = configs["train"]
+    model = given["model"] or None  # fields of a scratch model; a checkpoint brings its own shape
     if args.mode == "classify":
         from scratchgpt.training.modes.classify import finetune_classify as run
     elif args.mode == "instruct":
@@ -343,7 +387,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     splits = {k: scalars(v) for k, v in result.metrics.items() if k in ("train", "val", "test")}
     start = {k: scalars(v) for k, v in result.metrics["start"].items()}
     rest = {k: v for k, v in result.metrics.items() if not isinstance(v, dict)}
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+    if is_main():  # under torchrun, rank 0 speaks for the job
         print(json.dumps({"out_dir": str(result.out_dir), **splits, "start": start, **rest}))
     return 130 if result.interrupted else 0
 
@@ -369,7 +413,7 @@ def _add_classify(sub) -> None:
     p.add_argument("texts", nargs="*", help="texts to label")
     p.add_argument("--file", help="a file with one text per line")
     p.add_argument("--json", action="store_true", help="print JSON lines with every label's probability")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: 'auto')")
     p.set_defaults(func=_run_classify)
 
 
@@ -386,7 +430,9 @@ def _run_classify(args: argparse.Namespace) -> int:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise ValueError("no texts to label: pass them as arguments, with --file, or on stdin")
-    model, tokenizer, labels = load_classifier(args.checkpoint, device=args.device)
+    from scratchgpt.device import resolve_device
+
+    model, tokenizer, labels = load_classifier(args.checkpoint, device=resolve_device(args.device))
     for row in classify_texts(model, tokenizer, texts, labels):
         if args.json:
             print(json.dumps(row, ensure_ascii=False))
@@ -409,7 +455,7 @@ def _add_chat(sub) -> None:
     p.add_argument("--chat-template", choices=TEMPLATES,
                    help="override the checkpoint's chat template (default: its config.json, else alpaca)")
     p.add_argument("--system", help="a system message that opens the conversation")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: 'auto')")
     _add_inference_flags(p, draft=False)
     add_dataclass_args(p, SamplingConfig)
     p.set_defaults(func=_run_chat)
@@ -417,10 +463,11 @@ def _add_chat(sub) -> None:
 
 def _run_chat(args: argparse.Namespace) -> int:
     from scratchgpt.checkpoint import load_any, saved_chat_template
-    from scratchgpt.training.modes.instruct import ChatSession
+    from scratchgpt.device import resolve_device
+    from scratchgpt.inference.chat_session import ChatSession
 
     _refuse_draft(args, "chat")
-    model, tokenizer = load_any(args.checkpoint, device=args.device, quantize=args.quantize,
+    model, tokenizer = load_any(args.checkpoint, device=resolve_device(args.device), quantize=args.quantize,
                                 inference_dtype=args.dtype)
     template = args.chat_template or saved_chat_template(args.checkpoint)
     session = ChatSession(model, tokenizer, template=template, system=args.system,
@@ -459,25 +506,15 @@ def _run_chat(args: argparse.Namespace) -> int:
 
 @command
 def _add_serve(sub) -> None:
-    from scratchgpt.data.chat import TEMPLATES
-    from scratchgpt.inference.serve import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, ServeLimits
+    from scratchgpt.inference.serve import ServeConfig, ServeLimits
 
     p = sub.add_parser(
         "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page at /",
         description="Serve a checkpoint: POST /v1/completions and /v1/chat/completions (OpenAI's format, "
         "streaming included), GET /v1/models, GET /health, and a chat page at GET /. Needs the `serve` extra.",
     )
-    p.add_argument("--checkpoint", required=True, help="scratchgpt run directory or Hugging Face GPT-2 directory")
-    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST}, this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to bind (default: {DEFAULT_PORT})")
-    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else no key)")
-    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
-    p.add_argument("--chat-template", choices=TEMPLATES,
-                   help="override the checkpoint's chat template (default: its config.json, else alpaca)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_config_sections(p, Section("serve", ServeConfig), Section("limits", ServeLimits))
     _add_inference_flags(p, draft=False)
-    add_dataclass_args(p, ServeLimits)
     p.set_defaults(func=_run_serve)
 
 
@@ -487,13 +524,15 @@ def _run_serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise ValueError(f"serving needs the `serve` extra ({e}); pip install 'scratchgpt[serve]'") from None
-    from scratchgpt.inference.serve import ServeLimits, serve
+    from scratchgpt.inference.serve import serve
 
     _refuse_draft(args, "serve")
-    limits = ServeLimits(**overrides_from_args(args, ServeLimits))
+    configs, _ = read_config_sections(args)
+    cfg = configs["serve"]
     fast = {k: v for k, v in (("quantize", args.quantize), ("inference_dtype", args.dtype)) if v}
-    serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-          chat_template=args.chat_template, device=args.device, limits=limits, log_level=args.log_level, **fast)
+    serve(cfg.checkpoint, host=cfg.host, port=cfg.port, api_key=cfg.api_key, model_name=cfg.model_name,
+          chat_template=cfg.chat_template, device=cfg.device, limits=configs["limits"], log_level=cfg.log_level,
+          **fast)
     return 0
 
 

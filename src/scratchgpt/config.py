@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 T = TypeVar("T")
 
@@ -64,11 +64,52 @@ def config_from_dict(cls: type[T], data: dict[str, Any], *, source: str = "confi
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for k, v in data.items():
+        if not _type_ok(hints.get(k, Any), v):
+            raise ValueError(f"{source}: {k} = {v!r} ({type(v).__name__}) is not {_type_name(hints.get(k, Any))}")
         # JSON has no tuples: turn lists back into tuples where the field is a tuple.
         if isinstance(v, list) and get_origin(hints.get(k)) is tuple:
             v = tuple(v)
         kwargs[k] = v
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a value out of range or inconsistent: name where it came from
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _type_ok(hint: Any, value: Any) -> bool:
+    """Whether `value` (from TOML, JSON or a flag) fits a field annotated `hint`; a bool is never a number."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(a, value) for a in get_args(hint))
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin is tuple:
+        args = [a for a in get_args(hint) if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and all(_type_ok(args[0] if args else Any, v) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    """How an error names a field's type: 'an integer', 'one of [...]', 'true or false', ..."""
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(hint))
+    if origin is Literal:
+        return f"one of {list(get_args(hint))}"
+    if origin is tuple:
+        return "a list"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "unset"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def config_to_dict(obj: Any) -> dict[str, Any]:
@@ -91,13 +132,13 @@ def _arg_type(hint: Any) -> tuple[Any, dict[str, Any]]:
         elem = get_args(hint)[0] if get_args(hint) else str
         return elem, {"nargs": "*"}
     if hint is bool:
-        return _parse_bool, {"metavar": "{true,false}"}
+        return parse_bool, {"metavar": "{true,false}"}
     if hint in (int, float, str):
         return hint, {}
     return str, {}
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     low = text.strip().lower()
     if low in ("1", "true", "yes", "on"):
         return True
@@ -116,16 +157,26 @@ def add_dataclass_args(
         if f.name in skip or f.name.startswith("_"):
             continue
         typ, extra = _arg_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = field_default(f)
         help_text = f.metadata.get("help", "")
-        group.add_argument(
-            f"--{prefix}{f.name.replace('_', '-')}",
-            dest=f"{prefix.replace('-', '_')}{f.name}",
-            type=typ,
-            default=None,
-            help=f"{help_text} (default: {default!r})".strip(),
-            **extra,
-        )
+        flag, dest = f"--{prefix}{f.name.replace('_', '-')}", f"{prefix.replace('-', '_')}{f.name}"
+        if typ is parse_bool:
+            # One style for every boolean: `--x` alone means true, `--x false` still works, `--no-x` is false.
+            extra.update(nargs="?", const=True)
+        group.add_argument(flag, dest=dest, type=typ, default=None, help=f"{help_text} (default: {default!r})".strip(),
+                           **extra)
+        if typ is parse_bool:
+            group.add_argument(f"--{prefix}no-{f.name.replace('_', '-')}", dest=dest, action="store_const",
+                               const=False, help=f"the same as {flag} false")
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (calling its default_factory), or None when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def overrides_from_args(args: argparse.Namespace, cls: type, *, prefix: str = "") -> dict[str, Any]:
@@ -303,6 +354,9 @@ class DataConfig:
 class TrainConfig:
     """The training loop's knobs: optimisation, schedule, evaluation, logging, checkpoints, hardware."""
 
+    # Fine-tuning's train configs leave max_steps unset until the data's size is known (see FinetuneTrainConfig).
+    steps_from_epochs: ClassVar[bool] = False
+
     out_dir: str = field(default="runs/default", metadata={"help": "run directory: checkpoints, log.csv, plot"})
     init_from: str = field(
         default="scratch", metadata={"help": "'scratch', a run directory, or a Hugging Face GPT-2 dir/name"}
@@ -351,6 +405,8 @@ class TrainConfig:
         _validate_literals(self)
         for attr in ("max_steps", "batch_size", "grad_accum_steps", "eval_steps", "log_interval", "keep_last"):
             value = getattr(self, attr)
+            if attr == "max_steps" and value is None and self.steps_from_epochs:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}.{attr}={value!r} must be a positive integer")
         for attr in ("warmup_steps", "eval_interval", "checkpoint_interval", "sample_interval", "sample_tokens",
@@ -379,6 +435,8 @@ class TrainConfig:
     @property
     def decay_steps(self) -> int:
         """The step at which the cosine reaches its floor."""
+        if self.max_steps is None:
+            raise ValueError("max_steps is unset: resolve it from the epochs first")
         return self.max_steps if self.lr_decay_steps is None else self.lr_decay_steps
 
 
@@ -484,8 +542,60 @@ def _check_split(name: str, split: tuple[float, ...]) -> None:
 
 
 @dataclass
+class FinetuneTrainConfig(TrainConfig):
+    """TrainConfig with fine-tuning's defaults: it starts from trained weights, so a small learning rate,
+    no warmup, a few epochs (max_steps follows from the mode's `epochs` unless set), frequent evaluation and
+    one final checkpoint. The values follow the textbook's chapters 6 and 7 and its DPO notebook."""
+
+    steps_from_epochs: ClassVar[bool] = True
+
+    out_dir: str = field(default="runs/finetune", metadata={"help": "run directory: model, log.csv, metrics"})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "optimizer steps (default: epochs over the training split)"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch, per process"})
+    lr: float = field(default=5e-5, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    eval_interval: int = field(default=50, metadata={"help": "evaluate every N steps (0 = only at the end)"})
+    eval_steps: int = field(default=5, metadata={"help": "batches per split in each evaluation"})
+    log_interval: int = field(default=5, metadata={"help": "write a log.csv row every N steps"})
+    checkpoint_interval: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+
+
+@dataclass
+class ClassifyTrainConfig(FinetuneTrainConfig):
+    """Classification fine-tuning's training defaults."""
+
+    out_dir: str = field(default="runs/finetune-classify", metadata={"help": "run directory: model, log.csv, metrics"})
+
+
+@dataclass
+class InstructTrainConfig(FinetuneTrainConfig):
+    """Instruction tuning's training defaults."""
+
+    out_dir: str = field(default="runs/finetune-instruct", metadata={"help": "run directory: model, log.csv, metrics"})
+
+
+@dataclass
+class DPOTrainConfig(FinetuneTrainConfig):
+    """DPO's training defaults: a tenth of SFT's learning rate, light decay, evaluation twice as often."""
+
+    out_dir: str = field(default="runs/finetune-dpo", metadata={"help": "run directory: model, log.csv, metrics"})
+    lr: float = field(default=5e-6, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW decay, applied to >=2-D tensors only"})
+    eval_interval: int = field(default=25, metadata={"help": "evaluate every N steps (0 = only at the end)"})
+
+
+@dataclass
 class FinetuneConfig:
-    """What every fine-tuning mode shares: the data, its split, sequence limits and what trains."""
+    """What every fine-tuning mode shares: the data, its split, sequence limits and what trains.
+
+    Each mode's subclass carries its own defaults: `train_config` (its TrainConfig class, whose field
+    defaults are the mode's), `default_trainable` and the `epochs` default.
+    """
+
+    train_config: ClassVar[type[FinetuneTrainConfig]] = FinetuneTrainConfig
+    default_trainable: ClassVar[Trainable] = "all"
 
     data: str = field(default="", metadata={"help": "the data file"})
     init: str = field(
@@ -512,12 +622,11 @@ class FinetuneConfig:
     trainable: Trainable | None = field(
         default=None,
         metadata={"help": "weights that train: all, last-block (+ final norm + head), head, or lora "
-                          "(default: the mode's; lora when a --lora-* flag is given)"},
+                          "(None: lora when a --lora-* flag is given, else the mode's: last-block for classify, "
+                          "all for instruct and dpo)"},
     )
     dropout: float | None = field(default=None, metadata={"help": "set every dropout rate (default: the model's)"})
-    epochs: float | None = field(
-        default=None, metadata={"help": "passes over the training split; sets max_steps (default: the mode's)"}
-    )
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training split (unless max_steps is set)"})
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -530,13 +639,17 @@ class FinetuneConfig:
             raise ValueError(f"{name}.max_length={self.max_length!r} must be an integer >= 2 (or unset)")
         if self.dropout is not None:
             _check_range(name, "dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
-        if self.epochs is not None:
-            _check_range(name, "epochs", self.epochs, lo=0.0, lo_open=True)
+        _check_range(name, "epochs", self.epochs, lo=0.0, lo_open=True)
 
 
 @dataclass
 class ClassifyConfig(FinetuneConfig):
     """Text classification: (text, label) rows, a Linear(C, classes) head on the last real token."""
+
+    train_config: ClassVar[type[FinetuneTrainConfig]] = ClassifyTrainConfig
+    default_trainable: ClassVar[Trainable] = "last-block"
+
+    epochs: float = field(default=5.0, metadata={"help": "passes over the training split (unless max_steps is set)"})
 
     split: tuple[float, ...] = field(
         default=(0.7, 0.1, 0.2), metadata={"help": "train, val and test fractions (0 = no such split)"}
@@ -556,6 +669,10 @@ class ClassifyConfig(FinetuneConfig):
 class InstructConfig(FinetuneConfig):
     """Instruction tuning: Alpaca-style entries rendered with a chat template, loss on the response."""
 
+    train_config: ClassVar[type[FinetuneTrainConfig]] = InstructTrainConfig
+
+    epochs: float = field(default=2.0, metadata={"help": "passes over the training split (unless max_steps is set)"})
+
     template: Literal["alpaca", "chatml"] = field(default="alpaca", metadata={"help": "prompt template"})
     mask_prompt: bool = field(default=True, metadata={"help": "leave the prompt's tokens out of the loss"})
     response_tokens: int = field(
@@ -572,6 +689,8 @@ class InstructConfig(FinetuneConfig):
 class DPOConfig(FinetuneConfig):
     """Direct preference optimisation on (prompt, chosen, rejected) against a frozen reference."""
 
+    train_config: ClassVar[type[FinetuneTrainConfig]] = DPOTrainConfig
+
     template: Literal["auto", "alpaca", "chatml"] = field(
         default="auto", metadata={"help": "prompt template (auto: the checkpoint's chat_template, else alpaca)"}
     )
@@ -585,3 +704,45 @@ class DPOConfig(FinetuneConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_range("DPOConfig", "beta", self.beta, lo=0.0, lo_open=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands that run a model: generate
+# ---------------------------------------------------------------------------------------------
+
+DEVICE_HELP = "'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'"
+
+
+@dataclass
+class GenerateConfig:
+    """`scratchgpt generate`: which model, where, and what to print (how to sample is SamplingConfig)."""
+
+    checkpoint: str = field(default="", metadata={"help": "scratchgpt run directory, Hugging Face GPT-2 directory, "
+                                                          "or hub name"})
+    model: str = field(
+        default="", metadata={"help": f"a GPT-2 preset with fresh random weights (instead of --checkpoint): "
+                                      f"{', '.join(_PRESETS)}"}
+    )
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    prompt: str = field(default="", metadata={"help": "text to continue (empty: start from end-of-text)"})
+    num_samples: int = field(default=1, metadata={"help": "independent completions to print"})
+    stream: bool = field(default=False, metadata={"help": "print text as it is generated"})
+    cache: bool = field(default=True, metadata={"help": "KV cache (--no-cache recomputes the whole context per token)"})
+    prompt_lookup: int = field(
+        default=0, metadata={"help": "greedy only: check up to K tokens copied from earlier context per pass "
+                                     "(same output)"}
+    )
+    gpt2_dir: str = field(default="", metadata={"help": "encoder.json + vocab.bpe for --model presets "
+                                                        "(else SCRATCHGPT_GPT2_DIR)"})
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _validate_literals(self)
+        if self.model and self.model not in _PRESETS:
+            raise ValueError(f"{name}.model={self.model!r} is not a preset; choose one of {list(_PRESETS)}")
+        if bool(self.checkpoint) == bool(self.model):
+            raise ValueError(f"{name}: give exactly one of checkpoint (--checkpoint) and model (--model)")
+        if self.num_samples < 1:
+            raise ValueError(f"{name}.num_samples={self.num_samples} must be >= 1")
+        if self.prompt_lookup < 0:
+            raise ValueError(f"{name}.prompt_lookup={self.prompt_lookup} must be >= 0")

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scratchgpt.checkpoint import write_json
 from scratchgpt.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
+from scratchgpt.files import write_json
 
 META_FILE = "meta.json"
 SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}

@@ -31,13 +31,14 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from scratchgpt.config import SamplingConfig
 from scratchgpt.data.chat import TEMPLATES, Message, TemplateName, render_chat, stop_strings
+from scratchgpt.device import resolve_device
 from scratchgpt.inference.generate import Completion, decode_one_token, left_pad, prefill, sample_rows
 from scratchgpt.model.gpt import GPT, KVCache
 
@@ -986,6 +987,38 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+@dataclass
+class ServeConfig:
+    """`scratchgpt serve`: what to serve, where, and to whom (what one server accepts is ServeLimits)."""
+
+    checkpoint: str = field(default="", metadata={"help": "scratchgpt run directory or Hugging Face GPT-2 directory"})
+    host: str = field(default=DEFAULT_HOST, metadata={"help": "address to bind (127.0.0.1: this machine only)"})
+    port: int = field(default=DEFAULT_PORT, metadata={"help": "port to bind"})
+    api_key: str | None = field(
+        default=None, metadata={"help": f"require 'Authorization: Bearer KEY' (None: ${API_KEY_ENV}, else no key)"}
+    )
+    model_name: str | None = field(
+        default=None, metadata={"help": "the model id clients send (None: the checkpoint folder's name)"}
+    )
+    chat_template: TemplateName | None = field(
+        default=None, metadata={"help": "override the checkpoint's chat template (None: its config.json, else alpaca)"}
+    )
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda if present, else cpu), 'cpu', 'cuda:1'"})
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = field(
+        default="info", metadata={"help": "uvicorn's log level"}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("ServeConfig: no checkpoint to serve; pass --checkpoint DIR (or set it in [serve])")
+        if self.chat_template is not None and self.chat_template not in TEMPLATES:
+            raise ValueError(f"ServeConfig.chat_template={self.chat_template!r}; choose one of {list(TEMPLATES)}")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug"):
+            raise ValueError(f"ServeConfig.log_level={self.log_level!r}; choose critical, error, warning, info, debug")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"ServeConfig.port={self.port} must lie in [0, 65535]")
+
+
 def serve(
     checkpoint: str | Path,
     *,
@@ -994,7 +1027,7 @@ def serve(
     api_key: str | None = None,
     model_name: str | None = None,
     chat_template: TemplateName | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     limits: ServeLimits | None = None,
     log_level: str = "info",
     quantize: str | None = None,
@@ -1009,7 +1042,8 @@ def serve(
 
     from scratchgpt.checkpoint import load_any, saved_chat_template
 
-    model, tokenizer = load_any(checkpoint, device=device, quantize=quantize, inference_dtype=inference_dtype)
+    model, tokenizer = load_any(checkpoint, device=resolve_device(device), quantize=quantize,
+                                inference_dtype=inference_dtype)
     chat_template = chat_template or saved_chat_template(checkpoint)
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     name = model_name or Path(checkpoint).resolve().name or str(checkpoint)

@@ -405,11 +405,3 @@ class GPT(nn.Module):
         # see itself. Its output is never used.
         allowed = allowed | (k_pos == q_pos)[None]
         return allowed[:, None]  # (B, 1, T, S)
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str, **kwargs) -> GPT:
-        """Load GPT-2 weights from a Hugging Face directory or hub name (see `checkpoint.load_hf`)."""
-        # The I/O lives in checkpoint.py; this is only the familiar entry point.
-        from scratchgpt.checkpoint import load_hf
-
-        return load_hf(name_or_dir, **kwargs)

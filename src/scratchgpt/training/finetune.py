@@ -1,4 +1,4 @@
-"""What every fine-tuning mode shares, and `run_mode`, which hands a mode to the one training loop.
+"""What every fine-tuning mode shares, and `run_mode`, which hands a mode to the one driver.
 
 A mode (`classify.py`, `instruct.py`, `dpo.py`) is only what it gives `train.train`: its examples per
 split with a collate function, a loss `loss_fn(model, batch)`, an evaluation, maybe a new head, and
@@ -11,7 +11,6 @@ the run directory's reports (`splits.json`, `metrics.json`).
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import json
 import math
@@ -37,10 +36,19 @@ from scratchgpt.checkpoint import (
     unwrap,
     write_json,
 )
-from scratchgpt.config import FinetuneConfig, GPTConfig, LoRAConfig, Trainable, TrainConfig, config_to_dict
+from scratchgpt.config import (
+    FinetuneConfig,
+    GPTConfig,
+    LoRAConfig,
+    Trainable,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+)
 from scratchgpt.data.dataset import DataError
 from scratchgpt.data.tokenizer import CharTokenizer, Tokenizer, gpt2_tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT, CausalSelfAttention
+from scratchgpt.training.driver import Job, drive
 from scratchgpt.training.lora import (
     apply_lora,
     count_parameters,
@@ -49,34 +57,15 @@ from scratchgpt.training.lora import (
     merge_lora,
     save_adapters,
 )
-from scratchgpt.training.train import (
-    autocast,
-    distributed_info,
-    init_distributed,
-    resolve_attn_impl,
-    resolve_device,
-    resolve_dtype,
-)
-from scratchgpt.training.train import train as train_loop
+from scratchgpt.training.runlog import plot_metric
+from scratchgpt.training.runtime import Runtime, all_reduce_sums, distributed_info, is_main, model_device, to_device
+from scratchgpt.training.train import TrainResult
 
 E = TypeVar("E")
 
 SPLITS = ("train", "val", "test")
 SPLITS_FILE = "splits.json"
 METRICS_FILE = "metrics.json"
-
-# Where each mode's training defaults differ from pretraining's (TrainConfig): fine-tuning starts from
-# trained weights, so small learning rates, a few epochs, frequent evaluation and one final checkpoint.
-# The values follow the textbook's chapters 6 and 7 and its DPO notebook.
-_COMMON: dict[str, Any] = dict(batch_size=8, warmup_steps=0, eval_steps=5, log_interval=5, checkpoint_interval=0)
-MODE_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "classify": dict(_COMMON, lr=5e-5, weight_decay=0.1, eval_interval=50),
-    "instruct": dict(_COMMON, lr=5e-5, weight_decay=0.1, eval_interval=50),
-    "dpo": dict(_COMMON, lr=5e-6, weight_decay=0.01, eval_interval=25),
-}
-MODE_EPOCHS: dict[str, float] = {"classify": 5, "instruct": 2, "dpo": 1}
-MODE_TRAINABLE: dict[str, Trainable] = {"classify": "last-block", "instruct": "all", "dpo": "all"}
-
 
 # ---------------------------------------------------------------------------------------------
 # Data: reading entries, splitting, batching
@@ -159,18 +148,13 @@ def check_splits(
                 f"{source}: the {name} split is empty ({total} usable entries × {frac:g} rounds to 0"
                 f"{'; ' + too_long if too_long else ''}); use more data or a larger --split fraction"
             )
-    if too_long and is_main_process():
+    if too_long and is_main():
         print(f"note: {source}: {too_long}", file=sys.stderr, flush=True)
 
 
 def split_record(source: str | Path, splits: dict[str, list[int]], **extra: Any) -> dict[str, Any]:
     """What splits.json holds: the data file, how it was split, and each split's 0-based entry indices."""
     return {"data": str(source), **extra, **{k: list(splits[k]) for k in SPLITS}}
-
-
-def is_main_process() -> bool:
-    """True on rank 0 of a process group, and in a single process."""
-    return distributed_info().is_main
 
 
 class ExampleBatches(Generic[E]):
@@ -240,13 +224,29 @@ def eval_batches(
         yield collate(mine[i : i + batch_size])
 
 
-def all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Each value summed over ranks (unchanged in a single process)."""
-    if not distributed_info().enabled:
-        return sums
-    t = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return dict(zip(sums, t.tolist(), strict=True))
+@torch.no_grad()
+def evaluate_sums(
+    model: nn.Module, examples: Sequence[E], collate: Callable[[list[E]], Any],
+    score: Callable[[nn.Module, Any], dict[str, float]], *, keys: Sequence[str], batch_size: int,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """`score(model, batch)` summed over this rank's evaluation batches, then over ranks: the one eval set-up.
+
+    The model runs unwrapped (DDP would sync buffers on every forward, and ranks may score unequal batch
+    counts) in eval mode, put back as it was after. Every rank returns the same `keys`, even with no batch.
+    """
+    model = unwrap(model)
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    sums = dict.fromkeys(keys, 0.0)
+    try:
+        for batch in eval_batches(examples, collate, batch_size=batch_size, max_batches=max_batches):
+            for k, v in score(model, to_device(batch, device)).items():
+                sums[k] += v
+    finally:
+        model.train(was_training)
+    return all_reduce_sums(sums, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +372,19 @@ def set_trainable(model: GPT, trainable: Trainable, *, head_trains: bool = False
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def add_classification_head(model: GPT, num_classes: int, *, generator: torch.Generator | None = None) -> GPT:
+    """Replace the LM head by Linear(C, num_classes) (with bias), untied from the token embeddings."""
+    w = model.transformer.wte.weight
+    head = nn.Linear(model.config.n_embd, num_classes, bias=True, device=w.device, dtype=w.dtype)
+    if w.device.type != "meta":
+        nn.init.normal_(head.weight, std=model.config.initializer_range, generator=generator)
+        nn.init.zeros_(head.bias)
+    model.lm_head = head
+    # vocab_size stays (the embeddings need it), but the head is no longer the embedding matrix.
+    model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
+    return model
+
+
 def prepare_model(
     model: GPT, cfg: FinetuneConfig, *, mode: str, lora: LoRAConfig | None, seed: int,
     add_head: Callable[[GPT], Any] | None = None,
@@ -381,7 +394,7 @@ def prepare_model(
         set_dropout(model, cfg.dropout)
     if add_head is not None:
         add_head(model)
-    trainable: Trainable = cfg.trainable or ("lora" if lora is not None else MODE_TRAINABLE[mode])
+    trainable: Trainable = cfg.trainable or ("lora" if lora is not None else type(cfg).default_trainable)
     if trainable == "lora":
         apply_lora(model, lora or LoRAConfig(), generator=torch.Generator().manual_seed(seed))
     elif lora is not None:
@@ -389,14 +402,19 @@ def prepare_model(
     return set_trainable(model, trainable, head_trains=add_head is not None), trainable
 
 
-def resolve_train_config(mode: str, overrides: dict[str, Any], *, n_train: int, epochs: float | None) -> TrainConfig:
-    """TrainConfig from the mode's defaults and the user's overrides; max_steps follows from epochs unless set."""
-    values = {**MODE_TRAIN_DEFAULTS[mode], "out_dir": f"runs/finetune-{mode}", **overrides}
-    if "max_steps" not in overrides or epochs is not None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        per_step = values.get("batch_size", TrainConfig.batch_size) * values.get("grad_accum_steps", 1) * world
-        values["max_steps"] = max(1, math.ceil((epochs or MODE_EPOCHS[mode]) * n_train / per_step))
-    return TrainConfig(**values)
+def train_config(cfg: FinetuneConfig, train: TrainConfig | dict[str, Any] | None = None) -> TrainConfig:
+    """The mode's typed TrainConfig: its class's defaults (`type(cfg).train_config`) with `train`'s fields set."""
+    if isinstance(train, TrainConfig):
+        return train
+    return config_from_dict(type(cfg).train_config, dict(train or {}), source="train settings")
+
+
+def resolve_train_config(cfg: FinetuneConfig, train: TrainConfig, *, n_train: int) -> TrainConfig:
+    """`train` with max_steps set: as given, else cfg.epochs passes over n_train examples at the global batch."""
+    if train.max_steps is not None:
+        return train
+    per_step = train.batch_size * train.grad_accum_steps * int(os.environ.get("WORLD_SIZE", "1"))
+    return dataclasses.replace(train, max_steps=max(1, math.ceil(cfg.epochs * n_train / per_step)))
 
 
 def export_fn(tokenizer: Tokenizer, extra: dict[str, Any], *, base: str) -> Callable[[nn.Module, str | Path], None]:
@@ -460,64 +478,61 @@ class FinetuneResult:
 
 
 def run_mode(
-    mode: Mode, start: StartModel, cfg: FinetuneConfig, *, train: dict[str, Any] | None = None,
+    mode: Mode, start: StartModel, cfg: FinetuneConfig, *, train: TrainConfig | dict[str, Any] | None = None,
     lora: LoRAConfig | None = None, verbose: bool = True,
 ) -> FinetuneResult:
-    """Prepare the model for `mode`, train it with the one loop, and write metrics.json for every split.
+    """Prepare the model for `mode`, train it through the one driver, and write metrics.json for every split.
 
     metrics.json holds the final metrics per split, "start" (val before the first step), the time
     taken and the parameter counts. Under torchrun every rank calls this; rank 0 writes the files.
     """
-    train = dict(train or {})
     model = start.model
-    params, trainable = prepare_model(model, cfg, mode=mode.name, lora=lora, seed=train.get("seed", TrainConfig.seed),
-                                      add_head=mode.add_head)
-    tcfg = resolve_train_config(mode.name, train, n_train=len(mode.parts["train"]), epochs=cfg.epochs)
-    joined = init_distributed(tcfg.device)
-    try:
-        # Put the model where and how the loop will run it (device, attention path, autocast), so that
+    tcfg = resolve_train_config(cfg, train_config(cfg, train), n_train=len(mode.parts["train"]))
+    params, trainable = prepare_model(model, cfg, mode=mode.name, lora=lora, seed=tcfg.seed, add_head=mode.add_head)
+    finetune = {"mode": mode.name, **config_to_dict(cfg), "trainable": trainable, "init": start.source,
+                "lora": config_to_dict(lora_config(model)) if lora_config(model) else None}
+    counts = count_parameters(model)
+    before: dict[str, Any] = {}
+    timing: dict[str, float] = {}
+
+    def setup(runtime: Runtime) -> None:
+        # The model is where and how the loop will run it (device, attention path; autocast below), so
         # numbers computed before training (the DPO reference, the starting metrics) match the loop's.
-        device = resolve_device(tcfg.device, distributed_info())
-        precision = lambda: autocast(device, resolve_dtype(tcfg.dtype, device))  # noqa: E731
-        model.to(device)
-        model.set_attn_impl(resolve_attn_impl(tcfg.attn_impl, device))  # type: ignore[arg-type]
-        with torch.no_grad(), precision():
+        with torch.no_grad(), runtime.precision():
             if mode.setup is not None:
                 mode.setup(model, tcfg.batch_size)
             # The starting point, for "did it learn": the val split before the first step.
-            before = {name: mode.evaluate(model, part, batch_size=tcfg.batch_size)
-                      for name, part in mode.parts.items() if name == "val" and part}
-
-        finetune = {"mode": mode.name, **config_to_dict(cfg), "trainable": trainable, "init": start.source,
-                    "lora": config_to_dict(lora_config(model)) if lora_config(model) else None}
-        counts = count_parameters(model)
-        if verbose and is_main_process():
+            before.update({name: mode.evaluate(model, part, batch_size=tcfg.batch_size)
+                           for name, part in mode.parts.items() if name == "val" and part})
+        if verbose and is_main():
             sizes = "/".join(str(len(mode.parts[k])) for k in SPLITS)
             print(f"{mode.name}: train/val/test {sizes}, trainable {trainable}: {counts['trainable']:,} of "
                   f"{counts['total']:,} parameters, {tcfg.max_steps} steps of {tcfg.batch_size}", flush=True)
-        batches = ExampleBatches(mode.parts["train"], mode.collate, batch_size=tcfg.batch_size, seed=tcfg.seed)
-        evals = {
-            name: (lambda m, part=part: mode.evaluate(m, part, batch_size=tcfg.batch_size,
-                                                      max_batches=tcfg.eval_steps))
-            for name, part in mode.parts.items() if name in ("train", "val") and part
-        }
-        t0 = time.perf_counter()
-        result = train_loop(
-            model, batches, config=tcfg, loss_fn=mode.loss_fn, params=params, evals=evals,
+        timing["t0"] = time.perf_counter()
+
+    def final(result: TrainResult, runtime: Runtime) -> tuple[dict[str, Any], bool]:
+        timing["seconds"] = time.perf_counter() - timing["t0"]
+        with torch.no_grad(), runtime.precision():
+            metrics = {name: mode.evaluate(model, part, batch_size=tcfg.batch_size, final=True)
+                       for name, part in mode.parts.items() if part}
+        return metrics, is_main()
+
+    def job(runtime: Runtime) -> Job:
+        return Job(
+            model, ExampleBatches(mode.parts["train"], mode.collate, batch_size=tcfg.batch_size, seed=tcfg.seed),
+            tcfg, loss_fn=mode.loss_fn, params=params,
+            evals={name: (lambda m, part=part: mode.evaluate(m, part, batch_size=tcfg.batch_size,
+                                                             max_batches=tcfg.eval_steps))
+                   for name, part in mode.parts.items() if name in ("train", "val") and part},
             sample_fn=mode.sample_fn, tokenizer=start.tokenizer,
             run_config={"finetune": finetune, "train": config_to_dict(tcfg)},
             export_fn=export_fn(start.tokenizer, {**mode.info, "finetune": finetune}, base=start.source),
+            before=setup, after=final,
         )
-        seconds = time.perf_counter() - t0
-        with torch.no_grad(), precision():
-            metrics: dict[str, Any] = {name: mode.evaluate(model, part, batch_size=tcfg.batch_size, final=True)
-                                       for name, part in mode.parts.items() if part}
-        main = is_main_process()
-    finally:
-        if joined and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    metrics.update(mode.report, start=before, train_seconds=round(seconds, 1), steps=result.step, trainable=trainable,
-                   trainable_parameters=counts["trainable"], total_parameters=counts["total"])
+
+    result, (metrics, main) = drive(tcfg, job)
+    metrics.update(mode.report, start=before, train_seconds=round(timing["seconds"], 1), steps=result.step,
+                   trainable=trainable, trainable_parameters=counts["trainable"], total_parameters=counts["total"])
     if lora_config(model) is not None:
         metrics["lora_parameters"] = sum(p.numel() for p in lora_parameters(model))
     if result.interrupted:
@@ -530,43 +545,6 @@ def run_mode(
     return FinetuneResult(Path(tcfg.out_dir), metrics, model, start.tokenizer, interrupted=result.interrupted)
 
 
-def read_log(out_dir: str | Path) -> list[dict[str, str]]:
-    """The rows of a run's log.csv (empty when there is none)."""
-    path = Path(out_dir) / "log.csv"
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def plot_metric(out_dir: str | Path, metric: str) -> Path | None:
-    """<metric>.png from every `<split>_<metric>` column of log.csv against the step; None without matplotlib."""
-    rows = read_log(out_dir)
-    columns = [c for c in (rows[0] if rows else {}) if c.endswith(f"_{metric}")]
-    if not columns:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for col in columns:
-        points = [(float(r["step"]), float(r[col])) for r in rows if r.get(col) not in (None, "")]
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=col.removeprefix("eval_").removesuffix(f"_{metric}"))
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(out_dir) / f"{metric}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def merge_adapters(base: str, adapters: str | Path, out_dir: str | Path) -> Path:
     """Apply saved LoRA adapters to `base`, fold them into its weights, and save a plain run directory."""
     from scratchgpt.training.lora import load_adapters, read_adapter_config
@@ -575,8 +553,6 @@ def merge_adapters(base: str, adapters: str | Path, out_dir: str | Path) -> Path
     info = meta.get("info") or {}
     model, tokenizer = load_any(base)
     if info.get("task") == "classification":
-        from scratchgpt.training.modes.classify import add_classification_head  # classify imports this module
-
         add_classification_head(model, len(info["classifier"]["labels"]))
     load_adapters(model, adapters)
     merge_lora(model)

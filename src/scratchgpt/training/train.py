@@ -33,23 +33,20 @@ The contract of `train()` (fine-tuning builds on exactly this; nothing else chan
   exported to `out_dir/` (latest) and `out_dir/best/` (best by validation loss): `load_model(out_dir)`
   and `load_any(out_dir)` work on both.
 
-`pretrain(run_config)` is the glue for language-model pretraining: prepared token files, a GPT from
-scratch (or from a checkpoint), LM evaluation of train and val splits, and periodic samples.
+Only the loop lives here. Where a run executes (device, dtype, the torchrun process group) is
+`runtime.py`; log.csv, throughput, MFU and the plots are `runlog.py`; what to train on is a mode
+(`modes/pretrain.py`, `modes/classify.py`, ...), and `driver.py` hands a mode's job to this loop.
 """
-
 from __future__ import annotations
 
-import csv
-import dataclasses
 import math
-import os
 import random
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,13 +60,13 @@ from scratchgpt.checkpoint import (
     BEST_DIR,
     CheckpointError,
     capture_rng_state,
+    checkpoint_name,
     export_model_files,
     latest_checkpoint,
     load_module_state,
     model_state,
     optimizer_state_from_flat,
     optimizer_state_to_flat,
-    read_json,
     read_training_checkpoint,
     replace_dir,
     restore_rng_state,
@@ -77,9 +74,21 @@ from scratchgpt.checkpoint import (
     unwrap,
     write_training_checkpoint,
 )
-from scratchgpt.config import DataConfig, RunConfig, SamplingConfig, TrainConfig, config_from_dict, merge_run_dicts
-from scratchgpt.data.dataset import DataError, RandomWindows, TokenDataset, make_sampler, open_dataset, prepare
+from scratchgpt.config import TrainConfig
 from scratchgpt.model.gpt import GPT
+from scratchgpt.training.runlog import LOG_FILE, PLOT_FILE, CsvLog, flops_per_token, peak_flops, plot_log
+from scratchgpt.training.runtime import (
+    all_reduce_mean,
+    autocast,
+    batch_tokens,
+    distributed_info,
+    grad_sync,
+    resolve_attn_impl,
+    resolve_device,
+    resolve_dtype,
+    to_device,
+    wrap_model,
+)
 
 
 class BatchSource(Protocol):
@@ -141,310 +150,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
     progress = (step - config.warmup_steps) / max(config.decay_steps - config.warmup_steps, 1)
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
 
-
-# ---------------------------------------------------------------------------------------------
-# Hardware: device, precision, processes
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def distributed_info() -> Distributed:
-    """Rank and world size of the initialised process group, or a single process."""
-    if dist.is_available() and dist.is_initialized():
-        rank = dist.get_rank()
-        return Distributed(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank)))
-    return Distributed()
-
-
-def init_distributed(device: str = "auto") -> bool:
-    """Join the process group when started by torchrun (gloo on CPU, NCCL on CUDA); True if this call did."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return False
-    use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return True
-
-
-def resolve_device(name: str, dist_info: Distributed) -> torch.device:
-    """'auto' picks CUDA when present; under torchrun each process takes the GPU of its local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r} but no CUDA device is available; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", dist_info.local_rank if dist_info.enabled else torch.cuda.current_device())
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: 'auto' is bfloat16 on CUDA (float16 on GPUs without it) and float32 elsewhere."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def resolve_attn_impl(name: str, device: torch.device) -> str:
-    """The attention path to train with: 'auto' means SDPA."""
-    # Measured for training on the 2-core CPU: SDPA 3-10% faster than eager (char 4L/128/T64 ~22.6k vs
-    # ~21.3k tok/s; 6L/256/T128 ~5.1k vs ~4.6k; GPT-2 124M about equal). On GPUs it is flash attention.
-    return "sdpa" if name == "auto" else name
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
-    """Mixed precision for the forward pass; a no-op in float32."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move a Tensor, or tuples/lists/dicts of them, to `device` (asynchronously from pinned memory on CUDA)."""
-    if isinstance(batch, Tensor):
-        if device.type == "cuda":
-            return batch.pin_memory().to(device, non_blocking=True)
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def batch_tokens(batch: Any) -> int:
-    """Tokens in a batch: the element count of its first tensor (x for (x, y) batches)."""
-    if isinstance(batch, Tensor):
-        return batch.numel()
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
-    for v in values:
-        n = batch_tokens(v)
-        if n:
-            return n
-    return 0
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of a model's first parameter."""
-    return next(model.parameters()).device
-
-
-def wrap_model(
-    model: nn.Module, *, dist_info: Distributed, device: torch.device, fsdp: bool = False, compile: bool = False
-) -> nn.Module:
-    """FSDP-shard (in place) or DDP-wrap for several processes, optionally torch.compile; returns the module to call."""
-    wrapped = model
-    if fsdp and dist_info.enabled:
-        from torch.distributed.fsdp import fully_shard
-
-        # One FSDP unit per transformer block, then the rest (embeddings, final LayerNorm, head).
-        blocks = model.transformer.h if isinstance(model, GPT) else []
-        for block in blocks:
-            fully_shard(block)
-        fully_shard(model)
-    if compile:
-        wrapped = torch.compile(wrapped)
-    if dist_info.enabled and not fsdp:
-        # No buffer broadcast: GPT's buffers (causal mask) are constants, and eval must not need all ranks.
-        wrapped = nn.parallel.DistributedDataParallel(
-            wrapped, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
-    return wrapped
-
-
-@contextmanager
-def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce (DDP no_sync / FSDP) for micro-steps before the last one."""
-    if enabled:
-        yield
-    elif isinstance(model, nn.parallel.DistributedDataParallel):
-        with model.no_sync():
-            yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
-        yield
-
-
-def _all_reduce_mean(value: Tensor, dist_info: Distributed) -> Tensor:
-    if dist_info.enabled:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist_info.world_size
-    return value
-
-
-# ---------------------------------------------------------------------------------------------
-# Throughput and model FLOPs utilisation
-# ---------------------------------------------------------------------------------------------
-
-# Dense peak TFLOP/s per GPU: (bf16/fp16 tensor cores, tf32, fp32). Matched against the device name.
-GPU_PEAK_TFLOPS: tuple[tuple[str, tuple[float, float, float]], ...] = (
-    ("H200", (989.0, 494.5, 67.0)),
-    ("H100 PCIe", (756.0, 378.0, 51.0)),
-    ("H100", (989.0, 494.5, 67.0)),  # SXM
-    ("A100", (312.0, 156.0, 19.5)),
-    ("L40S", (362.0, 181.0, 91.6)),
-    ("L4", (121.0, 60.0, 30.3)),
-    ("A10", (125.0, 62.5, 31.2)),
-    ("RTX 4090", (165.0, 82.6, 82.6)),
-    ("RTX 3090", (71.0, 35.6, 35.6)),
-    ("V100", (125.0, 15.7, 15.7)),
-    ("T4", (65.0, 8.1, 8.1)),
-)
-
-
-def gpu_peak_flops(name: str, dtype: torch.dtype, *, tf32: bool = False) -> float | None:
-    """Peak FLOP/s of a GPU from the table above, or None for an unknown GPU."""
-    for key, (half, tf32_peak, fp32) in GPU_PEAK_TFLOPS:
-        if key.lower() in name.lower():
-            tflops = half if dtype in (torch.bfloat16, torch.float16) else tf32_peak if tf32 else fp32
-            return tflops * 1e12
-    return None
-
-
-def measure_cpu_flops(*, n: int = 1024, repeats: int = 10) -> float:
-    """Achievable float32 matmul FLOP/s on this CPU with the current thread count (the best of `repeats`)."""
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
-    a @ b  # warm up the kernels and thread pool
-    best = 0.0
-    for _ in range(repeats):  # other processes only ever slow a run down: keep the fastest
-        t0 = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Peak FLOP/s of `device` for `dtype`: the GPU table, or a measured matmul rate on the CPU."""
-    if device.type == "cuda":
-        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype,
-                              tf32=torch.backends.cuda.matmul.allow_tf32)
-    if device.type == "cpu":
-        return measure_cpu_flops()
-    return None
-
-
-def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token (PaLM, appendix B): 6·N plus 12·L·C·T for attention scores and values.
-
-    N counts every parameter except learned position embeddings (a lookup, not a matmul); a tied
-    input/output embedding counts once, for the output projection (an untied one is a lookup). A model
-    that is not a GPT gets 6·N.
-    """
-    inner = unwrap(model)
-    n = sum(p.numel() for p in inner.parameters())
-    if not isinstance(inner, GPT):
-        return 6.0 * n
-    cfg = inner.config
-    if isinstance(inner.transformer.wpe, nn.Embedding):
-        n -= inner.transformer.wpe.weight.numel()
-    if inner.lm_head.weight is not inner.transformer.wte.weight:
-        # Untied (e.g. a classifier's Linear(C, K) head): the token embedding is only a lookup too.
-        n -= inner.transformer.wte.weight.numel()
-    return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
-
-
-# ---------------------------------------------------------------------------------------------
-# Logging: log.csv and loss.png
-# ---------------------------------------------------------------------------------------------
-
-LOG_FILE = "log.csv"
-PLOT_FILE = "loss.png"
-LOG_COLUMNS = ("step", "tokens", "lr", "train_loss", "val_loss", "tok_per_s", "mfu", "elapsed_s")
-
-
-class CsvLog:
-    """log.csv: fixed columns, then `eval_<name>_<metric>` columns as evaluations first report them."""
-
-    def __init__(self, path: Path, *, keep_through_step: int | None = None) -> None:
-        self.path = path
-        self.columns = list(LOG_COLUMNS)
-        self.rows: list[dict[str, Any]] = []
-        if keep_through_step is not None and path.is_file():
-            # Resuming: rows past the checkpoint came from steps that are about to be redone.
-            with path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                self.columns = list(reader.fieldnames or LOG_COLUMNS)
-                self.rows = [r for r in reader if r.get("step") and int(r["step"]) <= keep_through_step]
-        self._rewrite()
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        new = [k for k in row if k not in self.columns]
-        if new:
-            self.columns += new
-            self._rewrite()
-        else:
-            with self.path.open("a", newline="") as f:
-                csv.DictWriter(f, self.columns).writerow(_format_row(row))
-
-    def _rewrite(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns)
-            writer.writeheader()
-            writer.writerows(_format_row(r) for r in self.rows)
-        os.replace(tmp, self.path)
-
-
-def _format_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
-
-
-def plot_log(csv_path: str | Path, png_path: str | Path) -> Path | None:
-    """Plot train and val loss against steps and against tokens seen; None (with no file) without matplotlib."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-
-    def series(x_key: str, y_key: str) -> tuple[list[float], list[float]]:
-        pts = [(float(r[x_key]), float(r[y_key])) for r in rows if r.get(y_key) not in (None, "")]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    # The Agg canvas directly, not pyplot: no global backend switch, no figure registry.
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    for ax, x_key, label in zip(fig.subplots(1, 2), ("step", "tokens"), ("step", "tokens seen"), strict=True):
-        ax.plot(*series(x_key, "train_loss"), label="train (running)", lw=1, alpha=0.7)
-        if any(r.get("eval_train_loss") for r in rows):
-            ax.plot(*series(x_key, "eval_train_loss"), "o-", ms=3, label="train (eval)")
-        ax.plot(*series(x_key, "val_loss"), "o-", ms=3, label="val")
-        ax.set_xlabel(label)
-        ax.set_ylabel("cross-entropy loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.savefig(png_path, dpi=110)
-    return Path(png_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,7 +457,7 @@ class _Trainer:
                     (last or self.step % cfg.log_interval == 0) and self._agree(stop.requested))
                 do_eval = bool(self.evals) and not stopping and (last or _every(self.step, cfg.eval_interval))
                 if do_eval or stopping or last or self.step % cfg.log_interval == 0:
-                    train_loss = _all_reduce_mean(interval.loss_sum / interval.steps, self.dist).item()  # one sync
+                    train_loss = all_reduce_mean(interval.loss_sum / interval.steps, self.dist).item()  # one sync
                     seconds = time.perf_counter() - interval.t0
                     tok_s = interval.tokens / max(seconds, 1e-9)
                     tok_rates.append((interval.tokens, seconds))
@@ -932,8 +637,6 @@ class _Trainer:
                 replace_dir(best, lambda d: self.export_fn(self.inner, d))  # type: ignore[misc]
         elif self.ckpt_step == self.step:
             if self.dist.is_main:  # the checkpoint of this very step: share its files
-                from scratchgpt.checkpoint import checkpoint_name
-
                 replace_dir(best, lambda d: export_model_files(self.out_dir / checkpoint_name(self.step), d))
         else:
             state = self._gathered_model_state()
@@ -997,161 +700,3 @@ def _progress_line(row: dict[str, Any], max_steps: int) -> str:
     mfu = f" | mfu {row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else ""
     return (f"step {row['step']}/{max_steps} | loss {row['train_loss']:.4f} | lr {row['lr']:.2e} | "
             f"{row['tok_per_s']:.0f} tok/s{mfu}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Pretraining: prepared token files -> GPT
-# ---------------------------------------------------------------------------------------------
-
-
-def lm_evaluator(
-    tokens: np.ndarray, *, block_size: int, batch_size: int, steps: int, seed: int, loss_fn: LossFn = lm_loss
-) -> EvalFn:
-    """An eval that averages `loss_fn` over `steps` random windows: the same windows at every evaluation.
-
-    Rank-aware like the samplers: each rank scores its share of every batch, and the mean is all-reduced.
-    """
-
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        info = distributed_info()
-        windows = RandomWindows(tokens, block_size=block_size, batch_size=batch_size, seed=seed,
-                                rank=info.rank, world_size=info.world_size)
-        device = model_device(model)
-        total = torch.zeros((), device=device)
-        for _ in range(steps):
-            total += loss_fn(model, to_device(windows.next_batch(), device)).float()
-        loss = _all_reduce_mean(total / steps, info).item()
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
-
-    return evaluate
-
-
-def make_sample_fn(tokenizer: Any, config: TrainConfig) -> SampleFn:
-    """A sample callback: `config.sample_tokens` tokens after `config.sample_prompt`, seeded, prompt included."""
-    sampling = SamplingConfig(max_new_tokens=config.sample_tokens, temperature=config.sample_temperature,
-                              top_k=config.sample_top_k, stop_at_eot=False)
-
-    def sample(model: nn.Module) -> str:
-        try:
-            from scratchgpt.inference.generate import generate_text
-        except ImportError:  # generation lives in its own module; training works without it
-            return "(no sample: scratchgpt.inference.generate is not available)"
-        gen = torch.Generator(device=model_device(model)).manual_seed(config.seed)
-        return config.sample_prompt + generate_text(model, tokenizer, config.sample_prompt, sampling, generator=gen)
-
-    return sample
-
-
-def resolve_run_config(
-    layers: list[dict[str, dict[str, Any]]], *, source: str = "config", progress: bool = True
-) -> RunConfig:
-    """One RunConfig from layered dicts (TOML file, then command line), resuming from the saved run if asked.
-
-    Fields the layers leave unset are filled in from elsewhere: with `resume`, the run directory's
-    saved config comes first; model.vocab_size comes from the prepared data's meta.json, and
-    model.n_positions from data.block_size. So that the vocabulary is known, a [data] source whose
-    folder is not prepared yet is tokenized here (by rank 0 alone under torchrun).
-    """
-    raw = merge_run_dicts(*layers)
-    train_raw = raw.get("train", {})
-    out_dir = Path(train_raw.get("out_dir", RunConfig().train.out_dir))
-    if train_raw.get("resume"):
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is not None:
-            saved = read_json(ckpt / "config.json").get("run")
-            if isinstance(saved, dict):
-                raw = merge_run_dicts(saved, raw)
-                source = f"{ckpt / 'config.json'} + {source}"
-    model_raw = raw.setdefault("model", {})
-    data_raw = raw.get("data", {})
-    if data_raw.get("source") and data_raw.get("dir"):
-        _prepare_once(config_from_dict(DataConfig, data_raw, source=f"{source} [data]"), progress=progress)
-    if "n_positions" not in model_raw and data_raw.get("block_size"):
-        model_raw["n_positions"] = data_raw["block_size"]
-    if "vocab_size" not in model_raw and data_raw.get("dir"):
-        meta_path = Path(data_raw["dir"]) / "meta.json"
-        if meta_path.is_file():
-            model_raw["vocab_size"] = int(read_json(meta_path)["vocab_size"])
-    return RunConfig.from_dict(raw, source=source)
-
-
-def _prepare_once(data: DataConfig, *, progress: bool) -> None:
-    """`prepare` data.source into data.dir unless meta.json is there; other torchrun ranks wait for it."""
-    meta = Path(data.dir) / "meta.json"
-    if meta.is_file():
-        return
-    if int(os.environ.get("RANK", "0")) == 0:
-        prepare(data.source, data.dir, tokenizer=data.tokenizer, bpe_vocab_size=data.bpe_vocab_size,
-                val_fraction=data.val_fraction, split_by=data.split_by, errors=data.errors, workers=data.workers,
-                progress=progress)
-        return
-    # No process group exists yet, and none is needed: meta.json is written last, atomically. If rank 0
-    # fails, torchrun stops this process too.
-    while not meta.is_file():
-        time.sleep(0.5)
-
-
-def build_model(run: RunConfig) -> GPT:
-    """The GPT to train: initialised from the seed, or loaded from `train.init_from` (a run directory or HF GPT-2)."""
-    if run.train.init_from == "scratch":
-        return GPT(run.model, generator=torch.Generator().manual_seed(run.train.seed))
-    from scratchgpt.checkpoint import load_any
-
-    model, _ = load_any(run.train.init_from)
-    if model.config.vocab_size < run.model.vocab_size:
-        raise ValueError(f"{run.train.init_from}: its vocab_size {model.config.vocab_size} is smaller than the "
-                         f"data's tokenizer ({run.model.vocab_size})")
-    return model.train()
-
-
-def _is_rank0() -> bool:
-    """Whether this process is rank 0 (or alone)."""
-    return distributed_info().is_main and int(os.environ.get("RANK", "0")) == 0
-
-
-def check_data(ds: TokenDataset, run: RunConfig) -> int:
-    """Validate the prepared data against the run before anything trains; returns the block size."""
-    block = run.data.block_size or run.model.n_positions
-    if block > run.model.n_positions:
-        raise ValueError(f"data.block_size={block} exceeds the model's context n_positions={run.model.n_positions}")
-    if run.model.vocab_size > ds.vocab_size + 128 and _is_rank0():
-        print(f"note: model.vocab_size {run.model.vocab_size} is far above the tokenizer's {ds.vocab_size}; the "
-              f"extra output rows only cost time (leave vocab_size unset to take the tokenizer's)", file=sys.stderr)
-    if ds.vocab_size > run.model.vocab_size:
-        raise DataError(
-            f"{ds.dir / 'meta.json'}: the tokenizer has {ds.vocab_size} tokens but the model's vocab_size is "
-            f"{run.model.vocab_size}; raise model.vocab_size or leave it unset to take the tokenizer's"
-        )
-    ds.check_window("train", block)
-    if int(ds.meta["val_tokens"]):
-        ds.check_window("val", block)
-    return block
-
-
-def pretrain(run: RunConfig, *, log: LogFn | None = None) -> TrainResult:
-    """Pretrain a GPT as `run` describes: prepare the data if needed, build, train, checkpoint; torchrun-aware."""
-    joined = init_distributed(run.train.device)
-    try:
-        info = distributed_info()
-        if not run.data.dir:
-            raise ValueError("no data: set [data] dir (a folder from `scratchgpt prepare`) in the config or --dir")
-        ds = open_dataset(run.data.dir)
-        block = check_data(ds, run)
-        tokenizer = ds.tokenizer()
-        model = build_model(run)
-        run = dataclasses.replace(run, model=model.config)  # init_from decides the shape; record it
-        cfg = run.train
-        batches = make_sampler(ds.tokens("train"), kind=run.data.sampler, block_size=block,
-                               batch_size=cfg.batch_size, seed=cfg.seed, stride=run.data.stride,
-                               shuffle=run.data.shuffle, rank=info.rank, world_size=info.world_size)
-        evals: dict[str, EvalFn] = {}
-        for split in ("train", "val"):
-            if int(ds.meta[f"{split}_tokens"]) > block:
-                evals[split] = lm_evaluator(ds.tokens(split), block_size=block, batch_size=cfg.batch_size,
-                                            steps=cfg.eval_steps, seed=cfg.seed + (1 if split == "val" else 2))
-        sample_fn = make_sample_fn(tokenizer, cfg) if cfg.sample_interval > 0 else None
-        return train(model, batches, config=cfg, evals=evals, sample_fn=sample_fn, tokenizer=tokenizer,
-                     run_config=run.to_dict(), log=log)
-    finally:
-        if joined and dist.is_initialized():
-            dist.destroy_process_group()

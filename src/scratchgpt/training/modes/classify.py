@@ -11,7 +11,6 @@ Shape legend: B batch, T time, C channels, K classes.
 from __future__ import annotations
 
 import csv
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scratchgpt.checkpoint import CheckpointError, load_model, read_run_config, unwrap
+from scratchgpt.checkpoint import CheckpointError, load_model, read_run_config
 from scratchgpt.config import ClassifyConfig, LoRAConfig, TrainConfig
 from scratchgpt.data.dataset import DataError
 from scratchgpt.data.tokenizer import Tokenizer, load_tokenizer
@@ -29,18 +28,19 @@ from scratchgpt.model.gpt import GPT
 from scratchgpt.training.finetune import (
     FinetuneResult,
     Mode,
-    all_reduce_sums,
+    add_classification_head,
     check_splits,
     context_limit,
     encode_checked,
-    eval_batches,
+    evaluate_sums,
     json_entries,
     load_start_model,
     run_mode,
     split_indices,
     split_record,
+    train_config,
 )
-from scratchgpt.training.train import model_device, to_device
+from scratchgpt.training.runtime import model_device, to_device
 
 # ---------------------------------------------------------------------------------------------
 # Data
@@ -214,19 +214,6 @@ def collate_classification(examples: Sequence[ClassExample], *, pad_id: int) -> 
 # ---------------------------------------------------------------------------------------------
 
 
-def add_classification_head(model: GPT, num_classes: int, *, generator: torch.Generator | None = None) -> GPT:
-    """Replace the LM head by Linear(C, num_classes) (with bias), untied from the token embeddings."""
-    w = model.transformer.wte.weight
-    head = nn.Linear(model.config.n_embd, num_classes, bias=True, device=w.device, dtype=w.dtype)
-    if w.device.type != "meta":
-        nn.init.normal_(head.weight, std=model.config.initializer_range, generator=generator)
-        nn.init.zeros_(head.bias)
-    model.lm_head = head
-    # vocab_size stays (the embeddings need it), but the head is no longer the embedding matrix.
-    model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
-    return model
-
-
 def pooled_logits(model: nn.Module, x: Tensor, lengths: Tensor) -> Tensor:
     """Class logits (B, K) read at each right-padded row's last real token."""
     logits, _ = model(x)  # (B, T, K)
@@ -238,29 +225,23 @@ def classification_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return F.cross_entropy(pooled_logits(model, batch["x"], batch["lengths"]), batch["labels"])
 
 
-@torch.no_grad()
 def evaluate_classifier(
     model: nn.Module, examples: Sequence[ClassExample], *, num_classes: int, pad_id: int, batch_size: int = 16,
     max_batches: int | None = None, final: bool = False,
 ) -> dict[str, Any]:
     """{"loss", "accuracy"} over (the first max_batches batches of) examples; final adds "confusion" [true][pred]."""
-    # The plain module: DDP would sync buffers on every forward, and ranks may score unequal batch counts.
-    model = unwrap(model)
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
     K = num_classes
-    counts = torch.zeros(K * K, dtype=torch.float64)  # flattened [true, predicted]
-    loss_sum = 0.0
-    for batch in eval_batches(examples, lambda items: collate_classification(items, pad_id=pad_id),
-                              batch_size=batch_size, max_batches=max_batches):
-        batch = to_device(batch, device)
-        logits = pooled_logits(model, batch["x"], batch["lengths"]).float()  # (B, K)
-        loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        pairs = (batch["labels"] * K + logits.argmax(-1)).cpu()
-        counts += torch.bincount(pairs, minlength=K * K).double()
-    model.train(was_training)
-    sums = all_reduce_sums({"loss": loss_sum, **{f"c{i}": v for i, v in enumerate(counts.tolist())}}, device)
+
+    def score(m: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
+        logits = pooled_logits(m, batch["x"], batch["lengths"]).float()  # (B, K)
+        pairs = (batch["labels"] * K + logits.argmax(-1)).cpu()  # flattened [true, predicted]
+        counts = torch.bincount(pairs, minlength=K * K).double().tolist()
+        return {"loss": F.cross_entropy(logits, batch["labels"], reduction="sum").item(),
+                **{f"c{i}": v for i, v in enumerate(counts)}}
+
+    sums = evaluate_sums(model, examples, lambda items: collate_classification(items, pad_id=pad_id), score,
+                         keys=("loss", *(f"c{i}" for i in range(K * K))), batch_size=batch_size,
+                         max_batches=max_batches)
     confusion = torch.tensor([sums[f"c{i}"] for i in range(K * K)]).view(K, K)
     n = max(confusion.sum().item(), 1.0)
     out: dict[str, Any] = {"loss": sums["loss"] / n, "accuracy": confusion.trace().item() / n}
@@ -275,12 +256,13 @@ def evaluate_classifier(
 
 
 def finetune_classify(
-    cfg: ClassifyConfig, *, train: dict[str, Any] | None = None, lora: LoRAConfig | None = None,
+    cfg: ClassifyConfig, *, train: TrainConfig | dict[str, Any] | None = None, lora: LoRAConfig | None = None,
     model: dict[str, Any] | None = None, verbose: bool = True,
 ) -> FinetuneResult:
     """Fine-tune a classifier on cfg.data; writes the run directory (model, splits.json, metrics.json, curves).
 
-    `train` overrides TrainConfig fields, `model` GPTConfig fields of a scratch model.
+    `train` is the mode's TrainConfig (or fields overriding its defaults), `model` GPTConfig fields of a
+    scratch model.
     """
     if not cfg.data:
         raise ValueError("pass the data file (--data)")
@@ -290,7 +272,8 @@ def finetune_classify(
         raise DataError(f"{cfg.data}: needs at least two labels, found {labels}")
     if cfg.balance:
         rows = balance_classes(rows, seed=cfg.split_seed)
-    seed = (train or {}).get("seed", TrainConfig.seed)
+    train = train_config(cfg, train)
+    seed = train.seed
     start = load_start_model(cfg.init, tokenizer=cfg.tokenizer, corpus=lambda: "".join(r.text for r in rows),
                              model_overrides=model, seed=seed)
     max_length = context_limit(start.model, cfg.max_length)

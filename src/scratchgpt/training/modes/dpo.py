@@ -26,25 +26,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scratchgpt.checkpoint import unwrap
 from scratchgpt.config import DPOConfig, LoRAConfig, TrainConfig
 from scratchgpt.data.chat import TEMPLATES, TemplateName, render_prompt
 from scratchgpt.data.tokenizer import Tokenizer
 from scratchgpt.training.finetune import (
     FinetuneResult,
     Mode,
-    all_reduce_sums,
     check_splits,
     context_limit,
-    eval_batches,
+    evaluate_sums,
     load_start_model,
     read_entries,
     run_mode,
     split_indices,
     split_record,
+    train_config,
 )
 from scratchgpt.training.modes.instruct import InstructExample, collate_instruct, encode_instruction, fit_length
-from scratchgpt.training.train import model_device, to_device
+from scratchgpt.training.runtime import model_device, to_device
 
 # ---------------------------------------------------------------------------------------------
 # The loss (pure functions)
@@ -159,7 +158,6 @@ def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], *, beta: float, r
     return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta)[0]
 
 
-@torch.no_grad()
 def evaluate_dpo(
     model: nn.Module, pairs: Sequence[PreferencePair], *, beta: float, reduction: str, pad_id: int,
     batch_size: int = 8, max_batches: int | None = None, final: bool = False,
@@ -168,29 +166,20 @@ def evaluate_dpo(
 
     logp_accuracy is the policy's own preference: log π(chosen) > log π(rejected), whatever the reference.
     """
-    # The plain module: DDP would sync buffers on every forward, and ranks may score unequal batch counts.
-    model = unwrap(model)
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    keys = ("loss", "margin", "chosen_reward", "rejected_reward", "accuracy", "logp_accuracy", "pairs")
-    sums = dict.fromkeys(keys, 0.0)
-    for batch in eval_batches(pairs, lambda items: collate_preferences(items, pad_id=pad_id), batch_size=batch_size,
-                              max_batches=max_batches):
-        batch = to_device(batch, device)
-        chosen, rejected = batch_logprobs(model, batch, reduction=reduction)
+
+    def score(m: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
+        chosen, rejected = batch_logprobs(m, batch, reduction=reduction)
         ref_chosen, ref_rejected = batch["ref"].chunk(2)
         loss, c_reward, r_reward = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta)
         n = chosen.numel()
-        sums["loss"] += loss.item() * n
-        sums["margin"] += (c_reward - r_reward).sum().item()
-        sums["chosen_reward"] += c_reward.sum().item()
-        sums["rejected_reward"] += r_reward.sum().item()
-        sums["accuracy"] += (c_reward > r_reward).sum().item()
-        sums["logp_accuracy"] += (chosen > rejected).sum().item()
-        sums["pairs"] += n
-    model.train(was_training)
-    sums = all_reduce_sums(sums, device)
+        return {"loss": loss.item() * n, "margin": (c_reward - r_reward).sum().item(),
+                "chosen_reward": c_reward.sum().item(), "rejected_reward": r_reward.sum().item(),
+                "accuracy": (c_reward > r_reward).sum().item(), "logp_accuracy": (chosen > rejected).sum().item(),
+                "pairs": n}
+
+    keys = ("loss", "margin", "chosen_reward", "rejected_reward", "accuracy", "logp_accuracy", "pairs")
+    sums = evaluate_sums(model, pairs, lambda items: collate_preferences(items, pad_id=pad_id), score, keys=keys,
+                         batch_size=batch_size, max_batches=max_batches)
     n = max(sums.pop("pairs"), 1.0)
     return {k: v / n for k, v in sums.items()}
 
@@ -201,17 +190,19 @@ def evaluate_dpo(
 
 
 def finetune_dpo(
-    cfg: DPOConfig, *, train: dict[str, Any] | None = None, lora: LoRAConfig | None = None,
+    cfg: DPOConfig, *, train: TrainConfig | dict[str, Any] | None = None, lora: LoRAConfig | None = None,
     model: dict[str, Any] | None = None, verbose: bool = True,
 ) -> FinetuneResult:
     """Preference-tune on cfg.data (instruction, input, chosen, rejected); writes the run directory.
 
-    `train` overrides TrainConfig fields, `model` GPTConfig fields of a scratch model.
+    `train` is the mode's TrainConfig (or fields overriding its defaults), `model` GPTConfig fields of a
+    scratch model.
     """
     if not cfg.data:
         raise ValueError("pass the data file (--data)")
     entries = read_entries(cfg.data, required=("instruction", "chosen", "rejected"), optional=("input", "output"))
-    seed = (train or {}).get("seed", TrainConfig.seed)
+    train = train_config(cfg, train)
+    seed = train.seed
     start = load_start_model(
         cfg.init, tokenizer=cfg.tokenizer, model_overrides=model, seed=seed,
         # Only a scratch model's char tokenizer reads this; it has no checkpoint template to follow.

@@ -12,9 +12,8 @@ Shape legend: B batch, T time, V vocab.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,27 +24,27 @@ from torch import Tensor, nn
 
 from scratchgpt.checkpoint import unwrap
 from scratchgpt.config import InstructConfig, LoRAConfig, SamplingConfig, TrainConfig
-from scratchgpt.data.chat import Message, TemplateName, render_chat, render_prompt, response_suffix, stop_strings
+from scratchgpt.data.chat import TemplateName, render_prompt, response_suffix, stop_strings
 from scratchgpt.data.dataset import DataError
 from scratchgpt.data.tokenizer import Tokenizer
-from scratchgpt.inference.generate import iter_generate, stream_text
+from scratchgpt.inference.generate import iter_generate
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.finetune import (
     FinetuneResult,
     Mode,
-    all_reduce_sums,
     check_splits,
     context_limit,
     encode_checked,
-    eval_batches,
-    is_main_process,
+    evaluate_sums,
     load_start_model,
     read_entries,
     run_mode,
     split_indices,
     split_record,
+    train_config,
 )
-from scratchgpt.training.train import lm_loss, model_device
+from scratchgpt.training.runtime import is_main
+from scratchgpt.training.train import lm_loss
 
 TEST_RESPONSES_FILE = "test_responses.json"
 
@@ -125,26 +124,21 @@ def collate_instruct(
     return x, y
 
 
-@torch.no_grad()
 def evaluate_lm(
     model: nn.Module, examples: Sequence[InstructExample], *, pad_id: int, mask_prompt: bool = True,
     batch_size: int = 8, max_batches: int | None = None, final: bool = False,
 ) -> dict[str, float]:
     """{"loss"}: cross-entropy per target token over (the first max_batches batches of) examples."""
-    # The plain module: DDP would sync buffers on every forward, and ranks may score unequal batch counts.
-    model = unwrap(model)
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
+
+    def score(m: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, float]:
+        x, y = batch
+        logits, _ = m(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        return {"loss": loss.item(), "count": int((y != -100).sum())}
+
     collate = lambda items: collate_instruct(items, pad_id=pad_id, mask_prompt=mask_prompt)  # noqa: E731
-    for x, y in eval_batches(examples, collate, batch_size=batch_size, max_batches=max_batches):
-        x, y = x.to(device), y.to(device)
-        logits, _ = model(x)  # (B, T, V)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
-        count += int((y != -100).sum())
-    model.train(was_training)
-    sums = all_reduce_sums({"loss": total, "count": count}, device)
+    sums = evaluate_sums(model, examples, collate, score, keys=("loss", "count"), batch_size=batch_size,
+                         max_batches=max_batches)
     # Summed over tokens, then divided once: every target token weighs the same, whatever its batch.
     return {"loss": sums["loss"] / max(sums["count"], 1), **({"tokens": int(sums["count"])} if final else {})}
 
@@ -174,66 +168,25 @@ def generate_responses(
     return out
 
 
-class ChatSession:
-    """A conversation with an instruction-tuned model: the history, rendered with its template, replies streamed."""
-
-    def __init__(self, model: GPT, tokenizer: Tokenizer, *, template: TemplateName, sampling: SamplingConfig,
-                 system: str | None = None) -> None:
-        self.model, self.tokenizer, self.template, self.system = model, tokenizer, template, system
-        # The template's turn markers end a reply, besides end-of-text and the user's own stop strings.
-        stops = tuple(dict.fromkeys((*sampling.stop, *stop_strings(template))))
-        self.sampling = dataclasses.replace(sampling, stop=stops)
-        self.messages: list[Message] = []
-
-    def reset(self) -> None:
-        """Forget the conversation (the system message stays)."""
-        self.messages = []
-
-    def reply(self, text: str) -> Iterator[str]:
-        """Add the user's turn, stream the assistant's answer in pieces, and keep it in the history."""
-        self.messages.append({"role": "user", "content": text})
-        pieces: list[str] = []
-        try:
-            for piece in stream_text(self.model, self.tokenizer, self.prompt(), self.sampling):
-                pieces.append(piece)
-                yield piece
-        except ValueError:
-            self.messages.pop()  # e.g. text the tokenizer cannot encode: forget the turn, keep the history
-            raise
-        finally:
-            # Also when the caller stops reading early (Ctrl-C): the turns keep alternating.
-            if self.messages and self.messages[-1]["role"] == "user":
-                self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})
-
-    def prompt(self) -> str:
-        """The history (ending in the user's turn) rendered for the reply; oldest exchanges dropped to fit."""
-        n_ctx = self.model.config.n_positions
-        budget = n_ctx - min(self.sampling.max_new_tokens, n_ctx // 2)
-        system: list[Message] = [{"role": "system", "content": self.system}] if self.system else []
-        while True:
-            text = render_chat(system + self.messages, self.template)
-            if len(self.messages) <= 1 or len(self.tokenizer.encode(text)) <= budget:
-                return text
-            self.messages = self.messages[2:]
-
-
 # ---------------------------------------------------------------------------------------------
 # The mode
 # ---------------------------------------------------------------------------------------------
 
 
 def finetune_instruct(
-    cfg: InstructConfig, *, train: dict[str, Any] | None = None, lora: LoRAConfig | None = None,
+    cfg: InstructConfig, *, train: TrainConfig | dict[str, Any] | None = None, lora: LoRAConfig | None = None,
     model: dict[str, Any] | None = None, verbose: bool = True,
 ) -> FinetuneResult:
     """Instruction-tune on cfg.data; writes the run directory (model, splits, metrics, test_responses.json).
 
-    `train` overrides TrainConfig fields, `model` GPTConfig fields of a scratch model.
+    `train` is the mode's TrainConfig (or fields overriding its defaults), `model` GPTConfig fields of a
+    scratch model.
     """
     if not cfg.data:
         raise ValueError("pass the data file (--data)")
     entries = read_entries(cfg.data, required=("instruction", "output"))
-    seed = (train or {}).get("seed", TrainConfig.seed)
+    train = train_config(cfg, train)
+    seed = train.seed
     start = load_start_model(
         cfg.init, tokenizer=cfg.tokenizer, model_overrides=model, seed=seed,
         corpus=lambda: "".join(render_prompt(cfg.template, e["instruction"], e["input"]) + e["output"]
@@ -263,7 +216,7 @@ def finetune_instruct(
     )
     result = run_mode(mode, start, cfg, train=train, lora=lora, verbose=verbose)
     test = split_entries["test"]
-    if cfg.response_tokens and test and is_main_process():
+    if cfg.response_tokens and test and is_main():
         responses = generate_responses(result.model, tok, test, template=cfg.template,
                                        max_new_tokens=cfg.response_tokens)
         path = Path(result.out_dir) / TEST_RESPONSES_FILE

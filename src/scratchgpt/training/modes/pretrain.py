@@ -1,0 +1,175 @@
+"""Pretraining as a mode: prepared token files -> a GPT, next-token loss, LM evaluation, periodic samples.
+
+`resolve_run_config` turns the layered TOML/flags into one RunConfig (preparing the data if its
+folder is not there yet), `pretrain_job` is the mode (data + model + loss + evaluator), and
+`pretrain` hands it to the one driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from scratchgpt.checkpoint import latest_checkpoint, read_json
+from scratchgpt.config import DataConfig, RunConfig, SamplingConfig, TrainConfig, config_from_dict, merge_run_dicts
+from scratchgpt.data.dataset import DataError, RandomWindows, TokenDataset, make_sampler, open_dataset, prepare
+from scratchgpt.model.gpt import GPT
+from scratchgpt.training.driver import Job, drive
+from scratchgpt.training.runtime import Runtime, all_reduce_mean, distributed_info, is_main, model_device, to_device
+from scratchgpt.training.train import EvalFn, LogFn, LossFn, SampleFn, TrainResult, lm_loss
+
+
+def lm_evaluator(
+    tokens: np.ndarray, *, block_size: int, batch_size: int, steps: int, seed: int, loss_fn: LossFn = lm_loss
+) -> EvalFn:
+    """An eval that averages `loss_fn` over `steps` random windows: the same windows at every evaluation.
+
+    Rank-aware like the samplers: each rank scores its share of every batch, and the mean is all-reduced.
+    """
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        info = distributed_info()
+        windows = RandomWindows(tokens, block_size=block_size, batch_size=batch_size, seed=seed,
+                                rank=info.rank, world_size=info.world_size)
+        device = model_device(model)
+        total = torch.zeros((), device=device)
+        for _ in range(steps):
+            total += loss_fn(model, to_device(windows.next_batch(), device)).float()
+        loss = all_reduce_mean(total / steps, info).item()
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+    return evaluate
+
+
+def make_sample_fn(tokenizer: Any, config: TrainConfig) -> SampleFn:
+    """A sample callback: `config.sample_tokens` tokens after `config.sample_prompt`, seeded, prompt included."""
+    sampling = SamplingConfig(max_new_tokens=config.sample_tokens, temperature=config.sample_temperature,
+                              top_k=config.sample_top_k, stop_at_eot=False)
+
+    def sample(model: nn.Module) -> str:
+        try:
+            from scratchgpt.inference.generate import generate_text
+        except ImportError:  # generation lives in its own module; training works without it
+            return "(no sample: scratchgpt.inference.generate is not available)"
+        gen = torch.Generator(device=model_device(model)).manual_seed(config.seed)
+        return config.sample_prompt + generate_text(model, tokenizer, config.sample_prompt, sampling, generator=gen)
+
+    return sample
+
+
+def resolve_run_config(
+    layers: list[dict[str, dict[str, Any]]], *, source: str = "config", progress: bool = True
+) -> RunConfig:
+    """One RunConfig from layered dicts (TOML file, then command line), resuming from the saved run if asked.
+
+    Fields the layers leave unset are filled in from elsewhere: with `resume`, the run directory's
+    saved config comes first; model.vocab_size comes from the prepared data's meta.json, and
+    model.n_positions from data.block_size. So that the vocabulary is known, a [data] source whose
+    folder is not prepared yet is tokenized here (by rank 0 alone under torchrun).
+    """
+    raw = merge_run_dicts(*layers)
+    train_raw = raw.get("train", {})
+    out_dir = Path(train_raw.get("out_dir", RunConfig().train.out_dir))
+    if train_raw.get("resume"):
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is not None:
+            saved = read_json(ckpt / "config.json").get("run")
+            if isinstance(saved, dict):
+                raw = merge_run_dicts(saved, raw)
+                source = f"{ckpt / 'config.json'} + {source}"
+    model_raw = raw.setdefault("model", {})
+    data_raw = raw.get("data", {})
+    if data_raw.get("source") and data_raw.get("dir"):
+        _prepare_once(config_from_dict(DataConfig, data_raw, source=f"{source} [data]"), progress=progress)
+    if "n_positions" not in model_raw and data_raw.get("block_size"):
+        model_raw["n_positions"] = data_raw["block_size"]
+    if "vocab_size" not in model_raw and data_raw.get("dir"):
+        meta_path = Path(data_raw["dir"]) / "meta.json"
+        if meta_path.is_file():
+            model_raw["vocab_size"] = int(read_json(meta_path)["vocab_size"])
+    return RunConfig.from_dict(raw, source=source)
+
+
+def _prepare_once(data: DataConfig, *, progress: bool) -> None:
+    """`prepare` data.source into data.dir unless meta.json is there; other torchrun ranks wait for it."""
+    meta = Path(data.dir) / "meta.json"
+    if meta.is_file():
+        return
+    if is_main():
+        prepare(data.source, data.dir, tokenizer=data.tokenizer, bpe_vocab_size=data.bpe_vocab_size,
+                val_fraction=data.val_fraction, split_by=data.split_by, errors=data.errors, workers=data.workers,
+                progress=progress)
+        return
+    # No process group exists yet, and none is needed: meta.json is written last, atomically. If rank 0
+    # fails, torchrun stops this process too.
+    while not meta.is_file():
+        time.sleep(0.5)
+
+
+def build_model(run: RunConfig) -> GPT:
+    """The GPT to train: initialised from the seed, or loaded from `train.init_from` (a run directory or HF GPT-2)."""
+    if run.train.init_from == "scratch":
+        return GPT(run.model, generator=torch.Generator().manual_seed(run.train.seed))
+    from scratchgpt.checkpoint import load_any
+
+    model, _ = load_any(run.train.init_from)
+    if model.config.vocab_size < run.model.vocab_size:
+        raise ValueError(f"{run.train.init_from}: its vocab_size {model.config.vocab_size} is smaller than the "
+                         f"data's tokenizer ({run.model.vocab_size})")
+    return model.train()
+
+
+def check_data(ds: TokenDataset, run: RunConfig) -> int:
+    """Validate the prepared data against the run before anything trains; returns the block size."""
+    block = run.data.block_size or run.model.n_positions
+    if block > run.model.n_positions:
+        raise ValueError(f"data.block_size={block} exceeds the model's context n_positions={run.model.n_positions}")
+    if run.model.vocab_size > ds.vocab_size + 128 and is_main():
+        print(f"note: model.vocab_size {run.model.vocab_size} is far above the tokenizer's {ds.vocab_size}; the "
+              f"extra output rows only cost time (leave vocab_size unset to take the tokenizer's)", file=sys.stderr)
+    if ds.vocab_size > run.model.vocab_size:
+        raise DataError(
+            f"{ds.dir / 'meta.json'}: the tokenizer has {ds.vocab_size} tokens but the model's vocab_size is "
+            f"{run.model.vocab_size}; raise model.vocab_size or leave it unset to take the tokenizer's"
+        )
+    ds.check_window("train", block)
+    if int(ds.meta["val_tokens"]):
+        ds.check_window("val", block)
+    return block
+
+
+def pretrain_job(run: RunConfig, runtime: Runtime) -> Job:
+    """Pretraining as a mode: prepared token files, the GPT of `run`, LM loss, LM evaluation of both splits."""
+    if not run.data.dir:
+        raise ValueError("no data: set [data] dir (a folder from `scratchgpt prepare`) in the config or --dir")
+    ds = open_dataset(run.data.dir)
+    block = check_data(ds, run)
+    tokenizer = ds.tokenizer()
+    model = build_model(run)
+    run = dataclasses.replace(run, model=model.config)  # init_from decides the shape; record it
+    cfg, info = run.train, runtime.dist
+    batches = make_sampler(ds.tokens("train"), kind=run.data.sampler, block_size=block,
+                           batch_size=cfg.batch_size, seed=cfg.seed, stride=run.data.stride,
+                           shuffle=run.data.shuffle, rank=info.rank, world_size=info.world_size)
+    evals: dict[str, EvalFn] = {}
+    for split in ("train", "val"):
+        if int(ds.meta[f"{split}_tokens"]) > block:
+            evals[split] = lm_evaluator(ds.tokens(split), block_size=block, batch_size=cfg.batch_size,
+                                        steps=cfg.eval_steps, seed=cfg.seed + (1 if split == "val" else 2))
+    sample_fn = make_sample_fn(tokenizer, cfg) if cfg.sample_interval > 0 else None
+    return Job(model, batches, cfg, loss_fn=lm_loss, evals=evals, sample_fn=sample_fn, tokenizer=tokenizer,
+               run_config=run.to_dict())
+
+
+def pretrain(run: RunConfig, *, log: LogFn | None = None) -> TrainResult:
+    """Pretrain a GPT as `run` describes: build, train, checkpoint (the data prepared by `resolve_run_config`)."""
+    result, _ = drive(run.train, lambda runtime: pretrain_job(run, runtime), log=log)
+    return result

@@ -1,0 +1,215 @@
+"""The run log: log.csv (one row per log step, evaluations as columns), throughput and MFU, and the plots.
+
+Every mode writes the same log.csv through `CsvLog`, reads it back through `read_log`, and draws it with
+`plot_log` (the loss) or `plot_metric` (any evaluated metric, e.g. classification accuracy): one
+matplotlib policy (the Agg canvas, no pyplot global state) for all of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scratchgpt.checkpoint import unwrap
+from scratchgpt.model.gpt import GPT
+
+# ---------------------------------------------------------------------------------------------
+# Throughput and model FLOPs utilisation
+# ---------------------------------------------------------------------------------------------
+
+# Dense peak TFLOP/s per GPU: (bf16/fp16 tensor cores, tf32, fp32). Matched against the device name.
+GPU_PEAK_TFLOPS: tuple[tuple[str, tuple[float, float, float]], ...] = (
+    ("H200", (989.0, 494.5, 67.0)),
+    ("H100 PCIe", (756.0, 378.0, 51.0)),
+    ("H100", (989.0, 494.5, 67.0)),  # SXM
+    ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.0, 181.0, 91.6)),
+    ("L4", (121.0, 60.0, 30.3)),
+    ("A10", (125.0, 62.5, 31.2)),
+    ("RTX 4090", (165.0, 82.6, 82.6)),
+    ("RTX 3090", (71.0, 35.6, 35.6)),
+    ("V100", (125.0, 15.7, 15.7)),
+    ("T4", (65.0, 8.1, 8.1)),
+)
+
+
+def gpu_peak_flops(name: str, dtype: torch.dtype, *, tf32: bool = False) -> float | None:
+    """Peak FLOP/s of a GPU from the table above, or None for an unknown GPU."""
+    for key, (half, tf32_peak, fp32) in GPU_PEAK_TFLOPS:
+        if key.lower() in name.lower():
+            tflops = half if dtype in (torch.bfloat16, torch.float16) else tf32_peak if tf32 else fp32
+            return tflops * 1e12
+    return None
+
+
+def measure_cpu_flops(*, n: int = 1024, repeats: int = 10) -> float:
+    """Achievable float32 matmul FLOP/s on this CPU with the current thread count (the best of `repeats`)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    a @ b  # warm up the kernels and thread pool
+    best = 0.0
+    for _ in range(repeats):  # other processes only ever slow a run down: keep the fastest
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s of `device` for `dtype`: the GPU table, or a measured matmul rate on the CPU."""
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype,
+                              tf32=torch.backends.cuda.matmul.allow_tf32)
+    if device.type == "cpu":
+        return measure_cpu_flops()
+    return None
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM, appendix B): 6·N plus 12·L·C·T for attention scores and values.
+
+    N counts every parameter except learned position embeddings (a lookup, not a matmul); a tied
+    input/output embedding counts once, for the output projection (an untied one is a lookup). A model
+    that is not a GPT gets 6·N.
+    """
+    inner = unwrap(model)
+    n = sum(p.numel() for p in inner.parameters())
+    if not isinstance(inner, GPT):
+        return 6.0 * n
+    cfg = inner.config
+    if isinstance(inner.transformer.wpe, nn.Embedding):
+        n -= inner.transformer.wpe.weight.numel()
+    if inner.lm_head.weight is not inner.transformer.wte.weight:
+        # Untied (e.g. a classifier's Linear(C, K) head): the token embedding is only a lookup too.
+        n -= inner.transformer.wte.weight.numel()
+    return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
+
+
+
+# ---------------------------------------------------------------------------------------------
+# log.csv and its plots
+# ---------------------------------------------------------------------------------------------
+
+LOG_FILE = "log.csv"
+PLOT_FILE = "loss.png"
+LOG_COLUMNS = ("step", "tokens", "lr", "train_loss", "val_loss", "tok_per_s", "mfu", "elapsed_s")
+
+
+class CsvLog:
+    """log.csv: fixed columns, then `eval_<name>_<metric>` columns as evaluations first report them."""
+
+    def __init__(self, path: Path, *, keep_through_step: int | None = None) -> None:
+        self.path = path
+        self.columns = list(LOG_COLUMNS)
+        self.rows: list[dict[str, Any]] = []
+        if keep_through_step is not None and path.is_file():
+            # Resuming: rows past the checkpoint came from steps that are about to be redone.
+            columns, rows = read_log_table(path)
+            self.columns = columns or list(LOG_COLUMNS)
+            self.rows = [r for r in rows if r.get("step") and int(r["step"]) <= keep_through_step]
+        self._rewrite()
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        new = [k for k in row if k not in self.columns]
+        if new:
+            self.columns += new
+            self._rewrite()
+        else:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, self.columns).writerow(_format_row(row))
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(_format_row(r) for r in self.rows)
+        os.replace(tmp, self.path)
+
+
+def _format_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def read_log_table(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a log.csv (a run directory or the file itself); empty when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LOG_FILE
+    if not path.is_file():
+        return [], []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def read_log(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a log.csv (a run directory or the file itself); empty when there is none."""
+    return read_log_table(path)[1]
+
+
+def _figure(size: tuple[float, float]) -> Any:
+    """A matplotlib Figure on the Agg canvas (no pyplot: no global backend switch, no figure registry); None
+    without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _series(rows: list[dict[str, str]], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
+    pts = [(float(r[x_key]), float(r[y_key])) for r in rows if r.get(y_key) not in (None, "")]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_log(csv_path: str | Path, png_path: str | Path) -> Path | None:
+    """Plot train and val loss against steps and against tokens seen; None (with no file) without matplotlib."""
+    fig = _figure((11, 4))
+    if fig is None:
+        return None
+    rows = read_log(csv_path)
+    for ax, x_key, label in zip(fig.subplots(1, 2), ("step", "tokens"), ("step", "tokens seen"), strict=True):
+        ax.plot(*_series(rows, x_key, "train_loss"), label="train (running)", lw=1, alpha=0.7)
+        if any(r.get("eval_train_loss") for r in rows):
+            ax.plot(*_series(rows, x_key, "eval_train_loss"), "o-", ms=3, label="train (eval)")
+        ax.plot(*_series(rows, x_key, "val_loss"), "o-", ms=3, label="val")
+        ax.set_xlabel(label)
+        ax.set_ylabel("cross-entropy loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(png_path, dpi=110)
+    return Path(png_path)
+
+
+def plot_metric(out_dir: str | Path, metric: str) -> Path | None:
+    """<metric>.png from every `<split>_<metric>` column of log.csv against the step; None without matplotlib."""
+    rows = read_log(out_dir)
+    columns = [c for c in (rows[0] if rows else {}) if c.endswith(f"_{metric}")]
+    if not columns:
+        return None
+    fig = _figure((6, 4))
+    if fig is None:
+        return None
+    ax = fig.subplots()
+    for col in columns:
+        xs, ys = _series(rows, "step", col)
+        if xs:
+            ax.plot(xs, ys, marker="o", label=col.removeprefix("eval_").removesuffix(f"_{metric}"))
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.legend()
+    path = Path(out_dir) / f"{metric}.png"
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,37 @@
+"""Process set-up: the one is_main(), device/dtype resolution, and process_group outside torchrun."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scratchgpt.training.runtime import is_main, process_group, resolve_dtype, resolve_runtime
+
+
+def test_is_main_follows_torchrun_rank_before_a_group_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    assert is_main()  # alone
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main()
+    monkeypatch.setenv("RANK", "0")
+    assert is_main()
+
+
+def test_process_group_alone_joins_nothing_and_places_models() -> None:
+    with process_group("cpu", "float32", "eager") as rt:
+        assert not torch.distributed.is_initialized()
+        assert (rt.device, rt.dtype, rt.attn_impl, rt.dist.world_size) == (torch.device("cpu"), torch.float32,
+                                                                           "eager", 1)
+        with rt.precision():  # float32: no autocast
+            assert not torch.is_autocast_enabled("cpu")
+    assert resolve_runtime("cpu", "auto", "auto").attn_impl == "sdpa"
+
+
+def test_dtype_and_device_resolution() -> None:
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_runtime("cuda")
+    with pytest.raises(ValueError, match="not a device"):
+        resolve_runtime("gpu7")
