@@ -381,7 +381,6 @@ def test_accept_reject_rule_emits_tokens_distributed_as_the_model():
     assert abs(kept_all / n - both) < 0.035
 
 
-@pytest.mark.slow
 def test_speculative_sampling_keeps_the_models_distribution():
     """Empirical joint distribution of 3 sampled tokens (vocab of 3) vs the exact one of the model."""
     import itertools
