@@ -12,6 +12,15 @@ A second line does the same for a Llama-shaped model (rotary positions, RMSNorm,
 attention, untied head) against transformers' `LlamaForCausalLM` with the same random weights:
 `--llama-model llama-124m` (GPT-2 124M's width and depth as a Llama block; the default) or a preset
 such as `llama-3.2-1b`. `--tiny` shrinks both models to 2 layers x 64 channels, to check the script.
+
+Also in the same run, for each row: int8 weights (`--quantize int8`, the default fast kernel for this
+CPU) and bfloat16 weights (only on CPUs with native bf16), as tok/s and ratios to our float32 and to
+transformers. Their tokens can differ from float32's (different rounding); the row reports how many
+leading tokens agree.
+
+`--checkpoint RUN --text FILE` instead measures a trained model: int8 vs float32 mean NLL (and
+perplexity) over held-out windows of FILE, greedy agreement of the first 32 tokens over prompts from
+FILE, and with `--draft RUN2` speculative greedy decoding's speed-up and acceptance rate.
 """
 
 from __future__ import annotations
@@ -30,17 +39,6 @@ def _best_rate(fn, *, repeats: int, n_tokens: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return n_tokens / best
-
-
-def _cpu_info() -> dict[str, object]:
-    """The CPU kind the numbers were measured on: torch's SIMD level and whether bf16 is native."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "avx512_bf16": "avx512_bf16" in flags.split()}
 
 
 def _llama_config(name: str, *, tiny: bool):
@@ -89,16 +87,35 @@ def _bench_pair(ours, hf, *, label: str, vocab: int, args) -> dict[str, object]:
     rate = lambda fn: _best_rate(fn, repeats=args.repeats, n_tokens=args.new_tokens)  # noqa: E731
     ours_tps, hf_tps = rate(run_ours), rate(run_hf)
     ours_lk, hf_lk = rate(run_ours_lookup), rate(run_hf_lookup)
+
+    import copy
+
+    from scratchgpt.inference.quantize import cast_weights, cpu_capability, default_kernel, quantize_model
+
+    def agree(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+    fast: dict[str, object] = {**cpu_capability(), "int8_kernel": default_kernel()}
+    int8 = quantize_model(copy.deepcopy(ours), "int8")
+    bf16 = cast_weights(copy.deepcopy(ours), "bfloat16") if cpu_capability()["native_bf16"] else None
+    for name, m in (("int8", int8), ("bf16", bf16)):
+        if m is None:
+            fast[f"{name}_tok_s"] = None  # emulated bf16: refused (see inference/quantize.py)
+            continue
+        agreed = agree(generate(m, prompt, sampling)[0], reference)
+        tps = rate(lambda m=m: generate(m, prompt, sampling)[0])
+        fast.update({f"{name}_tok_s": round(tps, 2), f"{name}_vs_fp32": round(tps / ours_tps, 3),
+                     f"{name}_vs_transformers": round(tps / hf_tps, 3), f"{name}_tokens_agree_with_fp32": agreed})
     return {
         "bench": "generate", "model": label, "reference": type(hf).__name__, "batch": 1,
         "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens, "dtype": "float32",
-        "threads": torch.get_num_threads(), **_cpu_info(),
+        "threads": torch.get_num_threads(),
         "scratchgpt_tok_s": round(ours_tps, 2), "transformers_tok_s": round(hf_tps, 2),
         "ratio": round(ours_tps / hf_tps, 3),
         "prompt_lookup": args.lookup,
         "scratchgpt_lookup_tok_s": round(ours_lk, 2), "transformers_lookup_tok_s": round(hf_lk, 2),
         "lookup_ratio": round(ours_lk / hf_lk, 3), "lookup_vs_transformers_plain": round(ours_lk / hf_tps, 3),
-        "same_tokens": same,
+        "same_tokens": same, **fast,
     }
 
 
@@ -114,9 +131,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (best is kept)")
     parser.add_argument("--lookup", type=int, default=10, help="draft tokens for prompt-lookup decoding")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--checkpoint", help="a trained run: measure int8 quality (and --draft speed) on --text")
+    parser.add_argument("--draft", help="a smaller run with the same tokenizer, for speculative decoding")
+    parser.add_argument("--text", help="held-out text for --checkpoint (its last 10%% is used)")
+    parser.add_argument("--windows", type=int, default=40, help="held-out windows for the NLL")
+    parser.add_argument("--prompts", type=int, default=20, help="prompts for the greedy comparison")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        trained(args)
+        return
     rows = set(args.rows.split(","))
 
     import transformers
@@ -149,6 +174,58 @@ def main() -> None:
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_dict)).eval()
         label = args.llama_model + ("-tiny" if args.tiny else "")
         print(json.dumps(_bench_pair(ours_from(hf, config), hf, label=label, vocab=config.vocab_size, args=args)))
+
+
+def trained(args: argparse.Namespace) -> None:
+    """int8 quality (NLL, greedy agreement) and draft-model speculative decoding on a trained run."""
+    import copy
+    import math
+    from pathlib import Path
+
+    from scratchgpt import SamplingConfig
+    from scratchgpt.checkpoint import load_any
+    from scratchgpt.inference.generate import generate
+    from scratchgpt.inference.quantize import cpu_capability, default_kernel, quantize_model
+
+    if not args.text:
+        raise SystemExit("--checkpoint needs --text FILE (held-out text)")
+    model, tok = load_any(args.checkpoint)
+    int8 = quantize_model(copy.deepcopy(model), "int8")
+    text = Path(args.text).read_text(encoding="utf-8")
+    ids = torch.tensor(tok.encode(text[int(len(text) * 0.9) :]), dtype=torch.long)  # the held-out tail
+    T = model.config.n_positions
+    starts = torch.linspace(0, len(ids) - T - 1, args.windows).long().tolist()
+    x = torch.stack([ids[s : s + T] for s in starts])
+    y = torch.stack([ids[s + 1 : s + T + 1] for s in starts])
+
+    @torch.inference_mode()
+    def nll(m) -> float:  # mean next-token NLL over the windows (every position scored)
+        return sum(float(m(x[i : i + 8], y[i : i + 8])[1]) * len(x[i : i + 8]) for i in range(0, len(x), 8)) / len(x)
+
+    nll32, nll8 = nll(model), nll(int8)
+    greedy = SamplingConfig(max_new_tokens=32, temperature=0.0, stop_at_eot=False)
+    p_starts = torch.linspace(0, len(ids) - 33, args.prompts).long().tolist()
+    prompts = [ids[s : s + 32].tolist() for s in p_starts]
+    same32 = sum(generate(model, p, greedy)[0] == generate(int8, p, greedy)[0] for p in prompts)
+    row = {"bench": "generate-trained", "checkpoint": args.checkpoint, **cpu_capability(),
+           "int8_kernel": default_kernel(), "windows": len(x), "window_tokens": T,
+           "fp32_nll": round(nll32, 4), "int8_nll": round(nll8, 4),
+           "ppl_change_pct": round((math.exp(nll8 - nll32) - 1) * 100, 3),
+           "greedy32_identical": f"{same32}/{len(prompts)}"}
+    if args.draft:
+        draft, _ = load_any(args.draft)
+        long = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eot=False)
+        prompt = prompts[0][:16]
+        stats: dict[str, int] = {}
+        plain_out = generate(model, prompt, long)
+        spec_out = generate(model, prompt, long, draft=draft, stats=stats)
+        plain = _best_rate(lambda: generate(model, prompt, long), repeats=args.repeats, n_tokens=args.new_tokens)
+        spec = _best_rate(lambda: generate(model, prompt, long, draft=draft), repeats=args.repeats,
+                          n_tokens=args.new_tokens)
+        row.update({"draft": args.draft, "plain_tok_s": round(plain, 2), "speculative_tok_s": round(spec, 2),
+                    "speculative_speedup": round(spec / plain, 3), "same_tokens": plain_out == spec_out,
+                    "acceptance": round(stats["accepted"] / max(stats["drafted"], 1), 3)})
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":

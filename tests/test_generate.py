@@ -305,3 +305,148 @@ def test_sampling_seed_is_honoured_without_a_generator() -> None:
     assert gen(model, [1, 2, 3], sampling, generator=g) == gen(
         model, [1, 2, 3], SamplingConfig(temperature=1.0, max_new_tokens=12, stop_at_eot=False),
         generator=torch.Generator().manual_seed(7))
+
+
+# -- inverse-CDF sampling --------------------------------------------------------------------------
+
+
+def test_sample_from_probs_follows_the_distribution_and_never_picks_zero_mass():
+    from scratchgpt.inference.generate import sample_from_probs
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]])
+    g = make_generator(0)
+    n = 20000
+    draws = torch.stack([sample_from_probs(probs, generator=g) for _ in range(n)]).flatten()
+    counts = torch.bincount(draws, minlength=6).double() / n
+    assert counts[[0, 2, 5]].sum() == 0
+    assert (counts - probs[0].double()).abs().max() < 0.015
+    # Unnormalised weights sample like their normalised version; a seed reproduces the draws.
+    g1, g2 = make_generator(3), make_generator(3)
+    a = [int(sample_from_probs(probs * 7.0, generator=g1)) for _ in range(50)]
+    b = [int(sample_from_probs(probs, generator=g2)) for _ in range(50)]
+    assert a == b and len(set(a)) == 3
+
+
+def test_sample_from_probs_picks_a_block_by_cumulative_mass_then_races_inside_it():
+    from scratchgpt.inference.generate import _SAMPLE_BLOCK, sample_from_probs
+
+    probs = torch.softmax(torch.randn(4, 50257, generator=torch.Generator().manual_seed(0)), dim=-1)
+    out = sample_from_probs(probs, generator=make_generator(5))
+    g = make_generator(5)
+    u = torch.rand((4, 1), generator=g, dtype=torch.float64)
+    padded = torch.nn.functional.pad(probs.double(), (0, (-50257) % _SAMPLE_BLOCK)).view(4, -1, _SAMPLE_BLOCK)
+    cdf = padded.sum(-1).cumsum(-1)
+    for r in range(4):  # the first block whose cumulative mass exceeds the row's uniform
+        block = int((cdf[r] <= u[r, 0] * cdf[r, -1]).sum())
+        assert out[r].item() // _SAMPLE_BLOCK == block
+
+
+def test_sample_from_probs_is_robust_to_rounding_noise_in_the_logits():
+    """A batch and a lone row differ in the last float bits; their draws must (almost) never differ."""
+    from scratchgpt.inference.generate import sample_from_probs
+
+    logits = torch.randn(1, 50257, generator=torch.Generator().manual_seed(1)) * 0.3  # flat: the hard case
+    # Exaggerated noise (1e-3 absolute): a plain 50k-long inverse-CDF search moved 26 of these 300
+    # draws to another token; the block search + race moved none.
+    noisy = logits + 1e-3 * torch.randn(1, 50257, generator=torch.Generator().manual_seed(2))
+    flips = sum(int(sample_from_probs(logits.softmax(-1), generator=make_generator(s)))
+                != int(sample_from_probs(noisy.softmax(-1), generator=make_generator(s))) for s in range(300))
+    assert flips <= 2
+
+
+# -- speculative decoding with a draft model -------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_speculative_greedy_gives_exactly_the_plain_greedy_tokens(k):
+    model = tiny_model(n_positions=48, seed=1)
+    draft = GPT(GPTConfig(vocab_size=97, n_positions=48, n_embd=16, n_layer=1, n_head=2),
+                generator=torch.Generator().manual_seed(9)).eval()
+    prompt = [5, 6, 7, 8, 9]
+    cfg = SamplingConfig(max_new_tokens=60, temperature=0.0)  # runs past the context: window slides
+    plain = generate(model, prompt, cfg)
+    stats: dict[str, int] = {}
+    assert generate(model, prompt, cfg, draft=draft, draft_tokens=k, stats=stats) == plain
+    assert stats["drafted"] > 0 and 0 <= stats["accepted"] <= stats["drafted"]
+    # The model as its own draft: every proposal is accepted, k+1 tokens per verification pass.
+    stats = {}
+    short = SamplingConfig(max_new_tokens=30, temperature=0.0)
+    assert generate(model, prompt, short, draft=model, draft_tokens=k, stats=stats) == generate(model, prompt, short)
+    assert stats["accepted"] == stats["drafted"] > 0
+
+
+def test_accept_reject_rule_emits_tokens_distributed_as_the_model():
+    """One verification step with fixed distributions: whatever the draft proposes, the first
+    emitted token follows p_0 and the bonus/next tokens follow the model too."""
+    from scratchgpt.inference.generate import _accept_reject, sample_from_probs
+
+    cfg = SamplingConfig(temperature=1.0)
+    p_logits = torch.tensor([[2.0, 0.0, -1.0, 0.5], [0.0, 1.5, 0.0, -2.0], [1.0, 1.0, -1.0, 0.0]])  # (1+k, V)
+    q = torch.tensor([[0.05, 0.6, 0.3, 0.05], [0.7, 0.1, 0.1, 0.1]])  # (k, V): far from p
+    p = p_logits.softmax(-1)
+    g, n = make_generator(0), 3000
+    first = torch.zeros(4)
+    kept_all = 0
+    for _ in range(n):
+        d = [int(sample_from_probs(q[i : i + 1], generator=g)) for i in range(2)]
+        n_ok, nxt = _accept_reject(p_logits, q, d, cfg, g)
+        first[(d + [int(nxt)])[0] if n_ok > 0 else int(nxt)] += 1
+        kept_all += n_ok == 2
+    assert (first / n - p[0]).abs().max() < 0.035
+    assert (q[0] - p[0]).abs().max() > 0.3  # keeping every draft token would fail the check above
+    # All kept happens with probability sum_x min(p0, q0) * sum_x min(p1, q1) (independent here).
+    both = float(torch.minimum(p[0], q[0]).sum() * torch.minimum(p[1], q[1]).sum())
+    assert abs(kept_all / n - both) < 0.035
+
+
+def test_speculative_sampling_keeps_the_models_distribution():
+    """Empirical joint distribution of 3 sampled tokens (vocab of 3) vs the exact one of the model."""
+    import itertools
+
+    from scratchgpt.inference.generate import token_probs
+
+    V = 3
+    model = tiny_model(vocab_size=V, n_positions=16, seed=2)
+    draft = tiny_model(vocab_size=V, n_positions=16, seed=7)
+    with torch.no_grad():  # sharpen both (tied: embeddings too) so that p and q differ clearly
+        model.lm_head.weight.mul_(3.0)
+        draft.lm_head.weight.mul_(3.0)
+    prompt = [0, 1]
+    cfg = SamplingConfig(max_new_tokens=3, temperature=1.0, stop_at_eot=False)
+
+    def joint(m: GPT) -> dict[tuple, float]:
+        out = {}
+        with torch.no_grad():
+            for seq in itertools.product(range(V), repeat=3):
+                p, ctx = 1.0, list(prompt)
+                for t in seq:
+                    p *= float(token_probs(m(torch.tensor([ctx]))[0][:, -1], cfg)[0, t])
+                    ctx.append(t)
+                out[seq] = p
+        return out
+
+    exact, drafts_own = joint(model), joint(draft)
+    tv = lambda a, b: 0.5 * sum(abs(a[s] - b.get(s, 0.0)) for s in a)  # noqa: E731
+    assert tv(exact, drafts_own) > 0.2  # a rule that kept every draft token would fail below
+
+    n, g, stats = 1500, make_generator(11), {}
+    counts: dict[tuple, int] = {}
+    for _ in range(n):
+        toks = tuple(generate(model, prompt, cfg, generator=g, draft=draft, draft_tokens=2, stats=stats)[0])
+        counts[toks] = counts.get(toks, 0) + 1
+    empirical = {s: c / n for s, c in counts.items()}
+    assert tv(exact, empirical) < 0.08  # ~0.035 expected from sampling noise at n=1500
+    assert 0 < stats["accepted"] < stats["drafted"]  # both accept and reject branches ran
+
+
+def test_draft_with_another_vocabulary_or_tokenizer_is_one_clear_error():
+    from scratchgpt.inference.generate import check_draft
+
+    model = tiny_model(vocab_size=97)
+    with pytest.raises(ValueError, match="vocabulary has 96 tokens.*same tokenizer"):
+        generate(model, [1, 2], GREEDY, draft=tiny_model(vocab_size=96))
+    with pytest.raises(ValueError, match="tokenizer .* differs"):
+        check_draft(tiny_model(vocab_size=257), tiny_model(vocab_size=257), model_tokenizer=ByteTokenizer(),
+                    draft_tokenizer=type("Other", (ByteTokenizer,), {"encode": lambda s, t, **k: [1]})())
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        generate(model, [[1, 2], [3]], GREEDY, draft=tiny_model(vocab_size=97, seed=1))

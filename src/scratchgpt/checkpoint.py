@@ -153,6 +153,11 @@ def load_model(
             f"{run_dir}: a classifier (from `scratchgpt finetune classify`): it predicts labels, not text; use "
             f"`scratchgpt classify --checkpoint {run_dir} TEXT...` (or load it with load_classifier)"
         )
+    if cfg.get("quantization"):  # int8 weights + scales: rebuilt by the quantize module
+        if prepare is not None or dtype is not None:
+            raise CheckpointError(f"{run_dir}: an int8-quantized model loads for inference only (no dtype "
+                                  f"change, no task head); use its float checkpoint")
+        return load_quantized(run_dir, cfg, device=device), cfg
     try:
         config = GPTConfig.from_dict(cfg["model"], source=str(run_dir / "config.json"))
     except (TypeError, ValueError, KeyError) as e:
@@ -376,16 +381,27 @@ def checkpoint_kind(path: str | Path) -> str:
 
 
 def load_any(
-    path_or_name: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path_or_name: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    quantize: str | None = None, inference_dtype: str | None = None,
 ) -> tuple[GPT, Any]:
-    """(model, tokenizer) from a scratchgpt run directory, a Hugging Face directory, or a hub name."""
+    """(model, tokenizer) from a scratchgpt run directory, a Hugging Face directory, or a hub name.
+
+    `quantize` ("int8") and `inference_dtype` ("bfloat16") prepare the model for fast inference
+    (see model/quantize.py); an already-quantized run directory loads as it is.
+    """
     from scratchgpt.data.tokenizer import load_tokenizer
 
     if checkpoint_kind(path_or_name) == FORMAT:
         model, _ = load_model(path_or_name, device=device, dtype=dtype)
-        return model, load_tokenizer(path_or_name)
-    model = load_hf(path_or_name, device=device, dtype=dtype)
-    return model, load_hf_tokenizer(_resolve_hf(path_or_name))
+        tokenizer = load_tokenizer(path_or_name)
+    else:
+        model = load_hf(path_or_name, device=device, dtype=dtype)
+        tokenizer = load_hf_tokenizer(_resolve_hf(path_or_name))
+    if quantize or inference_dtype:
+        from scratchgpt.model.quantize import prepare_for_inference
+
+        prepare_for_inference(model, quantize=quantize, dtype=inference_dtype, device=device)
+    return model, tokenizer
 
 
 def describe_checkpoint(path_or_name: str | Path) -> tuple[GPTConfig, dict[str, Any]]:
@@ -445,6 +461,80 @@ def check_prepare_dir(directory: str | Path, *, overwrite: bool = False) -> None
             f"{directory} holds a model or training run ({', '.join(held)}); preparing data there would replace "
             f"its tokenizer. Choose another --dir, or pass --overwrite to prepare there anyway"
         )
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading quantized run directories
+# ---------------------------------------------------------------------------------------------
+
+
+def save_quantized(model: nn.Module, run_dir: str | Path, *, tokenizer: Any = None,
+                   extra: dict[str, Any] | None = None) -> Path:
+    """Write a quantized GPT as a run directory (int8 weights + float32 scales in safetensors + JSON)."""
+    from scratchgpt.model.quantize import Int8Linear, quantized_mode
+
+    model = unwrap(model)
+    mode = quantized_mode(model)
+    if mode is None:
+        raise ValueError("save_quantized expects a quantized model; call quantize_model() first")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings and not isinstance(model.lm_head, Int8Linear):
+        state.pop("lm_head.weight", None)
+    layers = sorted(name for name, m in model.named_modules() if isinstance(m, Int8Linear))
+    save_tensors(state, run_dir / "model.safetensors", metadata={"format": "pt", "quantization": mode})
+    if tokenizer is not None:
+        tokenizer.save(run_dir)
+    quant = {"mode": mode, "scheme": "per-output-channel symmetric int8 weights, float32 scales", "layers": layers}
+    cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
+           "quantization": quant, **(extra or {})}
+    write_json(run_dir / "config.json", cfg)  # last: its presence marks a complete checkpoint
+    return run_dir
+
+
+def load_quantized(run_dir: str | Path, cfg: dict[str, Any], *, device: torch.device | str = "cpu",
+                   kernel: str | None = None) -> nn.Module:
+    """Rebuild a model saved by `save_quantized` (config.json already read into `cfg`)."""
+    from scratchgpt.model.quantize import QUANT_MODES, Int8Linear, default_kernel
+
+    run_dir = Path(run_dir)
+    source = run_dir / "config.json"
+    quant = cfg.get("quantization") or {}
+    if quant.get("mode") not in QUANT_MODES:
+        raise CheckpointError(f"{source}: unknown quantization {quant.get('mode')!r}; this scratchgpt reads "
+                              f"{', '.join(QUANT_MODES)}")
+    try:
+        config = GPTConfig.from_dict(cfg["model"], source=str(source))
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{source}: invalid model config: {e}") from None
+    state = load_tensors(run_dir / "model.safetensors")
+    model = GPT(config, device="meta")
+    layers = set(quant.get("layers") or [])
+    for parent_name, parent in list(model.named_modules()):
+        for attr, child in list(parent.named_children()):
+            name = f"{parent_name}.{attr}" if parent_name else attr
+            if isinstance(child, nn.Linear) and name in layers:
+                bias = f"{name}.bias" in state
+                setattr(parent, attr, Int8Linear(child.in_features, child.out_features, bias=bias,
+                                                 kernel=kernel or default_kernel(), device="meta"))
+    expected = set(model.state_dict())
+    if config.tie_word_embeddings and "lm_head" not in layers:
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{run_dir / 'model.safetensors'}: weights do not match the quantized config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for name, m in model.named_modules():
+        if isinstance(m, Int8Linear) and state[f"{name}.weight"].dtype != torch.int8:
+            raise CheckpointError(f"{run_dir / 'model.safetensors'}: {name}.weight is "
+                                  f"{state[f'{name}.weight'].dtype}, expected int8")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings and "lm_head" not in layers:
+        model.lm_head.weight = model.transformer.wte.weight
+    model.reset_buffers(device=device)
+    return model.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------

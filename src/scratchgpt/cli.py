@@ -103,7 +103,8 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: 'auto')")
 
 
-def _load_source(checkpoint: str, preset: str, device: Any, seed: int | None = None):
+def _load_source(checkpoint: str, preset: str, device: Any, seed: int | None = None, *,
+                 quantize: str | None = None, dtype: str | None = None):
     """(model, tokenizer or None) from a checkpoint, or a freshly initialised preset."""
     import torch
 
@@ -111,9 +112,33 @@ def _load_source(checkpoint: str, preset: str, device: Any, seed: int | None = N
     from scratchgpt.model.gpt import GPT
 
     if checkpoint:
-        return load_any(checkpoint, device=device)
+        return load_any(checkpoint, device=device, quantize=quantize, inference_dtype=dtype)
     generator = torch.Generator().manual_seed(seed or 0)
-    return GPT(GPTConfig.from_name(preset), generator=generator).to(device).eval(), None
+    model = GPT(GPTConfig.from_name(preset), generator=generator).to(device).eval()
+    if quantize or dtype:
+        from scratchgpt.model.quantize import prepare_for_inference
+
+        prepare_for_inference(model, quantize=quantize, dtype=dtype, device=device)
+    return model, None
+
+
+def _add_inference_flags(p: argparse.ArgumentParser, *, draft: bool) -> None:
+    """--quantize / --dtype (faster CPU inference) and --draft (speculative decoding; generate only)."""
+    p.add_argument("--quantize", choices=["int8"],
+                   help="int8 weights (per output channel): ~2x faster CPU decoding, ~1/4 of the memory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="weight dtype for inference; bfloat16 needs a CPU with native bf16 (avx512_bf16/AMX)")
+    p.add_argument("--draft", metavar="CHECKPOINT",
+                   help="speculative decoding with this smaller model (same tokenizer)" if draft
+                   else "not supported here (speculative decoding runs in `scratchgpt generate`)")
+    if draft:
+        p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes per pass")
+
+
+def _refuse_draft(args: argparse.Namespace, where: str) -> None:
+    if getattr(args, "draft", None):
+        raise ValueError(f"--draft is not supported by `scratchgpt {where}` (its decoding runs several "
+                         f"conversations in one batch); use `scratchgpt generate --draft`")
 
 
 @command
@@ -162,6 +187,7 @@ def _add_generate(sub) -> None:
 
     p = sub.add_parser("generate", help="generate text from a checkpoint or a fresh preset")
     add_config_sections(p, Section("generate", GenerateConfig), Section("sampling", SamplingConfig))
+    _add_inference_flags(p, draft=True)
     p.set_defaults(func=_run_generate)
 
 
@@ -173,15 +199,28 @@ def _run_generate(args: argparse.Namespace) -> int:
     configs, _ = read_config_sections(args)
     cfg, sampling = configs["generate"], configs["sampling"]
     device = resolve_device(cfg.device)
-    model, tokenizer = _load_source(cfg.checkpoint, cfg.model, device, sampling.seed)
+    model, tokenizer = _load_source(cfg.checkpoint, cfg.model, device, sampling.seed, quantize=args.quantize,
+                                    dtype=args.dtype)
     if tokenizer is None:
         tokenizer = gpt2_tokenizer(cfg.gpt2_dir or None)
+    draft, stats = None, {}
+    if args.draft:
+        from scratchgpt.checkpoint import load_any
+        from scratchgpt.inference.generate import check_draft
+
+        draft, draft_tokenizer = load_any(args.draft, device=device, quantize=args.quantize,
+                                          inference_dtype=args.dtype)
+        try:
+            check_draft(model, draft, model_tokenizer=tokenizer, draft_tokenizer=draft_tokenizer or tokenizer)
+        except ValueError as e:
+            raise ValueError(f"--draft {args.draft}: {e}") from None
     generator = make_generator(sampling.seed, device)
     for i in range(cfg.num_samples):
         if cfg.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         pieces = stream_text(model, tokenizer, cfg.prompt, sampling, generator=generator,
-                             use_cache=cfg.cache, prompt_lookup=cfg.prompt_lookup)
+                             use_cache=cfg.cache, prompt_lookup=cfg.prompt_lookup, draft=draft,
+                             draft_tokens=args.draft_tokens, stats=stats)
         if cfg.stream:
             print(cfg.prompt, end="", flush=True)
             for piece in pieces:
@@ -189,6 +228,9 @@ def _run_generate(args: argparse.Namespace) -> int:
             print()
         else:
             print(cfg.prompt + "".join(pieces))
+    if draft is not None and stats.get("drafted"):
+        print(f"draft acceptance: {stats['accepted']}/{stats['drafted']} = "
+              f"{stats['accepted'] / stats['drafted']:.1%}", file=sys.stderr)
     return 0
 
 
@@ -430,6 +472,7 @@ def _add_chat(sub) -> None:
                    help="override the checkpoint's chat template (default: its config.json, else alpaca)")
     p.add_argument("--system", help="a system message that opens the conversation")
     p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: 'auto')")
+    _add_inference_flags(p, draft=False)
     add_dataclass_args(p, SamplingConfig)
     p.set_defaults(func=_run_chat)
 
@@ -439,7 +482,9 @@ def _run_chat(args: argparse.Namespace) -> int:
     from scratchgpt.device import resolve_device
     from scratchgpt.inference.chat_session import ChatSession
 
-    model, tokenizer = load_any(args.checkpoint, device=resolve_device(args.device))
+    _refuse_draft(args, "chat")
+    model, tokenizer = load_any(args.checkpoint, device=resolve_device(args.device), quantize=args.quantize,
+                                inference_dtype=args.dtype)
     template = args.chat_template or saved_chat_template(args.checkpoint)
     session = ChatSession(model, tokenizer, template=template, system=args.system,
                           sampling=SamplingConfig(**overrides_from_args(args, SamplingConfig)))
@@ -485,6 +530,7 @@ def _add_serve(sub) -> None:
         "streaming included), GET /v1/models, GET /health, and a chat page at GET /. Needs the `serve` extra.",
     )
     add_config_sections(p, Section("serve", ServeConfig), Section("limits", ServeLimits))
+    _add_inference_flags(p, draft=False)
     p.set_defaults(func=_run_serve)
 
 
@@ -496,10 +542,63 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"serving needs the `serve` extra ({e}); pip install 'scratchgpt[serve]'") from None
     from scratchgpt.inference.serve import serve
 
+    _refuse_draft(args, "serve")
     configs, _ = read_config_sections(args)
     cfg = configs["serve"]
+    fast = {k: v for k, v in (("quantize", args.quantize), ("inference_dtype", args.dtype)) if v}
     serve(cfg.checkpoint, host=cfg.host, port=cfg.port, api_key=cfg.api_key, model_name=cfg.model_name,
-          chat_template=cfg.chat_template, device=cfg.device, limits=configs["limits"], log_level=cfg.log_level)
+          chat_template=cfg.chat_template, device=cfg.device, limits=configs["limits"], log_level=cfg.log_level,
+          **fast)
+    return 0
+
+
+# ================================ export: gguf, onnx ================================
+
+
+@command
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write a model as GGUF (llama.cpp, Ollama) or ONNX (onnxruntime)",
+        description="Export a checkpoint for other runtimes. GGUF: llama.cpp's gpt2 architecture with the GPT-2 "
+                    "tokenizer embedded (run it with: llama-cli -m model.gguf -p 'Hello'). ONNX: input_ids plus "
+                    "past_keys/past_values in, logits plus present_keys/present_values out, dynamic lengths. "
+                    "Needs the `export` extra.",
+    )
+    p.add_argument("--checkpoint", required=True, help="scratchgpt run directory or Hugging Face GPT-2 directory")
+    p.add_argument("--format", required=True, choices=["gguf", "onnx"], help="the file format to write")
+    p.add_argument("--out", required=True, help="the file to write (e.g. model.gguf, model.onnx)")
+    p.add_argument("--gguf-dtype", default="float32", choices=["float32", "float16"],
+                   help="GGUF weight type (default float32; llama-quantize makes Q8_0/Q4_K from it)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from scratchgpt.checkpoint import load_any
+
+    src = Path(args.checkpoint)
+    if (src / "adapter_config.json").is_file() and not (src / "config.json").is_file():
+        raise ValueError(f"{src} holds LoRA adapters only; merge them into their base first: scratchgpt finetune "
+                         f"merge --base BASE --adapters {src} --out-dir MERGED, then export MERGED")
+    needs = ["gguf"] if args.format == "gguf" else ["onnx", "onnxscript"]
+    for module in needs:
+        try:
+            __import__(module)
+        except ImportError:
+            raise ValueError(f"--format {args.format} needs the `export` extra (no module {module!r}); "
+                             f"pip install 'scratchgpt[export]'") from None
+    model, tokenizer = load_any(args.checkpoint)
+    if args.format == "gguf":
+        from scratchgpt.export.gguf import export_gguf
+
+        out = export_gguf(model, tokenizer, args.out, dtype=args.gguf_dtype, name=src.name or "scratchgpt")
+    else:
+        from scratchgpt.export.onnx import export_onnx
+
+        out = export_onnx(model, args.out)
+    print(json.dumps({"format": args.format, "out": str(out), "bytes": Path(out).stat().st_size}))
     return 0
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from scratchgpt.config import SamplingConfig
@@ -67,10 +68,47 @@ def sample_next_token(
         logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
     if sampling.greedy:
         return logits.argmax(dim=-1)
+    return sample_from_probs(token_probs(logits, sampling), generator=generator)
+
+
+def token_probs(logits: Tensor, sampling: SamplingConfig) -> Tensor:
+    """The distribution sampling draws from: softmax of the temperature-scaled, filtered logits. (B, V)."""
     logits = logits.float() / sampling.temperature
     logits = filter_logits(logits, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
+
+
+def sample_from_probs(probs: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row of probs (B, V) -> (B,): inverse-CDF over blocks, then a race inside one block.
+
+    torch.multinomial draws an exponential for every one of the 50k tokens (~0.9 ms per row). Here
+    one uniform picks a block of `_SAMPLE_BLOCK` tokens by its share of the mass (a search in the
+    cumulative block masses), and `_SAMPLE_BLOCK` exponentials pick the token inside it
+    (argmax p/E, E ~ Exp(1), which draws j with probability p_j / block mass). The product is
+    exactly p_j / total. Why not a plain search over all 50k cumulative probabilities: float
+    rounding noise in the logits (a row decoded in a batch vs alone) accumulates along a 50k-long
+    cumulative sum and moved a draw to the neighbouring token about once per thousand tokens; over
+    ~200 block masses, each far wider than one token's probability, that is ~256x rarer, and the
+    race inside a block flips only when two tokens tie to within the noise.
+    `probs` need not sum to one (it is rescaled), so it also samples unnormalised residuals.
+    """
+    B, V = probs.shape
+    n_blocks = -(-V // _SAMPLE_BLOCK)
+    p = F.pad(probs.double(), (0, n_blocks * _SAMPLE_BLOCK - V)).view(B, n_blocks, _SAMPLE_BLOCK)
+    mass = p.sum(dim=-1)  # (B, n_blocks)
+    cdf = mass.cumsum(dim=-1)
+    u = torch.rand((B, 1), generator=generator, device=probs.device, dtype=torch.float64)
+    # right=True returns the first block whose cdf exceeds u·total: a block without mass (cdf equal
+    # to its left neighbour's) is never picked, except when u·total rounds up to the total itself.
+    block = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    last = n_blocks - 1 - (mass.flip(-1) > 0).to(torch.int8).argmax(dim=-1)
+    block = torch.minimum(block, last)
+    inside = p[torch.arange(B, device=p.device), block]  # (B, _SAMPLE_BLOCK)
+    race = torch.empty_like(inside).exponential_(generator=generator)
+    return block * _SAMPLE_BLOCK + (inside / race).argmax(dim=-1)
+
+
+_SAMPLE_BLOCK = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +263,9 @@ def iter_generate(
     generators: Sequence[torch.Generator | None] | None = None,
     use_cache: bool = True,
     prompt_lookup: int = 0,
+    draft: GPT | None = None,
+    draft_tokens: int = 4,
+    stats: dict[str, int] | None = None,
 ) -> Iterator[list[Step]]:
     """Decode a batch of prompts together; yield, per step, the new token of every unfinished row.
 
@@ -233,6 +274,12 @@ def iter_generate(
     turns on prompt-lookup decoding for a single greedy prompt: up to that many draft tokens, copied
     from where the last few tokens occurred before, are checked in one forward pass. The output is
     the same greedy text; repetitive text (code, quotes, summaries) comes out several tokens per pass.
+
+    `draft` (a smaller model with the same tokenizer) turns on speculative decoding for a single
+    prompt: the draft proposes `draft_tokens` tokens one by one, the model checks them in one pass.
+    Greedy output is identical to plain decoding; sampled output follows the same distribution
+    (standard accept/reject rule, see `_accept_reject`). `stats`, if given, receives "drafted" and
+    "accepted" counts (acceptance rate = accepted / drafted).
     """
     B = len(prompts)
     if B == 0:
@@ -250,18 +297,48 @@ def iter_generate(
         warnings.warn(f"prompt longer than the context ({n_ctx} tokens): keeping its last {n_ctx} tokens", stacklevel=2)
         prompts = [list(p)[-n_ctx:] for p in prompts]
 
+    if draft is not None:
+        check_draft(model, draft)
+        if B != 1 or not use_cache:
+            raise ValueError("speculative decoding with a draft model runs one prompt at a time, with the KV cache")
+        if samplings[0].repetition_penalty != 1.0:
+            raise ValueError("speculative decoding does not support repetition_penalty; leave it at 1.0")
+        if draft_tokens < 1:
+            raise ValueError(f"draft_tokens={draft_tokens} must be >= 1")
+
     device = next(model.parameters()).device
     gens = seeded_generators(samplings, gens, device)
     was_training = model.training
     model.eval()
+    if draft is not None:
+        draft.eval()
+    spec = (draft, draft_tokens, stats if stats is not None else {})
     try:
         yield from _decode(model, [list(p) for p in prompts], samplings, gens, eot_id, tokenizer, use_cache, device,
-                           prompt_lookup)
+                           prompt_lookup, spec)
     finally:
         model.train(was_training)
 
 
-def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, device, lookup) -> Iterator[list[Step]]:
+def check_draft(model: GPT, draft: GPT, *, model_tokenizer=None, draft_tokenizer=None) -> None:
+    """A one-line error unless `draft` can propose tokens for `model`: same vocabulary and tokenizer."""
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"the draft model's vocabulary has {draft.config.vocab_size} tokens but the model's has "
+                         f"{model.config.vocab_size}; a draft must use the same tokenizer")
+    if model_tokenizer is not None and draft_tokenizer is not None:
+        probe = "The quick brown fox, 3.14 é\n"
+        same = (type(model_tokenizer) is type(draft_tokenizer) and model_tokenizer.eot_id == draft_tokenizer.eot_id
+                and model_tokenizer.vocab_size == draft_tokenizer.vocab_size
+                and model_tokenizer.decode_bytes(range(model_tokenizer.vocab_size))
+                == draft_tokenizer.decode_bytes(range(draft_tokenizer.vocab_size))
+                and model_tokenizer.encode(probe) == draft_tokenizer.encode(probe))
+        if not same:
+            raise ValueError(f"the draft model's tokenizer ({draft_tokenizer!r}) differs from the model's "
+                             f"({model_tokenizer!r}); a draft must use the same tokenizer")
+
+
+def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, device, lookup,
+            spec) -> Iterator[list[Step]]:
     B = len(prompts)
     n_ctx = model.config.n_positions
     max_new = max(s.max_new_tokens for s in samplings)
@@ -289,10 +366,23 @@ def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, devic
         logits = prefill(model, seq, cache, mask=mask if padded else None, positions=positions if padded else None)
     else:
         logits = _full_forward(model, seq, mask, padded)
+    draft, k_draft, stats = spec
+    dcache = None
+    if draft is not None:
+        lookup = 0
+        stats.setdefault("drafted", 0)
+        stats.setdefault("accepted", 0)
+        d_len = min(cache.max_len, draft.config.n_positions)
+        dcache = KVCache.empty(draft.config, batch_size=1, max_len=d_len, device=device,
+                               dtype=next(draft.parameters()).dtype)
+    preset: Tensor | None = None  # a next token already drawn by speculative sampling's accept/reject step
 
     while True:
-        next_tokens = sample_rows(logits, samplings, gens, active=active,
-                                  history=lambda r, seq=seq, mask=mask: seq[r][mask[r].bool()])
+        if preset is not None:
+            next_tokens, preset = preset, None
+        else:
+            next_tokens = sample_rows(logits, samplings, gens, active=active,
+                                      history=lambda r, seq=seq, mask=mask: seq[r][mask[r].bool()])
         yield [emit(r, int(next_tokens[r])) for r in range(B) if active[r]]
         if not any(active):
             return
@@ -302,9 +392,24 @@ def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, devic
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         if cache is not None and cache.length < cache.max_len:
             room = min(cache.max_len - cache.length - 1, samplings[0].max_new_tokens - len(rows[0].tokens) - 1)
-            draft = _lookup_draft(seq[0].tolist(), min(lookup, room)) if lookup else []
-            if draft:
-                logits, accepted = _verify_draft(model, next_tokens, draft, cache)
+            proposal = _lookup_draft(seq[0].tolist(), min(lookup, room)) if lookup else []
+            accept = None
+            if dcache is not None:
+                # The draft model's cache may be shorter than ours (its context); stop drafting there.
+                room = min(room, dcache.max_len - seq.size(1))
+                if room > 0:
+                    proposal, q = _draft_propose(draft, dcache, seq[0].tolist(), min(k_draft, room), samplings[0],
+                                                 gens[0])
+                    accept = None if samplings[0].greedy else (
+                        lambda lg, q=q, d=proposal: _accept_reject(lg, q, d, samplings[0], gens[0]))
+            if proposal:
+                n_fed = seq.size(1)
+                logits, accepted, preset = _verify_draft(model, next_tokens, proposal, cache, accept=accept)
+                if dcache is not None:
+                    # The draft cache holds seq + proposal[:-1]; keep only what was accepted.
+                    dcache.length = min(dcache.length, n_fed + len(accepted))
+                    stats["drafted"] += len(proposal)
+                    stats["accepted"] += len(accepted)
                 for tok in accepted:
                     yield [emit(0, tok)]
                     if not active[0]:
@@ -346,21 +451,85 @@ def _lookup_draft(tokens: list[int], k: int, *, max_ngram: int = 3) -> list[int]
 
 
 @torch.inference_mode()
-def _verify_draft(model: GPT, token: Tensor, draft: list[int], cache: KVCache) -> tuple[Tensor, list[int]]:
-    """Run [token, *draft] (1, 1+k) in one pass; keep the draft prefix greedy decoding agrees with.
+def _verify_draft(
+    model: GPT, token: Tensor, draft: list[int], cache: KVCache,
+    *, accept: Callable[[Tensor], tuple[int, Tensor | None]] | None = None,
+) -> tuple[Tensor, list[int], Tensor | None]:
+    """Run [token, *draft] (1, 1+k) in one pass; keep the draft prefix the model agrees with.
 
-    Returns the logits that follow the last kept token (1, V) and the kept draft tokens. The cache is
-    rolled back past rejected tokens; their stale entries are overwritten by the next write.
+    By default "agrees" is greedy: a draft token is kept iff it is the argmax. `accept(logits)` with
+    logits (1+k, V) replaces that rule and may also return the next token itself (speculative
+    sampling). Returns the logits that follow the last kept token (1, V), the kept draft tokens and
+    the next token if `accept` chose it (else None). The cache is rolled back past rejected tokens;
+    their stale entries are overwritten by the next write.
     """
     start = cache.length
     inp = torch.cat([token.view(1, 1), token.new_tensor([draft])], dim=1)  # (1, 1+k)
     logits, _ = model(inp, kv_cache=cache)  # (1, 1+k, V): reads the weights once for 1+k tokens
-    preds = logits[0].argmax(dim=-1).tolist()  # greedy choice after each input position
-    n_ok = 0
-    while n_ok < len(draft) and preds[n_ok] == draft[n_ok]:
-        n_ok += 1
+    chosen = None
+    if accept is None:
+        preds = logits[0].argmax(dim=-1).tolist()  # greedy choice after each input position
+        n_ok = 0
+        while n_ok < len(draft) and preds[n_ok] == draft[n_ok]:
+            n_ok += 1
+    else:
+        n_ok, chosen = accept(logits[0])
     cache.length = start + 1 + n_ok
-    return logits[:, n_ok, :], draft[:n_ok]
+    return logits[:, n_ok, :], draft[:n_ok], chosen
+
+
+@torch.inference_mode()
+def _draft_propose(
+    draft: GPT, dcache: KVCache, tokens: list[int], k: int, sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> tuple[list[int], Tensor | None]:
+    """Let the draft model continue `tokens` by k tokens, one cached step each.
+
+    Feeds the draft whatever of `tokens` its cache lacks, then its own picks; the last pick is not
+    fed (the model's verification pass decides whether it stays). Returns the k tokens and, when
+    sampling, the draft's distributions q (k, V) they were drawn from.
+    """
+    inp = torch.tensor([tokens[dcache.length :]], dtype=torch.long, device=dcache.k.device)  # (1, new)
+    proposal: list[int] = []
+    qs: list[Tensor] = []
+    for i in range(k):
+        logits, _ = draft(inp, kv_cache=dcache, last_token_only=True)
+        if sampling.greedy:
+            tok = int(logits[0, -1].argmax())
+        else:
+            q = token_probs(logits[:, -1], sampling)  # (1, V)
+            tok = int(sample_from_probs(q, generator=generator)[0])
+            qs.append(q[0])
+        proposal.append(tok)
+        if i + 1 < k:
+            inp = inp.new_tensor([[tok]])
+    return proposal, (torch.stack(qs) if qs else None)
+
+
+def _accept_reject(
+    logits: Tensor, q: Tensor, draft: list[int], sampling: SamplingConfig, generator: torch.Generator | None,
+) -> tuple[int, Tensor]:
+    """Speculative sampling's rule (Leviathan et al. 2023; Chen et al. 2023) for one verified pass.
+
+    logits (1+k, V) are the model's after each input position; q (k, V) the draft's distributions.
+    Draft token d_i is kept with probability min(1, p_i(d_i) / q_i(d_i)). At the first rejection the
+    next token is drawn from norm(max(0, p_i - q_i)), the part of p that q under-covers; if all k are
+    kept, a bonus token is drawn from p_k. Each emitted token is then distributed exactly as p, the
+    model's own (filtered, temperature-scaled) distribution. Returns (kept count, next token (1,)).
+    """
+    p = token_probs(logits, sampling)  # (1+k, V)
+    k = len(draft)
+    d = torch.tensor(draft, device=p.device)
+    ratio = p[torch.arange(k), d].double() / q[torch.arange(k), d].double()  # q(d_i) > 0: d_i was drawn from q
+    u = torch.rand(k, generator=generator, device=p.device, dtype=torch.float64)
+    rejected = (u >= ratio).nonzero()
+    if len(rejected) == 0:
+        return k, sample_from_probs(p[k : k + 1], generator=generator)
+    i = int(rejected[0])
+    residual = (p[i] - q[i]).clamp(min=0)[None]  # (1, V); sample_from_probs rescales it
+    if not bool((residual > 0).any()):  # p == q exactly: then rejection had probability 0; use p
+        residual = p[i : i + 1]
+    return i, sample_from_probs(residual, generator=generator)
 
 
 def _full_forward(model: GPT, seq: Tensor, mask: Tensor, padded: bool) -> Tensor:
@@ -439,6 +608,9 @@ def generate(
     use_cache: bool = True,
     tokenizer=None,
     prompt_lookup: int = 0,
+    draft: GPT | None = None,
+    draft_tokens: int = 4,
+    stats: dict[str, int] | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (end-of-text excluded). One prompt or a batch of any lengths.
 
@@ -450,7 +622,7 @@ def generate(
     # iter_generate for draws independent of batch composition.
     for steps in iter_generate(model, rows, sampling, eot_id=eot_id, tokenizer=tokenizer,
                                generators=[generator] * len(rows), use_cache=use_cache,
-                               prompt_lookup=prompt_lookup):
+                               prompt_lookup=prompt_lookup, draft=draft, draft_tokens=draft_tokens, stats=stats):
         for s in steps:
             if not (s.finish_reason == "stop" and s.token == eot_id and sampling.stop_at_eot):
                 out[s.row].append(s.token)
@@ -460,12 +632,14 @@ def generate(
 def stream_text(
     model: GPT, tokenizer, prompt: str, sampling: SamplingConfig, *,
     generator: torch.Generator | None = None, use_cache: bool = True, prompt_lookup: int = 0,
+    draft: GPT | None = None, draft_tokens: int = 4, stats: dict[str, int] | None = None,
 ) -> Iterator[str]:
     """Yield the completion of `prompt` as text pieces, never splitting a UTF-8 character."""
     # An empty prompt starts from end-of-text, the token GPT-2 saw between documents.
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     for steps in iter_generate(model, [ids], sampling, eot_id=tokenizer.eot_id, tokenizer=tokenizer,
-                               generators=[generator], use_cache=use_cache, prompt_lookup=prompt_lookup):
+                               generators=[generator], use_cache=use_cache, prompt_lookup=prompt_lookup,
+                               draft=draft, draft_tokens=draft_tokens, stats=stats):
         for s in steps:
             if s.text:
                 yield s.text

@@ -1359,6 +1359,8 @@ def serve(
     device: str = "auto",
     limits: ServeLimits | None = None,
     log_level: str = "info",
+    quantize: str | None = None,
+    inference_dtype: str | None = None,
 ) -> None:
     """Load `checkpoint` and serve it with uvicorn until interrupted.
 
@@ -1376,7 +1378,7 @@ def serve(
     dev = check_device(device)
     sock = bind_socket(host, port)  # before loading: a port in use fails in a second, not after a load
     try:
-        model, tokenizer = load_any(checkpoint, device=dev)
+        model, tokenizer = load_any(checkpoint, device=dev, quantize=quantize, inference_dtype=inference_dtype)
         chat_template = chat_template or saved_chat_template(checkpoint)
         name = model_name or Path(checkpoint).resolve().name or str(checkpoint)
         app = create_app(model, tokenizer, model_name=name, chat_template=chat_template, api_key=api_key,

@@ -289,9 +289,11 @@ class CausalSelfAttention(nn.Module):
             if mask is not None:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
             else:
-                # is_causal aligns the triangle top-left, which is right only when T == S; a single
-                # new query (T == 1) may see every key, so it needs no mask at all.
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T == S and T > 1, **gqa)
+                # Here either nothing is cached (start == 0, so T == S and is_causal's top-left
+                # triangle is right) or one new query follows the cache (it may see every key: no
+                # mask). Deciding from the cache position, a Python int, rather than comparing T
+                # with S keeps this a plain bool when T is a symbolic size (torch.onnx.export).
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=start == 0, **gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # re-assemble heads: (B, T, nh·hs)
         y = self.resid_dropout(self.c_proj(y))  # (B, T, C)
         return (y, weights) if return_weights else y

@@ -1,0 +1,265 @@
+"""Smaller weights for faster CPU decoding: int8 weight quantization and bfloat16 weights.
+
+Decoding one token at a time is bound by how fast the weights stream from memory (~0.5 GB per token
+for GPT-2 124M in float32), so storing them in fewer bytes is the next speed-up after a good kernel.
+
+int8, per output channel, symmetric: each row w of a weight matrix (out, in) is stored as
+    q = round(w / s) clamped to [-127, 127] (int8),   s = max|w| / 127 (one float per output row)
+and the layer computes y = x · (s ⊙ q)ᵀ + b. `Int8Linear.reference` does exactly that (dequantize,
+then an ordinary matmul): it is the readable definition every fast kernel is tested against.
+
+Which fast kernel (measured at batch 1 on a 768x2304 linear, µs; two-core cloud machines, busy):
+  - Zen 4 (AVX-512, avx512_bf16; PERF_NOTES): fp32 167, `torch._weight_int8pack_mm` + bf16
+    activations 100, fbgemm dynamic int8 (`torch.ops.quantized.linear_dynamic`) 57.
+  - Sapphire Rapids (AVX512, avx512_bf16, AMX, VNNI; this branch): fp32 193-327, int8pack + bf16 103,
+    fbgemm dynamic 62-86, bf16 weights 250-295 (slower than fp32 at batch 1 here).
+fbgemm is the fastest everywhere we measured, so it is the default where PyTorch ships it (x86
+with AVX2 or better). It also quantizes each input row-block to uint8 on the fly (per tensor), so it
+is not purely weight-only; tests bound its difference from the reference, and bench/generate.py
+checks perplexity and greedy text. `int8pack` (bf16 activations, weights exactly as stored) is the
+choice where fbgemm is missing but bf16 is native; elsewhere (and off the CPU) the reference runs.
+`torch.ao.quantization` is deprecated: we do not use its module swapping, only the two kernels.
+
+A quantized model saves as a normal run directory (checkpoint.save_quantized): model.safetensors
+holds `<layer>.weight` (int8) and `<layer>.weight_scale` (float32) for each quantized layer,
+config.json says {"quantization": {"mode": "int8", ...}}. No pickle anywhere. This module is pure
+torch (no I/O), so checkpoint.py can rebuild quantized models from it.
+"""
+
+from __future__ import annotations
+
+import platform
+import warnings
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+QuantMode = Literal["int8"]
+Kernel = Literal["reference", "fbgemm", "int8pack"]
+QUANT_MODES: tuple[str, ...] = ("int8",)
+KERNELS: tuple[str, ...] = ("reference", "fbgemm", "int8pack")
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# What this CPU can do
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags from /proc/cpuinfo (Linux); empty where that file does not exist."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bfloat16 in hardware (avx512_bf16 or AMX), not by emulation.
+
+    On AVX2-only machines PyTorch emulates bf16 matmuls, about 100x slower than float32.
+    macOS on Apple silicon reports bf16 support through torch itself.
+    """
+    flags = cpu_flags()
+    if flags:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def cpu_capability() -> dict[str, Any]:
+    """What benchmarks print: torch's CPU capability string and whether bf16 is native."""
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16()}
+
+
+def default_kernel() -> Kernel:
+    """The fastest int8 kernel this CPU has (see the measurements in the module docstring)."""
+    if "fbgemm" in torch.backends.quantized.supported_engines and torch.backends.cpu.get_cpu_capability() in (
+        "AVX2", "AVX512"
+    ):
+        return "fbgemm"
+    if cpu_has_native_bf16():
+        return "int8pack"
+    return "reference"
+
+
+# ---------------------------------------------------------------------------------------------
+# The quantized layer
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-output-channel symmetric int8: (q (out, in) int8, scale (out,) float32) with w ≈ scale·q."""
+    w = weight.detach().float()
+    # An all-zero row would give scale 0 and 0/0 below; any positive scale represents it exactly.
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is int8 with one float scale per output channel (see module doc).
+
+    Buffers (saved): `weight` (out, in) int8, `weight_scale` (out,) float32, `bias` (out,) or None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, kernel: Kernel = "reference",
+                 device=None, bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        self.kernel: Kernel = kernel
+        self._packed = None  # fbgemm's pre-packed weight, built on first use (never saved)
+        self._packed_key: tuple | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, kernel: Kernel = "reference") -> Int8Linear:
+        q, scale = quantize_weight(linear.weight)
+        bias = linear.bias
+        layer = cls(linear.in_features, linear.out_features, bias=bias is not None, kernel=kernel,
+                    device=linear.weight.device, bias_dtype=bias.dtype if bias is not None else torch.float32)
+        layer.weight.copy_(q)
+        layer.weight_scale.copy_(scale)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The float weight (out, in) this layer stands for: scale ⊙ q."""
+        return (self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None])
+
+    def reference(self, x: Tensor) -> Tensor:
+        """Plain definition: dequantize the weight, then an ordinary linear layer in x's dtype."""
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantized(x.dtype), bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or self.kernel == "reference" or x.numel() == 0:
+            return self.reference(x)
+        flat = x.reshape(-1, self.in_features)  # (rows, in)
+        if self.kernel == "fbgemm":
+            # fbgemm quantizes the activations per call; reduce_range avoids int16 overflow in the
+            # multiply-add of CPUs without VNNI, at the cost of one bit of activation precision.
+            y = torch.ops.quantized.linear_dynamic(flat.float(), self._fbgemm_packed(), self._reduce_range)
+            y = y.to(x.dtype)
+        else:  # int8pack: weights stay int8, activations go through bf16 (native on these CPUs)
+            y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight,
+                                          self.weight_scale.to(torch.bfloat16)).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _fbgemm_packed(self):
+        # Re-pack if the weight buffers were replaced (e.g. by load_state_dict(assign=True)).
+        key = (self.weight.data_ptr(), self.weight_scale.data_ptr())
+        if self._packed is None or self._packed_key != key:
+            with warnings.catch_warnings():
+                # torch warns that quantized tensors are deprecated; we only use one to feed fbgemm's
+                # packing routine, and the model stores plain int8 + float tensors.
+                warnings.simplefilter("ignore")
+                qw = torch.quantize_per_channel(
+                    self.weight.float() * self.weight_scale[:, None], self.weight_scale.double(),
+                    torch.zeros(self.out_features, dtype=torch.long), 0, torch.qint8,
+                )
+                self._packed = torch.ops.quantized.linear_prepack(qw, None)
+            self._packed_key = key
+            self._reduce_range = "avx512_vnni" not in cpu_flags() and "avx_vnni" not in cpu_flags()
+        return self._packed
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models
+# ---------------------------------------------------------------------------------------------
+
+
+def quantized_mode(model: nn.Module) -> str | None:
+    """'int8' when the model holds Int8Linear layers, else None."""
+    return "int8" if any(isinstance(m, Int8Linear) for m in model.modules()) else None
+
+
+def _quantizable(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, layer) for every nn.Linear of a GPT: the blocks' projections and the LM head."""
+    found = []
+    for parent in model.modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                found.append((parent, attr, child))
+    return found
+
+
+def quantize_model(model: nn.Module, mode: str = "int8", *, kernel: Kernel | None = None) -> nn.Module:
+    """Replace every linear layer of `model` (in place) by its int8 version; returns the model.
+
+    Embeddings and LayerNorms stay in float: a token lookup reads one row, and they are small. A tied
+    LM head gets its own int8 copy while the embedding stays float.
+    """
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    if quantized_mode(model) is not None:
+        raise ValueError("this model is already int8-quantized; quantizing twice would round twice: "
+                         "start from the float checkpoint")
+    if any("lora_A" in name for name, _ in model.named_parameters()):
+        raise ValueError("this model has unmerged LoRA adapters; merge them first (scratchgpt finetune merge)")
+    kernel = kernel or default_kernel()
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown int8 kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    with torch.no_grad():
+        for parent, attr, linear in _quantizable(model):
+            setattr(parent, attr, Int8Linear.from_linear(linear, kernel=kernel))
+    return model.eval()
+
+
+def set_kernel(model: nn.Module, kernel: Kernel) -> None:
+    """Switch every Int8Linear of `model` to `kernel` ('reference', 'fbgemm' or 'int8pack')."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown int8 kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.kernel = kernel
+
+
+def cast_weights(model: nn.Module, dtype: str | torch.dtype, *, device: torch.device | str = "cpu") -> nn.Module:
+    """Cast the float weights to `dtype` for inference ('float32' or 'bfloat16').
+
+    bfloat16 halves the bytes streamed per token. On a CPU without native bf16 its matmuls are
+    emulated (~100x slower than float32), so that combination is refused.
+    """
+    if isinstance(dtype, str):
+        if dtype not in INFERENCE_DTYPES:
+            raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(INFERENCE_DTYPES)}")
+        dtype = INFERENCE_DTYPES[dtype]
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_has_native_bf16():
+        raise ValueError(
+            f"--dtype bfloat16 needs a CPU with native bf16 (avx512_bf16 or AMX); this one "
+            f"({torch.backends.cpu.get_cpu_capability()}) emulates it ~100x slower than float32: "
+            f"use --quantize int8 instead"
+        )
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for m in model.modules():
+        # Keep int8 scales in float32; cast biases and the other float buffers.
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and name != "weight_scale":
+                setattr(m, name, b.to(dtype))
+    return model
+
+
+def prepare_for_inference(model: nn.Module, *, quantize: str | None = None, dtype: str | None = None,
+                          device: torch.device | str = "cpu") -> nn.Module:
+    """Apply `--quantize` and `--dtype` to a loaded model (the one place the CLI and eval call)."""
+    if quantize:
+        quantize_model(model, quantize)
+    if dtype and dtype != "float32":
+        cast_weights(model, dtype, device=device)
+    return model

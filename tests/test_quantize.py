@@ -1,0 +1,160 @@
+"""int8 weight quantization (reference vs fast kernels, save/load, errors) and bfloat16 weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from scratchgpt import GPT, GPTConfig, SamplingConfig
+from scratchgpt.checkpoint import load_any, save_model
+from scratchgpt.inference import quantize as qz
+from scratchgpt.inference.generate import generate
+from scratchgpt.inference.quantize import Int8Linear, quantize_model, quantize_weight, save_quantized, set_kernel
+
+
+def tiny(seed: int = 0, vocab_size: int = 97) -> GPT:
+    config = GPTConfig(vocab_size=vocab_size, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    return GPT(config, generator=torch.Generator().manual_seed(seed)).eval()
+
+
+def fast_kernels() -> list[str]:
+    kernels = []
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        kernels.append("fbgemm")
+    try:
+        torch._weight_int8pack_mm(torch.ones(1, 8, dtype=torch.bfloat16), torch.ones(8, 8, dtype=torch.int8),
+                                  torch.ones(8, dtype=torch.bfloat16))
+        kernels.append("int8pack")
+    except (RuntimeError, NotImplementedError):
+        pass
+    return kernels
+
+
+def test_quantize_weight_is_per_row_symmetric_and_within_half_a_step():
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(0))
+    w[2] = 0.0  # an all-zero row must not divide by zero
+    q, scale = quantize_weight(w)
+    assert q.dtype == torch.int8 and scale.shape == (6,)
+    assert int(q.abs().max()) == 127 and int(q.min()) >= -127
+    assert torch.equal(q.abs().amax(dim=1)[[0, 1, 3, 4, 5]], torch.full((5,), 127, dtype=torch.int8))
+    assert (w - q.float() * scale[:, None]).abs().le(scale[:, None] / 2 + 1e-7).all()
+    assert q[2].eq(0).all()
+
+
+@pytest.mark.parametrize("kernel", fast_kernels())
+def test_fast_kernel_matches_the_dequantize_then_matmul_reference(kernel):
+    lin = torch.nn.Linear(256, 192)
+    torch.nn.init.normal_(lin.weight, std=0.02, generator=torch.Generator().manual_seed(1))
+    layer = Int8Linear.from_linear(lin, kernel="reference")
+    for rows in (1, 2, 7, 40):
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+        ref = layer(x)
+        layer.kernel = kernel
+        got = layer(x.view(1, rows, 256)).view(rows, 192)
+        layer.kernel = "reference"
+        # fbgemm rounds the activations to 8 bits per call, int8pack to bf16: both a few 0.1% apart.
+        assert ((got - ref).norm() / ref.norm()) < 0.02, (kernel, rows)
+    assert (ref - lin(x)).norm() / lin(x).norm() < 0.02  # and the reference is close to float
+
+
+def test_quantized_model_tracks_float_logits_and_every_linear_is_int8():
+    model = tiny()
+    x = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
+    ref = model(x)[0]
+    q = quantize_model(copy.deepcopy(model), "int8", kernel="reference")
+    linears = [m for m in q.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == [] and sum(isinstance(m, Int8Linear) for m in q.modules()) == 2 * 4 + 1
+    out = q(x)[0]
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
+    for kernel in fast_kernels():
+        set_kernel(q, kernel)
+        assert torch.nn.functional.cosine_similarity(q(x)[0].flatten(), ref.flatten(), dim=0) > 0.995
+    # The tied embedding stays float (lookups read one row); the head got its own int8 copy.
+    assert q.transformer.wte.weight.dtype == torch.float32 and q.lm_head.weight.dtype == torch.int8
+    # Cached generation still equals uncached generation on the quantized model.
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0.0)
+    assert generate(q, [1, 2, 3], cfg) == generate(q, [1, 2, 3], cfg, use_cache=False)
+
+
+def test_quantized_model_saves_as_int8_safetensors_and_loads_back(tmp_path, gpt2_tokenizer):
+    model = tiny(vocab_size=gpt2_tokenizer.vocab_size)
+    q = quantize_model(copy.deepcopy(model), "int8", kernel="reference")
+    save_quantized(q, tmp_path / "q", tokenizer=gpt2_tokenizer)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization"]["mode"] == "int8" and "lm_head" in cfg["quantization"]["layers"]
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("transformer.h.0.attn.c_attn.weight").dtype == torch.int8
+        assert f.get_tensor("transformer.h.0.attn.c_attn.weight_scale").dtype == torch.float32
+    loaded, tok = load_any(tmp_path / "q")
+    set_kernel(loaded, "reference")
+    x = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(x)[0], q(x)[0])
+    assert tok.vocab_size == gpt2_tokenizer.vocab_size
+    assert loaded.transformer.wte.weight.data_ptr() != 0 and loaded.transformer.wte.weight.device.type == "cpu"
+
+
+def test_quantizing_twice_or_unknown_mode_is_one_clear_error(tmp_path, gpt2_tokenizer):
+    q = quantize_model(tiny(), "int8")
+    with pytest.raises(ValueError, match="already int8-quantized"):
+        quantize_model(q, "int8")
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        quantize_model(tiny(), "int4")
+    save_quantized(quantize_model(tiny(vocab_size=gpt2_tokenizer.vocab_size)), tmp_path / "q",
+                   tokenizer=gpt2_tokenizer)
+    with pytest.raises(ValueError, match="already int8-quantized"):
+        load_any(tmp_path / "q", quantize="int8")
+
+
+def test_load_any_quantize_matches_quantize_model(tmp_path, gpt2_tokenizer):
+    model = tiny(vocab_size=gpt2_tokenizer.vocab_size)
+    save_model(model, tmp_path / "f", tokenizer=gpt2_tokenizer)
+    loaded, _ = load_any(tmp_path / "f", quantize="int8")
+    set_kernel(loaded, "reference")
+    q = quantize_model(copy.deepcopy(model), "int8", kernel="reference")
+    x = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loaded(x)[0], q(x)[0])
+
+
+def test_bfloat16_weights_are_refused_on_emulated_bf16(monkeypatch):
+    import scratchgpt.model.quantize as mq
+
+    monkeypatch.setattr(mq, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="needs a CPU with native bf16"):
+        qz.cast_weights(tiny(), "bfloat16")
+
+
+@pytest.mark.skipif(not qz.cpu_has_native_bf16(), reason="this CPU emulates bf16")
+def test_bfloat16_weights_generate_like_float32():
+    model = tiny()
+    bf = qz.cast_weights(copy.deepcopy(model), "bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in bf.parameters())
+    x = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(0))
+    ref, got = model(x)[0], bf(x)[0].float()
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.99
+    assert len(generate(bf, [1, 2, 3], SamplingConfig(max_new_tokens=8, temperature=0.0))[0]) == 8
+
+
+def test_cli_generate_with_int8_and_draft(tmp_path, gpt2_tokenizer, capsys):
+    from scratchgpt.cli import main
+
+    save_model(tiny(vocab_size=gpt2_tokenizer.vocab_size), tmp_path / "m", tokenizer=gpt2_tokenizer)
+    save_model(tiny(seed=3, vocab_size=gpt2_tokenizer.vocab_size), tmp_path / "d", tokenizer=gpt2_tokenizer)
+    args = ["generate", "--checkpoint", str(tmp_path / "m"), "--prompt", "Hello", "--max-new-tokens", "8",
+            "--temperature", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--draft", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain and "draft acceptance:" in out.err
+    assert main(args + ["--quantize", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
+    from scratchgpt.data.tokenizer import build_tokenizer
+
+    chars = build_tokenizer("char", text="abcdefgh Hello")  # another tokenizer, another vocabulary
+    save_model(tiny(vocab_size=chars.vocab_size), tmp_path / "other", tokenizer=chars)
+    assert main(args + ["--draft", str(tmp_path / "other")]) == 2
+    assert "same tokenizer" in capsys.readouterr().err
