@@ -450,3 +450,25 @@ def test_draft_with_another_vocabulary_or_tokenizer_is_one_clear_error():
                     draft_tokenizer=type("Other", (ByteTokenizer,), {"encode": lambda s, t, **k: [1]})())
     with pytest.raises(ValueError, match="one prompt at a time"):
         generate(model, [[1, 2], [3]], GREEDY, draft=tiny_model(vocab_size=97, seed=1))
+
+
+def test_decode_path_is_measured_once_and_both_paths_agree() -> None:
+    from scratchgpt.inference.generate import choose_decode_path
+    from scratchgpt.model.gpt import Linear
+
+    model = tiny_model()
+    on = choose_decode_path(model)
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    assert {m.few_rows for m in layers} == {16 if on else 0}  # one decision for every layer
+    assert choose_decode_path(model) is on  # kept on the model: not measured again
+    # Both paths compute the same greedy tokens (the W @ xᵀ path differs from F.linear by rounding only).
+    prompt = [1, 2, 3]
+    outs = []
+    for rows in (0, 16):
+        for m in layers:
+            m.few_rows = rows
+        with torch.no_grad():
+            x = torch.randn(1, layers[0].in_features)
+            torch.testing.assert_close(layers[0](x), torch.nn.functional.linear(x, layers[0].weight, layers[0].bias))
+        outs.append(generate(model, prompt, GREEDY))
+    assert outs[0] == outs[1]

@@ -10,6 +10,7 @@ Shape legend: B batch, T time, S cached positions, V vocab.
 from __future__ import annotations
 
 import codecs
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scratchgpt.config import SamplingConfig
-from scratchgpt.model.gpt import GPT, KVCache
+from scratchgpt.model.gpt import GPT, KVCache, Linear
 
 # ---------------------------------------------------------------------------------------------
 # Pure sampling functions
@@ -253,6 +254,45 @@ def _as_prompt_list(prompts: Sequence[int] | Sequence[Sequence[int]] | Tensor) -
 
 
 @torch.inference_mode()
+def choose_decode_path(model: GPT, *, repeats: int = 8) -> bool:
+    """Measure, once per model, whether `Linear`'s few-row path decodes faster on this CPU; set it.
+
+    Times one decode-shaped product (a single row through the model's widest layer) both ways, on the
+    model's own weights, and turns the W @ xᵀ path on for every `Linear` when it is at least 10% faster
+    (see `model.gpt.Linear` for why this differs between CPUs). Costs a few milliseconds; the answer is
+    kept on the model, so later calls return at once. Returns whether the few-row path is on.
+    """
+    chosen = getattr(model, "_few_rows_chosen", None)
+    if chosen is not None:
+        return chosen
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    # The widest block layer (not the V-wide head): representative, and quick to stream 2 × 9 times.
+    body = [m.weight for m in layers if m is not getattr(model, "lm_head", None)]
+    weight = max(body, key=lambda w: w.numel(), default=None)
+    use = False
+    if weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32:
+        x = torch.randn(1, weight.size(1), dtype=weight.dtype)
+        two = torch.cat([x, x])
+
+        def best(fn) -> float:
+            fn()  # warm-up
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        with torch.no_grad():
+            plain = best(lambda: F.linear(x, weight))
+            few = best(lambda: weight @ two.t())
+        use = few < 0.9 * plain
+    for m in layers:
+        m.few_rows = 16 if use else 0
+    model._few_rows_chosen = use
+    return use
+
+
 def iter_generate(
     model: GPT,
     prompts: Sequence[Sequence[int]],
@@ -292,6 +332,7 @@ def iter_generate(
         raise ValueError("every prompt needs at least one token")
     if any(s.stop for s in samplings) and tokenizer is None:
         raise ValueError("stop strings need a tokenizer")
+    choose_decode_path(model)
     n_ctx = model.config.n_positions
     if max(len(p) for p in prompts) > n_ctx:
         warnings.warn(f"prompt longer than the context ({n_ctx} tokens): keeping its last {n_ctx} tokens", stacklevel=2)
@@ -299,6 +340,7 @@ def iter_generate(
 
     if draft is not None:
         check_draft(model, draft)
+        choose_decode_path(draft)
         if B != 1 or not use_cache:
             raise ValueError("speculative decoding with a draft model runs one prompt at a time, with the KV cache")
         if samplings[0].repetition_penalty != 1.0:

@@ -41,7 +41,14 @@ from torch import Tensor
 from scratchgpt.config import SamplingConfig
 from scratchgpt.data.chat import TEMPLATES, Message, TemplateName, render_chat, stop_strings
 from scratchgpt.device import resolve_device
-from scratchgpt.inference.generate import Completion, decode_one_token, left_pad, prefill, sample_rows
+from scratchgpt.inference.generate import (
+    Completion,
+    choose_decode_path,
+    decode_one_token,
+    left_pad,
+    prefill,
+    sample_rows,
+)
 from scratchgpt.model.gpt import GPT, KVCache
 
 if TYPE_CHECKING:
@@ -1062,6 +1069,7 @@ def create_app(
         raise ValueError(f"unknown chat template {chat_template!r}; choose one of {list(TEMPLATES)}")
     limits = limits or ServeLimits()
     model.eval()
+    choose_decode_path(model)  # the faster CPU matrix-vector path for this machine (see model.gpt.Linear)
     device = next(model.parameters()).device
     chat_disabled = chat_unavailable_reason(tokenizer, chat_template)
     if chat_disabled:  # e.g. a character-level alphabet: say it once here, not in every request's error

@@ -30,27 +30,28 @@ from scratchgpt.config import GPTConfig
 AttnImpl = Literal["sdpa", "eager"]
 
 
-# Up to this many rows, a CPU linear layer is computed as W @ xᵀ (see `Linear`).
-_FEW_ROWS = 16
-
-
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters and names) with a faster path for a few rows on the CPU.
+    """`nn.Linear` (same parameters and names) with an optional path for a few rows on the CPU.
 
     Decoding feeds one token at a time, so every layer multiplies a big weight by a single row and
-    speed is set by how fast the weights stream from memory. On the CPU, PyTorch's path for that
-    (x @ Wᵀ, a matrix-vector product) streamed weights at ~16 GB/s on our 2-core machines, while the
-    BLAS product W @ xᵀ with at least two columns streams at ~32 GB/s. So for few rows we compute
-    (W @ xᵀ)ᵀ, padding a single row to two. Results equal F.linear up to float rounding.
+    speed is set by how fast the weights stream from memory. Which BLAS call streams faster depends on
+    the CPU: on the 2-core AMD EPYC machines here PyTorch's matrix-vector path (x @ Wᵀ) streamed weights
+    at ~16 GB/s while W @ xᵀ with two columns streamed at ~32 GB/s (decode 1.8× faster); on an Intel
+    Xeon with AMX the matrix-vector path was the fast one and W @ xᵀ halved decode speed (17 vs 35 tok/s
+    for GPT-2 124M). So the path is per layer: up to `few_rows` rows (0, the default, means never) the
+    layer computes (W @ xᵀ)ᵀ, padding a single row to two. `inference.generate.choose_decode_path`
+    measures both on the model's own weights and sets it. Results equal F.linear up to float rounding.
     """
+
+    few_rows: int = 0
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.size(-1)
-        if x.device.type != "cpu" or rows > _FEW_ROWS or rows == 0:
+        if rows > self.few_rows or rows == 0 or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, x.size(-1))
         if rows == 1:
-            flat = torch.cat([flat, flat])  # two real rows: BLAS takes its fast matrix-matrix path
+            flat = torch.cat([flat, flat])  # two real rows: BLAS takes its matrix-matrix path
         y = (self.weight @ flat.t()).t()[:rows]  # (rows, out)
         if self.bias is not None:
             y = y + self.bias
