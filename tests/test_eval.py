@@ -425,3 +425,21 @@ def test_cli_bad_input_is_one_line_and_exit_2(random_dir, tmp_path):
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0] and lines[0].startswith("scratchgpt eval: error:"), lines
+
+
+def test_cli_perplexity_with_int8_weights_stays_close_to_float32(random_dir, tmp_path):
+    """`scratchgpt eval perplexity --quantize int8`: issue 11's quality check runs through this eval."""
+    text = tmp_path / "t.txt"
+    text.write_text("abc def. ghi, jkl mno pqr stu vwx yz abc def ghi " * 4)
+    losses = {}
+    for quant in (None, "int8"):
+        out = tmp_path / f"r-{quant}"
+        extra = ["--quantize", quant] if quant else []
+        proc = run_cli("perplexity", "--checkpoint", str(random_dir), "--data", str(text), "--device", "cpu",
+                       "--out-dir", str(out), "--progress", "false", *extra)
+        assert proc.returncode == 0, proc.stderr
+        rep = json.loads((out / "perplexity-t.json").read_text())
+        assert rep["settings"]["quantize"] == quant
+        losses[quant] = rep["results"]["loss"]
+    assert losses["int8"] != losses[None]  # the int8 path really ran
+    assert abs(losses["int8"] - losses[None]) / losses[None] < 0.01

@@ -925,6 +925,8 @@ class EvalConfig:
     checkpoint: str = field(
         default="", metadata={"help": "scratchgpt run directory, Hugging Face GPT-2 directory, or hub name"})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP})
+    quantize: Literal["int8"] | None = field(
+        default=None, metadata={"help": "evaluate with int8 weights (see `generate --quantize`): measures its quality"})
     batch_size: int = field(default=16, metadata={"help": "windows / items scored per forward pass"})
     limit: int | None = field(default=None, metadata={"help": "score only the first N items of a task file"})
     out_dir: str = field(default="eval-reports", metadata={"help": "folder for the JSON and markdown reports"})

@@ -54,7 +54,7 @@ class _Models:
 
             if not self.common.checkpoint:
                 raise ValueError("no model to evaluate: pass --checkpoint (or set checkpoint in [eval])")
-            self._lm = load_any(self.common.checkpoint, device=self.device)
+            self._lm = load_any(self.common.checkpoint, device=self.device, quantize=self.common.quantize)
         return self._lm
 
 
