@@ -674,6 +674,30 @@ def _on_sigterm(signum: int, frame) -> None:
     raise Terminated
 
 
+def _import_torch_holding_signals() -> None:
+    """Import torch with SIGINT/SIGTERM held back until the import is done, then act on them.
+
+    Much of torch's import runs C++ that calls back into Python; a KeyboardInterrupt raised inside such a
+    callback cannot unwind through the C++ frames and aborts the process (SIGABRT, "terminate called after
+    throwing an instance of 'pybind11::error_already_set'"). Holding the signal for the second or two of
+    the import turns a Ctrl-C at that moment into the usual one-line "interrupted" and exit code 130.
+    """
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        return
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
+    try:
+        import torch  # noqa: F401
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        if received[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     command_name = "scratchgpt"
     previous = None
@@ -683,6 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         command_name = f"scratchgpt {args.command}"
+        _import_torch_holding_signals()
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{command_name}: interrupted", file=sys.stderr)
