@@ -47,20 +47,25 @@ def _causal_mask(context_length: int) -> Tensor:
     return torch.triu(torch.ones(context_length, context_length), diagonal=1)
 
 
-def _drop_saved_mask(module: nn.Module, state_dict: dict[str, Tensor], prefix: str) -> None:
-    """Accept the `mask` buffer that the book's own GPTModel saves, after checking it is the causal mask.
+class _MaskedAttention(nn.Module):
+    """Base of the two attention modules: accepts the `mask` buffer the book's own GPTModel saves.
 
-    The book registers its mask as a persistent buffer, so its state dicts carry `...att.mask`. Here the
+    The book registers its causal mask as a persistent buffer, so its state dicts carry `...att.mask`. Here the
     mask is not persistent (it follows from context_length), so without this a strict load of a state dict
-    saved by the book's code would fail on keys that hold no information.
+    saved by the book's code would fail on keys that hold no information. The saved mask must be this one.
     """
-    saved = state_dict.pop(prefix + "mask", None)
-    if saved is not None and not torch.equal(saved.bool(), module.mask.bool()):
-        raise ValueError(f"{prefix}mask of shape {tuple(saved.shape)} is not the causal mask of this model "
-                         f"(context_length {module.mask.size(0)}); build GPTModel with the saved config")
+
+    mask: Tensor
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        saved = state_dict.pop(prefix + "mask", None)
+        if saved is not None and not torch.equal(saved.bool(), self.mask.bool()):
+            raise ValueError(f"{prefix}mask of shape {tuple(saved.shape)} is not the causal mask of this model "
+                             f"(context_length {self.mask.size(0)}); build GPTModel with the saved config")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class CausalAttention(nn.Module):
+class CausalAttention(_MaskedAttention):
     """One attention head: softmax(q·kᵀ/√d_out) over past positions, applied to the values."""
 
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, qkv_bias: bool = False):
@@ -71,10 +76,6 @@ class CausalAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         # Not persistent: the mask follows from context_length, so it has no place in a state dict.
         self.register_buffer("mask", _causal_mask(context_length), persistent=False)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        _drop_saved_mask(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         T = x.size(1)
@@ -110,7 +111,7 @@ class MultiHeadAttentionWrapper(nn.Module):
         return self.out_proj(torch.cat([head(x) for head in self.heads], dim=-1))  # (B, T, C)
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(_MaskedAttention):
     """All heads at once: one projection each for queries, keys and values, split into heads."""
 
     def __init__(
@@ -129,10 +130,6 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("mask", _causal_mask(context_length), persistent=False)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        _drop_saved_mask(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
