@@ -24,7 +24,6 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -52,11 +51,9 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "tokens": meta["train_tok
 def cpu_info() -> dict:
     import torch
 
-    flags = ""
-    with contextlib.suppress(OSError, StopIteration):
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "avx512_bf16": " avx512_bf16" in flags,
-            "amx_bf16": " amx_bf16" in flags, "cpus": os.cpu_count(), "torch": torch.__version__}
+    from scratchgpt.device import cpu_capability
+
+    return {**cpu_capability(), "cpus": os.cpu_count(), "torch": torch.__version__}
 
 
 def write_corpus(text: str, size: int, single: Path, many: Path, n_files: int) -> int:

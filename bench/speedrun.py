@@ -31,10 +31,11 @@ import torch
 
 from scratchgpt.config import RunConfig, read_toml
 from scratchgpt.data.dataset import make_sampler, open_dataset
+from scratchgpt.device import native_bf16
 from scratchgpt.training.driver import Job, drive
 from scratchgpt.training.modes.pretrain import build_model, check_data, lm_evaluator, resolve_run_config
 from scratchgpt.training.optim import resolve_ns_dtype
-from scratchgpt.training.runtime import native_bf16, resolve_dtype
+from scratchgpt.training.runtime import resolve_dtype
 from scratchgpt.training.train import lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -122,12 +122,12 @@ def test_load_any_quantize_matches_quantize_model(tmp_path, gpt2_tokenizer):
 def test_bfloat16_weights_are_refused_on_emulated_bf16(monkeypatch):
     import scratchgpt.model.quantize as mq
 
-    monkeypatch.setattr(mq, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(mq, "native_bf16", lambda device="cpu": False)
     with pytest.raises(ValueError, match="needs a CPU with native bf16"):
         qz.cast_weights(tiny(), "bfloat16")
 
 
-@pytest.mark.skipif(not qz.cpu_has_native_bf16(), reason="this CPU emulates bf16")
+@pytest.mark.skipif(not qz.native_bf16("cpu"), reason="this CPU emulates bf16")
 def test_bfloat16_weights_generate_like_float32():
     model = tiny()
     bf = qz.cast_weights(copy.deepcopy(model), "bfloat16")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from scratchgpt.data.dataset import DataError
-from scratchgpt.eval.perplexity import token_nll
+from scratchgpt.eval.perplexity import head_scores
 from scratchgpt.inference.generate import left_pad
 from scratchgpt.model.gpt import KVCache
 from scratchgpt.training.finetune import json_entries
@@ -132,37 +132,31 @@ def _score_batch(model: nn.Module, chunk, fitted, device) -> list[tuple[int, tup
     longest = max(len(fitted[i]) for _, i in rows)
     cache = KVCache.empty(model.config, batch_size=len(chunk), max_len=ids.size(1) + longest - 1, device=device,
                           dtype=next(model.parameters()).dtype)
-    logits, _ = model(ids, kv_cache=cache, attention_mask=mask if padded else None,
-                      position_ids=positions if padded else None, last_token_only=True)
+    hidden = model.hidden_states(ids, kv_cache=cache, attention_mask=mask if padded else None,
+                                 position_ids=positions if padded else None)
     index = torch.tensor([g for g, _ in rows], device=device)
-    # Position 0 of every row is predicted by its context's last logits; positions 1.. by the continuation.
-    first = logits[:, -1].float()[index]  # (R, V)
     y = torch.zeros((len(rows), longest), dtype=torch.long, device=device)  # continuation tokens, right-padded
     valid = torch.zeros((len(rows), longest), dtype=torch.bool, device=device)
     for r, (_, i) in enumerate(rows):
         y[r, : len(fitted[i])] = torch.as_tensor(fitted[i], device=device)
         valid[r, : len(fitted[i])] = True
-    lp, hit = _target_logprobs(first[:, None], y[:, :1])  # (R, 1) each
+    # Position 0 of every row is predicted by its context's last hidden state, positions 1.. by the
+    # continuation's own; the head runs only where a real continuation token is predicted.
+    states = hidden[:, -1][index]  # (R, C)
     if longest > 1:
         big = _expand(cache, index)
         ctx_len = mask.sum(dim=1)[index]  # (R,) real context tokens per row
         pos = ctx_len[:, None] + torch.arange(longest - 1, device=device)[None]  # (R, T)
         # Right padding inside the continuations is harmless: causal attention never looks ahead.
-        logits, _ = model(y[:, :-1], kv_cache=big, position_ids=pos)  # (R, T, V)
-        lp_rest, hit_rest = _target_logprobs(logits.float(), y[:, 1:])
-        lp, hit = torch.cat([lp, lp_rest], dim=1), torch.cat([hit, hit_rest], dim=1)
-    sums = (lp.double() * valid).sum(dim=1).tolist()
-    greedy = (hit | ~valid).all(dim=1).tolist()
-    return [(i, (s, bool(g))) for (_, i), s, g in zip(rows, sums, greedy, strict=True)]
-
-
-def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) and whether target is the argmax, per position: logits (R, T, V), targets (R, T)."""
-    R, T, V = logits.shape
-    # A fused log-softmax + gather, in cache-sized chunks; amax is far cheaper than argmax over V.
-    lp = -token_nll(logits.reshape(R * T, V), targets.reshape(-1)).view(R, T)
-    picked = logits.gather(-1, targets[..., None]).squeeze(-1)
-    return lp, picked >= logits.amax(dim=-1)
+        rest = model.hidden_states(y[:, :-1], kv_cache=big, position_ids=pos)  # (R, T, C)
+        states = torch.cat([states[:, None], rest], dim=1)  # (R, longest, C)
+    else:
+        states = states[:, None]
+    nll, hit = head_scores(model, states[valid], y[valid], greedy=True)  # (N,) over real tokens
+    row = torch.arange(len(rows), device=device)[:, None].expand(-1, longest)[valid]
+    sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row, -nll.double())
+    misses = torch.zeros(len(rows), dtype=torch.long, device=device).index_add_(0, row, (~hit).long())
+    return [(i, (s, m == 0)) for (_, i), s, m in zip(rows, sums.tolist(), misses.tolist(), strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -230,11 +230,13 @@ def score_documents(
             x[i, : len(xi)] = torch.as_tensor(xi)
             y[i, : len(yi)] = torch.as_tensor(yi)
         x, y = x.to(device), y.to(device)
-        logits, _ = model(x)  # (B, T, V)
-        nll = token_nll(logits.flatten(0, 1), y.flatten())
-        per_row = nll.view(len(batch), T).double().sum(dim=1).tolist()
-        counts = (y != -100).sum(dim=1).tolist()
-        for (d, _, _), s, c in zip(batch, per_row, counts, strict=True):
+        scored = y != -100  # (B, T): prefix and padding positions are never run through the head
+        hidden = model.hidden_states(x)[scored]  # (N, C)
+        nll, _ = head_scores(model, hidden, y[scored])  # (N,)
+        row = torch.arange(len(batch), device=device)[:, None].expand(-1, T)[scored]
+        per_row = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, row, nll.double())
+        counts = scored.sum(dim=1).tolist()
+        for (d, _, _), s, c in zip(batch, per_row.tolist(), counts, strict=True):
             nll_per_doc[d] += s
             tokens_per_doc[d] += c
         bar.update(sum(counts))
@@ -258,14 +260,26 @@ def score_documents(
     return nll_per_doc, tokens_per_doc, n_windows
 
 
-def token_nll(logits: torch.Tensor, targets: torch.Tensor, *, rows: int = 64) -> torch.Tensor:
-    """Cross-entropy per position (N, V) -> (N,), 0 where target is -100, in float32.
+def head_scores(
+    model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, rows: int = 64, greedy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """NLL in nats (N,) float32 of `targets` (N,) under `model.head(hidden)`, hidden (N, C); with
+    `greedy`, also whether each target is the argmax (N,) bool.
 
-    Done `rows` positions at a time: each chunk's V-wide log-softmax stays in cache, which measured
-    about twice as fast on CPU as one call over all positions (GPT-2's vocabulary is 50,257 wide).
+    The head runs `rows` positions at a time: a chunk's V-wide logits stay in cache for the
+    log-softmax, the max and the gather, and (N, V) logits never exist at once (GPT-2's vocabulary is
+    50,257 wide: 1,024 positions of logits are 200 MB). Measured on CPU, this made scoring faster than a
+    plain forward pass that only returns the logits.
     """
-    return torch.cat([F.cross_entropy(logits[i : i + rows].float(), targets[i : i + rows], ignore_index=-100,
-                                      reduction="none") for i in range(0, logits.size(0), rows)])
+    nll = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+    hit = torch.empty(targets.shape, dtype=torch.bool, device=hidden.device) if greedy else None
+    for i in range(0, hidden.size(0), rows):
+        logits = model.head(hidden[i : i + rows]).float()  # (rows, V)
+        t = targets[i : i + rows]
+        nll[i : i + rows] = F.cross_entropy(logits, t, reduction="none")
+        if hit is not None:
+            hit[i : i + rows] = logits.gather(1, t[:, None])[:, 0] >= logits.amax(dim=1)
+    return nll, hit
 
 
 def _progress(total: int, enabled: bool):

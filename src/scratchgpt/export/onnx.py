@@ -52,7 +52,7 @@ class CachedGPT(nn.Module):
             x = block(x, kv=(k_buf, v_buf), start=P, mask=allowed)
             keys.append(k_buf)
             values.append(v_buf)
-        logits = gpt.lm_head(gpt.transformer.ln_f(x))  # (B, T, V)
+        logits = gpt.head(x)  # (B, T, V): final norm, LM head
         return logits, torch.stack(keys), torch.stack(values)
 
 

@@ -5,15 +5,13 @@ loading quantized run directories in `checkpoint.py`. This module gathers them f
 """
 
 from scratchgpt.checkpoint import load_quantized, save_quantized
+from scratchgpt.device import cpu_capability, native_bf16
 from scratchgpt.model.quantize import (
     INFERENCE_DTYPES,
     KERNELS,
     QUANT_MODES,
     Int8Linear,
     cast_weights,
-    cpu_capability,
-    cpu_flags,
-    cpu_has_native_bf16,
     default_kernel,
     prepare_for_inference,
     quantize_model,
@@ -23,5 +21,5 @@ from scratchgpt.model.quantize import (
 )
 
 __all__ = ["INFERENCE_DTYPES", "KERNELS", "QUANT_MODES", "Int8Linear", "cast_weights", "cpu_capability",
-           "cpu_flags", "cpu_has_native_bf16", "default_kernel", "load_quantized", "prepare_for_inference",
+           "default_kernel", "load_quantized", "native_bf16", "prepare_for_inference",
            "quantize_model", "quantize_weight", "quantized_mode", "save_quantized", "set_kernel"]

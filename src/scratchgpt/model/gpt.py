@@ -513,6 +513,28 @@ class GPT(nn.Module):
         (B, T) marks real tokens (1) versus left padding (0). `last_token_only` computes logits for the
         final position alone, which is all that sampling needs.
         """
+        x = self.hidden_states(idx, kv_cache=kv_cache, position_ids=position_ids, attention_mask=attention_mask)
+        if last_token_only:
+            x = x[:, -1:, :]  # (B, 1, C): skip the V-wide head for positions nobody samples from
+        logits = self.head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def hidden_states(
+        self,
+        idx: Tensor,
+        *,
+        kv_cache: KVCache | None = None,
+        position_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The residual stream after the last block, (B, T, C): `forward` without the final norm and head.
+
+        Why separate: scoring (eval) needs the V-wide head only at some positions, and for many
+        positions it is cheaper to run the head a few rows at a time than to hold (B, T, V) logits.
+        """
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.n_positions:
@@ -539,16 +561,14 @@ class GPT(nn.Module):
             x = block(x, kv=kv, start=start, mask=mask, rope=rope)
         if kv_cache is not None:
             kv_cache.length = start + T
+        return x  # (B, T, C)
 
-        if last_token_only:
-            x = x[:, -1:, :]  # (B, 1, C): skip the V-wide head for positions nobody samples from
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+    def head(self, x: Tensor) -> Tensor:
+        """Final norm, LM head and (if configured) soft-cap: hidden states (..., C) -> logits (..., V)."""
+        logits = self.lm_head(self.transformer.ln_f(x))
         if self.config.logit_softcap is not None:
             logits = softcap(logits, self.config.logit_softcap)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        return logits
 
     @staticmethod
     def _attention_mask(

@@ -28,13 +28,14 @@ torch (no I/O), so checkpoint.py can rebuild quantized models from it.
 
 from __future__ import annotations
 
-import platform
 import warnings
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from scratchgpt.device import cpu_has, native_bf16
 
 QuantMode = Literal["int8"]
 Kernel = Literal["reference", "fbgemm", "int8pack"]
@@ -48,42 +49,13 @@ INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # ---------------------------------------------------------------------------------------------
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags from /proc/cpuinfo (Linux); empty where that file does not exist."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bfloat16 in hardware (avx512_bf16 or AMX), not by emulation.
-
-    On AVX2-only machines PyTorch emulates bf16 matmuls, about 100x slower than float32.
-    macOS on Apple silicon reports bf16 support through torch itself.
-    """
-    flags = cpu_flags()
-    if flags:
-        return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return platform.system() == "Darwin" and platform.machine() == "arm64"
-
-
-def cpu_capability() -> dict[str, Any]:
-    """What benchmarks print: torch's CPU capability string and whether bf16 is native."""
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16()}
-
-
 def default_kernel() -> Kernel:
     """The fastest int8 kernel this CPU has (see the measurements in the module docstring)."""
     if "fbgemm" in torch.backends.quantized.supported_engines and torch.backends.cpu.get_cpu_capability() in (
         "AVX2", "AVX512"
     ):
         return "fbgemm"
-    if cpu_has_native_bf16():
+    if native_bf16("cpu"):
         return "int8pack"
     return "reference"
 
@@ -146,22 +118,27 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu" or self.kernel == "reference" or x.numel() == 0:
             return self.reference(x)
-        flat = x.reshape(-1, self.in_features)  # (rows, in)
         if self.kernel == "fbgemm":
-            # fbgemm quantizes the activations per call; reduce_range avoids int16 overflow in the
-            # multiply-add of CPUs without VNNI, at the cost of one bit of activation precision.
-            y = torch.ops.quantized.linear_dynamic(flat.float(), self._fbgemm_packed(), self._reduce_range)
-            y = y.to(x.dtype)
-        else:  # int8pack: weights stay int8, activations go through bf16 (native on these CPUs)
-            y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight,
-                                          self.weight_scale.to(torch.bfloat16)).to(x.dtype)
+            # fbgemm quantizes the activations per call (reduce_range avoids int16 overflow in the
+            # multiply-add of CPUs without VNNI, at the cost of one bit of activation precision) and
+            # adds the bias packed with the weight. It takes (..., in) as it is: decoding calls this
+            # ~50 times per token, so every extra reshape or add here is measurable.
+            # `.default`: the resolved overload; the bare packet re-resolves it on every call (~5 µs).
+            y = torch.ops.quantized.linear_dynamic.default(x if x.dtype == torch.float32 else x.float(),
+                                                   self._fbgemm_packed(), self._reduce_range)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
+        # int8pack: weights stay int8, activations go through bf16 (native on these CPUs)
+        flat = x.reshape(-1, self.in_features)  # (rows, in)
+        y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight,
+                                      self.weight_scale.to(torch.bfloat16)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _fbgemm_packed(self):
-        # Re-pack if the weight buffers were replaced (e.g. by load_state_dict(assign=True)).
-        key = (self.weight.data_ptr(), self.weight_scale.data_ptr())
+        # Re-pack if the buffers were replaced (e.g. by load_state_dict(assign=True) or a dtype cast).
+        bias = self.bias
+        key = (self.weight.data_ptr(), self.weight_scale.data_ptr(), None if bias is None else bias.data_ptr())
         if self._packed is None or self._packed_key != key:
             with warnings.catch_warnings():
                 # torch warns that quantized tensors are deprecated; we only use one to feed fbgemm's
@@ -171,9 +148,9 @@ class Int8Linear(nn.Module):
                     self.weight.float() * self.weight_scale[:, None], self.weight_scale.double(),
                     torch.zeros(self.out_features, dtype=torch.long), 0, torch.qint8,
                 )
-                self._packed = torch.ops.quantized.linear_prepack(qw, None)
+                self._packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float())
             self._packed_key = key
-            self._reduce_range = "avx512_vnni" not in cpu_flags() and "avx_vnni" not in cpu_flags()
+            self._reduce_range = not (cpu_has("avx512_vnni") or cpu_has("avx_vnni"))
         return self._packed
 
 
@@ -238,7 +215,7 @@ def cast_weights(model: nn.Module, dtype: str | torch.dtype, *, device: torch.de
         if dtype not in INFERENCE_DTYPES:
             raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(INFERENCE_DTYPES)}")
         dtype = INFERENCE_DTYPES[dtype]
-    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_has_native_bf16():
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not native_bf16("cpu"):
         raise ValueError(
             f"--dtype bfloat16 needs a CPU with native bf16 (avx512_bf16 or AMX); this one "
             f"({torch.backends.cpu.get_cpu_capability()}) emulates it ~100x slower than float32: "

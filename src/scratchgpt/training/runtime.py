@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from scratchgpt.device import native_bf16
 from scratchgpt.device import resolve_device as pick_device
 from scratchgpt.model.gpt import GPT
 
@@ -60,19 +61,6 @@ def init_distributed(device: str = "auto") -> bool:
 def resolve_device(name: str, dist_info: Distributed) -> torch.device:
     """'auto' picks CUDA when present; under torchrun each process takes the GPU of its local rank."""
     return pick_device(name, local_rank=dist_info.local_rank if dist_info.enabled else None)
-
-
-def native_bf16(device: torch.device | str) -> bool:
-    """True where bfloat16 matmuls run on native units: CUDA GPUs that support it, and CPUs with
-    AVX512_BF16 or AMX-BF16 (x86) or the BF16 extension (Arm). Elsewhere PyTorch emulates bf16 in
-    software, which measured ~100x slower than float32 on an AVX2-only CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    caps = torch.cpu.get_capabilities()
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16") or caps.get("bf16") or caps.get("sve_bf16"))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
