@@ -19,8 +19,8 @@ transformers. Their tokens can differ from float32's (different rounding); the r
 leading tokens agree.
 
 `--checkpoint RUN --text FILE` instead measures a trained model: int8 vs float32 mean NLL (and
-perplexity) over held-out windows of FILE, greedy agreement of the first 32 tokens over prompts from
-FILE, and with `--draft RUN2` speculative greedy decoding's speed-up and acceptance rate.
+perplexity) over held-out windows of FILE, and greedy agreement of the first 32 tokens over prompts
+from FILE. Speculative decoding with a trained draft model is bench/speculative.py.
 """
 
 from __future__ import annotations
@@ -131,10 +131,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (best is kept)")
     parser.add_argument("--lookup", type=int, default=10, help="draft tokens for prompt-lookup decoding")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--checkpoint", help="a trained run: measure int8 quality (and --draft speed) on --text")
-    parser.add_argument("--draft", help="a smaller run with the same tokenizer, for speculative decoding")
+    parser.add_argument("--checkpoint", help="a trained run: measure int8 quality on --text")
     parser.add_argument("--text", help="held-out text for --checkpoint (its last 10%% is used)")
-    parser.add_argument("--windows", type=int, default=40, help="held-out windows for the NLL")
     parser.add_argument("--prompts", type=int, default=20, help="prompts for the greedy comparison")
     args = parser.parse_args()
     if args.threads:
@@ -177,13 +175,14 @@ def main() -> None:
 
 
 def trained(args: argparse.Namespace) -> None:
-    """int8 quality (NLL, greedy agreement) and draft-model speculative decoding on a trained run."""
+    """int8 quality on a trained run: held-out NLL against float32, greedy agreement."""
     import copy
     import math
     from pathlib import Path
 
     from scratchgpt import SamplingConfig
     from scratchgpt.checkpoint import load_any
+    from scratchgpt.eval.perplexity import evaluate_perplexity, text_document
     from scratchgpt.inference.generate import generate
     from scratchgpt.inference.quantize import cpu_capability, default_kernel, quantize_model
 
@@ -192,39 +191,23 @@ def trained(args: argparse.Namespace) -> None:
     model, tok = load_any(args.checkpoint)
     int8 = quantize_model(copy.deepcopy(model), "int8")
     text = Path(args.text).read_text(encoding="utf-8")
-    ids = torch.tensor(tok.encode(text[int(len(text) * 0.9) :]), dtype=torch.long)  # the held-out tail
+    tail = text[int(len(text) * 0.9) :]  # the held-out tail (training's val split)
+    ids = torch.tensor(tok.encode(tail), dtype=torch.long)
     T = model.config.n_positions
-    starts = torch.linspace(0, len(ids) - T - 1, args.windows).long().tolist()
-    x = torch.stack([ids[s : s + T] for s in starts])
-    y = torch.stack([ids[s + 1 : s + T + 1] for s in starts])
-
-    @torch.inference_mode()
-    def nll(m) -> float:  # mean next-token NLL over the windows (every position scored)
-        return sum(float(m(x[i : i + 8], y[i : i + 8])[1]) * len(x[i : i + 8]) for i in range(0, len(x), 8)) / len(x)
-
-    nll32, nll8 = nll(model), nll(int8)
+    # Quality through issue 8's eval: the same strided perplexity `scratchgpt eval perplexity` reports.
+    doc = text_document(tail, tok, name=Path(args.text).name)
+    r32, r8 = (evaluate_perplexity(m, tok, doc, context=T, prefix_eot=False) for m in (model, int8))
+    nll32, nll8 = r32.loss, r8.loss
     greedy = SamplingConfig(max_new_tokens=32, temperature=0.0, stop_at_eot=False)
     p_starts = torch.linspace(0, len(ids) - 33, args.prompts).long().tolist()
     prompts = [ids[s : s + 32].tolist() for s in p_starts]
     same32 = sum(generate(model, p, greedy)[0] == generate(int8, p, greedy)[0] for p in prompts)
     row = {"bench": "generate-trained", "checkpoint": args.checkpoint, **cpu_capability(),
-           "int8_kernel": default_kernel(), "windows": len(x), "window_tokens": T,
+           "int8_kernel": default_kernel(), "held_out_tokens": r32.tokens, "context": T,
            "fp32_nll": round(nll32, 4), "int8_nll": round(nll8, 4),
+           "fp32_bits_per_byte": round(r32.bits_per_byte, 4), "int8_bits_per_byte": round(r8.bits_per_byte, 4),
            "ppl_change_pct": round((math.exp(nll8 - nll32) - 1) * 100, 3),
            "greedy32_identical": f"{same32}/{len(prompts)}"}
-    if args.draft:
-        draft, _ = load_any(args.draft)
-        long = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eot=False)
-        prompt = prompts[0][:16]
-        stats: dict[str, int] = {}
-        plain_out = generate(model, prompt, long)
-        spec_out = generate(model, prompt, long, draft=draft, stats=stats)
-        plain = _best_rate(lambda: generate(model, prompt, long), repeats=args.repeats, n_tokens=args.new_tokens)
-        spec = _best_rate(lambda: generate(model, prompt, long, draft=draft), repeats=args.repeats,
-                          n_tokens=args.new_tokens)
-        row.update({"draft": args.draft, "plain_tok_s": round(plain, 2), "speculative_tok_s": round(spec, 2),
-                    "speculative_speedup": round(spec / plain, 3), "same_tokens": plain_out == spec_out,
-                    "acceptance": round(stats["accepted"] / max(stats["drafted"], 1), 3)})
     print(json.dumps(row))
 
 

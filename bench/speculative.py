@@ -58,9 +58,9 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true", help="train both models again even if runs exist")
     parser.add_argument("--context", type=int, default=128, help="block size and n_positions of both models")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--target-layers", type=int, default=12)
-    parser.add_argument("--target-embd", type=int, default=512)
-    parser.add_argument("--target-heads", type=int, default=8)
+    parser.add_argument("--target-layers", type=int, default=8)
+    parser.add_argument("--target-embd", type=int, default=384)
+    parser.add_argument("--target-heads", type=int, default=6)
     parser.add_argument("--target-steps", type=int, default=300)
     parser.add_argument("--draft-layers", type=int, default=2)
     parser.add_argument("--draft-embd", type=int, default=128)
@@ -75,7 +75,7 @@ def main() -> None:
 
     from scratchgpt import SamplingConfig
     from scratchgpt.checkpoint import load_any
-    from scratchgpt.eval.perplexity import evaluate_perplexity
+    from scratchgpt.eval.perplexity import evaluate_perplexity, text_document
     from scratchgpt.inference.generate import choose_decode_path, generate
     from scratchgpt.inference.quantize import cpu_capability
 
@@ -89,10 +89,12 @@ def main() -> None:
         choose_decode_path(m)  # what `scratchgpt generate` does before decoding
 
     text = Path(args.text).read_text(encoding="utf-8")
-    held_out = tok.encode(text[int(len(text) * 0.9) :])
+    tail = text[int(len(text) * 0.9) :]
+    held_out = tok.encode(tail)
     quality = {}
     for name, m in (("target", target), ("draft", draft)):
-        r = evaluate_perplexity(m, tok, held_out[: 32 * args.context + 1], context=args.context, prefix_eot=False)
+        r = evaluate_perplexity(m, tok, text_document(tail, tok, name="held-out"), context=args.context,
+                                prefix_eot=False)
         quality[name] = {"parameters": m.num_parameters(), "layers": m.config.n_layer, "embd": m.config.n_embd,
                          "held_out_loss": round(r.loss, 4), "bits_per_byte": round(r.bits_per_byte, 4)}
 

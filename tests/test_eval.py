@@ -25,7 +25,7 @@ from scratchgpt.eval.multiple_choice import (
     read_choice_items,
     score_requests,
 )
-from scratchgpt.eval.perplexity import evaluate_perplexity, text_document, windows
+from scratchgpt.eval.perplexity import evaluate_perplexity, head_scores, text_document, windows
 
 # ---------------------------------------------------------------------------------------------
 # Models: random, uniform, and small ones trained here for a few dozen steps
@@ -195,6 +195,22 @@ def test_shared_prefix_scoring_equals_one_forward_per_request():
             ref_lp, ref_greedy = reference_logprob(model, list(req[0]), list(req[1]))
             assert lp == pytest.approx(ref_lp, abs=1e-4)
             assert greedy == ref_greedy
+
+
+@pytest.mark.parametrize("rows", [1, 4, 64])
+def test_head_scores_equal_one_log_softmax_over_all_positions(rows):
+    model = tiny(vocab=60).eval()
+    x = torch.randint(0, 60, (3, 11), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 60, (33,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, _ = model(x)
+        hidden = model.hidden_states(x).flatten(0, 1)  # (33, C): 33 is no multiple of 4 or 64
+        nll, hit = head_scores(model, hidden, targets, rows=rows, greedy=True)
+    lp = F.log_softmax(logits.flatten(0, 1).double(), dim=-1)
+    assert torch.allclose(nll.double(), -lp.gather(1, targets[:, None])[:, 0], atol=1e-5)
+    assert torch.equal(hit, lp.argmax(-1) == targets)
+    targets[0] = lp[0].argmax()  # one sure hit, so the greedy check is not vacuous
+    assert head_scores(model, hidden, targets, rows=rows, greedy=True)[1][0]
 
 
 def test_encode_pair_splits_like_lm_eval(gpt2_tokenizer):

@@ -429,6 +429,20 @@ def test_softcap_bounds_logits():
     assert logits.abs().max() <= 0.5
 
 
+def test_forward_is_the_head_over_hidden_states():
+    # Eval runs the V-wide head only at the positions it scores: the split must not change any logit.
+    model = randomise(GPT(tiny_config(logit_softcap=3.0)), 0).eval()
+    x = tokens(2, 7)
+    with torch.no_grad():
+        logits, _ = model(x)
+        hidden = model.hidden_states(x)
+        assert hidden.shape == (2, 7, model.config.n_embd)
+        assert torch.equal(model.head(hidden), logits)
+        assert torch.equal(model.head(hidden[:, 3]), logits[:, 3])
+        last, _ = model(x, last_token_only=True)
+        assert torch.equal(last, logits[:, -1:])
+
+
 def test_zero_init_starts_projections_and_untied_head_at_zero():
     model = GPT(tiny_config(zero_init=True, tie_word_embeddings=False), generator=torch.Generator().manual_seed(0))
     for name, p in model.named_parameters():

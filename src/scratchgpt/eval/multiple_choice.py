@@ -6,9 +6,10 @@ at the context's token count; trailing spaces of the context move to the choice)
 its Hugging Face backend's on the same model and items.
 
 Batching: the N choices of an item share its context, so the context is run once (left-padded
-prefill of several items into one KV cache), the cache is expanded to one row per choice, and the
-choices' tokens run in one more pass. An item costs len(context) + sum(len(choice)) token positions,
-not N * (len(context) + len(choice)).
+prefill of several items into one KV cache), the cache is copied to one row per choice, and the
+choices' tokens run in a few more passes, rows of similar length together (right padding is wasted
+work). The V-wide head runs only where a choice token is predicted. An item costs about
+len(context) + sum(len(choice)) positions, not N * (len(context) + len(choice)).
 
 Shape legend: B items (contexts) in a batch, R choice rows, T time, V vocab.
 """
@@ -124,7 +125,8 @@ def _batches(order, fitted, *, batch_size: int, n_ctx: int):
         yield chunk
 
 
-def _score_batch(model: nn.Module, chunk, fitted, device) -> list[tuple[int, tuple[float, bool]]]:
+def _score_batch(model: nn.Module, chunk, fitted, device, *, rows_per_pass: int = 16,
+                 ) -> list[tuple[int, tuple[float, bool]]]:
     contexts = [list(ctx) for ctx, _ in chunk]
     ids, mask, positions = left_pad(contexts, device=device)  # (B, Tc)
     padded = bool((mask == 0).any())
@@ -132,31 +134,36 @@ def _score_batch(model: nn.Module, chunk, fitted, device) -> list[tuple[int, tup
     longest = max(len(fitted[i]) for _, i in rows)
     cache = KVCache.empty(model.config, batch_size=len(chunk), max_len=ids.size(1) + longest - 1, device=device,
                           dtype=next(model.parameters()).dtype)
-    hidden = model.hidden_states(ids, kv_cache=cache, attention_mask=mask if padded else None,
-                                 position_ids=positions if padded else None)
-    index = torch.tensor([g for g, _ in rows], device=device)
-    y = torch.zeros((len(rows), longest), dtype=torch.long, device=device)  # continuation tokens, right-padded
-    valid = torch.zeros((len(rows), longest), dtype=torch.bool, device=device)
-    for r, (_, i) in enumerate(rows):
-        y[r, : len(fitted[i])] = torch.as_tensor(fitted[i], device=device)
-        valid[r, : len(fitted[i])] = True
-    # Position 0 of every row is predicted by its context's last hidden state, positions 1.. by the
-    # continuation's own; the head runs only where a real continuation token is predicted.
-    states = hidden[:, -1][index]  # (R, C)
-    if longest > 1:
-        big = _expand(cache, index)
-        ctx_len = mask.sum(dim=1)[index]  # (R,) real context tokens per row
-        pos = ctx_len[:, None] + torch.arange(longest - 1, device=device)[None]  # (R, T)
-        # Right padding inside the continuations is harmless: causal attention never looks ahead.
-        rest = model.hidden_states(y[:, :-1], kv_cache=big, position_ids=pos)  # (R, T, C)
-        states = torch.cat([states[:, None], rest], dim=1)  # (R, longest, C)
-    else:
-        states = states[:, None]
-    nll, hit = head_scores(model, states[valid], y[valid], greedy=True)  # (N,) over real tokens
-    row = torch.arange(len(rows), device=device)[:, None].expand(-1, longest)[valid]
-    sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row, -nll.double())
-    misses = torch.zeros(len(rows), dtype=torch.long, device=device).index_add_(0, row, (~hit).long())
-    return [(i, (s, m == 0)) for (_, i), s, m in zip(rows, sums.tolist(), misses.tolist(), strict=True)]
+    last = model.hidden_states(ids, kv_cache=cache, attention_mask=mask if padded else None,
+                               position_ids=positions if padded else None)[:, -1]  # (B, C)
+    ctx_len = mask.sum(dim=1)  # (B,) real context tokens per item
+    out = []
+    # The choices of one item differ in length, and right padding in a pass is wasted work: run the
+    # continuations shortest first, a few rows of similar length per pass.
+    by_length = sorted(rows, key=lambda gi: len(fitted[gi[1]]))
+    for p in range(0, len(by_length), rows_per_pass):
+        part = by_length[p : p + rows_per_pass]
+        n = max(len(fitted[i]) for _, i in part)
+        index = torch.tensor([g for g, _ in part], device=device)
+        y = torch.zeros((len(part), n), dtype=torch.long, device=device)  # continuation tokens, right-padded
+        valid = torch.zeros((len(part), n), dtype=torch.bool, device=device)
+        for r, (_, i) in enumerate(part):
+            y[r, : len(fitted[i])] = torch.as_tensor(fitted[i], device=device)
+            valid[r, : len(fitted[i])] = True
+        # Token 0 of a row is predicted by its context's last hidden state, tokens 1.. by the
+        # continuation's own; the head then runs only where a real token is predicted.
+        states = last[index][:, None]  # (R, 1, C)
+        if n > 1:
+            pos = ctx_len[index][:, None] + torch.arange(n - 1, device=device)[None]  # (R, T)
+            # Right padding is harmless: causal attention never looks ahead.
+            rest = model.hidden_states(y[:, :-1], kv_cache=_expand(cache, index), position_ids=pos)  # (R, T, C)
+            states = torch.cat([states, rest], dim=1)  # (R, n, C)
+        nll, hit = head_scores(model, states[valid], y[valid], greedy=True)  # (N,) over real tokens
+        row = torch.arange(len(part), device=device)[:, None].expand(-1, n)[valid]
+        sums = torch.zeros(len(part), dtype=torch.float64, device=device).index_add_(0, row, -nll.double())
+        misses = torch.zeros(len(part), dtype=torch.long, device=device).index_add_(0, row, (~hit).long())
+        out += [(i, (s, m == 0)) for (_, i), s, m in zip(part, sums.tolist(), misses.tolist(), strict=True)]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
