@@ -162,10 +162,12 @@ def write_family_tokenizer(directory, family: str, *, split: str | None = None, 
         vocab[a + b] = len(vocab)
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=_MERGES,
                                           ignore_merges=llama if ignore_merges is None else ignore_merges))
-    pattern = split or (_LLAMA3_SPLIT if llama else _QWEN2_SPLIT)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if split == "gpt2":  # GPT-2's tokenizer.json: the byte mapping with GPT-2's regex built in
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split or (_LLAMA3_SPLIT if llama else _QWEN2_SPLIT)), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(_SPECIALS[family])
     config = {"eos_token": "<|end_of_text|>" if llama else "<|im_end|>", "chat_template": _TEMPLATE}
@@ -262,6 +264,11 @@ def test_gguf_llama_family_tensors_equal_the_transformers_weights(exported_famil
     for name, value in expected.items():
         assert tensors[name].shape == value.shape, name
         assert torch.equal(tensors[name], value), name
+    if family == "llama":  # and the inverse the module offers restores transformers' rows exactly
+        from scratchgpt.export.gguf import rope_from_interleaved
+
+        assert torch.equal(rope_from_interleaved(tensors["blk.1.attn_k.weight"], c.num_key_value_heads),
+                           sd["model.layers.1.self_attn.k_proj.weight"])
     # The split halves are the ones the scratchgpt model computes with: gate first, then up (SwiGLU).
     gate, up = model.transformer.h[1].mlp.c_fc.weight.detach().chunk(2)
     assert torch.equal(tensors["blk.1.ffn_gate.weight"], gate) and torch.equal(tensors["blk.1.ffn_up.weight"], up)
@@ -393,6 +400,20 @@ def test_cli_exports_a_qwen3_folder(tmp_path, capsys):
     assert gguf.GGUFReader(str(out)).get_field("general.architecture").contents() == "qwen3"
 
 
+def test_gguf_gpt2_model_with_a_tokenizer_json(tmp_path):
+    """A GPT-2 model whose tokenizer is an HF tokenizer.json (e.g. a GPT-2 hub folder) exports too."""
+    from scratchgpt.data.tokenizer import HFTokenizer
+    from scratchgpt.export.gguf import export_gguf, read_gguf_state
+
+    write_family_tokenizer(tmp_path, "qwen2", split="gpt2")
+    tok = HFTokenizer.from_dir(tmp_path)
+    model = tiny(VOCAB)
+    tensors, meta = read_gguf_state(export_gguf(model, tok, tmp_path / "m.gguf"))
+    assert meta["general.architecture"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert meta["tokenizer.ggml.tokens"][256:260] == ["he", "ll", "hell", "Ġw"]
+    assert torch.equal(tensors["blk.0.attn_qkv.weight"], model.transformer.h[0].attn.c_attn.weight.detach())
+
+
 def test_gguf_refuses_what_llama_cpp_would_run_differently(tmp_path):
     from scratchgpt.checkpoint import load_any
     from scratchgpt.config import LoRAConfig
@@ -429,6 +450,23 @@ def test_gguf_refuses_what_llama_cpp_would_run_differently(tmp_path):
     with pytest.raises(ValueError, match="LoRA adapters attached: merge them first"):
         export_gguf(model, tok, out / "f.gguf")
     assert not list(out.iterdir())  # nothing written, not even a partial file
+
+
+def test_gguf_llama_family_runs_in_llama_cpp_with_the_same_greedy_tokens(exported_family):
+    """Optional: needs llama-cpp-python (not installed by default; it builds from source)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from scratchgpt.inference.generate import generate
+
+    _, _, folder, model, _, _, _ = exported_family
+    llm = llama_cpp.Llama(model_path=str(folder / "m.gguf"), n_ctx=64, verbose=False)
+    prompt = [104, 101, 108, 108, 111, 32, 119]
+    ours = generate(model, prompt, SamplingConfig(max_new_tokens=16, temperature=0.0, stop_at_eot=False))[0]
+    theirs = []
+    for tok in llm.generate(prompt, temp=0.0, top_k=1):
+        theirs.append(tok)
+        if len(theirs) == 16:
+            break
+    assert theirs == ours
 
 
 # -- ONNX ------------------------------------------------------------------------------------------
