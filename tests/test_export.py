@@ -203,16 +203,18 @@ def hf_family_model(family: str, *, tied: bool, seed: int = 0, **overrides):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=[("llama", False), ("qwen2", True), ("qwen3", False)],
-                ids=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=[("llama", False, {}),
+                                        ("llama", True, {"attention_bias": True, "mlp_bias": True}),
+                                        ("qwen2", True, {}), ("qwen3", False, {})],
+                ids=["llama", "llama-biases-tied", "qwen2", "qwen3"])
 def exported_family(request, tmp_path_factory):
     """(family, transformers model, its folder, scratchgpt model, tokenizer, GGUF tensors, GGUF metadata)."""
     from scratchgpt.checkpoint import load_any
     from scratchgpt.export.gguf import export_gguf, read_gguf_state
 
-    family, tied = request.param
+    family, tied, overrides = request.param
     folder = tmp_path_factory.mktemp(family)
-    hf = hf_family_model(family, tied=tied, seed=3)
+    hf = hf_family_model(family, tied=tied, seed=3, **overrides)
     hf.save_pretrained(folder)
     write_family_tokenizer(folder, family)
     model, tok = load_any(folder)
@@ -251,7 +253,9 @@ def test_gguf_llama_family_tensors_equal_the_transformers_weights(exported_famil
                     expected[f"{g}{ours}.{kind}"] = sd[f"{hf_p}{theirs}.{kind}"]
         if family == "llama":  # llama.cpp's llama rotates adjacent pairs: q and k rows reordered per head
             for ours, heads in (("attn_q", c.num_attention_heads), ("attn_k", c.num_key_value_heads)):
-                expected[f"{g}{ours}.weight"] = _heads_to_adjacent_pairs(expected[f"{g}{ours}.weight"], heads)
+                for kind in ("weight", "bias"):  # a bias row belongs to its weight row
+                    if f"{g}{ours}.{kind}" in expected:
+                        expected[f"{g}{ours}.{kind}"] = _heads_to_adjacent_pairs(expected[f"{g}{ours}.{kind}"], heads)
     if family == "llama":
         # llama.cpp divides each plain frequency by rope_freqs; transformers' own scaled frequencies say by what.
         hs = c.hidden_size // c.num_attention_heads
@@ -274,6 +278,8 @@ def test_gguf_llama_family_tensors_equal_the_transformers_weights(exported_famil
     assert torch.equal(tensors["blk.1.ffn_gate.weight"], gate) and torch.equal(tensors["blk.1.ffn_up.weight"], up)
     if family == "qwen2":
         assert {f"blk.0.attn_{x}.bias" for x in "qkv"} <= set(tensors) and "blk.0.attn_output.bias" not in tensors
+    if c.tie_word_embeddings:
+        assert "output.weight" not in tensors  # llama.cpp reads token_embd for the head then
     if family == "qwen3":
         assert tensors["blk.0.attn_q.weight"].shape == (4 * 12, 32) and tensors["blk.0.attn_k.weight"].shape == (24, 32)
 
