@@ -38,7 +38,6 @@ from scratchgpt.config import GPTConfig
 from scratchgpt.model.gpt import GPT, rope_inv_freq
 
 GGUF_DTYPES = ("float32", "float16")
-GGUF_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3")
 
 # The splitting regex of a byte-level BPE tokenizer.json -> the pre-tokenizer name llama.cpp knows it
 # by (llama.cpp carries its own copy of each regex and picks it by this name).
