@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -82,7 +83,7 @@ def test_gguf_refuses_other_tokenizers_and_quantized_models(tmp_path, gpt2_token
     from scratchgpt.inference.quantize import quantize_model
 
     chars = build_tokenizer("char", text="hello world")
-    with pytest.raises(ValueError, match="embeds a GPT-2 BPE tokenizer; this model uses 'char'"):
+    with pytest.raises(ValueError, match="embeds a byte-level BPE tokenizer .*; this model uses 'char'"):
         export_gguf(tiny(chars.vocab_size), chars, tmp_path / "c.gguf")
     with pytest.raises(ValueError, match="takes a float model"):
         export_gguf(quantize_model(tiny(gpt2_tokenizer.vocab_size)), gpt2_tokenizer, tmp_path / "q.gguf")
@@ -120,6 +121,351 @@ def test_gguf_runs_in_llama_cpp_with_the_same_greedy_tokens(tmp_path, gpt2_token
     path = export_gguf(model, gpt2_tokenizer, tmp_path / "m.gguf")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, logits_all=False)
     prompt = gpt2_tokenizer.encode("Hello, my name is")
+    ours = generate(model, prompt, SamplingConfig(max_new_tokens=16, temperature=0.0, stop_at_eot=False))[0]
+    theirs = []
+    for tok in llm.generate(prompt, temp=0.0, top_k=1):
+        theirs.append(tok)
+        if len(theirs) == 16:
+            break
+    assert theirs == ours
+
+
+# -- GGUF: the Llama family (Llama 3, Qwen2, Qwen3) ------------------------------------------------
+#
+# Each model is a random tiny one that transformers builds at test time, with shapes that make a wrong
+# split or permutation show: 4 query heads over 2 key/value heads, Qwen3's head size 12 != 32 / 4, an
+# MLP width (40) unlike anything else, and an embedding padded past its tokenizer (as Qwen's is).
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w")]
+_SPECIALS = {"llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
+             "qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]}
+_SPECIALS["qwen3"] = _SPECIALS["qwen2"]
+VOCAB = 256 + len(_MERGES) + 3 + 2  # bytes, merges, specials, and 2 embedding rows no token uses
+_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def write_family_tokenizer(directory, family: str, *, split: str | None = None, ignore_merges: bool | None = None):
+    """A byte-level BPE tokenizer.json shaped like the family's own: Llama 3's or Qwen2's split regex,
+    Llama 3's ignore_merges and BOS post-processor, its special tokens and tokenizer_config.json."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors
+
+    from scratchgpt.data.tokenizer import _gpt2_byte_to_unicode
+
+    llama = family == "llama"
+    vocab = {c: i for i, c in enumerate(_gpt2_byte_to_unicode()[b] for b in range(256))}
+    for a, b in _MERGES:
+        vocab[a + b] = len(vocab)
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=_MERGES,
+                                          ignore_merges=llama if ignore_merges is None else ignore_merges))
+    if split == "gpt2":  # GPT-2's tokenizer.json: the byte mapping with GPT-2's regex built in
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split or (_LLAMA3_SPLIT if llama else _QWEN2_SPLIT)), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(_SPECIALS[family])
+    config = {"eos_token": "<|end_of_text|>" if llama else "<|im_end|>", "chat_template": _TEMPLATE}
+    if llama:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", vocab.__len__())])
+        config["bos_token"] = "<|begin_of_text|>"
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def hf_family_model(family: str, *, tied: bool, seed: int = 0, **overrides):
+    """A transformers Llama / Qwen2 / Qwen3 with every parameter random (norm gains and biases too)."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
+    if family == "llama":  # with Llama 3's RoPE frequency scaling, which GGUF carries as rope_freqs
+        config = transformers.LlamaConfig(**common, rms_norm_eps=1e-5, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}, **overrides)
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(**common, rms_norm_eps=1e-6,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    else:
+        config = transformers.Qwen3Config(**common, head_dim=12, rms_norm_eps=1e-6,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=[("llama", False, {}),
+                                        ("llama", True, {"attention_bias": True, "mlp_bias": True}),
+                                        ("qwen2", True, {}), ("qwen3", False, {})],
+                ids=["llama", "llama-biases-tied", "qwen2", "qwen3"])
+def exported_family(request, tmp_path_factory):
+    """(family, transformers model, its folder, scratchgpt model, tokenizer, GGUF tensors, GGUF metadata)."""
+    from scratchgpt.checkpoint import load_any
+    from scratchgpt.export.gguf import export_gguf, read_gguf_state
+
+    family, tied, overrides = request.param
+    folder = tmp_path_factory.mktemp(family)
+    hf = hf_family_model(family, tied=tied, seed=3, **overrides)
+    hf.save_pretrained(folder)
+    write_family_tokenizer(folder, family)
+    model, tok = load_any(folder)
+    path = export_gguf(model, tok, folder / "m.gguf", name="tiny")
+    tensors, meta = read_gguf_state(path)
+    return family, hf, folder, model, tok, tensors, meta
+
+
+def _heads_to_adjacent_pairs(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Expected llama GGUF rows, spelled out row by row: in each head, HF rows j and j + hs/2 (one
+    rotate-half RoPE pair) become rows 2j and 2j + 1 (llama.cpp's adjacent pair)."""
+    hs = w.shape[0] // n_head
+    rows = []
+    for h in range(n_head):
+        for j in range(hs // 2):
+            rows += [w[h * hs + j], w[h * hs + hs // 2 + j]]
+    return torch.stack(rows)
+
+
+def test_gguf_llama_family_tensors_equal_the_transformers_weights(exported_family):
+    family, hf, _, model, _, tensors, _ = exported_family
+    c = hf.config
+    sd = {k: v.detach() for k, v in hf.state_dict().items()}
+    expected = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if not c.tie_word_embeddings:
+        expected["output.weight"] = sd["lm_head.weight"]
+    for i in range(c.num_hidden_layers):
+        hf_p, g = f"model.layers.{i}.", f"blk.{i}."
+        pairs = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+        for theirs, ours in pairs.items():
+            for kind in ("weight", "bias"):
+                if f"{hf_p}{theirs}.{kind}" in sd:
+                    expected[f"{g}{ours}.{kind}"] = sd[f"{hf_p}{theirs}.{kind}"]
+        if family == "llama":  # llama.cpp's llama rotates adjacent pairs: q and k rows reordered per head
+            for ours, heads in (("attn_q", c.num_attention_heads), ("attn_k", c.num_key_value_heads)):
+                for kind in ("weight", "bias"):  # a bias row belongs to its weight row
+                    if f"{g}{ours}.{kind}" in expected:
+                        expected[f"{g}{ours}.{kind}"] = _heads_to_adjacent_pairs(expected[f"{g}{ours}.{kind}"], heads)
+    if family == "llama":
+        # llama.cpp divides each plain frequency by rope_freqs; transformers' own scaled frequencies say by what.
+        hs = c.hidden_size // c.num_attention_heads
+        plain = 1.0 / (500000.0 ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs))
+        factors = plain / hf.model.rotary_emb.inv_freq.double()
+        assert factors.max() == pytest.approx(8.0) and 1.0 < factors.min() < 8.0  # scaled and blended bands
+        assert torch.allclose(tensors["rope_freqs.weight"].double(), factors, rtol=1e-6)
+        expected["rope_freqs.weight"] = tensors["rope_freqs.weight"]
+    assert set(tensors) == set(expected)
+    for name, value in expected.items():
+        assert tensors[name].shape == value.shape, name
+        assert torch.equal(tensors[name], value), name
+    if family == "llama":  # and the inverse the module offers restores transformers' rows exactly
+        from scratchgpt.export.gguf import rope_from_interleaved
+
+        assert torch.equal(rope_from_interleaved(tensors["blk.1.attn_k.weight"], c.num_key_value_heads),
+                           sd["model.layers.1.self_attn.k_proj.weight"])
+    # The split halves are the ones the scratchgpt model computes with: gate first, then up (SwiGLU).
+    gate, up = model.transformer.h[1].mlp.c_fc.weight.detach().chunk(2)
+    assert torch.equal(tensors["blk.1.ffn_gate.weight"], gate) and torch.equal(tensors["blk.1.ffn_up.weight"], up)
+    if family == "qwen2":
+        assert {f"blk.0.attn_{x}.bias" for x in "qkv"} <= set(tensors) and "blk.0.attn_output.bias" not in tensors
+    if c.tie_word_embeddings:
+        assert "output.weight" not in tensors  # llama.cpp reads token_embd for the head then
+    if family == "qwen3":
+        assert tensors["blk.0.attn_q.weight"].shape == (4 * 12, 32) and tensors["blk.0.attn_k.weight"].shape == (24, 32)
+
+
+def gguf_reference_logits(tensors: dict, meta: dict, ids: list[int]) -> torch.Tensor:
+    """Logits (T, V) computed the way llama.cpp runs the file: from the GGUF tensors and metadata only,
+    rotating adjacent channel pairs for "llama" (rope type NORM) and half-split pairs for qwen2/qwen3
+    (NEOX), with rope_freqs dividing the frequencies when present."""
+    arch = meta["general.architecture"]
+    n_head, n_kv = meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]
+    hs, eps = meta[f"{arch}.attention.key_length"], meta[f"{arch}.attention.layer_norm_rms_epsilon"]
+    base, T = meta[f"{arch}.rope.freq_base"], len(ids)
+    freq = base ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    if "rope_freqs.weight" in tensors:
+        freq = freq / tensors["rope_freqs.weight"].double()
+    angle = torch.arange(T, dtype=torch.float64)[:, None, None] * freq  # (T, 1, hs/2)
+    cos, sin = angle.cos().float(), angle.sin().float()
+
+    def rope(x):  # (T, heads, hs)
+        if arch == "llama":
+            a, b = x[..., 0::2], x[..., 1::2]
+            return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+        a, b = x[..., : hs // 2], x[..., hs // 2 :]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def lin(x, name):
+        y = x @ tensors[name + ".weight"].T
+        return y + tensors[name + ".bias"] if name + ".bias" in tensors else y
+
+    x = tensors["token_embd.weight"][ids]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(meta[f"{arch}.block_count"]):
+        p = f"blk.{i}."
+        h = rms(x, tensors[p + "attn_norm.weight"])
+        q, k, v = (lin(h, p + n).view(T, -1, hs) for n in ("attn_q", "attn_k", "attn_v"))
+        if p + "attn_q_norm.weight" in tensors:
+            q, k = rms(q, tensors[p + "attn_q_norm.weight"]), rms(k, tensors[p + "attn_k_norm.weight"])
+        q, k = rope(q), rope(k)
+        k, v = k.repeat_interleave(n_head // n_kv, dim=1), v.repeat_interleave(n_head // n_kv, dim=1)
+        scores = torch.einsum("thd,shd->hts", q, k) / hs**0.5
+        att = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + lin(torch.einsum("hts,shd->thd", att, v).reshape(T, n_head * hs), p + "attn_output")
+        h = rms(x, tensors[p + "ffn_norm.weight"])
+        x = x + lin(torch.nn.functional.silu(lin(h, p + "ffn_gate")) * lin(h, p + "ffn_up"), p + "ffn_down")
+    head = tensors.get("output.weight", tensors["token_embd.weight"])
+    return rms(x, tensors["output_norm.weight"]) @ head.T
+
+
+def test_gguf_llama_family_runs_to_the_transformers_logits(exported_family):
+    """The file, read the way llama.cpp reads it (interleaved RoPE for llama, NeoX for Qwen), gives
+    transformers' logits: a wrong permutation, split or RoPE setting would not."""
+    _, hf, _, _, _, tensors, meta = exported_family
+    ids = torch.randint(0, VOCAB, (17,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0]
+    assert (gguf_reference_logits(tensors, meta, ids) - theirs).abs().max().item() < 1e-4
+
+
+def test_gguf_llama_family_metadata_and_vocabulary(exported_family):
+    family, hf, _, _, tok, _, meta = exported_family
+    c = hf.config
+    arch = family
+    hs = 12 if family == "qwen3" else 8
+    assert meta["general.architecture"] == arch and meta["general.name"] == "tiny"
+    assert meta["general.file_type"] == int(gguf.LlamaFileType.ALL_F32)
+    assert {k: meta[f"{arch}.{k}"] for k in (
+        "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+        "attention.head_count_kv", "attention.key_length", "attention.value_length", "rope.dimension_count",
+        "vocab_size")} == {
+        "context_length": 64, "embedding_length": 32, "block_count": 2, "feed_forward_length": 40,
+        "attention.head_count": 4, "attention.head_count_kv": 2, "attention.key_length": hs,
+        "attention.value_length": hs, "rope.dimension_count": hs, "vocab_size": VOCAB}
+    assert meta[f"{arch}.rope.freq_base"] == (500000.0 if family == "llama" else 1000000.0)
+    assert meta[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(c.rms_norm_eps, rel=1e-6)
+    # The tokenizer: byte-level BPE under the pre-tokenizer name llama.cpp picks its regex by.
+    assert meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.ggml.pre"] == ("llama-bpe" if family == "llama" else "qwen2")
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == VOCAB
+    assert tokens[:3] == ["Ā", "ā", "Ă"] and tokens[32] == "Ġ" and tokens[104] == "h"  # bytes 0, 1, 2, space, h
+    assert tokens[256:260] == ["he", "ll", "hell", "Ġw"]
+    specials = _SPECIALS[family]
+    assert tokens[260:263] == specials and tokens[263:] == ["[PAD263]", "[PAD264]"]
+    assert types[:260] == [int(gguf.TokenType.NORMAL)] * 260
+    assert types[260:263] == [int(gguf.TokenType.CONTROL)] * 3
+    assert types[263:] == [int(gguf.TokenType.UNUSED)] * 2
+    assert meta["tokenizer.ggml.merges"] == ["h e", "l l", "he ll", "Ġ w"]
+    assert all(tokens[tok.encode(t)[0]] == t for t in ("hell", "he", "!"))  # ids agree with the tokenizer
+    assert meta["tokenizer.ggml.eos_token_id"] == tok.eot_id == tokens.index(
+        "<|end_of_text|>" if family == "llama" else "<|im_end|>")
+    if family == "llama":  # Llama 3's tokenizer prepends <|begin_of_text|>; Qwen's adds nothing
+        assert meta["tokenizer.ggml.bos_token_id"] == 260 and meta["tokenizer.ggml.add_bos_token"] is True
+    else:
+        assert "tokenizer.ggml.bos_token_id" not in meta and meta["tokenizer.ggml.add_bos_token"] is False
+    assert meta["tokenizer.chat_template"] == _TEMPLATE
+
+
+def test_gguf_llama_family_float16(exported_family, tmp_path):
+    from scratchgpt.export.gguf import export_gguf
+
+    family, _, _, model, tok, tensors32, _ = exported_family
+    reader = gguf.GGUFReader(str(export_gguf(model, tok, tmp_path / "m16.gguf", dtype="float16")))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == gguf.GGMLQuantizationType.F16
+    assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
+    if family == "llama":
+        assert types["rope_freqs.weight"] == gguf.GGMLQuantizationType.F32
+    data = {t.name: np.array(t.data).astype(np.float32) for t in reader.tensors}
+    ref = tensors32["blk.0.attn_k.weight"].numpy()
+    assert np.abs(data["blk.0.attn_k.weight"].reshape(ref.shape) - ref).max() < 1e-3
+
+
+def test_cli_exports_a_qwen3_folder(tmp_path, capsys):
+    from scratchgpt.cli import main
+
+    hf_family_model("qwen3", tied=True).save_pretrained(tmp_path / "hf")
+    write_family_tokenizer(tmp_path / "hf", "qwen3")
+    out = tmp_path / "q.gguf"
+    assert main(["export", "--checkpoint", str(tmp_path / "hf"), "--format", "gguf", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "gguf"
+    assert gguf.GGUFReader(str(out)).get_field("general.architecture").contents() == "qwen3"
+
+
+def test_gguf_gpt2_model_with_a_tokenizer_json(tmp_path):
+    """A GPT-2 model whose tokenizer is an HF tokenizer.json (e.g. a GPT-2 hub folder) exports too."""
+    from scratchgpt.data.tokenizer import HFTokenizer
+    from scratchgpt.export.gguf import export_gguf, read_gguf_state
+
+    write_family_tokenizer(tmp_path, "qwen2", split="gpt2")
+    tok = HFTokenizer.from_dir(tmp_path)
+    model = tiny(VOCAB)
+    tensors, meta = read_gguf_state(export_gguf(model, tok, tmp_path / "m.gguf"))
+    assert meta["general.architecture"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert meta["tokenizer.ggml.tokens"][256:260] == ["he", "ll", "hell", "Ġw"]
+    assert torch.equal(tensors["blk.0.attn_qkv.weight"], model.transformer.h[0].attn.c_attn.weight.detach())
+
+
+def test_gguf_refuses_what_llama_cpp_would_run_differently(tmp_path):
+    from scratchgpt.checkpoint import load_any
+    from scratchgpt.config import LoRAConfig
+    from scratchgpt.export.gguf import export_gguf
+    from scratchgpt.training.lora import apply_lora
+
+    def folder(name, family, **tok_kw):
+        d = tmp_path / name
+        hf_family_model(family, tied=True).save_pretrained(d)
+        write_family_tokenizer(d, family, **tok_kw)
+        return load_any(d)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # A tokenizer llama.cpp has no regex for, or Llama 3's regex without Llama 3's whole-word lookup.
+    model, tok = folder("odd_split", "qwen2", split=r"\p{L}+|\s+|.")
+    with pytest.raises(ValueError, match="pre-tokenizer other than GPT-2's, Llama 3's or Qwen2's"):
+        export_gguf(model, tok, out / "a.gguf")
+    model, tok = folder("no_ignore", "llama", ignore_merges=False)
+    with pytest.raises(ValueError, match="ignore_merges=False, which llama.cpp's 'llama-bpe'"):
+        export_gguf(model, tok, out / "b.gguf")
+    # Model variants llama.cpp's qwen architectures do not read.
+    model, tok = folder("qwen3", "qwen3")
+    biased = type(model)(dataclasses.replace(model.config, bias=True))
+    with pytest.raises(ValueError, match="qwen3 architecture has no attention biases"):
+        export_gguf(biased, tok, out / "c.gguf")
+    scaled = type(model)(dataclasses.replace(model.config, qk_norm=False, qkv_bias=True, rope_scaling_factor=8.0))
+    with pytest.raises(ValueError, match="read only by llama.cpp's llama architecture; this model is qwen2"):
+        export_gguf(scaled, tok, out / "d.gguf")
+    softcap = type(model)(dataclasses.replace(model.config, logit_softcap=30.0))
+    with pytest.raises(ValueError, match="GGUF export: .*logit_softcap"):
+        export_gguf(softcap, tok, out / "e.gguf")
+    apply_lora(model, LoRAConfig(rank=2))
+    with pytest.raises(ValueError, match="LoRA adapters attached: merge them first"):
+        export_gguf(model, tok, out / "f.gguf")
+    assert not list(out.iterdir())  # nothing written, not even a partial file
+
+
+def test_gguf_llama_family_runs_in_llama_cpp_with_the_same_greedy_tokens(exported_family):
+    """Optional: needs llama-cpp-python (not installed by default; it builds from source)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from scratchgpt.inference.generate import generate
+
+    _, _, folder, model, _, _, _ = exported_family
+    llm = llama_cpp.Llama(model_path=str(folder / "m.gguf"), n_ctx=64, verbose=False)
+    prompt = [104, 101, 108, 108, 111, 32, 119]
     ours = generate(model, prompt, SamplingConfig(max_new_tokens=16, temperature=0.0, stop_at_eot=False))[0]
     theirs = []
     for tok in llm.generate(prompt, temp=0.0, top_k=1):

@@ -559,12 +559,14 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export", help="write a model as GGUF (llama.cpp, Ollama) or ONNX (onnxruntime)",
-        description="Export a checkpoint for other runtimes. GGUF: llama.cpp's gpt2 architecture with the GPT-2 "
-                    "tokenizer embedded (run it with: llama-cli -m model.gguf -p 'Hello'). ONNX: input_ids plus "
+        description="Export a checkpoint for other runtimes. GGUF: llama.cpp's gpt2, llama, qwen2 or qwen3 "
+                    "architecture (GPT-2, Llama 3, Qwen2, Qwen3 models) with the byte-level BPE tokenizer embedded "
+                    "(run it with: llama-cli -m model.gguf -p 'Hello'). ONNX: input_ids plus "
                     "past_keys/past_values in, logits plus present_keys/present_values out, dynamic lengths. "
                     "Needs the `export` extra.",
     )
-    p.add_argument("--checkpoint", required=True, help="scratchgpt run directory or Hugging Face GPT-2 directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="scratchgpt run directory or Hugging Face GPT-2 / Llama / Qwen folder")
     p.add_argument("--format", required=True, choices=["gguf", "onnx"], help="the file format to write")
     p.add_argument("--out", required=True, help="the file to write (e.g. model.gguf, model.onnx)")
     p.add_argument("--gguf-dtype", default="float32", choices=["float32", "float16"],

@@ -1,79 +1,131 @@
-"""Export a GPT-2-family model to GGUF, the file llama.cpp, Ollama and LM Studio load.
+"""Export a model to GGUF, the file llama.cpp, Ollama and LM Studio load.
 
-GGUF holds key-value metadata plus named tensors. We write what llama.cpp's "gpt2" architecture
-reads: hyperparameters under `gpt2.*`, the tokenizer (GPT-2 byte-level BPE: token strings, token
-types, merges, bos/eos ids) under `tokenizer.ggml.*`, and the weights under llama.cpp's tensor names
-(taken from the `gguf` package's own tables, so they match what its converter writes):
+GGUF holds key-value metadata plus named tensors. We write what llama.cpp's converter writes for
+the matching Hugging Face model, under llama.cpp's tensor names (taken from the `gguf` package's
+own tables), so the file runs in llama.cpp as if it had been converted from the HF folder:
 
-    transformer.wte.weight        -> token_embd.weight         transformer.wpe.weight -> position_embd.weight
-    h.N.ln_1 / ln_2               -> blk.N.attn_norm / ffn_norm
-    h.N.attn.c_attn / c_proj      -> blk.N.attn_qkv / attn_output
-    h.N.mlp.c_fc / c_proj         -> blk.N.ffn_up / ffn_down
-    transformer.ln_f              -> output_norm               lm_head (untied only) -> output.weight
+    family (hf.hf_model_type)   GGUF architecture   extra tensors
+    GPT-2                       gpt2                position_embd; fused attn_qkv
+    Llama (3.x)                 llama               rope_freqs (Llama 3 RoPE scaling only)
+    Qwen2 / Qwen2.5             qwen2               attn_q/k/v biases
+    Qwen3                       qwen3               attn_q_norm / attn_k_norm
 
-Our nn.Linear weights are (out, in), the layout llama.cpp expects, so no transposes are needed.
-Supported: GPT-2 models (learned positions, LayerNorm, GELU) with the GPT-2 tokenizer. Other
-families and tokenizers are refused with a one-line reason.
+GPT-2 names: h.N.ln_1 / attn.c_attn / attn.c_proj / ln_2 / mlp.c_fc / mlp.c_proj -> blk.N.attn_norm /
+attn_qkv / attn_output / ffn_norm / ffn_up / ffn_down. The Llama family goes through the one HF name
+map (hf.scratchgpt_to_hf, which splits our fused c_attn into q/k/v and c_fc into gate/up) and then
+gguf's own HF -> GGUF table: blk.N.attn_q, attn_k, attn_v, attn_output, attn_norm, ffn_gate, ffn_up,
+ffn_down, ffn_norm; token_embd, output_norm, and output unless tied to the embedding.
+
+Our nn.Linear weights are (out, in), the layout llama.cpp expects, so no transposes are needed. The
+tokenizer goes in as byte-level BPE (tokenizer.ggml.model "gpt2": tokens, token types, merges,
+bos/eos ids, and the pre-tokenizer name that selects llama.cpp's splitting regex): GPT-2's own, or
+a Llama 3 / Qwen tokenizer.json. Anything llama.cpp could not reproduce exactly is refused with a
+one-line reason rather than written as a file that would run wrongly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from scratchgpt.model.gpt import GPT
+from scratchgpt.config import GPTConfig
+from scratchgpt.model.gpt import GPT, rope_inv_freq
 
 GGUF_DTYPES = ("float32", "float16")
 
-
-def _tensor_names(n_layer: int) -> dict[str, str]:
-    """scratchgpt parameter name -> GGUF tensor name, from gguf's own name tables."""
-    import gguf
-
-    T, names = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
-    out = {"transformer.wte.weight": names[T.TOKEN_EMBD] + ".weight",
-           "transformer.wpe.weight": names[T.POS_EMBD] + ".weight",
-           "lm_head.weight": names[T.OUTPUT] + ".weight"}
-    for p in ("weight", "bias"):
-        out[f"transformer.ln_f.{p}"] = f"{names[T.OUTPUT_NORM]}.{p}"
-        for i in range(n_layer):
-            ours = {"ln_1": T.ATTN_NORM, "attn.c_attn": T.ATTN_QKV, "attn.c_proj": T.ATTN_OUT,
-                    "ln_2": T.FFN_NORM, "mlp.c_fc": T.FFN_UP, "mlp.c_proj": T.FFN_DOWN}
-            for src, kind in ours.items():
-                out[f"transformer.h.{i}.{src}.{p}"] = f"{names[kind].format(bid=i)}.{p}"
-    return out
+# The splitting regex of a byte-level BPE tokenizer.json -> the pre-tokenizer name llama.cpp knows it
+# by (llama.cpp carries its own copy of each regex and picks it by this name).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_TOKENIZERS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 
 
-def check_gguf_supported(model: GPT, tokenizer: Any) -> None:
-    """A one-line error unless llama.cpp's gpt2 architecture can run this model and tokenizer."""
-    c = model.config
+class GGUFVocab(NamedTuple):
+    """What a GGUF file says about its tokenizer (tokenizer.ggml.*)."""
+
+    tokens: list[str]  # id order, byte-level strings ("Ġthe"); "[PAD{i}]" fills ids the tokenizer lacks
+    types: list[int]  # gguf.TokenType per token
+    merges: list[str]  # "a b", rank order
+    pre: str  # llama.cpp's pre-tokenizer name: gpt-2, llama-bpe, qwen2
+    bos_id: int | None
+    eos_id: int
+    add_bos: bool | None  # whether the tokenizer itself prepends BOS (None: leave llama.cpp's default)
+    chat_template: str | None
+
+
+# ---------------------------------------------------------------------------------------------
+# What can be exported
+# ---------------------------------------------------------------------------------------------
+
+
+def gguf_architecture(config: GPTConfig) -> str:
+    """llama.cpp's architecture for `config` (gpt2, llama, qwen2, qwen3); a one-line ValueError if none fits."""
+    if config.pos_encoding == "rope" or config.norm == "rmsnorm" or config.activation == "swiglu":
+        return _llama_family_architecture(config)
     unsupported = []
-    if c.pos_encoding != "learned":
-        unsupported.append(f"pos_encoding={c.pos_encoding!r}")
-    if c.activation != "gelu":
-        unsupported.append(f"activation={c.activation!r}")
-    for field, plain in (("norm", "layernorm"), ("n_kv_head", None), ("qk_norm", False), ("logit_softcap", None),
-                         ("n_inner", None)):
-        value = getattr(c, field, plain)
-        if value != plain and not (field == "n_kv_head" and value == c.n_head) and not (
-            field == "n_inner" and value == 4 * c.n_embd
+    if config.pos_encoding != "learned":
+        unsupported.append(f"pos_encoding={config.pos_encoding!r}")
+    if config.activation != "gelu":
+        unsupported.append(f"activation={config.activation!r}")
+    for field, plain in (("n_kv_head", None), ("qk_norm", False), ("logit_softcap", None), ("n_inner", None)):
+        value = getattr(config, field, plain)
+        if value != plain and not (field == "n_kv_head" and value == config.n_head) and not (
+            field == "n_inner" and value == 4 * config.n_embd
         ):
             unsupported.append(f"{field}={value!r}")
-    if not c.bias:
-        unsupported.append("bias=False")
+    if not config.bias or config.attn_bias != config.bias:
+        unsupported.append(f"bias={config.bias}, qkv_bias={config.qkv_bias}")
+    if config.head_dim not in (None, config.n_embd // config.n_head):
+        unsupported.append(f"head_dim={config.head_dim}")
     if unsupported:
-        raise ValueError(f"GGUF export supports GPT-2 models (llama.cpp's gpt2 architecture); this one has "
-                         f"{', '.join(unsupported)}")
+        raise ValueError(f"GGUF export supports GPT-2 (learned positions, LayerNorm, GELU) and Llama/Qwen2/Qwen3 "
+                         f"models (RoPE, RMSNorm, SwiGLU); this one has {', '.join(unsupported)}")
+    return "gpt2"
+
+
+def _llama_family_architecture(config: GPTConfig) -> str:
+    from scratchgpt.hf import hf_model_type
+
+    try:
+        family = hf_model_type(config)  # the same rules that decide the HF export's model_type
+    except ValueError as err:
+        raise ValueError(f"GGUF export: {err}") from None
+    if family == "qwen3" and config.attn_bias:
+        raise ValueError("GGUF export: llama.cpp's qwen3 architecture has no attention biases; this Qwen3-style "
+                         "model (qk_norm=True) has bias=True")
+    if family != "llama" and config.rope_scaling_factor is not None:
+        raise ValueError(f"GGUF export: Llama 3 RoPE scaling is read only by llama.cpp's llama architecture; this "
+                         f"model is {family} (rope_scaling_factor={config.rope_scaling_factor})")
+    return family
+
+
+def check_gguf_supported(model: GPT, tokenizer: Any) -> str:
+    """llama.cpp's architecture for this model and tokenizer; a one-line ValueError if it cannot run them."""
+    arch = gguf_architecture(model.config)
     if any(type(m).__name__ == "Int8Linear" for m in model.modules()):
         raise ValueError("GGUF export takes a float model; export the checkpoint without --quantize "
                          "(llama.cpp's llama-quantize makes Q8_0/Q4_K files from the exported one)")
-    if getattr(tokenizer, "name", None) != "gpt2" or not hasattr(tokenizer, "_files"):
-        raise ValueError(f"GGUF export embeds a GPT-2 BPE tokenizer; this model uses "
-                         f"{getattr(tokenizer, 'name', type(tokenizer).__name__)!r}, which llama.cpp cannot run")
+    if any(".lora_" in name for name, _ in model.named_parameters()):
+        raise ValueError("GGUF export takes a plain model; this one has LoRA adapters attached: merge them first "
+                         "(scratchgpt finetune merge, or training.lora.merge_lora)")
+    kind = getattr(tokenizer, "name", type(tokenizer).__name__)
+    if not ((kind == "gpt2" and hasattr(tokenizer, "_files")) or (kind == "hf" and hasattr(tokenizer, "_json"))):
+        raise ValueError(f"GGUF export embeds a byte-level BPE tokenizer (GPT-2's, or a Llama 3 / Qwen "
+                         f"tokenizer.json); this model uses {kind!r}, which llama.cpp cannot run")
+    return arch
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer -> tokenizer.ggml.*
+# ---------------------------------------------------------------------------------------------
 
 
 def gpt2_vocab(tokenizer: Any) -> tuple[list[str], list[int], list[str]]:
@@ -91,12 +143,201 @@ def gpt2_vocab(tokenizer: Any) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
+def _pre_tokenizer_name(spec: dict[str, Any]) -> str | None:
+    """llama.cpp's name for a tokenizer.json `pre_tokenizer`, or None when it has none that matches exactly."""
+    kind = spec.get("type")
+    if kind == "ByteLevel":  # GPT-2: the byte mapping with GPT-2's own regex built in
+        return "gpt-2" if spec.get("use_regex", True) and not spec.get("add_prefix_space") else None
+    if kind != "Sequence" or len(spec.get("pretokenizers", [])) != 2:
+        return None
+    split, byte_level = spec["pretokenizers"]
+    if (split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")
+            or byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex", True)
+            or byte_level.get("add_prefix_space")):
+        return None
+    return _PRE_TOKENIZERS.get((split.get("pattern") or {}).get("Regex"))
+
+
+def hf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
+    """The GGUF vocabulary of an HFTokenizer (byte-level BPE tokenizer.json); ValueError if llama.cpp
+    could not tokenize exactly as it does."""
+    import gguf
+
+    spec = json.loads(tokenizer._json)
+    model = spec.get("model") or {}
+    decoder = spec.get("decoder") or {}
+    decoders = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", [])]
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"GGUF export: this tokenizer.json {why}; llama.cpp's byte-level BPE could not "
+                          f"reproduce it, so no file was written")
+
+    if model.get("type") != "BPE" or "ByteLevel" not in decoders:
+        raise refuse(f"is not byte-level BPE (model {model.get('type')!r}, decoder {decoders})")
+    if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise refuse("uses byte_fallback or subword prefixes/suffixes")
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):  # NFC leaves ordinary text unchanged; llama.cpp's converter ignores it too
+        raise refuse(f"has a {normalizer} normalizer")
+    pre = _pre_tokenizer_name(spec.get("pre_tokenizer") or {})
+    if pre is None:
+        raise refuse("splits text with a pre-tokenizer other than GPT-2's, Llama 3's or Qwen2's")
+    # Llama 3 looks whole words up before merging (ignore_merges); llama.cpp does so exactly for llama-bpe.
+    if bool(model.get("ignore_merges")) != (pre == "llama-bpe"):
+        raise refuse(f"has ignore_merges={bool(model.get('ignore_merges'))}, which llama.cpp's {pre!r} "
+                     f"pre-tokenizer does not")
+
+    rust = tokenizer._tok
+    vocab: dict[str, int] = rust.get_vocab(with_added_tokens=True)
+    if max(vocab.values()) >= vocab_size:
+        raise ValueError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocabulary is "
+                         f"{vocab_size}; they do not belong together")
+    added = rust.get_added_tokens_decoder()  # id -> AddedToken
+    tokens, types = [], []
+    by_id = {i: text for text, i in vocab.items()}
+    for i in range(vocab_size):
+        if i not in by_id:  # the embedding is padded past the tokenizer (Qwen: 151936 rows, 151665 tokens)
+            tokens.append(f"[PAD{i}]")
+            types.append(int(gguf.TokenType.UNUSED))
+            continue
+        tokens.append(by_id[i])
+        if i in added:
+            types.append(int(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED))
+        else:
+            types.append(int(gguf.TokenType.NORMAL))
+    merges = []
+    for merge in model.get("merges") or []:
+        pair = merge.split(" ") if isinstance(merge, str) else list(merge)
+        if len(pair) != 2 or any(" " in part for part in pair):
+            raise refuse(f"has a merge {merge!r} that is not two space-free byte-level pieces")
+        merges.append(" ".join(pair))
+
+    bos = tokenizer.config.get("bos_token")
+    if isinstance(bos, dict):
+        bos = bos.get("content")
+    bos_id = rust.token_to_id(bos) if isinstance(bos, str) else None
+    # Whether BOS is added is the tokenizer's post-processor's business (Llama 3 adds <|begin_of_text|>):
+    # ask it rather than parse its template.
+    add_bos = bos_id is not None and rust.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+    return GGUFVocab(tokens, types, merges, pre, bos_id, tokenizer.eot_id, add_bos, tokenizer.chat_template)
+
+
+def gguf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
+    """The GGUF vocabulary of a GPT-2 tokenizer or an HF tokenizer.json one, padded to `vocab_size`."""
+    if getattr(tokenizer, "name", None) == "hf":
+        return hf_vocab(tokenizer, vocab_size)
+    tokens, types, merges = gpt2_vocab(tokenizer)
+    if len(tokens) != vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokens)} tokens but the model's vocabulary is {vocab_size}")
+    # GPT-2 uses <|endoftext|> for both; llama.cpp's gpt2 default (no BOS added) stays.
+    return GGUFVocab(tokens, types, merges, "gpt-2", tokenizer.eot_id, tokenizer.eot_id, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights -> GGUF tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def _gpt2_tensor_names(n_layer: int) -> dict[str, str]:
+    """scratchgpt parameter name -> GGUF tensor name for GPT-2, from gguf's own name tables."""
+    import gguf
+
+    T, names = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+    out = {"transformer.wte.weight": names[T.TOKEN_EMBD] + ".weight",
+           "transformer.wpe.weight": names[T.POS_EMBD] + ".weight",
+           "lm_head.weight": names[T.OUTPUT] + ".weight"}
+    for p in ("weight", "bias"):
+        out[f"transformer.ln_f.{p}"] = f"{names[T.OUTPUT_NORM]}.{p}"
+        for i in range(n_layer):
+            ours = {"ln_1": T.ATTN_NORM, "attn.c_attn": T.ATTN_QKV, "attn.c_proj": T.ATTN_OUT,
+                    "ln_2": T.FFN_NORM, "mlp.c_fc": T.FFN_UP, "mlp.c_proj": T.FFN_DOWN}
+            for src, kind in ours.items():
+                out[f"transformer.h.{i}.{src}.{p}"] = f"{names[kind].format(bid=i)}.{p}"
+    return out
+
+
+def _gpt2_tensors(state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
+    names = _gpt2_tensor_names(config.n_layer)
+    out = {}
+    for ours, tensor in state.items():
+        if ours not in names:
+            raise ValueError(f"no GGUF name for parameter {ours!r}")
+        out[names[ours]] = tensor
+    return out
+
+
+def rope_to_interleaved(w: Tensor, n_head: int) -> Tensor:
+    """Reorder the rows of a q or k projection (weight (nh·hs, C) or bias (nh·hs,)) from rotate-half
+    RoPE pairs to adjacent pairs: within each head, row i -> 2i and row i + hs/2 -> 2i + 1.
+
+    Why: scratchgpt (like HF Llama/Qwen) rotates channel pairs (i, i + hs/2), the GPT-NeoX layout;
+    llama.cpp's "llama" architecture rotates (2i, 2i + 1), the original GPT-J/Meta layout. RoPE acts
+    on q and k only through these pairs and attention only uses q·k, so moving each pair's two rows
+    together (the same permutation for q and k) leaves every score unchanged. llama.cpp's "qwen2" and
+    "qwen3" use the NeoX layout themselves and take the rows as they are.
+    """
+    hs = w.shape[0] // n_head
+    # (nh, 2, hs/2, ...) = [head][which half][pair index] -> (nh, hs/2, 2, ...) = [head][pair][member]
+    return w.reshape(n_head, 2, hs // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def rope_from_interleaved(w: Tensor, n_head: int) -> Tensor:
+    """The inverse of `rope_to_interleaved`: adjacent pairs back to rotate-half (for checks and readers)."""
+    hs = w.shape[0] // n_head
+    return w.reshape(n_head, hs // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(config: GPTConfig) -> Tensor:
+    """(hs/2,) float32 divisors llama.cpp applies to the plain RoPE frequencies (its rope_freqs tensor):
+    1 for fast rotations, `rope_scaling_factor` for slow ones, the Llama 3 blend between."""
+    plain = rope_inv_freq(dataclasses.replace(config, rope_scaling_factor=None))
+    return (plain.double() / rope_inv_freq(config).double()).float()
+
+
+def _llama_tensors(state: dict[str, Tensor], config: GPTConfig, arch: str) -> dict[str, Tensor]:
+    import gguf
+
+    from scratchgpt.hf import scratchgpt_to_hf
+
+    # Through the one HF name map (it splits c_attn into q/k/v and c_fc into gate/up), then gguf's
+    # HF -> GGUF table, exactly the names llama.cpp's own converter reads.
+    hf_state = scratchgpt_to_hf(state, config)
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.n_layer)
+    out = {}
+    for name, tensor in hf_state.items():
+        if arch == "llama" and ".self_attn.q_proj." in name:
+            tensor = rope_to_interleaved(tensor, config.n_head)
+        elif arch == "llama" and ".self_attn.k_proj." in name:
+            tensor = rope_to_interleaved(tensor, config.kv_heads)
+        gguf_name = table.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"no GGUF {arch} tensor for {name!r}")
+        out[gguf_name] = tensor
+    if config.rope_scaling_factor is not None:  # only "llama" gets here (gguf_architecture)
+        out[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = llama3_rope_factors(config)
+    return out
+
+
+def gguf_tensors(model: GPT, arch: str) -> dict[str, Tensor]:
+    """GGUF tensor name -> float32 CPU tensor, in llama.cpp's layout for `arch`."""
+    c = model.config
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    if c.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # llama.cpp falls back to token_embd when output is absent
+    return _gpt2_tensors(state, c) if arch == "gpt2" else _llama_tensors(state, c, arch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The file
+# ---------------------------------------------------------------------------------------------
+
+
 def export_gguf(model: GPT, tokenizer: Any, path: str | Path, *, dtype: str = "float32",
                 name: str = "scratchgpt") -> Path:
-    """Write `model` and its GPT-2 tokenizer as a GGUF file for llama.cpp; returns the path.
+    """Write `model` and its tokenizer as a GGUF file for llama.cpp; returns the path.
 
-    dtype "float16" halves the file (LayerNorms, biases and position embeddings stay float32,
-    as llama.cpp's own converter does for 1-D tensors).
+    dtype "float16" halves the file (norms, biases, position embeddings and rope_freqs stay
+    float32, as llama.cpp's own converter does for 1-D tensors).
     """
     import gguf
 
@@ -104,40 +345,49 @@ def export_gguf(model: GPT, tokenizer: Any, path: str | Path, *, dtype: str = "f
 
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
-    check_gguf_supported(model, tokenizer)
+    arch = check_gguf_supported(model, tokenizer)
     c = model.config
-    tokens, types, merges = gpt2_vocab(tokenizer)
-    if len(tokens) != c.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokens)} tokens but the model's vocabulary is {c.vocab_size}")
-    names = _tensor_names(c.n_layer)
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    if c.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # llama.cpp falls back to token_embd when output is absent
+    vocab = gguf_vocab(tokenizer, c.vocab_size)
+    tensors = gguf_tensors(model, arch)
+    keep_f32 = {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD] + ".weight"}
 
     def write(tmp: Path) -> None:
-        w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
+        w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(name)
         w.add_context_length(c.n_positions)
         w.add_embedding_length(c.n_embd)
-        w.add_feed_forward_length(4 * c.n_embd)
         w.add_block_count(c.n_layer)
         w.add_head_count(c.n_head)
-        w.add_layer_norm_eps(c.layer_norm_epsilon)
+        if arch == "gpt2":
+            w.add_feed_forward_length(4 * c.n_embd)
+            w.add_layer_norm_eps(c.layer_norm_epsilon)
+        else:
+            w.add_feed_forward_length(c.mlp_hidden)
+            w.add_head_count_kv(c.kv_heads)
+            w.add_key_length(c.head_size)  # Qwen3's head size is not n_embd / n_head
+            w.add_value_length(c.head_size)
+            w.add_rope_dimension_count(c.head_size)
+            w.add_rope_freq_base(c.rope_theta)
+            w.add_layer_norm_rms_eps(c.layer_norm_epsilon)
+            w.add_vocab_size(c.vocab_size)
         w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "float16" else gguf.LlamaFileType.ALL_F32)
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(tokenizer.eot_id)  # GPT-2 uses <|endoftext|> for both
-        w.add_eos_token_id(tokenizer.eot_id)
-        for ours, tensor in state.items():
-            if ours not in names:
-                raise ValueError(f"no GGUF name for parameter {ours!r}")
+        w.add_tokenizer_pre(vocab.pre)
+        w.add_token_list(vocab.tokens)
+        w.add_token_types(vocab.types)
+        w.add_token_merges(vocab.merges)
+        if vocab.bos_id is not None:
+            w.add_bos_token_id(vocab.bos_id)
+        w.add_eos_token_id(vocab.eos_id)
+        if vocab.add_bos is not None:
+            w.add_add_bos_token(vocab.add_bos)
+        if vocab.chat_template:
+            w.add_chat_template(vocab.chat_template)
+        for gguf_name, tensor in tensors.items():
             array = tensor.numpy()
-            if dtype == "float16" and array.ndim == 2 and ours != "transformer.wpe.weight":
+            if dtype == "float16" and array.ndim == 2 and gguf_name not in keep_f32:
                 array = array.astype(np.float16)
-            w.add_tensor(names[ours], np.ascontiguousarray(array))
+            w.add_tensor(gguf_name, np.ascontiguousarray(array))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -149,7 +399,8 @@ def export_gguf(model: GPT, tokenizer: Any, path: str | Path, *, dtype: str = "f
 
 
 def read_gguf_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors by GGUF name, a few metadata fields) read back with gguf.GGUFReader (for tests and checks)."""
+    """(tensors by GGUF name as float32, every metadata field but the GGUF header's) read back with
+    gguf.GGUFReader (for tests and checks)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -158,14 +409,5 @@ def read_gguf_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         # GGUF lists dimensions fastest-first (ne); numpy's shape is the reverse.
         shape = tuple(int(d) for d in reversed(t.shape))
         tensors[t.name] = torch.from_numpy(np.array(t.data).reshape(shape).astype(np.float32))
-    meta = {}
-    for key in ("general.architecture", "tokenizer.ggml.model", "gpt2.context_length", "gpt2.embedding_length",
-                "gpt2.block_count", "gpt2.attention.head_count", "tokenizer.ggml.eos_token_id"):
-        field = reader.get_field(key)
-        if field is not None:
-            meta[key] = field.contents()
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
-        field = reader.get_field(key)
-        if field is not None:
-            meta[key] = field.contents()
+    meta = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
     return tensors, meta
