@@ -459,7 +459,7 @@ def _run_classify(args: argparse.Namespace) -> int:
 
 @command
 def _add_chat(sub) -> None:
-    from scratchgpt.data.chat import TEMPLATES
+    from scratchgpt.data.chat import CHAT_TEMPLATES
 
     p = sub.add_parser(
         "chat", help="talk to an instruction-tuned checkpoint (reads stdin lines; /reset, /quit)",
@@ -468,8 +468,10 @@ def _add_chat(sub) -> None:
                     "/quit (or end of input) exits. Works with piped stdin too.",
     )
     p.add_argument("--checkpoint", required=True, help="scratchgpt run directory, Hugging Face GPT-2 directory or name")
-    p.add_argument("--chat-template", choices=TEMPLATES,
-                   help="override the checkpoint's chat template (default: its config.json, else alpaca)")
+    p.add_argument("--chat-template", choices=CHAT_TEMPLATES,
+                   help="'tokenizer' is the model's own Jinja template (a Hugging Face folder's "
+                        "tokenizer_config.json). Default: the template the run was fine-tuned with (its config.json), "
+                        "else the tokenizer's own if it has one, else alpaca")
     p.add_argument("--system", help="a system message that opens the conversation")
     p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: 'auto')")
     _add_inference_flags(p, draft=False)
@@ -479,13 +481,14 @@ def _add_chat(sub) -> None:
 
 def _run_chat(args: argparse.Namespace) -> int:
     from scratchgpt.checkpoint import load_any, saved_chat_template
+    from scratchgpt.data.chat import default_chat_template
     from scratchgpt.device import resolve_device
     from scratchgpt.inference.chat_session import ChatSession
 
     _refuse_draft(args, "chat")
     model, tokenizer = load_any(args.checkpoint, device=resolve_device(args.device), quantize=args.quantize,
                                 inference_dtype=args.dtype)
-    template = args.chat_template or saved_chat_template(args.checkpoint)
+    template = args.chat_template or default_chat_template(saved_chat_template(args.checkpoint, default=""), tokenizer)
     session = ChatSession(model, tokenizer, template=template, system=args.system,
                           sampling=SamplingConfig(**overrides_from_args(args, SamplingConfig)))
     interactive = sys.stdin.isatty()

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import urllib.request
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -798,7 +799,18 @@ class CharTokenizer(Tokenizer):
 # ---------------------------------------------------------------------------------------------
 
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _generation_eos_ids(path: Path) -> list[int]:
+    """generation_config.json's eos_token_id (an id or a list: Llama 3 Instruct stops at three), else []."""
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return []  # the file only adds stop tokens; a broken one must not block loading the tokenizer
+    eos = [eos] if isinstance(eos, int) else eos
+    return [i for i in eos if isinstance(i, int) and not isinstance(i, bool)] if isinstance(eos, list) else []
 
 
 def _is_hf_tokenizer_json(meta: Any) -> bool:
@@ -817,7 +829,8 @@ class HFTokenizer(Tokenizer):
 
     name = "hf"
 
-    def __init__(self, tokenizer_json: str, tokenizer_config: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, tokenizer_json: str, tokenizer_config: Mapping[str, Any] | None = None, *,
+                 source: str | Path | None = None, extra_eos_ids: Sequence[int] = ()) -> None:
         try:
             from tokenizers import Tokenizer as RustTokenizer
         except ImportError:
@@ -825,6 +838,8 @@ class HFTokenizer(Tokenizer):
         self._json = tokenizer_json
         self._tok = RustTokenizer.from_str(tokenizer_json)
         self.config: dict[str, Any] = dict(tokenizer_config or {})
+        self.source = source  # the folder it came from: errors in its chat template name it
+        self._extra_eos = tuple(extra_eos_ids)
         self._specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self._eot = self._find_eot()
         decoder = (json.loads(tokenizer_json).get("decoder") or {})
@@ -854,8 +869,14 @@ class HFTokenizer(Tokenizer):
             config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
         except (OSError, ValueError) as err:
             raise ValueError(f"{config_path}: not valid JSON ({err}); restore the model's original file") from None
+        config = config if isinstance(config, dict) else {}
+        jinja = directory / HF_CHAT_TEMPLATE_FILE
+        if "chat_template" not in config and jinja.is_file():
+            # Newer transformers save the template beside the config rather than inside it.
+            config["chat_template"] = jinja.read_text(encoding="utf-8")
         try:
-            return cls(path.read_text(encoding="utf-8"), config if isinstance(config, dict) else {})
+            return cls(path.read_text(encoding="utf-8"), config, source=directory,
+                       extra_eos_ids=_generation_eos_ids(directory / "generation_config.json"))
         except Exception as err:  # noqa: BLE001 - the Rust parser raises its own exception type
             raise ValueError(f"{path}: cannot be read by the tokenizers library ({str(err).splitlines()[0]}); "
                              f"restore the model's original tokenizer.json") from None
@@ -882,21 +903,73 @@ class HFTokenizer(Tokenizer):
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
                             **variables: Any) -> str:
-        """Render `messages` with the model's own chat template (Jinja, sandboxed as transformers does)."""
+        """Render `messages` with the model's own chat template (Jinja, sandboxed as transformers does).
+
+        Any failure, a syntax error or the template's own `raise_exception` (e.g. "System role not
+        supported"), is one ValueError naming the file the template came from.
+        """
         template = self.chat_template
+        where = f"{Path(self.source) / HF_TOKENIZER_CONFIG}" if self.source else HF_TOKENIZER_CONFIG
         if template is None:
-            raise ValueError("this tokenizer's tokenizer_config.json has no chat_template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+            raise ValueError(f"{where}: no chat_template; choose --chat-template alpaca or chatml")
+        try:
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise ImportError("chat templates need the `jinja2` library: pip install jinja2") from None
+
+        class TemplateRefusal(Exception):
+            pass
 
         def raise_exception(message: str) -> None:
-            raise ValueError(f"chat template: {message}")
+            raise TemplateRefusal(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # The sandbox refuses attribute access to internals and any mutation of the passed-in data;
+        # a template is code from a downloaded folder.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)  # Llama 3.1+ templates print today's date
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
         specials = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in self.config.items()
                     if k.endswith("_token") and isinstance(v, str | dict)}
-        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                                **specials, **variables)
+        try:
+            return env.from_string(template).render(
+                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                **specials, **variables)
+        except TemplateRefusal as e:
+            raise ValueError(f"{where}: the chat template refuses this conversation: {e}") from None
+        except (TemplateError, TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+            first = (str(e).splitlines() or [""])[0]
+            raise ValueError(f"{where}: the chat template fails ({type(e).__name__}: {first}); "
+                             f"fix chat_template or choose --chat-template alpaca or chatml") from None
+
+    @property
+    def chat_stop_texts(self) -> tuple[str, ...]:
+        """Special-token texts that end an assistant reply under the chat template: the end-of-text
+        token(s) (tokenizer_config's eos_token, generation_config.json's eos_token_id) and every
+        special token the template itself writes (end-of-turn markers such as <|im_end|> or
+        <|eot_id|>, and the markers that open a turn, which the reply must not produce either)."""
+        ids = (self._eot, *self._extra_eos)
+        texts = [self._tok.id_to_token(i) for i in ids if self._tok.id_to_token(i) in self._specials]
+        sample = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                  {"role": "user", "content": "c"}]
+        rendered = ""
+        for messages in ([{"role": "system", "content": "s"}, *sample], sample):
+            try:
+                rendered = self.apply_chat_template(messages, add_generation_prompt=True)
+                break
+            except ValueError:
+                continue  # e.g. a template without a system role: try the plain conversation
+        if self._specials and rendered:
+            texts += [t for t in self._special_splitter().split(rendered)[1::2]
+                      if self._specials[t] not in self._bos_ids()]
+        return tuple(dict.fromkeys(texts))
+
+    def _bos_ids(self) -> set[int]:
+        bos = self.config.get("bos_token")
+        bos = bos.get("content") if isinstance(bos, dict) else bos
+        return {self._specials[bos]} if isinstance(bos, str) and bos in self._specials else set()
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
         """Ids of `messages` rendered with the chat template: the template's markers become special
@@ -942,3 +1015,6 @@ class HFTokenizer(Tokenizer):
         (directory / TOKENIZER_FILE).write_text(self._json, encoding="utf-8")
         if self.config:
             (directory / HF_TOKENIZER_CONFIG).write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+        generation = directory / "generation_config.json"
+        if self._extra_eos and not generation.exists():  # keep the extra stop ids (e.g. in a run directory)
+            generation.write_text(json.dumps({"eos_token_id": list(self._extra_eos)}) + "\n", encoding="utf-8")
