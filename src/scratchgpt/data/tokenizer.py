@@ -975,10 +975,11 @@ class HFTokenizer(Tokenizer):
         """Ids of `messages` rendered with the chat template: the template's markers become special
         tokens, while a special-token text inside a message's content is refused (it cannot forge a turn)."""
         for i, m in enumerate(messages):
-            try:
-                self._reject_specials(str(m.get("content", "")))
-            except ValueError as e:
-                raise ValueError(f"messages[{i}]: {e}") from None
+            content = str(m.get("content", ""))
+            for special in self.special_tokens:
+                if special in content:
+                    raise ValueError(f"messages[{i}]: the content holds the special token {special!r}, which would "
+                                     f"forge the chat template's markup; remove it")
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return self.encode(text, allowed_special=True)
 
