@@ -229,3 +229,40 @@ def test_cli_chat_uses_the_folders_template_by_default(llama_folder, tmp_path):
     assert out.returncode == 2 and out.stdout == ""
     assert len(out.stderr.strip().splitlines()) == 1 and "System role not supported" in out.stderr
     assert "nosys" in out.stderr
+
+
+# Features real templates use (Llama 3.1, Qwen3): namespace(), slicing, string methods, trim, loop
+# controls, tojson, an optional date_string, and the special tokens as variables.
+RICH_TEMPLATE = (
+    "{%- set ns = namespace(system='') -%}{{- bos_token -}}"
+    "{%- if messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0]['content'] | trim -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- if not date_string is defined -%}{%- set date_string = '26 Jul 2024' -%}{%- endif -%}"
+    "<|start_header_id|>system<|end_header_id|>\n\nToday: {{ date_string }}\n{{ ns.system }}<|eot_id|>"
+    "{%- for m in loop_messages -%}"
+    "{%- if m['role'] == 'assistant' and '</think>' in m['content'] -%}"
+    "{%- set c = m['content'].split('</think>')[-1].lstrip('\n') -%}{%- else -%}{%- set c = m['content'] -%}"
+    "{%- endif -%}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ c | trim }}<|eot_id|>"
+    "{%- if loop.index0 > 50 %}{% break %}{% endif -%}{%- endfor -%}"
+    "{{ {'note': 'é<'} | tojson }}"
+    "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif -%}"
+)
+
+
+def test_rendering_matches_transformers_apply_chat_template(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from scratchgpt.data.tokenizer import HFTokenizer
+
+    write_tokenizer(tmp_path, LLAMA3, chat_template=RICH_TEMPLATE)
+    ours = HFTokenizer.from_dir(tmp_path)
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
+                                                  bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    theirs.chat_template = RICH_TEMPLATE
+    messages = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "<think>hmm</think>\n\nhi"}, {"role": "user", "content": "again"}]
+    for generation_prompt in (True, False):
+        text = ours.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+        assert text == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    assert "hmm" not in text and text.count("<|begin_of_text|>") == 1
+    assert ours.encode_chat(messages) == theirs.apply_chat_template(messages, add_generation_prompt=True,
+                                                                     tokenize=True, return_dict=False)

@@ -467,7 +467,8 @@ def _add_chat(sub) -> None:
                     "the conversation is kept (oldest turns dropped when the context fills). /reset forgets it, "
                     "/quit (or end of input) exits. Works with piped stdin too.",
     )
-    p.add_argument("--checkpoint", required=True, help="scratchgpt run directory, Hugging Face GPT-2 directory or name")
+    p.add_argument("--checkpoint", required=True,
+                   help="scratchgpt run directory, Hugging Face folder (GPT-2, Llama, Qwen) or hub name")
     p.add_argument("--chat-template", choices=CHAT_TEMPLATES,
                    help="'tokenizer' is the model's own Jinja template (a Hugging Face folder's "
                         "tokenizer_config.json). Default: the template the run was fine-tuned with (its config.json), "
