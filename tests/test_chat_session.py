@@ -204,10 +204,15 @@ def test_a_fine_tuned_runs_saved_template_wins(chatml_folder, tmp_path):
     from scratchgpt.checkpoint import save_model, saved_chat_template
 
     model, tok = load_any(chatml_folder)
+    assert saved_chat_template(chatml_folder, tokenizer=tok) == "tokenizer"
+    assert saved_chat_template(chatml_folder) == "alpaca"  # without the tokenizer: as before
     run = save_model(model, tmp_path / "sft", tokenizer=tok, extra={"chat_template": "chatml"})
-    assert default_chat_template(saved_chat_template(run, default=""), load_any(run)[1]) == "chatml"
+    assert saved_chat_template(run, tokenizer=load_any(run)[1]) == "chatml"
     plain = save_model(model, tmp_path / "plain", tokenizer=tok)
-    assert default_chat_template(saved_chat_template(plain, default=""), load_any(plain)[1]) == "tokenizer"
+    assert saved_chat_template(plain, tokenizer=load_any(plain)[1]) == "tokenizer"
+    from scratchgpt.data.tokenizer import gpt2_tokenizer
+
+    assert saved_chat_template(plain, tokenizer=gpt2_tokenizer(None)) == "alpaca"
 
 
 def _cli_chat(folder: Path, stdin: str, *extra: str) -> subprocess.CompletedProcess:

@@ -482,14 +482,13 @@ def _add_chat(sub) -> None:
 
 def _run_chat(args: argparse.Namespace) -> int:
     from scratchgpt.checkpoint import load_any, saved_chat_template
-    from scratchgpt.data.chat import default_chat_template
     from scratchgpt.device import resolve_device
     from scratchgpt.inference.chat_session import ChatSession
 
     _refuse_draft(args, "chat")
     model, tokenizer = load_any(args.checkpoint, device=resolve_device(args.device), quantize=args.quantize,
                                 inference_dtype=args.dtype)
-    template = args.chat_template or default_chat_template(saved_chat_template(args.checkpoint, default=""), tokenizer)
+    template = args.chat_template or saved_chat_template(args.checkpoint, tokenizer=tokenizer)
     session = ChatSession(model, tokenizer, template=template, system=args.system,
                           sampling=SamplingConfig(**overrides_from_args(args, SamplingConfig)))
     interactive = sys.stdin.isatty()

@@ -68,7 +68,7 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 def default_chat_template(saved: str | None, tokenizer: Any) -> str:
     """The template a chat uses unless told: the one the run was fine-tuned with (`saved`), else the
-    tokenizer's own, else Alpaca."""
+    tokenizer's own, else Alpaca. (`checkpoint.saved_chat_template` reads `saved` from a run.)"""
     if saved:
         return saved
     return TOKENIZER_TEMPLATE if has_chat_template(tokenizer) else "alpaca"
