@@ -162,6 +162,9 @@ def test_chat_template_jinja_file_is_read(tmp_path):
     tok = HFTokenizer.from_dir(tmp_path)
     assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "<|im_start|>user\nx<|im_end|>\n" \
         "<|im_start|>assistant\n"
+    (tmp_path / "chat_template.jinja").write_text("{% if %}")
+    with pytest.raises(ValueError, match="chat_template.jinja: the chat template fails"):
+        HFTokenizer.from_dir(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
 
 
 def test_template_errors_are_one_line_naming_the_folder(tmp_path, chatml_folder):
@@ -271,3 +274,22 @@ def test_rendering_matches_transformers_apply_chat_template(tmp_path):
     assert "hmm" not in text and text.count("<|begin_of_text|>") == 1
     assert ours.encode_chat(messages) == theirs.apply_chat_template(messages, add_generation_prompt=True,
                                                                      tokenize=True, return_dict=False)
+
+
+def test_sandbox_refuses_internals_and_generation_blocks_render(tmp_path):
+    from scratchgpt.data.tokenizer import HFTokenizer
+
+    user = [{"role": "user", "content": "x"}]
+    for name, template in [("mro", "{{ messages.__class__.__mro__ }}"),
+                           ("ns", "{% set ns = namespace(_hidden=1) %}{{ ns._hidden }}"),
+                           ("mutate", "{{ messages.append({'role': 'user', 'content': 'y'}) }}")]:
+        write_tokenizer(tmp_path / name, CHATML, chat_template=template)
+        with pytest.raises(ValueError, match=f"{name}.tokenizer_config.json: the chat template fails "
+                                             f"\\(SecurityError"):
+            HFTokenizer.from_dir(tmp_path / name).apply_chat_template(user)
+    write_tokenizer(tmp_path / "fmt", CHATML, chat_template="{{ '{0.__class__}'.format(messages) }}")
+    assert HFTokenizer.from_dir(tmp_path / "fmt").apply_chat_template(user) == ""  # str.format is sandboxed too
+    # transformers' {% generation %} tag (assistant-token masks) renders its body.
+    write_tokenizer(tmp_path / "gen", CHATML, chat_template="{% for m in messages %}{% generation %}"
+                    "{{ m['content'] }}{% endgeneration %}{% endfor %}{{ dict(a=1) | tojson }}")
+    assert HFTokenizer.from_dir(tmp_path / "gen").apply_chat_template(user) == 'x{"a": 1}'
