@@ -293,3 +293,11 @@ def test_sandbox_refuses_internals_and_generation_blocks_render(tmp_path):
     write_tokenizer(tmp_path / "gen", CHATML, chat_template="{% for m in messages %}{% generation %}"
                     "{{ m['content'] }}{% endgeneration %}{% endfor %}{{ dict(a=1) | tojson }}")
     assert HFTokenizer.from_dir(tmp_path / "gen").apply_chat_template(user) == 'x{"a": 1}'
+
+
+def test_cli_chat_tokenizer_template_without_one_is_a_one_line_error(tiny_chat_checkpoint, capsys):
+    from scratchgpt.cli import main
+
+    assert main(["chat", "--checkpoint", str(tiny_chat_checkpoint), "--chat-template", "tokenizer"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has none: choose alpaca or chatml" in err
