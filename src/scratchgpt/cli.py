@@ -493,7 +493,8 @@ def _run_chat(args: argparse.Namespace) -> int:
                           sampling=SamplingConfig(**overrides_from_args(args, SamplingConfig)))
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {args.checkpoint} ({template} template); /reset forgets the conversation, /quit exits")
+        shown = "the model's own chat template" if template == "tokenizer" else f"{template} template"
+        print(f"chatting with {args.checkpoint} ({shown}); /reset forgets the conversation, /quit exits")
     while True:
         try:
             line = input("> ") if interactive else sys.stdin.readline()

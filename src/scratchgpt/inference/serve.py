@@ -1414,7 +1414,8 @@ def serve(
                          limits=limits, allowed_hosts=_LOOPBACK_HOSTS if loopback else None)
         shown = f"[{host.strip('[]')}]" if ":" in host else host
         bound_port = sock.getsockname()[1]
-        chat = "chat disabled" if app.state.chat_disabled else f"{chat_template} chat template"
+        chat = ("chat disabled" if app.state.chat_disabled else "the model's own chat template"
+                if chat_template == TOKENIZER_TEMPLATE else f"{chat_template} chat template")
         print(f"serving {name!r} ({chat}) on http://{shown}:{bound_port}/  (Ctrl+C to stop)", flush=True)
         make_server(app, log_level=log_level).run(sockets=[sock])
     finally:
