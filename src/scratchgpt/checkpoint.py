@@ -357,11 +357,13 @@ def load_hf_tokenizer(directory: str | Path) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def saved_chat_template(path: str | Path, *, default: str = "alpaca") -> str:
-    """The chat template a scratchgpt checkpoint was instruction-tuned with, else `default`."""
-    if checkpoint_kind(path) != FORMAT:
-        return default
-    return read_run_config(path).get("chat_template") or default
+def saved_chat_template(path: str | Path, *, tokenizer: Any = None, default: str = "alpaca") -> str:
+    """The chat template for a checkpoint: the one a scratchgpt run was instruction-tuned with, else
+    "tokenizer" when `tokenizer` (the loaded one) has its own chat template, else `default`."""
+    from scratchgpt.data.chat import default_chat_template
+
+    saved = read_run_config(path).get("chat_template") if checkpoint_kind(path) == FORMAT else None
+    return default_chat_template(saved, tokenizer) if saved or tokenizer is not None else default
 
 
 def checkpoint_kind(path: str | Path) -> str:

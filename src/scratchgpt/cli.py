@@ -459,7 +459,7 @@ def _run_classify(args: argparse.Namespace) -> int:
 
 @command
 def _add_chat(sub) -> None:
-    from scratchgpt.data.chat import TEMPLATES
+    from scratchgpt.data.chat import CHAT_TEMPLATES
 
     p = sub.add_parser(
         "chat", help="talk to an instruction-tuned checkpoint (reads stdin lines; /reset, /quit)",
@@ -467,9 +467,12 @@ def _add_chat(sub) -> None:
                     "the conversation is kept (oldest turns dropped when the context fills). /reset forgets it, "
                     "/quit (or end of input) exits. Works with piped stdin too.",
     )
-    p.add_argument("--checkpoint", required=True, help="scratchgpt run directory, Hugging Face GPT-2 directory or name")
-    p.add_argument("--chat-template", choices=TEMPLATES,
-                   help="override the checkpoint's chat template (default: its config.json, else alpaca)")
+    p.add_argument("--checkpoint", required=True,
+                   help="scratchgpt run directory, Hugging Face folder (GPT-2, Llama, Qwen) or hub name")
+    p.add_argument("--chat-template", choices=CHAT_TEMPLATES,
+                   help="'tokenizer' is the model's own Jinja template (a Hugging Face folder's "
+                        "tokenizer_config.json). Default: the template the run was fine-tuned with (its config.json), "
+                        "else the tokenizer's own if it has one, else alpaca")
     p.add_argument("--system", help="a system message that opens the conversation")
     p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: 'auto')")
     _add_inference_flags(p, draft=False)
@@ -485,12 +488,13 @@ def _run_chat(args: argparse.Namespace) -> int:
     _refuse_draft(args, "chat")
     model, tokenizer = load_any(args.checkpoint, device=resolve_device(args.device), quantize=args.quantize,
                                 inference_dtype=args.dtype)
-    template = args.chat_template or saved_chat_template(args.checkpoint)
+    template = args.chat_template or saved_chat_template(args.checkpoint, tokenizer=tokenizer)
     session = ChatSession(model, tokenizer, template=template, system=args.system,
                           sampling=SamplingConfig(**overrides_from_args(args, SamplingConfig)))
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {args.checkpoint} ({template} template); /reset forgets the conversation, /quit exits")
+        shown = "the model's own chat template" if template == "tokenizer" else f"{template} template"
+        print(f"chatting with {args.checkpoint} ({shown}); /reset forgets the conversation, /quit exits")
     while True:
         try:
             line = input("> ") if interactive else sys.stdin.readline()

@@ -3,16 +3,24 @@
 Instruction fine-tuning renders training examples with these functions, and the chat command and
 HTTP server render conversations with the same ones, so a model always sees the format it learned.
 A checkpoint records its template name in config.json (`"chat_template"`).
+
+Besides these text templates, chat can use "tokenizer": the model's own Jinja chat template from
+its Hugging Face tokenizer_config.json (Llama 3 Instruct, Qwen2.5 Instruct, ...), rendered by
+`HFTokenizer.apply_chat_template`; its turn markers are special tokens, and they end a reply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal, TypedDict
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypedDict
 
 Role = Literal["system", "user", "assistant"]
 TemplateName = Literal["alpaca", "chatml"]
-TEMPLATES: tuple[str, ...] = ("alpaca", "chatml")
+TEMPLATES: tuple[str, ...] = ("alpaca", "chatml")  # text templates: fine-tuning renders examples with these
+# Chat and serving also accept "tokenizer": the checkpoint tokenizer's own chat template.
+ChatTemplateName = Literal["alpaca", "chatml", "tokenizer"]
+TOKENIZER_TEMPLATE = "tokenizer"
+CHAT_TEMPLATES: tuple[str, ...] = (*TEMPLATES, TOKENIZER_TEMPLATE)
 
 
 class Message(TypedDict):
@@ -53,15 +61,41 @@ def response_suffix(template: TemplateName) -> str:
     return "<|im_end|>" if template == "chatml" else ""
 
 
-def stop_strings(template: TemplateName) -> tuple[str, ...]:
-    """Strings that mean the model has started a new turn: generation stops there."""
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether `tokenizer` brings its own chat template (a Hugging Face folder's, e.g. an Instruct model)."""
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def default_chat_template(saved: str | None, tokenizer: Any) -> str:
+    """The template a chat uses unless told: the one the run was fine-tuned with (`saved`), else the
+    tokenizer's own, else Alpaca. (`checkpoint.saved_chat_template` reads `saved` from a run.)"""
+    if saved:
+        return saved
+    return TOKENIZER_TEMPLATE if has_chat_template(tokenizer) else "alpaca"
+
+
+def check_chat_template(template: str, tokenizer: Any = None) -> None:
+    """Raise a one-line ValueError when `template` is not a chat template this tokenizer can use."""
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}; choose one of {list(CHAT_TEMPLATES)}")
+    if template == TOKENIZER_TEMPLATE and not has_chat_template(tokenizer):
+        raise ValueError("the 'tokenizer' chat template needs a tokenizer with its own chat_template (a Hugging "
+                         "Face folder's tokenizer_config.json); this checkpoint's has none: choose alpaca or chatml")
+
+
+def stop_strings(template: str, *, tokenizer: Any = None) -> tuple[str, ...]:
+    """Strings that mean the model has ended its turn or started a new one: generation stops there
+    (and they are never shown). For "tokenizer", the special tokens that close or open a turn."""
+    if template == TOKENIZER_TEMPLATE:
+        check_chat_template(template, tokenizer)
+        return tokenizer.chat_stop_texts
     if template == "chatml":
         return ("<|im_end|>", "<|im_start|>")
     return ("### Instruction:", "\n### Input:", "\n\n### Response:")
 
 
-def render_chat(messages: Sequence[Message], template: TemplateName = "alpaca") -> str:
-    """Render a conversation ending in a user turn, ready for the assistant's reply."""
+def check_messages(messages: Sequence[Message]) -> None:
+    """A conversation ending in a user turn, each message a role and a string; else one ValueError."""
     if not messages:
         raise ValueError("a chat needs at least one message")
     for i, m in enumerate(messages):
@@ -71,12 +105,25 @@ def render_chat(messages: Sequence[Message], template: TemplateName = "alpaca") 
             raise ValueError(f"messages[{i}].content must be a string")
     if messages[-1]["role"] != "user":
         raise ValueError("the last message must come from the user")
+
+
+def render_chat(messages: Sequence[Message], template: str = "alpaca", *, tokenizer: Any = None) -> str:
+    """Render a conversation ending in a user turn, ready for the assistant's reply.
+
+    "tokenizer" renders the whole message list with the tokenizer's chat template and
+    add_generation_prompt=True; a system message goes to the template as it is, and a template
+    that has no system role refuses it with one ValueError (nothing is folded silently).
+    """
+    check_messages(messages)
+    if template == TOKENIZER_TEMPLATE:
+        check_chat_template(template, tokenizer)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     if template == "chatml":
         return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + (
             "<|im_start|>assistant\n"
         )
     if template != "alpaca":
-        raise ValueError(f"unknown chat template {template!r}; choose one of {list(TEMPLATES)}")
+        raise ValueError(f"unknown chat template {template!r}; choose one of {list(CHAT_TEMPLATES)}")
     # Alpaca knows one instruction and one response; earlier turns are replayed as earlier
     # instruction/response pairs, and a system message becomes the preamble.
     system = " ".join(m["content"] for m in messages if m["role"] == "system")
@@ -87,3 +134,18 @@ def render_chat(messages: Sequence[Message], template: TemplateName = "alpaca") 
         elif m["role"] == "assistant":
             text += f"\n\n### Response:\n{m['content']}"
     return text + "\n\n### Response:\n"
+
+
+def encode_chat(messages: Sequence[Message], template: str, tokenizer: Any, *,
+                encode_text: Callable[[str], list[int]]) -> list[int]:
+    """Token ids of the rendered conversation, ready for the reply.
+
+    A text template's markers are text, so the rendering goes through `encode_text` (the caller's
+    rule for user text). The tokenizer's template writes its markers as special tokens; a message
+    whose content holds a special-token text is refused, so no message can forge a turn.
+    """
+    if template == TOKENIZER_TEMPLATE:
+        check_messages(messages)
+        check_chat_template(template, tokenizer)
+        return tokenizer.encode_chat(messages, add_generation_prompt=True)
+    return encode_text(render_chat(messages, template))

@@ -9,12 +9,14 @@ merely quotes it can never smuggle in a document boundary.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
 import os
 import re
 import tempfile
+import time
 import urllib.request
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -798,7 +800,83 @@ class CharTokenizer(Tokenizer):
 # ---------------------------------------------------------------------------------------------
 
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class _TemplateRefusal(Exception):
+    """A chat template's own `raise_exception(message)`: it refuses the conversation it was given."""
+
+
+def _raise_exception(message: str) -> None:
+    raise _TemplateRefusal(message)
+
+
+@functools.lru_cache(maxsize=1)
+def _chat_template_env() -> Any:
+    """The Jinja environment chat templates run in: a template is code from a downloaded folder.
+
+    ImmutableSandboxedEnvironment refuses underscore attributes (no way to Python internals) and
+    any mutation of the data passed in; on top, `namespace()` refuses underscore names, and `dict`
+    is a plain constructor. The globals and filters are the ones transformers gives templates.
+    """
+    try:
+        import jinja2
+        from jinja2.ext import Extension
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2.utils import Namespace
+    except ImportError:  # a ValueError, like every other reason a template cannot render: one line
+        raise ValueError("chat templates need the `jinja2` library: pip install 'jinja2>=3.1.6'") from None
+    if tuple(int(p) for p in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
+        # Older releases have published sandbox escapes.
+        raise ValueError(f"chat templates need jinja2>=3.1.6 (found {jinja2.__version__}): "
+                         f"pip install -U 'jinja2>=3.1.6'")
+
+    class SafeNamespace(Namespace):
+        def __init__(*args: Any, **kwargs: Any) -> None:  # Namespace's signature: `self` may be a key
+            self, rest = args[0], args[1:]
+            for name in dict(*rest, **kwargs):
+                SafeNamespace.check(name)
+            Namespace.__init__(self, *rest, **kwargs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            SafeNamespace.check(name)
+            Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def check(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"a namespace cannot hold the name {name!r}")
+
+    class GenerationBlock(Extension):
+        """`{% generation %}...{% endgeneration %}` marks the assistant's tokens for training masks;
+        rendering a prompt only needs the body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, "jinja2.ext.loopcontrols"])
+    env.globals.update(
+        raise_exception=_raise_exception, namespace=SafeNamespace, dict=lambda *a, **k: dict(*a, **k),
+        strftime_now=lambda fmt: time.strftime(fmt),  # Llama 3.1+ templates print today's date
+    )
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return env
+
+
+def _generation_eos_ids(path: Path) -> list[int]:
+    """generation_config.json's eos_token_id (an id or a list: Llama 3 Instruct stops at three), else []."""
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return []  # the file only adds stop tokens; a broken one must not block loading the tokenizer
+    eos = [eos] if isinstance(eos, int) else eos
+    return [i for i in eos if isinstance(i, int) and not isinstance(i, bool)] if isinstance(eos, list) else []
 
 
 def _is_hf_tokenizer_json(meta: Any) -> bool:
@@ -817,7 +895,8 @@ class HFTokenizer(Tokenizer):
 
     name = "hf"
 
-    def __init__(self, tokenizer_json: str, tokenizer_config: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, tokenizer_json: str, tokenizer_config: Mapping[str, Any] | None = None, *,
+                 source: str | Path | None = None, extra_eos_ids: Sequence[int] = ()) -> None:
         try:
             from tokenizers import Tokenizer as RustTokenizer
         except ImportError:
@@ -825,6 +904,10 @@ class HFTokenizer(Tokenizer):
         self._json = tokenizer_json
         self._tok = RustTokenizer.from_str(tokenizer_json)
         self.config: dict[str, Any] = dict(tokenizer_config or {})
+        self.source = source  # the folder it came from: errors in its chat template name it
+        self._template_file = HF_TOKENIZER_CONFIG  # or chat_template.jinja (see from_dir)
+        self._compiled: tuple[str, Any] | None = None  # (template text, compiled Jinja template)
+        self._extra_eos = tuple(extra_eos_ids)
         self._specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self._eot = self._find_eot()
         decoder = (json.loads(tokenizer_json).get("decoder") or {})
@@ -854,8 +937,17 @@ class HFTokenizer(Tokenizer):
             config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
         except (OSError, ValueError) as err:
             raise ValueError(f"{config_path}: not valid JSON ({err}); restore the model's original file") from None
+        config = config if isinstance(config, dict) else {}
+        jinja = directory / HF_CHAT_TEMPLATE_FILE
+        from_jinja = "chat_template" not in config and jinja.is_file()
+        if from_jinja:  # newer transformers save the template beside the config rather than inside it
+            config["chat_template"] = jinja.read_text(encoding="utf-8")
         try:
-            return cls(path.read_text(encoding="utf-8"), config if isinstance(config, dict) else {})
+            tok = cls(path.read_text(encoding="utf-8"), config, source=directory,
+                      extra_eos_ids=_generation_eos_ids(directory / "generation_config.json"))
+            if from_jinja:
+                tok._template_file = HF_CHAT_TEMPLATE_FILE
+            return tok
         except Exception as err:  # noqa: BLE001 - the Rust parser raises its own exception type
             raise ValueError(f"{path}: cannot be read by the tokenizers library ({str(err).splitlines()[0]}); "
                              f"restore the model's original tokenizer.json") from None
@@ -882,30 +974,71 @@ class HFTokenizer(Tokenizer):
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
                             **variables: Any) -> str:
-        """Render `messages` with the model's own chat template (Jinja, sandboxed as transformers does)."""
+        """Render `messages` with the model's own chat template (Jinja, sandboxed as transformers does).
+
+        Any failure, a syntax error or the template's own `raise_exception` (e.g. "System role not
+        supported"), is one ValueError naming the file the template came from.
+        """
         template = self.chat_template
+        where = str(Path(self.source) / self._template_file) if self.source else self._template_file
         if template is None:
-            raise ValueError("this tokenizer's tokenizer_config.json has no chat_template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+            raise ValueError(f"{where}: no chat_template; choose --chat-template alpaca or chatml")
+        env = _chat_template_env()
+        from jinja2 import TemplateError
 
-        def raise_exception(message: str) -> None:
-            raise ValueError(f"chat template: {message}")
+        try:
+            if self._compiled is None or self._compiled[0] != template:
+                self._compiled = (template, env.from_string(template))
+            # As transformers calls it: tools and documents are None unless given, the config's
+            # special tokens (bos_token, eos_token, ...) are variables.
+            specials = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in self.config.items()
+                        if k.endswith("_token") and isinstance(v, str | dict)}
+            return self._compiled[1].render(**{
+                "tools": None, "documents": None, **specials, **variables,
+                "messages": [dict(m) for m in messages], "add_generation_prompt": add_generation_prompt})
+        except _TemplateRefusal as e:
+            raise ValueError(f"{where}: the chat template refuses this conversation: {e}") from None
+        except (TemplateError, TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+            first = (str(e).splitlines() or [""])[0]
+            raise ValueError(f"{where}: the chat template fails ({type(e).__name__}: {first}); "
+                             f"fix chat_template or choose --chat-template alpaca or chatml") from None
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        specials = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in self.config.items()
-                    if k.endswith("_token") and isinstance(v, str | dict)}
-        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                                **specials, **variables)
+    @functools.cached_property
+    def chat_stop_texts(self) -> tuple[str, ...]:
+        """Special-token texts that end an assistant reply under the chat template: the end-of-text
+        token(s) (tokenizer_config's eos_token, generation_config.json's eos_token_id) and every
+        special token the template itself writes (end-of-turn markers such as <|im_end|> or
+        <|eot_id|>, and the markers that open a turn, which the reply must not produce either)."""
+        ids = (self._eot, *self._extra_eos)
+        texts = [self._tok.id_to_token(i) for i in ids if self._tok.id_to_token(i) in self._specials]
+        sample = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                  {"role": "user", "content": "c"}]
+        rendered = ""
+        for messages in ([{"role": "system", "content": "s"}, *sample], sample):
+            try:
+                rendered = self.apply_chat_template(messages, add_generation_prompt=True)
+                break
+            except ValueError:
+                continue  # e.g. a template without a system role: try the plain conversation
+        if self._specials and rendered:
+            texts += [t for t in self._special_splitter().split(rendered)[1::2]
+                      if self._specials[t] not in self._bos_ids()]
+        return tuple(dict.fromkeys(texts))
+
+    def _bos_ids(self) -> set[int]:
+        bos = self.config.get("bos_token")
+        bos = bos.get("content") if isinstance(bos, dict) else bos
+        return {self._specials[bos]} if isinstance(bos, str) and bos in self._specials else set()
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
         """Ids of `messages` rendered with the chat template: the template's markers become special
         tokens, while a special-token text inside a message's content is refused (it cannot forge a turn)."""
         for i, m in enumerate(messages):
-            try:
-                self._reject_specials(str(m.get("content", "")))
-            except ValueError as e:
-                raise ValueError(f"messages[{i}]: {e}") from None
+            content = str(m.get("content", ""))
+            for special in self.special_tokens:
+                if special in content:
+                    raise ValueError(f"messages[{i}]: the content holds the special token {special!r}, which would "
+                                     f"forge the chat template's markup; remove it")
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return self.encode(text, allowed_special=True)
 
@@ -942,3 +1075,6 @@ class HFTokenizer(Tokenizer):
         (directory / TOKENIZER_FILE).write_text(self._json, encoding="utf-8")
         if self.config:
             (directory / HF_TOKENIZER_CONFIG).write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+        generation = directory / "generation_config.json"
+        if self._extra_eos and not generation.exists():  # keep the extra stop ids (e.g. in a run directory)
+            generation.write_text(json.dumps({"eos_token_id": list(self._extra_eos)}) + "\n", encoding="utf-8")

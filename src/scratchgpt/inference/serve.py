@@ -39,7 +39,17 @@ import torch
 from torch import Tensor
 
 from scratchgpt.config import SamplingConfig
-from scratchgpt.data.chat import TEMPLATES, Message, TemplateName, render_chat, stop_strings
+from scratchgpt.data.chat import (
+    CHAT_TEMPLATES,
+    TOKENIZER_TEMPLATE,
+    ChatTemplateName,
+    Message,
+    check_chat_template,
+    default_chat_template,
+    encode_chat,
+    render_chat,
+    stop_strings,
+)
 from scratchgpt.device import resolve_device
 from scratchgpt.inference.generate import (
     Completion,
@@ -253,12 +263,16 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     return tokenizer._encode_ordinary(text)
 
 
-def chat_unavailable_reason(tokenizer: Any, template: TemplateName) -> str | None:
+def chat_unavailable_reason(tokenizer: Any, template: ChatTemplateName) -> str | None:
     """Why this tokenizer cannot encode `template`'s chat prompts (e.g. a character-level alphabet
-    without its markup characters), or None when it can."""
+    without its markup characters, or a chat template that fails to render), or None when it can."""
     sample = [Message(role=role, content="a") for role in ("system", "user", "assistant", "user")]
     try:
-        encode_text(tokenizer, render_chat(sample, template) + "".join(stop_strings(template)))
+        if template == TOKENIZER_TEMPLATE:
+            # A template without a system role still chats: only requests with a system message fail.
+            encode_chat(sample[1:], template, tokenizer, encode_text=tokenizer._encode_ordinary)
+        else:
+            encode_text(tokenizer, render_chat(sample, template) + "".join(stop_strings(template)))
     except ValueError as e:
         return f"the {template!r} chat template cannot be encoded by this checkpoint's tokenizer ({e})"
     return None
@@ -271,9 +285,10 @@ class RequestParser:
     tokenizer: Any
     model_name: str
     n_ctx: int
-    chat_template: TemplateName
+    chat_template: ChatTemplateName
     limits: ServeLimits
     chat_disabled: str | None = None  # why /v1/chat/completions cannot work with this checkpoint
+    chat_stop: tuple[str, ...] = ()  # what ends a chat reply (the template's markers), computed once
 
     def completion(self, body: Any) -> GenerationRequest:
         """Validate a /v1/completions body."""
@@ -301,7 +316,8 @@ class RequestParser:
             raise APIError(400, f"chat is not available on this server: {self.chat_disabled}; use /v1/completions",
                            code="chat_not_supported")
         try:
-            ids = encode_text(self.tokenizer, render_chat(messages, self.chat_template))
+            ids = encode_chat(messages, self.chat_template, self.tokenizer,
+                              encode_text=lambda text: encode_text(self.tokenizer, text))
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
         self._check_length(ids, param="messages")
@@ -309,7 +325,7 @@ class RequestParser:
         # The newer name wins; OpenAI deprecated max_tokens for chat.
         limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         return self._request(f, [ids], n=n, chat=True, default_max=DEFAULT_CHAT_MAX_TOKENS, max_tokens_param=limit,
-                             extra_stop=stop_strings(self.chat_template))
+                             extra_stop=self.chat_stop)
 
     # -- pieces -----------------------------------------------------------------------------------
 
@@ -1049,13 +1065,14 @@ def create_app(
     tokenizer: Any,
     *,
     model_name: str,
-    chat_template: TemplateName = "alpaca",
+    chat_template: ChatTemplateName | None = None,
     api_key: str | None = None,
     limits: ServeLimits | None = None,
     allowed_hosts: Collection[str] | None = None,
 ) -> "FastAPI":
     """The FastAPI app serving `model`: OpenAI-style /v1 endpoints, /health and the chat page at /.
 
+    `chat_template` None: the tokenizer's own chat template when it has one, else Alpaca.
     `api_key` (if set) is required as a Bearer token on every endpoint except / and /health.
     `allowed_hosts` (if set) restricts the Host header, e.g. to loopback names.
     """
@@ -1065,8 +1082,8 @@ def create_app(
     from starlette.background import BackgroundTask
     from starlette.exceptions import HTTPException
 
-    if chat_template not in TEMPLATES:
-        raise ValueError(f"unknown chat template {chat_template!r}; choose one of {list(TEMPLATES)}")
+    chat_template = chat_template or default_chat_template(None, tokenizer)
+    check_chat_template(chat_template, tokenizer)
     limits = limits or ServeLimits()
     model.eval()
     choose_decode_path(model)  # the faster CPU matrix-vector path for this machine (see model.gpt.Linear)
@@ -1074,8 +1091,9 @@ def create_app(
     chat_disabled = chat_unavailable_reason(tokenizer, chat_template)
     if chat_disabled:  # e.g. a character-level alphabet: say it once here, not in every request's error
         logger.warning("/v1/chat/completions is disabled: %s", chat_disabled)
+    chat_stop = () if chat_disabled else stop_strings(chat_template, tokenizer=tokenizer)
     parser = RequestParser(tokenizer, model_name, model.config.n_positions, chat_template, limits,
-                           chat_disabled=chat_disabled)
+                           chat_disabled=chat_disabled, chat_stop=chat_stop)
     scheduler = Scheduler(model, tokenizer, limits=limits)
     page = resources.files("scratchgpt.inference").joinpath("static/chat.html").read_text(encoding="utf-8")
     started = int(time.time())
@@ -1337,8 +1355,10 @@ class ServeConfig:
     model_name: str | None = field(
         default=None, metadata={"help": "the model id clients send (None: the checkpoint folder's name)"}
     )
-    chat_template: TemplateName | None = field(
-        default=None, metadata={"help": "override the checkpoint's chat template (None: its config.json, else alpaca)"}
+    chat_template: ChatTemplateName | None = field(
+        default=None, metadata={"help": "alpaca, chatml, or tokenizer (the model's own Jinja template). None: the "
+                                "template the run was fine-tuned with (its config.json), else the tokenizer's own "
+                                "if it has one, else alpaca"}
     )
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if present, else cpu), 'cpu', 'cuda:1'"})
     log_level: Literal["critical", "error", "warning", "info", "debug"] = field(
@@ -1348,8 +1368,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not self.checkpoint:
             raise ValueError("ServeConfig: no checkpoint to serve; pass --checkpoint DIR (or set it in [serve])")
-        if self.chat_template is not None and self.chat_template not in TEMPLATES:
-            raise ValueError(f"ServeConfig.chat_template={self.chat_template!r}; choose one of {list(TEMPLATES)}")
+        if self.chat_template is not None and self.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"ServeConfig.chat_template={self.chat_template!r}; choose one of {list(CHAT_TEMPLATES)}")
         if self.log_level not in ("critical", "error", "warning", "info", "debug"):
             raise ValueError(f"ServeConfig.log_level={self.log_level!r}; choose critical, error, warning, info, debug")
         if not 0 <= self.port <= 65535:
@@ -1363,7 +1383,7 @@ def serve(
     port: int = DEFAULT_PORT,
     api_key: str | None = None,
     model_name: str | None = None,
-    chat_template: TemplateName | None = None,
+    chat_template: ChatTemplateName | None = None,
     device: str = "auto",
     limits: ServeLimits | None = None,
     log_level: str = "info",
@@ -1372,7 +1392,8 @@ def serve(
 ) -> None:
     """Load `checkpoint` and serve it with uvicorn until interrupted.
 
-    The chat template comes from the checkpoint's config.json ("chat_template"), else Alpaca; the API
+    The chat template: `chat_template`, else the checkpoint's config.json ("chat_template", written by
+    fine-tuning), else the tokenizer's own (a Hugging Face folder's chat_template), else Alpaca; the API
     key from `api_key`, else $SCRATCHGPT_API_KEY, else none. Serving beyond loopback needs a key.
     Every mistake in the arguments is a one-line ValueError raised before anything is announced.
     """
@@ -1387,13 +1408,14 @@ def serve(
     sock = bind_socket(host, port)  # before loading: a port in use fails in a second, not after a load
     try:
         model, tokenizer = load_any(checkpoint, device=dev, quantize=quantize, inference_dtype=inference_dtype)
-        chat_template = chat_template or saved_chat_template(checkpoint)
+        chat_template = chat_template or saved_chat_template(checkpoint, tokenizer=tokenizer)
         name = model_name or Path(checkpoint).resolve().name or str(checkpoint)
         app = create_app(model, tokenizer, model_name=name, chat_template=chat_template, api_key=api_key,
                          limits=limits, allowed_hosts=_LOOPBACK_HOSTS if loopback else None)
         shown = f"[{host.strip('[]')}]" if ":" in host else host
         bound_port = sock.getsockname()[1]
-        chat = "chat disabled" if app.state.chat_disabled else f"{chat_template} chat template"
+        chat = ("chat disabled" if app.state.chat_disabled else "the model's own chat template"
+                if chat_template == TOKENIZER_TEMPLATE else f"{chat_template} chat template")
         print(f"serving {name!r} ({chat}) on http://{shown}:{bound_port}/  (Ctrl+C to stop)", flush=True)
         make_server(app, log_level=log_level).run(sockets=[sock])
     finally:
