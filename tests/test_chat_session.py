@@ -301,3 +301,16 @@ def test_cli_chat_tokenizer_template_without_one_is_a_one_line_error(tiny_chat_c
     assert main(["chat", "--checkpoint", str(tiny_chat_checkpoint), "--chat-template", "tokenizer"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has none: choose alpaca or chatml" in err
+
+
+def test_judged_answers_use_the_folders_own_template(chatml_folder):
+    # `scratchgpt eval judge` on an imported Instruct folder: its answers come through its own template
+    # (auto resolves to it) and stop at its end of turn, as in chat and serve.
+    from scratchgpt.checkpoint import saved_chat_template
+    from scratchgpt.training.modes.instruct import generate_responses
+
+    model, tok = load_any(chatml_folder)
+    assert saved_chat_template(chatml_folder, tokenizer=tok) == "tokenizer"
+    entries = [{"instruction": "Say hello.", "input": ""}, {"instruction": "Greet", "input": "a friend"}]
+    rows = generate_responses(model, tok, entries, template="tokenizer", max_new_tokens=8)
+    assert [r["model_response"] for r in rows] == ["hi", "hi"]

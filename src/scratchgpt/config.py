@@ -1003,8 +1003,9 @@ class JudgeEvalConfig:
         default="http://127.0.0.1:11434/v1", metadata={"help": "the judge's OpenAI base URL (default: Ollama's)"})
     judge_model: str = field(default="llama3", metadata={"help": "model name sent to the judge"})
     judge_api_key: str | None = field(default=None, metadata={"help": "Bearer key for the judge, if it needs one"})
-    chat_template: Literal["auto", "alpaca", "chatml"] = field(
-        default="auto", metadata={"help": "prompt template of the evaluated model (auto: its config, else alpaca)"})
+    chat_template: Literal["auto", "alpaca", "chatml", "tokenizer"] = field(
+        default="auto", metadata={"help": "prompt template of the evaluated model (auto: the one it was tuned with, "
+                                          "else its tokenizer's own chat template, else alpaca)"})
     max_new_tokens: int = field(default=256, metadata={"help": "longest answer generated"})
     retries: int = field(default=3, metadata={"help": "retries per judge request on connection errors / 5xx"})
     timeout: float = field(default=60.0, metadata={"help": "seconds per judge request"})

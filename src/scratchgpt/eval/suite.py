@@ -135,7 +135,8 @@ def _judge(cfg: JudgeEvalConfig, common: EvalConfig, models: _Models) -> dict[st
     entries = read_entries(cfg.data, required=("instruction",), optional=("input", "output"))
     entries = entries[: common.limit] if common.limit else entries
     model, tokenizer = models.lm()
-    template = saved_chat_template(common.checkpoint) if cfg.chat_template == "auto" else cfg.chat_template
+    template = (saved_chat_template(common.checkpoint, tokenizer=tokenizer) if cfg.chat_template == "auto"
+                else cfg.chat_template)
     client = JudgeClient(cfg.judge_url, model=cfg.judge_model, api_key=cfg.judge_api_key, timeout=cfg.timeout,
                          retries=cfg.retries)
     try:

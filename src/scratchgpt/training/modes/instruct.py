@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from scratchgpt.checkpoint import unwrap
 from scratchgpt.config import InstructConfig, LoRAConfig, SamplingConfig, TrainConfig
-from scratchgpt.data.chat import TemplateName, render_prompt, response_suffix, stop_strings
+from scratchgpt.data.chat import (
+    TOKENIZER_TEMPLATE,
+    TemplateName,
+    encode_chat,
+    render_prompt,
+    response_suffix,
+    stop_strings,
+)
 from scratchgpt.data.dataset import DataError
 from scratchgpt.data.tokenizer import Tokenizer
 from scratchgpt.inference.generate import iter_generate
@@ -150,15 +157,27 @@ def evaluate_lm(
 
 @torch.no_grad()
 def generate_responses(
-    model: GPT, tokenizer: Tokenizer, entries: Sequence[dict[str, Any]], *, template: TemplateName,
+    model: GPT, tokenizer: Tokenizer, entries: Sequence[dict[str, Any]], *, template: TemplateName | str,
     max_new_tokens: int = 256, batch_size: int = 8,
 ) -> list[dict[str, str]]:
-    """Greedy answers: [{"instruction", "input", "output", "model_response"}] per entry."""
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop_strings(template))
+    """Greedy answers: [{"instruction", "input", "output", "model_response"}] per entry.
+
+    `template` is a text template (alpaca, chatml) or "tokenizer": the model's own chat template, with
+    instruction and input as one user message (an imported Instruct model answers in its own format).
+    """
+    stops = stop_strings(template, tokenizer=tokenizer)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=stops)
+
+    def prompt(e: dict[str, Any]) -> list[int]:
+        if template == TOKENIZER_TEMPLATE:
+            user = e["instruction"] + (f"\n\n{e['input']}" if e.get("input") else "")
+            return encode_chat([{"role": "user", "content": user}], template, tokenizer, encode_text=tokenizer.encode)
+        return tokenizer.encode(render_prompt(template, e["instruction"], e.get("input", "")))
+
     out = []
     for i in range(0, len(entries), batch_size):
         chunk = entries[i : i + batch_size]
-        prompts = [tokenizer.encode(render_prompt(template, e["instruction"], e.get("input", ""))) for e in chunk]
+        prompts = [prompt(e) for e in chunk]
         texts = [""] * len(chunk)
         for steps in iter_generate(model, prompts, sampling, eot_id=tokenizer.eot_id, tokenizer=tokenizer):
             for s in steps:
