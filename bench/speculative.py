@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--target-layers", type=int, default=8)
     parser.add_argument("--target-embd", type=int, default=384)
     parser.add_argument("--target-heads", type=int, default=6)
-    parser.add_argument("--target-steps", type=int, default=300)
+    parser.add_argument("--target-steps", type=int, default=600)
     parser.add_argument("--draft-layers", type=int, default=2)
     parser.add_argument("--draft-embd", type=int, default=128)
     parser.add_argument("--draft-heads", type=int, default=4)

@@ -132,7 +132,9 @@ def _add_inference_flags(p: argparse.ArgumentParser, *, draft: bool) -> None:
                    help="speculative decoding with this smaller model (same tokenizer)" if draft
                    else "not supported here (speculative decoding runs in `scratchgpt generate`)")
     if draft:
-        p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes per pass")
+        p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                       help="most tokens the draft proposes per pass (one fewer after a rejection, two more after "
+                            "a pass kept whole)")
 
 
 def _refuse_draft(args: argparse.Namespace, where: str) -> None:

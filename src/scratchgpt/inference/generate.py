@@ -316,7 +316,10 @@ def iter_generate(
     the same greedy text; repetitive text (code, quotes, summaries) comes out several tokens per pass.
 
     `draft` (a smaller model with the same tokenizer) turns on speculative decoding for a single
-    prompt: the draft proposes `draft_tokens` tokens one by one, the model checks them in one pass.
+    prompt: the draft proposes up to `draft_tokens` tokens one by one, the model checks them in one
+    pass. How many adapts to the text: one fewer after a pass with a rejection, two more (up to
+    `draft_tokens`) after a pass that kept them all, so easy stretches go fast and hard ones waste
+    little draft work (the schedule of transformers' assisted generation).
     Greedy output is identical to plain decoding; sampled output follows the same distribution
     (standard accept/reject rule, see `_accept_reject`). `stats`, if given, receives "drafted" and
     "accepted" counts (acceptance rate = accepted / drafted).
@@ -408,7 +411,8 @@ def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, devic
         logits = prefill(model, seq, cache, mask=mask if padded else None, positions=positions if padded else None)
     else:
         logits = _full_forward(model, seq, mask, padded)
-    draft, k_draft, stats = spec
+    draft, k_max, stats = spec
+    k_draft = k_max  # adapts after every verification pass (see iter_generate)
     dcache = None
     if draft is not None:
         lookup = 0
@@ -452,6 +456,9 @@ def _decode(model, prompts, samplings, gens, eot_id, tokenizer, use_cache, devic
                     dcache.length = min(dcache.length, n_fed + len(accepted))
                     stats["drafted"] += len(proposal)
                     stats["accepted"] += len(accepted)
+                    # Whether to draft more or fewer next time depends only on passes already made,
+                    # so the accept/reject rule stays exact.
+                    k_draft = min(k_draft + 2, k_max) if len(accepted) == len(proposal) else max(k_draft - 1, 1)
                 for tok in accepted:
                     yield [emit(0, tok)]
                     if not active[0]:

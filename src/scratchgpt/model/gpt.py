@@ -84,6 +84,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:
+            # The same numbers in one call (decoding calls this ~4 times per layer per token).
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype) * self.weight
 
 
@@ -546,6 +549,10 @@ class GPT(nn.Module):
             raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {start + T} are needed")
 
         mask = self._attention_mask(B, T, start, kv_cache, attention_mask, idx.device)
+        if mask is None and T > 1 and start > 0:
+            # Several new tokens after a cached prefix (speculative verification, chunked prefill): one
+            # causal mask for all layers rather than one per layer.
+            mask = causal_mask(T, start + T, start, device=idx.device)[None, None]  # (1, 1, T, S)
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=idx.device)  # (T,)
 
