@@ -115,19 +115,28 @@ def test_gguf_runs_in_llama_cpp_with_the_same_greedy_tokens(tmp_path, gpt2_token
     """Optional: needs llama-cpp-python (not installed by default; it builds from source)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from scratchgpt.export.gguf import export_gguf
-    from scratchgpt.inference.generate import generate
 
     model = tiny(gpt2_tokenizer.vocab_size, seed=4)
     path = export_gguf(model, gpt2_tokenizer, tmp_path / "m.gguf")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, logits_all=False)
     prompt = gpt2_tokenizer.encode("Hello, my name is")
-    ours = generate(model, prompt, SamplingConfig(max_new_tokens=16, temperature=0.0, stop_at_eot=False))[0]
-    theirs = []
+    assert llama_cpp_greedy(llama_cpp, path, prompt) == greedy16(model, prompt)
+
+
+def greedy16(model, prompt: list[int]) -> list[int]:
+    from scratchgpt.inference.generate import generate
+
+    return generate(model, prompt, SamplingConfig(max_new_tokens=16, temperature=0.0, stop_at_eot=False))[0]
+
+
+def llama_cpp_greedy(llama_cpp, path, prompt: list[int], n: int = 16) -> list[int]:
+    """llama.cpp's first n greedy tokens after `prompt` for the GGUF file at `path`."""
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, logits_all=False)
+    out = []
     for tok in llm.generate(prompt, temp=0.0, top_k=1):
-        theirs.append(tok)
-        if len(theirs) == 16:
+        out.append(tok)
+        if len(out) == n:
             break
-    assert theirs == ours
+    return out
 
 
 # -- GGUF: the Llama family (Llama 3, Qwen2, Qwen3) ------------------------------------------------
@@ -461,18 +470,10 @@ def test_gguf_refuses_what_llama_cpp_would_run_differently(tmp_path):
 def test_gguf_llama_family_runs_in_llama_cpp_with_the_same_greedy_tokens(exported_family):
     """Optional: needs llama-cpp-python (not installed by default; it builds from source)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from scratchgpt.inference.generate import generate
 
     _, _, folder, model, _, _, _ = exported_family
-    llm = llama_cpp.Llama(model_path=str(folder / "m.gguf"), n_ctx=64, verbose=False)
     prompt = [104, 101, 108, 108, 111, 32, 119]
-    ours = generate(model, prompt, SamplingConfig(max_new_tokens=16, temperature=0.0, stop_at_eot=False))[0]
-    theirs = []
-    for tok in llm.generate(prompt, temp=0.0, top_k=1):
-        theirs.append(tok)
-        if len(theirs) == 16:
-            break
-    assert theirs == ours
+    assert llama_cpp_greedy(llama_cpp, folder / "m.gguf", prompt) == greedy16(model, prompt)
 
 
 # -- ONNX ------------------------------------------------------------------------------------------
