@@ -8,8 +8,9 @@ Both runs are kept in --out-dir and reused by the next run of this script (--ret
 Then, for --prompts held-out prompts (from the last 10% of the text, which training's val split
 holds), it decodes --new-tokens greedy tokens with the target alone and with `draft=` (what
 `scratchgpt generate --draft` does), and prints one JSON line: both models' bits per byte on the
-held-out text (issue 8's eval), tok/s of each way, the speed-up, the draft's acceptance rate and
-whether every prompt gave the same tokens (greedy speculative decoding is exact by construction).
+held-out text (issue 8's eval), the best tok/s of each way, the speed-up (median of back-to-back
+paired runs), the draft's acceptance rate and whether every prompt gave the same tokens (greedy
+speculative decoding is exact by construction).
 
 Why these sizes: on a CPU a decoding step of a small model costs mostly fixed per-layer overhead,
 so a draft only pays when the target's step is much dearer than the draft's; a 2-layer 128-wide
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -70,7 +72,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes over all prompts (best kept)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="paired timings (plain, speculative) over all prompts; the median ratio is reported")
     args = parser.parse_args()
 
     from scratchgpt import SamplingConfig
@@ -111,19 +114,27 @@ def main() -> None:
     plain_out, _ = run(False)  # also the warm-up
     spec_out, stats = run(True)
     n_tokens = sum(len(o) for o in plain_out)
-    best = {"plain": float("inf"), "speculative": float("inf")}
-    for _ in range(args.repeats):  # alternate the two: a shared machine's noise hits both alike
-        for name, flag in (("plain", False), ("speculative", True)):
+    # Paired timings: each repeat times both ways back to back (in alternating order), and the speed-up
+    # is the median of the per-pair ratios, which a shared machine's slow spells distort least.
+    pairs: list[dict[str, float]] = []
+    for rep in range(args.repeats):
+        pair = {}
+        for name, flag in ((("plain", False), ("speculative", True)) if rep % 2 == 0
+                           else (("speculative", True), ("plain", False))):
             t0 = time.perf_counter()
             run(flag)
-            best[name] = min(best[name], time.perf_counter() - t0)
-    plain_tps, spec_tps = n_tokens / best["plain"], n_tokens / best["speculative"]
+            pair[name] = time.perf_counter() - t0
+        pairs.append(pair)
+    ratios = sorted(p["plain"] / p["speculative"] for p in pairs)
+    speedup = statistics.median(ratios)
+    plain_tps = n_tokens / min(p["plain"] for p in pairs)
+    spec_tps = n_tokens / min(p["speculative"] for p in pairs)
     print(json.dumps({
         "bench": "speculative", **cpu_capability(), "threads": torch.get_num_threads(),
         "corpus": Path(args.text).name, "models": quality, "draft_tokens": args.draft_tokens,
         "prompts": len(prompts), "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens,
         "plain_tok_s": round(plain_tps, 1), "speculative_tok_s": round(spec_tps, 1),
-        "speedup": round(spec_tps / plain_tps, 3),
+        "speedup": round(speedup, 3), "speedup_per_pair": [round(r, 3) for r in ratios],
         "acceptance": round(stats["accepted"] / max(stats["drafted"], 1), 3),
         "same_tokens": f"{sum(a == b for a, b in zip(plain_out, spec_out, strict=True))}/{len(prompts)}",
     }))
