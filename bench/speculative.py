@@ -2,8 +2,8 @@
 
 Trains two character-level models on the demo corpus (Tiny Shakespeare by default, `--text` for
 another) with `scratchgpt train` and the speedrun recipe (configs/shakespeare_char_speedrun.toml):
-  - the target: --target-layers x --target-embd (12 x 512 by default, 38M parameters), and
-  - the draft: --draft-layers x --draft-embd (2 x 128, 0.4M parameters), same tokenizer.
+  - the target: --target-layers x --target-embd (8 x 384 by default, 14M parameters, 600 steps), and
+  - the draft: --draft-layers x --draft-embd (2 x 128, 0.4M parameters, 1,500 steps), same tokenizer.
 Both runs are kept in --out-dir and reused by the next run of this script (--retrain to start over).
 Then, for --prompts held-out prompts (from the last 10% of the text, which training's val split
 holds), it decodes --new-tokens greedy tokens with the target alone and with `draft=` (what
@@ -14,9 +14,11 @@ speculative decoding is exact by construction).
 
 Why these sizes: on a CPU a decoding step of a small model costs mostly fixed per-layer overhead,
 so a draft only pays when the target's step is much dearer than the draft's; a 2-layer 128-wide
-draft costs about a tenth of a 12-layer 512-wide target per token.
+draft costs about a sixth of an 8-layer 384-wide target per token; and a draft trained longer agrees
+with the target more often (measured: 600 draft steps gave 54% acceptance and 1.26x, 1,500 gave 64%
+and 1.67x).
 
-    .venv/bin/python bench/speculative.py                         # trains (~6 min on 2 cores), then measures
+    .venv/bin/python bench/speculative.py        # trains once (~15 min on 2 cores), then measures (~1.5 min)
     .venv/bin/python bench/speculative.py --target-steps 20 --draft-steps 20 --prompts 2   # smoke test
 """
 
@@ -67,7 +69,7 @@ def main() -> None:
     parser.add_argument("--draft-layers", type=int, default=2)
     parser.add_argument("--draft-embd", type=int, default=128)
     parser.add_argument("--draft-heads", type=int, default=4)
-    parser.add_argument("--draft-steps", type=int, default=600)
+    parser.add_argument("--draft-steps", type=int, default=1500)
     parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round")
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts")
     parser.add_argument("--prompt-len", type=int, default=32)
