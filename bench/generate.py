@@ -16,7 +16,8 @@ such as `llama-3.2-1b`. `--tiny` shrinks both models to 2 layers x 64 channels, 
 Also in the same run, for each row: int8 weights (`--quantize int8`, the default fast kernel for this
 CPU) and bfloat16 weights (only on CPUs with native bf16), as tok/s and ratios to our float32 and to
 transformers. Their tokens can differ from float32's (different rounding); the row reports how many
-leading tokens agree.
+leading tokens agree. `int8_matmuls_only_*` times the int8 model's matrix products alone, back to
+back: the ceiling of int8 decoding with this kernel, and the share of a real step they take.
 
 `--checkpoint RUN --text FILE` instead measures a trained model: int8 vs float32 mean NLL (and
 perplexity) over held-out windows of FILE, and greedy agreement of the first 32 tokens over prompts
@@ -106,6 +107,25 @@ def _bench_pair(ours, hf, *, label: str, vocab: int, args) -> dict[str, object]:
         tps = rate(lambda m=m: generate(m, prompt, sampling)[0])
         fast.update({f"{name}_tok_s": round(tps, 2), f"{name}_vs_fp32": round(tps / ours_tps, 3),
                      f"{name}_vs_transformers": round(tps / hf_tps, 3), f"{name}_tokens_agree_with_fp32": agreed})
+    # The ceiling for int8 with this kernel: only its matrix products, back to back (every Int8Linear
+    # in forward order, one row each, no attention, norms or Python in between). How far the real
+    # decode is from it is the share of a step that is not streaming weights.
+    from scratchgpt.inference.quantize import Int8Linear
+
+    layers = [m for m in int8.modules() if isinstance(m, Int8Linear)]
+    rows = {n: torch.randn(1, 1, n) for n in {m.in_features for m in layers}}
+
+    def matmuls_only() -> None:
+        with torch.inference_mode():
+            for _ in range(args.new_tokens):
+                for m in layers:
+                    m(rows[m.in_features])
+
+    matmuls_only()
+    bound = rate(matmuls_only)
+    fast.update({"int8_matmuls_only_tok_s": round(bound, 2),
+                 "int8_matmuls_only_vs_transformers": round(bound / hf_tps, 3),
+                 "int8_share_of_step_in_matmuls": round(fast["int8_tok_s"] / bound, 3)})
     return {
         "bench": "generate", "model": label, "reference": type(hf).__name__, "batch": 1,
         "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens, "dtype": "float32",

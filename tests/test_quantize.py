@@ -61,6 +61,36 @@ def test_fast_kernel_matches_the_dequantize_then_matmul_reference(kernel):
     assert (ref - lin(x)).norm() / lin(x).norm() < 0.02  # and the reference is close to float
 
 
+@pytest.mark.parametrize("kernel", fast_kernels())
+def test_fast_kernel_sees_weights_changed_after_first_use(kernel):
+    """A kernel that caches a packed copy of the weights must notice every way they can change."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
+    for lin in (a, b):
+        torch.nn.init.normal_(lin.weight, std=0.02, generator=gen)
+        torch.nn.init.normal_(lin.bias, std=0.5, generator=gen)
+    x = torch.randn(3, 64, generator=gen)
+    fresh_b = Int8Linear.from_linear(b, kernel=kernel)(x)
+
+    layer = Int8Linear.from_linear(a, kernel=kernel)
+    layer(x)  # packs a's weights
+    layer.load_state_dict(Int8Linear.from_linear(b).state_dict())  # in place (copy_)
+    torch.testing.assert_close(layer(x), fresh_b, rtol=0, atol=0)
+
+    layer = Int8Linear.from_linear(a, kernel=kernel)
+    layer(x)
+    layer.load_state_dict(Int8Linear.from_linear(b).state_dict(), assign=True)  # buffers replaced
+    torch.testing.assert_close(layer(x), fresh_b, rtol=0, atol=0)
+
+    layer = Int8Linear.from_linear(a, kernel=kernel)
+    layer(x)
+    with torch.no_grad():
+        layer.bias.copy_(b.bias)  # only the bias, in place: the pack must not keep a's
+        layer.weight.copy_(Int8Linear.from_linear(b).weight)
+        layer.weight_scale.copy_(Int8Linear.from_linear(b).weight_scale)
+    torch.testing.assert_close(layer(x), fresh_b, rtol=0, atol=0)
+
+
 def test_quantized_model_tracks_float_logits_and_every_linear_is_int8():
     model = tiny()
     x = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))

@@ -147,7 +147,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, C)
+        y = self.c_proj(self.act(self.c_fc(x)))  # (B, T, C)
+        return self.dropout(y) if self.training else y
 
 
 class RotaryEmbedding(nn.Module):
@@ -240,6 +241,8 @@ class CausalSelfAttention(nn.Module):
             # training stable at high learning rates (Qwen3, nanochat).
             self.q_norm = RMSNorm(self.head_size, eps=config.layer_norm_epsilon, device=device, dtype=dtype)
             self.k_norm = RMSNorm(self.head_size, eps=config.layer_norm_epsilon, device=device, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
         self.attn_pdrop = config.attn_pdrop
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
@@ -265,16 +268,18 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)
-        if hasattr(self, "q_norm"):
+        if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv is not None:
             # Write this step's keys/values into the pre-allocated cache, then attend over all of it.
+            # (narrow, not k_buf[:, :, a:b]: the same views without Python's indexing machinery, which
+            # costs more than the copy itself when decoding one token.)
             k_buf, v_buf = kv
-            k_buf[:, :, start : start + T] = k
-            v_buf[:, :, start : start + T] = v
-            k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]  # (B, nkv, S, hs)
+            k_buf.narrow(2, start, T).copy_(k)
+            v_buf.narrow(2, start, T).copy_(v)
+            k, v = k_buf.narrow(2, 0, start + T), v_buf.narrow(2, 0, start + T)  # (B, nkv, S, hs)
         S = k.size(2)
 
         if self.attn_impl == "eager" or return_weights:
@@ -299,7 +304,9 @@ class CausalSelfAttention(nn.Module):
                 # with S keeps this a plain bool when T is a symbolic size (torch.onnx.export).
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=start == 0, **gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # re-assemble heads: (B, T, nh·hs)
-        y = self.resid_dropout(self.c_proj(y))  # (B, T, C)
+        y = self.c_proj(y)  # (B, T, C)
+        if self.training:  # (dropout is the identity in eval; skipping the call matters when decoding)
+            y = self.resid_dropout(y)
         return (y, weights) if return_weights else y
 
     def _eager(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, start: int) -> tuple[Tensor, Tensor]:
@@ -562,7 +569,8 @@ class GPT(nn.Module):
             rope = self.transformer.wpe(position_ids)  # (cos, sin), applied to q and k in every layer
         else:
             x = x + self.transformer.wpe(position_ids)
-        x = self.transformer.drop(x)
+        if self.training:
+            x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             kv = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
             x = block(x, kv=kv, start=start, mask=mask, rope=rope)
