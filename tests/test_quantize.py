@@ -188,3 +188,30 @@ def test_cli_generate_with_int8_and_draft(tmp_path, gpt2_tokenizer, capsys):
     save_model(tiny(vocab_size=chars.vocab_size), tmp_path / "other", tokenizer=chars)
     assert main(args + ["--draft", str(tmp_path / "other")]) == 2
     assert "same tokenizer" in capsys.readouterr().err
+
+
+def test_cli_export_int8_writes_a_run_that_loads_as_it_is(tmp_path, gpt2_tokenizer, capsys):
+    from scratchgpt.cli import main
+
+    model = tiny(vocab_size=gpt2_tokenizer.vocab_size)
+    save_model(model, tmp_path / "f", tokenizer=gpt2_tokenizer, extra={"chat_template": "chatml"})
+    out = tmp_path / "f-int8"
+    assert main(["export", "--checkpoint", str(tmp_path / "f"), "--format", "int8", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "int8" and report["bytes"] == sum(p.stat().st_size for p in out.iterdir())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization"]["mode"] == "int8" and cfg["chat_template"] == "chatml"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "f-int8"]  # nothing left aside
+    # The same numbers as quantizing the float run at load time.
+    loaded, _ = load_any(out)
+    on_the_fly, _ = load_any(tmp_path / "f", quantize="int8")
+    for m in (loaded, on_the_fly):
+        set_kernel(m, "reference")
+    x = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(loaded(x)[0], on_the_fly(x)[0])
+    # One line each: quantizing the int8 run again, and writing over an existing folder.
+    assert main(["export", "--checkpoint", str(out), "--format", "int8", "--out", str(tmp_path / "again")]) == 2
+    assert "already int8-quantized" in capsys.readouterr().err and not (tmp_path / "again").exists()
+    before = (out / "model.safetensors").read_bytes()
+    assert main(["export", "--checkpoint", str(tmp_path / "f"), "--format", "int8", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and (out / "model.safetensors").read_bytes() == before

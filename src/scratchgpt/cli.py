@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from scratchgpt.config import (
@@ -564,17 +565,19 @@ def _run_serve(args: argparse.Namespace) -> int:
 @command
 def _add_export(sub) -> None:
     p = sub.add_parser(
-        "export", help="write a model as GGUF (llama.cpp, Ollama) or ONNX (onnxruntime)",
+        "export", help="write a model as GGUF (llama.cpp, Ollama), ONNX (onnxruntime) or an int8 run directory",
         description="Export a checkpoint for other runtimes. GGUF: llama.cpp's gpt2, llama, qwen2 or qwen3 "
                     "architecture (GPT-2, Llama 3, Qwen2, Qwen3 models) with the byte-level BPE tokenizer embedded "
                     "(run it with: llama-cli -m model.gguf -p 'Hello'). ONNX: input_ids plus "
-                    "past_keys/past_values in, logits plus present_keys/present_values out, dynamic lengths. "
-                    "Needs the `export` extra.",
+                    "past_keys/past_values in, logits plus present_keys/present_values out, dynamic lengths "
+                    "(both need the `export` extra). int8: a scratchgpt run directory with int8 weights and float32 "
+                    "scales (safetensors), a quarter of float32's bytes; every command loads it as it is.",
     )
     p.add_argument("--checkpoint", required=True,
                    help="scratchgpt run directory or Hugging Face GPT-2 / Llama / Qwen folder")
-    p.add_argument("--format", required=True, choices=["gguf", "onnx"], help="the file format to write")
-    p.add_argument("--out", required=True, help="the file to write (e.g. model.gguf, model.onnx)")
+    p.add_argument("--format", required=True, choices=["gguf", "onnx", "int8"], help="the format to write")
+    p.add_argument("--out", required=True,
+                   help="the file to write (model.gguf, model.onnx), or for int8 a new run directory")
     p.add_argument("--gguf-dtype", default="float32", choices=["float32", "float16"],
                    help="GGUF weight type (default float32; llama-quantize makes Q8_0/Q4_K from it)")
     p.set_defaults(func=_run_export)
@@ -590,6 +593,8 @@ def _run_export(args: argparse.Namespace) -> int:
     if (src / "adapter_config.json").is_file() and not (src / "config.json").is_file():
         raise ValueError(f"{src} holds LoRA adapters only; merge them into their base first: scratchgpt finetune "
                          f"merge --base BASE --adapters {src} --out-dir MERGED, then export MERGED")
+    if args.format == "int8":
+        return _export_int8(src, Path(args.out))
     needs = ["gguf"] if args.format == "gguf" else ["onnx", "onnxscript"]
     for module in needs:
         try:
@@ -607,6 +612,30 @@ def _run_export(args: argparse.Namespace) -> int:
 
         out = export_onnx(model, args.out)
     print(json.dumps({"format": args.format, "out": str(out), "bytes": Path(out).stat().st_size}))
+    return 0
+
+
+def _export_int8(src: Path, out: Path) -> int:
+    """Quantize a checkpoint once and save it as a run directory (written aside, then renamed into place)."""
+    import json
+
+    from scratchgpt.checkpoint import FORMAT, checkpoint_kind, load_any, read_run_config, replace_dir, save_quantized
+    from scratchgpt.model.quantize import quantize_model
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists; --format int8 writes a new run directory: choose another --out "
+                         f"or delete it")
+    run_cfg = read_run_config(src) if checkpoint_kind(src) == FORMAT else {}
+    if run_cfg.get("task") == "classify":
+        raise ValueError(f"{src} is a classifier (finetune classify); int8 export is for language models")
+    model, tokenizer = load_any(src)
+    quantize_model(model, "int8")  # refuses an already-quantized model and unmerged LoRA adapters
+    # What chat/serve read from a run besides the weights: the chat template it was tuned with, its task.
+    extra = {k: run_cfg[k] for k in ("task", "chat_template") if k in run_cfg}
+    replace_dir(out, lambda tmp: save_quantized(model, tmp, tokenizer=tokenizer,
+                                                extra={**extra, "quantized_from": str(src)}))
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    print(json.dumps({"format": "int8", "out": str(out), "bytes": size}))
     return 0
 
 
