@@ -207,13 +207,28 @@ def chat_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_folder(tmp_path_factory.mktemp("hf-chatml"), CHATML)
 
 
-def test_tokenizer_template_example_ids_and_label_mask(chat_folder: Path):
-    tok = load_any(chat_folder)[1]
+# Llama 3's specials: <|begin_of_text|> 96, <|end_of_text|> 97, <|start_header_id|> 98, <|end_header_id|> 99,
+# <|eot_id|> 100. Each kind: (prompt ids, response ids) of instruction "Say hi.", input "x", output "hi".
+# The input follows the instruction after a blank line, in the one user turn (as chatml puts it); the
+# response is the rest of the whole rendering: the answer and the end-of-turn marker.
+EXPECTED_IDS = {
+    "chatml": ([IM_START, *_chars("user\nSay hi.\n\nx"), IM_END, NL, IM_START, *_chars("assistant\n")],
+               [*_chars("hi"), IM_END, NL]),
+    "llama3": ([96, 98, *_chars("user"), 99, *_chars("\n\nSay hi.\n\nx"), 100, 98, *_chars("assistant"), 99,
+                *_chars("\n\n")], [*_chars("hi"), 100]),
+}
+
+
+@pytest.mark.parametrize("kind", ["chatml", "llama3"])
+def test_tokenizer_template_example_ids_and_label_mask(kind: str, chat_folder: Path, tmp_path: Path):
+    from test_chat_session import LLAMA3, write_tokenizer
+
+    if kind == "llama3":
+        write_tokenizer(tmp_path, LLAMA3)
+    tok = load_any(chat_folder)[1] if kind == "chatml" else HFTokenizer.from_dir(tmp_path)
     entries = [{"instruction": "Say hi.", "input": "x", "output": "hi", "where": "f: entry 0", "index": 0}]
     (ex,) = encode_instructions(entries, tok, template="tokenizer", vocab_size=128, max_length=100)
-    # The input follows the instruction after a blank line, in the one user turn (as chatml puts it).
-    prompt = [IM_START, *_chars("user\nSay hi.\n\nx"), IM_END, NL, IM_START, *_chars("assistant\n")]
-    response = [*_chars("hi"), IM_END, NL]  # the rest of the whole rendering: answer + end of turn
+    prompt, response = EXPECTED_IDS[kind]
     assert ex.ids == prompt + response and ex.prompt_len == len(prompt)
     assert _chars("hi") == [73, 74]
     # The prompt is exactly what chat sends for the same question.
