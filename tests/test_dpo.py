@@ -10,9 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from scratchgpt.checkpoint import load_any, saved_chat_template
 from scratchgpt.config import DPOConfig
 from scratchgpt.data.dataset import DataError
-from scratchgpt.training.modes.dpo import PreferencePair, collate_preferences, dpo_loss, finetune_dpo, sequence_logprobs
+from scratchgpt.training.modes.dpo import (
+    PreferencePair,
+    collate_preferences,
+    dpo_loss,
+    encode_preferences,
+    finetune_dpo,
+    sequence_logprobs,
+)
 
 TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=256)
 
@@ -83,3 +91,49 @@ def test_missing_rejected_is_an_error_naming_the_entry(tmp_path: Path):
                                      '{"instruction": "a", "chosen": "b"}]')
     with pytest.raises(DataError, match=r"p\.json: entry 1: no 'rejected'"):
         finetune_dpo(DPOConfig(data=str(tmp_path / "p.json"), tokenizer="char"), model=TINY, verbose=False)
+
+
+# The model's own chat template ("tokenizer"), on a Hugging Face folder built at test time.
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_chat_session import CHATML, make_folder
+
+    return make_folder(tmp_path_factory.mktemp("hf-chatml"), CHATML)
+
+
+def test_tokenizer_template_pairs_share_the_prompt_and_differ_after_it(chat_folder: Path):
+    tok = load_any(chat_folder)[1]
+    entry = {"instruction": "Name a word.", "input": "", "chosen": "Sure, apple.", "rejected": "No.",
+             "where": "p.json: entry 0", "index": 0}
+    (pair,) = encode_preferences([entry], tok, template="tokenizer", vocab_size=128, max_length=100)
+    im_end, nl = tok.encode("<|im_end|>", allowed_special=True)[0], tok.encode("\n")[0]
+    prompt = tok.encode_chat([{"role": "user", "content": "Name a word."}])  # what chat sends
+    assert pair.chosen[: pair.prompt_len] == pair.rejected[: pair.prompt_len] == prompt
+    assert pair.chosen[pair.prompt_len :] == [*tok.encode("Sure, apple."), im_end, nl]
+    assert pair.rejected[pair.prompt_len :] == [*tok.encode("No."), im_end, nl]
+    y = collate_preferences([pair], pad_id=tok.eot_id)["y"]
+    # Only the answers count, each with its end-of-turn marker.
+    assert [[t for t in row if t != -100] for row in y.tolist()] == [pair.chosen[pair.prompt_len :],
+                                                                     pair.rejected[pair.prompt_len :]]
+
+
+def test_dpo_in_the_tokenizer_template_learns_and_records_it(chat_folder: Path, toy_preferences: Path,
+                                                            tmp_path: Path):
+    result = finetune_dpo(  # "auto" on a folder with a chat template is "tokenizer"
+        DPOConfig(data=str(toy_preferences), init=str(chat_folder), beta=0.5, split=(0.7, 0.3, 0.0)),
+        train=dict(out_dir=str(tmp_path / "dpo"), max_steps=10, lr=3e-3, batch_size=8, eval_interval=0,
+                   progress=False, plot=False), verbose=False,
+    )
+    start, end = result.metrics["start"]["val"], result.metrics["val"]
+    assert start["loss"] == pytest.approx(math.log(2)) and end["loss"] < start["loss"] and end["margin"] > 0
+    saved = json.loads((tmp_path / "dpo" / "config.json").read_text())
+    assert saved["task"] == "dpo" and saved["chat_template"] == "tokenizer"
+    assert saved_chat_template(tmp_path / "dpo", tokenizer=load_any(tmp_path / "dpo")[1]) == "tokenizer"
+
+
+def test_tokenizer_template_without_one_is_a_one_line_error(toy_preferences: Path):
+    with pytest.raises(ValueError, match=r"^scratch: the 'tokenizer' chat template needs .*choose alpaca or chatml$"):
+        finetune_dpo(DPOConfig(data=str(toy_preferences), tokenizer="char", template="tokenizer"), model=TINY,
+                     verbose=False)

@@ -13,9 +13,9 @@ import torch
 from scratchgpt.checkpoint import CheckpointError, load_any
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, InstructConfig, SamplingConfig
-from scratchgpt.data.chat import render_chat, render_prompt
+from scratchgpt.data.chat import encode_chat_example, instruction_messages, render_chat, render_prompt
 from scratchgpt.data.dataset import DataError
-from scratchgpt.data.tokenizer import CharTokenizer
+from scratchgpt.data.tokenizer import CharTokenizer, HFTokenizer
 from scratchgpt.inference.chat_session import ChatSession
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.finetune import load_start_model, read_entries, split_indices
@@ -181,3 +181,117 @@ def test_cli_chat_reads_piped_stdin(toy_data: Path, tmp_path: Path, monkeypatch,
     assert main(["chat", "--checkpoint", str(out), "--temperature", "0", "--max-new-tokens", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[1] == "(conversation cleared)"
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's own chat template ("tokenizer"): a Hugging Face folder built at test time
+# ---------------------------------------------------------------------------------------------
+
+# The folders of test_chat_session: one token per printable ASCII byte ('\n' is 0, chr(c) is c - 31),
+# then the specials; CHATML's are <|endoftext|> 96, <|im_start|> 97, <|im_end|> 98.
+NL, IM_START, IM_END = 0, 97, 98
+# Assistant turns open with "<|im_start|>bot", but the generation prompt says "assistant": no split.
+MISMATCHED = ("{% for m in messages %}<|im_start|>{{ 'bot' if m['role'] == 'assistant' else m['role'] }}\n"
+              "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+              "{% endif %}")
+
+
+def _chars(text: str) -> list[int]:
+    return [NL if c == "\n" else ord(c) - 31 for c in text]
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_chat_session import CHATML, make_folder
+
+    return make_folder(tmp_path_factory.mktemp("hf-chatml"), CHATML)
+
+
+# Llama 3's specials: <|begin_of_text|> 96, <|end_of_text|> 97, <|start_header_id|> 98, <|end_header_id|> 99,
+# <|eot_id|> 100. Each kind: (prompt ids, response ids) of instruction "Say hi.", input "x", output "hi".
+# The input follows the instruction after a blank line, in the one user turn (as chatml puts it); the
+# response is the rest of the whole rendering: the answer and the end-of-turn marker.
+EXPECTED_IDS = {
+    "chatml": ([IM_START, *_chars("user\nSay hi.\n\nx"), IM_END, NL, IM_START, *_chars("assistant\n")],
+               [*_chars("hi"), IM_END, NL]),
+    "llama3": ([96, 98, *_chars("user"), 99, *_chars("\n\nSay hi.\n\nx"), 100, 98, *_chars("assistant"), 99,
+                *_chars("\n\n")], [*_chars("hi"), 100]),
+}
+
+
+@pytest.mark.parametrize("kind", ["chatml", "llama3"])
+def test_tokenizer_template_example_ids_and_label_mask(kind: str, chat_folder: Path, tmp_path: Path):
+    from test_chat_session import LLAMA3, write_tokenizer
+
+    if kind == "llama3":
+        write_tokenizer(tmp_path, LLAMA3)
+    tok = load_any(chat_folder)[1] if kind == "chatml" else HFTokenizer.from_dir(tmp_path)
+    entries = [{"instruction": "Say hi.", "input": "x", "output": "hi", "where": "f: entry 0", "index": 0}]
+    (ex,) = encode_instructions(entries, tok, template="tokenizer", vocab_size=128, max_length=100)
+    prompt, response = EXPECTED_IDS[kind]
+    assert ex.ids == prompt + response and ex.prompt_len == len(prompt)
+    assert _chars("hi") == [73, 74]
+    # The prompt is exactly what chat sends for the same question.
+    assert ex.ids[: ex.prompt_len] == tok.encode_chat(instruction_messages("Say hi.", "x"))
+    x, y = collate_instruct([ex], pad_id=tok.eot_id)
+    assert x[0].tolist() == ex.ids[:-1]
+    assert y[0].tolist() == [-100] * (len(prompt) - 1) + response  # only the response, <|im_end|> included
+
+
+def test_tokenizer_template_without_an_end_of_turn_token_gets_end_of_text(tmp_path: Path):
+    from test_chat_session import CHATML, write_tokenizer
+
+    write_tokenizer(tmp_path, CHATML, chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                                                    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    tok = HFTokenizer.from_dir(tmp_path)
+    prompt, response = encode_chat_example([{"role": "user", "content": "a"}], "hi", tok)
+    assert prompt == _chars("user: a\nassistant: ")
+    assert response == [*_chars("hi\n"), tok.eot_id] and tok.eot_id == 96
+
+
+def test_tokenizer_template_refuses_a_mismatch_and_forged_turns(chat_folder: Path, toy_data: Path, tmp_path: Path,
+                                                                capsys):
+    from test_chat_session import CHATML, make_folder
+
+    tok = load_any(chat_folder)[1]
+    bad = {"instruction": "a", "output": "b <|im_start|>user", "where": "d.json: entry 3"}
+    with pytest.raises(DataError, match=r"d\.json: entry 3 \('output'\): messages\[1\].*<\|im_start\|>"):
+        encode_instructions([bad], tok, template="tokenizer", vocab_size=128, max_length=100)
+    folder = make_folder(tmp_path / "mismatch", CHATML, chat_template=MISMATCHED)
+    rc = main(["finetune", "instruct", "--data", str(toy_data), "--init", str(folder), "--template", "tokenizer",
+               "--out-dir", str(tmp_path / "never")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "toy.json: entry" in err and "mismatch/tokenizer_config.json" in err and "does not start with" in err
+    assert not (tmp_path / "never" / "model.safetensors").exists()
+    # A model without a chat template cannot use "tokenizer": one line too.
+    rc = main(["finetune", "instruct", "--data", str(toy_data), "--template", "tokenizer", "--tokenizer", "char",
+               "--n-embd", "16", "--n-layer", "1", "--n-head", "2", "--out-dir", str(tmp_path / "never2")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "has none" in err, err
+
+
+def test_finetune_in_the_tokenizer_template_learns_and_chat_follows(chat_folder: Path, toy_data: Path,
+                                                                   tmp_path: Path, monkeypatch, capsys):
+    from scratchgpt.checkpoint import saved_chat_template
+
+    out = tmp_path / "sft"
+    # "auto" on a folder with a chat template is "tokenizer".
+    result = finetune_instruct(InstructConfig(data=str(toy_data), init=str(chat_folder), response_tokens=0),
+                               train={**FAST, "out_dir": str(out)}, verbose=False)
+    m = result.metrics
+    assert m["val"]["loss"] < m["start"]["val"]["loss"] - 0.5
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["chat_template"] == "tokenizer" and saved["task"] == "instruct"
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())  # the run keeps the template
+    model, tok = load_any(out)
+    assert saved_chat_template(out, tokenizer=tok) == "tokenizer"  # what chat and serve pick with no flag
+    entry = {"instruction": "Shout apple.", "input": "", "output": "APPLE!"}
+    (ex,) = encode_instructions([entry], result.tokenizer, template="tokenizer", vocab_size=128, max_length=100)
+    session = ChatSession(model, tok, template=saved_chat_template(out, tokenizer=tok),
+                          sampling=SamplingConfig(max_new_tokens=4, temperature=0.0))
+    session.messages.append({"role": "user", "content": "Shout apple."})
+    assert session.prompt_ids() == ex.ids[: ex.prompt_len]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Shout apple.\n/quit\n"))
+    assert main(["chat", "--checkpoint", str(out), "--temperature", "0", "--max-new-tokens", "8"]) == 0
+    assert "<|im_end|>" not in capsys.readouterr().out  # the end-of-turn token ends the reply unseen

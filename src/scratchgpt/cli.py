@@ -344,7 +344,8 @@ _FINETUNE_MODES = {
                  "--init runs/shakespeare --out-dir runs/spam"),
     "instruct": ("InstructConfig", "instruction tuning on Alpaca-style JSON (instruction, input, output)",
                  "Instruction-tune on a JSON list or JSONL of {instruction, input, output}, rendered with the "
-                 "alpaca or chatml template; the loss covers the response only unless --no-mask-prompt. "
+                 "alpaca, chatml or the model's own (tokenizer) template; the loss covers the response (and its "
+                 "end-of-turn marker) only unless --no-mask-prompt. "
                  "Example: scratchgpt finetune instruct --data instruction-data.json --init gpt2 --out-dir runs/sft"),
     "dpo": ("DPOConfig", "preference tuning (DPO) on (instruction, input, chosen, rejected)",
             "Direct preference optimisation against a frozen copy of the starting model. Example: scratchgpt "

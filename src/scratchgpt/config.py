@@ -838,7 +838,10 @@ class InstructConfig(FinetuneConfig):
 
     epochs: float = field(default=2.0, metadata={"help": "passes over the training split (unless max_steps is set)"})
 
-    template: Literal["alpaca", "chatml"] = field(default="alpaca", metadata={"help": "prompt template"})
+    template: Literal["auto", "alpaca", "chatml", "tokenizer"] = field(
+        default="auto", metadata={"help": "prompt template; tokenizer: the model's own Jinja chat template (auto: "
+                                          "the checkpoint's chat_template, else its tokenizer's, else alpaca)"}
+    )
     mask_prompt: bool = field(default=True, metadata={"help": "leave the prompt's tokens out of the loss"})
     response_tokens: int = field(
         default=256, metadata={"help": "max new tokens per test response (0 = skip test_responses.json)"}
@@ -856,8 +859,9 @@ class DPOConfig(FinetuneConfig):
 
     train_config: ClassVar[type[FinetuneTrainConfig]] = DPOTrainConfig
 
-    template: Literal["auto", "alpaca", "chatml"] = field(
-        default="auto", metadata={"help": "prompt template (auto: the checkpoint's chat_template, else alpaca)"}
+    template: Literal["auto", "alpaca", "chatml", "tokenizer"] = field(
+        default="auto", metadata={"help": "prompt template; tokenizer: the model's own Jinja chat template (auto: "
+                                          "the checkpoint's chat_template, else its tokenizer's, else alpaca)"}
     )
     beta: float = field(default=0.1, metadata={"help": "strength of the pull away from the reference"})
     # Dropout would make the policy's log-ratios against the (dropout-free) reference noisy from step 0.

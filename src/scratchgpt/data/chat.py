@@ -4,9 +4,10 @@ Instruction fine-tuning renders training examples with these functions, and the 
 HTTP server render conversations with the same ones, so a model always sees the format it learned.
 A checkpoint records its template name in config.json (`"chat_template"`).
 
-Besides these text templates, chat can use "tokenizer": the model's own Jinja chat template from
-its Hugging Face tokenizer_config.json (Llama 3 Instruct, Qwen2.5 Instruct, ...), rendered by
-`HFTokenizer.apply_chat_template`; its turn markers are special tokens, and they end a reply.
+Besides these text templates, chat and fine-tuning can use "tokenizer": the model's own Jinja chat
+template from its Hugging Face tokenizer_config.json (Llama 3 Instruct, Qwen2.5 Instruct, ...),
+rendered by `HFTokenizer.apply_chat_template`; its turn markers are special tokens, and they end a
+reply. `encode_chat_example` splits a rendered training conversation into prompt and response.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any, Literal, TypedDict
 
 Role = Literal["system", "user", "assistant"]
 TemplateName = Literal["alpaca", "chatml"]
-TEMPLATES: tuple[str, ...] = ("alpaca", "chatml")  # text templates: fine-tuning renders examples with these
-# Chat and serving also accept "tokenizer": the checkpoint tokenizer's own chat template.
+TEMPLATES: tuple[str, ...] = ("alpaca", "chatml")  # text templates, rendered here
+# Chat, serving and fine-tuning also accept "tokenizer": the checkpoint tokenizer's own chat template.
 ChatTemplateName = Literal["alpaca", "chatml", "tokenizer"]
 TOKENIZER_TEMPLATE = "tokenizer"
 CHAT_TEMPLATES: tuple[str, ...] = (*TEMPLATES, TOKENIZER_TEMPLATE)
@@ -67,8 +68,9 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 def default_chat_template(saved: str | None, tokenizer: Any) -> str:
-    """The template a chat uses unless told: the one the run was fine-tuned with (`saved`), else the
-    tokenizer's own, else Alpaca. (`checkpoint.saved_chat_template` reads `saved` from a run.)"""
+    """The template a chat (or a fine-tune's "auto") uses unless told: the one the run was fine-tuned
+    with (`saved`), else the tokenizer's own, else Alpaca. (`checkpoint.saved_chat_template` reads
+    `saved` from a run.)"""
     if saved:
         return saved
     return TOKENIZER_TEMPLATE if has_chat_template(tokenizer) else "alpaca"
@@ -149,3 +151,37 @@ def encode_chat(messages: Sequence[Message], template: str, tokenizer: Any, *,
         check_chat_template(template, tokenizer)
         return tokenizer.encode_chat(messages, add_generation_prompt=True)
     return encode_text(render_chat(messages, template))
+
+
+def instruction_messages(instruction: str, input: str = "") -> list[Message]:
+    """An Alpaca entry as a conversation: one user turn, the input after the instruction and a blank
+    line (where chatml_prompt puts it), so every template asks the same question."""
+    return [{"role": "user", "content": f"{instruction}\n\n{input}" if input else instruction}]
+
+
+def encode_chat_example(messages: Sequence[Message], response: str, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of one training conversation under the tokenizer's chat template.
+
+    The prompt is exactly what chat and serving send for `messages` (add_generation_prompt=True).
+    The response is the rest of the whole conversation's rendering, `messages` + the assistant's
+    `response`: its content and the template's end-of-turn marker (and whatever the template writes
+    after it), so a model tuned on it learns to end its turn. The two are tokenized apart, as
+    generation sees them. A template whose whole rendering does not start with the prompt's has no
+    such split: one ValueError. A template that closes the turn with no stop token gets the
+    end-of-text token appended, so the reply still ends.
+    """
+    check_messages(messages)
+    check_chat_template(TOKENIZER_TEMPLATE, tokenizer)
+    full = [*messages, {"role": "assistant", "content": response}]
+    tokenizer.check_chat_content(full)  # no content may forge a turn, the answer's included
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(full, add_generation_prompt=False)
+    if not whole.startswith(prompt):
+        raise ValueError(f"{tokenizer.chat_template_path}: the chat template's rendering of a conversation with "
+                         f"its answer does not start with its rendering of the prompt (add_generation_prompt=True), "
+                         f"so the answer cannot be split off for training; choose --template alpaca or chatml")
+    response_ids = tokenizer.encode(whole[len(prompt):], allowed_special=True)
+    stops = {i for t in tokenizer.chat_stop_texts for i in tokenizer.encode(t, allowed_special=True)}
+    if not stops.intersection(response_ids):
+        response_ids.append(tokenizer.eot_id)
+    return tokenizer.encode(prompt, allowed_special=True), response_ids

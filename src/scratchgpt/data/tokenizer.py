@@ -972,6 +972,11 @@ class HFTokenizer(Tokenizer):
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
         return template if isinstance(template, str) else None
 
+    @property
+    def chat_template_path(self) -> str:
+        """Where the chat template came from (the folder's tokenizer_config.json or chat_template.jinja)."""
+        return str(Path(self.source) / self._template_file) if self.source else self._template_file
+
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
                             **variables: Any) -> str:
         """Render `messages` with the model's own chat template (Jinja, sandboxed as transformers does).
@@ -980,7 +985,7 @@ class HFTokenizer(Tokenizer):
         supported"), is one ValueError naming the file the template came from.
         """
         template = self.chat_template
-        where = str(Path(self.source) / self._template_file) if self.source else self._template_file
+        where = self.chat_template_path
         if template is None:
             raise ValueError(f"{where}: no chat_template; choose --chat-template alpaca or chatml")
         env = _chat_template_env()
@@ -1033,14 +1038,18 @@ class HFTokenizer(Tokenizer):
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
         """Ids of `messages` rendered with the chat template: the template's markers become special
         tokens, while a special-token text inside a message's content is refused (it cannot forge a turn)."""
+        self.check_chat_content(messages)
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, allowed_special=True)
+
+    def check_chat_content(self, messages: Sequence[Mapping[str, Any]]) -> None:
+        """One ValueError when a message's content holds a special-token text (it would forge a turn)."""
         for i, m in enumerate(messages):
             content = str(m.get("content", ""))
             for special in self.special_tokens:
                 if special in content:
                     raise ValueError(f"messages[{i}]: the content holds the special token {special!r}, which would "
                                      f"forge the chat template's markup; remove it")
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        return self.encode(text, allowed_special=True)
 
     def _encode_ordinary(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

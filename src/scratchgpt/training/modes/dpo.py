@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scratchgpt.config import DPOConfig, LoRAConfig, TrainConfig
-from scratchgpt.data.chat import TEMPLATES, TemplateName, render_prompt
+from scratchgpt.data.chat import TemplateName, render_prompt
 from scratchgpt.data.tokenizer import Tokenizer
 from scratchgpt.training.finetune import (
     FinetuneResult,
@@ -42,7 +42,13 @@ from scratchgpt.training.finetune import (
     split_record,
     train_config,
 )
-from scratchgpt.training.modes.instruct import InstructExample, collate_instruct, encode_instruction, fit_length
+from scratchgpt.training.modes.instruct import (
+    InstructExample,
+    collate_instruct,
+    encode_instruction,
+    fit_length,
+    resolve_template,
+)
 from scratchgpt.training.runtime import model_device, to_device
 
 # ---------------------------------------------------------------------------------------------
@@ -92,10 +98,13 @@ class PreferencePair:
 
 
 def encode_preferences(
-    entries: Sequence[dict[str, Any]], tokenizer: Tokenizer, *, template: TemplateName, vocab_size: int,
+    entries: Sequence[dict[str, Any]], tokenizer: Tokenizer, *, template: TemplateName | str, vocab_size: int,
     max_length: int, too_long: str = "truncate",
 ) -> list[PreferencePair]:
-    """Tokenize (prompt, chosen, rejected) entries; a pair is dropped when either side must be."""
+    """Tokenize (prompt, chosen, rejected) entries; a pair is dropped when either side must be.
+
+    Both sides share the prompt ids (the prompt is rendered without the answer) and differ only after it.
+    """
     pairs = []
     for e in entries:
         prompt, chosen = encode_instruction(e, tokenizer, template=template, vocab_size=vocab_size,
@@ -206,12 +215,11 @@ def finetune_dpo(
     start = load_start_model(
         cfg.init, tokenizer=cfg.tokenizer, model_overrides=model, seed=seed,
         # Only a scratch model's char tokenizer reads this; it has no checkpoint template to follow.
-        corpus=lambda: "".join(render_prompt("alpaca" if cfg.template == "auto" else cfg.template, e["instruction"],
-                                             e["input"]) + e["chosen"] + e["rejected"] for e in entries),
+        corpus=lambda: "".join(render_prompt(cfg.template if cfg.template in ("alpaca", "chatml") else "alpaca",
+                                             e["instruction"], e["input"]) + e["chosen"] + e["rejected"]
+                               for e in entries),
     )
-    template = cfg.template if cfg.template != "auto" else start.run_config.get("chat_template", "alpaca")
-    if template not in TEMPLATES:
-        raise ValueError(f"{cfg.init}: unknown chat_template {template!r}; pass --template alpaca or chatml")
+    template = resolve_template(cfg.template, start)
     max_length = context_limit(start.model, cfg.max_length)
     positions = split_indices(len(entries), cfg.split, shuffle=cfg.split_shuffle, seed=cfg.split_seed)
     parts = {k: encode_preferences([entries[i] for i in v], start.tokenizer, template=template,

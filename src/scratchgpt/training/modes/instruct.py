@@ -2,7 +2,11 @@
 
 Each entry (`instruction`, optional `input`, `output`) becomes prompt + response + end-of-text, where
 the prompt is `chat.render_prompt(template, ...)` — the same text the chat command and the server
-render, so the model is always asked in the format it learned. Batches are padded per batch with
+render, so the model is always asked in the format it learned. With the "tokenizer" template (a
+Hugging Face folder's own Jinja chat template) the entry is a conversation, one user turn
+(instruction, blank line, input) and the assistant's answer, and `chat.encode_chat_example` splits
+its rendering into the prompt and the response, which ends with the template's end-of-turn token.
+"auto" is the start's template: the run's own, else its tokenizer's, else alpaca. Batches are padded per batch with
 the end-of-text id; the targets are the inputs shifted by one, with -100 (ignored) on the padding
 after the first end-of-text and, by default, on the prompt. config.json records the template
 (`"chat_template"`). After training, `test_responses.json` holds greedy answers for the test split.
@@ -27,7 +31,11 @@ from scratchgpt.config import InstructConfig, LoRAConfig, SamplingConfig, TrainC
 from scratchgpt.data.chat import (
     TOKENIZER_TEMPLATE,
     TemplateName,
+    check_chat_template,
+    default_chat_template,
     encode_chat,
+    encode_chat_example,
+    instruction_messages,
     render_prompt,
     response_suffix,
     stop_strings,
@@ -39,6 +47,7 @@ from scratchgpt.model.gpt import GPT
 from scratchgpt.training.finetune import (
     FinetuneResult,
     Mode,
+    StartModel,
     check_splits,
     context_limit,
     encode_checked,
@@ -69,12 +78,38 @@ class InstructExample:
     entry: int
 
 
+def resolve_template(template: str, start: StartModel) -> str:
+    """The template a fine-tune renders with: "auto" is the start's (its run's, else its tokenizer's
+    own chat template, else alpaca); "tokenizer" needs a tokenizer with a chat template (one ValueError)."""
+    if template == "auto":
+        template = default_chat_template(start.run_config.get("chat_template"), start.tokenizer)
+    try:
+        check_chat_template(template, start.tokenizer)
+    except ValueError as e:
+        raise ValueError(f"{start.source}: {e}") from None
+    return template
+
+
 def encode_instruction(
-    entry: dict[str, Any], tokenizer: Tokenizer, *, template: TemplateName, vocab_size: int,
+    entry: dict[str, Any], tokenizer: Tokenizer, *, template: TemplateName | str, vocab_size: int,
     response_key: str = "output",
 ) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids + end-of-text) of one entry, encoded apart as generation will see them."""
+    """(prompt ids, response ids + end-of-text) of one entry, encoded apart as generation will see them.
+
+    Under "tokenizer" the response ends with the chat template's end-of-turn marker instead (see
+    `chat.encode_chat_example`); a failure to render is a DataError naming the entry.
+    """
     where = entry.get("where", "entry")
+    if template == TOKENIZER_TEMPLATE:
+        try:
+            prompt, response = encode_chat_example(instruction_messages(entry["instruction"], entry.get("input", "")),
+                                                   entry[response_key], tokenizer)
+        except ValueError as e:
+            raise DataError(f"{where} ({response_key!r}): {e}") from None
+        if max(prompt + response) >= vocab_size:
+            raise DataError(f"{where}: encodes to token id {max(prompt + response)} but the model's vocabulary has "
+                            f"{vocab_size} tokens; the checkpoint was trained with another tokenizer")
+        return prompt, response
     prompt = encode_checked(tokenizer, render_prompt(template, entry["instruction"], entry.get("input", "")),
                             vocab_size=vocab_size, where=where)
     response = encode_checked(tokenizer, entry[response_key] + response_suffix(template),
@@ -99,7 +134,7 @@ def fit_length(ids: list[int], prompt_len: int, *, max_length: int, too_long: st
 
 
 def encode_instructions(
-    entries: Sequence[dict[str, Any]], tokenizer: Tokenizer, *, template: TemplateName, vocab_size: int,
+    entries: Sequence[dict[str, Any]], tokenizer: Tokenizer, *, template: TemplateName | str, vocab_size: int,
     max_length: int, too_long: str = "truncate",
 ) -> list[InstructExample]:
     """Tokenize entries for instruction tuning; over-long ones are truncated, dropped or an error."""
@@ -170,8 +205,8 @@ def generate_responses(
 
     def prompt(e: dict[str, Any]) -> list[int]:
         if template == TOKENIZER_TEMPLATE:
-            user = e["instruction"] + (f"\n\n{e['input']}" if e.get("input") else "")
-            return encode_chat([{"role": "user", "content": user}], template, tokenizer, encode_text=tokenizer.encode)
+            return encode_chat(instruction_messages(e["instruction"], e.get("input", "")), template, tokenizer,
+                               encode_text=tokenizer.encode)
         return tokenizer.encode(render_prompt(template, e["instruction"], e.get("input", "")))
 
     out = []
@@ -206,15 +241,18 @@ def finetune_instruct(
     entries = read_entries(cfg.data, required=("instruction", "output"))
     train = train_config(cfg, train)
     seed = train.seed
+    # Only a scratch model's char tokenizer reads the corpus; it has no chat template of its own.
+    text_template = cfg.template if cfg.template in ("alpaca", "chatml") else "alpaca"
     start = load_start_model(
         cfg.init, tokenizer=cfg.tokenizer, model_overrides=model, seed=seed,
-        corpus=lambda: "".join(render_prompt(cfg.template, e["instruction"], e["input"]) + e["output"]
-                               + response_suffix(cfg.template) for e in entries),
+        corpus=lambda: "".join(render_prompt(text_template, e["instruction"], e["input"]) + e["output"]
+                               + response_suffix(text_template) for e in entries),
     )
+    template = resolve_template(cfg.template, start)
     max_length = context_limit(start.model, cfg.max_length)
     positions = split_indices(len(entries), cfg.split, shuffle=cfg.split_shuffle, seed=cfg.split_seed)
     split_entries = {k: [entries[i] for i in v] for k, v in positions.items()}
-    parts = {k: encode_instructions(v, start.tokenizer, template=cfg.template, max_length=max_length,
+    parts = {k: encode_instructions(v, start.tokenizer, template=template, max_length=max_length,
                                     vocab_size=start.model.config.vocab_size, too_long=cfg.too_long)
              for k, v in split_entries.items()}
     dropped = sum(map(len, positions.values())) - sum(map(len, parts.values()))
@@ -229,14 +267,14 @@ def finetune_instruct(
         collate=lambda items: collate_instruct(items, pad_id=pad, mask_prompt=cfg.mask_prompt),
         loss_fn=lm_loss,
         evaluate=lambda m, part, **kw: evaluate_lm(m, part, pad_id=pad, mask_prompt=cfg.mask_prompt, **kw),
-        info={"task": "instruct", "chat_template": cfg.template},
-        sample_fn=lambda m: generate_responses(unwrap(m), tok, [sample_entry], template=cfg.template,
+        info={"task": "instruct", "chat_template": template},
+        sample_fn=lambda m: generate_responses(unwrap(m), tok, [sample_entry], template=template,
                                                max_new_tokens=64)[0]["model_response"],
     )
     result = run_mode(mode, start, cfg, train=train, lora=lora, verbose=verbose)
     test = split_entries["test"]
     if cfg.response_tokens and test and is_main():
-        responses = generate_responses(result.model, tok, test, template=cfg.template,
+        responses = generate_responses(result.model, tok, test, template=template,
                                        max_new_tokens=cfg.response_tokens)
         path = Path(result.out_dir) / TEST_RESPONSES_FILE
         path.write_text(json.dumps(responses, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
