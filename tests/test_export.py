@@ -126,6 +126,7 @@ def test_gguf_runs_in_llama_cpp_with_the_same_greedy_tokens(tmp_path, gpt2_token
         assert llm.tokenize(text.encode(), add_bos=False) == gpt2_tokenizer.encode(text), text
         assert llm.detokenize(gpt2_tokenizer.encode(text)) == text.encode(), text
     eot = "<|endoftext|>"
+    assert llm.token_bos() == llm.token_eos() == gpt2_tokenizer.eot_id
     assert llm.tokenize(f"a{eot}b".encode(), add_bos=True, special=True) == gpt2_tokenizer.encode(
         f"a{eot}b", allowed_special=True)  # GPT-2 adds no BOS token
 
@@ -413,8 +414,9 @@ def test_gguf_llama_family_metadata_and_vocabulary(exported_family):
         "<|end_of_text|>" if family == "llama" else "<|im_end|>")
     if family == "llama":  # Llama 3's tokenizer prepends <|begin_of_text|>; Qwen's adds nothing
         assert meta["tokenizer.ggml.bos_token_id"] == 260 and meta["tokenizer.ggml.add_bos_token"] is True
-    else:
-        assert "tokenizer.ggml.bos_token_id" not in meta and meta["tokenizer.ggml.add_bos_token"] is False
+    else:  # and names <|endoftext|> as BOS (its config.json does; llama.cpp would take id 11 otherwise)
+        assert meta["tokenizer.ggml.bos_token_id"] == 260 and meta["tokenizer.ggml.add_bos_token"] is False
+        assert tokens[260] == "<|endoftext|>"
     assert meta["tokenizer.chat_template"] == _TEMPLATE
 
 
@@ -511,6 +513,8 @@ def test_gguf_llama_family_runs_in_llama_cpp_with_the_same_greedy_tokens(exporte
         assert llm.detokenize(tok.encode(text)) == text.encode(), text
     end = "<|end_of_text|>" if family == "llama" else "<|im_end|>"
     bos = [tok.special_tokens["<|begin_of_text|>"]] if family == "llama" else []
+    assert llm.token_bos() == tok.special_tokens["<|begin_of_text|>" if family == "llama" else "<|endoftext|>"]
+    assert llm.token_eos() == tok.eot_id
     assert llm.tokenize(f"hello{end}".encode(), add_bos=True, special=True) == bos + tok.encode(
         f"hello{end}", allowed_special=True)
 

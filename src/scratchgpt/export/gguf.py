@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from scratchgpt.config import GPTConfig
+from scratchgpt.data.tokenizer import EOT_TEXT
 from scratchgpt.model.gpt import GPT, rope_inv_freq
 
 GGUF_DTYPES = ("float32", "float16")
@@ -226,6 +227,10 @@ def hf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
     # Whether BOS is added is the tokenizer's post-processor's business (Llama 3 adds <|begin_of_text|>):
     # ask it rather than parse its template.
     add_bos = bos_id is not None and rust.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+    if bos_id is None:
+        # No BOS (Qwen): llama.cpp would take id 11 (an ordinary token, "," in Qwen's vocabulary) as BOS.
+        # Qwen's config.json names <|endoftext|>, so llama.cpp's converter writes that; it is never added.
+        bos_id = rust.token_to_id(EOT_TEXT)
     return GGUFVocab(tokens, types, merges, pre, bos_id, tokenizer.eot_id, add_bos, tokenizer.chat_template)
 
 
