@@ -119,7 +119,16 @@ def test_gguf_runs_in_llama_cpp_with_the_same_greedy_tokens(tmp_path, gpt2_token
     model = tiny(gpt2_tokenizer.vocab_size, seed=4)
     path = export_gguf(model, gpt2_tokenizer, tmp_path / "m.gguf")
     prompt = gpt2_tokenizer.encode("Hello, my name is")
-    assert llama_cpp_greedy(llama_cpp, path, prompt) == greedy16(model, prompt)
+    assert_llama_cpp_runs_like_scratchgpt(llama_cpp, path, model, prompt)
+    # llama.cpp's own tokenizer (the gpt-2 pre-tokenizer and the merges in the file) splits text as GPT-2 does.
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
+    for text in _TOKENIZER_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False) == gpt2_tokenizer.encode(text), text
+        assert llm.detokenize(gpt2_tokenizer.encode(text)) == text.encode(), text
+    eot = "<|endoftext|>"
+    assert llm.token_bos() == llm.token_eos() == gpt2_tokenizer.eot_id
+    assert llm.tokenize(f"a{eot}b".encode(), add_bos=True, special=True) == gpt2_tokenizer.encode(
+        f"a{eot}b", allowed_special=True)  # GPT-2 adds no BOS token
 
 
 def greedy16(model, prompt: list[int]) -> list[int]:
@@ -128,15 +137,36 @@ def greedy16(model, prompt: list[int]) -> list[int]:
     return generate(model, prompt, SamplingConfig(max_new_tokens=16, temperature=0.0, stop_at_eot=False))[0]
 
 
-def llama_cpp_greedy(llama_cpp, path, prompt: list[int], n: int = 16) -> list[int]:
-    """llama.cpp's first n greedy tokens after `prompt` for the GGUF file at `path`."""
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, logits_all=False)
+def llama_cpp_run(llama_cpp, path, prompt: list[int], n: int = 16) -> tuple[list[int], list[int], np.ndarray]:
+    """llama.cpp on the GGUF file at `path`: (its first n greedy tokens after `prompt`, the ids it
+    evaluated to choose them, its logits (T, V) at each of those positions)."""
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, verbose=False, logits_all=True)
     out = []
     for tok in llm.generate(prompt, temp=0.0, top_k=1):
         out.append(tok)
         if len(out) == n:
             break
-    return out
+    return out, llm.input_ids[: llm.n_tokens].tolist(), np.array(llm.scores[: llm.n_tokens])
+
+
+def assert_llama_cpp_runs_like_scratchgpt(llama_cpp, path, model, prompt: list[int]) -> float:
+    """llama.cpp's greedy tokens equal scratchgpt's, and its logits at every position agree to within
+    its float16 KV cache's rounding; returns the largest logit difference."""
+    greedy, evaluated, theirs = llama_cpp_run(llama_cpp, path, prompt)
+    assert greedy == greedy16(model, prompt)
+    assert evaluated == prompt + greedy[:-1]
+    with torch.no_grad():
+        ours = model(torch.tensor([evaluated]))[0][0].numpy()
+    diff = float(np.abs(theirs - ours).max())
+    print(f"llama.cpp {path.name}: max |logit difference| {diff:.2e} (logits up to {np.abs(ours).max():.1f})")
+    assert diff <= 2e-3 * max(1.0, float(np.abs(ours).max())), diff
+    return diff
+
+
+# Contractions, digits, runs of spaces, newlines, tabs, punctuation and non-ASCII text: the places where
+# pre-tokenizer regexes differ.
+_TOKENIZER_TEXTS = ["Hello, my name is", "I'm sure they'll say it's 12345 or 3.14159!",
+                    "  two  spaces\n\nand\ttabs \n", "héllo wörld ünïcödé — 東京 😀", "hello world hell"]
 
 
 # -- GGUF: the Llama family (Llama 3, Qwen2, Qwen3) ------------------------------------------------
@@ -384,8 +414,9 @@ def test_gguf_llama_family_metadata_and_vocabulary(exported_family):
         "<|end_of_text|>" if family == "llama" else "<|im_end|>")
     if family == "llama":  # Llama 3's tokenizer prepends <|begin_of_text|>; Qwen's adds nothing
         assert meta["tokenizer.ggml.bos_token_id"] == 260 and meta["tokenizer.ggml.add_bos_token"] is True
-    else:
-        assert "tokenizer.ggml.bos_token_id" not in meta and meta["tokenizer.ggml.add_bos_token"] is False
+    else:  # and names <|endoftext|> as BOS (its config.json does; llama.cpp would take id 11 otherwise)
+        assert meta["tokenizer.ggml.bos_token_id"] == 260 and meta["tokenizer.ggml.add_bos_token"] is False
+        assert tokens[260] == "<|endoftext|>"
     assert meta["tokenizer.chat_template"] == _TEMPLATE
 
 
@@ -455,8 +486,8 @@ def test_gguf_refuses_what_llama_cpp_would_run_differently(tmp_path):
     biased = type(model)(dataclasses.replace(model.config, bias=True))
     with pytest.raises(ValueError, match="qwen3 architecture has no attention biases"):
         export_gguf(biased, tok, out / "c.gguf")
-    scaled = type(model)(dataclasses.replace(model.config, qk_norm=False, qkv_bias=True, rope_scaling_factor=8.0))
-    with pytest.raises(ValueError, match="read only by llama.cpp's llama architecture; this model is qwen2"):
+    scaled = type(model)(dataclasses.replace(model.config, rope_scaling_factor=8.0))
+    with pytest.raises(ValueError, match="read only by llama.cpp's llama architecture; this model is qwen3"):
         export_gguf(scaled, tok, out / "d.gguf")
     softcap = type(model)(dataclasses.replace(model.config, logit_softcap=30.0))
     with pytest.raises(ValueError, match="GGUF export: .*logit_softcap"):
@@ -471,9 +502,62 @@ def test_gguf_llama_family_runs_in_llama_cpp_with_the_same_greedy_tokens(exporte
     """Optional: needs llama-cpp-python (not installed by default; it builds from source)."""
     llama_cpp = pytest.importorskip("llama_cpp")
 
-    _, _, folder, model, _, _, _ = exported_family
+    family, _, folder, model, tok, _, _ = exported_family
     prompt = [104, 101, 108, 108, 111, 32, 119]
-    assert llama_cpp_greedy(llama_cpp, folder / "m.gguf", prompt) == greedy16(model, prompt)
+    assert_llama_cpp_runs_like_scratchgpt(llama_cpp, folder / "m.gguf", model, prompt)
+    # llama.cpp's tokenizer (the pre-tokenizer named in the file, its merges, ignore_merges for Llama 3)
+    # splits text as the tokenizer.json does, and adds BOS exactly when the tokenizer itself does.
+    llm = llama_cpp.Llama(model_path=str(folder / "m.gguf"), n_ctx=64, verbose=False, vocab_only=True)
+    for text in _TOKENIZER_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False) == tok.encode(text), text
+        assert llm.detokenize(tok.encode(text)) == text.encode(), text
+    end = "<|end_of_text|>" if family == "llama" else "<|im_end|>"
+    bos = [tok.special_tokens["<|begin_of_text|>"]] if family == "llama" else []
+    assert llm.token_bos() == tok.special_tokens["<|begin_of_text|>" if family == "llama" else "<|endoftext|>"]
+    assert llm.token_eos() == tok.eot_id
+    assert llm.tokenize(f"hello{end}".encode(), add_bos=True, special=True) == bos + tok.encode(
+        f"hello{end}", allowed_special=True)
+
+
+@pytest.fixture(scope="module", params=[{"head_dim": 12}, {"rope_scaling_factor": 8.0, "rope_theta": 500000.0}],
+                ids=["head_dim", "rope_scaling"])
+def qwen2_as_llama(request, tmp_path_factory):
+    """A Qwen2-style scratchgpt model that llama.cpp's qwen2 architecture cannot hold (heads not spanning
+    n_embd: it refuses to load them; Llama 3 RoPE scaling: it ignores rope_freqs), exported."""
+    from scratchgpt.data.tokenizer import HFTokenizer
+    from scratchgpt.export.gguf import export_gguf, read_gguf_state
+
+    folder = tmp_path_factory.mktemp("qwen2_as_llama")
+    write_family_tokenizer(folder, "qwen2")
+    config = GPTConfig(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_kv_head=2, n_inner=40,
+                       pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False, qkv_bias=True,
+                       tie_word_embeddings=False, rope_original_n_positions=16, **request.param)
+    model = GPT(config, generator=torch.Generator().manual_seed(0)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every parameter random, norm gains and biases too
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    path = export_gguf(model, HFTokenizer.from_dir(folder), folder / "m.gguf")
+    return model, path, *read_gguf_state(path)
+
+
+def test_gguf_qwen2_that_llama_cpps_qwen2_cannot_hold_is_written_as_llama(qwen2_as_llama):
+    model, _, tensors, meta = qwen2_as_llama
+    assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.pre"] == "qwen2"
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= set(tensors)
+    assert "blk.0.attn_output.bias" not in tensors
+    assert ("rope_freqs.weight" in tensors) == (model.config.rope_scaling_factor is not None)
+    ids = torch.randint(0, VOCAB, (17,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0][0]
+    assert (gguf_reference_logits(tensors, meta, ids) - ours).abs().max().item() < 1e-4
+
+
+def test_gguf_qwen2_written_as_llama_runs_in_llama_cpp(qwen2_as_llama):
+    """Optional: needs llama-cpp-python."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, path, _, _ = qwen2_as_llama
+    assert_llama_cpp_runs_like_scratchgpt(llama_cpp, path, model, [104, 101, 108, 108, 111, 32, 119])
 
 
 # -- ONNX ------------------------------------------------------------------------------------------

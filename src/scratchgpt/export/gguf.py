@@ -8,6 +8,7 @@ own tables), so the file runs in llama.cpp as if it had been converted from the 
     GPT-2                       gpt2                position_embd; fused attn_qkv
     Llama (3.x)                 llama               rope_freqs (Llama 3 RoPE scaling only)
     Qwen2 / Qwen2.5             qwen2               attn_q/k/v biases
+      (custom head_dim or RoPE scaling)  llama      the same, q/k rows permuted (see below)
     Qwen3                       qwen3               attn_q_norm / attn_k_norm
 
 GPT-2 names: h.N.ln_1 / attn.c_attn / attn.c_proj / ln_2 / mlp.c_fc / mlp.c_proj -> blk.N.attn_norm /
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor
 
 from scratchgpt.config import GPTConfig
+from scratchgpt.data.tokenizer import EOT_TEXT
 from scratchgpt.model.gpt import GPT, rope_inv_freq
 
 GGUF_DTYPES = ("float32", "float16")
@@ -101,6 +103,12 @@ def _llama_family_architecture(config: GPTConfig) -> str:
     if family == "qwen3" and config.attn_bias:
         raise ValueError("GGUF export: llama.cpp's qwen3 architecture has no attention biases; this Qwen3-style "
                          "model (qk_norm=True) has bias=True")
+    if family == "qwen2" and (config.head_size * config.n_head != config.n_embd
+                              or config.rope_scaling_factor is not None):
+        # llama.cpp's qwen2 sizes the query and output projections as n_embd x n_embd (it refuses to load
+        # heads that do not span n_embd) and reads no rope_freqs. Its llama architecture reads both, and
+        # q/k/v biases too: with the rows permuted for its RoPE layout it computes this model exactly.
+        return "llama"
     if family != "llama" and config.rope_scaling_factor is not None:
         raise ValueError(f"GGUF export: Llama 3 RoPE scaling is read only by llama.cpp's llama architecture; this "
                          f"model is {family} (rope_scaling_factor={config.rope_scaling_factor})")
@@ -219,6 +227,10 @@ def hf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
     # Whether BOS is added is the tokenizer's post-processor's business (Llama 3 adds <|begin_of_text|>):
     # ask it rather than parse its template.
     add_bos = bos_id is not None and rust.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+    if bos_id is None:
+        # No BOS (Qwen): llama.cpp would take id 11 (an ordinary token, "," in Qwen's vocabulary) as BOS.
+        # Qwen's config.json names <|endoftext|>, so llama.cpp's converter writes that; it is never added.
+        bos_id = rust.token_to_id(EOT_TEXT)
     return GGUFVocab(tokens, types, merges, pre, bos_id, tokenizer.eot_id, add_bos, tokenizer.chat_template)
 
 
