@@ -107,25 +107,26 @@ def main() -> None:
     prompts = [held_out[s : s + args.prompt_len] for s in starts]
     greedy = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eot=False)
 
-    def run(with_draft: bool) -> tuple[list[list[int]], dict[str, int]]:
-        stats: dict[str, int] = {}
-        outs = [generate(target, p, greedy, draft=draft if with_draft else None, draft_tokens=args.draft_tokens,
-                         stats=stats)[0] for p in prompts]
-        return outs, stats
+    def decode(prompt: list[int], with_draft: bool, stats: dict[str, int]) -> list[int]:
+        return generate(target, prompt, greedy, draft=draft if with_draft else None, draft_tokens=args.draft_tokens,
+                        stats=stats)[0]
 
-    plain_out, _ = run(False)  # also the warm-up
-    spec_out, stats = run(True)
+    stats: dict[str, int] = {}
+    plain_out = [decode(p, False, {}) for p in prompts]  # also the warm-up
+    spec_out = [decode(p, True, stats) for p in prompts]
     n_tokens = sum(len(o) for o in plain_out)
-    # Paired timings: each repeat times both ways back to back (in alternating order), and the speed-up
-    # is the median of the per-pair ratios, which a shared machine's slow spells distort least.
+    # Paired timings: each prompt is decoded both ways back to back (the order alternating), so the two
+    # runs of a pair are a fraction of a second apart; a repeat sums its pairs over all prompts, and the
+    # speed-up is the median of the repeats' ratios, which a shared machine's slow spells distort least.
     pairs: list[dict[str, float]] = []
     for rep in range(args.repeats):
-        pair = {}
-        for name, flag in ((("plain", False), ("speculative", True)) if rep % 2 == 0
-                           else (("speculative", True), ("plain", False))):
-            t0 = time.perf_counter()
-            run(flag)
-            pair[name] = time.perf_counter() - t0
+        pair = {"plain": 0.0, "speculative": 0.0}
+        for i, prompt in enumerate(prompts):
+            for name, flag in ((("plain", False), ("speculative", True)) if (rep + i) % 2 == 0
+                               else (("speculative", True), ("plain", False))):
+                t0 = time.perf_counter()
+                decode(prompt, flag, {})
+                pair[name] += time.perf_counter() - t0
         pairs.append(pair)
     ratios = sorted(p["plain"] / p["speculative"] for p in pairs)
     speedup = statistics.median(ratios)

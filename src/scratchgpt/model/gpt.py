@@ -167,16 +167,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config, device=device), persistent=False)
 
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, signed sin), each (B|1, 1, T, hs): the sin's first half is negated (see apply_rotary)."""
         # float32 angles whatever the model dtype: bf16 cannot resolve position 1000 vs 1001. A
         # `model.to(bfloat16)` also casts this buffer, so then recompute the exact frequencies.
         inv_freq = self.inv_freq
         if inv_freq.dtype != torch.float32:
             inv_freq = rope_inv_freq(self.config, device=position_ids.device)
         angles = position_ids.float()[..., None] * inv_freq  # (B|1, T, hs/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (B|1, T, hs): the same angle for both halves
-        if angles.dim() == 3:
-            angles = angles[:, None]  # (B, 1, T, hs): broadcast over heads
-        return angles.cos(), angles.sin()
+        cos, sin = angles.cos(), angles.sin()
+        # The same angle for both channels of a pair; the sign is computed once here rather than
+        # per layer in apply_rotary.
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (B|1, T, hs)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hs): broadcast over heads
+        return cos, sin
 
 
 def rope_inv_freq(config: GPTConfig, *, device=None) -> Tensor:
@@ -199,10 +203,14 @@ def rope_inv_freq(config: GPTConfig, *, device=None) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs (i, i + hs/2) of x (B, nh, T, hs) by the angles in cos/sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)  # the pair (a, b) -> (-b, a): a quarter turn
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate channel pairs (i, i + hs/2) of x (B, nh, T, hs) by the angles of `RotaryEmbedding`.
+
+    The pair (a, b) becomes (a·cos − b·sin, b·cos + a·sin). Rolling the channels by hs/2 puts each
+    channel's partner in its place ((a, b) -> (b, a)), and `sin` arrives with its first half negated,
+    so the quarter turn (a, b) -> (−b, a) is one roll (one op where chunk, negate and cat were three;
+    decoding pays this twice per layer per token).
+    """
+    return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).to(x.dtype)
 
 
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
