@@ -496,6 +496,29 @@ def save_quantized(model: nn.Module, run_dir: str | Path, *, tokenizer: Any = No
     return run_dir
 
 
+def quantize_checkpoint(src: str | Path, out: str | Path, mode: str = "int8") -> Path:
+    """Quantize checkpoint `src` once and save it as the new run directory `out` (`export --format int8`).
+
+    The tokenizer and what chat and serve read from a run (its chat template, its task) travel with it.
+    `out` is written aside, then renamed into place; an existing non-empty `out` is refused rather than
+    replaced, as are classifiers, already-quantized models and unmerged LoRA adapters.
+    """
+    from scratchgpt.model.quantize import quantize_model
+
+    src, out = Path(src), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists; a quantized export writes a new run directory: choose another "
+                         f"--out or delete it")
+    run_cfg = read_run_config(src) if checkpoint_kind(src) == FORMAT else {}
+    if run_cfg.get("task") == "classify":
+        raise ValueError(f"{src} is a classifier (finetune classify); {mode} export is for language models")
+    model, tokenizer = load_any(src)
+    quantize_model(model, mode)  # refuses an already-quantized model and unmerged LoRA adapters
+    extra = {k: run_cfg[k] for k in ("task", "chat_template") if k in run_cfg}
+    return replace_dir(out, lambda tmp: save_quantized(model, tmp, tokenizer=tokenizer,
+                                                       extra={**extra, "quantized_from": str(src)}))
+
+
 def load_quantized(run_dir: str | Path, cfg: dict[str, Any], *, device: torch.device | str = "cpu",
                    kernel: str | None = None) -> nn.Module:
     """Rebuild a model saved by `save_quantized` (config.json already read into `cfg`)."""

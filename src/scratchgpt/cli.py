@@ -617,24 +617,11 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _export_int8(src: Path, out: Path) -> int:
-    """Quantize a checkpoint once and save it as a run directory (written aside, then renamed into place)."""
     import json
 
-    from scratchgpt.checkpoint import FORMAT, checkpoint_kind, load_any, read_run_config, replace_dir, save_quantized
-    from scratchgpt.model.quantize import quantize_model
+    from scratchgpt.checkpoint import quantize_checkpoint
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} already exists; --format int8 writes a new run directory: choose another --out "
-                         f"or delete it")
-    run_cfg = read_run_config(src) if checkpoint_kind(src) == FORMAT else {}
-    if run_cfg.get("task") == "classify":
-        raise ValueError(f"{src} is a classifier (finetune classify); int8 export is for language models")
-    model, tokenizer = load_any(src)
-    quantize_model(model, "int8")  # refuses an already-quantized model and unmerged LoRA adapters
-    # What chat/serve read from a run besides the weights: the chat template it was tuned with, its task.
-    extra = {k: run_cfg[k] for k in ("task", "chat_template") if k in run_cfg}
-    replace_dir(out, lambda tmp: save_quantized(model, tmp, tokenizer=tokenizer,
-                                                extra={**extra, "quantized_from": str(src)}))
+    out = quantize_checkpoint(src, out, "int8")
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(json.dumps({"format": "int8", "out": str(out), "bytes": size}))
     return 0
