@@ -706,6 +706,11 @@ def _import_torch_holding_signals() -> None:
     callback cannot unwind through the C++ frames and aborts the process (SIGABRT, "terminate called after
     throwing an instance of 'pybind11::error_already_set'"). Holding the signal for the second or two of
     the import turns a Ctrl-C at that moment into the usual one-line "interrupted" and exit code 130.
+
+    The same holds for what torch imports lazily from C++ later: the first operation on the meta
+    device (every checkpoint load, `info`) runs a Python kernel that imports torch._dynamo, sympy and
+    ~800 modules (1-2 s) with C++ frames below it. Importing torch._dynamo here, held, moves that
+    window inside this one; afterwards loading a model imports nothing more.
     """
     if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
         return
@@ -714,6 +719,7 @@ def _import_torch_holding_signals() -> None:
     previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
     try:
         import torch  # noqa: F401
+        import torch._dynamo  # noqa: F401
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
