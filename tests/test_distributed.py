@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,67 @@ def test_torchrun_cli(char_data: Path, tmp_path: Path, mode: str) -> None:
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(one[name], two[name], atol=2e-5, rtol=0)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+@pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_workers_stop_and_save_when_torchrun_is_killed(char_data: Path, tmp_path: Path) -> None:
+    """kill -9 of the launcher alone: its workers stop (SIGTERM from the kernel), save, and leave no orphans."""
+    out = tmp_path / "run"
+    tiny = list(TINY)
+    tiny[tiny.index("--max-steps") + 1] = "100000"  # far more than the test waits for
+    tiny[tiny.index("--checkpoint-interval") + 1] = "0"  # no periodic checkpoint: only the one saved on the way out
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "scratchgpt", "train", "--dir", str(char_data), "--out-dir", str(out), *tiny, "--batch-size", "4"]
+    launcher = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while len(_rows(out)) < 3 and time.monotonic() < deadline:  # training is under way
+            assert launcher.poll() is None, launcher.stderr.read()[-2000:]
+            time.sleep(0.5)
+        workers = _children(launcher.pid)
+        assert len(workers) == 2, workers
+        launcher.kill()
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 120
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(_alive(w) for w in workers), "workers outlived their launcher"
+    finally:
+        launcher.kill()
+        for w in _children(launcher.pid):
+            os.kill(w, 9)
+    ckpts = sorted(out.glob("ckpt-*"))
+    assert len(ckpts) == 1, ckpts  # the one they saved on the way out
+    state = json.loads((ckpts[0] / "train_state.json").read_text())
+    assert state["step"] >= 4 and state["threads"] == 1 and state["world_size"] == 2
+
+
+def _rows(out: Path) -> list[str]:
+    try:
+        return (out / "log.csv").read_text().splitlines()
+    except OSError:
+        return []

@@ -265,10 +265,13 @@ def test_cosine_schedule_unchanged() -> None:
 def test_bf16_loss_tracks_float32() -> None:
     """Same model, data and optimizer, autocast in bf16 or not: the loss curves agree.
 
-    Tolerance: bf16 keeps 8 significant bits, so each matmul output carries ~0.4% relative error; at a
-    loss of 2-4 nats that is ~0.01 per step, and training (which keeps float32 master weights) does not
-    let it compound. 0.05 nats at every step is ~5x that, and far below what a real error would cost
-    (the loss falls by more than 1 nat here).
+    Tolerances, and why they are not one bound at every step: bf16 keeps 8 significant bits, so each matmul
+    output carries up to ~0.4% relative error. Over the first steps that is all there is (~0.015 nats at a
+    loss of ~3.7; measured ~1e-4). Later the two runs are two trajectories of a chaotic system whose
+    step-to-step wiggles drift apart: by how much depends on the CPU's bf16 kernels and on the thread count
+    (measured at step 34: 0.057 on an Intel Xeon with 1 or 2 threads, 0.069 on an AMD Zen 4), so a per-step
+    bound there tests the hardware, not the code. What must hold everywhere is the level the loss
+    reaches: a real bf16 bug (lost updates, a float32 master weight cast away) stalls it nats higher.
     """
     curves = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -290,8 +293,11 @@ def test_bf16_loss_tracks_float32() -> None:
         curves[dtype] = torch.tensor(losses)
         assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
     f32, bf16 = curves[torch.float32], curves[torch.bfloat16]
-    assert f32[-1] < f32[0] - 1.0  # it learned
-    assert (f32 - bf16).abs().max() < 0.05, (f32 - bf16).abs().max()
+    gap = (f32 - bf16).abs()
+    assert f32[-1] < f32[0] - 3.0 and bf16[-1] < bf16[0] - 3.0  # both learned (3.7 -> ~0.2 nats)
+    assert gap[:5].max() < 0.02, gap[:5]  # one step's bf16 rounding, before trajectories drift (see above)
+    assert (f32[-10:].mean() - bf16[-10:].mean()).abs() < 0.05  # the same level reached (measured 0.009)
+    assert gap.max() < 0.2, gap.max()  # a loose envelope: the curves never part (measured 0.057-0.069)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -699,6 +699,19 @@ def _on_sigterm(signum: int, frame) -> None:
     raise Terminated
 
 
+# Commands whose time goes into torch kernels: their thread count is fitted to the machine's load at start.
+_COMPUTE_COMMANDS = frozenset({"train", "finetune", "generate", "chat", "serve", "eval", "classify"})
+
+
+def _fit_threads() -> None:
+    """One torch thread per CPU that other work leaves free (see device.choose_threads); say so when fewer."""
+    from scratchgpt.device import choose_threads, set_threads
+
+    choice = set_threads(choose_threads())
+    if choice.busy:
+        print(f"note: CPU threads: {choice.reason}", file=sys.stderr)
+
+
 def _import_torch_holding_signals() -> None:
     """Import torch with SIGINT/SIGTERM held back until the import is done, then act on them.
 
@@ -739,6 +752,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         command_name = f"scratchgpt {args.command}"
         _import_torch_holding_signals()
+        if args.command in _COMPUTE_COMMANDS:
+            _fit_threads()
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{command_name}: interrupted", file=sys.stderr)

@@ -3,6 +3,9 @@ CPU), and what a device can do (native bfloat16). The one place that asks the ha
 
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,3 +54,91 @@ def cpu_capability() -> dict[str, Any]:
     caps = torch.cpu.get_capabilities()
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_name": caps.get("cpu_name"),
             "native_bf16": native_bf16("cpu"), "amx_bf16": bool(caps.get("amx_bf16"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU threads on a shared machine
+# ---------------------------------------------------------------------------------------------
+#
+# Why this exists: PyTorch's OpenMP threads meet at a barrier after every parallel operator. When the
+# machine has more runnable threads than cores, one of ours is often descheduled while the other waits
+# for it, so every operator costs a scheduler time slice: on 2 cores under load 6-9 training ran > 11x
+# slower than alone, and int8 decoding 22x slower. One thread per core that is actually free avoids the
+# barrier waits, so the run slows in proportion to the load instead of collapsing.
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; a container's cpuset shows up here too)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _own_running_threads() -> int:
+    """Threads of this process that are running or runnable now (our idle OpenMP workers may still spin)."""
+    count = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                # The state follows the command name in parentheses, which may itself hold spaces.
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        count += state == b"R"
+    return max(1, count)
+
+
+def other_runnable_threads(*, samples: int = 5, gap_s: float = 0.02) -> int | None:
+    """How many threads of *other* processes keep a CPU busy now: the least of a few looks at the kernel's
+    `procs_running` over ~0.1 s (the least, so that a brief blip of other work does not count), or None
+    where the kernel does not say (not Linux)."""
+    seen = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat", "rb") as f:
+                line = next(ln for ln in f if ln.startswith(b"procs_running"))
+        except (OSError, StopIteration):
+            return None
+        seen.append(max(0, int(line.split()[1]) - _own_running_threads()))
+        if i + 1 < samples:
+            time.sleep(gap_s)
+    return min(seen)
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """The torch thread count picked for this process, and why (one line for the log)."""
+
+    threads: int
+    reason: str
+    busy: bool = False  # fewer threads than usable CPUs because other work keeps some busy
+
+
+def choose_threads(requested: int = 0, *, others: int | None = None, cpus: int | None = None) -> ThreadChoice:
+    """Torch CPU threads: `requested` if > 0, else OMP_NUM_THREADS if set, else one per usable CPU that no
+    other process keeps busy (at least 1). Picked once, at start: float results depend in their last bits
+    on the thread count, so changing it mid-run would make a run irreproducible. `others`/`cpus`: tests."""
+    if requested > 0:
+        return ThreadChoice(requested, f"{requested} thread(s), as asked")
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return ThreadChoice(int(env), f"{env} thread(s) from OMP_NUM_THREADS")
+    cpus = usable_cpus() if cpus is None else cpus
+    others = other_runnable_threads() if others is None else others
+    threads = cpus if others is None else max(1, min(cpus, (os.cpu_count() or cpus) - others))
+    if threads == cpus:
+        return ThreadChoice(cpus, f"{cpus} thread(s), one per usable CPU")
+    return ThreadChoice(threads, f"{threads} thread(s) for {cpus} usable CPUs, {others} busy with other work "
+                                 f"(a busy machine; OMP_NUM_THREADS=N overrides)", busy=True)
+
+
+def set_threads(choice: ThreadChoice) -> ThreadChoice:
+    """Apply `choice` to torch (intra-op threads) and return it."""
+    if torch.get_num_threads() != choice.threads:
+        torch.set_num_threads(choice.threads)
+    return choice

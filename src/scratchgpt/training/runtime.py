@@ -8,6 +8,8 @@ the modes use these pieces.
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -51,11 +53,35 @@ def init_distributed(device: str = "auto") -> bool:
     """Join the process group when started by torchrun (gloo on CPU, NCCL on CUDA); True if this call did."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
+    _stop_with_launcher()
     use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return True
+
+
+def _stop_with_launcher() -> None:
+    """Ask the kernel for a SIGTERM when the process that started this worker (torchrun's agent) dies.
+
+    Why: `kill -9` of torchrun alone leaves its workers training on, orphans that keep writing the run
+    folder. SIGTERM instead makes them stop as Ctrl-C does (agree on a step, save a checkpoint, exit 143).
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere nothing changes. If the launcher died before the request
+    took effect (the parent changed meanwhile), stop at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def resolve_device(name: str, dist_info: Distributed) -> torch.device:

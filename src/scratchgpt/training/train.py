@@ -40,6 +40,7 @@ Only the loop lives here. Where a run executes (device, dtype, the torchrun proc
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import sys
@@ -78,6 +79,7 @@ from scratchgpt.checkpoint import (
     write_training_checkpoint,
 )
 from scratchgpt.config import TrainConfig
+from scratchgpt.device import ThreadChoice, set_threads, usable_cpus
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.optim import (  # noqa: F401 - make_optimizer, lr_at, param_groups: the loop's API
     lr_at,
@@ -367,6 +369,20 @@ class _Trainer:
         np.random.seed(self.cfg.seed % 2**32)
         torch.manual_seed(self.cfg.seed + self.dist.rank)
 
+    def _pick_threads(self, state: dict[str, Any] | None) -> ThreadChoice:
+        """Torch CPU threads for the whole run: --num-threads if given; on a resume, the count the run used
+        before (float results depend in their last bits on it, so the same count keeps a resume bit-exact);
+        else this process's setting (which the CLI fits to the machine's load, see device.choose_threads)."""
+        recorded = int((state or {}).get("threads") or 0)
+        if self.cfg.num_threads:
+            choice = ThreadChoice(self.cfg.num_threads, f"{self.cfg.num_threads}, as asked (--num-threads)")
+        elif recorded and not os.environ.get("OMP_NUM_THREADS", "").strip():
+            choice = ThreadChoice(recorded, f"{recorded}, as the run being resumed used (a bit-exact resume)")
+        else:
+            n = torch.get_num_threads()
+            choice = ThreadChoice(n, f"{n} (of {usable_cpus()} usable CPUs)")
+        return set_threads(choice)
+
     def _state_options(self) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -385,8 +401,6 @@ class _Trainer:
 
     def _run(self) -> TrainResult:
         cfg, device = self.cfg, self.device
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
         if self.amp_dtype != torch.float32 and device.type == "cpu" and not native_bf16(device):
             self.say(f"note: {self.amp_dtype} autocast on a CPU without native bf16 (capability "
                      f"{torch.backends.cpu.get_cpu_capability()}): emulated, ~100x slower than float32")
@@ -397,6 +411,7 @@ class _Trainer:
 
         ckpt = self._open_run_dir()
         loaded = read_training_checkpoint(ckpt) if ckpt is not None else None
+        self.threads = self._pick_threads(loaded[2] if loaded is not None else None)
         if loaded is not None and not self.fsdp:
             load_module_state(self.inner, loaded[0], source=ckpt / "model.safetensors")  # type: ignore[operator]
         trainable = self._trainable()
@@ -435,6 +450,8 @@ class _Trainer:
                  f"({self.amp_dtype}, {self.dist.world_size} process(es)) from step {self.step} to {cfg.max_steps}; "
                  f"run directory {self.out_dir}")
         self.say(_precision_line(cfg, device, self.amp_dtype, self.optimizer))
+        if device.type == "cpu":
+            self.say(f"CPU threads: {self.threads.reason}")
         amp = lambda: autocast(device, self.amp_dtype)  # noqa: E731 - a fresh context per micro-step
         fpt: float | None = None
         t_start = time.perf_counter()
@@ -589,7 +606,10 @@ class _Trainer:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             self.say(f"step {row['step']}: {shown}")
             if not self._bar.disable:
-                self._bar.set_postfix(loss=f"{row.get('train_loss') or float('nan'):.4f}",
+                # Before the first step (the step-0 evaluation) there is no training loss yet: "-", not "nan",
+                # which would read as the divergence that stops a run.
+                train_loss = row.get("train_loss")
+                self._bar.set_postfix(loss=f"{train_loss:.4f}" if train_loss is not None else "-",
                                       val=f"{row['val_loss']:.4f}" if row["val_loss"] is not None else "-")
         if csv_log is not None:
             csv_log.add(row)
@@ -676,7 +696,8 @@ class _Trainer:
             train_state = {
                 "step": self.step, "tokens": self.tokens, "elapsed_s": elapsed, "lr": lr,
                 "best_val_loss": self.best_val, "best_step": self.best_step, "peak_flops": self.peak,
-                "world_size": self.dist.world_size, "batches": self.batches.state_dict(), "rng": rng_json,
+                "world_size": self.dist.world_size, "threads": self.threads.threads,
+                "batches": self.batches.state_dict(), "rng": rng_json,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None, "optimizer": opt_json,
             }
             ckpt = write_training_checkpoint(
