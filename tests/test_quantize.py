@@ -139,6 +139,24 @@ def test_quantizing_twice_or_unknown_mode_is_one_clear_error(tmp_path, gpt2_toke
         load_any(tmp_path / "q", quantize="int8")
 
 
+def test_off_the_cpu_int8_uses_the_reference_and_refuses_cpu_kernels():
+    # The meta device is a real non-CPU device (no data, no kernels): the same rule as on CUDA, where
+    # fbgemm and _weight_int8pack_mm do not exist (tests/test_gpu.py runs it on a GPU).
+    meta = GPT(GPTConfig(vocab_size=97, n_positions=32, n_embd=64, n_layer=2, n_head=4), device="meta")
+    assert qz.default_kernel("meta") == "reference" and qz.default_kernel(torch.device("cuda", 0)) == "reference"
+    quantize_model(meta)
+    assert {m.kernel for m in meta.modules() if isinstance(m, Int8Linear)} == {"reference"}
+    for kernel in ("fbgemm", "int8pack"):
+        with pytest.raises(ValueError, match=f"int8 kernel '{kernel}' runs on the CPU only; on meta") as e:
+            set_kernel(meta, kernel)
+        assert "\n" not in str(e.value)
+        with pytest.raises(ValueError, match="runs on the CPU only"):
+            quantize_model(GPT(GPTConfig(vocab_size=97, n_positions=32, n_embd=64, n_layer=2, n_head=4),
+                               device="meta"), kernel=kernel)
+    set_kernel(meta, "reference")  # the one kernel there is: fine
+    assert qz.default_kernel("cpu") == qz.default_kernel()  # the CPU's own choice is unchanged
+
+
 def test_load_any_quantize_matches_quantize_model(tmp_path, gpt2_tokenizer):
     model = tiny(vocab_size=gpt2_tokenizer.vocab_size)
     save_model(model, tmp_path / "f", tokenizer=gpt2_tokenizer)

@@ -543,7 +543,7 @@ def load_quantized(run_dir: str | Path, cfg: dict[str, Any], *, device: torch.de
             if isinstance(child, nn.Linear) and name in layers:
                 bias = f"{name}.bias" in state
                 setattr(parent, attr, Int8Linear(child.in_features, child.out_features, bias=bias,
-                                                 kernel=kernel or default_kernel(), device="meta"))
+                                                 kernel=kernel or default_kernel(device), device="meta"))
     expected = set(model.state_dict())
     if config.tie_word_embeddings and "lm_head" not in layers:
         expected.discard("lm_head.weight")

@@ -17,7 +17,10 @@ fbgemm is the fastest everywhere we measured, so it is the default where PyTorch
 with AVX2 or better). It also quantizes each input row-block to uint8 on the fly (per tensor), so it
 is not purely weight-only; tests bound its difference from the reference, and bench/generate.py
 checks perplexity and greedy text. `int8pack` (bf16 activations, weights exactly as stored) is the
-choice where fbgemm is missing but bf16 is native; elsewhere (and off the CPU) the reference runs.
+choice where fbgemm is missing but bf16 is native; elsewhere the reference runs.
+Off the CPU (CUDA) only the reference exists here: fbgemm and `_weight_int8pack_mm` are CPU kernels, so
+an int8 model on a GPU dequantizes each weight and multiplies with the GPU's own matmul: a quarter of
+the memory for the stored weights, no speed-up. Asking for a CPU kernel there is refused.
 `torch.ao.quantization` is deprecated: we do not use its module swapping, only the two kernels.
 
 A quantized model saves as a normal run directory (checkpoint.save_quantized): model.safetensors
@@ -50,8 +53,14 @@ INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # ---------------------------------------------------------------------------------------------
 
 
-def default_kernel() -> Kernel:
-    """The fastest int8 kernel this CPU has (see the measurements in the module docstring)."""
+CPU_KERNELS: tuple[str, ...] = ("fbgemm", "int8pack")
+
+
+def default_kernel(device: torch.device | str = "cpu") -> Kernel:
+    """The fastest int8 kernel for `device`: on the CPU see the measurements in the module docstring;
+    elsewhere the reference (the fast kernels are CPU-only)."""
+    if torch.device(device).type != "cpu":
+        return "reference"
     if "fbgemm" in torch.backends.quantized.supported_engines and torch.backends.cpu.get_cpu_capability() in (
         "AVX2", "AVX512"
     ):
@@ -126,6 +135,7 @@ class Int8Linear(nn.Module):
             y = op(x if x.dtype == torch.float32 else x.float(), packed, reduce_range)
             return y if y.dtype == x.dtype else y.to(x.dtype)
         if not x.is_cpu or self.kernel == "reference" or x.numel() == 0:
+            # Off the CPU (a layer quantized on the CPU, then moved) the reference is the only kernel.
             return self.reference(x)
         # int8pack: weights stay int8, activations go through bf16 (native on these CPUs)
         flat = x.reshape(-1, self.in_features)  # (rows, in)
@@ -198,9 +208,9 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, kernel: Kernel | Non
                          "start from the float checkpoint")
     if any("lora_A" in name for name, _ in model.named_parameters()):
         raise ValueError("this model has unmerged LoRA adapters; merge them first (scratchgpt finetune merge)")
-    kernel = kernel or default_kernel()
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown int8 kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    device = _device_of(model)
+    kernel = kernel or default_kernel(device)
+    _check_kernel(kernel, device)
     with torch.no_grad():
         for parent, attr, linear in _quantizable(model):
             setattr(parent, attr, Int8Linear.from_linear(linear, kernel=kernel))
@@ -209,11 +219,27 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, kernel: Kernel | Non
 
 def set_kernel(model: nn.Module, kernel: Kernel) -> None:
     """Switch every Int8Linear of `model` to `kernel` ('reference', 'fbgemm' or 'int8pack')."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown int8 kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    _check_kernel(kernel, _device_of(model))
     for m in model.modules():
         if isinstance(m, Int8Linear):
             m.kernel = kernel
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's weights live (its first parameter or buffer; the CPU for an empty module)."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _check_kernel(kernel: str, device: torch.device) -> None:
+    """A one-line ValueError for an unknown kernel, or for a CPU-only kernel asked for off the CPU."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown int8 kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if kernel in CPU_KERNELS and device.type != "cpu":
+        raise ValueError(f"int8 kernel {kernel!r} runs on the CPU only; on {device.type} the int8 layers use "
+                         f"'reference' (dequantize, then the device's own matmul)")
 
 
 def cast_weights(model: nn.Module, dtype: str | torch.dtype, *, device: torch.device | str = "cpu") -> nn.Module:
