@@ -1260,10 +1260,11 @@ def _http_protocol(read_timeout_s: float) -> type:
     - A connection must deliver a complete request head within `read_timeout_s` of connecting or of
       starting its next request; silent or trickling sockets are closed (between requests uvicorn's
       keep-alive timeout applies).
-    - A client that sends its request and then shuts down its sending side (`shutdown(SHUT_WR)`) still
-      gets its answer. A shut-down side looks the same as a closed socket, so until the answer starts
-      the server writes an interim `100 Continue` each second: a socket that is really closed answers
-      it with a reset, and the request stops as for any disconnect.
+    - A client that sends its whole request and then shuts down its sending side (`shutdown(SHUT_WR)`)
+      still gets its whole answer. A shut-down side looks the same as a closed socket, so until the
+      answer starts the server writes an interim `100 Continue` each second: a socket that is really
+      closed answers it with a reset, and the request stops as for any disconnect. (HTTP/1.0 clients
+      get no such probe; a non-streaming answer to one that really left is computed for nobody.)
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -1281,11 +1282,20 @@ def _http_protocol(read_timeout_s: float) -> type:
             self._watch_head()
 
         def eof_received(self) -> bool | None:
-            if self.cycle is not None and not self.cycle.response_complete and self.conn.their_state is h11.DONE:
+            # h11 puts a client whose request was read to its end in DONE, or in MUST_CLOSE when that
+            # request also ends the connection (`Connection: close`, any HTTP/1.0 request); both are owed
+            # the whole answer, whatever the method and whether it streams.
+            if (self.cycle is not None and not self.cycle.response_complete
+                    and self.conn.their_state in (h11.DONE, h11.MUST_CLOSE)):
                 self.cycle.keep_alive = False  # answer, then close
-                self._probe_timer = self.loop.call_later(1.0, self._probe)
+                if self.conn.their_http_version != b"1.0":  # HTTP/1.0 clients must get no 1xx (RFC 9110)
+                    self._probe_timer = self.loop.call_later(1.0, self._probe)
                 return True  # keep the sending side open
-            return None  # nothing asked, or a request cut short: close, as uvicorn does
+            # Nothing asked (an idle connection), or a request cut short (its head, or a body short of its
+            # Content-Length or last chunk): returning None makes asyncio close the transport, and
+            # connection_lost then marks the request disconnected, so the app's receive() gets
+            # http.disconnect and the request ends unanswered, as for any other disconnect.
+            return None
 
         def connection_lost(self, exc: Exception | None) -> None:
             for timer in (self._read_timer, self._probe_timer):
