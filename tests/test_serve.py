@@ -372,12 +372,64 @@ def test_the_server_still_answers_after_the_bad_requests(client, http):
 
 
 def test_chat_page_is_self_contained(server):
+    import re
+
     r = httpx.get(server + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     page = r.text
-    assert "<script>" in page and "<style>" in page
-    assert "http://" not in page and "https://" not in page  # no CDN, fonts or other outside resources
-    assert "/v1/chat/completions" in page and "AbortController" in page
+    # No inline code (its CSP forbids it): the style and script come from the server itself, without a key.
+    assert "<style" not in page and "<script>" not in page and not re.search(r"\s(style|on\w+)=", page)
+    files = {}
+    for path, media in (("/static/chat.css", "text/css"), ("/static/chat.js", "text/javascript")):
+        assert f'"{path}"' in page
+        asset = httpx.get(server + path)
+        assert asset.status_code == 200 and asset.headers["content-type"] == f"{media}; charset=utf-8"
+        files[path] = asset.text
+    assert httpx.get(server + "/static/chat.html").status_code == 401  # only the page's own files are open
+    for text in (page, *files.values()):
+        assert "http://" not in text and "https://" not in text  # no CDN, fonts or other outside resources
+    assert "/v1/chat/completions" in files["/static/chat.js"] and "AbortController" in files["/static/chat.js"]
+
+
+SECURITY_HEADERS = {"x-frame-options": "DENY", "x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
+
+
+def assert_security_headers(response, csp="default-src 'none'; frame-ancestors 'none'"):
+    for name, value in {**SECURITY_HEADERS, "content-security-policy": csp}.items():
+        assert response.headers.get_list(name) == [value], (response.request.url, name, response.headers)
+
+
+def test_every_response_forbids_framing_and_sniffing(server, http):
+    from scratchgpt.inference.serve import PAGE_CSP
+
+    for page in (httpx.get(server + "/"), httpx.head(server + "/")):
+        assert_security_headers(page, csp=PAGE_CSP)
+    assert "frame-ancestors 'none'" in PAGE_CSP and "unsafe-inline" not in PAGE_CSP
+    for response in (
+        httpx.get(server + "/static/chat.js"), http.get("/health"), http.get("/v1/models"),
+        http.post("/v1/completions", json=_completion()),
+        http.post("/v1/completions", json=_completion(stream=True)),
+        httpx.get(server + "/v1/models"),  # 401
+        http.post("/v1/completions", content=b"{}"),  # 415
+        http.post("/v1/completions", json={"model": MODEL}),  # 400
+        http.get("/nope"), http.delete("/v1/models"),  # 404, 405
+    ):
+        assert_security_headers(response)
+
+
+def test_even_a_bugs_500_carries_the_security_headers(loaded):
+    from fastapi.testclient import TestClient
+
+    model, tok = loaded
+    app = create_app(model, tok, model_name=MODEL)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    r = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert_openai_error(r, 500)
+    assert_security_headers(r)
 
 
 class _Slow:
