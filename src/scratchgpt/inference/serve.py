@@ -1148,7 +1148,7 @@ def create_app(
             await super().__call__(scope, receive, _with_security_headers(send) if scope["type"] == "http" else send)
 
     app = App(title="scratchgpt", lifespan=lifespan, default_response_class=SafeJSONResponse,
-                  docs_url=None, redoc_url=None, openapi_url=None)  # the docs pages would load a CDN
+              docs_url=None, redoc_url=None, openapi_url=None)  # the docs pages would load a CDN
     app.state.scheduler, app.state.limits = scheduler, limits
     app.state.model_name, app.state.chat_template, app.state.chat_disabled = model_name, chat_template, chat_disabled
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, allowed_hosts=allowed_hosts,
