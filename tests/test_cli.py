@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from scratchgpt import GPT, GPTConfig
@@ -203,8 +204,6 @@ def test_every_command_help_shows_the_defaults_its_run_applies():
 
 
 def test_finetune_help_shows_the_modes_learning_rate(capsys, monkeypatch):
-    import pytest
-
     monkeypatch.setenv("COLUMNS", "200")
     for mode, lr in (("classify", "5e-05"), ("instruct", "5e-05"), ("dpo", "5e-06")):
         with pytest.raises(SystemExit):
@@ -281,3 +280,24 @@ def test_boolean_flags_share_one_style(tmp_path):
     assert parser.parse_args(["train", "--resume"]).resume is True
     assert parser.parse_args(["finetune", "instruct", "--no-mask-prompt"]).mask_prompt is False
     assert parser.parse_args(["generate", "--model", "gpt2", "--no-cache"]).cache is False
+
+
+def test_version_prints_the_installed_version_and_exits_0(capsys, monkeypatch):
+    import importlib.metadata
+
+    import scratchgpt
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == f"scratchgpt {importlib.metadata.version('scratchgpt')}\n"
+
+    # From a source tree that is not installed: the package's own version.
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == f"scratchgpt {scratchgpt.__version__}\n"

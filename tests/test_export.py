@@ -599,6 +599,29 @@ def test_onnx_logits_match_pytorch_at_two_lengths_and_with_a_cache(onnx_session)
     assert k.shape[3] == 24
 
 
+def test_onnx_export_prints_nothing(tmp_path):
+    """torch's exporter warns and logs about itself on every export (a deprecated pytree class, axis
+    names it shares, torchvision ops it skips); none of that reaches the user."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxscript")
+    script = ("import sys, torch\n"
+              "from scratchgpt import GPT, GPTConfig\n"
+              "from scratchgpt.export.onnx import export_onnx\n"
+              "config = GPTConfig(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)\n"
+              "export_onnx(GPT(config, generator=torch.Generator().manual_seed(0)), sys.argv[1])\n")
+    # A fresh process: the exporter says each thing once per process, and with Python's default warning
+    # filters, as a user's run has them.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.onnx")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert (run.stdout, run.stderr) == ("", "")
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+
+
 def test_onnx_greedy_decoding_with_the_cache_equals_scratchgpt(onnx_session):
     from scratchgpt.export.onnx import empty_past
     from scratchgpt.inference.generate import generate

@@ -372,12 +372,64 @@ def test_the_server_still_answers_after_the_bad_requests(client, http):
 
 
 def test_chat_page_is_self_contained(server):
+    import re
+
     r = httpx.get(server + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     page = r.text
-    assert "<script>" in page and "<style>" in page
-    assert "http://" not in page and "https://" not in page  # no CDN, fonts or other outside resources
-    assert "/v1/chat/completions" in page and "AbortController" in page
+    # No inline code (its CSP forbids it): the style and script come from the server itself, without a key.
+    assert "<style" not in page and "<script>" not in page and not re.search(r"\s(style|on\w+)=", page)
+    files = {}
+    for path, media in (("/static/chat.css", "text/css"), ("/static/chat.js", "text/javascript")):
+        assert f'"{path}"' in page
+        asset = httpx.get(server + path)
+        assert asset.status_code == 200 and asset.headers["content-type"] == f"{media}; charset=utf-8"
+        files[path] = asset.text
+    assert httpx.get(server + "/static/chat.html").status_code == 401  # only the page's own files are open
+    for text in (page, *files.values()):
+        assert "http://" not in text and "https://" not in text  # no CDN, fonts or other outside resources
+    assert "/v1/chat/completions" in files["/static/chat.js"] and "AbortController" in files["/static/chat.js"]
+
+
+SECURITY_HEADERS = {"x-frame-options": "DENY", "x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
+
+
+def assert_security_headers(response, csp="default-src 'none'; frame-ancestors 'none'"):
+    for name, value in {**SECURITY_HEADERS, "content-security-policy": csp}.items():
+        assert response.headers.get_list(name) == [value], (response.request.url, name, response.headers)
+
+
+def test_every_response_forbids_framing_and_sniffing(server, http):
+    from scratchgpt.inference.serve import PAGE_CSP
+
+    for page in (httpx.get(server + "/"), httpx.head(server + "/")):
+        assert_security_headers(page, csp=PAGE_CSP)
+    assert "frame-ancestors 'none'" in PAGE_CSP and "unsafe-inline" not in PAGE_CSP
+    for response in (
+        httpx.get(server + "/static/chat.js"), http.get("/health"), http.get("/v1/models"),
+        http.post("/v1/completions", json=_completion()),
+        http.post("/v1/completions", json=_completion(stream=True)),
+        httpx.get(server + "/v1/models"),  # 401
+        http.post("/v1/completions", content=b"{}"),  # 415
+        http.post("/v1/completions", json={"model": MODEL}),  # 400
+        http.get("/nope"), http.delete("/v1/models"),  # 404, 405
+    ):
+        assert_security_headers(response)
+
+
+def test_even_a_bugs_500_carries_the_security_headers(loaded):
+    from fastapi.testclient import TestClient
+
+    model, tok = loaded
+    app = create_app(model, tok, model_name=MODEL)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    r = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert_openai_error(r, 500)
+    assert_security_headers(r)
 
 
 class _Slow:
@@ -746,15 +798,12 @@ def test_serve_a_missing_local_checkpoint_says_not_found(tmp_path, monkeypatch, 
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def hardened(loaded):
-    """A server as `serve` runs it (make_server: its protocol, timeouts and shutdown), read timeout 0.5 s."""
+def _hardened_server(app):
+    """Runs `app` as `serve` runs it (make_server: its protocol, timeouts and shutdown); yields its address."""
     import socket
 
     from scratchgpt.inference.serve import make_server
 
-    model, tok = loaded
-    app = create_app(model, tok, model_name=MODEL, limits=ServeLimits(read_timeout_s=0.5, shutdown_grace_s=1))
     server = make_server(app, log_level="warning")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -768,6 +817,22 @@ def hardened(loaded):
     server.should_exit = True
     thread.join(timeout=10)
     sock.close()
+
+
+@pytest.fixture(scope="module")
+def hardened(loaded):
+    """A server as `serve` runs it, read timeout 0.5 s."""
+    model, tok = loaded
+    yield from _hardened_server(create_app(model, tok, model_name=MODEL,
+                                           limits=ServeLimits(read_timeout_s=0.5, shutdown_grace_s=1)))
+
+
+@pytest.fixture(scope="module")
+def hardened_slow(tiny_chat_checkpoint):
+    """The same with a model that takes 30 ms a token, so a 50-token answer takes over a second."""
+    model, tok = load_any(tiny_chat_checkpoint)  # its own copy: the hook must not slow the other servers
+    model.register_forward_pre_hook(_Slow(0.03), with_kwargs=True)
+    yield from _hardened_server(create_app(model, tok, model_name=MODEL, limits=ServeLimits(shutdown_grace_s=1)))
 
 
 def _read_all(sock, timeout=10.0) -> tuple[bytes, float]:
@@ -800,23 +865,87 @@ def test_a_stalled_body_gets_408(hardened):
     assert data.startswith(b"HTTP/1.1 408") and b"request_timeout" in data and took < 5
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_half_closed_client_still_gets_its_answer(hardened, stream):
+def _raw_request(method: str, path: str, *, version: str, connection: str | None, body: bytes = b"") -> bytes:
+    """An HTTP request as bytes, exactly as given (a body always goes with Content-Length)."""
+    head = [f"{method} {path} HTTP/{version}", "Host: 127.0.0.1"]
+    if connection is not None:
+        head.append(f"Connection: {connection}")
+    if method == "POST":
+        head += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def _whole_response(data: bytes, method: str) -> tuple[int, bytes]:
+    """The status and body of the one final response in `data` (interim 1xx skipped), read by h11 as a
+    client would; raises unless that response is complete (its whole Content-Length or last chunk)."""
+    import h11
+
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method=method, target="/", headers=[("Host", "x"), ("Content-Length", "0")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(data)
+    client.receive_data(b"")  # the server closed the connection after `data`
+    status, body = 0, b""
+    while not isinstance(event := client.next_event(), h11.EndOfMessage):
+        if isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+    return status, body
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+@pytest.mark.parametrize("connection", [None, "close", "keep-alive"])
+@pytest.mark.parametrize("what", ["GET", "POST", "POST stream", "POST slow"])
+def test_a_half_closed_client_gets_the_whole_answer_to_every_request_it_sent_whole(request, what, connection,
+                                                                                   version):
     import json
     import socket
 
-    body = json.dumps(_completion(max_tokens=3, stream=stream)).encode()
-    request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    method, slow = what.split()[0], what == "POST slow"
+    max_tokens = 50 if slow else 3
+    body = json.dumps(_completion(max_tokens=max_tokens, stream=what == "POST stream",
+                                  temperature=0.0)).encode()
+    raw = _raw_request(method, "/health" if method == "GET" else "/v1/completions", version=version,
+                       connection=connection, body=body if method == "POST" else b"")
+    with socket.create_connection(request.getfixturevalue("hardened_slow" if slow else "hardened"), timeout=10) as s:
+        s.sendall(raw)
+        s.shutdown(socket.SHUT_WR)
+        data, _ = _read_all(s)
+    assert data, "no answer at all"
+    if slow:  # over a second: HTTP/1.1 clients got a 100 Continue each second, HTTP/1.0 ones none
+        assert (b"HTTP/1.1 100 Continue" in data) == (version == "1.1"), data
+    status, answer = _whole_response(data, method)
+    assert status == 200, data
+    if what == "GET":
+        assert json.loads(answer)["status"] == "ok"
+    elif what == "POST stream":
+        assert answer.endswith(b"data: [DONE]\n\n"), answer
+    else:
+        assert json.loads(answer)["usage"]["completion_tokens"] == max_tokens
+
+
+@pytest.mark.parametrize("connection", [None, "close"])
+@pytest.mark.parametrize("sent", ["head", "body", "chunked body"])
+def test_a_half_close_in_the_middle_of_a_request_closes_the_connection(hardened, sent, connection):
+    import socket
+
+    full = _raw_request("POST", "/v1/completions", version="1.1", connection=connection,
+                        body=json.dumps(_completion(max_tokens=3)).encode())
+    if sent == "head":
+        request = full[:full.index(b"\r\n\r\n")]
+    elif sent == "body":
+        request = full[:-5]
+    else:
+        head, _, body = full.partition(b"\r\n\r\n")
+        head = head.replace(b"Content-Length: %d" % len(body), b"Transfer-Encoding: chunked")
+        request = head + b"\r\n\r\n" + b"%x\r\n%s\r\n" % (len(body), body)  # no last chunk
     with socket.create_connection(hardened, timeout=10) as s:
         s.sendall(request)
         s.shutdown(socket.SHUT_WR)
-        data, _ = _read_all(s)
-    assert data.startswith(b"HTTP/1.1 200"), data
-    if stream:
-        assert b"data: [DONE]" in data  # (chunked: the last chunk follows)
-    else:
-        assert b'"completion_tokens":3' in data
+        data, took = _read_all(s)
+    # Closed at once, without an answer (a request that stalled instead would get a 408 after 0.5 s).
+    assert data == b"" and took < 5
 
 
 def test_keep_alive_connections_are_closed_after_their_timeout(hardened):

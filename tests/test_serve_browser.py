@@ -52,6 +52,13 @@ def test_chat_page_streams_an_answer(browser, page_url, tmp_path):
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 960, "height": 640})
+    # Every CSP violation, as the page's own event and as the console message Chromium prints for it.
+    # (Init scripts come from the driver, so the page's CSP does not stop this one.)
+    page.add_init_script("window.cspViolations = [];"
+                         "document.addEventListener('securitypolicyviolation',"
+                         " (e) => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));")
+    console = []
+    page.on("console", lambda m: console.append(m.text))
     outside = []
     page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(page_url) else None)
     bodies = []
@@ -101,4 +108,13 @@ def test_chat_page_streams_an_answer(browser, page_url, tmp_path):
     page.click("#clear")
     expect(page.locator(".message")).to_have_count(0)
     assert outside == []  # nothing loaded from anywhere but the server
+    assert page.evaluate("window.cspViolations") == []
+    assert not [m for m in console if "Content Security Policy" in m], console
+
+    # The check sees violations: an inline script injected into the page is refused, and reported.
+    page.evaluate("() => { const s = document.createElement('script');"
+                  " s.textContent = 'window.injected = true'; document.body.appendChild(s); }")
+    page.wait_for_function("window.cspViolations.length > 0")  # the event comes as a task of its own
+    assert page.evaluate("window.injected === undefined")
+    assert [v.split()[0] for v in page.evaluate("window.cspViolations")] == ["script-src-elem"]
     page.close()

@@ -680,11 +680,25 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 # ================================ entry point ================================
 
+def package_version() -> str:
+    """The installed distribution's version (what pip reports); from a source tree that is not
+    installed, the version the package itself declares (pyproject.toml reads the same one)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scratchgpt")
+    except PackageNotFoundError:
+        import scratchgpt
+
+        return scratchgpt.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scratchgpt",
         description="Train, fine-tune, run and serve GPT-2-class language models.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in _REGISTER:
         register(sub)

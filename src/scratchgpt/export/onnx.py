@@ -16,6 +16,10 @@ model depends on a symbolic size.
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,6 +67,31 @@ def empty_past(model: GPT, batch_size: int = 1, *, dtype: torch.dtype = torch.fl
     return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
 
 
+@contextmanager
+def _without_exporter_notices() -> Iterator[None]:
+    """Silence the three notices torch's exporter prints about itself on every export, and nothing else
+    (each is matched by its category or logger and its text)."""
+    with warnings.catch_warnings():
+        # torch.export copies pytree specs, and copying a LeafSpec trips torch's own deprecation of that class.
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        # `batch` and `past` are one Dim shared by several inputs on purpose (that is what makes them equal
+        # in the graph); the exporter names each axis once and says so for every repeat.
+        warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used, since it shares",
+                                category=UserWarning)
+        # Building its op registry, the exporter logs a line for each torchvision op it skips.
+        registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+
+        def not_torchvision(record: logging.LogRecord) -> bool:
+            return not record.getMessage().startswith("torchvision is not installed")
+
+        registry.addFilter(not_torchvision)
+        try:
+            yield
+        finally:
+            registry.removeFilter(not_torchvision)
+
+
 def export_onnx(model: GPT, path: str | Path) -> Path:
     """Write `model` as an ONNX graph (see module docstring for inputs and outputs); returns the path."""
     from scratchgpt.checkpoint import atomic_write
@@ -83,7 +112,7 @@ def export_onnx(model: GPT, path: str | Path) -> Path:
     dynamic = {"input_ids": {0: batch, 1: seq}, "past_keys": {1: batch, 3: past_len},
                "past_values": {1: batch, 3: past_len}}
     path = Path(path)
-    with torch.no_grad():
+    with torch.no_grad(), _without_exporter_notices():
         program = torch.onnx.export(wrapper, (ids, past, past.clone()), dynamo=True, dynamic_shapes=dynamic,
                                     input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, verbose=False,
                                     external_data=False)

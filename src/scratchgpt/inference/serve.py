@@ -70,7 +70,22 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 API_KEY_ENV = "SCRATCHGPT_API_KEY"
 MAX_STOP_STRINGS = 4  # OpenAI's limit
-_OPEN_PATHS = frozenset({"/", "/health"})  # the page holds no data; health checks rarely carry keys
+# The chat page's script and style (static/), with their media types; the page loads them from /static/.
+_PAGE_ASSETS = {"chat.css": "text/css", "chat.js": "text/javascript"}
+# The page and its files hold no data; health checks rarely carry keys.
+_OPEN_PATHS = frozenset({"/", "/health", *(f"/static/{name}" for name in _PAGE_ASSETS)})
+# Sent with every response. An API answer is JSON that loads and embeds nothing, and no response may be
+# framed by another site's page (clickjacking) or sniffed into another type; the page has its own CSP.
+_SECURITY_HEADERS = (
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)
+# The chat page runs only its own script and style from this server (no inline code, so an injected
+# <script> cannot run) and talks only to this server.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
@@ -1060,6 +1075,20 @@ async def _send_error(send: Callable, error: APIError) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+def _with_security_headers(send: Callable) -> Callable:
+    """`send` that adds `_SECURITY_HEADERS` to a response's start, except those the response sets itself."""
+
+    async def send_with_headers(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", ()))
+            present = {name.lower() for name, _ in headers}
+            headers += [(name, value) for name, value in _SECURITY_HEADERS if name not in present]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_headers
+
+
 def create_app(
     model: GPT,
     tokenizer: Any,
@@ -1073,7 +1102,8 @@ def create_app(
     """The FastAPI app serving `model`: OpenAI-style /v1 endpoints, /health and the chat page at /.
 
     `chat_template` None: the tokenizer's own chat template when it has one, else Alpaca.
-    `api_key` (if set) is required as a Bearer token on every endpoint except / and /health.
+    `api_key` (if set) is required as a Bearer token on every endpoint except /health and the page (/ and
+    its /static/ files).
     `allowed_hosts` (if set) restricts the Host header, e.g. to loopback names.
     """
     from fastapi import FastAPI, Request
@@ -1095,7 +1125,9 @@ def create_app(
     parser = RequestParser(tokenizer, model_name, model.config.n_positions, chat_template, limits,
                            chat_disabled=chat_disabled, chat_stop=chat_stop)
     scheduler = Scheduler(model, tokenizer, limits=limits)
-    page = resources.files("scratchgpt.inference").joinpath("static/chat.html").read_text(encoding="utf-8")
+    static = resources.files("scratchgpt.inference").joinpath("static")
+    page = static.joinpath("chat.html").read_text(encoding="utf-8")
+    assets = {name: static.joinpath(name).read_bytes() for name in _PAGE_ASSETS}
     started = int(time.time())
 
     @asynccontextmanager
@@ -1110,8 +1142,13 @@ def create_app(
         def render(self, content: Any) -> bytes:
             return _json_bytes(content)
 
-    app = FastAPI(title="scratchgpt", lifespan=lifespan, default_response_class=SafeJSONResponse,
-                  docs_url=None, redoc_url=None, openapi_url=None)  # the docs pages would load a CDN
+    class App(FastAPI):
+        async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+            # Around the whole app, Starlette's outermost error middleware included: its 500s get them too.
+            await super().__call__(scope, receive, _with_security_headers(send) if scope["type"] == "http" else send)
+
+    app = App(title="scratchgpt", lifespan=lifespan, default_response_class=SafeJSONResponse,
+              docs_url=None, redoc_url=None, openapi_url=None)  # the docs pages would load a CDN
     app.state.scheduler, app.state.limits = scheduler, limits
     app.state.model_name, app.state.chat_template, app.state.chat_disabled = model_name, chat_template, chat_disabled
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, allowed_hosts=allowed_hosts,
@@ -1147,7 +1184,14 @@ def create_app(
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def page_asset(name: str) -> Response:
+        if name not in assets:
+            raise HTTPException(404, "Not Found")
+        # no-cache: a browser checks again, so an upgraded server never runs an old script with a new page.
+        return Response(assets[name], media_type=_PAGE_ASSETS[name], headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -1260,10 +1304,11 @@ def _http_protocol(read_timeout_s: float) -> type:
     - A connection must deliver a complete request head within `read_timeout_s` of connecting or of
       starting its next request; silent or trickling sockets are closed (between requests uvicorn's
       keep-alive timeout applies).
-    - A client that sends its request and then shuts down its sending side (`shutdown(SHUT_WR)`) still
-      gets its answer. A shut-down side looks the same as a closed socket, so until the answer starts
-      the server writes an interim `100 Continue` each second: a socket that is really closed answers
-      it with a reset, and the request stops as for any disconnect.
+    - A client that sends its whole request and then shuts down its sending side (`shutdown(SHUT_WR)`)
+      still gets its whole answer. A shut-down side looks the same as a closed socket, so until the
+      answer starts the server writes an interim `100 Continue` each second: a socket that is really
+      closed answers it with a reset, and the request stops as for any disconnect. (HTTP/1.0 clients
+      get no such probe; a non-streaming answer to one that really left is computed for nobody.)
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -1281,11 +1326,20 @@ def _http_protocol(read_timeout_s: float) -> type:
             self._watch_head()
 
         def eof_received(self) -> bool | None:
-            if self.cycle is not None and not self.cycle.response_complete and self.conn.their_state is h11.DONE:
+            # h11 puts a client whose request was read to its end in DONE, or in MUST_CLOSE when that
+            # request also ends the connection (`Connection: close`, any HTTP/1.0 request); both are owed
+            # the whole answer, whatever the method and whether it streams.
+            if (self.cycle is not None and not self.cycle.response_complete
+                    and self.conn.their_state in (h11.DONE, h11.MUST_CLOSE)):
                 self.cycle.keep_alive = False  # answer, then close
-                self._probe_timer = self.loop.call_later(1.0, self._probe)
+                if self.conn.their_http_version != b"1.0":  # HTTP/1.0 clients must get no 1xx (RFC 9110)
+                    self._probe_timer = self.loop.call_later(1.0, self._probe)
                 return True  # keep the sending side open
-            return None  # nothing asked, or a request cut short: close, as uvicorn does
+            # Nothing asked (an idle connection), or a request cut short (its head, or a body short of its
+            # Content-Length or last chunk): returning None makes asyncio close the transport, and
+            # connection_lost then marks the request disconnected, so the app's receive() gets
+            # http.disconnect and the request ends unanswered, as for any other disconnect.
+            return None
 
         def connection_lost(self, exc: Exception | None) -> None:
             for timer in (self._read_timer, self._probe_timer):
