@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,12 +155,67 @@ def test_non_utf8_names_file_and_offset_or_is_replaced(tmp_path: Path, capsys: p
     out = tmp_path / "out"
     err = _error_line(capsys, ["prepare", "--source", str(bad), "--dir", str(out), "--tokenizer", "char", "--quiet"])
     assert str(bad) in err and "byte offset 3" in err and "--errors replace" in err
+    assert f"iconv -f LATIN1 -t UTF-8 {bad}" in err  # another encoding is converted, not replaced
     assert not (out / "meta.json").exists()
     assert main(["prepare", "--source", str(bad), "--dir", str(out), "--tokenizer", "char", "--quiet",
                  "--errors", "replace"]) == 0
     assert "\ufffd" in load_tokenizer(out).chars
     with pytest.raises(DataError, match="byte offset 3"):
         read_text(bad)
+
+
+@pytest.mark.parametrize(("encoding", "bom", "named", "iconv"), [
+    ("utf-16-le", codecs.BOM_UTF16_LE, "UTF-16 (little-endian)", "-f UTF-16 "),
+    ("utf-16-be", codecs.BOM_UTF16_BE, "UTF-16 (big-endian)", "-f UTF-16 "),
+    ("utf-32-le", codecs.BOM_UTF32_LE, "UTF-32 (little-endian)", "-f UTF-32 "),
+    ("utf-32-be", codecs.BOM_UTF32_BE, "UTF-32 (big-endian)", "-f UTF-32 "),
+    ("utf-16-le", b"", "UTF-16 (little-endian)", "-f UTF-16LE "),
+    ("utf-16-be", b"", "UTF-16 (big-endian)", "-f UTF-16BE "),
+    ("utf-32-le", b"", "UTF-32 (little-endian)", "-f UTF-32LE "),
+    ("utf-32-be", b"", "UTF-32 (big-endian)", "-f UTF-32BE "),
+])
+def test_utf16_and_utf32_are_named_with_how_to_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       encoding: str, bom: bytes, named: str, iconv: str) -> None:
+    # Before: "pass --errors replace", which then "succeeded" with a NUL between every character (and
+    # UTF-16 without a byte order mark, all valid UTF-8 bytes, went through with no message at all).
+    src = tmp_path / "wide.txt"
+    src.write_bytes(bom + ("First Citizen: before we proceed any further, hear me speak.\n" * 20).encode(encoding))
+    for errors in ("strict", "replace"):
+        err = _error_line(capsys, ["prepare", "--source", str(src), "--dir", str(tmp_path / "out"), "--tokenizer",
+                                   "char", "--errors", errors, "--quiet"])
+        assert str(src) in err and named in err and f"iconv {iconv}-t UTF-8 {src}" in err
+        assert "--errors" not in err
+    assert not (tmp_path / "out" / "meta.json").exists()
+    with pytest.raises(DataError, match=re.escape(named)):
+        read_text(src, errors="replace")
+
+
+def test_a_nul_heavy_binary_file_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "blob.txt"
+    src.write_bytes(bytes(range(256)) * 8 + b"\0" * 1024)
+    with pytest.raises(DataError, match="bytes are NUL: a binary file"):
+        read_text(src)
+
+
+def test_a_utf8_byte_order_mark_is_dropped(tmp_path: Path) -> None:
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    text = "Hello, world.\nHow are you?\n" * 10
+    plain.write_text(text, encoding="utf-8")
+    marked.write_text(text, encoding="utf-8-sig")
+    assert marked.read_bytes()[:3] == codecs.BOM_UTF8
+    assert read_text(marked) == text
+    a = prepare(plain, tmp_path / "a", tokenizer="char", progress=False)
+    b = prepare(marked, tmp_path / "b", tokenizer="char", progress=False)
+    assert "\ufeff" not in load_tokenizer(tmp_path / "b").chars
+    assert load_tokenizer(tmp_path / "b").chars == load_tokenizer(tmp_path / "a").chars
+    assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()
+    assert (a["train_tokens"], a["val_tokens"]) == (b["train_tokens"], b["val_tokens"])
+    # An undecodable byte after the mark is reported at its offset in the file.
+    (tmp_path / "bad.txt").write_bytes(codecs.BOM_UTF8 + b"caf\xe9")
+    with pytest.raises(DataError, match="byte offset 6 "):
+        read_text(tmp_path / "bad.txt")
+    with pytest.raises(DataError, match="byte offset 6 "):
+        list(iter_text_pieces(tmp_path / "bad.txt", chunk_bytes=2))
 
 
 def test_missing_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -299,13 +356,21 @@ def test_sampler_needs_one_window() -> None:
 def test_pieces_join_to_the_decoded_file(tmp_path_factory: pytest.TempPathFactory, data: bytes, chunk: int) -> None:
     path = tmp_path_factory.mktemp("pieces") / "f.txt"
     path.write_bytes(data)
+    try:
+        whole = read_text(path, errors="replace")
+    except DataError as e:  # UTF-16/32 by its byte order mark or its NULs: the stream refuses it alike
+        with pytest.raises(DataError, match=re.escape(str(e))):
+            list(iter_text_pieces(path, errors="replace", chunk_bytes=chunk))
+        return
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    assert whole == data[bom:].decode("utf-8", errors="replace")
     pieces = list(iter_text_pieces(path, errors="replace", chunk_bytes=chunk))
-    assert "".join(p for p, _ in pieces) == data.decode("utf-8", errors="replace")
+    assert "".join(p for p, _ in pieces) == whole
     assert sum(n for _, n in pieces) == len(data)
     try:
-        data.decode("utf-8")
+        data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:  # strict: the offset of the first bad byte, whatever the chunk size
-        with pytest.raises(DataError, match=f"byte offset {e.start} "):
+        with pytest.raises(DataError, match=f"byte offset {bom + e.start} "):
             list(iter_text_pieces(path, chunk_bytes=chunk))
 
 

@@ -439,13 +439,13 @@ def _add_classify(sub) -> None:
 
 def _run_classify(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
+    from scratchgpt.data.dataset import read_text
     from scratchgpt.training.modes.classify import classify_texts, load_classifier
 
     texts = list(args.texts)
     if args.file:
-        texts += [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts += [line for line in read_text(args.file).splitlines() if line.strip()]
     if not texts:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:

@@ -45,7 +45,7 @@ from scratchgpt.config import (
     config_from_dict,
     config_to_dict,
 )
-from scratchgpt.data.dataset import DataError
+from scratchgpt.data.dataset import DataError, read_text
 from scratchgpt.data.tokenizer import CharTokenizer, Tokenizer, gpt2_tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT, CausalSelfAttention
 from scratchgpt.training.driver import Job, drive
@@ -77,7 +77,7 @@ def json_entries(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)  # UTF-8 (a byte order mark dropped); UTF-16 or bad bytes: one line naming the file
     if path.suffix.lower() == ".jsonl":
         items: list[tuple[str, Any]] = []
         for lineno, line in enumerate(text.splitlines(), start=1):
