@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 import re
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from scratchgpt.data.dataset import (
     SequentialWindows,
     ShardedTokens,
     _survey,
+    check_token_files,
     find_text_files,
+    first_id_at_or_above,
     iter_text_pieces,
     open_dataset,
     prepare,
@@ -268,6 +271,78 @@ def test_truncated_token_file(tiny_char_data: Path) -> None:
         open_dataset(tiny_char_data)
 
 
+def _patch_id(path: Path, position: int, value: int, dtype: str = "uint16") -> None:
+    ids = np.fromfile(path, dtype=dtype)
+    ids[position] = value
+    ids.tofile(path)
+
+
+@pytest.mark.parametrize("shard_tokens", [0, 40])
+def test_ids_outside_the_vocabulary_name_the_file(tmp_path: Path, capsys, shard_tokens: int) -> None:
+    # Before: a train.bin of the promised size holding an id >= vocab_size trained until the embedding
+    # raised "IndexError: index out of range in self" (a device-side assert on a GPU).
+    text = tmp_path / "tiny.txt"
+    text.write_text("to be or not to be, that is the question\n" * 6)
+    meta = prepare(text, tmp_path / "data", tokenizer="char", shard_tokens=shard_tokens, progress=False)
+    ds = open_dataset(tmp_path / "data")
+    check_token_files(ds, vocab_size=meta["vocab_size"])  # as prepared: every id fits
+    path, n = ds.shards("train")[-1]
+    _patch_id(path, n - 3, meta["vocab_size"])
+    with pytest.raises(DataError, match=re.escape(f"{path}: token id {meta['vocab_size']} at position {n - 3} is "
+                                                  f"outside the tokenizer's vocabulary of {meta['vocab_size']}")):
+        check_token_files(ds)
+    check_token_files(ds, splits=("val",))  # only the files read are scanned
+    err = _error_line(capsys, ["train", "--dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"),
+                               "--block-size", "8", *_TINY])
+    assert str(path) in err and "outside the tokenizer's vocabulary" in err
+    assert not (tmp_path / "run").exists()
+
+
+@given(ids=st.lists(st.integers(0, 70), min_size=1, max_size=60), chunk=st.integers(1, 8))
+@settings(max_examples=50, deadline=None)
+def test_the_chunked_scan_finds_the_first_id_past_the_limit(tmp_path_factory, ids: list[int], chunk: int) -> None:
+    path = tmp_path_factory.mktemp("scan") / "t.bin"
+    np.asarray(ids, dtype=np.uint16).tofile(path)
+    first = next(((i, v) for i, v in enumerate(ids) if v >= 65), None)
+    assert first_id_at_or_above(path, np.dtype(np.uint16), 65, chunk=chunk) == first
+
+
+def test_a_folder_is_checked_against_the_model_tokenizer(tiny_char_data: Path, gpt2_tokenizer) -> None:
+    from scratchgpt.data.tokenizer import ByteBPETokenizer, CharTokenizer
+
+    ds = open_dataset(tiny_char_data)
+    with pytest.raises(DataError, match=re.escape(
+            f"{tiny_char_data} was prepared with a 'char' tokenizer (16 tokens), but the model uses a 'gpt2' "
+            f"tokenizer (50,257 tokens): its ids would be read as other text; prepare the text again with "
+            f"--tokenizer gpt2")):
+        check_token_files(ds, tokenizer=gpt2_tokenizer)
+    # Same kind and size is not enough: a char alphabet one letter apart gives every id another meaning.
+    other = CharTokenizer(ds.tokenizer().chars.replace("a", "A"))
+    with pytest.raises(DataError, match="prepared with a 'char' tokenizer"):
+        check_token_files(ds, tokenizer=other)
+    check_token_files(ds, tokenizer=CharTokenizer(ds.tokenizer().chars))  # an equal tokenizer passes
+    # Another kind whose ids mean the same bytes passes: GPT-2's files read as a byte-level BPE.
+    gpt2_dir = Path(os.environ["SCRATCHGPT_GPT2_DIR"])
+    as_bpe = ByteBPETokenizer.from_gpt2_files(gpt2_dir / "encoder.json", gpt2_dir / "vocab.bpe")
+    assert as_bpe.fingerprint() == gpt2_tokenizer.fingerprint()
+
+
+def test_meta_json_that_disagrees_with_its_folder_is_refused(tiny_char_data: Path) -> None:
+    meta_path = tiny_char_data / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "vocab_size": 65}))
+    with pytest.raises(DataError, match="vocab_size 65 disagrees with its tokenizer.json \\(16 tokens\\)"):
+        check_token_files(open_dataset(tiny_char_data))
+    for bad in ({"dtype": "float32"}, {"dtype": "uint8"}, {"vocab_size": "20"}):
+        meta_path.write_text(json.dumps({**meta, **bad}))
+        with pytest.raises(DataError, match="must be uint16 or uint32 and a positive integer"):
+            open_dataset(tiny_char_data)
+    outside = {**meta, "shards": {**meta["shards"], "val": [{"file": "../val.bin", "tokens": meta["val_tokens"]}]}}
+    meta_path.write_text(json.dumps(outside))
+    with pytest.raises(DataError, match="malformed shard index .*not a token file of this folder"):
+        open_dataset(tiny_char_data)
+
+
 # ---------------------------------------------------------------------------------------------
 # Samplers
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +434,8 @@ def test_pieces_join_to_the_decoded_file(tmp_path_factory: pytest.TempPathFactor
     try:
         whole = read_text(path, errors="replace")
     except DataError as e:  # UTF-16/32 by its byte order mark or its NULs: the stream refuses it alike
+        assert data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_BE)) or \
+            data.count(0) * 10 >= len(data) > 0
         with pytest.raises(DataError, match=re.escape(str(e))):
             list(iter_text_pieces(path, errors="replace", chunk_bytes=chunk))
         return

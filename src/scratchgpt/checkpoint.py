@@ -193,6 +193,7 @@ def _load_state_strict(model: GPT, state: dict[str, Tensor], *, source: str | Pa
             raise CheckpointError(
                 f"{source}: {k} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}"
             )
+    check_float_weights(state, source=source)
     model.load_state_dict(state, strict=False, assign=True)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
@@ -399,6 +400,11 @@ def load_any(
     else:
         model = load_hf(path_or_name, device=device, dtype=dtype)
         tokenizer = load_hf_tokenizer(_resolve_hf(path_or_name))
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        # Every id past the embedding would fail deep inside it (or, on a GPU, as a device-side assert).
+        raise CheckpointError(f"{path_or_name}: its tokenizer has {tokenizer.vocab_size:,} tokens but the model "
+                              f"only {model.config.vocab_size:,} embedding rows (vocab_size); they do not belong "
+                              f"together: restore the checkpoint's own tokenizer files")
     if quantize or inference_dtype:
         from scratchgpt.model.quantize import prepare_for_inference
 
@@ -913,9 +919,19 @@ def read_training_checkpoint(ckpt_dir: str | Path) -> tuple[dict[str, Tensor], d
     return load_tensors(ckpt_dir / "model.safetensors"), load_tensors(ckpt_dir / TRAIN_STATE_TENSORS), state
 
 
+def check_float_weights(state: dict[str, Tensor], *, source: str | Path) -> None:
+    """CheckpointError unless every tensor is floating point: assigned, an integer tensor of the right shape
+    would become an integer weight (failing in the first matmul); copied, it would be cast without a word."""
+    bad = next((k for k, v in state.items() if not v.is_floating_point()), None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: {bad} is {str(state[bad].dtype).removeprefix('torch.')}, but weights are "
+                              f"floating point; the file is damaged or not this model's: restore it")
+
+
 def load_module_state(model: nn.Module, state: dict[str, Tensor], *, source: str | Path) -> None:
     """Copy `state` into `model` in place (a tied lm_head may be absent); any other mismatch is a CheckpointError."""
     own = model.state_dict()
+    check_float_weights({k: v for k, v in state.items() if k in own and own[k].is_floating_point()}, source=source)
     for k, v in state.items():
         if k in own and tuple(v.shape) != tuple(own[k].shape):
             raise CheckpointError(
