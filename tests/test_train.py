@@ -502,3 +502,17 @@ def test_init_and_resume_refuse_data_of_another_tokenizer(char_data: Path, finis
     assert f"{tmp_path / 'other'} was prepared with a 'char' tokenizer" in err
     assert f"the checkpoint {finished_run / 'ckpt-00000004'} uses a 'char' tokenizer" in err
     assert (finished_run / "model.safetensors").read_bytes() == before
+
+
+def test_resume_refuses_a_log_resaved_by_a_spreadsheet(char_data: Path, finished_run: Path, capsys) -> None:
+    log = finished_run / "log.csv"
+    log.write_bytes(log.read_bytes().replace(b",", b";"))
+    before = log.read_bytes()
+    assert _train(char_data, finished_run, "--max-steps", "6", "--resume") == 2
+    err = _one_line(capsys)
+    assert f"{log}: its header" in err and "separated by ';'" in err and f"mv {log} {log}.old" in err
+    assert log.read_bytes() == before
+    log.rename(log.with_name("log.csv.old"))  # what the message says to do
+    assert _train(char_data, finished_run, "--max-steps", "6", "--resume") == 0
+    capsys.readouterr()
+    assert [r["step"] for r in csv.DictReader(log.open())][-1] == "6"
