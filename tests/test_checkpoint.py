@@ -363,3 +363,34 @@ def test_resume_with_other_model_sizes_is_a_one_line_error():
     wide = GPT(GPTConfig(vocab_size=50, n_positions=8, n_embd=32, n_layer=1, n_head=2))
     with pytest.raises(CheckpointError, match=r"ckpt: transformer\.wte\.weight has shape \(50, 16\).*\(50, 32\)"):
         load_module_state(wide, small.state_dict(), source="ckpt")
+
+
+def test_weights_of_the_right_shape_but_not_floating_point_are_refused(tmp_path: Path) -> None:
+    # Before: load_state_dict(assign=True) made an int64 embedding of the right shape a model weight,
+    # and the first forward failed deep inside F.embedding / the first matmul.
+    from safetensors.torch import load_file, save_file
+
+    from scratchgpt.checkpoint import load_module_state
+
+    model = GPT(GPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=1),
+                generator=torch.Generator().manual_seed(0))
+    run = save_model(model, tmp_path / "run")
+    state = load_file(str(run / "model.safetensors"))
+    state["transformer.h.0.mlp.c_fc.weight"] = state["transformer.h.0.mlp.c_fc.weight"].long()
+    save_file(state, str(run / "model.safetensors"), metadata={"format": "pt"})
+    message = f"{run / 'model.safetensors'}: transformer.h.0.mlp.c_fc.weight is int64, but weights are floating point"
+    with pytest.raises(CheckpointError, match=message):
+        load_model(run)
+    with pytest.raises(CheckpointError, match=message):  # the --resume path copies into a live model
+        load_module_state(model, state, source=run / "model.safetensors")
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path: Path) -> None:
+    from scratchgpt.checkpoint import load_any
+    from scratchgpt.data.tokenizer import CharTokenizer
+
+    model = GPT(GPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=1),
+                generator=torch.Generator().manual_seed(0))
+    run = save_model(model, tmp_path / "run", tokenizer=CharTokenizer("abcdefghijklmnopqrstuvwxyz"))
+    with pytest.raises(CheckpointError, match="its tokenizer has 27 tokens but the model only 16 embedding rows"):
+        load_any(run)

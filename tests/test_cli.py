@@ -301,3 +301,73 @@ def test_version_prints_the_installed_version_and_exits_0(capsys, monkeypatch):
         main(["--version"])
     assert stop.value.code == 0
     assert capsys.readouterr().out == f"scratchgpt {scratchgpt.__version__}\n"
+
+
+# Every command that writes a file or folder, with what it writes: (argv after the setup, the output path).
+_WRITERS = ["prepare", "train", "finetune classify", "finetune merge", "export gguf", "export onnx", "export int8",
+            "eval perplexity"]
+
+
+def _writer(name: str, tmp_path, gpt2_tokenizer):
+    """(argv, output path) of `name`, with its inputs made in tmp_path and its output already there."""
+    from scratchgpt.data.dataset import prepare
+
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be, that is the question\n" * 40)
+    config = GPTConfig(vocab_size=gpt2_tokenizer.vocab_size, n_positions=16, n_embd=8, n_layer=1, n_head=1)
+    run = save_model(GPT(config, generator=torch.Generator().manual_seed(0)), tmp_path / "run",
+                     tokenizer=gpt2_tokenizer)
+    if name == "prepare":
+        out = tmp_path / "data"
+        (tmp_path / "earlier.txt").write_text("an earlier text, prepared before\n" * 40)
+        prepare(tmp_path / "earlier.txt", out, tokenizer="char", progress=False)  # an earlier prepare's folder
+        return ["prepare", "--source", str(text), "--dir", str(out), "--tokenizer", "char", "--quiet"], out
+    if name == "train":
+        prepare(text, tmp_path / "data", tokenizer="char", progress=False)
+        out = tmp_path / "run"
+        return ["train", "--dir", str(tmp_path / "data"), "--out-dir", str(out), "--n-layer", "1", "--n-head", "1",
+                "--n-embd", "8", "--block-size", "8", "--max-steps", "1", "--progress", "false"], out
+    if name == "finetune classify":
+        (tmp_path / "sms.tsv").write_text("ham\thello there\nspam\twin money now\n" * 8)
+        return ["finetune", "classify", "--data", str(tmp_path / "sms.tsv"), "--init", str(run), "--out-dir",
+                str(run), "--epochs", "1", "--progress", "false"], run
+    if name == "finetune merge":
+        return ["finetune", "merge", "--base", str(run), "--adapters", str(tmp_path / "adapters"), "--out-dir",
+                str(run)], run
+    fmt = name.split()[-1]
+    if name.startswith("export"):
+        out = tmp_path / ("int8-run" if fmt == "int8" else f"model.{fmt}")
+        if fmt == "int8":
+            save_model(GPT(config), out)
+        else:
+            out.write_bytes(b"an earlier export")
+        return ["export", "--checkpoint", str(run), "--format", fmt, "--out", str(out)], out
+    out = tmp_path / "reports" / "perplexity-t.json"
+    out.parent.mkdir()
+    out.write_text("{}")
+    return ["eval", "perplexity", "--checkpoint", str(run), "--data", str(text), "--out-dir", str(out.parent),
+            "--progress", "false"], out
+
+
+def _contents(path) -> dict:
+    paths = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return {str(p): p.read_bytes() for p in paths if p.is_file()}
+
+
+@pytest.mark.parametrize("name", _WRITERS)
+def test_every_writer_refuses_to_replace_without_overwrite(name: str, tmp_path, gpt2_tokenizer, capsys):
+    # Before: `export --format gguf --out existing.gguf` replaced the file with exit 0 and no notice.
+    argv, out = _writer(name, tmp_path, gpt2_tokenizer)
+    before = _contents(out)
+    assert main(argv) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert str(out) in err and "pass --overwrite to replace it" in err
+    assert _contents(out) == before
+
+
+@pytest.mark.parametrize("name", ["prepare", "export gguf", "export int8", "eval perplexity"])
+def test_overwrite_lets_a_writer_replace(name: str, tmp_path, gpt2_tokenizer, capsys):
+    argv, out = _writer(name, tmp_path, gpt2_tokenizer)
+    before = _contents(out)
+    assert main([*argv, "--overwrite"]) == 0
+    assert _contents(out) != before

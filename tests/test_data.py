@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,9 @@ from scratchgpt.data.dataset import (
     SequentialWindows,
     ShardedTokens,
     _survey,
+    check_token_files,
     find_text_files,
+    first_id_at_or_above,
     iter_text_pieces,
     open_dataset,
     prepare,
@@ -153,12 +158,67 @@ def test_non_utf8_names_file_and_offset_or_is_replaced(tmp_path: Path, capsys: p
     out = tmp_path / "out"
     err = _error_line(capsys, ["prepare", "--source", str(bad), "--dir", str(out), "--tokenizer", "char", "--quiet"])
     assert str(bad) in err and "byte offset 3" in err and "--errors replace" in err
+    assert f"iconv -f LATIN1 -t UTF-8 {bad}" in err  # another encoding is converted, not replaced
     assert not (out / "meta.json").exists()
     assert main(["prepare", "--source", str(bad), "--dir", str(out), "--tokenizer", "char", "--quiet",
                  "--errors", "replace"]) == 0
     assert "\ufffd" in load_tokenizer(out).chars
     with pytest.raises(DataError, match="byte offset 3"):
         read_text(bad)
+
+
+@pytest.mark.parametrize(("encoding", "bom", "named", "iconv"), [
+    ("utf-16-le", codecs.BOM_UTF16_LE, "UTF-16 (little-endian)", "-f UTF-16 "),
+    ("utf-16-be", codecs.BOM_UTF16_BE, "UTF-16 (big-endian)", "-f UTF-16 "),
+    ("utf-32-le", codecs.BOM_UTF32_LE, "UTF-32 (little-endian)", "-f UTF-32 "),
+    ("utf-32-be", codecs.BOM_UTF32_BE, "UTF-32 (big-endian)", "-f UTF-32 "),
+    ("utf-16-le", b"", "UTF-16 (little-endian)", "-f UTF-16LE "),
+    ("utf-16-be", b"", "UTF-16 (big-endian)", "-f UTF-16BE "),
+    ("utf-32-le", b"", "UTF-32 (little-endian)", "-f UTF-32LE "),
+    ("utf-32-be", b"", "UTF-32 (big-endian)", "-f UTF-32BE "),
+])
+def test_utf16_and_utf32_are_named_with_how_to_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       encoding: str, bom: bytes, named: str, iconv: str) -> None:
+    # Before: "pass --errors replace", which then "succeeded" with a NUL between every character (and
+    # UTF-16 without a byte order mark, all valid UTF-8 bytes, went through with no message at all).
+    src = tmp_path / "wide.txt"
+    src.write_bytes(bom + ("First Citizen: before we proceed any further, hear me speak.\n" * 20).encode(encoding))
+    for errors in ("strict", "replace"):
+        err = _error_line(capsys, ["prepare", "--source", str(src), "--dir", str(tmp_path / "out"), "--tokenizer",
+                                   "char", "--errors", errors, "--quiet"])
+        assert str(src) in err and named in err and f"iconv {iconv}-t UTF-8 {src}" in err
+        assert "--errors" not in err
+    assert not (tmp_path / "out" / "meta.json").exists()
+    with pytest.raises(DataError, match=re.escape(named)):
+        read_text(src, errors="replace")
+
+
+def test_a_nul_heavy_binary_file_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "blob.txt"
+    src.write_bytes(bytes(range(256)) * 8 + b"\0" * 1024)
+    with pytest.raises(DataError, match="bytes are NUL: a binary file"):
+        read_text(src)
+
+
+def test_a_utf8_byte_order_mark_is_dropped(tmp_path: Path) -> None:
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    text = "Hello, world.\nHow are you?\n" * 10
+    plain.write_text(text, encoding="utf-8")
+    marked.write_text(text, encoding="utf-8-sig")
+    assert marked.read_bytes()[:3] == codecs.BOM_UTF8
+    assert read_text(marked) == text
+    a = prepare(plain, tmp_path / "a", tokenizer="char", progress=False)
+    b = prepare(marked, tmp_path / "b", tokenizer="char", progress=False)
+    assert "\ufeff" not in load_tokenizer(tmp_path / "b").chars
+    assert load_tokenizer(tmp_path / "b").chars == load_tokenizer(tmp_path / "a").chars
+    assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()
+    assert (a["train_tokens"], a["val_tokens"]) == (b["train_tokens"], b["val_tokens"])
+    # An undecodable byte after the mark is reported at its offset in the file.
+    (tmp_path / "bad.txt").write_bytes(codecs.BOM_UTF8 + b"caf\xe9")
+    with pytest.raises(DataError, match="byte offset 6 "):
+        read_text(tmp_path / "bad.txt")
+    with pytest.raises(DataError, match="byte offset 6 "):
+        list(iter_text_pieces(tmp_path / "bad.txt", chunk_bytes=2))
 
 
 def test_missing_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -208,6 +268,78 @@ def test_truncated_token_file(tiny_char_data: Path) -> None:
     path = tiny_char_data / "val.bin"
     path.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(DataError, match="val.bin: .* truncated"):
+        open_dataset(tiny_char_data)
+
+
+def _patch_id(path: Path, position: int, value: int, dtype: str = "uint16") -> None:
+    ids = np.fromfile(path, dtype=dtype)
+    ids[position] = value
+    ids.tofile(path)
+
+
+@pytest.mark.parametrize("shard_tokens", [0, 40])
+def test_ids_outside_the_vocabulary_name_the_file(tmp_path: Path, capsys, shard_tokens: int) -> None:
+    # Before: a train.bin of the promised size holding an id >= vocab_size trained until the embedding
+    # raised "IndexError: index out of range in self" (a device-side assert on a GPU).
+    text = tmp_path / "tiny.txt"
+    text.write_text("to be or not to be, that is the question\n" * 6)
+    meta = prepare(text, tmp_path / "data", tokenizer="char", shard_tokens=shard_tokens, progress=False)
+    ds = open_dataset(tmp_path / "data")
+    check_token_files(ds, vocab_size=meta["vocab_size"])  # as prepared: every id fits
+    path, n = ds.shards("train")[-1]
+    _patch_id(path, n - 3, meta["vocab_size"])
+    with pytest.raises(DataError, match=re.escape(f"{path}: token id {meta['vocab_size']} at position {n - 3} is "
+                                                  f"outside the tokenizer's vocabulary of {meta['vocab_size']}")):
+        check_token_files(ds)
+    check_token_files(ds, splits=("val",))  # only the files read are scanned
+    err = _error_line(capsys, ["train", "--dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"),
+                               "--block-size", "8", *_TINY])
+    assert str(path) in err and "outside the tokenizer's vocabulary" in err
+    assert not (tmp_path / "run").exists()
+
+
+@given(ids=st.lists(st.integers(0, 70), min_size=1, max_size=60), chunk=st.integers(1, 8))
+@settings(max_examples=50, deadline=None)
+def test_the_chunked_scan_finds_the_first_id_past_the_limit(tmp_path_factory, ids: list[int], chunk: int) -> None:
+    path = tmp_path_factory.mktemp("scan") / "t.bin"
+    np.asarray(ids, dtype=np.uint16).tofile(path)
+    first = next(((i, v) for i, v in enumerate(ids) if v >= 65), None)
+    assert first_id_at_or_above(path, np.dtype(np.uint16), 65, chunk=chunk) == first
+
+
+def test_a_folder_is_checked_against_the_model_tokenizer(tiny_char_data: Path, gpt2_tokenizer) -> None:
+    from scratchgpt.data.tokenizer import ByteBPETokenizer, CharTokenizer
+
+    ds = open_dataset(tiny_char_data)
+    with pytest.raises(DataError, match=re.escape(
+            f"{tiny_char_data} was prepared with a 'char' tokenizer (16 tokens), but the model uses a 'gpt2' "
+            f"tokenizer (50,257 tokens): its ids would be read as other text; prepare the text again with "
+            f"--tokenizer gpt2")):
+        check_token_files(ds, tokenizer=gpt2_tokenizer)
+    # Same kind and size is not enough: a char alphabet one letter apart gives every id another meaning.
+    other = CharTokenizer(ds.tokenizer().chars.replace("a", "A"))
+    with pytest.raises(DataError, match="prepared with a 'char' tokenizer"):
+        check_token_files(ds, tokenizer=other)
+    check_token_files(ds, tokenizer=CharTokenizer(ds.tokenizer().chars))  # an equal tokenizer passes
+    # Another kind whose ids mean the same bytes passes: GPT-2's files read as a byte-level BPE.
+    gpt2_dir = Path(os.environ["SCRATCHGPT_GPT2_DIR"])
+    as_bpe = ByteBPETokenizer.from_gpt2_files(gpt2_dir / "encoder.json", gpt2_dir / "vocab.bpe")
+    assert as_bpe.fingerprint() == gpt2_tokenizer.fingerprint()
+
+
+def test_meta_json_that_disagrees_with_its_folder_is_refused(tiny_char_data: Path) -> None:
+    meta_path = tiny_char_data / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "vocab_size": 65}))
+    with pytest.raises(DataError, match="vocab_size 65 disagrees with its tokenizer.json \\(16 tokens\\)"):
+        check_token_files(open_dataset(tiny_char_data))
+    for bad in ({"dtype": "float32"}, {"dtype": "uint8"}, {"vocab_size": "20"}):
+        meta_path.write_text(json.dumps({**meta, **bad}))
+        with pytest.raises(DataError, match="must be uint16 or uint32 and a positive integer"):
+            open_dataset(tiny_char_data)
+    outside = {**meta, "shards": {**meta["shards"], "val": [{"file": "../val.bin", "tokens": meta["val_tokens"]}]}}
+    meta_path.write_text(json.dumps(outside))
+    with pytest.raises(DataError, match="malformed shard index .*not a token file of this folder"):
         open_dataset(tiny_char_data)
 
 
@@ -299,13 +431,23 @@ def test_sampler_needs_one_window() -> None:
 def test_pieces_join_to_the_decoded_file(tmp_path_factory: pytest.TempPathFactory, data: bytes, chunk: int) -> None:
     path = tmp_path_factory.mktemp("pieces") / "f.txt"
     path.write_bytes(data)
+    try:
+        whole = read_text(path, errors="replace")
+    except DataError as e:  # UTF-16/32 by its byte order mark or its NULs: the stream refuses it alike
+        assert data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_BE)) or \
+            data.count(0) * 10 >= len(data) > 0
+        with pytest.raises(DataError, match=re.escape(str(e))):
+            list(iter_text_pieces(path, errors="replace", chunk_bytes=chunk))
+        return
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    assert whole == data[bom:].decode("utf-8", errors="replace")
     pieces = list(iter_text_pieces(path, errors="replace", chunk_bytes=chunk))
-    assert "".join(p for p, _ in pieces) == data.decode("utf-8", errors="replace")
+    assert "".join(p for p, _ in pieces) == whole
     assert sum(n for _, n in pieces) == len(data)
     try:
-        data.decode("utf-8")
+        data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:  # strict: the offset of the first bad byte, whatever the chunk size
-        with pytest.raises(DataError, match=f"byte offset {e.start} "):
+        with pytest.raises(DataError, match=f"byte offset {bom + e.start} "):
             list(iter_text_pieces(path, chunk_bytes=chunk))
 
 

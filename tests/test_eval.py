@@ -167,6 +167,25 @@ def test_perplexity_reads_text_folders_and_prepared_token_files(tmp_path, char_d
 # ---------------------------------------------------------------------------------------------
 
 
+def test_perplexity_refuses_token_files_of_another_tokenizer(tmp_path, char_data, gpt2_tokenizer, capsys):
+    # Before: a GPT-2 BPE checkpoint scored the character ids of shakespeare_char/val.bin and printed a
+    # meaningless loss with exit 0, though the folder's meta.json and tokenizer.json name its tokenizer.
+    from scratchgpt.cli import main
+
+    config = GPTConfig(vocab_size=gpt2_tokenizer.vocab_size, n_positions=32, n_embd=8, n_layer=1, n_head=1)
+    run = save_model(GPT(config, generator=torch.Generator().manual_seed(0)), tmp_path / "bpe-run",
+                     tokenizer=gpt2_tokenizer)
+    argv = ["eval", "perplexity", "--checkpoint", str(run), "--out-dir", str(tmp_path / "reports"),
+            "--progress", "false"]
+    for data in (char_data / "val.bin", char_data):
+        assert main([*argv, "--data", str(data)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"{char_data} was prepared with a 'char' tokenizer" in err and "'gpt2' tokenizer" in err
+        assert "pass the text itself to --data" in err
+    assert not (tmp_path / "reports").exists()
+
+
 def reference_logprob(model: GPT, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
     """lm-evaluation-harness's HF recipe: one full forward of (context + continuation)[:-1], last tokens scored."""
     n = model.config.n_positions

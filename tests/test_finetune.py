@@ -193,3 +193,22 @@ def test_lora_instruct_through_the_cli_then_merge(tmp_path: Path, capsys):
     x = torch.randint(0, merged.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     assert (again(x)[0] - merged(x)[0]).abs().max().item() <= 1e-5
     assert json.loads((tmp_path / "m" / "config.json").read_text())["chat_template"] == "alpaca"
+
+
+def test_data_files_read_a_utf8_bom_and_refuse_utf16(tmp_path: Path) -> None:
+    # Windows editors save JSON with a byte order mark (json.loads refused "\ufeff["), or as UTF-16.
+    from scratchgpt.data.dataset import DataError
+    from scratchgpt.training.finetune import read_entries
+    from scratchgpt.training.modes.classify import read_labeled_texts
+
+    entries = [{"instruction": "Say hi", "input": "", "output": "hi"}]
+    marked = tmp_path / "marked.json"
+    marked.write_text(json.dumps(entries), encoding="utf-8-sig")
+    assert [e["instruction"] for e in read_entries(marked, required=("instruction",), optional=())] == ["Say hi"]
+    tsv = tmp_path / "marked.tsv"
+    tsv.write_text("ham\thello there\nspam\twin money\n", encoding="utf-8-sig")
+    assert [r.label for r in read_labeled_texts(tsv)] == ["ham", "spam"]
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps(entries), encoding="utf-16")
+    with pytest.raises(DataError, match="UTF-16 .*iconv -f UTF-16 -t UTF-8"):
+        read_entries(wide, required=("instruction",), optional=())

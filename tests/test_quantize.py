@@ -232,4 +232,5 @@ def test_cli_export_int8_writes_a_run_that_loads_as_it_is(tmp_path, gpt2_tokeniz
     assert "already int8-quantized" in capsys.readouterr().err and not (tmp_path / "again").exists()
     before = (out / "model.safetensors").read_bytes()
     assert main(["export", "--checkpoint", str(tmp_path / "f"), "--format", "int8", "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err and (out / "model.safetensors").read_bytes() == before
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before

@@ -477,3 +477,42 @@ def test_disk_full_while_training_is_one_line(char_data: Path, tmp_path: Path) -
     assert proc.stderr.startswith("scratchgpt train: error: disk full: cannot write ") and "model.safetensors" in \
         proc.stderr
     assert not list(out.glob(".tmp-*")) and not list(out.glob("ckpt-*"))  # nothing half-written is left
+
+
+def test_init_and_resume_refuse_data_of_another_tokenizer(char_data: Path, finished_run: Path, tmp_path: Path,
+                                                         gpt2_tokenizer, capsys) -> None:
+    from scratchgpt.checkpoint import save_model
+    from scratchgpt.data.dataset import prepare
+
+    # --init: weights that know GPT-2's ids, data of character ids.
+    config = GPTConfig(vocab_size=gpt2_tokenizer.vocab_size, n_positions=32, n_embd=8, n_layer=1, n_head=1)
+    bpe_run = save_model(GPT(config, generator=torch.Generator().manual_seed(0)), tmp_path / "bpe-run",
+                         tokenizer=gpt2_tokenizer)
+    assert main(["train", "--dir", str(char_data), "--init-from", str(bpe_run), "--out-dir", str(tmp_path / "ft"),
+                 "--block-size", "32", "--max-steps", "1", "--progress", "false"]) == 2
+    err = _one_line(capsys)
+    assert f"{char_data} was prepared with a 'char' tokenizer" in err and f"--init {bpe_run} uses a 'gpt2'" in err
+    assert not (tmp_path / "ft").exists()
+    # --resume on a folder prepared from another text: a char alphabet of its own, so other ids.
+    (tmp_path / "other.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    prepare(tmp_path / "other.txt", tmp_path / "other", tokenizer="char", progress=False)
+    before = (finished_run / "model.safetensors").read_bytes()
+    assert _train(tmp_path / "other", finished_run, "--max-steps", "6", "--resume") == 2
+    err = _one_line(capsys)
+    assert f"{tmp_path / 'other'} was prepared with a 'char' tokenizer" in err
+    assert f"the checkpoint {finished_run / 'ckpt-00000004'} uses a 'char' tokenizer" in err
+    assert (finished_run / "model.safetensors").read_bytes() == before
+
+
+def test_resume_refuses_a_log_resaved_by_a_spreadsheet(char_data: Path, finished_run: Path, capsys) -> None:
+    log = finished_run / "log.csv"
+    log.write_bytes(log.read_bytes().replace(b",", b";"))
+    before = log.read_bytes()
+    assert _train(char_data, finished_run, "--max-steps", "6", "--resume") == 2
+    err = _one_line(capsys)
+    assert f"{log}: its header" in err and "separated by ';'" in err and f"mv {log} {log}.old" in err
+    assert log.read_bytes() == before
+    log.rename(log.with_name("log.csv.old"))  # what the message says to do
+    assert _train(char_data, finished_run, "--max-steps", "6", "--resume") == 0
+    capsys.readouterr()
+    assert [r["step"] for r in csv.DictReader(log.open())][-1] == "6"

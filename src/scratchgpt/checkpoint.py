@@ -25,7 +25,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from scratchgpt.config import GPTConfig
-from scratchgpt.files import WriteError, atomic_write, atomic_write_text, file_mode, write_json  # noqa: F401 (API)
+from scratchgpt.files import (  # noqa: F401 (API)
+    WriteError,
+    atomic_write,
+    atomic_write_text,
+    check_overwrite,
+    file_mode,
+    write_json,
+)
 from scratchgpt.hf import config_from_hf, config_to_hf, hf_to_scratchgpt, scratchgpt_to_hf  # noqa: F401 (API)
 from scratchgpt.model.gpt import GPT
 
@@ -193,6 +200,7 @@ def _load_state_strict(model: GPT, state: dict[str, Tensor], *, source: str | Pa
             raise CheckpointError(
                 f"{source}: {k} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}"
             )
+    check_float_weights(state, source=source)
     model.load_state_dict(state, strict=False, assign=True)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
@@ -399,6 +407,11 @@ def load_any(
     else:
         model = load_hf(path_or_name, device=device, dtype=dtype)
         tokenizer = load_hf_tokenizer(_resolve_hf(path_or_name))
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        # Every id past the embedding would fail deep inside it (or, on a GPU, as a device-side assert).
+        raise CheckpointError(f"{path_or_name}: its tokenizer has {tokenizer.vocab_size:,} tokens but the model "
+                              f"only {model.config.vocab_size:,} embedding rows (vocab_size); they do not belong "
+                              f"together: restore the checkpoint's own tokenizer files")
     if quantize or inference_dtype:
         from scratchgpt.model.quantize import prepare_for_inference
 
@@ -455,14 +468,9 @@ def _check_header(path: Path) -> None:
 
 
 def check_prepare_dir(directory: str | Path, *, overwrite: bool = False) -> None:
-    """`prepare` writes train.bin, val.bin, meta.json and tokenizer files: never into a model or run folder."""
-    directory = Path(directory)
-    held = [n for n in folder_contents(directory) if n not in _DATA_FILES and n != "tokenizer.json"]
-    if held and not overwrite:
-        raise ValueError(
-            f"{directory} holds a model or training run ({', '.join(held)}); preparing data there would replace "
-            f"its tokenizer. Choose another --dir, or pass --overwrite to prepare there anyway"
-        )
+    """`prepare` writes train.bin, val.bin, meta.json and tokenizer files: never over earlier data, a model or
+    a run without --overwrite (other files, such as the source text, may share the folder)."""
+    check_overwrite(directory, overwrite=overwrite, flag="--dir", held=folder_contents(directory))
 
 
 
@@ -496,19 +504,17 @@ def save_quantized(model: nn.Module, run_dir: str | Path, *, tokenizer: Any = No
     return run_dir
 
 
-def quantize_checkpoint(src: str | Path, out: str | Path, mode: str = "int8") -> Path:
+def quantize_checkpoint(src: str | Path, out: str | Path, mode: str = "int8", *, overwrite: bool = False) -> Path:
     """Quantize checkpoint `src` once and save it as the new run directory `out` (`export --format int8`).
 
     The tokenizer and what chat and serve read from a run (its chat template, its task) travel with it.
-    `out` is written aside, then renamed into place; an existing non-empty `out` is refused rather than
-    replaced, as are classifiers, already-quantized models and unmerged LoRA adapters.
+    `out` is written aside, then renamed into place; an existing non-empty `out` is refused unless
+    `overwrite`, as are classifiers, already-quantized models and unmerged LoRA adapters.
     """
     from scratchgpt.model.quantize import quantize_model
 
     src, out = Path(src), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} already exists; a quantized export writes a new run directory: choose another "
-                         f"--out or delete it")
+    check_overwrite(out, overwrite=overwrite, flag="--out")
     run_cfg = read_run_config(src) if checkpoint_kind(src) == FORMAT else {}
     if run_cfg.get("task") == "classify":
         raise ValueError(f"{src} is a classifier (finetune classify); {mode} export is for language models")
@@ -720,7 +726,10 @@ def replace_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:  # a file the folder replaces (--overwrite)
+        old.unlink(missing_ok=True)
     return path
 
 
@@ -865,10 +874,8 @@ def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> Path
             f"{run_dir} already holds checkpoints (latest {existing.name}); pass --resume to continue that run, "
             f"--overwrite to start afresh there (deleting it), or choose another --out-dir"
         )
-    raise ValueError(
-        f"{run_dir} already holds {', '.join(held)}; refusing to train over it. Choose another --out-dir, or "
-        f"pass --overwrite to replace it"
-    )
+    check_overwrite(run_dir, overwrite=False, flag="--out-dir", held=held)  # held is not empty: it refuses
+    return None
 
 
 def clear_run_dir(run_dir: str | Path) -> None:
@@ -913,9 +920,19 @@ def read_training_checkpoint(ckpt_dir: str | Path) -> tuple[dict[str, Tensor], d
     return load_tensors(ckpt_dir / "model.safetensors"), load_tensors(ckpt_dir / TRAIN_STATE_TENSORS), state
 
 
+def check_float_weights(state: dict[str, Tensor], *, source: str | Path) -> None:
+    """CheckpointError unless every tensor is floating point: assigned, an integer tensor of the right shape
+    would become an integer weight (failing in the first matmul); copied, it would be cast without a word."""
+    bad = next((k for k, v in state.items() if not v.is_floating_point()), None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: {bad} is {str(state[bad].dtype).removeprefix('torch.')}, but weights are "
+                              f"floating point; the file is damaged or not this model's: restore it")
+
+
 def load_module_state(model: nn.Module, state: dict[str, Tensor], *, source: str | Path) -> None:
     """Copy `state` into `model` in place (a tied lm_head may be absent); any other mismatch is a CheckpointError."""
     own = model.state_dict()
+    check_float_weights({k: v for k, v in state.items() if k in own and own[k].is_floating_point()}, source=source)
     for k, v in state.items():
         if k in own and tuple(v.shape) != tuple(own[k].shape):
             raise CheckpointError(

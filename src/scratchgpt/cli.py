@@ -266,7 +266,7 @@ def _add_prepare(sub) -> None:
     p.add_argument("--no-progress", "--quiet", dest="progress", action="store_const", const=False,
                    help=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true",
-                   help="prepare into a folder that holds a model or run (its tokenizer files are replaced)")
+                   help="prepare into a folder that holds prepared data, a model or a run (replacing their files)")
     add_dataclass_args(p, DataConfig, skip=_PREPARE_ONLY_SKIP)
     p.set_defaults(func=_run_prepare)
 
@@ -380,6 +380,7 @@ def _add_finetune(sub) -> None:
     merge.add_argument("--base", required=True, help="the model the adapters were trained on (run dir, HF dir/name)")
     merge.add_argument("--adapters", required=True, help="folder holding adapter.safetensors + adapter_config.json")
     merge.add_argument("--out-dir", required=True, help="where to write the merged model")
+    merge.add_argument("--overwrite", action="store_true", help="replace a model or run already in --out-dir")
     merge.set_defaults(func=_run_finetune_merge)
 
 
@@ -417,7 +418,7 @@ def _run_finetune_merge(args: argparse.Namespace) -> int:
 
     from scratchgpt.training.finetune import merge_adapters
 
-    out = merge_adapters(args.base, args.adapters, args.out_dir)
+    out = merge_adapters(args.base, args.adapters, args.out_dir, overwrite=args.overwrite)
     print(json.dumps({"out_dir": str(out)}))
     return 0
 
@@ -439,13 +440,13 @@ def _add_classify(sub) -> None:
 
 def _run_classify(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
+    from scratchgpt.data.dataset import read_text
     from scratchgpt.training.modes.classify import classify_texts, load_classifier
 
     texts = list(args.texts)
     if args.file:
-        texts += [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts += [line for line in read_text(args.file).splitlines() if line.strip()]
     if not texts:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
@@ -579,6 +580,7 @@ def _add_export(sub) -> None:
     p.add_argument("--format", required=True, choices=["gguf", "onnx", "int8"], help="the format to write")
     p.add_argument("--out", required=True,
                    help="the file to write (model.gguf, model.onnx), or for int8 a new run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file or folder")
     p.add_argument("--gguf-dtype", default="float32", choices=["float32", "float16"],
                    help="GGUF weight type (default float32; llama-quantize makes Q8_0/Q4_K from it)")
     p.set_defaults(func=_run_export)
@@ -588,14 +590,15 @@ def _run_export(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from scratchgpt.checkpoint import load_any
+    from scratchgpt.checkpoint import check_overwrite, load_any
 
     src = Path(args.checkpoint)
+    check_overwrite(args.out, overwrite=args.overwrite, flag="--out")  # before any work
     if (src / "adapter_config.json").is_file() and not (src / "config.json").is_file():
         raise ValueError(f"{src} holds LoRA adapters only; merge them into their base first: scratchgpt finetune "
                          f"merge --base BASE --adapters {src} --out-dir MERGED, then export MERGED")
     if args.format == "int8":
-        return _export_int8(src, Path(args.out))
+        return _export_int8(src, Path(args.out), overwrite=args.overwrite)
     needs = ["gguf"] if args.format == "gguf" else ["onnx", "onnxscript"]
     for module in needs:
         try:
@@ -616,12 +619,12 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_int8(src: Path, out: Path) -> int:
+def _export_int8(src: Path, out: Path, *, overwrite: bool) -> int:
     import json
 
     from scratchgpt.checkpoint import quantize_checkpoint
 
-    out = quantize_checkpoint(src, out, "int8")
+    out = quantize_checkpoint(src, out, "int8", overwrite=overwrite)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(json.dumps({"format": "int8", "out": str(out), "bytes": size}))
     return 0

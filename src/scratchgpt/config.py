@@ -935,6 +935,7 @@ class EvalConfig:
     limit: int | None = field(default=None, metadata={"help": "score only the first N items of a task file"})
     out_dir: str = field(default="eval-reports", metadata={"help": "folder for the JSON and markdown reports"})
     name: str | None = field(default=None, metadata={"help": "report file name (default: task and data file)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace reports of the same name in out_dir"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:

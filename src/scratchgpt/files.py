@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either.
+"""Atomic file writes (a reader sees the old file or the new one, never half of either), and the one rule
+for replacing what is there (`check_overwrite`).
 
 Shared by the data stage (prepared folders) and checkpoints, so neither imports the other to write a file.
 """
@@ -9,7 +10,7 @@ import errno
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -81,3 +82,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def check_overwrite(path: str | Path, *, overwrite: bool, flag: str, held: Sequence[str] | None = None) -> None:
+    """The rule for every file or folder a command writes: what is there is replaced only with --overwrite.
+
+    A file that exists, or a folder holding `held` (the outputs it would replace; by default anything in
+    it), is refused with one line naming it and both ways out. Call it before any work, so a refusal
+    costs nothing. An empty or missing folder, a missing file, and `overwrite` pass.
+    """
+    path = Path(path)
+    if overwrite:
+        return
+    if path.is_dir():
+        held = list(held) if held is not None else sorted(p.name for p in path.iterdir())
+        if not held:
+            return
+        shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+        what = f"already holds {shown}"
+    elif path.exists() or path.is_symlink():
+        what = "already exists"
+    else:
+        return
+    raise ValueError(f"{path} {what}; pass --overwrite to replace it, or choose another {flag}")

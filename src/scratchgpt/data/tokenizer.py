@@ -156,6 +156,22 @@ class Tokenizer(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
 
+    def fingerprint(self) -> str:
+        """sha256 of what every id stands for (its bytes; which ids are special): equal for tokenizers whose
+        ids mean the same text, whatever their kind (GPT-2's files, a Hugging Face GPT-2 tokenizer.json)."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None:
+            h = hashlib.sha256(json.dumps(sorted(self.special_tokens.items())).encode())
+            for i in range(self.vocab_size):
+                token = self.decode_bytes([i])
+                h.update(len(token).to_bytes(4, "little") + token)  # length first: no two tables hash alike
+            cached = self.__dict__["_fingerprint"] = h.hexdigest()
+        return cached
+
+    def describe(self) -> str:
+        """For messages: "a 'char' tokenizer (65 tokens)"."""
+        return f"a {self.name!r} tokenizer ({self.vocab_size:,} tokens)"
+
     def _reject_specials(self, text: str) -> None:
         for special, token_id in self.special_tokens.items():
             if special in text:

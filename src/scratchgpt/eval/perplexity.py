@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scratchgpt.data.dataset import DataError, find_text_files, open_dataset, read_text
+from scratchgpt.data.dataset import DataError, check_token_files, find_text_files, open_dataset, read_text
 
 
 @dataclass
@@ -77,12 +77,15 @@ def text_document(text: str, tokenizer: Any, *, name: str = "text") -> Document:
     return Document(name, np.asarray(ids, dtype=np.int64), len(text.encode("utf-8")), count_words(text))
 
 
-def _token_file_document(path: Path, tokenizer: Any) -> Document:
-    """A prepared token file: DIR (its val.bin) or DIR/train.bin | DIR/val.bin (dtype from DIR/meta.json)."""
+def _token_file_document(path: Path, tokenizer: Any, vocab_size: int | None) -> Document:
+    """A prepared token file: DIR (its val.bin) or DIR/train.bin | DIR/val.bin (dtype from DIR/meta.json),
+    checked against the model's tokenizer and `vocab_size` (`check_token_files`)."""
     directory, split = (path, "val") if path.is_dir() else (path.parent, path.stem)
     ds = open_dataset(directory)
     if split not in ("train", "val"):
         raise DataError(f"{path}: a prepared token file is train.bin or val.bin inside a `scratchgpt prepare` folder")
+    check_token_files(ds, tokenizer=tokenizer, vocab_size=vocab_size, splits=(split,),
+                      hint="pass the text itself to --data (the model's tokenizer encodes it)")
     tokens = np.asarray(ds.tokens(split), dtype=np.int64)
     n_bytes = None
     if tokenizer is not None:
@@ -93,15 +96,16 @@ def _token_file_document(path: Path, tokenizer: Any) -> Document:
     return Document(str(ds.path(split)), tokens, n_bytes, None)
 
 
-def load_documents(source: Any, tokenizer: Any) -> list[Document]:
+def load_documents(source: Any, tokenizer: Any, *, vocab_size: int | None = None) -> list[Document]:
     """Documents from a path (text file, folder of .txt, glob, prepared folder or .bin), a list of paths,
-    token ids (one document) or a list of token-id lists; every document must hold at least one token."""
+    token ids (one document) or a list of token-id lists; every document must hold at least one token.
+    Prepared files must come from `tokenizer` and fit `vocab_size` (the model's), else DataError."""
     if isinstance(source, Document):
         docs = [source]
     elif isinstance(source, (str, Path)):
         path = Path(source)
         if path.suffix == ".bin" or (path.is_dir() and (path / "meta.json").is_file()):
-            docs = [_token_file_document(path, tokenizer)]
+            docs = [_token_file_document(path, tokenizer, vocab_size)]
         else:
             if tokenizer is None:
                 raise ValueError("scoring text needs the model's tokenizer")
@@ -112,7 +116,7 @@ def load_documents(source: Any, tokenizer: Any) -> list[Document]:
         tokens = np.asarray(source.cpu() if isinstance(source, torch.Tensor) else source, dtype=np.int64).ravel()
         docs = [Document("tokens", tokens)]
     elif isinstance(source, Sequence) and source:
-        docs = [d for item in source for d in load_documents(item, tokenizer)]
+        docs = [d for item in source for d in load_documents(item, tokenizer, vocab_size=vocab_size)]
     else:
         raise ValueError(f"nothing to score in {source!r}: pass text files, a prepared folder or token ids")
     for d in docs:
@@ -168,7 +172,7 @@ def evaluate_perplexity(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    docs = load_documents(source, tokenizer)
+    docs = load_documents(source, tokenizer, vocab_size=model.config.vocab_size)
     prefix = None
     if prefix_eot:
         if tokenizer is None:

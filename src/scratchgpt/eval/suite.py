@@ -36,6 +36,7 @@ from scratchgpt.config import (
     read_toml,
 )
 from scratchgpt.eval.report import build_report, model_info, report_stem, write_report
+from scratchgpt.files import check_overwrite
 
 
 class _Models:
@@ -58,8 +59,30 @@ class _Models:
         return self._lm
 
 
-def run_task(task: str, cfg: Any, common: EvalConfig, *, models: _Models | None = None) -> dict[str, Any]:
+def report_paths(task: str, cfg: Any, common: EvalConfig) -> tuple[Path, Path]:
+    """The JSON and markdown files a task's report goes to (known before it runs)."""
+    data = list(cfg.data) if task == "perplexity" else cfg.data
+    stem = report_stem(task, data, common.name)
+    return Path(common.out_dir) / f"{stem}.json", Path(common.out_dir) / f"{stem}.md"
+
+
+def check_reports(tasks: list[tuple[str, Any, EvalConfig]]) -> None:
+    """Before anything is evaluated: no report would replace an existing one (without --overwrite), nor
+    another task's of the same run."""
+    seen: set[Path] = set()
+    for task, cfg, common in tasks:
+        for path in report_paths(task, cfg, common):
+            if path in seen:
+                raise ValueError(f"two tasks would write {path}; give each table its own `name`")
+            seen.add(path)
+            check_overwrite(path, overwrite=common.overwrite, flag="--out-dir or --name")
+
+
+def run_task(task: str, cfg: Any, common: EvalConfig, *, models: _Models | None = None,
+             checked: bool = False) -> dict[str, Any]:
     """Run one task; write its JSON + markdown report; return the report (with "paths")."""
+    if not checked:
+        check_reports([(task, cfg, common)])
     models = models or _Models(common)
     settings = {**config_to_dict(common), **config_to_dict(cfg)}
     if task == "perplexity":
@@ -73,7 +96,7 @@ def run_task(task: str, cfg: Any, common: EvalConfig, *, models: _Models | None 
     else:
         raise ValueError(f"unknown eval task {task!r}; choose one of {list(EVAL_TASKS)}")
     report = build_report(task, settings=settings, **report)
-    json_path, md_path = write_report(report, common.out_dir, report_stem(task, report["data"], common.name))
+    json_path, md_path = write_report(report, common.out_dir, report_paths(task, cfg, common)[0].stem)
     report["paths"] = {"json": str(json_path), "markdown": str(md_path)}
     return report
 
@@ -170,8 +193,7 @@ def run_suite(path: str | Path, *, overrides: dict[str, Any] | None = None) -> l
             tasks.append((task, config_from_dict(cls, table, source=f"{path} [[{task}]] #{i + 1}"), name))
     if not tasks:
         raise ValueError(f"{path}: no tasks; add [[perplexity]], [[choice]], [[classify]] or [[judge]] tables")
+    runs = [(task, cfg, dataclasses.replace(common, name=name)) for task, cfg, name in tasks]
+    check_reports(runs)  # a refusal costs nothing: no model loaded, no task run
     models = _Models(common)
-    reports = []
-    for task, cfg, name in tasks:
-        reports.append(run_task(task, cfg, dataclasses.replace(common, name=name), models=models))
-    return reports
+    return [run_task(task, cfg, each, models=models, checked=True) for task, cfg, each in runs]

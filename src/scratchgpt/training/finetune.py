@@ -28,7 +28,9 @@ from torch import Tensor, nn
 from scratchgpt.checkpoint import (
     HF_MODEL_NAMES,
     CheckpointError,
+    check_overwrite,
     checkpoint_kind,
+    folder_contents,
     load_any,
     load_model,
     read_run_config,
@@ -45,7 +47,7 @@ from scratchgpt.config import (
     config_from_dict,
     config_to_dict,
 )
-from scratchgpt.data.dataset import DataError
+from scratchgpt.data.dataset import DataError, read_text
 from scratchgpt.data.tokenizer import CharTokenizer, Tokenizer, gpt2_tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT, CausalSelfAttention
 from scratchgpt.training.driver import Job, drive
@@ -77,7 +79,7 @@ def json_entries(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)  # UTF-8 (a byte order mark dropped); UTF-16 or bad bytes: one line naming the file
     if path.suffix.lower() == ".jsonl":
         items: list[tuple[str, Any]] = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -545,10 +547,12 @@ def run_mode(
     return FinetuneResult(Path(tcfg.out_dir), metrics, model, start.tokenizer, interrupted=result.interrupted)
 
 
-def merge_adapters(base: str, adapters: str | Path, out_dir: str | Path) -> Path:
-    """Apply saved LoRA adapters to `base`, fold them into its weights, and save a plain run directory."""
+def merge_adapters(base: str, adapters: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Apply saved LoRA adapters to `base`, fold them into its weights, and save a plain run directory
+    (`out_dir` must not hold a model or run unless `overwrite`)."""
     from scratchgpt.training.lora import load_adapters, read_adapter_config
 
+    check_overwrite(out_dir, overwrite=overwrite, flag="--out-dir", held=folder_contents(out_dir))
     meta = read_adapter_config(adapters)
     info = meta.get("info") or {}
     model, tokenizer = load_any(base)

@@ -8,7 +8,9 @@ matplotlib policy (the Agg canvas, no pyplot global state) for all of them.
 from __future__ import annotations
 
 import csv
+import io
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -114,9 +116,9 @@ class CsvLog:
         self.rows: list[dict[str, Any]] = []
         if keep_through_step is not None and path.is_file():
             # Resuming: rows past the checkpoint came from steps that are about to be redone.
-            columns, rows = read_log_table(path)
-            self.columns = columns or list(LOG_COLUMNS)
-            self.rows = [r for r in rows if r.get("step") and int(r["step"]) <= keep_through_step]
+            columns, rows = read_log_to_resume(path)
+            self.columns = columns
+            self.rows = [r for r in rows if int(r["step"]) <= keep_through_step]
         self._rewrite()
 
     def add(self, row: dict[str, Any]) -> None:
@@ -140,6 +142,63 @@ class CsvLog:
 
 def _format_row(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def read_log_to_resume(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a log.csv a resumed run appends to: every row kept, or a one-line ValueError.
+
+    The log is data: rewriting it with rows this reader could not parse would lose them. So a file whose
+    header is not ours (a spreadsheet re-saved it with ';' separators, a column renamed), a row of the wrong
+    width or a cell that is not a number is refused, saying what to do. What a crash mid-write leaves (a
+    last line without its line break that does not parse) is dropped with a note. A byte order mark and
+    CRLF or LF line ends are read as they are.
+    """
+    aside = (f"restore it as scratchgpt wrote it, or move it aside (mv {path} {path}.old) and resume again to "
+             f"start a new log at the checkpoint's step")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # drops a byte order mark an editor added
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 (byte offset {e.start}); {aside}") from None
+    records = [r for r in csv.reader(io.StringIO(text, newline="")) if r]  # blank lines hold no row
+    if not records:
+        return list(LOG_COLUMNS), []
+    header = records[0]
+    if header[: len(LOG_COLUMNS)] != list(LOG_COLUMNS) or len(set(header)) != len(header) or "" in header:
+        first = text.splitlines()[0]
+        sep = next((f" (its fields are separated by {c!r}, not ',')" for c in ";\t|" if c in first and
+                    len(header) == 1), "")
+        raise ValueError(f"{path}: its header {first[:60]!r}{'...' if len(first) > 60 else ''} is not the one "
+                         f"scratchgpt writes ({','.join(LOG_COLUMNS)},...){sep}; resuming would drop its rows: "
+                         f"{aside}")
+    rows: list[dict[str, str]] = []
+    cut_short = not text.endswith(("\n", "\r"))
+    for number, record in enumerate(records[1:], start=2):
+        problem = _row_problem(header, record)
+        if problem is None:
+            rows.append(dict(zip(header, record, strict=True)))
+        elif cut_short and number == len(records):
+            print(f"note: {path}: dropped its last line ({problem}): a run stopped while writing it",
+                  file=sys.stderr)
+        else:
+            raise ValueError(f"{path}: line {number}: {problem}; resuming would drop the rows it cannot read: "
+                             f"{aside}")
+    return header, rows
+
+
+def _row_problem(header: list[str], record: list[str]) -> str | None:
+    """Why a log.csv row cannot be kept, or None: it needs one cell per column, each empty or a number."""
+    if len(record) != len(header):
+        return f"{len(record)} fields where the header has {len(header)}"
+    for name, cell in zip(header, record, strict=True):
+        if not cell:
+            continue
+        try:
+            int(cell) if name == "step" else float(cell)
+        except ValueError:
+            return f"{name} is {cell[:30]!r}, not a number"
+    if not record[0]:
+        return "no step"
+    return None
 
 
 def read_log_table(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from scratchgpt.checkpoint import CheckpointError, load_model, read_run_config
 from scratchgpt.config import ClassifyConfig, LoRAConfig, TrainConfig
-from scratchgpt.data.dataset import DataError
+from scratchgpt.data.dataset import DataError, read_text
 from scratchgpt.data.tokenizer import Tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.finetune import (
@@ -84,7 +84,7 @@ def read_labeled_texts(
     elif fmt in ("csv", "tsv"):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such data file")
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
         rows = _read_csv(path, text, text_field, label_field) if fmt == "csv" else _read_tsv(
             path, text, text_field, label_field)
     else:

@@ -18,9 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from scratchgpt.checkpoint import check_prepare_dir, check_run_dir, read_json
+from scratchgpt.checkpoint import CheckpointError, check_prepare_dir, check_run_dir, latest_checkpoint, read_json
 from scratchgpt.config import DataConfig, RunConfig, SamplingConfig, TrainConfig, config_from_dict, merge_run_dicts
-from scratchgpt.data.dataset import DataError, RandomWindows, TokenDataset, make_sampler, open_dataset, prepare
+from scratchgpt.data.dataset import (
+    RandomWindows,
+    TokenDataset,
+    check_token_files,
+    make_sampler,
+    open_dataset,
+    prepare,
+)
+from scratchgpt.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.driver import Job, drive
 from scratchgpt.training.runtime import Runtime, all_reduce_mean, distributed_info, is_main, model_device, to_device
@@ -116,32 +124,46 @@ def _prepare_once(data: DataConfig, *, progress: bool) -> None:
         time.sleep(0.5)
 
 
-def build_model(run: RunConfig) -> GPT:
-    """The GPT to train: initialised from the seed, or loaded from `train.init_from` (a run directory or HF GPT-2)."""
+def start_model(run: RunConfig) -> tuple[GPT, Tokenizer | None]:
+    """(the GPT to train, the tokenizer its weights know): initialised from the seed (no tokenizer yet), or
+    loaded from `train.init_from` (a run directory or Hugging Face folder) with its tokenizer."""
     if run.train.init_from == "scratch":
-        return GPT(run.model, generator=torch.Generator().manual_seed(run.train.seed))
+        return GPT(run.model, generator=torch.Generator().manual_seed(run.train.seed)), None
     from scratchgpt.checkpoint import load_any
 
-    model, _ = load_any(run.train.init_from)
-    if model.config.vocab_size < run.model.vocab_size:
-        raise ValueError(f"{run.train.init_from}: its vocab_size {model.config.vocab_size} is smaller than the "
-                         f"data's tokenizer ({run.model.vocab_size})")
-    return model.train()
+    model, tokenizer = load_any(run.train.init_from)
+    return model.train(), tokenizer
 
 
-def check_data(ds: TokenDataset, run: RunConfig) -> int:
-    """Validate the prepared data against the run before anything trains; returns the block size."""
+def build_model(run: RunConfig) -> GPT:
+    """The GPT to train (see `start_model`)."""
+    return start_model(run)[0]
+
+
+def trained_tokenizer(run: RunConfig, start: Tokenizer | None) -> tuple[Tokenizer | None, str]:
+    """(the tokenizer of the weights training continues, where they come from): the checkpoint's when
+    --resume finds one, else --init's (`start`)."""
+    if run.train.resume:
+        try:
+            ckpt = latest_checkpoint(run.train.out_dir)
+        except CheckpointError:
+            ckpt = None  # the trainer refuses a broken `latest` with its own message
+        if ckpt is not None and (ckpt / TOKENIZER_FILE).is_file():
+            return load_tokenizer(ckpt), f"the checkpoint {ckpt}"
+    return start, f"--init {run.train.init_from}"
+
+
+def check_data(ds: TokenDataset, run: RunConfig, *, tokenizer: Tokenizer | None = None,
+               model: str = "the model") -> int:
+    """Validate the prepared data against the run (and the weights' `tokenizer`, named `model` in messages)
+    before anything trains; returns the block size."""
     block = run.data.block_size or run.model.n_positions
     if block > run.model.n_positions:
         raise ValueError(f"data.block_size={block} exceeds the model's context n_positions={run.model.n_positions}")
+    check_token_files(ds, tokenizer=tokenizer, vocab_size=run.model.vocab_size, model=model)
     if run.model.vocab_size > ds.vocab_size + 128 and is_main():
         print(f"note: model.vocab_size {run.model.vocab_size} is far above the tokenizer's {ds.vocab_size}; the "
               f"extra output rows only cost time (leave vocab_size unset to take the tokenizer's)", file=sys.stderr)
-    if ds.vocab_size > run.model.vocab_size:
-        raise DataError(
-            f"{ds.dir / 'meta.json'}: the tokenizer has {ds.vocab_size} tokens but the model's vocab_size is "
-            f"{run.model.vocab_size}; raise model.vocab_size or leave it unset to take the tokenizer's"
-        )
     ds.check_window("train", block)
     if int(ds.meta["val_tokens"]):
         ds.check_window("val", block)
@@ -153,10 +175,11 @@ def pretrain_job(run: RunConfig, runtime: Runtime) -> Job:
     if not run.data.dir:
         raise ValueError("no data: set [data] dir (a folder from `scratchgpt prepare`) in the config or --dir")
     ds = open_dataset(run.data.dir)
-    block = check_data(ds, run)
-    tokenizer = ds.tokenizer()
-    model = build_model(run)
+    model, start = start_model(run)
     run = dataclasses.replace(run, model=model.config)  # init_from decides the shape; record it
+    known, source = trained_tokenizer(run, start)
+    block = check_data(ds, run, tokenizer=known, model=source)
+    tokenizer = ds.tokenizer()
     cfg, info = run.train, runtime.dist
     batches = make_sampler(ds.tokens("train"), kind=run.data.sampler, block_size=block,
                            batch_size=cfg.batch_size, seed=cfg.seed, stride=run.data.stride,
