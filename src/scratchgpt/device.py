@@ -3,6 +3,7 @@ CPU), and what a device can do (native bfloat16). The one place that asks the ha
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,3 +52,19 @@ def cpu_capability() -> dict[str, Any]:
     caps = torch.cpu.get_capabilities()
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_name": caps.get("cpu_name"),
             "native_bf16": native_bf16("cpu"), "amx_bf16": bool(caps.get("amx_bf16"))}
+
+
+def last_level_cache_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """Size of the last-level data cache, from Linux sysfs (`cache_dir`: one CPU's), or None where unknown."""
+    sizes = {}
+    for index in cache_dir.glob("index*"):
+        try:
+            kind, level = (index / "type").read_text().strip(), int((index / "level").read_text())
+            size = (index / "size").read_text().strip()  # e.g. "266240K", "32M"
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:].upper(), 1)
+        digits = size[:-1] if unit > 1 else size
+        if kind in ("Data", "Unified") and digits.isdigit():
+            sizes[level] = int(digits) * unit
+    return sizes[max(sizes)] if sizes else None
