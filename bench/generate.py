@@ -77,12 +77,12 @@ def dram_read_bandwidth(*, repeats: int = 5) -> dict[str, object]:
 def bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes a batch-1 decode step reads: every parameter and buffer once, except embedding tables
     (one row each, negligible) that are not also a matrix the LM head multiplies by."""
-    from scratchgpt.inference.quantize import Int8Linear
+    from scratchgpt.inference.quantize import Int8Embedding, Int8Linear
 
     def own(m: torch.nn.Module) -> set[int]:
         return {id(t) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
 
-    tables = set().union(*(own(m) for m in model.modules() if isinstance(m, torch.nn.Embedding)))
+    tables = set().union(*(own(m) for m in model.modules() if isinstance(m, torch.nn.Embedding | Int8Embedding)))
     multiplied = set().union(*(own(m) for m in model.modules() if isinstance(m, torch.nn.Linear | Int8Linear)))
     # parameters() and buffers() list a tensor shared by two modules (a tied head) once.
     return sum(t.nbytes for t in (*model.parameters(), *model.buffers())
