@@ -63,6 +63,53 @@ def test_gguf_round_trip_names_shapes_values_and_vocabulary(tmp_path, gpt2_token
     assert all(tokens[256 + r] == merges[r].replace(" ", "") for r in (0, 1, 999, 49999))
 
 
+def gguf_gpt2_reference_logits(tensors: dict, meta: dict, ids: list[int]) -> torch.Tensor:
+    """Logits (T, V) computed the way llama.cpp's gpt2 architecture runs the file, from its tensors and
+    metadata only: LayerNorm with bias, fused q/k/v with bias, tanh GELU, learned positions."""
+    n_head, eps = meta["gpt2.attention.head_count"], meta["gpt2.attention.layer_norm_epsilon"]
+    T, F = len(ids), torch.nn.functional
+
+    def norm(x, name):
+        return F.layer_norm(x, x.shape[-1:], tensors[name + ".weight"], tensors[name + ".bias"], eps)
+
+    def lin(x, name):  # llama.cpp's gpt2 reads every bias: a missing one would raise KeyError here
+        return x @ tensors[name + ".weight"].T + tensors[name + ".bias"]
+
+    x = tensors["token_embd.weight"][ids] + tensors["position_embd.weight"][:T]
+    for i in range(meta["gpt2.block_count"]):
+        p = f"blk.{i}."
+        q, k, v = lin(norm(x, p + "attn_norm"), p + "attn_qkv").view(T, 3, n_head, -1).unbind(1)
+        att = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
+        x = x + lin(att.transpose(0, 1).reshape(T, -1), p + "attn_output")
+        x = x + lin(F.gelu(lin(norm(x, p + "ffn_norm"), p + "ffn_up"), approximate="tanh"), p + "ffn_down")
+    return norm(x, "output_norm") @ tensors.get("output.weight", tensors["token_embd.weight"]).T
+
+
+@pytest.mark.parametrize("qkv_bias", [None, True])
+def test_gguf_gpt2_without_biases_gets_zero_biases_and_the_same_logits(tmp_path, gpt2_tokenizer, qkv_bias):
+    """configs/demo.toml trains bias=False: llama.cpp's gpt2 needs every bias, so zeros are written."""
+    from scratchgpt.export.gguf import export_gguf, read_gguf_state
+
+    config = GPTConfig(vocab_size=gpt2_tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                       bias=False, qkv_bias=qkv_bias)
+    model = GPT(config, generator=torch.Generator().manual_seed(5)).eval()
+    with torch.no_grad():  # non-trivial norm gains and (where present) q/k/v biases
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    tensors, meta = read_gguf_state(export_gguf(model, gpt2_tokenizer, tmp_path / "m.gguf"))
+    assert meta["general.architecture"] == "gpt2"
+    assert torch.equal(tensors["blk.1.ffn_down.bias"], torch.zeros(32))
+    assert torch.equal(tensors["output_norm.bias"], torch.zeros(32))
+    qkv = model.transformer.h[0].attn.c_attn.bias
+    assert torch.equal(tensors["blk.0.attn_qkv.bias"], torch.zeros(96) if qkv is None else qkv.detach())
+    ids = gpt2_tokenizer.encode("Hello, my name is")
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0][0]
+    # Float32 throughout; only the order of the additions differs from scratchgpt's forward.
+    torch.testing.assert_close(gguf_gpt2_reference_logits(tensors, meta, ids), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_gguf_float16_halves_matrices_and_keeps_vectors_float32(tmp_path, gpt2_tokenizer):
     from scratchgpt.export.gguf import export_gguf
 

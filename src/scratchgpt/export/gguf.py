@@ -12,7 +12,8 @@ own tables), so the file runs in llama.cpp as if it had been converted from the 
     Qwen3                       qwen3               attn_q_norm / attn_k_norm
 
 GPT-2 names: h.N.ln_1 / attn.c_attn / attn.c_proj / ln_2 / mlp.c_fc / mlp.c_proj -> blk.N.attn_norm /
-attn_qkv / attn_output / ffn_norm / ffn_up / ffn_down. The Llama family goes through the one HF name
+attn_qkv / attn_output / ffn_norm / ffn_up / ffn_down; a model without biases gets zero ones (llama.cpp's
+gpt2 requires them). The Llama family goes through the one HF name
 map (hf.scratchgpt_to_hf, which splits our fused c_attn into q/k/v and c_fc into gate/up) and then
 gguf's own HF -> GGUF table: blk.N.attn_q, attn_k, attn_v, attn_output, attn_norm, ffn_gate, ffn_up,
 ffn_down, ffn_norm; token_embd, output_norm, and output unless tied to the embedding.
@@ -83,8 +84,6 @@ def gguf_architecture(config: GPTConfig) -> str:
             field == "n_inner" and value == 4 * config.n_embd
         ):
             unsupported.append(f"{field}={value!r}")
-    if not config.bias or config.attn_bias != config.bias:
-        unsupported.append(f"bias={config.bias}, qkv_bias={config.qkv_bias}")
     if config.head_dim not in (None, config.n_embd // config.n_head):
         unsupported.append(f"head_dim={config.head_dim}")
     if unsupported:
@@ -275,6 +274,12 @@ def _gpt2_tensors(state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tens
         if ours not in names:
             raise ValueError(f"no GGUF name for parameter {ours!r}")
         out[names[ours]] = tensor
+    # llama.cpp's gpt2 architecture requires every bias (norms and projections). A model trained
+    # without them (bias=False) computes exactly what zero biases compute, so those are written.
+    for ours, theirs in names.items():
+        weight = state.get(ours.removesuffix(".bias") + ".weight")
+        if ours.endswith(".bias") and ours not in state and weight is not None:
+            out[theirs] = torch.zeros(weight.shape[0], dtype=weight.dtype)
     return out
 
 
