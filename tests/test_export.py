@@ -124,6 +124,46 @@ def test_gguf_float16_halves_matrices_and_keeps_vectors_float32(tmp_path, gpt2_t
     assert np.abs(data["blk.0.ffn_up.weight"].reshape(ref.shape).astype(np.float32) - ref).max() < 1e-4
 
 
+def test_gguf_q8_0_dequantizes_to_within_half_a_step_and_runs_to_the_same_logits(tmp_path, gpt2_tokenizer, capsys):
+    from scratchgpt.cli import main
+    from scratchgpt.export.gguf import export_gguf, read_gguf_state
+
+    # n_embd 48: rows of 48 values are not whole Q8_0 blocks (32) and fall back to float16, as in
+    # llama.cpp's converter; ffn_down's rows (192 values) quantize.
+    config = GPTConfig(vocab_size=gpt2_tokenizer.vocab_size, n_positions=64, n_embd=48, n_layer=2, n_head=4)
+    model = GPT(config, generator=torch.Generator().manual_seed(6)).eval()
+    save_model(model, tmp_path / "run", tokenizer=gpt2_tokenizer)
+    path = tmp_path / "m.gguf"
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "gguf", "--gguf-dtype", "q8_0",
+                 "--out", str(path)]) == 0
+    capsys.readouterr()
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    Q8, F16, F32 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
+    assert (types["blk.0.ffn_down.weight"], types["blk.0.attn_qkv.weight"], types["token_embd.weight"]) == (
+        Q8, F16, F16)
+    assert types["position_embd.weight"] == types["blk.0.attn_norm.weight"] == types["blk.0.ffn_down.bias"] == F32
+    assert int(reader.get_field("general.file_type").contents()) == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    tensors, meta = read_gguf_state(path)
+    # Q8_0: per block of 32 weights, d = max|w| / 127, q = round(w / d), d then stored as float16: the
+    # error is at most half a step plus |q| ≤ 127 times d's float16 rounding.
+    w = model.transformer.h[0].mlp.c_proj.weight.detach().view(-1, 32)
+    d = w.abs().amax(dim=1, keepdim=True) / 127
+    bound = d / 2 + 127 * (d.half().float() - d).abs() + 1e-7
+    assert ((tensors["blk.0.ffn_down.weight"].view(-1, 32) - w).abs() <= bound).all()
+    ids = gpt2_tokenizer.encode("Hello, my name is")
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0][0]
+    got = gguf_gpt2_reference_logits(tensors, meta, ids)
+    # Q8_0 tolerance: 8-bit blocks (and float16 elsewhere) move the logits by well under 1% of their norm.
+    assert (got - ref).norm() / ref.norm() < 0.01
+    assert not torch.equal(got, ref)  # the weights really were rounded
+    f32 = export_gguf(model, gpt2_tokenizer, tmp_path / "f32.gguf")
+    sizes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(f32)).tensors}
+    assert {t.name: int(t.n_bytes) for t in reader.tensors}["blk.0.ffn_down.weight"] * 128 == (
+        sizes["blk.0.ffn_down.weight"] * 34)  # 34 bytes per 32 weights instead of 128
+
+
 def test_gguf_refuses_other_tokenizers_and_quantized_models(tmp_path, gpt2_tokenizer):
     from scratchgpt.data.tokenizer import build_tokenizer
     from scratchgpt.export.gguf import export_gguf
@@ -480,6 +520,22 @@ def test_gguf_llama_family_float16(exported_family, tmp_path):
     data = {t.name: np.array(t.data).astype(np.float32) for t in reader.tensors}
     ref = tensors32["blk.0.attn_k.weight"].numpy()
     assert np.abs(data["blk.0.attn_k.weight"].reshape(ref.shape) - ref).max() < 1e-3
+
+
+def test_gguf_llama_family_q8_0_runs_to_the_transformers_logits(exported_family, tmp_path):
+    from scratchgpt.export.gguf import export_gguf, read_gguf_state
+
+    _, hf, _, model, tok, _, _ = exported_family
+    path = export_gguf(model, tok, tmp_path / "m8.gguf", dtype="q8_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+    assert gguf.GGMLQuantizationType.Q8_0 in types.values()
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    tensors, meta = read_gguf_state(path)  # dequantized
+    ids = torch.randint(0, VOCAB, (17,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0]
+    # Q8_0 tolerance: 8-bit blocks of 32 move the logits by well under 1% of their norm.
+    assert (gguf_reference_logits(tensors, meta, ids) - theirs).norm() / theirs.norm() < 0.01
 
 
 def test_cli_exports_a_qwen3_folder(tmp_path, capsys):

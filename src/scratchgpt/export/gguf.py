@@ -40,7 +40,7 @@ from scratchgpt.config import GPTConfig
 from scratchgpt.data.tokenizer import EOT_TEXT
 from scratchgpt.model.gpt import GPT, rope_inv_freq
 
-GGUF_DTYPES = ("float32", "float16")
+GGUF_DTYPES = ("float32", "float16", "q8_0")
 
 # The splitting regex of a byte-level BPE tokenizer.json -> the pre-tokenizer name llama.cpp knows it
 # by (llama.cpp carries its own copy of each regex and picks it by this name).
@@ -353,8 +353,10 @@ def export_gguf(model: GPT, tokenizer: Any, path: str | Path, *, dtype: str = "f
                 name: str = "scratchgpt") -> Path:
     """Write `model` and its tokenizer as a GGUF file for llama.cpp; returns the path.
 
-    dtype "float16" halves the file (norms, biases, position embeddings and rope_freqs stay
-    float32, as llama.cpp's own converter does for 1-D tensors).
+    dtype "float16" halves the file, "q8_0" (llama.cpp's int8: blocks of 32 weights with one float16
+    scale, quantized by gguf-py's bit-exact port of ggml's quantizer) nearly quarters it. Either way
+    only matrices change: norms, biases, position embeddings and rope_freqs stay float32, and a matrix
+    whose rows are not a multiple of 32 goes to float16, as llama.cpp's own converter does.
     """
     import gguf
 
@@ -387,7 +389,8 @@ def export_gguf(model: GPT, tokenizer: Any, path: str | Path, *, dtype: str = "f
             w.add_rope_freq_base(c.rope_theta)
             w.add_layer_norm_rms_eps(c.layer_norm_epsilon)
             w.add_vocab_size(c.vocab_size)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "float16" else gguf.LlamaFileType.ALL_F32)
+        w.add_file_type({"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16,
+                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(vocab.pre)
         w.add_token_list(vocab.tokens)
@@ -401,10 +404,10 @@ def export_gguf(model: GPT, tokenizer: Any, path: str | Path, *, dtype: str = "f
         if vocab.chat_template:
             w.add_chat_template(vocab.chat_template)
         for gguf_name, tensor in tensors.items():
-            array = tensor.numpy()
-            if dtype == "float16" and array.ndim == 2 and gguf_name not in keep_f32:
-                array = array.astype(np.float16)
-            w.add_tensor(gguf_name, np.ascontiguousarray(array))
+            array, raw_dtype = tensor.numpy(), None
+            if dtype != "float32" and array.ndim == 2 and gguf_name not in keep_f32:
+                array, raw_dtype = _encode_matrix(array, dtype)
+            w.add_tensor(gguf_name, np.ascontiguousarray(array), raw_dtype=raw_dtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -415,9 +418,21 @@ def export_gguf(model: GPT, tokenizer: Any, path: str | Path, *, dtype: str = "f
     return path
 
 
+def _encode_matrix(array: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
+    """A 2-D float32 matrix as GGUF stores it for `dtype`: (data, raw GGML type or None for numpy's own)."""
+    import gguf
+
+    if dtype == "q8_0":
+        try:
+            return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+        except gguf.QuantError:  # rows not a multiple of Q8_0's 32-value blocks
+            pass
+    return array.astype(np.float16), None
+
+
 def read_gguf_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors by GGUF name as float32, every metadata field but the GGUF header's) read back with
-    gguf.GGUFReader (for tests and checks)."""
+    """(tensors by GGUF name as float32, quantized ones dequantized; every metadata field but the GGUF
+    header's) read back with gguf.GGUFReader (for tests and checks)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -425,6 +440,7 @@ def read_gguf_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     for t in reader.tensors:
         # GGUF lists dimensions fastest-first (ne); numpy's shape is the reverse.
         shape = tuple(int(d) for d in reversed(t.shape))
-        tensors[t.name] = torch.from_numpy(np.array(t.data).reshape(shape).astype(np.float32))
+        values = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
+        tensors[t.name] = torch.from_numpy(values.reshape(shape).astype(np.float32))
     meta = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
     return tensors, meta
