@@ -110,6 +110,52 @@ def test_gguf_gpt2_without_biases_gets_zero_biases_and_the_same_logits(tmp_path,
     torch.testing.assert_close(gguf_gpt2_reference_logits(tensors, meta, ids), ref, rtol=1e-4, atol=1e-4)
 
 
+def bpe_encode(text: str, tokens: list[str], merges: list[str]) -> list[int]:
+    """Byte-level BPE as llama.cpp applies a GGUF vocabulary: each byte one symbol (GPT-2's spelling),
+    then the lowest-ranked adjacent pair merged until none is in `merges`. Splitting text into words
+    first changes nothing here (no merge crosses a character), so it is skipped."""
+    from scratchgpt.data.tokenizer import _gpt2_byte_to_unicode
+
+    spell, rank = _gpt2_byte_to_unicode(), {tuple(m.split(" ")): r for r, m in enumerate(merges)}
+    ids = {t: i for i, t in enumerate(tokens)}
+    symbols = [spell[b] for b in text.encode("utf-8")]
+    while True:
+        ranked = [(rank[pair], i) for i, pair in enumerate(zip(symbols[:-1], symbols[1:], strict=True)) if pair in rank]
+        if not ranked:
+            return [ids[s] for s in symbols]
+        _, i = min(ranked)
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+
+
+@pytest.mark.parametrize("text", ["First Citizen:\nBefore we proceed any further, hear me speak.\n",
+                                  "café — “quoted” 🙂 naïve\n"])
+def test_gguf_char_tokenizer_model_same_ids_and_logits(tmp_path, text):
+    """The demo and the speedrun train char-level models: their alphabet goes in as byte-level BPE that
+    splits text exactly as the char tokenizer does (ASCII: no merges; multi-byte characters: merge chains)."""
+    from scratchgpt.cli import main
+    from scratchgpt.data.tokenizer import build_tokenizer
+    from scratchgpt.export.gguf import read_gguf_state
+
+    tok = build_tokenizer("char", text=text)
+    config = GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4, bias=False)
+    model = GPT(config, generator=torch.Generator().manual_seed(7)).eval()
+    save_model(model, tmp_path / "run", tokenizer=tok)
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "gguf", "--out",
+                 str(tmp_path / "m.gguf")]) == 0
+    tensors, meta = read_gguf_state(tmp_path / "m.gguf")
+    tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
+    assert len(tokens) == tok.vocab_size and tokens[tok.eot_id] == "<|endoftext|>"
+    assert meta["tokenizer.ggml.token_type"][tok.eot_id] == int(gguf.TokenType.CONTROL)
+    assert meta["tokenizer.ggml.eos_token_id"] == tok.eot_id and meta["tokenizer.ggml.pre"] == "gpt-2"
+    ids = tok.encode(text)
+    assert bpe_encode(text, tokens, merges) == ids
+    assert len(merges) == len(set(merges))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids[:64]]))[0][0]
+    # Float32 throughout; only the order of the additions differs from scratchgpt's forward.
+    torch.testing.assert_close(gguf_gpt2_reference_logits(tensors, meta, ids[:64]), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_gguf_float16_halves_matrices_and_keeps_vectors_float32(tmp_path, gpt2_tokenizer):
     from scratchgpt.export.gguf import export_gguf
 
@@ -165,13 +211,14 @@ def test_gguf_q8_0_dequantizes_to_within_half_a_step_and_runs_to_the_same_logits
 
 
 def test_gguf_refuses_other_tokenizers_and_quantized_models(tmp_path, gpt2_tokenizer):
-    from scratchgpt.data.tokenizer import build_tokenizer
     from scratchgpt.export.gguf import export_gguf
     from scratchgpt.inference.quantize import quantize_model
 
-    chars = build_tokenizer("char", text="hello world")
-    with pytest.raises(ValueError, match="embeds a byte-level BPE tokenizer .*; this model uses 'char'"):
-        export_gguf(tiny(chars.vocab_size), chars, tmp_path / "c.gguf")
+    class Words:
+        name = "words"
+
+    with pytest.raises(ValueError, match="embeds a byte-level BPE tokenizer .*; this model uses 'words'"):
+        export_gguf(tiny(gpt2_tokenizer.vocab_size), Words(), tmp_path / "c.gguf")
     with pytest.raises(ValueError, match="takes a float model"):
         export_gguf(quantize_model(tiny(gpt2_tokenizer.vocab_size)), gpt2_tokenizer, tmp_path / "q.gguf")
     assert not list(tmp_path.iterdir())  # nothing half-written

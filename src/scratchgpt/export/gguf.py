@@ -124,9 +124,10 @@ def check_gguf_supported(model: GPT, tokenizer: Any) -> str:
         raise ValueError("GGUF export takes a plain model; this one has LoRA adapters attached: merge them first "
                          "(scratchgpt finetune merge, or training.lora.merge_lora)")
     kind = getattr(tokenizer, "name", type(tokenizer).__name__)
-    if not ((kind == "gpt2" and hasattr(tokenizer, "_files")) or (kind == "hf" and hasattr(tokenizer, "_json"))):
+    if not ((kind == "gpt2" and hasattr(tokenizer, "_files")) or (kind == "hf" and hasattr(tokenizer, "_json"))
+            or (kind == "char" and hasattr(tokenizer, "chars"))):
         raise ValueError(f"GGUF export embeds a byte-level BPE tokenizer (GPT-2's, or a Llama 3 / Qwen "
-                         f"tokenizer.json); this model uses {kind!r}, which llama.cpp cannot run")
+                         f"tokenizer.json) or a char alphabet; this model uses {kind!r}, which llama.cpp cannot run")
     return arch
 
 
@@ -233,10 +234,51 @@ def hf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
     return GGUFVocab(tokens, types, merges, pre, bos_id, tokenizer.eot_id, add_bos, tokenizer.chat_template)
 
 
+def char_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
+    """A char tokenizer as byte-level BPE: one token per character (its UTF-8 bytes in GPT-2's byte-to-unicode
+    spelling), then <|endoftext|>, padded to `vocab_size`.
+
+    ASCII characters are single bytes, so an ASCII alphabet needs no merges: BPE leaves every character
+    its own token, exactly as the char tokenizer splits text. A multi-byte character (é, ’) is rebuilt
+    from its bytes by a chain of merges (lead byte + next byte, then + the next, ...); every merge starts
+    at a lead byte, so none can join two characters.
+    """
+    import gguf
+
+    from scratchgpt.data.tokenizer import _gpt2_byte_to_unicode
+
+    spell = _gpt2_byte_to_unicode()
+    tokens, merges = [], []
+    for char in tokenizer.chars:
+        pieces = [spell[b] for b in char.encode("utf-8")]
+        for i in range(1, len(pieces)):
+            merge = f"{''.join(pieces[:i])} {pieces[i]}"
+            if merge not in merges:  # "—" and "“" share their first two bytes, so the first merge too
+                merges.append(merge)
+        tokens.append("".join(pieces))
+    if not merges:
+        # llama.cpp refuses a BPE vocabulary without a merges list, and gguf-py drops empty lists: one
+        # merge that never applies (a word's symbols start as single characters; this left side is two).
+        merges.append(f"{spell[32] * 2} {spell[32]}")
+    types = [int(gguf.TokenType.NORMAL)] * len(tokens)
+    tokens.append(EOT_TEXT)
+    types.append(int(gguf.TokenType.CONTROL))
+    if len(tokens) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokens)} tokens but the model's vocabulary is {vocab_size}")
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]")
+        types.append(int(gguf.TokenType.UNUSED))
+    eot = tokenizer.eot_id
+    return GGUFVocab(tokens, types, merges, "gpt-2", eot, eot, False, getattr(tokenizer, "chat_template", None))
+
+
 def gguf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
-    """The GGUF vocabulary of a GPT-2 tokenizer or an HF tokenizer.json one, padded to `vocab_size`."""
+    """The GGUF vocabulary of a GPT-2 tokenizer, an HF tokenizer.json one or a char alphabet, padded to
+    `vocab_size`."""
     if getattr(tokenizer, "name", None) == "hf":
         return hf_vocab(tokenizer, vocab_size)
+    if getattr(tokenizer, "name", None) == "char":
+        return char_vocab(tokenizer, vocab_size)
     tokens, types, merges = gpt2_vocab(tokenizer)
     if len(tokens) != vocab_size:
         raise ValueError(f"the tokenizer has {len(tokens)} tokens but the model's vocabulary is {vocab_size}")
