@@ -111,20 +111,24 @@ def test_gguf_gpt2_without_biases_gets_zero_biases_and_the_same_logits(tmp_path,
 
 
 def bpe_encode(text: str, tokens: list[str], merges: list[str]) -> list[int]:
-    """Byte-level BPE as llama.cpp applies a GGUF vocabulary: each byte one symbol (GPT-2's spelling),
-    then the lowest-ranked adjacent pair merged until none is in `merges`. Splitting text into words
-    first changes nothing here (no merge crosses a character), so it is skipped."""
-    from scratchgpt.data.tokenizer import _gpt2_byte_to_unicode
+    """Byte-level BPE as llama.cpp applies a GGUF vocabulary with the gpt-2 pre-tokenizer: GPT-2's regex
+    splits the text; in each piece every byte is one symbol (GPT-2's spelling), then the lowest-ranked
+    (then leftmost) adjacent pair is merged until no pair is in `merges`; symbols are looked up by text."""
+    from scratchgpt.data.tokenizer import GPT2_PATTERN, Pretokenizer, _gpt2_byte_to_unicode
 
     spell, rank = _gpt2_byte_to_unicode(), {tuple(m.split(" ")): r for r, m in enumerate(merges)}
-    ids = {t: i for i, t in enumerate(tokens)}
-    symbols = [spell[b] for b in text.encode("utf-8")]
-    while True:
-        ranked = [(rank[pair], i) for i, pair in enumerate(zip(symbols[:-1], symbols[1:], strict=True)) if pair in rank]
-        if not ranked:
-            return [ids[s] for s in symbols]
-        _, i = min(ranked)
-        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    ids, out = {t: i for i, t in enumerate(tokens)}, []
+    for piece in Pretokenizer(GPT2_PATTERN).findall(text):
+        symbols = [spell[b] for b in piece.encode("utf-8")]
+        while True:
+            pairs = enumerate(zip(symbols[:-1], symbols[1:], strict=True))
+            ranked = [(rank[pair], i) for i, pair in pairs if pair in rank]
+            if not ranked:
+                break
+            _, i = min(ranked)
+            symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+        out += [ids[s] for s in symbols]
+    return out
 
 
 @pytest.mark.parametrize("text", ["First Citizen:\nBefore we proceed any further, hear me speak.\n",
@@ -154,6 +158,28 @@ def test_gguf_char_tokenizer_model_same_ids_and_logits(tmp_path, text):
         ref = model(torch.tensor([ids[:64]]))[0][0]
     # Float32 throughout; only the order of the additions differs from scratchgpt's forward.
     torch.testing.assert_close(gguf_gpt2_reference_logits(tensors, meta, ids[:64]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_trained_bpe_tokenizer_model_same_ids_and_logits(tmp_path):
+    """`tokenizer = "bpe"` (byte-level BPE trained by scratchgpt) goes in with its merges, spelled as GPT-2's."""
+    from scratchgpt.data.tokenizer import build_tokenizer
+    from scratchgpt.export.gguf import export_gguf, read_gguf_state
+
+    corpus = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak. café café\n" * 3
+    tok = build_tokenizer("bpe", text=corpus, vocab_size=300)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4),
+                generator=torch.Generator().manual_seed(8)).eval()
+    tensors, meta = read_gguf_state(export_gguf(model, tok, tmp_path / "m.gguf"))
+    tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
+    assert len(tokens) == tok.vocab_size and len(merges) == len(tok.merges)
+    assert meta["tokenizer.ggml.token_type"][tok.eot_id] == int(gguf.TokenType.CONTROL)
+    for text in ("Before we speak, citizen: café!\n", "All: further\n\nhear  me"):
+        ids = tok.encode(text)
+        assert bpe_encode(text, tokens, merges) == ids, text
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0][0]
+    # Float32 throughout; only the order of the additions differs from scratchgpt's forward.
+    torch.testing.assert_close(gguf_gpt2_reference_logits(tensors, meta, ids), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_gguf_float16_halves_matrices_and_keeps_vectors_float32(tmp_path, gpt2_tokenizer):
@@ -219,6 +245,15 @@ def test_gguf_refuses_other_tokenizers_and_quantized_models(tmp_path, gpt2_token
 
     with pytest.raises(ValueError, match="embeds a byte-level BPE tokenizer .*; this model uses 'words'"):
         export_gguf(tiny(gpt2_tokenizer.vocab_size), Words(), tmp_path / "c.gguf")
+    from scratchgpt.data.tokenizer import ByteBPETokenizer
+
+    # Two merge paths to the same bytes ("ab"+"c" and "a"+"bc"): llama.cpp looks tokens up by text.
+    twice = ByteBPETokenizer([(97, 98), (98, 99), (256, 99), (97, 257)])
+    with pytest.raises(ValueError, match="tokens 258 and 259 .* are the same bytes"):
+        export_gguf(tiny(twice.vocab_size), twice, tmp_path / "b.gguf")
+    own_regex = ByteBPETokenizer([(97, 98)], pattern=r"\w+|\s+|.")
+    with pytest.raises(ValueError, match="splits text with its own regex"):
+        export_gguf(tiny(own_regex.vocab_size), own_regex, tmp_path / "r.gguf")
     with pytest.raises(ValueError, match="takes a float model"):
         export_gguf(quantize_model(tiny(gpt2_tokenizer.vocab_size)), gpt2_tokenizer, tmp_path / "q.gguf")
     assert not list(tmp_path.iterdir())  # nothing half-written

@@ -125,9 +125,10 @@ def check_gguf_supported(model: GPT, tokenizer: Any) -> str:
                          "(scratchgpt finetune merge, or training.lora.merge_lora)")
     kind = getattr(tokenizer, "name", type(tokenizer).__name__)
     if not ((kind == "gpt2" and hasattr(tokenizer, "_files")) or (kind == "hf" and hasattr(tokenizer, "_json"))
-            or (kind == "char" and hasattr(tokenizer, "chars"))):
-        raise ValueError(f"GGUF export embeds a byte-level BPE tokenizer (GPT-2's, or a Llama 3 / Qwen "
-                         f"tokenizer.json) or a char alphabet; this model uses {kind!r}, which llama.cpp cannot run")
+            or (kind == "char" and hasattr(tokenizer, "chars")) or (kind == "bpe" and hasattr(tokenizer, "merges"))):
+        raise ValueError(f"GGUF export embeds a byte-level BPE tokenizer (GPT-2's, a trained one, or a Llama 3 / "
+                         f"Qwen tokenizer.json) or a char alphabet; this model uses {kind!r}, which llama.cpp "
+                         f"cannot run")
     return arch
 
 
@@ -272,13 +273,52 @@ def char_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
     return GGUFVocab(tokens, types, merges, "gpt-2", eot, eot, False, getattr(tokenizer, "chat_template", None))
 
 
+def bpe_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
+    """A byte-level BPE trained by scratchgpt (`tokenizer = "bpe"`) in GGUF's terms: every token's bytes in
+    GPT-2's byte-to-unicode spelling, its merges as "left right", GPT-2's splitting regex.
+
+    llama.cpp merges by token text, so two tokens with the same bytes (different merge paths can build
+    the same string) or another splitting regex could not be run exactly: both are refused.
+    """
+    import gguf
+
+    from scratchgpt.data.tokenizer import GPT2_PATTERN, _gpt2_byte_to_unicode
+
+    if getattr(tokenizer, "_pattern", GPT2_PATTERN) != GPT2_PATTERN:
+        raise ValueError("GGUF export: this trained BPE tokenizer splits text with its own regex; llama.cpp's "
+                         "gpt-2 pre-tokenizer knows only GPT-2's, so no file was written")
+    spell = _gpt2_byte_to_unicode()
+    specials = {i: text for text, i in tokenizer.special_tokens.items()}
+    tokens = [specials[i] if i in specials else "".join(spell[b] for b in tokenizer.decode_bytes([i]))
+              for i in range(tokenizer.vocab_size)]
+    seen: dict[str, int] = {}
+    for i, text in enumerate(tokens):
+        if text in seen:
+            raise ValueError(f"GGUF export: tokens {seen[text]} and {i} of this trained BPE tokenizer are the same "
+                             f"bytes ({text!r}); llama.cpp looks tokens up by text, so no file was written")
+        seen[text] = i
+    if len(tokens) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokens)} tokens but the model's vocabulary is {vocab_size}")
+    types = [int(gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL) for i in range(len(tokens))]
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]")
+        types.append(int(gguf.TokenType.UNUSED))
+    merges = [f"{tokens[a]} {tokens[b]}" for a, b in tokenizer.merges]
+    if not merges:  # llama.cpp needs the list, gguf-py drops an empty one (see char_vocab)
+        merges.append(f"{spell[32] * 2} {spell[32]}")
+    eot = tokenizer.eot_id
+    return GGUFVocab(tokens, types, merges, "gpt-2", eot, eot, False, getattr(tokenizer, "chat_template", None))
+
+
 def gguf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
-    """The GGUF vocabulary of a GPT-2 tokenizer, an HF tokenizer.json one or a char alphabet, padded to
-    `vocab_size`."""
+    """The GGUF vocabulary of a GPT-2 tokenizer, a trained byte-level BPE, an HF tokenizer.json one or a
+    char alphabet, padded to `vocab_size`."""
     if getattr(tokenizer, "name", None) == "hf":
         return hf_vocab(tokenizer, vocab_size)
     if getattr(tokenizer, "name", None) == "char":
         return char_vocab(tokenizer, vocab_size)
+    if getattr(tokenizer, "name", None) == "bpe":
+        return bpe_vocab(tokenizer, vocab_size)
     tokens, types, merges = gpt2_vocab(tokenizer)
     if len(tokens) != vocab_size:
         raise ValueError(f"the tokenizer has {len(tokens)} tokens but the model's vocabulary is {vocab_size}")
