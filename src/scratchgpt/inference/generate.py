@@ -280,7 +280,7 @@ def set_decode_path(model: GPT, path: DecodePath) -> None:
 
 @torch.inference_mode()
 def choose_decode_path(
-    model: GPT, *, repeats: int = 2, step_time: Callable[[DecodePath], float] | None = None,
+    model: GPT, *, repeats: int = 3, step_time: Callable[[DecodePath], float] | None = None,
 ) -> DecodePath:
     """Measure, once per model, which `Linear` layers decode faster with the few-row path; set it.
 
@@ -291,8 +291,9 @@ def choose_decode_path(
     two paths rank differently there (Zen 4: 58 vs 40 GB/s cache-resident but 12.7 vs 26 GB/s from
     DRAM for the V-wide head). The head is its own group because its shape (V × C, ~30% of GPT-2's
     weights) ranks the paths differently from the block layers on some CPUs.
-    Costs about 2·`repeats`+3 decode steps; the answer is kept on the model, so later calls return at
-    once. `step_time(path)` replaces the measurement (seconds for one step), for tests.
+    Costs 3·`repeats` decode steps (the first round also warms every path up; best-of discards it);
+    the answer is kept on the model, so later calls return at once. `step_time(path)` replaces the
+    measurement (seconds for one step), for tests.
     """
     chosen = getattr(model, "_decode_path", None)
     if chosen is not None:
@@ -300,7 +301,7 @@ def choose_decode_path(
     weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
     measurable = all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
     path = DecodePath()
-    if weights and model.config.n_positions > 1 and (measurable or step_time is not None):
+    if weights and (measurable or step_time is not None):
         candidates = (DecodePath(), DecodePath(blocks=True), DecodePath(head=True))
         step_time = step_time or _decode_step_timer(model)
         best = dict.fromkeys(candidates, float("inf"))
@@ -314,19 +315,13 @@ def choose_decode_path(
 
 
 def _decode_step_timer(model: GPT) -> Callable[[DecodePath], float]:
-    """Seconds for one real decode step (batch 1, one cached token) with the given path; warms each path."""
-    cache = KVCache.empty(model.config, batch_size=1, max_len=2, device="cpu", dtype=torch.float32)
+    """Seconds for one real decode step (batch 1, one token into the KV cache) with the given path."""
+    cache = KVCache.empty(model.config, batch_size=1, max_len=1, device="cpu", dtype=torch.float32)
     token = torch.zeros(1, 1, dtype=torch.long)
-    prefill(model, token, cache, mask=None, positions=None)
-    warm: set[DecodePath] = set()
 
     def step_time(path: DecodePath) -> float:
         set_decode_path(model, path)
-        if path not in warm:  # the first call of a path pays one-off costs (allocations, BLAS set-up)
-            warm.add(path)
-            cache.length = 1
-            decode_one_token(model, token, cache, positions=None)
-        cache.length = 1  # the same step every time: position 1 after one cached token
+        cache.length = 0  # the same step every time: the first token, so no prefill is needed
         t0 = time.perf_counter()
         decode_one_token(model, token, cache, positions=None)
         return time.perf_counter() - t0
