@@ -19,6 +19,14 @@ transformers. Their tokens can differ from float32's (different rounding); the r
 leading tokens agree. `int8_matmuls_only_*` times the int8 model's matrix products alone, back to
 back: the ceiling of int8 decoding with this kernel, and the share of a real step they take.
 
+The limit comes first: each line also carries this machine's DRAM read bandwidth (`dram_read_gb_s`,
+the best of several sums over a buffer of 4x the last-level cache, capped at 2 GB: `stream_capped`
+says when the cap was hit, i.e. the buffer may be partly cache-resident and the figure too high),
+the bytes a decode step streams (`weight_mb_per_token`: every weight once; of an embedding table
+only one row, unless it is also the LM head) and, per row, `*_of_bound`: tokens/s as a fraction of
+bandwidth / bytes per token. A fraction above 1 means the weights did not all come from DRAM (a model
+smaller than the last-level cache, e.g. 124M in int8 on a 260 MB L3).
+
 `--checkpoint RUN --text FILE` instead measures a trained model: int8 vs float32 mean NLL (and
 perplexity) over held-out windows of FILE, and greedy agreement of the first 32 tokens over prompts
 from FILE. Speculative decoding with a trained draft model is bench/speculative.py.
@@ -42,6 +50,45 @@ def _best_rate(fn, *, repeats: int, n_tokens: int) -> float:
     return n_tokens / best
 
 
+_STREAM_CAP = 2 << 30  # bytes: 4x a server's LLC can be several GB; 2 GB keeps the bench light
+
+
+def dram_read_bandwidth(*, repeats: int = 5) -> dict[str, object]:
+    """Measured DRAM read bandwidth: the best of `repeats` sums over a buffer ≥ 4x the last-level cache.
+
+    Why 4x: a buffer that fits in the LLC (260 MB on some Xeons) measures the cache, not DRAM.
+    """
+    from scratchgpt.device import last_level_cache_bytes
+
+    llc = last_level_cache_bytes()
+    wanted = 4 * llc if llc else _STREAM_CAP
+    size = min(wanted, _STREAM_CAP)
+    buf = torch.ones(size // 4)  # float32; written once, so every page is mapped before timing
+    buf.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()  # one read of every byte; the sum itself is far cheaper than the stream
+        best = min(best, time.perf_counter() - t0)
+    return {"dram_read_gb_s": round(buf.nbytes / best / 1e9, 2), "llc_mb": round(llc / 2**20, 1) if llc else None,
+            "stream_mb": round(buf.nbytes / 2**20), "stream_capped": size < wanted}
+
+
+def bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes a batch-1 decode step reads: every parameter and buffer once, except embedding tables
+    (one row each, negligible) that are not also a matrix the LM head multiplies by."""
+    from scratchgpt.inference.quantize import Int8Embedding, Int8Linear
+
+    def own(m: torch.nn.Module) -> set[int]:
+        return {id(t) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+
+    tables = set().union(*(own(m) for m in model.modules() if isinstance(m, torch.nn.Embedding | Int8Embedding)))
+    multiplied = set().union(*(own(m) for m in model.modules() if isinstance(m, torch.nn.Linear | Int8Linear)))
+    # parameters() and buffers() list a tensor shared by two modules (a tied head) once.
+    return sum(t.nbytes for t in (*model.parameters(), *model.buffers())
+               if id(t) not in tables or id(t) in multiplied)
+
+
 def _llama_config(name: str, *, tiny: bool):
     """GPTConfig of the Llama row: a preset, or `llama-124m` (GPT-2 124M's size as a Llama block)."""
     from scratchgpt import GPTConfig
@@ -59,7 +106,7 @@ def _llama_config(name: str, *, tiny: bool):
     return config
 
 
-def _bench_pair(ours, hf, *, label: str, vocab: int, args) -> dict[str, object]:
+def _bench_pair(ours, hf, *, label: str, vocab: int, args, stream: dict[str, object]) -> dict[str, object]:
     """Time greedy decoding (plain and prompt lookup) for two models holding the same weights."""
     from scratchgpt import SamplingConfig
     from scratchgpt.inference.generate import generate
@@ -96,6 +143,10 @@ def _bench_pair(ours, hf, *, label: str, vocab: int, args) -> dict[str, object]:
     def agree(a: list[int], b: list[int]) -> int:
         return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
+    def of_bound(tok_s: float, model) -> float:
+        """tok/s as a fraction of the DRAM bound: bandwidth / bytes streamed per token."""
+        return round(tok_s * bytes_per_token(model) / (stream["dram_read_gb_s"] * 1e9), 3)
+
     fast: dict[str, object] = {**cpu_capability(), "int8_kernel": default_kernel()}
     int8 = quantize_model(copy.deepcopy(ours), "int8")
     bf16 = cast_weights(copy.deepcopy(ours), "bfloat16") if cpu_capability()["native_bf16"] else None
@@ -106,7 +157,9 @@ def _bench_pair(ours, hf, *, label: str, vocab: int, args) -> dict[str, object]:
         agreed = agree(generate(m, prompt, sampling)[0], reference)
         tps = rate(lambda m=m: generate(m, prompt, sampling)[0])
         fast.update({f"{name}_tok_s": round(tps, 2), f"{name}_vs_fp32": round(tps / ours_tps, 3),
-                     f"{name}_vs_transformers": round(tps / hf_tps, 3), f"{name}_tokens_agree_with_fp32": agreed})
+                     f"{name}_vs_transformers": round(tps / hf_tps, 3), f"{name}_tokens_agree_with_fp32": agreed,
+                     f"{name}_weight_mb_per_token": round(bytes_per_token(m) / 1e6, 1),
+                     f"{name}_of_bound": of_bound(tps, m)})
     # The ceiling for int8 with this kernel: only its matrix products, back to back (every Int8Linear
     # in forward order, one row each, no attention, norms or Python in between). How far the real
     # decode is from it is the share of a step that is not streaming weights.
@@ -131,7 +184,10 @@ def _bench_pair(ours, hf, *, label: str, vocab: int, args) -> dict[str, object]:
         "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens, "dtype": "float32",
         "threads": torch.get_num_threads(),
         "scratchgpt_tok_s": round(ours_tps, 2), "transformers_tok_s": round(hf_tps, 2),
-        "ratio": round(ours_tps / hf_tps, 3),
+        "ratio": round(ours_tps / hf_tps, 3), **stream,
+        "weight_mb_per_token": round(bytes_per_token(ours) / 1e6, 1),
+        "bound_tok_s": round(stream["dram_read_gb_s"] * 1e9 / bytes_per_token(ours), 2),
+        "scratchgpt_of_bound": of_bound(ours_tps, ours), "transformers_of_bound": of_bound(hf_tps, ours),
         "prompt_lookup": args.lookup,
         "scratchgpt_lookup_tok_s": round(ours_lk, 2), "transformers_lookup_tok_s": round(hf_lk, 2),
         "lookup_ratio": round(ours_lk / hf_lk, 3), "lookup_vs_transformers_plain": round(ours_lk / hf_tps, 3),
@@ -161,6 +217,7 @@ def main() -> None:
         trained(args)
         return
     rows = set(args.rows.split(","))
+    stream = dram_read_bandwidth()  # first, and alone: nothing else holds memory bandwidth or the cache yet
 
     import transformers
 
@@ -183,7 +240,8 @@ def main() -> None:
         hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)).eval()
         label = args.model + ("-tiny" if args.tiny else "")
-        print(json.dumps(_bench_pair(ours_from(hf, config), hf, label=label, vocab=config.vocab_size, args=args)))
+        print(json.dumps(_bench_pair(ours_from(hf, config), hf, label=label, vocab=config.vocab_size, args=args,
+                                    stream=stream)))
     if "llama" in rows:
         torch.manual_seed(0)
         config = _llama_config(args.llama_model, tiny=args.tiny)
@@ -191,7 +249,8 @@ def main() -> None:
         hf_dict.pop("architectures"), hf_dict.pop("model_type")
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_dict)).eval()
         label = args.llama_model + ("-tiny" if args.tiny else "")
-        print(json.dumps(_bench_pair(ours_from(hf, config), hf, label=label, vocab=config.vocab_size, args=args)))
+        print(json.dumps(_bench_pair(ours_from(hf, config), hf, label=label, vocab=config.vocab_size, args=args,
+                                    stream=stream)))
 
 
 def trained(args: argparse.Namespace) -> None:

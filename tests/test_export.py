@@ -63,6 +63,125 @@ def test_gguf_round_trip_names_shapes_values_and_vocabulary(tmp_path, gpt2_token
     assert all(tokens[256 + r] == merges[r].replace(" ", "") for r in (0, 1, 999, 49999))
 
 
+def gguf_gpt2_reference_logits(tensors: dict, meta: dict, ids: list[int]) -> torch.Tensor:
+    """Logits (T, V) computed the way llama.cpp's gpt2 architecture runs the file, from its tensors and
+    metadata only: LayerNorm with bias, fused q/k/v with bias, tanh GELU, learned positions."""
+    n_head, eps = meta["gpt2.attention.head_count"], meta["gpt2.attention.layer_norm_epsilon"]
+    T, F = len(ids), torch.nn.functional
+
+    def norm(x, name):
+        return F.layer_norm(x, x.shape[-1:], tensors[name + ".weight"], tensors[name + ".bias"], eps)
+
+    def lin(x, name):  # llama.cpp's gpt2 reads every bias: a missing one would raise KeyError here
+        return x @ tensors[name + ".weight"].T + tensors[name + ".bias"]
+
+    x = tensors["token_embd.weight"][ids] + tensors["position_embd.weight"][:T]
+    for i in range(meta["gpt2.block_count"]):
+        p = f"blk.{i}."
+        q, k, v = lin(norm(x, p + "attn_norm"), p + "attn_qkv").view(T, 3, n_head, -1).unbind(1)
+        att = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
+        x = x + lin(att.transpose(0, 1).reshape(T, -1), p + "attn_output")
+        x = x + lin(F.gelu(lin(norm(x, p + "ffn_norm"), p + "ffn_up"), approximate="tanh"), p + "ffn_down")
+    return norm(x, "output_norm") @ tensors.get("output.weight", tensors["token_embd.weight"]).T
+
+
+@pytest.mark.parametrize("qkv_bias", [None, True])
+def test_gguf_gpt2_without_biases_gets_zero_biases_and_the_same_logits(tmp_path, gpt2_tokenizer, qkv_bias):
+    """configs/demo.toml trains bias=False: llama.cpp's gpt2 needs every bias, so zeros are written."""
+    from scratchgpt.export.gguf import export_gguf, read_gguf_state
+
+    config = GPTConfig(vocab_size=gpt2_tokenizer.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                       bias=False, qkv_bias=qkv_bias)
+    model = GPT(config, generator=torch.Generator().manual_seed(5)).eval()
+    with torch.no_grad():  # non-trivial norm gains and (where present) q/k/v biases
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    tensors, meta = read_gguf_state(export_gguf(model, gpt2_tokenizer, tmp_path / "m.gguf"))
+    assert meta["general.architecture"] == "gpt2"
+    assert torch.equal(tensors["blk.1.ffn_down.bias"], torch.zeros(32))
+    assert torch.equal(tensors["output_norm.bias"], torch.zeros(32))
+    qkv = model.transformer.h[0].attn.c_attn.bias
+    assert torch.equal(tensors["blk.0.attn_qkv.bias"], torch.zeros(96) if qkv is None else qkv.detach())
+    ids = gpt2_tokenizer.encode("Hello, my name is")
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0][0]
+    # Float32 throughout; only the order of the additions differs from scratchgpt's forward.
+    torch.testing.assert_close(gguf_gpt2_reference_logits(tensors, meta, ids), ref, rtol=1e-4, atol=1e-4)
+
+
+def bpe_encode(text: str, tokens: list[str], merges: list[str]) -> list[int]:
+    """Byte-level BPE as llama.cpp applies a GGUF vocabulary with the gpt-2 pre-tokenizer: GPT-2's regex
+    splits the text; in each piece every byte is one symbol (GPT-2's spelling), then the lowest-ranked
+    (then leftmost) adjacent pair is merged until no pair is in `merges`; symbols are looked up by text."""
+    from scratchgpt.data.tokenizer import GPT2_PATTERN, Pretokenizer, _gpt2_byte_to_unicode
+
+    spell, rank = _gpt2_byte_to_unicode(), {tuple(m.split(" ")): r for r, m in enumerate(merges)}
+    ids, out = {t: i for i, t in enumerate(tokens)}, []
+    for piece in Pretokenizer(GPT2_PATTERN).findall(text):
+        symbols = [spell[b] for b in piece.encode("utf-8")]
+        while True:
+            pairs = enumerate(zip(symbols[:-1], symbols[1:], strict=True))
+            ranked = [(rank[pair], i) for i, pair in pairs if pair in rank]
+            if not ranked:
+                break
+            _, i = min(ranked)
+            symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+        out += [ids[s] for s in symbols]
+    return out
+
+
+@pytest.mark.parametrize("text", ["First Citizen:\nBefore we proceed any further, hear me speak.\n",
+                                  "café — “quoted” 🙂 naïve\n"])
+def test_gguf_char_tokenizer_model_same_ids_and_logits(tmp_path, text):
+    """The demo and the speedrun train char-level models: their alphabet goes in as byte-level BPE that
+    splits text exactly as the char tokenizer does (ASCII: no merges; multi-byte characters: merge chains)."""
+    from scratchgpt.cli import main
+    from scratchgpt.data.tokenizer import build_tokenizer
+    from scratchgpt.export.gguf import read_gguf_state
+
+    tok = build_tokenizer("char", text=text)
+    config = GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4, bias=False)
+    model = GPT(config, generator=torch.Generator().manual_seed(7)).eval()
+    save_model(model, tmp_path / "run", tokenizer=tok)
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "gguf", "--out",
+                 str(tmp_path / "m.gguf")]) == 0
+    tensors, meta = read_gguf_state(tmp_path / "m.gguf")
+    tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
+    assert len(tokens) == tok.vocab_size and tokens[tok.eot_id] == "<|endoftext|>"
+    assert meta["tokenizer.ggml.token_type"][tok.eot_id] == int(gguf.TokenType.CONTROL)
+    assert meta["tokenizer.ggml.eos_token_id"] == tok.eot_id and meta["tokenizer.ggml.pre"] == "gpt-2"
+    ids = tok.encode(text)
+    assert bpe_encode(text, tokens, merges) == ids
+    assert len(merges) == len(set(merges))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids[:64]]))[0][0]
+    # Float32 throughout; only the order of the additions differs from scratchgpt's forward.
+    torch.testing.assert_close(gguf_gpt2_reference_logits(tensors, meta, ids[:64]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_trained_bpe_tokenizer_model_same_ids_and_logits(tmp_path):
+    """`tokenizer = "bpe"` (byte-level BPE trained by scratchgpt) goes in with its merges, spelled as GPT-2's."""
+    from scratchgpt.data.tokenizer import build_tokenizer
+    from scratchgpt.export.gguf import export_gguf, read_gguf_state
+
+    corpus = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak. café café\n" * 3
+    tok = build_tokenizer("bpe", text=corpus, vocab_size=300)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4),
+                generator=torch.Generator().manual_seed(8)).eval()
+    tensors, meta = read_gguf_state(export_gguf(model, tok, tmp_path / "m.gguf"))
+    tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
+    assert len(tokens) == tok.vocab_size and len(merges) == len(tok.merges)
+    assert meta["tokenizer.ggml.token_type"][tok.eot_id] == int(gguf.TokenType.CONTROL)
+    for text in ("Before we speak, citizen: café!\n", "All: further\n\nhear  me"):
+        ids = tok.encode(text)
+        assert bpe_encode(text, tokens, merges) == ids, text
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0][0]
+    # Float32 throughout; only the order of the additions differs from scratchgpt's forward.
+    torch.testing.assert_close(gguf_gpt2_reference_logits(tensors, meta, ids), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_gguf_float16_halves_matrices_and_keeps_vectors_float32(tmp_path, gpt2_tokenizer):
     from scratchgpt.export.gguf import export_gguf
 
@@ -77,14 +196,64 @@ def test_gguf_float16_halves_matrices_and_keeps_vectors_float32(tmp_path, gpt2_t
     assert np.abs(data["blk.0.ffn_up.weight"].reshape(ref.shape).astype(np.float32) - ref).max() < 1e-4
 
 
+def test_gguf_q8_0_dequantizes_to_within_half_a_step_and_runs_to_the_same_logits(tmp_path, gpt2_tokenizer, capsys):
+    from scratchgpt.cli import main
+    from scratchgpt.export.gguf import export_gguf, read_gguf_state
+
+    # n_embd 48: rows of 48 values are not whole Q8_0 blocks (32) and fall back to float16, as in
+    # llama.cpp's converter; ffn_down's rows (192 values) quantize.
+    config = GPTConfig(vocab_size=gpt2_tokenizer.vocab_size, n_positions=64, n_embd=48, n_layer=2, n_head=4)
+    model = GPT(config, generator=torch.Generator().manual_seed(6)).eval()
+    save_model(model, tmp_path / "run", tokenizer=gpt2_tokenizer)
+    path = tmp_path / "m.gguf"
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "gguf", "--gguf-dtype", "q8_0",
+                 "--out", str(path)]) == 0
+    capsys.readouterr()
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    Q8, F16, F32 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
+    assert (types["blk.0.ffn_down.weight"], types["blk.0.attn_qkv.weight"], types["token_embd.weight"]) == (
+        Q8, F16, F16)
+    assert types["position_embd.weight"] == types["blk.0.attn_norm.weight"] == types["blk.0.ffn_down.bias"] == F32
+    assert int(reader.get_field("general.file_type").contents()) == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    tensors, meta = read_gguf_state(path)
+    # Q8_0: per block of 32 weights, d = max|w| / 127, q = round(w / d), d then stored as float16: the
+    # error is at most half a step plus |q| ≤ 127 times d's float16 rounding.
+    w = model.transformer.h[0].mlp.c_proj.weight.detach().view(-1, 32)
+    d = w.abs().amax(dim=1, keepdim=True) / 127
+    bound = d / 2 + 127 * (d.half().float() - d).abs() + 1e-7
+    assert ((tensors["blk.0.ffn_down.weight"].view(-1, 32) - w).abs() <= bound).all()
+    ids = gpt2_tokenizer.encode("Hello, my name is")
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0][0]
+    got = gguf_gpt2_reference_logits(tensors, meta, ids)
+    # Q8_0 tolerance: 8-bit blocks (and float16 elsewhere) move the logits by well under 1% of their norm.
+    assert (got - ref).norm() / ref.norm() < 0.01
+    assert not torch.equal(got, ref)  # the weights really were rounded
+    f32 = export_gguf(model, gpt2_tokenizer, tmp_path / "f32.gguf")
+    sizes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(f32)).tensors}
+    assert {t.name: int(t.n_bytes) for t in reader.tensors}["blk.0.ffn_down.weight"] * 128 == (
+        sizes["blk.0.ffn_down.weight"] * 34)  # 34 bytes per 32 weights instead of 128
+
+
 def test_gguf_refuses_other_tokenizers_and_quantized_models(tmp_path, gpt2_tokenizer):
-    from scratchgpt.data.tokenizer import build_tokenizer
     from scratchgpt.export.gguf import export_gguf
     from scratchgpt.inference.quantize import quantize_model
 
-    chars = build_tokenizer("char", text="hello world")
-    with pytest.raises(ValueError, match="embeds a byte-level BPE tokenizer .*; this model uses 'char'"):
-        export_gguf(tiny(chars.vocab_size), chars, tmp_path / "c.gguf")
+    class Words:
+        name = "words"
+
+    with pytest.raises(ValueError, match="embeds a byte-level BPE tokenizer .*; this model uses 'words'"):
+        export_gguf(tiny(gpt2_tokenizer.vocab_size), Words(), tmp_path / "c.gguf")
+    from scratchgpt.data.tokenizer import ByteBPETokenizer
+
+    # Two merge paths to the same bytes ("ab"+"c" and "a"+"bc"): llama.cpp looks tokens up by text.
+    twice = ByteBPETokenizer([(97, 98), (98, 99), (256, 99), (97, 257)])
+    with pytest.raises(ValueError, match="tokens 258 and 259 .* are the same bytes"):
+        export_gguf(tiny(twice.vocab_size), twice, tmp_path / "b.gguf")
+    own_regex = ByteBPETokenizer([(97, 98)], pattern=r"\w+|\s+|.")
+    with pytest.raises(ValueError, match="splits text with its own regex"):
+        export_gguf(tiny(own_regex.vocab_size), own_regex, tmp_path / "r.gguf")
     with pytest.raises(ValueError, match="takes a float model"):
         export_gguf(quantize_model(tiny(gpt2_tokenizer.vocab_size)), gpt2_tokenizer, tmp_path / "q.gguf")
     assert not list(tmp_path.iterdir())  # nothing half-written
@@ -433,6 +602,22 @@ def test_gguf_llama_family_float16(exported_family, tmp_path):
     data = {t.name: np.array(t.data).astype(np.float32) for t in reader.tensors}
     ref = tensors32["blk.0.attn_k.weight"].numpy()
     assert np.abs(data["blk.0.attn_k.weight"].reshape(ref.shape) - ref).max() < 1e-3
+
+
+def test_gguf_llama_family_q8_0_runs_to_the_transformers_logits(exported_family, tmp_path):
+    from scratchgpt.export.gguf import export_gguf, read_gguf_state
+
+    _, hf, _, model, tok, _, _ = exported_family
+    path = export_gguf(model, tok, tmp_path / "m8.gguf", dtype="q8_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+    assert gguf.GGMLQuantizationType.Q8_0 in types.values()
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    tensors, meta = read_gguf_state(path)  # dequantized
+    ids = torch.randint(0, VOCAB, (17,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0]
+    # Q8_0 tolerance: 8-bit blocks of 32 move the logits by well under 1% of their norm.
+    assert (gguf_reference_logits(tensors, meta, ids) - theirs).norm() / theirs.norm() < 0.01
 
 
 def test_cli_exports_a_qwen3_folder(tmp_path, capsys):

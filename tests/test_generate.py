@@ -453,15 +453,16 @@ def test_draft_with_another_vocabulary_or_tokenizer_is_one_clear_error():
 
 
 def test_decode_path_is_measured_once_and_both_paths_agree() -> None:
-    from scratchgpt.inference.generate import choose_decode_path
+    from scratchgpt.inference.generate import DecodePath, choose_decode_path
     from scratchgpt.model.gpt import Linear
 
     model = tiny_model()
-    on = choose_decode_path(model)
+    path = choose_decode_path(model)
     layers = [m for m in model.modules() if isinstance(m, Linear)]
-    assert {m.few_rows for m in layers} == {16 if on else 0}  # one decision for every layer
-    assert choose_decode_path(model) is on  # kept on the model: not measured again
-    # Both paths compute the same greedy tokens (the W @ xᵀ path differs from F.linear by rounding only).
+    assert {m.few_rows for m in layers if m is not model.lm_head} == {16 if path.blocks else 0}
+    assert model.lm_head.few_rows == (16 if path.head else 0)
+    assert choose_decode_path(model) is path  # kept on the model: not measured again
+    # Every path computes the same greedy tokens (W @ xᵀ differs from F.linear by rounding only).
     prompt = [1, 2, 3]
     outs = []
     for rows in (0, 16):
@@ -472,3 +473,52 @@ def test_decode_path_is_measured_once_and_both_paths_agree() -> None:
             torch.testing.assert_close(layers[0](x), torch.nn.functional.linear(x, layers[0].weight, layers[0].bias))
         outs.append(generate(model, prompt, GREEDY))
     assert outs[0] == outs[1]
+    assert DecodePath() == DecodePath(blocks=False, head=False)
+
+
+def test_decode_path_follows_the_faster_real_step_per_group() -> None:
+    """The choice is made from whole-step times, one decision for the blocks and one for the head."""
+    from scratchgpt.inference.generate import DecodePath, choose_decode_path, pick_decode_path
+
+    plain, blocks, head = DecodePath(), DecodePath(blocks=True), DecodePath(head=True)
+    # The Zen 4 case: W @ xᵀ streams the head from DRAM twice as fast; the blocks gain nothing.
+    assert pick_decode_path({plain: 30e-3, blocks: 29e-3, head: 22e-3}) == DecodePath(head=True)
+    assert pick_decode_path({plain: 30e-3, blocks: 20e-3, head: 40e-3}) == DecodePath(blocks=True)
+    assert pick_decode_path({plain: 30e-3, blocks: 20e-3, head: 25e-3}) == DecodePath(blocks=True, head=True)
+    assert pick_decode_path({plain: 30e-3, blocks: 31e-3, head: 60e-3}) == DecodePath()
+    # Best of the repeats: one slow outlier (another process) does not decide.
+    times = {plain: iter([30e-3, 90e-3]), blocks: iter([95e-3, 29e-3]), head: iter([15e-3, 16e-3])}
+    model = tiny_model()
+    assert choose_decode_path(model, repeats=2, step_time=lambda p: next(times[p])) == DecodePath(head=True)
+    assert model.lm_head.few_rows == 16
+    assert {m.few_rows for m in model.transformer.modules() if isinstance(m, torch.nn.Linear)} == {0}
+
+
+def test_decode_path_times_whole_decode_steps() -> None:
+    """What is timed is a real decode step through the model, not one matrix product in a hot loop.
+
+    The injected delays make each candidate's whole step slower or faster the way weights streaming
+    from DRAM would; a hot-loop micro-benchmark of one layer would not see them.
+    """
+    import time
+
+    from scratchgpt.inference.generate import DecodePath, choose_decode_path
+
+    model = tiny_model()
+
+    def slow_when(layer: torch.nn.Module, few: bool) -> None:
+        forward = layer.forward
+
+        def delayed(x: torch.Tensor) -> torch.Tensor:
+            if x.size(-2) == 1 and (layer.few_rows > 0) == few:  # one decode row on the slowed path
+                time.sleep(0.02)
+            return forward(x)
+
+        layer.forward = delayed
+
+    slow_when(model.transformer.h[0].mlp.c_fc, few=True)  # the blocks' few-row path is slow
+    slow_when(model.lm_head, few=False)  # the head's plain path is slow
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    assert choose_decode_path(model) == DecodePath(head=True)
+    assert len(calls) >= 4  # prefill + warm-up + timed steps, each a full forward of the model

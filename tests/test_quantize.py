@@ -103,8 +103,13 @@ def test_quantized_model_tracks_float_logits_and_every_linear_is_int8():
     for kernel in fast_kernels():
         set_kernel(q, kernel)
         assert torch.nn.functional.cosine_similarity(q(x)[0].flatten(), ref.flatten(), dim=0) > 0.995
-    # The tied embedding stays float (lookups read one row); the head got its own int8 copy.
-    assert q.transformer.wte.weight.dtype == torch.float32 and q.lm_head.weight.dtype == torch.int8
+    # Every matrix is int8, embeddings included; the tied head shares the embedding's int8 matrix.
+    assert q.transformer.wte.weight.dtype == torch.int8 and q.transformer.wpe.weight.dtype == torch.int8
+    assert q.lm_head.weight is q.transformer.wte.weight and q.lm_head.weight_scale is q.transformer.wte.weight_scale
+    assert [p for p in q.parameters() if p.dim() == 2] == []
+    # A lookup returns exactly the dequantized rows.
+    table = q.transformer.wte
+    torch.testing.assert_close(table(x), (table.weight.float() * table.weight_scale[:, None])[x], rtol=0, atol=0)
     # Cached generation still equals uncached generation on the quantized model.
     cfg = SamplingConfig(max_new_tokens=10, temperature=0.0)
     assert generate(q, [1, 2, 3], cfg) == generate(q, [1, 2, 3], cfg, use_cache=False)
@@ -125,6 +130,51 @@ def test_quantized_model_saves_as_int8_safetensors_and_loads_back(tmp_path, gpt2
     assert torch.equal(loaded(x)[0], q(x)[0])
     assert tok.vocab_size == gpt2_tokenizer.vocab_size
     assert loaded.transformer.wte.weight.data_ptr() != 0 and loaded.transformer.wte.weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_export_is_a_quarter_of_the_float_file(tmp_path, gpt2_tokenizer, tied):
+    """The file holds every matrix once, in int8: a tied embedding is not kept in float beside an int8 head."""
+    config = GPTConfig(vocab_size=gpt2_tokenizer.vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                       tie_word_embeddings=tied)
+    model = GPT(config, generator=torch.Generator().manual_seed(0)).eval()
+    save_model(model, tmp_path / "f", tokenizer=gpt2_tokenizer)
+    qz.quantize_checkpoint(tmp_path / "f", tmp_path / "q")
+    size = {name: (tmp_path / name / "model.safetensors").stat().st_size for name in ("f", "q")}
+    ratio = size["q"] / size["f"]
+    # int8 is 1/4 of float32; the float32 scales (one per row) and norms/biases add a little.
+    assert 0.25 <= ratio < 0.27, ratio
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("transformer.wte.weight").dtype == torch.int8
+        assert ("lm_head.weight" in set(f.keys())) is not tied  # a tied head is stored once, as wte
+    loaded, _ = load_any(tmp_path / "q")
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) is tied
+    set_kernel(loaded, "reference")
+    x = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    ref = model(x)[0]
+    # int8 tolerance: per-row rounding of every matrix moves the logits by well under 1% of their norm.
+    assert (loaded(x)[0] - ref).norm() / ref.norm() < 0.02
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    assert generate(loaded, [1, 2, 3], greedy) == generate(loaded, [1, 2, 3], greedy, use_cache=False)
+
+
+def test_int8_files_with_float_embeddings_still_load(tmp_path, gpt2_tokenizer):
+    """Files written before embeddings were quantized (int8 head, float32 wte) load as they were saved."""
+    model = tiny(vocab_size=gpt2_tokenizer.vocab_size)
+    old = copy.deepcopy(model)
+    with torch.no_grad():
+        for parent in list(old.modules()):
+            for attr, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, attr, Int8Linear.from_linear(child, kernel="reference"))
+    save_quantized(old, tmp_path / "old", tokenizer=gpt2_tokenizer)
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert cfg["quantization"]["embeddings"] == []
+    loaded, _ = load_any(tmp_path / "old")
+    set_kernel(loaded, "reference")
+    assert loaded.transformer.wte.weight.dtype == torch.float32 and loaded.lm_head.weight.dtype == torch.int8
+    x = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(x)[0], old(x)[0])
 
 
 def test_quantizing_twice_or_unknown_mode_is_one_clear_error(tmp_path, gpt2_tokenizer):
@@ -184,6 +234,10 @@ def test_bfloat16_weights_generate_like_float32():
     ref, got = model(x)[0], bf(x)[0].float()
     assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.99
     assert len(generate(bf, [1, 2, 3], SamplingConfig(max_new_tokens=8, temperature=0.0))[0]) == 8
+    # int8 weights with bf16 activations: the int8 embedding's lookups come out in bf16 too.
+    both = qz.prepare_for_inference(copy.deepcopy(model), quantize="int8", dtype="bfloat16")
+    assert both.transformer.wte(x).dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), both(x)[0].float().flatten(), dim=0) > 0.99
 
 
 def test_cli_generate_with_int8_and_draft(tmp_path, gpt2_tokenizer, capsys):

@@ -482,7 +482,7 @@ def check_prepare_dir(directory: str | Path, *, overwrite: bool = False) -> None
 def save_quantized(model: nn.Module, run_dir: str | Path, *, tokenizer: Any = None,
                    extra: dict[str, Any] | None = None) -> Path:
     """Write a quantized GPT as a run directory (int8 weights + float32 scales in safetensors + JSON)."""
-    from scratchgpt.model.quantize import Int8Linear, quantized_mode
+    from scratchgpt.model.quantize import Int8Embedding, Int8Linear, quantized_mode
 
     model = unwrap(model)
     mode = quantized_mode(model)
@@ -491,13 +491,16 @@ def save_quantized(model: nn.Module, run_dir: str | Path, *, tokenizer: Any = No
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings and not isinstance(model.lm_head, Int8Linear):
+    if model.lm_head.weight is model.transformer.wte.weight:  # tied (float or int8): stored once, as wte
         state.pop("lm_head.weight", None)
+        state.pop("lm_head.weight_scale", None)
     layers = sorted(name for name, m in model.named_modules() if isinstance(m, Int8Linear))
+    embeddings = sorted(name for name, m in model.named_modules() if isinstance(m, Int8Embedding))
     save_tensors(state, run_dir / "model.safetensors", metadata={"format": "pt", "quantization": mode})
     if tokenizer is not None:
         tokenizer.save(run_dir)
-    quant = {"mode": mode, "scheme": "per-output-channel symmetric int8 weights, float32 scales", "layers": layers}
+    quant = {"mode": mode, "scheme": "per-output-channel symmetric int8 weights, float32 scales", "layers": layers,
+             "embeddings": embeddings}
     cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
            "quantization": quant, **(extra or {})}
     write_json(run_dir / "config.json", cfg)  # last: its presence marks a complete checkpoint
@@ -528,7 +531,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, mode: str = "int8", *,
 def load_quantized(run_dir: str | Path, cfg: dict[str, Any], *, device: torch.device | str = "cpu",
                    kernel: str | None = None) -> nn.Module:
     """Rebuild a model saved by `save_quantized` (config.json already read into `cfg`)."""
-    from scratchgpt.model.quantize import QUANT_MODES, Int8Linear, default_kernel
+    from scratchgpt.model.quantize import QUANT_MODES, Int8Embedding, Int8Linear, default_kernel
 
     run_dir = Path(run_dir)
     source = run_dir / "config.json"
@@ -543,6 +546,8 @@ def load_quantized(run_dir: str | Path, cfg: dict[str, Any], *, device: torch.de
     state = load_tensors(run_dir / "model.safetensors")
     model = GPT(config, device="meta")
     layers = set(quant.get("layers") or [])
+    # Files written before embeddings were quantized have no "embeddings": their tables load as float.
+    embeddings = set(quant.get("embeddings") or [])
     for parent_name, parent in list(model.named_modules()):
         for attr, child in list(parent.named_children()):
             name = f"{parent_name}.{attr}" if parent_name else attr
@@ -550,20 +555,26 @@ def load_quantized(run_dir: str | Path, cfg: dict[str, Any], *, device: torch.de
                 bias = f"{name}.bias" in state
                 setattr(parent, attr, Int8Linear(child.in_features, child.out_features, bias=bias,
                                                  kernel=kernel or default_kernel(device), device="meta"))
+            elif isinstance(child, nn.Embedding) and name in embeddings:
+                setattr(parent, attr, Int8Embedding(child.num_embeddings, child.embedding_dim, device="meta"))
+    # A tied head is stored once, as wte: float wte + float head, or int8 wte + int8 head (shared).
+    tied = config.tie_word_embeddings and ("lm_head" in layers) == ("transformer.wte" in embeddings)
     expected = set(model.state_dict())
-    if config.tie_word_embeddings and "lm_head" not in layers:
-        expected.discard("lm_head.weight")
+    if tied:
+        expected -= {"lm_head.weight", "lm_head.weight_scale"}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(f"{run_dir / 'model.safetensors'}: weights do not match the quantized config "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for name, m in model.named_modules():
-        if isinstance(m, Int8Linear) and state[f"{name}.weight"].dtype != torch.int8:
-            raise CheckpointError(f"{run_dir / 'model.safetensors'}: {name}.weight is "
-                                  f"{state[f'{name}.weight'].dtype}, expected int8")
+        stored = state.get(f"{name}.weight")  # None: a tied head, checked as wte
+        if isinstance(m, Int8Linear | Int8Embedding) and stored is not None and stored.dtype != torch.int8:
+            raise CheckpointError(f"{run_dir / 'model.safetensors'}: {name}.weight is {stored.dtype}, expected int8")
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings and "lm_head" not in layers:
+    if tied:
         model.lm_head.weight = model.transformer.wte.weight
+        if isinstance(model.lm_head, Int8Linear):
+            model.lm_head.weight_scale = model.transformer.wte.weight_scale
     model.reset_buffers(device=device)
     return model.to(device).eval()
 

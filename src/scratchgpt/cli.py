@@ -581,8 +581,9 @@ def _add_export(sub) -> None:
     p.add_argument("--out", required=True,
                    help="the file to write (model.gguf, model.onnx), or for int8 a new run directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file or folder")
-    p.add_argument("--gguf-dtype", default="float32", choices=["float32", "float16"],
-                   help="GGUF weight type (default float32; llama-quantize makes Q8_0/Q4_K from it)")
+    p.add_argument("--gguf-dtype", default="float32", choices=["float32", "float16", "q8_0"],
+                   help="GGUF matrix type: float32 (default), float16, or q8_0 (llama.cpp's int8, ~1/4 of "
+                        "float32; llama-quantize makes Q4_K and others from the float file)")
     p.set_defaults(func=_run_export)
 
 

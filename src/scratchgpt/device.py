@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -142,3 +143,19 @@ def set_threads(choice: ThreadChoice) -> ThreadChoice:
     if torch.get_num_threads() != choice.threads:
         torch.set_num_threads(choice.threads)
     return choice
+
+
+def last_level_cache_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """Size of the last-level data cache, from Linux sysfs (`cache_dir`: one CPU's), or None where unknown."""
+    sizes = {}
+    for index in cache_dir.glob("index*"):
+        try:
+            kind, level = (index / "type").read_text().strip(), int((index / "level").read_text())
+            size = (index / "size").read_text().strip()  # e.g. "266240K", "32M"
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:].upper(), 1)
+        digits = size[:-1] if unit > 1 else size
+        if kind in ("Data", "Unified") and digits.isdigit():
+            sizes[level] = int(digits) * unit
+    return sizes[max(sizes)] if sizes else None

@@ -12,7 +12,8 @@ own tables), so the file runs in llama.cpp as if it had been converted from the 
     Qwen3                       qwen3               attn_q_norm / attn_k_norm
 
 GPT-2 names: h.N.ln_1 / attn.c_attn / attn.c_proj / ln_2 / mlp.c_fc / mlp.c_proj -> blk.N.attn_norm /
-attn_qkv / attn_output / ffn_norm / ffn_up / ffn_down. The Llama family goes through the one HF name
+attn_qkv / attn_output / ffn_norm / ffn_up / ffn_down; a model without biases gets zero ones (llama.cpp's
+gpt2 requires them). The Llama family goes through the one HF name
 map (hf.scratchgpt_to_hf, which splits our fused c_attn into q/k/v and c_fc into gate/up) and then
 gguf's own HF -> GGUF table: blk.N.attn_q, attn_k, attn_v, attn_output, attn_norm, ffn_gate, ffn_up,
 ffn_down, ffn_norm; token_embd, output_norm, and output unless tied to the embedding.
@@ -39,7 +40,7 @@ from scratchgpt.config import GPTConfig
 from scratchgpt.data.tokenizer import EOT_TEXT
 from scratchgpt.model.gpt import GPT, rope_inv_freq
 
-GGUF_DTYPES = ("float32", "float16")
+GGUF_DTYPES = ("float32", "float16", "q8_0")
 
 # The splitting regex of a byte-level BPE tokenizer.json -> the pre-tokenizer name llama.cpp knows it
 # by (llama.cpp carries its own copy of each regex and picks it by this name).
@@ -83,8 +84,6 @@ def gguf_architecture(config: GPTConfig) -> str:
             field == "n_inner" and value == 4 * config.n_embd
         ):
             unsupported.append(f"{field}={value!r}")
-    if not config.bias or config.attn_bias != config.bias:
-        unsupported.append(f"bias={config.bias}, qkv_bias={config.qkv_bias}")
     if config.head_dim not in (None, config.n_embd // config.n_head):
         unsupported.append(f"head_dim={config.head_dim}")
     if unsupported:
@@ -125,9 +124,11 @@ def check_gguf_supported(model: GPT, tokenizer: Any) -> str:
         raise ValueError("GGUF export takes a plain model; this one has LoRA adapters attached: merge them first "
                          "(scratchgpt finetune merge, or training.lora.merge_lora)")
     kind = getattr(tokenizer, "name", type(tokenizer).__name__)
-    if not ((kind == "gpt2" and hasattr(tokenizer, "_files")) or (kind == "hf" and hasattr(tokenizer, "_json"))):
-        raise ValueError(f"GGUF export embeds a byte-level BPE tokenizer (GPT-2's, or a Llama 3 / Qwen "
-                         f"tokenizer.json); this model uses {kind!r}, which llama.cpp cannot run")
+    if not ((kind == "gpt2" and hasattr(tokenizer, "_files")) or (kind == "hf" and hasattr(tokenizer, "_json"))
+            or (kind == "char" and hasattr(tokenizer, "chars")) or (kind == "bpe" and hasattr(tokenizer, "merges"))):
+        raise ValueError(f"GGUF export embeds a byte-level BPE tokenizer (GPT-2's, a trained one, or a Llama 3 / "
+                         f"Qwen tokenizer.json) or a char alphabet; this model uses {kind!r}, which llama.cpp "
+                         f"cannot run")
     return arch
 
 
@@ -234,10 +235,90 @@ def hf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
     return GGUFVocab(tokens, types, merges, pre, bos_id, tokenizer.eot_id, add_bos, tokenizer.chat_template)
 
 
+def char_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
+    """A char tokenizer as byte-level BPE: one token per character (its UTF-8 bytes in GPT-2's byte-to-unicode
+    spelling), then <|endoftext|>, padded to `vocab_size`.
+
+    ASCII characters are single bytes, so an ASCII alphabet needs no merges: BPE leaves every character
+    its own token, exactly as the char tokenizer splits text. A multi-byte character (é, ’) is rebuilt
+    from its bytes by a chain of merges (lead byte + next byte, then + the next, ...); every merge starts
+    at a lead byte, so none can join two characters.
+    """
+    import gguf
+
+    from scratchgpt.data.tokenizer import _gpt2_byte_to_unicode
+
+    spell = _gpt2_byte_to_unicode()
+    tokens, merges = [], []
+    for char in tokenizer.chars:
+        pieces = [spell[b] for b in char.encode("utf-8")]
+        for i in range(1, len(pieces)):
+            merge = f"{''.join(pieces[:i])} {pieces[i]}"
+            if merge not in merges:  # "—" and "“" share their first two bytes, so the first merge too
+                merges.append(merge)
+        tokens.append("".join(pieces))
+    if not merges:
+        # llama.cpp refuses a BPE vocabulary without a merges list, and gguf-py drops empty lists: one
+        # merge that never applies (a word's symbols start as single characters; this left side is two).
+        merges.append(f"{spell[32] * 2} {spell[32]}")
+    types = [int(gguf.TokenType.NORMAL)] * len(tokens)
+    tokens.append(EOT_TEXT)
+    types.append(int(gguf.TokenType.CONTROL))
+    if len(tokens) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokens)} tokens but the model's vocabulary is {vocab_size}")
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]")
+        types.append(int(gguf.TokenType.UNUSED))
+    eot = tokenizer.eot_id
+    return GGUFVocab(tokens, types, merges, "gpt-2", eot, eot, False, getattr(tokenizer, "chat_template", None))
+
+
+def bpe_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
+    """A byte-level BPE trained by scratchgpt (`tokenizer = "bpe"`) in GGUF's terms: every token's bytes in
+    GPT-2's byte-to-unicode spelling, its merges as "left right", GPT-2's splitting regex.
+
+    llama.cpp merges by token text, so two tokens with the same bytes (different merge paths can build
+    the same string) or another splitting regex could not be run exactly: both are refused.
+    """
+    import gguf
+
+    from scratchgpt.data.tokenizer import GPT2_PATTERN, _gpt2_byte_to_unicode
+
+    if getattr(tokenizer, "_pattern", GPT2_PATTERN) != GPT2_PATTERN:
+        raise ValueError("GGUF export: this trained BPE tokenizer splits text with its own regex; llama.cpp's "
+                         "gpt-2 pre-tokenizer knows only GPT-2's, so no file was written")
+    spell = _gpt2_byte_to_unicode()
+    specials = {i: text for text, i in tokenizer.special_tokens.items()}
+    tokens = [specials[i] if i in specials else "".join(spell[b] for b in tokenizer.decode_bytes([i]))
+              for i in range(tokenizer.vocab_size)]
+    seen: dict[str, int] = {}
+    for i, text in enumerate(tokens):
+        if text in seen:
+            raise ValueError(f"GGUF export: tokens {seen[text]} and {i} of this trained BPE tokenizer are the same "
+                             f"bytes ({text!r}); llama.cpp looks tokens up by text, so no file was written")
+        seen[text] = i
+    if len(tokens) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokens)} tokens but the model's vocabulary is {vocab_size}")
+    types = [int(gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL) for i in range(len(tokens))]
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]")
+        types.append(int(gguf.TokenType.UNUSED))
+    merges = [f"{tokens[a]} {tokens[b]}" for a, b in tokenizer.merges]
+    if not merges:  # llama.cpp needs the list, gguf-py drops an empty one (see char_vocab)
+        merges.append(f"{spell[32] * 2} {spell[32]}")
+    eot = tokenizer.eot_id
+    return GGUFVocab(tokens, types, merges, "gpt-2", eot, eot, False, getattr(tokenizer, "chat_template", None))
+
+
 def gguf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
-    """The GGUF vocabulary of a GPT-2 tokenizer or an HF tokenizer.json one, padded to `vocab_size`."""
+    """The GGUF vocabulary of a GPT-2 tokenizer, a trained byte-level BPE, an HF tokenizer.json one or a
+    char alphabet, padded to `vocab_size`."""
     if getattr(tokenizer, "name", None) == "hf":
         return hf_vocab(tokenizer, vocab_size)
+    if getattr(tokenizer, "name", None) == "char":
+        return char_vocab(tokenizer, vocab_size)
+    if getattr(tokenizer, "name", None) == "bpe":
+        return bpe_vocab(tokenizer, vocab_size)
     tokens, types, merges = gpt2_vocab(tokenizer)
     if len(tokens) != vocab_size:
         raise ValueError(f"the tokenizer has {len(tokens)} tokens but the model's vocabulary is {vocab_size}")
@@ -275,6 +356,12 @@ def _gpt2_tensors(state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tens
         if ours not in names:
             raise ValueError(f"no GGUF name for parameter {ours!r}")
         out[names[ours]] = tensor
+    # llama.cpp's gpt2 architecture requires every bias (norms and projections). A model trained
+    # without them (bias=False) computes exactly what zero biases compute, so those are written.
+    for ours, theirs in names.items():
+        weight = state.get(ours.removesuffix(".bias") + ".weight")
+        if ours.endswith(".bias") and ours not in state and weight is not None:
+            out[theirs] = torch.zeros(weight.shape[0], dtype=weight.dtype)
     return out
 
 
@@ -348,8 +435,10 @@ def export_gguf(model: GPT, tokenizer: Any, path: str | Path, *, dtype: str = "f
                 name: str = "scratchgpt") -> Path:
     """Write `model` and its tokenizer as a GGUF file for llama.cpp; returns the path.
 
-    dtype "float16" halves the file (norms, biases, position embeddings and rope_freqs stay
-    float32, as llama.cpp's own converter does for 1-D tensors).
+    dtype "float16" halves the file, "q8_0" (llama.cpp's int8: blocks of 32 weights with one float16
+    scale, quantized by gguf-py's bit-exact port of ggml's quantizer) nearly quarters it. Either way
+    only matrices change: norms, biases, position embeddings and rope_freqs stay float32, and a matrix
+    whose rows are not a multiple of 32 goes to float16, as llama.cpp's own converter does.
     """
     import gguf
 
@@ -382,7 +471,8 @@ def export_gguf(model: GPT, tokenizer: Any, path: str | Path, *, dtype: str = "f
             w.add_rope_freq_base(c.rope_theta)
             w.add_layer_norm_rms_eps(c.layer_norm_epsilon)
             w.add_vocab_size(c.vocab_size)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "float16" else gguf.LlamaFileType.ALL_F32)
+        w.add_file_type({"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16,
+                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(vocab.pre)
         w.add_token_list(vocab.tokens)
@@ -396,10 +486,10 @@ def export_gguf(model: GPT, tokenizer: Any, path: str | Path, *, dtype: str = "f
         if vocab.chat_template:
             w.add_chat_template(vocab.chat_template)
         for gguf_name, tensor in tensors.items():
-            array = tensor.numpy()
-            if dtype == "float16" and array.ndim == 2 and gguf_name not in keep_f32:
-                array = array.astype(np.float16)
-            w.add_tensor(gguf_name, np.ascontiguousarray(array))
+            array, raw_dtype = tensor.numpy(), None
+            if dtype != "float32" and array.ndim == 2 and gguf_name not in keep_f32:
+                array, raw_dtype = _encode_matrix(array, dtype)
+            w.add_tensor(gguf_name, np.ascontiguousarray(array), raw_dtype=raw_dtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -410,9 +500,21 @@ def export_gguf(model: GPT, tokenizer: Any, path: str | Path, *, dtype: str = "f
     return path
 
 
+def _encode_matrix(array: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
+    """A 2-D float32 matrix as GGUF stores it for `dtype`: (data, raw GGML type or None for numpy's own)."""
+    import gguf
+
+    if dtype == "q8_0":
+        try:
+            return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+        except gguf.QuantError:  # rows not a multiple of Q8_0's 32-value blocks
+            pass
+    return array.astype(np.float16), None
+
+
 def read_gguf_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors by GGUF name as float32, every metadata field but the GGUF header's) read back with
-    gguf.GGUFReader (for tests and checks)."""
+    """(tensors by GGUF name as float32, quantized ones dequantized; every metadata field but the GGUF
+    header's) read back with gguf.GGUFReader (for tests and checks)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -420,6 +522,7 @@ def read_gguf_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     for t in reader.tensors:
         # GGUF lists dimensions fastest-first (ne); numpy's shape is the reverse.
         shape = tuple(int(d) for d in reversed(t.shape))
-        tensors[t.name] = torch.from_numpy(np.array(t.data).reshape(shape).astype(np.float32))
+        values = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
+        tensors[t.name] = torch.from_numpy(values.reshape(shape).astype(np.float32))
     meta = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
     return tensors, meta

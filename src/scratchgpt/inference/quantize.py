@@ -10,6 +10,7 @@ from scratchgpt.model.quantize import (
     INFERENCE_DTYPES,
     KERNELS,
     QUANT_MODES,
+    Int8Embedding,
     Int8Linear,
     cast_weights,
     default_kernel,
@@ -20,6 +21,6 @@ from scratchgpt.model.quantize import (
     set_kernel,
 )
 
-__all__ = ["INFERENCE_DTYPES", "KERNELS", "QUANT_MODES", "Int8Linear", "cast_weights", "cpu_capability",
-           "default_kernel", "load_quantized", "native_bf16", "prepare_for_inference",
+__all__ = ["INFERENCE_DTYPES", "KERNELS", "QUANT_MODES", "Int8Embedding", "Int8Linear", "cast_weights",
+           "cpu_capability", "default_kernel", "load_quantized", "native_bf16", "prepare_for_inference",
            "quantize_checkpoint", "quantize_model", "quantize_weight", "quantized_mode", "save_quantized", "set_kernel"]

@@ -40,7 +40,8 @@ class Linear(nn.Linear):
     Xeon with AMX the matrix-vector path was the fast one and W @ xᵀ halved decode speed (17 vs 35 tok/s
     for GPT-2 124M). So the path is per layer: up to `few_rows` rows (0, the default, means never) the
     layer computes (W @ xᵀ)ᵀ, padding a single row to two. `inference.generate.choose_decode_path`
-    measures both on the model's own weights and sets it. Results equal F.linear up to float rounding.
+    times whole decode steps both ways (weights streaming from DRAM, as in real decoding) and sets it
+    for the block layers and the LM head separately. Results equal F.linear up to float rounding.
     """
 
     few_rows: int = 0

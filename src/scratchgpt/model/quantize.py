@@ -23,6 +23,9 @@ an int8 model on a GPU dequantizes each weight and multiplies with the GPU's own
 the memory for the stored weights, no speed-up. Asking for a CPU kernel there is refused.
 `torch.ao.quantization` is deprecated: we do not use its module swapping, only the two kernels.
 
+Embedding tables are quantized the same way (`Int8Embedding`, one scale per row), and a tied LM head
+shares the embedding's int8 matrix, so a quantized model is about a quarter of its float32 bytes.
+
 A quantized model saves as a normal run directory (checkpoint.save_quantized): model.safetensors
 holds `<layer>.weight` (int8) and `<layer>.weight_scale` (float32) for each quantized layer,
 config.json says {"quantization": {"mode": "int8", ...}}. No pickle anywhere. This module is pure
@@ -175,31 +178,60 @@ class Int8Linear(nn.Module):
         return self._packed
 
 
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 rows with one float32 scale per row (Int8Linear's scheme).
+
+    Buffers (saved): `weight` (num, dim) int8, `weight_scale` (num,) float32. A lookup dequantizes only
+    the rows it reads. A tied LM head (an Int8Linear) shares both buffers: its per-output-channel
+    quantization of the same (V, C) matrix is exactly this per-row one, so the file holds it once.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, dtype=torch.float32, device=device))
+        self.out_dtype = torch.float32  # what lookups return: the model's float dtype (cast_weights sets it)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> Int8Embedding:
+        q, scale = quantize_weight(embedding.weight)
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, device=embedding.weight.device)
+        layer.weight.copy_(q)
+        layer.weight_scale.copy_(scale)
+        layer.out_dtype = embedding.weight.dtype
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """Rows of scale ⊙ q for the ids in idx: (...) -> (..., dim)."""
+        rows = self.weight[idx].float() * self.weight_scale[idx].unsqueeze(-1)
+        return rows if self.out_dtype == torch.float32 else rows.to(self.out_dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole models
 # ---------------------------------------------------------------------------------------------
 
 
 def quantized_mode(model: nn.Module) -> str | None:
-    """'int8' when the model holds Int8Linear layers, else None."""
-    return "int8" if any(isinstance(m, Int8Linear) for m in model.modules()) else None
+    """'int8' when the model holds int8 layers (Int8Linear or Int8Embedding), else None."""
+    return "int8" if any(isinstance(m, Int8Linear | Int8Embedding) for m in model.modules()) else None
 
 
-def _quantizable(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute, layer) for every nn.Linear of a GPT: the blocks' projections and the LM head."""
-    found = []
-    for parent in model.modules():
-        for attr, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                found.append((parent, attr, child))
-    return found
+def _children_of_type(model: nn.Module, kind: type[nn.Module]) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, child) for every submodule of type `kind` (e.g. every nn.Linear of a GPT)."""
+    return [(parent, attr, child) for parent in model.modules() for attr, child in parent.named_children()
+            if isinstance(child, kind)]
 
 
 def quantize_model(model: nn.Module, mode: str = "int8", *, kernel: Kernel | None = None) -> nn.Module:
-    """Replace every linear layer of `model` (in place) by its int8 version; returns the model.
+    """Replace every linear layer and embedding table of `model` (in place) by its int8 version.
 
-    Embeddings and LayerNorms stay in float: a token lookup reads one row, and they are small. A tied
-    LM head gets its own int8 copy while the embedding stays float.
+    Every matrix becomes int8, so the model takes about a quarter of its float32 bytes; norms and biases
+    stay float (they are small). A tied LM head shares the embedding's int8 matrix. Returns the model.
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
@@ -212,8 +244,16 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, kernel: Kernel | Non
     kernel = kernel or default_kernel(device)
     _check_kernel(kernel, device)
     with torch.no_grad():
-        for parent, attr, linear in _quantizable(model):
-            setattr(parent, attr, Int8Linear.from_linear(linear, kernel=kernel))
+        tables: dict[int, Int8Embedding] = {}  # id of the float table -> its int8 version
+        for parent, attr, embedding in _children_of_type(model, nn.Embedding):
+            tables[id(embedding.weight)] = Int8Embedding.from_embedding(embedding)
+            setattr(parent, attr, tables[id(embedding.weight)])
+        for parent, attr, linear in _children_of_type(model, nn.Linear):
+            layer = Int8Linear.from_linear(linear, kernel=kernel)
+            tied = tables.get(id(linear.weight))
+            if tied is not None:  # the same rounding of the same matrix: keep one copy of it
+                layer.weight, layer.weight_scale = tied.weight, tied.weight_scale
+            setattr(parent, attr, layer)
     return model.eval()
 
 
@@ -262,6 +302,8 @@ def cast_weights(model: nn.Module, dtype: str | torch.dtype, *, device: torch.de
         if p.is_floating_point():
             p.data = p.data.to(dtype)
     for m in model.modules():
+        if isinstance(m, Int8Embedding):
+            m.out_dtype = dtype  # its lookups feed the (now `dtype`) blocks
         # Keep int8 scales in float32; cast biases and the other float buffers.
         for name, b in list(m.named_buffers(recurse=False)):
             if b is not None and b.is_floating_point() and name != "weight_scale":
