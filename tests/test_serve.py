@@ -16,9 +16,10 @@ import torch
 
 from scratchgpt import SamplingConfig
 from scratchgpt.checkpoint import load_any
+from scratchgpt.config import ServeLimits
 from scratchgpt.data.chat import render_chat, stop_strings
 from scratchgpt.inference.generate import generate, generate_text
-from scratchgpt.inference.serve import DecodeBatch, Job, Row, ServeLimits, create_app
+from scratchgpt.inference.serve import DecodeBatch, Job, Row, create_app
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -754,8 +755,8 @@ def busy_port():
 
 
 @pytest.mark.parametrize("extra,env,expected", [
-    (["--port", "-1"], {}, "port=-1 must lie in [0, 65535]"),
-    (["--port", "70000"], {}, "port=70000 must lie in [0, 65535]"),
+    (["--port", "-1"], {}, "port=-1 is out of range; it must lie in [0, 65535]"),
+    (["--port", "70000"], {}, "port=70000 is out of range; it must lie in [0, 65535]"),
     (["--device", "tpu9"], {}, "device='tpu9' is not a device"),
     (["--device", "cuda"], {}, "no CUDA device"),
     (["--host", "0.0.0.0"], {}, "needs an API key"),
@@ -1055,7 +1056,8 @@ def test_rows_of_a_client_that_stops_reading_pause_and_resume_where_they_were(mo
 _SERVER_SCRIPT = """
 import sys, time
 from scratchgpt.checkpoint import load_any
-from scratchgpt.inference.serve import ServeLimits, bind_socket, create_app, make_server
+from scratchgpt.config import ServeLimits
+from scratchgpt.inference.serve import bind_socket, create_app, make_server
 model, tok = load_any(sys.argv[1])
 model.register_forward_pre_hook(lambda m, a, k: time.sleep(0.05), with_kwargs=True)
 app = create_app(model, tok, model_name="tiny", limits=ServeLimits(shutdown_grace_s=1.0))
@@ -1196,8 +1198,8 @@ def test_a_template_without_a_system_role_refuses_only_system_messages(tmp_path)
 def test_serve_defaults_to_the_folders_own_template(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
+    from scratchgpt.config import ServeConfig
     from scratchgpt.inference import serve as serve_module
-    from scratchgpt.inference.serve import ServeConfig
     from test_chat_session import LLAMA3, make_folder
 
     folder = make_folder(tmp_path / "llama", LLAMA3)

@@ -531,7 +531,7 @@ def _run_chat(args: argparse.Namespace) -> int:
 
 @command
 def _add_serve(sub) -> None:
-    from scratchgpt.inference.serve import ServeConfig, ServeLimits
+    from scratchgpt.config import ServeConfig, ServeLimits
 
     p = sub.add_parser(
         "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page at /",

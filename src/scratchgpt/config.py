@@ -1025,3 +1025,74 @@ class JudgeEvalConfig:
 # Task name (the `scratchgpt eval TASK` subcommand and the suite TOML's table name) -> its config.
 EVAL_TASKS: dict[str, type] = {"perplexity": PerplexityEvalConfig, "choice": ChoiceEvalConfig,
                                "classify": ClassifierEvalConfig, "judge": JudgeEvalConfig}
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving (`scratchgpt serve`): here, not in inference/serve.py, so that building the CLI's parser
+# imports neither torch nor FastAPI.
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+API_KEY_ENV = "SCRATCHGPT_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one server accepts: batch size, queue bound, request size. Validated when built."""
+
+    max_batch_size: int = field(default=16, metadata={"help": "rows (choices) decoded together at most"})
+    batch_window_ms: float = field(
+        default=5.0, metadata={"help": "how long an idle server waits for requests arriving together"}
+    )
+    max_requests: int = field(
+        default=64, metadata={"help": "requests queued or running at once; more are refused with 503"}
+    )
+    max_choices: int = field(default=16, metadata={"help": "choices per request (n x prompts) at most"})
+    max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body accepted"})
+    read_timeout_s: float = field(
+        default=10.0, metadata={"help": "seconds a client may take to send a request; slower or silent "
+                                "connections are closed (request body: 408)"}
+    )
+    shutdown_grace_s: float = field(
+        default=10.0, metadata={"help": "on Ctrl+C, seconds running requests may take to finish before each "
+                                "ends with an error"}
+    )
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        for name in ("max_batch_size", "max_requests", "max_choices", "max_body_bytes"):
+            _check_range("ServeLimits", name, getattr(self, name), lo=1)
+        for name, lo, hi in (("batch_window_ms", 0, 1000), ("read_timeout_s", 0.01, 3600),
+                             ("shutdown_grace_s", 0, 3600)):
+            _check_range("ServeLimits", name, getattr(self, name), lo=lo, hi=hi)
+
+
+@dataclass
+class ServeConfig:
+    """`scratchgpt serve`: what to serve, where, and to whom (what one server accepts is ServeLimits)."""
+
+    checkpoint: str = field(default="", metadata={"help": "scratchgpt run directory or Hugging Face GPT-2 directory"})
+    host: str = field(default=DEFAULT_HOST, metadata={
+        "help": "address to bind (127.0.0.1: this machine only; any non-loopback address needs an API key)"})
+    port: int = field(default=DEFAULT_PORT, metadata={"help": "port to bind (0: any free one)"})
+    api_key: str | None = field(default=None, metadata={
+        "help": f"require 'Authorization: Bearer KEY' (None: ${API_KEY_ENV}, else no key; an empty key is an error)"})
+    model_name: str | None = field(
+        default=None, metadata={"help": "the model id clients send (None: the checkpoint folder's name)"}
+    )
+    chat_template: Literal["alpaca", "chatml", "tokenizer"] | None = field(
+        default=None, metadata={"help": "alpaca, chatml, or tokenizer (the model's own Jinja template). None: the "
+                                "template the run was fine-tuned with (its config.json), else the tokenizer's own "
+                                "if it has one, else alpaca"}
+    )
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda if present, else cpu), 'cpu', 'cuda:1'"})
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = field(
+        default="info", metadata={"help": "uvicorn's log level"}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("ServeConfig: no checkpoint to serve; pass --checkpoint DIR (or set it in [serve])")
+        _validate_fields(self)
+        _check_range("ServeConfig", "port", self.port, lo=0, hi=65535)

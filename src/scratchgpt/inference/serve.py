@@ -33,14 +33,13 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from scratchgpt.config import SamplingConfig
+from scratchgpt.config import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, SamplingConfig, ServeLimits
 from scratchgpt.data.chat import (
-    CHAT_TEMPLATES,
     TOKENIZER_TEMPLATE,
     ChatTemplateName,
     Message,
@@ -66,9 +65,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-API_KEY_ENV = "SCRATCHGPT_API_KEY"
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 # The chat page's script and style (static/), with their media types; the page loads them from /static/.
 _PAGE_ASSETS = {"chat.css": "text/css", "chat.js": "text/javascript"}
@@ -87,41 +83,6 @@ _SECURITY_HEADERS = (
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """What one server accepts: batch size, queue bound, request size. Validated when built."""
-
-    max_batch_size: int = field(default=16, metadata={"help": "rows (choices) decoded together at most"})
-    batch_window_ms: float = field(
-        default=5.0, metadata={"help": "how long an idle server waits for requests arriving together"}
-    )
-    max_requests: int = field(
-        default=64, metadata={"help": "requests queued or running at once; more are refused with 503"}
-    )
-    max_choices: int = field(default=16, metadata={"help": "choices per request (n x prompts) at most"})
-    max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body accepted"})
-    read_timeout_s: float = field(
-        default=10.0, metadata={"help": "seconds a client may take to send a request; slower or silent "
-                                "connections are closed (request body: 408)"}
-    )
-    shutdown_grace_s: float = field(
-        default=10.0, metadata={"help": "on Ctrl+C, seconds running requests may take to finish before each "
-                                "ends with an error"}
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_requests", "max_choices", "max_body_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ServeLimits.{name}={value!r} must be a positive integer")
-        # `not a <= x <= b` also refuses NaN.
-        for name, lo, hi in (("batch_window_ms", 0, 1000), ("read_timeout_s", 0.01, 3600),
-                             ("shutdown_grace_s", 0, 3600)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-                raise ValueError(f"ServeLimits.{name}={value!r} must lie in [{lo}, {hi}]")
 
 
 class APIError(Exception):
@@ -1394,40 +1355,6 @@ def make_server(app: "FastAPI", *, log_level: str = "info") -> Any:
         timeout_graceful_shutdown=int(limits.shutdown_grace_s) + 5,
     )
     return Server(config)
-
-
-@dataclass
-class ServeConfig:
-    """`scratchgpt serve`: what to serve, where, and to whom (what one server accepts is ServeLimits)."""
-
-    checkpoint: str = field(default="", metadata={"help": "scratchgpt run directory or Hugging Face GPT-2 directory"})
-    host: str = field(default=DEFAULT_HOST, metadata={
-        "help": "address to bind (127.0.0.1: this machine only; any non-loopback address needs an API key)"})
-    port: int = field(default=DEFAULT_PORT, metadata={"help": "port to bind (0: any free one)"})
-    api_key: str | None = field(default=None, metadata={
-        "help": f"require 'Authorization: Bearer KEY' (None: ${API_KEY_ENV}, else no key; an empty key is an error)"})
-    model_name: str | None = field(
-        default=None, metadata={"help": "the model id clients send (None: the checkpoint folder's name)"}
-    )
-    chat_template: ChatTemplateName | None = field(
-        default=None, metadata={"help": "alpaca, chatml, or tokenizer (the model's own Jinja template). None: the "
-                                "template the run was fine-tuned with (its config.json), else the tokenizer's own "
-                                "if it has one, else alpaca"}
-    )
-    device: str = field(default="auto", metadata={"help": "'auto' (cuda if present, else cpu), 'cpu', 'cuda:1'"})
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = field(
-        default="info", metadata={"help": "uvicorn's log level"}
-    )
-
-    def __post_init__(self) -> None:
-        if not self.checkpoint:
-            raise ValueError("ServeConfig: no checkpoint to serve; pass --checkpoint DIR (or set it in [serve])")
-        if self.chat_template is not None and self.chat_template not in CHAT_TEMPLATES:
-            raise ValueError(f"ServeConfig.chat_template={self.chat_template!r}; choose one of {list(CHAT_TEMPLATES)}")
-        if self.log_level not in ("critical", "error", "warning", "info", "debug"):
-            raise ValueError(f"ServeConfig.log_level={self.log_level!r}; choose critical, error, warning, info, debug")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"ServeConfig.port={self.port} must lie in [0, 65535]")
 
 
 def serve(
