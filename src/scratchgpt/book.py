@@ -127,7 +127,7 @@ def _book_next_token(logits: Tensor, temperature: float, top_k: int | None) -> T
         # Below the k-th largest -> -inf; a tie with the k-th stays in, as in the book.
         logits = torch.where(logits < top_logits[:, -1:], torch.tensor(float("-inf"), device=logits.device), logits)
     # The book samples whenever temperature > 0; scratchgpt's one rule (is_greedy) also decodes greedily below
-    # 1e-4, where the book's softmax is one-hot in float32 anyway. From 1e-4 up the draws are the book's.
+    # 1e-4, where the book's softmax is one-hot in all but name. From 1e-4 up the draws are the book's.
     if is_greedy(temperature):
         return torch.argmax(logits, dim=-1, keepdim=True)  # (B, 1)
     probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)

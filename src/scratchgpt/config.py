@@ -390,8 +390,8 @@ PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)
 # checked by `check_temperature`, read as greedy by `is_greedy`, nowhere else.
 # OpenAI's range: above 2 every model's text is noise, and HTTP clients expect 2 to be the limit.
 MAX_TEMPERATURE = 2.0
-# Below 1e-4 two logits 0.01 apart already differ e^100-fold in probability (0 in float32) and tiny values
-# overflow logits / T to inf: such a temperature is greedy in all but name, so it decodes greedily, exactly.
+# Below 1e-4 two logits 0.01 apart already differ e^100-fold in probability, and tiny values overflow
+# logits / T to inf: such a temperature is greedy in all but name, so it decodes greedily, exactly.
 GREEDY_BELOW = 1e-4
 
 
