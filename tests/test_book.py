@@ -143,6 +143,87 @@ def test_generate_top_k_temperature_and_eos():
     assert stopped[0].tolist() == greedy[0, : greedy[0, 3:].tolist().index(eos) + 3].tolist()
 
 
+def book_generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None):
+    """Chapter 5's `generate`, as the book prints it (only `top_logits[:, -1:]` keeps a batch dimension,
+    which changes nothing for the book's batch of one)."""
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]
+        with torch.no_grad():
+            logits = model(idx_cond)
+        logits = logits[:, -1, :]
+        if top_k is not None:
+            top_logits, _ = torch.topk(logits, top_k)
+            min_val = top_logits[:, -1:]
+            logits = torch.where(logits < min_val, torch.tensor(float("-inf")).to(logits.device), logits)
+        if temperature > 0.0:
+            logits = logits / temperature
+            probs = torch.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)
+        else:
+            idx_next = torch.argmax(logits, dim=-1, keepdim=True)
+        if idx_next == eos_id:
+            break
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
+
+
+class TiedLogits(torch.nn.Module):
+    """A stand-in model whose logits come in steps of 0.5, so top-k meets ties at its k-th value."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return (self.model(idx) * 8).round() / 2
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.4, 25), (1.0, None), (0.5, 3), (2.0, 1), (0.0, 3), (1.5, 50)])
+def test_generate_draws_what_the_books_generate_draws(temperature, top_k):
+    # The same global seed and the same logits must give the book's tokens: same top-k mask (ties kept),
+    # same temperature division, same softmax, same torch.multinomial call on the same RNG.
+    torch.manual_seed(0)
+    cfg = {"vocab_size": 97, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+           "drop_rate": 0.0, "qkv_bias": False}
+    for model in (GPTModel(cfg).eval(), TiedLogits(GPTModel(cfg).eval())):
+        idx = torch.tensor([[5, 6, 7]])
+        torch.manual_seed(123)
+        expected = book_generate(model, idx, 30, 16, temperature=temperature, top_k=top_k)
+        rng_after_book = torch.get_rng_state()
+        torch.manual_seed(123)
+        got = generate(model, idx, 30, 16, temperature=temperature, top_k=top_k)
+        assert got.tolist() == expected.tolist()
+        # The RNG is left where the book leaves it, so the reader's next draw matches too.
+        assert torch.equal(torch.get_rng_state(), rng_after_book)
+
+
+def test_generate_stops_at_eos_as_the_book_does():
+    torch.manual_seed(0)
+    cfg = {"vocab_size": 11, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+           "drop_rate": 0.0, "qkv_bias": False}
+    model = GPTModel(cfg).eval()
+    idx = torch.tensor([[1, 2, 3]])
+    torch.manual_seed(123)
+    full = book_generate(model, idx, 40, 8, temperature=1.0)
+    eos = int(full[0, 10])  # a token the seeded run draws, so both must stop at its first draw
+    torch.manual_seed(123)
+    expected = book_generate(model, idx, 40, 8, temperature=1.0, eos_id=eos)
+    torch.manual_seed(123)
+    got = generate(model, idx, 40, 8, temperature=1.0, eos_id=eos)
+    assert got.tolist() == expected.tolist() and got.shape[1] <= 10
+
+
+def test_generate_refuses_what_the_other_entry_points_refuse():
+    model = GPTModel({"vocab_size": 11, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+                      "drop_rate": 0.0, "qkv_bias": False}).eval()
+    idx = torch.tensor([[1, 2, 3]])
+    for bad in (-0.5, 2.5, float("nan")):
+        with pytest.raises(ValueError, match="generate.temperature"):
+            generate(model, idx, 2, 8, temperature=bad)
+    with pytest.raises(ValueError, match="generate.top_k"):
+        generate(model, idx, 2, 8, temperature=1.0, top_k=0)
+
+
 def test_state_dict_saved_by_the_books_model_loads_strictly():
     """The book's GPTModel keeps its causal mask as a persistent buffer: its state dicts have `att.mask`."""
     cfg = {"vocab_size": 50, "context_length": 12, "emb_dim": 16, "n_heads": 2, "n_layers": 2,

@@ -81,3 +81,16 @@ def test_train_flags_refuse_non_finite_values(tmp_path: Path, capsys, flag: str,
     assert main(["train", flag, value, "--out-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and flag.lstrip("-").replace("-", "_") in err and "finite" in err, err
+
+
+def test_every_temperature_follows_the_one_rule() -> None:
+    # Sampling, training samples and the rule itself agree at the edges: [0, 2], below 1e-4 greedy.
+    for value in (0.0, 5e-5, 1e-4, 2.0):
+        assert config_module.SamplingConfig(temperature=value).greedy is config_module.is_greedy(value)
+        assert TrainConfig(sample_temperature=value).sample_temperature == value
+    assert [config_module.is_greedy(v) for v in (0.0, 5e-5, 9.99e-5, 1e-4, 1.0)] == [True, True, True, False, False]
+    for value in (-1e-9, 2.0001):
+        with pytest.raises(ValueError, match=r"SamplingConfig.temperature=.* must lie in \[0.0, 2.0\]"):
+            config_module.SamplingConfig(temperature=value)
+        with pytest.raises(ValueError, match=r"TrainConfig.sample_temperature=.* must lie in \[0.0, 2.0\]"):
+            TrainConfig(sample_temperature=value)

@@ -8,6 +8,10 @@ an odd MLP width) so that a wrong split, transpose or head grouping cannot cance
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -343,3 +347,67 @@ def test_llama_with_all_biases_round_trips(tmp_path):
     save_hf(ours, tmp_path / "out")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert (hf_logits(again, x) - logits).abs().max().item() < TOL
+
+
+# -- GPT.from_pretrained: nanoGPT's entry point, loading through checkpoint.load_hf ------------------------------
+
+
+def random_hf_gpt2(seed: int = 0):
+    """A tiny GPT2LMHeadModel (vocab 97, 3 heads of 10) with every parameter random, in eval mode."""
+    config = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=30, n_layer=2, n_head=3)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
+def test_from_pretrained_matches_transformers(tmp_path, family):
+    hf = random_hf_gpt2(seed=7) if family == "gpt2" else random_hf_model(family, tied=False, seed=7)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path)
+    assert isinstance(ours, GPT) and not ours.training
+    assert ours.config.pos_encoding == ("learned" if family == "gpt2" else "rope")
+    x = ids(seed=8)
+    with torch.no_grad():
+        logits, _ = ours(x)
+    assert (logits - hf_logits(hf, x)).abs().max().item() < TOL
+    # dtype and config overrides reach the loader (nanoGPT's override_args: dropout).
+    half = GPT.from_pretrained(str(tmp_path), dtype=torch.bfloat16, resid_pdrop=0.0)
+    assert half.transformer.wte.weight.dtype == torch.bfloat16 and half.config.resid_pdrop == 0.0
+
+
+def test_from_pretrained_hub_name_offline_is_one_line(monkeypatch, tmp_path):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to fall back on
+    monkeypatch.chdir(tmp_path)  # so "gpt2" cannot resolve to a local folder
+    for name in ("gpt2", "gpt2-xl"):
+        with pytest.raises(CheckpointError, match=f"{name}: could not download") as err:
+            GPT.from_pretrained(name)
+        assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="not a known hub name"):
+        GPT.from_pretrained("gpt3")
+
+
+def test_from_pretrained_without_the_loader_says_what_to_import(monkeypatch):
+    from scratchgpt.model import gpt
+
+    monkeypatch.setattr(gpt, "_pretrained_loader", None)
+    with pytest.raises(RuntimeError, match="from scratchgpt import GPT"):
+        GPT.from_pretrained("gpt2")
+
+
+def test_the_package_gpt_has_its_loader_in_a_fresh_interpreter(tmp_path):
+    # The import order a reader uses: nothing but `from scratchgpt import GPT`, as in nanoGPT's README.
+    random_hf_gpt2(seed=9).save_pretrained(tmp_path)
+    code = ("import sys; from scratchgpt import GPT; m = GPT.from_pretrained(sys.argv[1]); "
+            "print(m.config.n_layer, m.num_parameters())")
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    assert out.split() == ["2", str(load_hf(tmp_path).num_parameters())]

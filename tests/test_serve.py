@@ -1211,3 +1211,47 @@ def test_serve_defaults_to_the_folders_own_template(tmp_path, monkeypatch):
     serve_module.serve(folder, port=0, chat_template="chatml")  # an explicit choice wins
     assert calls["app"].state.chat_template == "chatml"
     assert ServeConfig(checkpoint=str(folder), chat_template="tokenizer").chat_template == "tokenizer"
+
+
+# Temperature's one rule (config.check_temperature / is_greedy): [0, 2], and below 1e-4 is greedy.
+_VALID_TEMPERATURES = {0: True, 5e-5: True, 9.99e-5: True, 1e-4: False, 0.8: False, 2: False}  # value -> greedy
+_INVALID_TEMPERATURES = (-1e-9, 2.0001, 7)
+
+
+def test_temperature_has_one_rule_in_python_cli_and_http(model, tok, http, tiny_chat_checkpoint, monkeypatch,
+                                                         capsys):
+    import scratchgpt.inference.generate as generate_module
+    from scratchgpt.cli import main
+    from scratchgpt.inference.serve import RequestParser
+
+    parser = RequestParser(tok, MODEL, 64, "alpaca", ServeLimits())
+    seen: list[SamplingConfig] = []  # what `scratchgpt generate` samples with
+    real_stream_text = generate_module.stream_text
+    monkeypatch.setattr(generate_module, "stream_text",
+                        lambda *a, **kw: (seen.append(a[3]), real_stream_text(*a, **kw))[1])
+    prompt = tok.encode(PROMPT)
+    greedy_text = generate(model, [prompt], SamplingConfig(max_new_tokens=4, temperature=0, stop_at_eot=False))
+    cli = ["generate", "--checkpoint", str(tiny_chat_checkpoint), "--prompt", PROMPT, "--max-new-tokens", "4",
+           "--seed", "1"]
+
+    for value, greedy in _VALID_TEMPERATURES.items():
+        python = SamplingConfig(max_new_tokens=4, temperature=value, stop_at_eot=False, seed=1)
+        assert python.greedy is greedy, value
+        if greedy:  # greedy exactly: the T=0 tokens, whatever the seed
+            assert generate(model, [prompt], python) == greedy_text
+        assert main([*cli, f"--temperature={value!r}"]) == 0
+        assert seen.pop().greedy is greedy, value
+        assert parser.completion({"model": MODEL, "prompt": PROMPT, "temperature": value}).samplings[0].greedy \
+            is greedy, value
+        assert http.post("/v1/completions", json=_completion(max_tokens=1, temperature=value)).status_code == 200
+    capsys.readouterr()
+
+    for value in _INVALID_TEMPERATURES:
+        with pytest.raises(ValueError, match=r"temperature=.* must lie in \[0.0, 2.0\]"):
+            SamplingConfig(temperature=value)
+        assert main([*cli, f"--temperature={value!r}"]) == 2
+        err = capsys.readouterr().err
+        assert "temperature" in err and "[0.0, 2.0]" in err and err.count("\n") == 1, err
+        assert_openai_error(http.post("/v1/completions", json=_completion(temperature=value)), 400,
+                            param="temperature")
+    assert seen == []  # no invalid value reached generation

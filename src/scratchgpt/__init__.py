@@ -12,6 +12,8 @@ def __getattr__(name: str) -> Any:
     # The model (and torch) load on first use, so that `import scratchgpt` and the CLI start instantly
     # and a Ctrl-C during start-up meets the CLI's handler rather than torch's import machinery.
     if name in ("GPT", "KVCache"):
+        # checkpoint too: it gives GPT.from_pretrained its loader (the model stage cannot import it).
+        from scratchgpt import checkpoint  # noqa: F401
         from scratchgpt.model import gpt
 
         return getattr(gpt, name)

@@ -3,9 +3,10 @@
 Readers of the book reach for `GPTModel(GPT_CONFIG_124M)`, `generate_text_simple`, `create_dataloader_v1`,
 `calc_loss_loader` and friends. Each one here is a thin wrapper over the piece of scratchgpt that already
 does the job (the textbook model, the GPT-2 tokenizer, the window arithmetic of the token samplers, the
-sampling filters, the one Hugging Face name map), so a reader can run the chapter code unchanged and then
-find the production version one import away. With the book's seeds and settings they reproduce the book's
-printed outputs token for token (tests/test_book.py).
+one Hugging Face name map), so a reader can run the chapter code unchanged and then find the production
+version one import away. The exception is `generate`'s draw: it is the book's own (`torch.multinomial` on
+the global RNG), because scratchgpt's faster sampler would print other text for the same seed. With the
+book's seeds and settings they reproduce the book's printed outputs token for token (tests/test_book.py).
 
 The helpers accept both the book's `GPTModel` (whose forward returns logits) and scratchgpt's `GPT` (whose
 forward returns `(logits, loss)`), and both a tiktoken `Encoding` and a scratchgpt `Tokenizer`.
@@ -24,11 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from scratchgpt.config import SamplingConfig
+from scratchgpt.config import check_temperature, is_greedy
 from scratchgpt.data.dataset import SequentialWindows
 from scratchgpt.data.tokenizer import Tokenizer, gpt2_tokenizer
 from scratchgpt.hf import hf_to_scratchgpt
-from scratchgpt.inference.generate import sample_next_token
 from scratchgpt.model.gpt import GPT
 from scratchgpt.model.textbook import GPT_CONFIG_124M, GPTModel, textbook_state_from_gpt_state
 
@@ -115,6 +115,25 @@ def _logits(model: nn.Module, idx: Tensor) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _book_next_token(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    """The book's draw for logits (B, V) -> (B, 1): top-k mask, temperature, softmax, torch.multinomial.
+
+    Step for step as chapter 5 writes it, so the same `torch.manual_seed` gives the same tokens as the book.
+    scratchgpt's own sampler (inference.generate) draws differently (one uniform per row, its own top-k) and is
+    faster; the book's readers compare text, so here the book's order of operations and RNG calls win.
+    """
+    if top_k is not None:
+        top_logits, _ = torch.topk(logits, top_k)  # (B, k), largest first
+        # Below the k-th largest -> -inf; a tie with the k-th stays in, as in the book.
+        logits = torch.where(logits < top_logits[:, -1:], torch.tensor(float("-inf"), device=logits.device), logits)
+    # The book samples whenever temperature > 0; scratchgpt's one rule (is_greedy) also decodes greedily below
+    # 1e-4, where the book's softmax is one-hot in all but name. From 1e-4 up the draws are the book's.
+    if is_greedy(temperature):
+        return torch.argmax(logits, dim=-1, keepdim=True)  # (B, 1)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1)  # (B, 1): draws from torch's global RNG
+
+
 def generate(
     model: nn.Module, idx: Tensor, max_new_tokens: int, context_size: int, temperature: float = 0.0,
     top_k: int | None = None, eos_id: int | None = None,
@@ -122,14 +141,16 @@ def generate(
     """Append up to `max_new_tokens` to `idx` (B, T): greedy at temperature 0, else sampled after top-k.
 
     The chapter 5 version: the model sees at most the last `context_size` tokens; generation stops early
-    when (batch 1) the next token is `eos_id`. Sampling draws from torch's global RNG, so
-    `torch.manual_seed` makes it repeatable, as in the book.
+    when the next token is `eos_id` (in every row). Sampling calls `torch.multinomial` on torch's global
+    RNG exactly as the book does, so `torch.manual_seed(123)` reproduces the book's sampled text.
     """
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, stop_at_eot=False)
+    check_temperature("generate", "temperature", temperature)
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"generate.top_k={top_k!r} must be None or an integer >= 1")
     for _ in range(max_new_tokens):
         with torch.no_grad():
             logits = _logits(model, idx[:, -context_size:])[:, -1, :]  # (B, V): only the last position
-        idx_next = sample_next_token(logits, sampling).unsqueeze(-1)  # (B, 1)
+        idx_next = _book_next_token(logits, temperature, top_k)  # (B, 1)
         if eos_id is not None and bool((idx_next == eos_id).all()):
             break
         idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)

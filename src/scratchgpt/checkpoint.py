@@ -34,7 +34,7 @@ from scratchgpt.files import (  # noqa: F401 (API)
     write_json,
 )
 from scratchgpt.hf import config_from_hf, config_to_hf, hf_to_scratchgpt, scratchgpt_to_hf  # noqa: F401 (API)
-from scratchgpt.model.gpt import GPT
+from scratchgpt.model.gpt import GPT, register_pretrained_loader
 
 FORMAT = "scratchgpt"
 FORMAT_VERSION = 1
@@ -296,6 +296,11 @@ def load_hf(
         raise CheckpointError(f"{directory}: {e}") from None
     _load_state_strict(model, state, source=directory)
     return model.to(device=device, dtype=dtype).eval()
+
+
+# GPT.from_pretrained (nanoGPT's spelling of load_hf) cannot import this module (the model stage imports
+# nothing above config); importing scratchgpt.checkpoint, or `scratchgpt.GPT`, hands it the loader.
+register_pretrained_loader(load_hf)
 
 
 def save_hf(

@@ -386,13 +386,33 @@ PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)
 # Sampling
 # ---------------------------------------------------------------------------------------------
 
+# Temperature has one rule for every way in (Python, the CLI, HTTP, training samples, the book's generate):
+# checked by `check_temperature`, read as greedy by `is_greedy`, nowhere else.
+# OpenAI's range: above 2 every model's text is noise, and HTTP clients expect 2 to be the limit.
+MAX_TEMPERATURE = 2.0
+# Below 1e-4 two logits 0.01 apart already differ e^100-fold in probability, and tiny values overflow
+# logits / T to inf: such a temperature is greedy in all but name, so it decodes greedily, exactly.
+GREEDY_BELOW = 1e-4
+
+
+def check_temperature(cls_name: str, name: str, value: float) -> None:
+    """Raise ValueError (naming `cls_name.name`) unless `value` is a finite temperature in [0, MAX_TEMPERATURE]."""
+    _check_range(cls_name, name, value, lo=0.0, hi=MAX_TEMPERATURE)
+
+
+def is_greedy(temperature: float) -> bool:
+    """Whether `temperature` means greedy decoding (argmax): 0, or anything below GREEDY_BELOW."""
+    return temperature < GREEDY_BELOW
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick each next token. temperature 0 means greedy."""
+    """How to pick each next token. temperature 0 (or below 1e-4) means greedy."""
 
     max_new_tokens: int = field(default=100, metadata={"help": "tokens to generate at most"})
-    temperature: float = field(default=1.0, metadata={"help": "0 = greedy; >1 flatter, <1 sharper"})
+    temperature: float = field(
+        default=1.0, metadata={"help": "0 to 2; 0 (or below 1e-4) = greedy; >1 flatter, <1 sharper"}
+    )
     top_k: int | None = field(default=None, metadata={"help": "keep only the k most likely tokens"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus: smallest set with mass >= top_p"})
     min_p: float = field(default=0.0, metadata={"help": "drop tokens below min_p * max probability"})
@@ -412,7 +432,7 @@ class SamplingConfig:
         _validate_fields(self)
         if self.max_new_tokens < 0:
             raise ValueError(f"{name}.max_new_tokens={self.max_new_tokens!r} must be an integer >= 0")
-        _check_range(name, "temperature", self.temperature, lo=0.0)
+        check_temperature(name, "temperature", self.temperature)
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"{name}.top_k={self.top_k!r} must be None or an integer >= 1")
         _check_range(name, "top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
@@ -423,7 +443,7 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return is_greedy(self.temperature)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,7 +606,7 @@ class TrainConfig:
         if self.optimizer == "muon" and self.fsdp:
             raise ValueError(f"{name}: optimizer='muon' does not work with fsdp=true (Newton-Schulz needs whole "
                              f"matrices, FSDP shards them); use DDP (fsdp=false) or optimizer='adamw'")
-        _check_range(name, "sample_temperature", self.sample_temperature, lo=0.0)
+        check_temperature(name, "sample_temperature", self.sample_temperature)
         if not self.out_dir:
             raise ValueError(f"{name}.out_dir must name a directory")
 

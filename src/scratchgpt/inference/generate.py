@@ -64,7 +64,7 @@ def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float = 1.
 def sample_next_token(
     logits: Tensor, sampling: SamplingConfig, *, generator: torch.Generator | None = None, seen: Tensor | None = None
 ) -> Tensor:
-    """Pick one token per row from logits (B, V) -> (B,). Temperature 0 is greedy (first max wins ties)."""
+    """Pick one token per row from logits (B, V) -> (B,). Greedy (`sampling.greedy`) takes the first max."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
     if sampling.greedy:

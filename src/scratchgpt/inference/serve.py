@@ -38,7 +38,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from scratchgpt.config import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, SamplingConfig, ServeLimits
+from scratchgpt.config import (
+    API_KEY_ENV,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    SamplingConfig,
+    ServeLimits,
+    check_temperature,
+)
 from scratchgpt.data.chat import (
     TOKENIZER_TEMPLATE,
     ChatTemplateName,
@@ -124,13 +131,6 @@ class GenerationRequest:
         return len(self.prompts) * self.n
 
 
-MIN_TEMPERATURE = 1e-4
-
-
-def _greedy_below(temperature: float, limit: float) -> float:
-    return 0.0 if temperature < limit else temperature
-
-
 def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -200,6 +200,17 @@ class _Fields:
         if not (lo < value if lo_open else lo <= value) or value > hi:
             interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
             raise APIError(400, f"`{name}`={value} is out of range; it must lie in {interval}", param=name)
+        return float(value)
+
+    def checked(self, name: str, check: Callable[[str, str, float], None], *, default: float) -> float:
+        """A number that a config rule accepts (`check(owner, name, value)` raises ValueError); else a 400."""
+        value = self.get(name, (int, float), "a number")
+        if value is None:
+            return default
+        try:
+            check("request", self.name(name), value)
+        except ValueError as e:
+            raise APIError(400, str(e), param=self.name(name)) from None
         return float(value)
 
     def boolean(self, name: str, *, default: bool = False) -> bool:
@@ -408,8 +419,8 @@ class RequestParser:
         if options.body and not stream:
             raise APIError(400, "`stream_options` is only allowed when `stream` is true", param="stream_options")
         base = dict(
-            # Below 1e-4, dividing the logits by the temperature overflows: it is greedy in all but name.
-            temperature=_greedy_below(f.number("temperature", default=1.0, lo=0.0, hi=2.0), MIN_TEMPERATURE),
+            # The range and "below 1e-4 is greedy" are the same as in Python and the CLI: config's rule.
+            temperature=f.checked("temperature", check_temperature, default=1.0),
             top_p=f.number("top_p", default=1.0, lo=0.0, hi=1.0, lo_open=True),
             top_k=f.integer("top_k", lo=1),
             min_p=f.number("min_p", default=0.0, lo=0.0, hi=1.0),

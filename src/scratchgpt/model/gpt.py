@@ -18,8 +18,10 @@ q/k/v (and gate/up) projections are stacked into the fused `c_attn` (and `c_fc`)
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,17 @@ from torch import Tensor, nn
 from scratchgpt.config import GPTConfig
 
 AttnImpl = Literal["sdpa", "eager"]
+
+# What `GPT.from_pretrained` calls: `scratchgpt.checkpoint.load_hf`, handed down by that module when it is
+# imported. The model stage holds no I/O and imports nothing above config and device (tests/test_layering.py),
+# so the loader comes down to it instead of the model reaching up for it.
+_pretrained_loader: Callable[..., GPT] | None = None
+
+
+def register_pretrained_loader(loader: Callable[..., GPT]) -> None:
+    """Make `loader(name_or_dir, *, device, dtype, **config_overrides) -> GPT` the one `GPT.from_pretrained` uses."""
+    global _pretrained_loader
+    _pretrained_loader = loader
 
 
 class Linear(nn.Linear):
@@ -453,6 +466,22 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         if torch.device(device or "cpu").type != "meta":
             self.init_weights(generator=generator)
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_dir: str | os.PathLike[str], *, device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None, **config_overrides: Any,
+    ) -> GPT:
+        """nanoGPT's entry point: a GPT in eval mode from a Hugging Face name or folder.
+
+        Names: gpt2, gpt2-medium, gpt2-large, gpt2-xl (or any `owner/repo` of a supported family), downloaded
+        once into the Hugging Face cache. Folders: a saved GPT-2, Llama, Qwen2 or Qwen3 causal LM. Overrides
+        replace config fields (e.g. `resid_pdrop=0.0`). The work is `scratchgpt.checkpoint.load_hf`'s.
+        """
+        if _pretrained_loader is None:  # only when GPT came from scratchgpt.model.gpt and nothing loaded checkpoint
+            raise RuntimeError("GPT.from_pretrained loads through scratchgpt.checkpoint: import GPT as "
+                               "`from scratchgpt import GPT` (or import scratchgpt.checkpoint once)")
+        return _pretrained_loader(name_or_dir, device=device, dtype=dtype, **config_overrides)
 
     # -- initialisation ---------------------------------------------------------------------------
 
