@@ -282,3 +282,52 @@ def test_a_missing_optional_package_names_the_extra(tmp_path: Path, monkeypatch:
         list(iter_records(Source.of(tmp_path / "a.jsonl.zst")))
     with pytest.raises(DataError, match=r"b.parquet: reading a parquet file needs the pyarrow package"):
         list(iter_records(Source.of(tmp_path / "b.parquet")))
+
+
+def test_unreadable_parquet_and_arrow_are_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    for name in ("junk.parquet", "junk.arrow"):
+        (tmp_path / name).write_bytes(b"not columnar data at all" * 10)
+        with pytest.raises(DataError, match=f"{name}: not a readable {name.split('.')[1]} file"):
+            list(iter_records(Source.of(tmp_path / name)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded memory, and workers for compressed input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_compressed_file_gets_workers_for_its_text_not_its_size(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import scratchgpt.data.dataset as dataset
+
+    pools: list[int] = []
+    real = dataset.ProcessPoolExecutor
+
+    def spy(n: int, **kwargs):
+        pools.append(n)
+        return real(n, **kwargs)
+
+    monkeypatch.setattr(dataset, "ProcessPoolExecutor", spy)
+    src = _jsonl(tmp_path / "c.jsonl.gz", ["the same words again " * 20] * 50, opener=gzip.open)
+    assert src.stat().st_size < 4096 < 50 * 420  # under one piece compressed, several once decompressed
+    prepare(src, tmp_path / "o", tokenizer="char", workers=2, chunk_bytes=4096, progress=False)
+    assert pools == [2]
+
+
+def test_records_stream_in_bounded_memory(tiny_shakespeare: str, tmp_path: Path) -> None:
+    import tracemalloc
+
+    paragraphs = tiny_shakespeare.split("\n\n")
+    peaks = []
+    for copies in (1, 3):
+        src = _jsonl(tmp_path / f"x{copies}.jsonl.gz", paragraphs * copies, opener=gzip.open)
+        tracemalloc.start()
+        try:
+            prepare(src, tmp_path / "out", tokenizer="char", workers=1, chunk_bytes=64 << 10, progress=False)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    # 1.1 MB or 3.3 MB of text in 7,000 or 21,000 records: the heap holds a line and a 64 KB batch, not the
+    # corpus (reading 3.3 MB of records whole would add tens of MB of strings and ids).
+    assert peaks[1] < peaks[0] + (1 << 20), peaks

@@ -1,12 +1,14 @@
 """Text -> token files, and token files -> (x, y) training windows.
 
-`prepare` turns text files into a folder the trainer reads:
+`prepare` turns text files, or records of JSONL, Parquet and Arrow files (`sources.py`: what it reads), into
+a folder the trainer reads:
     train.bin, val.bin   token ids back to back (uint16 when the vocabulary fits, else uint32);
                          documents are separated by the end-of-text id
       or train-00000.bin, ... val-00000.bin, ...   the same ids cut into shards of `shard_tokens` each
-    meta.json            tokenizer kind, vocab size, dtype, token counts, split, source files, and the
-                         index of the token files (format_version 2; version 1 folders, without the
-                         index, hold train.bin and val.bin and still load)
+    meta.json            tokenizer kind, vocab size, dtype, token counts, split, source files (with format,
+                         compression and records where not plain text), and the index of the token
+                         files (format_version 2; version 1 folders, without the index, hold train.bin
+                         and val.bin and still load)
     tokenizer.json (+)   the tokenizer itself, so training and generation use the same one
 
 The corpus is streamed: each file is read a few MB at a time and cut only where the pieces tokenize to
@@ -15,7 +17,8 @@ their ids are written in order, so memory stays bounded and the output is the sa
 workers. By default each document's first (1 - val_fraction) of characters goes to train and the rest
 to val, as nanoGPT splits Tiny Shakespeare (301,966 / 36,059 GPT-2 tokens). For corpora of many small
 documents (one per file), `split_by="documents"` sends whole files to val instead, spread evenly over
-the sorted list.
+the sorted list. Each record of a record file is a document as a file is: the output is that of one
+text file per record (short records are joined with `<|endoftext|>` into pieces of about the same size).
 
 The samplers read those files through `numpy.memmap` and yield (x, y) pairs of (B, T) int64 tensors
 (y is x shifted by one token). Shards are read as one sequence (`ShardedTokens`): a window may cross a
@@ -544,8 +547,9 @@ def prepare(
     dtype = token_dtype(tok.vocab_size)
     eot = np.asarray([tok.eot_id], dtype=dtype)
 
-    # More workers than pieces would only cost start-up time.
-    n_workers = max(1, min(workers or os.cpu_count() or 1, -(-sum(sizes) // chunk_bytes)))
+    # More workers than pieces would only cost start-up time (pieces are counted in characters: a
+    # compressed file holds more than its size).
+    n_workers = max(1, min(workers or os.cpu_count() or 1, -(-max(sum(sizes), sum(survey.chars)) // chunk_bytes)))
     writers = {split: _SplitWriter(out_dir, split, shard_tokens) for split in SPLIT_FILES}
     last_doc = {split: -1 for split in SPLIT_FILES}
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="tokenizing", disable=not progress)

@@ -199,7 +199,7 @@ def _jsonl_records(source: Source, field: str, errors: str) -> Iterator[tuple[st
         for number, line in enumerate(stream, 1):
             if number == 1 and line.startswith(codecs.BOM_UTF8):
                 line = line[len(codecs.BOM_UTF8):]  # dropped, as editors do
-            if not line.strip():
+            if line.isspace() or not line:
                 continue
             where = f"{source.path}: line {number}"
             try:
