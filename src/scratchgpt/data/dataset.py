@@ -477,7 +477,7 @@ def _file_entries(files: Sequence[Source], sizes: Sequence[int], survey: _Survey
             entry["records"] = records
             doc += records
         if source.format != "text" or source.compression:
-            entry.update(source.describe())
+            entry.update(source.meta())
         entries.append(entry)
     return entries
 

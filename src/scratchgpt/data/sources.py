@@ -68,7 +68,7 @@ class Source:
         """A file of records (one document each), as opposed to a text file (one document)."""
         return self.format != "text"
 
-    def describe(self) -> dict[str, Any]:
+    def meta(self) -> dict[str, Any]:
         """What meta.json records beside a non-plain-text file's path."""
         return {"format": self.format, **({"compression": self.compression} if self.compression else {})}
 
