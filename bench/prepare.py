@@ -16,7 +16,12 @@ train.bin is the same for 1 and 2 workers (per layout: many files add end-of-tex
 (3) for the single file, the same as a reference run with 16x larger pieces (different cut places,
 so an unsafe cut would show as a different hash). tests/test_tokenizer.py proves the cut rule on random and real text.
 
+The `jsonl_zst` layout (`--layouts jsonl_zst`) holds the same paragraphs as records of one zstd-compressed
+JSONL file (`{"text": ...}` per line; needs zstandard): each record is a document, so it has its own
+hash, the same for 1 and 2 workers; its rate is of the uncompressed JSONL bytes.
+
     flock /tmp/scratchgpt-bench.lock .venv/bin/python bench/prepare.py [--size-mb 2048] [--files 256]
+    .venv/bin/python bench/prepare.py --size-mb 100 --layouts jsonl_zst
 
 Prints one JSON line.
 """
@@ -80,6 +85,28 @@ def write_corpus(text: str, size: int, single: Path, many: Path, n_files: int) -
                 written += len(para)
             copy += 1
     out_many.close()
+    return written
+
+
+def write_jsonl_zst(corpus: Path, out: Path) -> int:
+    """The paragraphs of `corpus` as zstd-compressed JSONL records; returns the uncompressed JSONL bytes."""
+    import zstandard
+
+    written = 0
+    with open(corpus, encoding="utf-8") as f, zstandard.open(out, "wb", cctx=zstandard.ZstdCompressor(level=3)) as z:
+        paragraph: list[str] = []
+        for line in f:
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                record = (json.dumps({"text": "".join(paragraph)}) + "\n").encode()
+                z.write(record)
+                written += len(record)
+                paragraph = []
+        if paragraph:
+            record = (json.dumps({"text": "".join(paragraph)}) + "\n").encode()
+            z.write(record)
+            written += len(record)
     return written
 
 
@@ -168,7 +195,10 @@ def main() -> None:
     parser.add_argument("--prefix-mb", type=int, default=64, help="prefix checked against one encode call")
     parser.add_argument("--chunk-mb", type=float, default=4.0, help="prepare's piece size (chunk_bytes)")
     parser.add_argument("--tmp", help="folder for the corpus (default: the system temp dir)")
+    parser.add_argument("--layouts", default="one_file,many_files",
+                        help="comma-separated: one_file, many_files, jsonl_zst (default: one_file,many_files)")
     args = parser.parse_args()
+    layouts = args.layouts.split(",")
     chunk = int(args.chunk_mb * 2**20)
     out: dict = {"bench": "prepare", "tokenizer": "gpt2", **cpu_info()}
     t0 = time.perf_counter()
@@ -178,27 +208,37 @@ def main() -> None:
         size = write_corpus(text, args.size_mb * 2**20, work / "corpus.txt", work / "many", args.files)
         out["corpus_mb"] = round(size / 2**20, 1)
         out["files_many"] = len(list((work / "many").iterdir()))
+        sources = {"one_file": (work / "corpus.txt", size), "many_files": (work / "many", size)}
+        if "jsonl_zst" in layouts:
+            jsonl_bytes = write_jsonl_zst(work / "corpus.txt", work / "corpus.jsonl.zst")
+            sources["jsonl_zst"] = (work / "corpus.jsonl.zst", jsonl_bytes)
+            out["jsonl_mb"] = round(jsonl_bytes / 2**20, 1)
+            out["jsonl_zst_mb"] = round((work / "corpus.jsonl.zst").stat().st_size / 2**20, 1)
         hashes: dict[str, set[str]] = {}
-        for layout, source in (("one_file", work / "corpus.txt"), ("many_files", work / "many")):
+        for layout in layouts:
+            source, nbytes = sources[layout]
             runs = {w: run_prepare(source, work / f"{layout}_w{w}", w, chunk) for w in (1, 2)}
             for w, r in runs.items():
-                r["mb_per_s"] = round(size / 2**20 / r["seconds"], 2)
+                r["mb_per_s"] = round(nbytes / 2**20 / r["seconds"], 2)
                 hashes.setdefault(layout, set()).add(r["sha256"])
                 (work / f"{layout}_w{w}" / "train.bin").unlink()
             out[layout] = {f"workers_{w}": r for w, r in runs.items()}
             out[layout]["speedup_2_vs_1"] = round(runs[1]["seconds"] / runs[2]["seconds"], 3)
-        reference = run_prepare(work / "corpus.txt", work / "reference", 2, chunk * 16)
-        out["reference_16x_pieces_sha256"] = reference["sha256"]
-        # Many files are documents separated by end-of-text, so that layout has its own (single) hash.
-        out["same_bytes_all_runs"] = hashes["one_file"] == {reference["sha256"]} and len(hashes["many_files"]) == 1
-        out["one_call_prefix"] = one_call_prefix(work / "corpus.txt", work, args.prefix_mb * 2**20)
-    runs = [out[layout][f"workers_{w}"] for layout in ("one_file", "many_files") for w in (1, 2)]
+        # Many files and records are documents separated by end-of-text: each such layout has its own hash.
+        out["same_bytes_all_runs"] = all(len(h) == 1 for h in hashes.values())
+        if "one_file" in layouts:
+            reference = run_prepare(work / "corpus.txt", work / "reference", 2, chunk * 16)
+            out["reference_16x_pieces_sha256"] = reference["sha256"]
+            out["same_bytes_all_runs"] &= hashes["one_file"] == {reference["sha256"]}
+            out["one_call_prefix"] = one_call_prefix(work / "corpus.txt", work, args.prefix_mb * 2**20)
+    runs = [out[layout][f"workers_{w}"] for layout in layouts for w in (1, 2)]
     out["peak_tree_pss_mb_max"] = max(r["peak_tree_pss_mb"] for r in runs)
     out["peak_tree_rss_mb_max"] = max(r["peak_tree_rss_mb"] for r in runs)
     out["max_single_process_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
     out["targets"] = {"peak_tree_pss_le_1gb": out["peak_tree_pss_mb_max"] <= 1024,
-                      "speedup_ge_1_8": min(out[k]["speedup_2_vs_1"] for k in ("one_file", "many_files")) >= 1.8,
-                      "identical_to_one_call": out["same_bytes_all_runs"] and out["one_call_prefix"]["identical"]}
+                      "speedup_ge_1_8": min(out[k]["speedup_2_vs_1"] for k in layouts) >= 1.8,
+                      "identical_to_one_call": out["same_bytes_all_runs"]
+                      and out.get("one_call_prefix", {}).get("identical", True)}
     out["identical_how"] = ("prefix: one encode_ordinary call on the whole prefix; full corpus: sha256 equal for "
                             "1/2 workers in each layout and, for one file, a run with 16x larger pieces")
     out["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -254,10 +254,12 @@ def _add_prepare(sub) -> None:
     from scratchgpt.config import DataConfig
 
     p = sub.add_parser(
-        "prepare", help="tokenize text files into train.bin / val.bin / meta.json",
-        description="Tokenize a file, a folder of .txt files or a glob into DIR/train.bin, DIR/val.bin and "
-                    "DIR/meta.json, with the tokenizer saved beside them. Example: scratchgpt prepare "
-                    "--source input.txt --dir data/mytext --tokenizer char",
+        "prepare", help="tokenize text, JSONL, Parquet or Arrow files into train.bin / val.bin / meta.json",
+        description="Tokenize a file, a folder or a glob of text, JSONL, Parquet or Arrow files (text and JSONL "
+                    "also .gz/.zst/.xz; a datasets save_to_disk folder) into DIR/train.bin, DIR/val.bin and "
+                    "DIR/meta.json, with the tokenizer saved beside them; documents (files, records) are separated "
+                    "by end-of-text. Example: scratchgpt prepare --source input.txt --dir data/mytext "
+                    "--tokenizer char; scratchgpt prepare --source web.jsonl.zst --text-field content --dir data/web",
     )
     p.add_argument("--config", "-c", help="a run TOML file; its [data] section supplies the defaults")
     p.add_argument("--gpt2-dir", help="folder with GPT-2's encoder.json + vocab.bpe (else SCRATCHGPT_GPT2_DIR)")
@@ -287,7 +289,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
     check_prepare_dir(data.dir, overwrite=args.overwrite)
     meta = prepare(data.source, data.dir, tokenizer=data.tokenizer, bpe_vocab_size=data.bpe_vocab_size,
                    val_fraction=data.val_fraction, split_by=data.split_by, errors=data.errors, workers=data.workers,
-                   shard_tokens=data.shard_tokens, gpt2_dir=args.gpt2_dir, progress=args.progress)
+                   shard_tokens=data.shard_tokens, text_field=data.text_field, gpt2_dir=args.gpt2_dir,
+                   progress=args.progress)
     summary = {k: meta[k] for k in ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens")}
     print(json.dumps({"dir": data.dir, "files": len(meta["files"]), **summary}))
     return 0

@@ -456,7 +456,12 @@ class DataConfig:
     """Where the token files come from (`prepare`) and how training windows are drawn from them."""
 
     dir: str = field(default="", metadata={"help": "prepared folder: train.bin, val.bin, meta.json, tokenizer"})
-    source: str = field(default="", metadata={"help": "text for `prepare`: a file, a folder (*.txt) or a glob"})
+    source: str = field(default="", metadata={"help": "what `prepare` reads: a text, JSONL, Parquet or Arrow file "
+                                                      "(text and JSONL also .gz/.zst/.xz), a folder of them, a "
+                                                      "datasets save_to_disk folder, or a glob"})
+    text_field: str = field(default="text", metadata={"help": "prepare: the field (JSONL) or column (Parquet, Arrow) "
+                                                              "holding each record's text; a dotted path reaches "
+                                                              "into nested objects"})
     tokenizer: Literal["gpt2", "bpe", "char"] = field(
         default="gpt2", metadata={"help": "gpt2 BPE, a byte-level BPE trained on the corpus, or characters"}
     )
@@ -490,6 +495,8 @@ class DataConfig:
         for attr in ("block_size", "stride"):
             if getattr(self, attr) == 0:
                 raise ValueError(f"{name}.{attr}=0 must be at least 1 (or unset for the default)")
+        if not self.text_field:
+            raise ValueError(f"{name}.text_field must name a field, e.g. 'text'")
         if self.bpe_vocab_size < 257:
             raise ValueError(f"{name}.bpe_vocab_size={self.bpe_vocab_size} must be >= 257 (256 bytes + end-of-text)")
 

@@ -1,12 +1,14 @@
 """Text -> token files, and token files -> (x, y) training windows.
 
-`prepare` turns text files into a folder the trainer reads:
+`prepare` turns text files, or records of JSONL, Parquet and Arrow files (`sources.py`: what it reads), into
+a folder the trainer reads:
     train.bin, val.bin   token ids back to back (uint16 when the vocabulary fits, else uint32);
                          documents are separated by the end-of-text id
       or train-00000.bin, ... val-00000.bin, ...   the same ids cut into shards of `shard_tokens` each
-    meta.json            tokenizer kind, vocab size, dtype, token counts, split, source files, and the
-                         index of the token files (format_version 2; version 1 folders, without the
-                         index, hold train.bin and val.bin and still load)
+    meta.json            tokenizer kind, vocab size, dtype, token counts, split, source files (with format,
+                         compression and records where not plain text), and the index of the token
+                         files (format_version 2; version 1 folders, without the index, hold train.bin
+                         and val.bin and still load)
     tokenizer.json (+)   the tokenizer itself, so training and generation use the same one
 
 The corpus is streamed: each file is read a few MB at a time and cut only where the pieces tokenize to
@@ -15,7 +17,8 @@ their ids are written in order, so memory stays bounded and the output is the sa
 workers. By default each document's first (1 - val_fraction) of characters goes to train and the rest
 to val, as nanoGPT splits Tiny Shakespeare (301,966 / 36,059 GPT-2 tokens). For corpora of many small
 documents (one per file), `split_by="documents"` sends whole files to val instead, spread evenly over
-the sorted list.
+the sorted list. Each record of a record file is a document as a file is: the output is that of one
+text file per record (short records are joined with `<|endoftext|>` into pieces of about the same size).
 
 The samplers read those files through `numpy.memmap` and yield (x, y) pairs of (B, T) int64 tensors
 (y is x shifted by one token). Shards are read as one sequence (`ShardedTokens`): a window may cross a
@@ -36,6 +39,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scratchgpt.data.sources import DataError, Source, find_sources, iter_records, open_stream
 from scratchgpt.data.tokenizer import EOT_TEXT, Tokenizer, build_tokenizer, load_tokenizer, safe_cut
 from scratchgpt.files import write_json
 
@@ -52,10 +57,6 @@ META_FORMAT = "scratchgpt-tokens"
 META_VERSION = 2  # 2 added the shard index
 
 Split = Literal["train", "val"]
-
-
-class DataError(ValueError):
-    """Input data the user must fix (empty, too short, not UTF-8, not prepared): a one-line message."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +157,7 @@ BPE_SAMPLE_CHARS = 32 << 20
 
 
 def iter_text_pieces(
-    path: str | Path, *, errors: Literal["strict", "replace"] = "strict", chunk_bytes: int = CHUNK_BYTES,
+    path: str | Path | Source, *, errors: Literal["strict", "replace"] = "strict", chunk_bytes: int = CHUNK_BYTES,
     errors_flag: bool = False,
 ) -> Iterator[tuple[str, int]]:
     """(piece, bytes read for it): the file's text in pieces cut by `safe_cut`, joined they give `read_text`.
@@ -164,29 +165,40 @@ def iter_text_pieces(
     A file is read `chunk_bytes` at a time through an incremental UTF-8 decoder (which decodes exactly as
     one `bytes.decode` does) and cut at the last safe place of what has been read; the rest waits for
     the next read. A stretch without any safe place (no whitespace at all) stays one piece, however long.
+    A compressed Source is decompressed as it is read: offsets in messages are of the decompressed text,
+    and bytes read are of the compressed file.
     """
+    source = path if isinstance(path, Source) else Source(Path(path), "text")
+    path = source.path
     decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
-    with open(path, "rb") as f:
-        offset = text_start(path, f.read(HEAD_BYTES))  # of the next byte to read
-        f.seek(offset)
-        pending, unreported = "", offset  # a skipped byte order mark was read all the same
+    with open_stream(source) as (f, raw):
+        head = f.read(HEAD_BYTES)
+        offset = text_start(path, head)  # of the next byte to decode
+        spare = head[offset:]  # read already: the first blocks come from it (a stream may not seek back)
+
+        def next_block() -> bytes:
+            nonlocal spare
+            block, spare = spare[:chunk_bytes], spare[chunk_bytes:]
+            return block + f.read(chunk_bytes - len(block)) if len(block) < chunk_bytes else block
+
+        block, pending, reported = next_block(), "", 0
         while True:
-            block = f.read(chunk_bytes)
             held = len(decoder.getstate()[0])  # bytes of an incomplete character kept from the last read
             try:
                 pending += decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
                 raise _not_utf8(path, offset - held + e.start, e.object[e.start], errors_flag=errors_flag) from None
             offset += len(block)
-            unreported += len(block)
             if not block:
-                if pending or unreported:
-                    yield pending, unreported
+                if pending or raw.tell() > reported:
+                    yield pending, raw.tell() - reported
                 return
             cut = safe_cut(pending)
             if cut > 0:
-                yield pending[:cut], unreported
-                pending, unreported = pending[cut:], 0
+                position = raw.tell()
+                yield pending[:cut], position - reported
+                pending, reported = pending[cut:], position
+            block = next_block()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,40 +223,74 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class _Survey:
     """What one streaming pass over the corpus learns before anything is written."""
 
-    chars: list[int]  # characters per file (for the train/val cut)
+    chars: list[int]  # characters per source file (a text file's train/val cut needs its length)
+    records: list[int | None]  # records per source file (None: a text file, one document)
     alphabet: set[str]  # distinct characters, `<|endoftext|>` markers aside (char tokenizer only)
     sample: list[str]  # pieces a bpe tokenizer trains on
     has_text: bool  # any non-whitespace at all
 
 
+def _record_pieces(text: str, size: int) -> Iterator[str]:
+    """A record's text in pieces of about `size` characters cut by `safe_cut` (joined, they give the text),
+    so that one long record is tokenized by several workers."""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        while (cut := safe_cut(text, end)) <= start and end < len(text):
+            end = start + 2 * (end - start)  # no safe place yet: look further
+        if not start < cut < len(text):
+            break
+        yield text[start:cut]
+        start = cut
+    if start < len(text):
+        yield text[start:]
+
+
 def _survey(
-    files: Sequence[Path], sizes: Sequence[int], *, tokenizer: str, errors: str, chunk_bytes: int, sample_chars: int,
-    bar: Any,
+    files: Sequence[Path | Source], sizes: Sequence[int], *, tokenizer: str, errors: str, chunk_bytes: int,
+    sample_chars: int, bar: Any, text_field: str = "text",
 ) -> _Survey:
-    """Read every file once: validate its UTF-8, count its characters, gather what a trained tokenizer needs."""
-    survey = _Survey([], set(), [], False)
+    """Read every file once: validate its UTF-8 (and records), count its characters, gather what a trained
+    tokenizer needs."""
+    survey = _Survey([], [], set(), [], False)
     # bpe: a deterministic sample spread evenly over the corpus. A piece is taken when the running
     # quota (rate * characters seen so far) covers it; rate * total bytes <= sample_chars, and a file has
     # at most as many characters as bytes, so the sample never exceeds sample_chars. Small corpora
-    # (rate 1) are taken whole, so their merges are those of the full text.
+    # (rate 1) are taken whole, so their merges are those of the full text. A compressed file holds more
+    # characters than bytes: the cap keeps the bound, and the sample then favours the corpus's start.
     rate = min(1.0, sample_chars / max(1, sum(sizes)))
     quota, taken = 0.0, 0
-    for path in files:
-        n = 0
-        for piece, nbytes in iter_text_pieces(path, errors=errors, chunk_bytes=chunk_bytes,  # type: ignore[arg-type]
-                                              errors_flag=True):
-            n += len(piece)
-            if not survey.has_text and not piece.isspace() and piece:
-                survey.has_text = True
-            if tokenizer == "char":
-                survey.alphabet.update(piece.replace(EOT_TEXT, ""))
-            elif tokenizer == "bpe":
-                quota += len(piece) * rate
-                if quota >= taken + len(piece):
-                    survey.sample.append(piece)
-                    taken += len(piece)
-            bar.update(nbytes)
+
+    def see(piece: str) -> None:
+        nonlocal quota, taken
+        if not survey.has_text and not piece.isspace() and piece:
+            survey.has_text = True
+        if tokenizer == "char":
+            survey.alphabet.update(piece.replace(EOT_TEXT, ""))
+        elif tokenizer == "bpe":
+            quota += len(piece) * rate
+            if quota >= taken + len(piece) and taken + len(piece) <= sample_chars:
+                survey.sample.append(piece)
+                taken += len(piece)
+
+    for file, size in zip(files, sizes, strict=True):
+        source = file if isinstance(file, Source) else Source.of(file)
+        n, records, reported = 0, 0, 0
+        if source.holds_records:
+            for text, nbytes in iter_records(source, field=text_field, errors=errors):  # type: ignore[arg-type]
+                for piece in _record_pieces(text, chunk_bytes):
+                    see(piece)
+                n, records, reported = n + len(text), records + 1, reported + nbytes
+                bar.update(nbytes)
+            bar.update(max(0, size - reported))
+        else:
+            for piece, nbytes in iter_text_pieces(source, errors=errors,  # type: ignore[arg-type]
+                                                  chunk_bytes=chunk_bytes, errors_flag=True):
+                see(piece)
+                n += len(piece)
+                bar.update(nbytes)
         survey.chars.append(n)
+        survey.records.append(records if source.holds_records else None)
     return survey
 
 
@@ -266,49 +312,102 @@ def _encode_in_worker(text: str, dtype: str) -> np.ndarray:
     return _encode_text(_WORKER_TOKENIZER[0], text, dtype)
 
 
-# One piece of work: (document index, split, text of that document's part)
-_Task = tuple[int, Split, str]
+# One piece of work: (first document, last document, split, text): the text of one document's part, or of
+# several records' parts joined by `<|endoftext|>` (which tokenizes to the id the writer puts between documents).
+_Task = tuple[int, int, Split, str]
 
 
-def _tasks(files: Sequence[Path], survey: _Survey, shares: Sequence[float], *, errors: str, chunk_bytes: int,
-           bar: Any) -> Iterator[_Task]:
-    """Every document's train part then its val part, in pieces, in file order."""
-    for doc, (path, n_chars, share) in enumerate(zip(files, survey.chars, shares, strict=True)):
-        # The same cut as split_text: the first (1 - share) of the document's characters go to train.
-        cut = int(n_chars * (1.0 - share))
-        pos = 0
-        for piece, nbytes in iter_text_pieces(path, errors=errors, chunk_bytes=chunk_bytes,  # type: ignore[arg-type]
-                                              errors_flag=True):
-            head = max(0, min(len(piece), cut - pos))
-            if head:
-                yield doc, "train", piece[:head]
-            if head < len(piece):
-                yield doc, "val", piece[head:]
-            pos += len(piece)
+@dataclass
+class _RecordBatch:
+    """Pieces of records waiting to be tokenized as one task, so that short records cost few tasks."""
+
+    split: Split
+    parts: list[str] = dataclass_field(default_factory=list)
+    first: int = -1
+    last: int = -1
+    chars: int = 0
+
+    def add(self, doc: int, piece: str, size: int) -> _Task | None:
+        """Append a piece of document `doc`; the batch as a task once it holds `size` characters."""
+        if not self.parts:
+            self.first = doc
+        elif doc != self.last:  # a new record: separated from the last, as files are
+            self.parts.append(EOT_TEXT)
+        self.parts.append(piece)
+        self.last, self.chars = doc, self.chars + len(piece)
+        return self.flush() if self.chars >= size else None
+
+    def flush(self) -> _Task | None:
+        if not self.parts:
+            return None
+        task = (self.first, self.last, self.split, "".join(self.parts))
+        self.parts, self.chars = [], 0
+        return task
+
+
+def _tasks(files: Sequence[Source], sizes: Sequence[int], survey: _Survey, *, val_fraction: float, split_by: str,
+           text_field: str, errors: str, chunk_bytes: int, bar: Any) -> Iterator[_Task]:
+    """Every document's train part then its val part, in pieces, in file order.
+
+    A text file is one document; each record of a record file is one. Documents are numbered across
+    the corpus, so `val_share` of split_by="documents" spreads whole records as it spreads files.
+    """
+    doc = 0
+    for source, size, n_chars in zip(files, sizes, survey.chars, strict=True):
+        if not source.holds_records:
+            # The same cut as split_text: the first (1 - share) of the document's characters go to train.
+            cut = int(n_chars * (1.0 - val_share(doc, len(files), val_fraction, split_by)))
+            pos = 0
+            for piece, nbytes in iter_text_pieces(source, errors=errors,  # type: ignore[arg-type]
+                                                  chunk_bytes=chunk_bytes, errors_flag=True):
+                head = max(0, min(len(piece), cut - pos))
+                if head:
+                    yield doc, doc, "train", piece[:head]
+                if head < len(piece):
+                    yield doc, doc, "val", piece[head:]
+                pos += len(piece)
+                bar.update(nbytes)
+            doc += 1
+            continue
+        batches = {split: _RecordBatch(split) for split in SPLIT_FILES}
+        reported = 0
+        for text, nbytes in iter_records(source, field=text_field, errors=errors):  # type: ignore[arg-type]
+            cut = int(len(text) * (1.0 - val_share(doc, len(files), val_fraction, split_by)))
+            for split, part in (("train", text[:cut]), ("val", text[cut:])):
+                for piece in _record_pieces(part, chunk_bytes):
+                    if (task := batches[split].add(doc, piece, chunk_bytes)) is not None:  # type: ignore[index]
+                        yield task
+            doc += 1
+            reported += nbytes
             bar.update(nbytes)
+        for batch in batches.values():
+            if (task := batch.flush()) is not None:
+                yield task
+        bar.update(max(0, size - reported))
 
 
 def _encode_tasks(
     tasks: Iterator[_Task], tok: Tokenizer, tok_dir: Path, dtype: np.dtype, n_workers: int
-) -> Iterator[tuple[int, Split, np.ndarray]]:
-    """(document, split, ids) for every task, in task order, from a process pool when n_workers > 1."""
+) -> Iterator[tuple[int, int, Split, np.ndarray]]:
+    """(first document, last document, split, ids) for every task, in task order, from a process pool when
+    n_workers > 1."""
     if n_workers <= 1:
-        for doc, split, text in tasks:
-            yield doc, split, _encode_text(tok, text, dtype.name)
+        for first, last, split, text in tasks:
+            yield first, last, split, _encode_text(tok, text, dtype.name)
         return
     with ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=(str(tok_dir),)) as pool:
         # At most 2 pieces per worker in flight: enough to keep every worker busy, few enough that memory
         # stays bounded. Results are taken in submission order, so the output is the same for any
         # number of workers (and, since every cut is safe, the same as one call on the whole text).
-        in_flight: deque[tuple[int, Split, Future[np.ndarray]]] = deque()
-        for doc, split, text in tasks:
-            in_flight.append((doc, split, pool.submit(_encode_in_worker, text, dtype.name)))
+        in_flight: deque[tuple[int, int, Split, Future[np.ndarray]]] = deque()
+        for first, last, split, text in tasks:
+            in_flight.append((first, last, split, pool.submit(_encode_in_worker, text, dtype.name)))
             if len(in_flight) >= 2 * n_workers:
-                d, s, fut = in_flight.popleft()
-                yield d, s, fut.result()
+                f, la, s, fut = in_flight.popleft()
+                yield f, la, s, fut.result()
         while in_flight:
-            d, s, fut = in_flight.popleft()
-            yield d, s, fut.result()
+            f, la, s, fut = in_flight.popleft()
+            yield f, la, s, fut.result()
 
 
 _TOKEN_FILE = re.compile(r"(train|val)(-\d{5})?\.bin")
@@ -361,6 +460,28 @@ class _SplitWriter:
             self._tmp(shard["file"]).unlink(missing_ok=True)
 
 
+def _file_entries(files: Sequence[Source], sizes: Sequence[int], survey: _Survey, *, val_fraction: float,
+                  split_by: str) -> list[dict[str, Any]]:
+    """meta.json's line per source file: path, bytes, characters, the share of them held out (and, for a
+    compressed or record file, its format and records)."""
+    entries, doc = [], 0
+    for source, size, chars, records in zip(files, sizes, survey.chars, survey.records, strict=True):
+        entry: dict[str, Any] = {"path": str(source.path), "bytes": size, "chars": chars}
+        if records is None:
+            entry["val_share"] = val_share(doc, len(files), val_fraction, split_by)
+            doc += 1
+        else:
+            # Documents [doc, doc + records) are held out where int(i * f) steps up (see val_share).
+            held = int((doc + records) * val_fraction) - int(doc * val_fraction)
+            entry["val_share"] = val_fraction if split_by == "chars" else held / max(1, records)
+            entry["records"] = records
+            doc += records
+        if source.format != "text" or source.compression:
+            entry.update(source.meta())
+        entries.append(entry)
+    return entries
+
+
 def prepare(
     source: str | Path,
     out_dir: str | Path,
@@ -376,8 +497,13 @@ def prepare(
     shard_tokens: int = 0,
     chunk_bytes: int = CHUNK_BYTES,
     bpe_sample_chars: int = BPE_SAMPLE_CHARS,
+    text_field: str = "text",
 ) -> dict[str, Any]:
-    """Tokenize the text files of `source` into `out_dir` (token files, meta.json, tokenizer); returns meta.
+    """Tokenize the files of `source` into `out_dir` (token files, meta.json, tokenizer); returns meta.
+
+    `source` names text, JSONL, Parquet or Arrow files (see `sources.find_sources`); a text file is one
+    document, a record file holds one per record, its text at `text_field`; documents are separated by
+    end-of-text.
 
     The corpus is streamed twice, `chunk_bytes` at a time: once to validate it and learn what the split
     and a trained tokenizer need, once to tokenize pieces on `workers` processes (0: one per core).
@@ -390,16 +516,20 @@ def prepare(
 
     if shard_tokens < 0 or chunk_bytes < 1:
         raise ValueError(f"shard_tokens={shard_tokens} must be >= 0 and chunk_bytes={chunk_bytes} >= 1")
-    files = find_text_files(source)
+    files = find_sources(source)
     out_dir = Path(out_dir)
-    sizes = [p.stat().st_size for p in files]
-    where = files[0] if len(files) == 1 else source
+    sizes = [f.path.stat().st_size for f in files]
+    where = files[0].path if len(files) == 1 else source
     if sum(sizes) == 0:
         raise DataError(f"{where}: empty corpus (no text to tokenize)")
-    # Pass 1 validates every file before anything is written: a bad byte fails in seconds.
+    # Pass 1 validates every file before anything is written: a bad byte or record fails in seconds.
     with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="reading", disable=not progress) as bar:
         survey = _survey(files, sizes, tokenizer=tokenizer, errors=errors, chunk_bytes=chunk_bytes,
-                         sample_chars=bpe_sample_chars, bar=bar)
+                         sample_chars=bpe_sample_chars, bar=bar, text_field=text_field)
+    if not sum(survey.chars):  # e.g. a compressed empty file, records whose texts are all empty
+        n_records = [r for r in survey.records if r is not None]
+        detail = f": {sum(n_records):,} records, all of them empty" if n_records else ""
+        raise DataError(f"{where}: empty corpus (no text to tokenize{detail})")
     if tokenizer == "gpt2":
         tok = build_tokenizer("gpt2", gpt2_dir=gpt2_dir)
     else:
@@ -417,21 +547,23 @@ def prepare(
     dtype = token_dtype(tok.vocab_size)
     eot = np.asarray([tok.eot_id], dtype=dtype)
 
-    shares = [val_share(i, len(files), val_fraction, split_by) for i in range(len(files))]
-    # More workers than pieces would only cost start-up time.
-    n_workers = max(1, min(workers or os.cpu_count() or 1, -(-sum(sizes) // chunk_bytes)))
+    # More workers than pieces would only cost start-up time (pieces are counted in characters: a
+    # compressed file holds more than its size).
+    n_workers = max(1, min(workers or os.cpu_count() or 1, -(-max(sum(sizes), sum(survey.chars)) // chunk_bytes)))
     writers = {split: _SplitWriter(out_dir, split, shard_tokens) for split in SPLIT_FILES}
     last_doc = {split: -1 for split in SPLIT_FILES}
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
     try:
-        tasks = _tasks(files, survey, shares, errors=errors, chunk_bytes=chunk_bytes, bar=bar)
-        for doc, split, ids in _encode_tasks(tasks, tok, out_dir, dtype, n_workers):
+        tasks = _tasks(files, sizes, survey, val_fraction=val_fraction, split_by=split_by, text_field=text_field,
+                       errors=errors, chunk_bytes=chunk_bytes, bar=bar)
+        for first, last, split, ids in _encode_tasks(tasks, tok, out_dir, dtype, n_workers):
             if not len(ids):
                 continue
-            if doc != last_doc[split]:
-                if writers[split].total:  # documents are separated (not terminated) by end-of-text
-                    writers[split].write(eot)
-                last_doc[split] = doc
+            # Documents are separated (not terminated) by end-of-text; a task that goes on with the
+            # document of the last one continues it.
+            if first != last_doc[split] and writers[split].total:
+                writers[split].write(eot)
+            last_doc[split] = last
             writers[split].write(ids)
             bar.set_postfix(tokens=writers["train"].total + writers["val"].total, refresh=False)
         for w in writers.values():
@@ -454,14 +586,15 @@ def prepare(
         "train_tokens": writers["train"].total, "val_tokens": writers["val"].total, "val_fraction": val_fraction,
         "split_by": split_by,
         "errors": errors, "source": str(source),
-        "files": [{"path": str(p), "bytes": b, "chars": c, "val_share": v}
-                  for p, b, c, v in zip(files, sizes, survey.chars, shares, strict=True)],
+        "files": _file_entries(files, sizes, survey, val_fraction=val_fraction, split_by=split_by),
         # The index: which files hold each split, in order, and how many ids each holds.
         "shard_tokens": shard_tokens,
         "shards": {split: w.shards for split, w in writers.items()},
     }
     if tokenizer == "bpe":
         meta["bpe_sample_chars"] = bpe_sample_chars
+    if any(f.holds_records for f in files):
+        meta["text_field"] = text_field
     write_json(out_dir / META_FILE, meta)  # written last: its presence marks a complete folder
     return meta
 

@@ -1,0 +1,318 @@
+"""What `prepare` reads: text, JSONL, Parquet and Arrow files, plain or compressed, as streams.
+
+A source file is one of
+    text       any file not named below: one document (read in pieces by `dataset.iter_text_pieces`)
+    jsonl      *.jsonl, *.ndjson: one JSON object per line, one document per record
+    parquet    *.parquet: one document per row, streamed a batch of rows at a time
+    arrow      *.arrow: Arrow IPC stream or file, as `datasets.save_to_disk` writes (and a local
+               dataset's cache holds); one document per row
+Text and JSONL may be compressed: *.gz, *.xz (standard library), *.zst (the `zstandard` package).
+A record's text is at `field`: a top-level name, or a dotted path into nested objects (`meta.body`).
+Parquet and Arrow need `pyarrow`; the `data` extra installs both: pip install 'scratchgpt[data]'.
+Nothing is read whole: memory holds one line, or one batch of rows, at a time.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import importlib
+import io
+import json
+import lzma
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+Format = Literal["text", "jsonl", "parquet", "arrow"]
+
+RECORD_SUFFIXES: dict[str, Format] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
+COMPRESSIONS = {".gz": "gzip", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
+# A folder source takes these (a glob or a named file takes any file; unknown suffixes are text).
+FOLDER_SUFFIXES = (".txt", ".jsonl", ".ndjson", ".parquet", ".arrow")
+BATCH_ROWS = 1024  # Parquet rows decoded per step
+INSTALL_DATA = "pip install 'scratchgpt[data]'"
+
+
+class DataError(ValueError):
+    """Input data the user must fix (empty, too short, not UTF-8, not prepared): a one-line message."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file, its format and its compression (None: stored plain)."""
+
+    path: Path
+    format: Format
+    compression: str | None = None
+
+    @classmethod
+    def of(cls, path: str | Path) -> Source:
+        """The format and compression a file's name says: `notes.jsonl.zst` is zstd-compressed JSONL."""
+        path = Path(path)
+        suffixes = [s.lower() for s in path.suffixes]
+        compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+        inner = suffixes[-2 if compression else -1] if len(suffixes) > bool(compression) else ""
+        fmt = RECORD_SUFFIXES.get(inner, "text")
+        if compression and fmt in ("parquet", "arrow"):
+            raise DataError(f"{path}: a compressed {fmt} file; {fmt} compresses inside the file, so decompress it "
+                            f"first (or write it with compression={compression!r} inside)")
+        return cls(path, fmt, compression)
+
+    @property
+    def holds_records(self) -> bool:
+        """A file of records (one document each), as opposed to a text file (one document)."""
+        return self.format != "text"
+
+    def meta(self) -> dict[str, Any]:
+        """What meta.json records beside a non-plain-text file's path."""
+        return {"format": self.format, **({"compression": self.compression} if self.compression else {})}
+
+
+def find_sources(source: str | Path) -> list[Source]:
+    """The files a source names: a file, a folder, a `datasets.save_to_disk` folder or a glob; never empty.
+
+    A folder gives every *.txt, *.jsonl, *.ndjson, *.parquet and *.arrow under it (each also compressed),
+    sorted; a `save_to_disk` folder (state.json) gives its Arrow files in the order state.json lists them.
+    """
+    path = Path(source)
+    if path.is_file():
+        return [Source.of(path)]
+    if path.is_dir():
+        return _folder_sources(path)
+    if glob.has_magic(str(source)):
+        files = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"{source}: the pattern matches no files")
+        return [Source.of(p) for p in files]
+    raise FileNotFoundError(f"{source}: no such file, folder or glob match")
+
+
+def _folder_sources(path: Path) -> list[Source]:
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        raise DataError(f"{path}: a DatasetDict saved with save_to_disk; name one split's folder, e.g. "
+                        f"--source {path / (splits[0] if splits else 'train')} (splits: {', '.join(splits) or 'none'})")
+    state = path / "state.json"
+    if state.is_file():
+        try:
+            names = [entry["filename"] for entry in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{state}: not a `datasets` state file ({type(e).__name__}: {e}); save the dataset "
+                            f"again with save_to_disk") from None
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing or not names:
+            raise DataError(f"{state}: lists {missing or 'no'} Arrow files that the folder lacks; save the dataset "
+                            f"again with save_to_disk")
+        return [Source(path / n, "arrow") for n in names]
+
+    def wanted(p: Path) -> bool:
+        name = p.name.lower()
+        for suffix in COMPRESSIONS:
+            name = name.removesuffix(suffix)
+        return name.endswith(FOLDER_SUFFIXES) and not p.name.startswith(".") and p.is_file()
+
+    files = sorted(p for p in path.rglob("*") if wanted(p))
+    if not files:
+        raise DataError(f"{path}: folder holds no .txt, .jsonl, .parquet or .arrow files")
+    return [Source.of(p) for p in files]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes: plain or decompressed
+# ---------------------------------------------------------------------------------------------
+
+
+def _optional(module: str, path: Path, what: str) -> Any:
+    """An optional package, or a DataError saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"{path}: reading {what} needs the {module} package: {INSTALL_DATA}") from None
+
+
+@contextmanager
+def open_stream(source: Source) -> Iterator[tuple[BinaryIO, BinaryIO]]:
+    """(the file's bytes, decompressed; the file itself): read the first, ask the second's tell() for progress.
+
+    Damaged or truncated compressed data raises DataError naming the file.
+    """
+    with open(source.path, "rb") as raw:
+        if source.compression is None:
+            yield raw, raw
+            return
+        damaged: tuple[type[BaseException], ...] = (OSError, EOFError, lzma.LZMAError)
+        if source.compression == "gzip":
+            stream: Any = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif source.compression == "xz":
+            stream = lzma.LZMAFile(raw)  # noqa: SIM115 (closed by the `with` below)
+        else:
+            zstd = _optional("zstandard", source.path, "a .zst file")
+            damaged += (zstd.ZstdError,)
+            # read_across_frames: `zstd` and `cat a.zst b.zst` write files of several frames.
+            reader = zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+            stream = io.BufferedReader(reader, buffer_size=1 << 20)
+        try:
+            with stream:
+                yield stream, raw
+        except damaged as e:
+            raise DataError(f"{source.path}: damaged or truncated {source.compression} data ({e or type(e).__name__}); "
+                            f"check the file (e.g. with `{_CHECK[source.compression]} {source.path}`)") from None
+
+
+_CHECK = {"gzip": "gzip -t", "xz": "xz -t", "zstd": "zstd -t"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: the text at `field` of each JSONL line, Parquet row or Arrow row
+# ---------------------------------------------------------------------------------------------
+
+
+def iter_records(source: Source, *, field: str = "text",
+                 errors: Literal["strict", "replace"] = "strict") -> Iterator[tuple[str, int]]:
+    """(text, bytes of the file read since the last record) for each record of a record file, in order.
+
+    A missing field or column, a value that is not a string (null included), a line that is not a JSON
+    object: DataError naming the file and the line or row. Blank JSONL lines hold no record.
+    """
+    if source.format == "jsonl":
+        yield from _jsonl_records(source, field, errors)
+    elif source.format in ("parquet", "arrow"):
+        yield from _arrow_records(source, field)
+    else:
+        raise ValueError(f"{source.path}: a {source.format} file holds no records")
+
+
+_JSON_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "an array",
+               dict: "an object", str: "a string"}
+_FIELD_HINT = "pass --text-field NAME (a dotted path such as meta.body reaches into nested objects)"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _jsonl_records(source: Source, field: str, errors: str) -> Iterator[tuple[str, int]]:
+    with open_stream(source) as (stream, raw):
+        reported = 0
+        for number, line in enumerate(stream, 1):
+            if number == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]  # dropped, as editors do
+            if line.isspace() or not line:
+                continue
+            where = f"{source.path}: line {number}"
+            try:
+                record = json.loads(line.decode("utf-8", errors=errors))
+            except UnicodeDecodeError as e:
+                fix = "convert the file to UTF-8 (or, for a few damaged bytes, pass --errors replace)"
+                raise DataError(f"{where}: not valid UTF-8 at byte {e.start} of the line (byte 0x{line[e.start]:02x});"
+                                f" {fix}") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg}: column {e.colno}); each line must hold one "
+                                f"JSON object") from None
+            text = _json_field(record, field, where)
+            # A lone \ud800-\udfff escape decodes to a surrogate, which no UTF-8 tokenizer can encode
+            # (a line without any \u escape cannot hold one, so most lines skip the search).
+            if b"\\u" in line and _SURROGATE.search(text):
+                if errors == "strict":
+                    raise DataError(f"{where}: field {field!r} holds an unpaired UTF-16 surrogate escape (\\ud800-"
+                                    f"\\udfff); fix the record, or pass --errors replace to substitute U+FFFD")
+                text = _SURROGATE.sub("\ufffd", text)
+            position = raw.tell()
+            yield text, position - reported
+            reported = position
+
+
+def _json_field(record: Any, field: str, where: str) -> str:
+    """The string at `field` (a key, else a dotted path) of a JSON object."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: {_JSON_KINDS.get(type(record), 'a value')}, not a JSON object with a {field!r} "
+                        f"field; each line must hold one object")
+    if field in record:
+        value = record[field]
+    else:
+        value = record
+        for key in field.split("."):
+            if not isinstance(value, dict) or key not in value:
+                keys = ", ".join(map(repr, list(record)[:8])) + (", ..." if len(record) > 8 else "")
+                raise DataError(f"{where}: no field {field!r} (the record's keys: {keys or 'none'}); {_FIELD_HINT}")
+            value = value[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} is {_JSON_KINDS.get(type(value), 'a value')}, not a string")
+    return value
+
+
+def _arrow_records(source: Source, field: str) -> Iterator[tuple[str, int]]:
+    pa = _optional("pyarrow", source.path, f"a {source.format} file")
+    import pyarrow.compute as pc
+
+    size = source.path.stat().st_size
+    reported, row = 0, 0
+    for batch, position in _arrow_batches(source, field, pa):
+        values = batch.column(0)
+        for name in _column_path(batch.schema, field)[1:]:
+            values = pc.struct_field(values, [values.type.get_field_index(name)])  # null where the struct is null
+        if values.null_count:
+            at = row + values.is_null().to_pylist().index(True)
+            raise DataError(f"{source.path}: row {at} (from 0): {field!r} is null, not text; fill or drop such rows")
+        step = min(size, position) - reported  # the batch's bytes, reported with its first record
+        reported += step
+        for text in values.to_pylist():
+            yield text, step
+            step = 0
+        row += len(values)
+
+
+def _arrow_batches(source: Source, field: str, pa: Any) -> Iterator[tuple[Any, int]]:
+    """(record batch of the column holding `field`, how far into the file it ends) of a Parquet or Arrow file."""
+    size = source.path.stat().st_size
+    try:
+        if source.format == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(source.path)
+            top = _check_field(pf.schema_arrow, source, field, pa)[0]
+            total, done = max(1, pf.metadata.num_rows), 0
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[top]):
+                done += batch.num_rows
+                yield batch, size * done // total
+            return
+        with pa.memory_map(str(source.path)) as mm:
+            if mm.read(6) == b"ARROW1":  # the IPC file format; `datasets` writes the stream format
+                reader = pa.ipc.open_file(mm)
+                top = _check_field(reader.schema, source, field, pa)[0]
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i).select([top]), size * (i + 1) // reader.num_record_batches
+                return
+            mm.seek(0)
+            stream = pa.ipc.open_stream(mm)
+            top = _check_field(stream.schema, source, field, pa)[0]
+            for batch in stream:
+                yield batch.select([top]), mm.tell()
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataError(f"{source.path}: not a readable {source.format} file ({e}); write it again with "
+                        f"pyarrow or `datasets`") from None
+
+
+def _column_path(schema: Any, field: str) -> list[str]:
+    """The names leading to `field`: itself when a column has that name, else its dotted parts."""
+    return [field] if field in schema.names else field.split(".")
+
+
+def _check_field(schema: Any, source: Source, field: str, pa: Any) -> list[str]:
+    """`_column_path` of `field`, checked against the schema: DataError unless it leads to a string column."""
+    names = _column_path(schema, field)
+    typ: Any = schema
+    for depth, name in enumerate(names):
+        index = typ.get_field_index(name) if depth == 0 or pa.types.is_struct(typ) else -1
+        if index < 0:
+            columns = ", ".join(map(repr, schema.names[:8])) + (", ..." if len(schema.names) > 8 else "")
+            raise DataError(f"{source.path}: no column {field!r} (its columns: {columns or 'none'}); {_FIELD_HINT}")
+        typ = typ.field(index).type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)
+            or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(typ))):
+        raise DataError(f"{source.path}: column {field!r} holds {typ}, not text (a string column)")
+    return names
