@@ -291,6 +291,7 @@ def test_readme_commands_run_in_order(tmp_path: Path, monkeypatch: pytest.Monkey
                 done = subprocess.run([*c.words, "--text", "../shared/data/text/tinyshakespeare.txt", "--steps", "2"],
                                       cwd=repo, env=env, capture_output=True, text=True, timeout=300)
                 assert done.returncode == 0, f"{c.line}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+                assert "configs/shakespeare_gpt2bpe_small.toml" in done.stdout  # its pointer to the next step
                 ran.append(c.line)
                 continue
             if c.words[0] != "scratchgpt":
