@@ -63,3 +63,6 @@ echo "[demo] generating from $out"
   --temperature 0.8 --top-k 40 --seed 1
 echo
 echo "[demo] done in $(( $(date +%s) - start )) s: model in $out, loss curve in $out/loss.png, log in $out/log.csv"
+# A char-level model reads only its corpus's characters: say where fine-tuning starts instead (README).
+echo "[demo] next: generate, eval, --quantize int8 and --draft work on $out (README, \"Using it\"); fine-tuning"
+echo "       and GGUF need a GPT-2 BPE model: scratchgpt train -c configs/shakespeare_gpt2bpe_small.toml (~6 min)"

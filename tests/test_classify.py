@@ -190,6 +190,22 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
+def test_char_model_and_text_outside_its_alphabet_says_what_to_start_from(tmp_path: Path, capsys):
+    """Issue 21: fine-tuning the demo's char model on text with other characters names a model that works."""
+    from scratchgpt.checkpoint import save_model
+    from scratchgpt.data.tokenizer import CharTokenizer
+
+    tok = CharTokenizer(" abcdefghijklmnopqrstuvwxyz")
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    save_model(model, tmp_path / "char", tokenizer=tok)
+    (tmp_path / "d.tsv").write_text("ham\tsee you\nspam\twin 2 prizes\nham\tok\nspam\tfree\n")
+    rc = main(["finetune", "classify", "--data", str(tmp_path / "d.tsv"), "--init", str(tmp_path / "char"),
+               "--split", "0.5", "0.25", "0.25", "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "character '2' (U+0032)" in err and "configs/shakespeare_gpt2bpe_small.toml" in err
+
+
 def test_empty_split_is_an_error(tmp_path: Path):
     (tmp_path / "few.tsv").write_text("a\tone\nb\ttwo\na\tthree\n")
     with pytest.raises(DataError, match=r"few\.tsv: the val split is empty"):

@@ -452,6 +452,20 @@ def test_draft_with_another_vocabulary_or_tokenizer_is_one_clear_error():
         generate(model, [[1, 2], [3]], GREEDY, draft=tiny_model(vocab_size=97, seed=1))
 
 
+def test_draft_check_accepts_char_tokenizers_without_the_probes_characters():
+    """Issue 21: the demo's char model (no digits or accents in some corpora) and a draft trained on the same
+    data were refused because the check encoded a probe text the alphabet lacks; different alphabets still fail."""
+    from scratchgpt.data.tokenizer import CharTokenizer
+    from scratchgpt.inference.generate import check_draft
+
+    alphabet = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # Tiny Shakespeare's, less a few
+    model, draft = tiny_model(vocab_size=len(alphabet) + 1), tiny_model(vocab_size=len(alphabet) + 1, seed=1)
+    check_draft(model, draft, model_tokenizer=CharTokenizer(alphabet), draft_tokenizer=CharTokenizer(alphabet))
+    other = alphabet.replace("z", "3")
+    with pytest.raises(ValueError, match="tokenizer .* differs"):
+        check_draft(model, draft, model_tokenizer=CharTokenizer(alphabet), draft_tokenizer=CharTokenizer(other))
+
+
 def test_decode_path_is_measured_once_and_both_paths_agree() -> None:
     from scratchgpt.inference.generate import DecodePath, choose_decode_path
     from scratchgpt.model.gpt import Linear

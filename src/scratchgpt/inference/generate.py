@@ -401,6 +401,15 @@ def iter_generate(
         model.train(was_training)
 
 
+def _encode_or_none(tokenizer, text: str) -> list[int] | None:
+    """`text`'s ids, or None where the tokenizer cannot encode it (a character-level alphabet without
+    one of its characters: two such tokenizers are already told apart by what every id decodes to)."""
+    try:
+        return tokenizer.encode(text)
+    except ValueError:
+        return None
+
+
 def check_draft(model: GPT, draft: GPT, *, model_tokenizer=None, draft_tokenizer=None) -> None:
     """A one-line error unless `draft` can propose tokens for `model`: same vocabulary and tokenizer."""
     if draft.config.vocab_size != model.config.vocab_size:
@@ -412,7 +421,7 @@ def check_draft(model: GPT, draft: GPT, *, model_tokenizer=None, draft_tokenizer
                 and model_tokenizer.vocab_size == draft_tokenizer.vocab_size
                 and model_tokenizer.decode_bytes(range(model_tokenizer.vocab_size))
                 == draft_tokenizer.decode_bytes(range(draft_tokenizer.vocab_size))
-                and model_tokenizer.encode(probe) == draft_tokenizer.encode(probe))
+                and _encode_or_none(model_tokenizer, probe) == _encode_or_none(draft_tokenizer, probe))
         if not same:
             raise ValueError(f"the draft model's tokenizer ({draft_tokenizer!r}) differs from the model's "
                              f"({model_tokenizer!r}); a draft must use the same tokenizer")

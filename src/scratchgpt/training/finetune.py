@@ -322,7 +322,11 @@ def encode_checked(tokenizer: Tokenizer, text: str, *, vocab_size: int, where: s
     try:
         ids = tokenizer.encode(text)
     except ValueError as e:
-        raise DataError(f"{where}: {e}") from None
+        # A character-level model (the demo's) cannot learn new characters here: say what to start from.
+        hint = (" (a character-level model reads only the characters it was pretrained on: fine-tune one with "
+                "GPT-2's BPE instead, e.g. `scratchgpt train -c configs/shakespeare_gpt2bpe_small.toml` or --init gpt2)"
+                if tokenizer.name == "char" else "")
+        raise DataError(f"{where}: {e}{hint}") from None
     if ids and max(ids) >= vocab_size:
         raise DataError(f"{where}: encodes to token id {max(ids)} but the model's vocabulary has {vocab_size} "
                         f"tokens; the checkpoint was trained with another tokenizer")
