@@ -545,6 +545,10 @@ class TrainConfig:
         default="auto", metadata={"help": "attention path; auto = sdpa (measured faster for training on CPU and GPU)"}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute each block's activations in the backward pass instead of "
+                                         "keeping them: less memory, one more forward; same loss and gradients"}
+    )
     fused_adamw: bool = field(default=True, metadata={"help": "fused AdamW kernel where PyTorch has one"})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = PyTorch's default)"})
     fsdp: bool = field(default=False, metadata={"help": "shard with FSDP instead of DDP under torchrun"})

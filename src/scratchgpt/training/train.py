@@ -408,6 +408,11 @@ class _Trainer:
             raise ValueError("a custom export_fn is not supported with FSDP (the model is sharded)")
         if hasattr(self.inner, "set_attn_impl"):
             self.inner.set_attn_impl(resolve_attn_impl(cfg.attn_impl, device))
+        if hasattr(self.inner, "activation_checkpointing"):
+            self.inner.activation_checkpointing = cfg.activation_checkpointing
+        elif cfg.activation_checkpointing:
+            raise ValueError(f"activation_checkpointing recomputes a GPT's blocks; {type(self.inner).__name__} "
+                             f"is not a GPT: turn it off")
 
         ckpt = self._open_run_dir()
         loaded = read_training_checkpoint(ckpt) if ckpt is not None else None
