@@ -626,7 +626,7 @@ class _Trainer:
         return next((v for k, v in metrics.items() if k.endswith("_loss")), None)
 
     def _rng_fork(self) -> AbstractContextManager:
-        # Evaluation and sampling must not move the training RNG, or resuming would diverge.
+        # Evaluation, sampling and exports must not move the training RNG, or resuming would diverge.
         return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     def _evaluate(self) -> dict[str, float]:
@@ -713,7 +713,8 @@ class _Trainer:
             if self.export_fn is None:
                 export_model_files(ckpt, self.out_dir)
             else:
-                self.export_fn(self.inner, self.out_dir)
+                with self._rng_fork():  # an export may draw (LoRA's merge builds new layers); resume must not see it
+                    self.export_fn(self.inner, self.out_dir)
             if self.cfg.plot:
                 self._plot()
         self.ckpt_step = self.step
@@ -733,7 +734,8 @@ class _Trainer:
         best = self.out_dir / BEST_DIR
         if self.export_fn is not None:
             if self.dist.is_main:
-                replace_dir(best, lambda d: self.export_fn(self.inner, d))  # type: ignore[misc]
+                with self._rng_fork():
+                    replace_dir(best, lambda d: self.export_fn(self.inner, d))  # type: ignore[misc]
         elif self.ckpt_step == self.step:
             if self.dist.is_main:  # the checkpoint of this very step: share its files
                 replace_dir(best, lambda d: export_model_files(self.out_dir / checkpoint_name(self.step), d))
