@@ -572,3 +572,16 @@ def test_bf16_true_resumes_exactly_and_saves_float32(char_data: Path, tmp_path: 
     state = load_tensors(tmp_path / "straight" / "ckpt-00000016" / "train_state.safetensors")
     comp = [t for k, t in state.items() if k.endswith("/compensation")]
     assert comp and {t.dtype for t in comp} == {torch.bfloat16}
+
+
+def test_bf16_true_precision_line_says_whether_it_is_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    import scratchgpt.training.train as train_module
+    from scratchgpt.training.optim import KahanAdamW
+
+    opt = KahanAdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))])
+    cfg, cpu = TrainConfig(dtype="bf16-true"), torch.device("cpu")
+    for native, says in ((True, "fast: native bf16"), (False, "saves memory only: bf16 is emulated here")):
+        monkeypatch.setattr(train_module, "native_bf16", lambda device, native=native: native)
+        line = train_module._precision_line(cfg, cpu, torch.bfloat16, torch.bfloat16, opt)
+        assert line.startswith(f"precision: bf16-true (weights, gradients and optimizer state in bfloat16; {says}")
+        assert "optimizer: KahanAdamW" in line
