@@ -241,7 +241,8 @@ class KahanAdamW(torch.optim.Optimizer):
                 v.lerp_(p.grad.square(), 1 - beta2)  # one rounding per step (mul_ then addcmul_ would be two)
                 denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
                 # AdamW's whole step (decoupled decay, then the Adam update), summed into the compensation.
-                comp.add_(p, alpha=-lr * wd)
+                if wd:
+                    comp.add_(p, alpha=-lr * wd)
                 comp.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
                 before = p.clone()
                 p.add_(comp)

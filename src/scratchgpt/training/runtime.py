@@ -219,7 +219,7 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype
     attn_impl: str
-    weights: torch.dtype = torch.float32
+    weights_dtype: torch.dtype = torch.float32
 
     def precision(self) -> AbstractContextManager:
         """A fresh autocast context for this run's dtype (a no-op in float32)."""
@@ -229,8 +229,8 @@ class Runtime:
         """Move `model` to the run's device (and weights' dtype) with the run's attention path, as the loop will
         run it."""
         model.to(self.device)
-        if self.weights != torch.float32:
-            model.to(self.weights)
+        if self.weights_dtype != torch.float32:
+            model.to(self.weights_dtype)
         if hasattr(model, "set_attn_impl"):
             model.set_attn_impl(self.attn_impl)
         return model
