@@ -394,3 +394,14 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path: Path) -> Non
     run = save_model(model, tmp_path / "run", tokenizer=CharTokenizer("abcdefghijklmnopqrstuvwxyz"))
     with pytest.raises(CheckpointError, match="its tokenizer has 27 tokens but the model only 16 embedding rows"):
         load_any(run)
+
+
+def test_bfloat16_weights_are_saved_as_float32(tmp_path) -> None:
+    """A bf16-true run's weights go to disk as float32 (exact), the format every loader and export reads."""
+    model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2)).bfloat16()
+    save_model(model, tmp_path / "m")
+    stored = load_tensors(tmp_path / "m" / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float32}
+    loaded, _ = load_model(tmp_path / "m")
+    for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert q.dtype == torch.float32 and torch.equal(p.float(), q), name

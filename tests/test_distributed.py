@@ -87,14 +87,16 @@ TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32
 
 
 @pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp+checkpointing"])
 def test_torchrun_cli(char_data: Path, tmp_path: Path, mode: str) -> None:
-    """`torchrun -m scratchgpt train` as documented; FSDP gathers a full checkpoint on rank 0."""
+    """`torchrun -m scratchgpt train` as documented; FSDP gathers a full checkpoint on rank 0 (and its blocks,
+    recomputed under activation checkpointing, gather their shards again in the backward pass)."""
     assert main(["train", "--dir", str(char_data), "--out-dir", str(tmp_path / "one"), *TINY,
                  "--batch-size", "8"]) == 0
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "scratchgpt", "train", "--dir", str(char_data), "--out-dir", str(tmp_path / "two"), *TINY,
-            "--batch-size", "4", *(["--fsdp"] if mode == "fsdp" else [])]
+            "--batch-size", "4", *(["--fsdp"] if mode.startswith("fsdp") else []),
+            *(["--activation-checkpointing"] if mode.endswith("checkpointing") else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

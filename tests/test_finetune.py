@@ -212,3 +212,28 @@ def test_data_files_read_a_utf8_bom_and_refuse_utf16(tmp_path: Path) -> None:
     wide.write_text(json.dumps(entries), encoding="utf-16")
     with pytest.raises(DataError, match="UTF-16 .*iconv -f UTF-16 -t UTF-8"):
         read_entries(wide, required=("instruction",), optional=())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bf16-true"])
+def test_lora_resumes_exactly(toy_tsv: Path, tmp_path: Path, dtype: str):
+    """LoRA runs resume exactly: the export at each checkpoint (merge_lora builds new layers, which draws from
+    the global RNG) must not move the training RNG. With bf16-true (and activation checkpointing, which
+    fine-tuning shares with the loop) the adapters train in bfloat16, the compensation buffers resume, and
+    the saved files are float32 like any other run's."""
+    from scratchgpt.checkpoint import load_tensors
+
+    train = {"max_steps": 4, "checkpoint_interval": 2, "keep_last": 5, "eval_interval": 2, "lr": 1e-2,
+             "dtype": dtype, "activation_checkpointing": dtype == "bf16-true", "progress": False, "plot": False}
+    cfg = ClassifyConfig(data=str(toy_tsv), tokenizer="char", trainable="lora")
+    straight = finetune_classify(cfg, train={**train, "out_dir": str(tmp_path / "a")}, model=TINY, verbose=False)
+    weights = torch.bfloat16 if dtype == "bf16-true" else torch.float32
+    assert {p.dtype for p in straight.model.parameters()} == {weights}
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "ckpt-00000004")
+    (tmp_path / "b" / "latest").write_text("ckpt-00000002\n")
+    resumed = finetune_classify(cfg, train={**train, "out_dir": str(tmp_path / "b"), "resume": True}, model=TINY,
+                                verbose=False)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    for file in ("model.safetensors", "adapter.safetensors"):
+        assert {t.dtype for t in load_tensors(tmp_path / "a" / file).values()} == {torch.float32}, file

@@ -146,3 +146,21 @@ def test_lora_config_validation():
     with pytest.raises(ValueError, match="dropout"):
         LoRAConfig(dropout=1.0)
     assert LoRAConfig(rank=8, alpha=16).scaling == 2.0
+
+
+def test_activation_checkpointing_with_adapters_gives_the_same_gradients():
+    """LoRA's own dropout runs inside the recomputed blocks too: its masks replay, so gradients are identical."""
+    x = tokens()
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(3)  # the adapters' init and the dropout masks
+        model = tiny_gpt(resid_pdrop=0.1, attn_pdrop=0.1).train()
+        apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.2))
+        perturb_adapters(model)
+        model.activation_checkpointing = on
+        _, loss = model(x, torch.roll(x, -1, dims=1))
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(".lora_" in n for n in grads[0])
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name

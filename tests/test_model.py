@@ -541,3 +541,59 @@ def test_llama_style_training_resumes_bit_exact_generates_and_serves(char_data, 
                                                    "temperature": 0}, timeout=30)
     assert r.status_code == 200, r.text
     assert "ROMEO:" + _json.loads(r.text)["choices"][0]["text"] == plain.rstrip("\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation checkpointing
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(pos_encoding):
+    """Recomputed blocks replay dropout's RNG state, so with dropout on everything is bit-identical: the
+    recomputation runs the very same kernels on the very same inputs (checked exact on this CPU)."""
+    cfg = GPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=3, n_head=4, pos_encoding=pos_encoding,
+                    embd_pdrop=0.1, resid_pdrop=0.1, attn_pdrop=0.1)
+    x = torch.randint(50, (2, 16), generator=torch.Generator().manual_seed(0))
+    y = torch.roll(x, -1, dims=1)
+    results = []
+    for on in (False, True):
+        model = GPT(cfg, generator=torch.Generator().manual_seed(1)).train()
+        model.activation_checkpointing = on
+        torch.manual_seed(7)  # the dropout stream
+        saved: list[int] = []  # bytes the autograd graph keeps for the backward pass (what checkpointing cuts)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t.nbytes) or t,
+                                                      lambda t: t):
+            _, loss = model(x, y)
+        loss.backward()
+        after = torch.rand(1)  # where the RNG stands afterwards: checkpointing must not move it
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, after, sum(saved)))
+    (loss0, grads0, after0, saved0), (loss1, grads1, after1, saved1) = results
+    assert saved1 < saved0 / 2
+    assert torch.equal(loss0, loss1) and torch.equal(after0, after1)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        assert torch.equal(grads0[name], grads1[name]), name
+
+
+def test_activation_checkpointing_saves_nothing_outside_training(monkeypatch):
+    """Eval, no-grad and KV-cache calls never checkpoint (no backward follows); training calls do, per block."""
+    import scratchgpt.model.gpt as gpt_module
+
+    cfg = GPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    model = GPT(cfg, generator=torch.Generator().manual_seed(1))
+    model.activation_checkpointing = True
+    x = torch.randint(50, (1, 8), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = gpt_module.checkpoint
+    monkeypatch.setattr(gpt_module, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model.eval()
+    with torch.no_grad():
+        model(x, kv_cache=KVCache.empty(cfg, batch_size=1))
+    model(x)  # eval mode, grad on
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert calls == []
+    model(x)
+    assert len(calls) == cfg.n_layer

@@ -20,6 +20,7 @@ from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, RunConfig, TrainConfig, read_toml
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.optim import (
+    KahanAdamW,
     Muon,
     MuonAdamW,
     lr_at,
@@ -358,3 +359,52 @@ def test_ddp_two_processes_with_muon(char_data: Path, tmp_path: Path) -> None:
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(one[name], two[name], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16-true: Kahan-compensated AdamW
+# ---------------------------------------------------------------------------------------------
+
+
+def _adam_steps(opt_cls, param: torch.Tensor, grads: list[torch.Tensor], **kw) -> torch.Tensor:
+    p = torch.nn.Parameter(param.clone())
+    opt = opt_cls([p], **kw)
+    for g in grads:
+        p.grad = g.to(p.dtype)
+        opt.step()
+    return p.detach()
+
+
+def test_kahan_adamw_on_float32_is_torch_adamw() -> None:
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(64, generator=gen)
+    grads = [torch.randn(64, generator=gen) for _ in range(20)]
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ours, torch_adamw = _adam_steps(KahanAdamW, start, grads, **kw), _adam_steps(torch.optim.AdamW, start, grads, **kw)
+    # The same arithmetic in another order (the decay is summed with the update): float32 rounding apart.
+    torch.testing.assert_close(ours, torch_adamw, rtol=1e-6, atol=1e-6)
+
+
+def test_kahan_adamw_keeps_updates_that_bf16_rounds_away() -> None:
+    """Steps of ~1e-3 on weights near 1 (half a bf16 place there is 2e-3): plain AdamW on bf16 weights never
+    moves them, not even by weight decay; the compensated one follows float32 AdamW within one bf16 place."""
+    start = torch.ones(256)
+    grads = [torch.full((256,), 0.5)] * 200
+    kw = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    reference = _adam_steps(torch.optim.AdamW, start, grads, **kw)
+    assert reference.max() < 0.8  # float32 moved ~0.2
+    plain = _adam_steps(torch.optim.AdamW, start.bfloat16(), grads, **kw)
+    assert torch.equal(plain, start.bfloat16())  # every update lost to rounding
+    kahan = _adam_steps(KahanAdamW, start.bfloat16(), grads, **kw)
+    assert kahan.dtype == torch.bfloat16
+    torch.testing.assert_close(kahan.float(), reference, rtol=0, atol=2**-8)  # one bf16 place below 1
+
+
+def test_bf16_weights_get_the_compensated_optimizer() -> None:
+    model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2)).bfloat16()
+    opt = make_optimizer(model.parameters(), TrainConfig(), device_type="cpu")
+    assert isinstance(opt, KahanAdamW) and [g["role"] for g in opt.param_groups] == ["decay", "no_decay"]
+    with pytest.raises(ValueError, match="optimizer='muon' cannot train bfloat16 weights"):
+        make_optimizer(model.parameters(), TrainConfig(optimizer="muon"), device_type="cpu", model=model)
+    with pytest.raises(ValueError, match="dtype='bf16-true' trains with AdamW only"):
+        TrainConfig(optimizer="muon", dtype="bf16-true")

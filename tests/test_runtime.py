@@ -37,3 +37,19 @@ def test_dtype_and_device_resolution() -> None:
             resolve_runtime("cuda")
     with pytest.raises(ValueError, match="not a device"):
         resolve_runtime("gpu7")
+
+
+def test_bf16_true_places_models_in_bfloat16_under_bf16_autocast() -> None:
+    from scratchgpt.config import GPTConfig
+    from scratchgpt.model.gpt import GPT
+
+    rt = resolve_runtime("cpu", "bf16-true")
+    assert (rt.dtype, rt.weights_dtype) == (torch.bfloat16, torch.bfloat16)
+    assert resolve_runtime("cpu", "bfloat16").weights_dtype == torch.float32  # autocast alone keeps float32 weights
+    model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    rt.place(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    x = torch.randint(10, (1, 8))
+    with rt.precision():
+        _, loss = model(x, x)
+    assert loss.dtype == torch.float32  # autocast keeps the cross-entropy in float32

@@ -100,12 +100,24 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def model_state(model: nn.Module) -> dict[str, Tensor]:
-    """Weights of the unwrapped model, with a tied lm_head stored once (as transformer.wte.weight)."""
+    """Weights of the unwrapped model to save, with a tied lm_head stored once (as transformer.wte.weight);
+    bfloat16 weights as float32 (see `float32_weights`)."""
     model = unwrap(model)
     state = model.state_dict()
     if isinstance(model, GPT) and model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    return state
+    return float32_weights(state)
+
+
+def float32_weights(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` with its bfloat16 tensors (a bf16-true run's weights) as float32 CPU tensors, the rest as is.
+
+    Why float32 on disk: every saved model then has the one format that every loader and export reads,
+    the dtype to run in stays a choice made when loading (a CPU without native bf16 would crawl on bf16
+    weights), and the cast is exact, so a resumed bf16-true run casts back to the very same weights.
+    Cast on the CPU: a float32 copy of all weights at once may not fit beside the model on a GPU.
+    """
+    return {k: v.detach().cpu().float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
 
 
 def save_model(

@@ -564,14 +564,19 @@ class TrainConfig:
     sample_top_k: int | None = 200
     seed: int = field(default=1337, metadata={"help": "seeds init, data order, dropout and samples"})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', 'mps'"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "bf16-true"] = field(
         default="auto", metadata={"help": "autocast dtype; auto = bfloat16 on CUDA and on CPUs with native bf16 "
-                                          "(AVX512_BF16/AMX), float32 elsewhere"}
+                                          "(AVX512_BF16/AMX), float32 elsewhere; bf16-true = weights, gradients "
+                                          "and AdamW state in bfloat16 too (Kahan-compensated updates)"}
     )
     attn_impl: Literal["auto", "eager", "sdpa"] = field(
         default="auto", metadata={"help": "attention path; auto = sdpa (measured faster for training on CPU and GPU)"}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute each block's activations in the backward pass instead of "
+                                         "keeping them: less memory, one more forward; same loss and gradients"}
+    )
     fused_adamw: bool = field(default=True, metadata={"help": "fused AdamW kernel where PyTorch has one"})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = PyTorch's default)"})
     fsdp: bool = field(default=False, metadata={"help": "shard with FSDP instead of DDP under torchrun"})
@@ -610,6 +615,9 @@ class TrainConfig:
                 not 1 <= self.muon_ns_steps < 100:
             raise ValueError(f"{name}.muon_ns_steps={self.muon_ns_steps!r} must be an integer in [1, 99]")
         _check_range(name, "warmdown_fraction", self.warmdown_fraction, lo=0.0, hi=1.0, lo_open=True)
+        if self.optimizer == "muon" and self.dtype == "bf16-true":
+            raise ValueError(f"{name}: dtype='bf16-true' trains with AdamW only (its updates are compensated for "
+                             f"bf16 rounding; Muon's are not); use optimizer='adamw' or another dtype")
         if self.optimizer == "muon" and self.fsdp:
             raise ValueError(f"{name}: optimizer='muon' does not work with fsdp=true (Newton-Schulz needs whole "
                              f"matrices, FSDP shards them); use DDP (fsdp=false) or optimizer='adamw'")

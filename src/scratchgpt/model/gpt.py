@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from scratchgpt.config import GPTConfig
 
@@ -464,6 +465,8 @@ class GPT(nn.Module):
         if config.tie_word_embeddings:
             # One matrix both embeds tokens and scores them: saves V·C parameters (38.6M for GPT-2).
             self.lm_head.weight = self.transformer.wte.weight
+        # Set by the trainer (TrainConfig.activation_checkpointing); see `hidden_states`.
+        self.activation_checkpointing = False
         if torch.device(device or "cpu").type != "meta":
             self.init_weights(generator=generator)
 
@@ -609,7 +612,15 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(position_ids)
         if self.training:
             x = self.transformer.drop(x)
+        # Activation checkpointing keeps only each block's input and recomputes the rest in the backward
+        # pass: one more forward per block, for activation memory of one block instead of all of them.
+        # Only when a backward will follow (training mode, grad on, no KV cache). The recomputation replays
+        # the RNG state (preserve_rng_state), so its dropout masks, loss and gradients are those without it.
+        recompute = self.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
+            if recompute:
+                x = checkpoint(block, x, use_reentrant=False, start=start, mask=mask, rope=rope)
+                continue
             kv = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
             x = block(x, kv=kv, start=start, mask=mask, rope=rope)
         if kv_cache is not None:

@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scratchgpt.checkpoint import CheckpointError, load_tensors, read_json, save_tensors, unwrap, write_json
+from scratchgpt.checkpoint import (
+    CheckpointError,
+    float32_weights,
+    load_tensors,
+    read_json,
+    save_tensors,
+    unwrap,
+    write_json,
+)
 from scratchgpt.config import LoRAConfig, config_from_dict, config_to_dict
 from scratchgpt.model.gpt import GPT
 
@@ -159,7 +167,7 @@ def save_adapters(
     inner = unwrap(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = adapter_state(inner)
+    state = float32_weights(adapter_state(inner))  # float32 on disk, as models are
     save_tensors(state, directory / ADAPTER_FILE, metadata={"format": "pt"})
     meta = {
         "format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,

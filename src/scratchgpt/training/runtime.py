@@ -93,12 +93,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype. 'auto': bfloat16 on CUDA (float16 on GPUs without it) and on CPUs with native
     bf16 units (AVX512_BF16 / AMX: measured 1.7x float32's training speed on a 6-layer 384-wide model),
     float32 on other CPUs (emulated bf16 is ~100x slower) and other devices. Weights and optimizer state
-    stay float32 either way: autocast only lowers the precision of the matmuls."""
+    stay float32 (autocast only lowers the precision of the matmuls), except with 'bf16-true' (see
+    `resolve_weights_dtype`), whose autocast to bfloat16 keeps the ops it lists (cross-entropy) in float32."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if device.type == "cpu" and native_bf16(device) else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            "bf16-true": torch.bfloat16}[name]
+
+
+def resolve_weights_dtype(name: str) -> torch.dtype:
+    """The dtype weights, gradients and optimizer state are trained in: bfloat16 for 'bf16-true' (half the
+    memory of float32; the optimizer then compensates its rounding, see optim.KahanAdamW), else float32."""
+    return torch.bfloat16 if name == "bf16-true" else torch.float32
 
 
 def resolve_attn_impl(name: str, device: torch.device) -> str:
@@ -205,20 +213,24 @@ def is_main() -> bool:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where one run executes: its place in the job, its device, and its autocast dtype."""
+    """Where one run executes: its place in the job, its device, its autocast dtype and its weights' dtype."""
 
     dist: Distributed
     device: torch.device
     dtype: torch.dtype
     attn_impl: str
+    weights_dtype: torch.dtype = torch.float32
 
     def precision(self) -> AbstractContextManager:
         """A fresh autocast context for this run's dtype (a no-op in float32)."""
         return autocast(self.device, self.dtype)
 
     def place(self, model: nn.Module) -> nn.Module:
-        """Move `model` to the run's device with the run's attention path, as the loop will run it."""
+        """Move `model` to the run's device (and weights' dtype) with the run's attention path, as the loop will
+        run it."""
         model.to(self.device)
+        if self.weights_dtype != torch.float32:
+            model.to(self.weights_dtype)
         if hasattr(model, "set_attn_impl"):
             model.set_attn_impl(self.attn_impl)
         return model
@@ -228,7 +240,8 @@ def resolve_runtime(device: str = "auto", dtype: str = "auto", attn_impl: str = 
     """The Runtime for config names ('auto' or explicit) in the current process group."""
     info = distributed_info()
     dev = resolve_device(device, info)
-    return Runtime(info, dev, resolve_dtype(dtype, dev), resolve_attn_impl(attn_impl, dev))
+    return Runtime(info, dev, resolve_dtype(dtype, dev), resolve_attn_impl(attn_impl, dev),
+                   resolve_weights_dtype(dtype))
 
 
 @contextmanager

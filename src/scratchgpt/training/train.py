@@ -67,6 +67,7 @@ from scratchgpt.checkpoint import (
     clean_leftovers,
     clear_run_dir,
     export_model_files,
+    float32_weights,
     load_module_state,
     model_state,
     optimizer_state_from_flat,
@@ -99,6 +100,7 @@ from scratchgpt.training.runtime import (
     resolve_attn_impl,
     resolve_device,
     resolve_dtype,
+    resolve_weights_dtype,
     to_device,
     wrap_model,
 )
@@ -296,6 +298,7 @@ class _Trainer:
         self.dist = distributed_info()
         self.device = resolve_device(config.device, self.dist)
         self.amp_dtype = resolve_dtype(config.dtype, self.device)
+        self.weights_dtype = resolve_weights_dtype(config.dtype)
         self.fsdp = config.fsdp and self.dist.enabled
         self.out_dir = Path(config.out_dir)
         self._log = log
@@ -401,13 +404,19 @@ class _Trainer:
 
     def _run(self) -> TrainResult:
         cfg, device = self.cfg, self.device
-        if self.amp_dtype != torch.float32 and device.type == "cpu" and not native_bf16(device):
+        if self.amp_dtype != torch.float32 and device.type == "cpu" and not native_bf16(device) \
+                and self.weights_dtype == torch.float32:  # (bf16-true says it in its precision line)
             self.say(f"note: {self.amp_dtype} autocast on a CPU without native bf16 (capability "
                      f"{torch.backends.cpu.get_cpu_capability()}): emulated, ~100x slower than float32")
         if self.fsdp and self.export_fn is not None:
             raise ValueError("a custom export_fn is not supported with FSDP (the model is sharded)")
         if hasattr(self.inner, "set_attn_impl"):
             self.inner.set_attn_impl(resolve_attn_impl(cfg.attn_impl, device))
+        if hasattr(self.inner, "activation_checkpointing"):
+            self.inner.activation_checkpointing = cfg.activation_checkpointing
+        elif cfg.activation_checkpointing:
+            raise ValueError(f"activation_checkpointing recomputes a GPT's blocks; {type(self.inner).__name__} "
+                             f"is not a GPT: turn it off")
 
         ckpt = self._open_run_dir()
         loaded = read_training_checkpoint(ckpt) if ckpt is not None else None
@@ -419,6 +428,8 @@ class _Trainer:
             raise ValueError("no trainable parameters: every parameter has requires_grad=False")
         names = self._param_names(trainable)
         self.inner.to(device)
+        if self.weights_dtype != torch.float32:
+            self.inner.to(self.weights_dtype)  # bf16-true: the same Parameter objects, now bfloat16
         self.model = wrap_model(self.inner, dist_info=self.dist, device=device, fsdp=self.fsdp, compile=cfg.compile)
         if self.fsdp:  # sharding replaced the parameters with DTensors: select them again by name
             named = dict(self.inner.named_parameters())
@@ -449,7 +460,7 @@ class _Trainer:
                  f"{sum(p.numel() for p in self.params) / 1e6:.2f}M trainable) on {device} "
                  f"({self.amp_dtype}, {self.dist.world_size} process(es)) from step {self.step} to {cfg.max_steps}; "
                  f"run directory {self.out_dir}")
-        self.say(_precision_line(cfg, device, self.amp_dtype, self.optimizer))
+        self.say(_precision_line(cfg, device, self.amp_dtype, self.weights_dtype, self.optimizer))
         if device.type == "cpu":
             self.say(f"CPU threads: {self.threads.reason}")
         amp = lambda: autocast(device, self.amp_dtype)  # noqa: E731 - a fresh context per micro-step
@@ -621,7 +632,7 @@ class _Trainer:
         return next((v for k, v in metrics.items() if k.endswith("_loss")), None)
 
     def _rng_fork(self) -> AbstractContextManager:
-        # Evaluation and sampling must not move the training RNG, or resuming would diverge.
+        # Evaluation, sampling and exports must not move the training RNG, or resuming would diverge.
         return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     def _evaluate(self) -> dict[str, float]:
@@ -663,7 +674,7 @@ class _Trainer:
         state = get_model_state_dict(self.inner, options=self._state_options())
         if isinstance(self.inner, GPT) and self.inner.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        return state
+        return float32_weights(state)
 
     def _write_model(self, folder: Path, state: dict[str, Tensor]) -> None:
         model_cfg = self.inner.config.to_dict() if isinstance(self.inner, GPT) else None
@@ -708,7 +719,8 @@ class _Trainer:
             if self.export_fn is None:
                 export_model_files(ckpt, self.out_dir)
             else:
-                self.export_fn(self.inner, self.out_dir)
+                with self._rng_fork():  # an export may draw (LoRA's merge builds new layers); resume must not see it
+                    self.export_fn(self.inner, self.out_dir)
             if self.cfg.plot:
                 self._plot()
         self.ckpt_step = self.step
@@ -728,7 +740,8 @@ class _Trainer:
         best = self.out_dir / BEST_DIR
         if self.export_fn is not None:
             if self.dist.is_main:
-                replace_dir(best, lambda d: self.export_fn(self.inner, d))  # type: ignore[misc]
+                with self._rng_fork():
+                    replace_dir(best, lambda d: self.export_fn(self.inner, d))  # type: ignore[misc]
         elif self.ckpt_step == self.step:
             if self.dist.is_main:  # the checkpoint of this very step: share its files
                 replace_dir(best, lambda d: export_model_files(self.out_dir / checkpoint_name(self.step), d))
@@ -796,16 +809,21 @@ def _progress_line(row: dict[str, Any], max_steps: int) -> str:
             f"{row['tok_per_s']:.0f} tok/s{mfu}")
 
 
-def _precision_line(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype,
+def _precision_line(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype, weights_dtype: torch.dtype,
                     optimizer: torch.optim.Optimizer) -> str:
     """What the run computes in, and why: the dtype choice, the hardware it was made for, the optimizer."""
+    native = native_bf16(device)
     if device.type == "cpu":
-        hw = (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-              f"native bf16 {'yes' if native_bf16(device) else 'no'}")
+        hw = f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {'yes' if native else 'no'}"
     else:
         hw = f"{device.type} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}".strip()
     mode = "float32" if amp_dtype == torch.float32 else f"{str(amp_dtype).removeprefix('torch.')} autocast"
+    if weights_dtype == torch.bfloat16:
+        # bf16 weights halve the memory of weights, gradients and optimizer state on any device; they are
+        # only faster where the matmuls run on bf16 units.
+        speed = "fast: native bf16" if native else "saves memory only: bf16 is emulated here, ~100x slower"
+        mode = f"bf16-true (weights, gradients and optimizer state in bfloat16; {speed})"
     ns = ns_dtype_of(optimizer)
     opt = (f"Muon (Newton-Schulz in {str(ns).removeprefix('torch.')}, ns_dtype={cfg.ns_dtype}) + AdamW"
-           if ns is not None else "AdamW")
+           if ns is not None else type(optimizer).__name__)
     return f"precision: {mode} (dtype={cfg.dtype}; {hw}); optimizer: {opt}; schedule: {cfg.schedule}"
