@@ -1,10 +1,15 @@
-"""What the hardware reports: the last-level cache size from sysfs."""
+"""What the hardware reports: the last-level cache size from sysfs; CPU threads fitted to the machine's load."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-from scratchgpt.device import last_level_cache_bytes
+import pytest
+
+from scratchgpt.device import choose_threads, last_level_cache_bytes, other_runnable_threads
 
 
 def _cache(root: Path, index: int, *, level: int, kind: str, size: str) -> None:
@@ -31,3 +36,39 @@ def test_last_level_cache_unknown_is_none(tmp_path: Path) -> None:
     assert last_level_cache_bytes(tmp_path) is None
     _cache(tmp_path, 1, level=3, kind="Unified", size="32M")
     assert last_level_cache_bytes(tmp_path) == 32 << 20
+
+
+def test_threads_leave_busy_cpus_to_other_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    quiet = choose_threads(others=0, cpus=2)
+    assert quiet.threads == 2 and not quiet.busy
+    one_busy = choose_threads(others=1, cpus=2)
+    assert one_busy.threads == 1 and one_busy.busy and "1 busy with other work" in one_busy.reason
+    assert choose_threads(others=7, cpus=2).threads == 1  # never fewer than one
+    assert choose_threads(others=None, cpus=2).threads == 2  # the kernel did not say: every usable CPU
+    # An affinity mask of 2 CPUs on a 16-CPU machine with 3 other busy threads: both of ours still run.
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert choose_threads(others=3, cpus=2).threads == 2
+
+
+def test_a_thread_count_given_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert choose_threads(3, others=9, cpus=2).threads == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    choice = choose_threads(others=0, cpus=2)
+    assert choice.threads == 1 and "OMP_NUM_THREADS" in choice.reason and not choice.busy
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads Linux's /proc/stat")
+def test_busy_loops_are_counted_and_our_own_threads_are_not() -> None:
+    assert other_runnable_threads() is not None
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert other_runnable_threads() >= 2  # both loops are always runnable
+    finally:
+        for p in loops:
+            p.kill()
+            p.wait()

@@ -585,3 +585,31 @@ def test_bf16_true_precision_line_says_whether_it_is_fast(monkeypatch: pytest.Mo
         line = train_module._precision_line(cfg, cpu, torch.bfloat16, torch.bfloat16, opt)
         assert line.startswith(f"precision: bf16-true (weights, gradients and optimizer state in bfloat16; {says}")
         assert "optimizer: KahanAdamW" in line
+
+
+def test_thread_count_is_logged_kept_on_resume_and_idle_threads_sleep(char_data: Path, tmp_path: Path) -> None:
+    """The CLI makes OpenMP's idle threads sleep (a busy machine must not collapse), logs the thread count, and
+    a resume reuses the count the run started with (float results depend on it: bit-exact resume)."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    argv = [sys.executable, "-m", "scratchgpt", "train", "--dir", str(char_data), "--out-dir", str(out), *TINY,
+            "--eval-interval", "0", "--sample-interval", "0"]
+    first = subprocess.run([*argv, "--max-steps", "4"], capture_output=True, text=True,
+                           env={**env, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "CPU threads: 1, from OMP_NUM_THREADS; idle threads wait: passive" in first.stdout
+    again = subprocess.run([*argv, "--max-steps", "8", "--resume"], capture_output=True, text=True,
+                           env={**env, "OMP_WAIT_POLICY": "active"}, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "CPU threads: 1, as the run being resumed used (a bit-exact resume); idle threads wait: active" \
+        in again.stdout  # and a policy the user set is kept
+    state = json.loads((out / "ckpt-00000008" / "train_state.json").read_text())
+    assert state["threads"] == 1
+
+
+def test_progress_bar_never_shows_a_nan_loss_before_the_first_step(char_data: Path, tmp_path: Path, capsys) -> None:
+    """The step-0 evaluation has no training loss yet: the bar shows '-', not 'nan' (which reads as divergence)."""
+    assert main(["train", "--dir", str(char_data), "--out-dir", str(tmp_path / "run"), *TINY, "--progress", "true",
+                 "--max-steps", "2", "--eval-interval", "2", "--sample-interval", "0"]) == 0  # the last flag wins
+    err = capsys.readouterr().err
+    assert "loss=-" in err and "nan" not in err, err

@@ -11,6 +11,7 @@ interrupted cleanly from its first moment.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -720,17 +721,30 @@ def _on_sigterm(signum: int, frame) -> None:
     raise Terminated
 
 
-# Commands whose time goes into torch kernels: their thread count is fitted to the machine's load at start.
-_COMPUTE_COMMANDS = frozenset({"train", "finetune", "generate", "chat", "serve", "eval", "classify"})
+# Commands that decode or evaluate (no bit-exact promise between runs): their torch thread count is fitted to
+# the machine's load at start. Training keeps one thread per usable CPU (results depend in their last bits
+# on the thread count, and a run must be reproducible and resumable bit for bit); it logs its count.
+_INFERENCE_COMMANDS = frozenset({"generate", "chat", "serve", "eval", "classify"})
+
+
+def _wait_passively() -> None:
+    """Make OpenMP's idle threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE), before torch loads.
+
+    Why: after every parallel operator PyTorch's threads wait at a barrier. Spinning there wins a few
+    microseconds on an idle machine, but when the cores are oversubscribed the spinner burns the time slice
+    the thread it waits for needs: the demo's training ran > 11x slower beside two busy processes. Asleep,
+    a waiting thread hands its core over (bench/busy.py measures both). A policy the user set wins; it only
+    takes effect when torch is not loaded yet (the `scratchgpt` command, not `main()` called in-process).
+    """
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ and "torch" not in sys.modules:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def _fit_threads() -> None:
-    """One torch thread per CPU that other work leaves free (see device.choose_threads); say so when fewer."""
+    """One torch thread per CPU that other work leaves free (see device.choose_threads)."""
     from scratchgpt.device import choose_threads, set_threads
 
-    choice = set_threads(choose_threads())
-    if choice.busy:
-        print(f"note: CPU threads: {choice.reason}", file=sys.stderr)
+    set_threads(choose_threads())
 
 
 def _import_torch_holding_signals() -> None:
@@ -772,8 +786,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         command_name = f"scratchgpt {args.command}"
+        _wait_passively()
         _import_torch_holding_signals()
-        if args.command in _COMPUTE_COMMANDS:
+        if args.command in _INFERENCE_COMMANDS:
             _fit_threads()
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

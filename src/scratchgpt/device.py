@@ -76,6 +76,14 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def default_threads() -> int:
+    """One torch thread per usable physical core: what PyTorch itself starts with, but computed afresh (a
+    process may have changed torch's setting since), so that training picks the same count every time."""
+    physical = torch.cpu.get_capabilities().get("num_physical_cores") if hasattr(torch.cpu, "get_capabilities") \
+        else None
+    return max(1, min(usable_cpus(), int(physical or os.cpu_count() or 1)))
+
+
 def _own_running_threads() -> int:
     """Threads of this process that are running or runnable now (our idle OpenMP workers may still spin)."""
     count = 0

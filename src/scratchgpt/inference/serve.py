@@ -1408,7 +1408,8 @@ def serve(
         bound_port = sock.getsockname()[1]
         chat = ("chat disabled" if app.state.chat_disabled else "the model's own chat template"
                 if chat_template == TOKENIZER_TEMPLATE else f"{chat_template} chat template")
-        print(f"serving {name!r} ({chat}) on http://{shown}:{bound_port}/  (Ctrl+C to stop)", flush=True)
+        threads = f", {torch.get_num_threads()} CPU thread(s)" if dev.type == "cpu" else ""
+        print(f"serving {name!r} ({chat}{threads}) on http://{shown}:{bound_port}/  (Ctrl+C to stop)", flush=True)
         make_server(app, log_level=log_level).run(sockets=[sock])
     finally:
         sock.close()

@@ -80,7 +80,7 @@ from scratchgpt.checkpoint import (
     write_training_checkpoint,
 )
 from scratchgpt.config import TrainConfig
-from scratchgpt.device import ThreadChoice, set_threads, usable_cpus
+from scratchgpt.device import ThreadChoice, default_threads, set_threads
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.optim import (  # noqa: F401 - make_optimizer, lr_at, param_groups: the loop's API
     lr_at,
@@ -373,17 +373,21 @@ class _Trainer:
         torch.manual_seed(self.cfg.seed + self.dist.rank)
 
     def _pick_threads(self, state: dict[str, Any] | None) -> ThreadChoice:
-        """Torch CPU threads for the whole run: --num-threads if given; on a resume, the count the run used
-        before (float results depend in their last bits on it, so the same count keeps a resume bit-exact);
-        else this process's setting (which the CLI fits to the machine's load, see device.choose_threads)."""
+        """Torch CPU threads for the whole run, never fitted to the machine's load: float results depend in
+        their last bits on the thread count, and a run must be reproducible and resumable bit for bit.
+        --num-threads if given; on a resume, the count the run used before; else OMP_NUM_THREADS; else one
+        per usable physical core. (On a busy machine the CLI makes idle threads sleep instead: see cli.)"""
         recorded = int((state or {}).get("threads") or 0)
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
         if self.cfg.num_threads:
             choice = ThreadChoice(self.cfg.num_threads, f"{self.cfg.num_threads}, as asked (--num-threads)")
-        elif recorded and not os.environ.get("OMP_NUM_THREADS", "").strip():
+        elif recorded:
             choice = ThreadChoice(recorded, f"{recorded}, as the run being resumed used (a bit-exact resume)")
+        elif env.isdigit() and int(env) > 0:
+            choice = ThreadChoice(int(env), f"{env}, from OMP_NUM_THREADS")
         else:
-            n = torch.get_num_threads()
-            choice = ThreadChoice(n, f"{n} (of {usable_cpus()} usable CPUs)")
+            n = default_threads()
+            choice = ThreadChoice(n, f"{n}, one per usable core")
         return set_threads(choice)
 
     def _state_options(self) -> Any:
@@ -462,7 +466,8 @@ class _Trainer:
                  f"run directory {self.out_dir}")
         self.say(_precision_line(cfg, device, self.amp_dtype, self.weights_dtype, self.optimizer))
         if device.type == "cpu":
-            self.say(f"CPU threads: {self.threads.reason}")
+            waiting = os.environ.get("OMP_WAIT_POLICY", "").lower() or "spin then sleep (OpenMP's default)"
+            self.say(f"CPU threads: {self.threads.reason}; idle threads wait: {waiting}")
         amp = lambda: autocast(device, self.amp_dtype)  # noqa: E731 - a fresh context per micro-step
         fpt: float | None = None
         t_start = time.perf_counter()
