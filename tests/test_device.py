@@ -72,3 +72,21 @@ def test_busy_loops_are_counted_and_our_own_threads_are_not() -> None:
         for p in loops:
             p.kill()
             p.wait()
+
+
+def test_idle_threads_sleep_on_a_busy_machine_and_spin_briefly_on_a_quiet_one() -> None:
+    from scratchgpt.cli import openmp_waiting
+
+    assert openmp_waiting(2) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert openmp_waiting(0) == openmp_waiting(None) == {"GOMP_SPINCOUNT": "30000"}
+
+
+def test_the_cli_chooses_before_torch_loads_and_keeps_a_users_choice() -> None:
+    code = ("import os, sys; from scratchgpt.cli import _set_openmp_waiting; _set_openmp_waiting(); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split()[-1] == "False" and out.split()[:2] in (["PASSIVE", "None"], ["None", "30000"]), out
+    kept = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**env, "OMP_WAIT_POLICY": "ACTIVE"}).stdout
+    assert kept.split() == ["ACTIVE", "None", "False"]

@@ -727,17 +727,33 @@ def _on_sigterm(signum: int, frame) -> None:
 _INFERENCE_COMMANDS = frozenset({"generate", "chat", "serve", "eval", "classify"})
 
 
-def _wait_passively() -> None:
-    """Make OpenMP's idle threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE), before torch loads.
+# OpenMP spin counts (libgomp's GOMP_SPINCOUNT) for an idle machine: a waiting thread spins this many rounds
+# (~tens of microseconds), then sleeps. Measured on a 2-core Xeon, demo model, 30 steps: as fast as libgomp's
+# default (300,000) alone (4.1 vs 4.4 s), but 14 s instead of 17-60 s beside two busy processes.
+_QUIET_SPINCOUNT = "30000"
 
-    Why: after every parallel operator PyTorch's threads wait at a barrier. Spinning there wins a few
-    microseconds on an idle machine, but when the cores are oversubscribed the spinner burns the time slice
-    the thread it waits for needs: the demo's training ran > 11x slower beside two busy processes. Asleep,
-    a waiting thread hands its core over (bench/busy.py measures both). A policy the user set wins; it only
-    takes effect when torch is not loaded yet (the `scratchgpt` command, not `main()` called in-process).
+
+def _set_openmp_waiting() -> None:
+    """How OpenMP's idle threads wait, chosen from the machine's load before torch loads (libgomp reads it then).
+
+    Why: after every parallel operator PyTorch's threads meet at a barrier, and libgomp spins there for
+    ~300,000 rounds by default. When the cores are oversubscribed, the spinner burns the time slice that the
+    thread it waits for needs: the demo's training ran > 11x slower beside busy processes. So: on a busy
+    machine threads sleep at once (OMP_WAIT_POLICY=PASSIVE, ~20% slower alone but no collapse); on a quiet
+    one they spin briefly, then sleep. Neither changes any result. A policy the user set wins; nothing
+    changes when torch is already loaded (`main()` called in-process). bench/busy.py measures this.
     """
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ and "torch" not in sys.modules:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ or "torch" in sys.modules:
+        return
+    from scratchgpt.device import other_runnable_threads
+
+    os.environ.update(openmp_waiting(other_runnable_threads()))
+
+
+def openmp_waiting(others: int | None) -> dict[str, str]:
+    """The OpenMP waiting setting for a machine where `others` threads of other processes are running (None:
+    unknown): sleep at once on a busy machine, spin briefly on a quiet one (see _set_openmp_waiting)."""
+    return {"OMP_WAIT_POLICY": "PASSIVE"} if others else {"GOMP_SPINCOUNT": _QUIET_SPINCOUNT}
 
 
 def _fit_threads() -> None:
@@ -786,7 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         command_name = f"scratchgpt {args.command}"
-        _wait_passively()
+        _set_openmp_waiting()
         _import_torch_holding_signals()
         if args.command in _INFERENCE_COMMANDS:
             _fit_threads()

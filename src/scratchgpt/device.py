@@ -1,5 +1,8 @@
 """Devices: names to torch devices (one rule for every command: 'auto' = CUDA when present, else the
-CPU), and what a device can do (native bfloat16). The one place that asks the hardware."""
+CPU), and what a device can do (native bfloat16). The one place that asks the hardware.
+
+torch is imported inside the functions that need it: the CLI reads the machine's load (below) before torch
+loads, since OpenMP's waiting policy must be in the environment by then."""
 
 from __future__ import annotations
 
@@ -7,14 +10,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(name: str = "auto", *, local_rank: int | None = None) -> torch.device:
     """The device `name` means: 'auto' picks CUDA when present; a bare 'cuda' takes GPU `local_rank` (torchrun's)
     or the current one. Asking for CUDA where there is none is a one-line error."""
+    import torch
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -36,6 +42,8 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
 
     Read from `torch.cpu.get_capabilities()` (PyTorch's own CPU probe, on every OS), never assumed.
     """
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -47,11 +55,15 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
 
 def cpu_has(feature: str) -> bool:
     """Whether PyTorch's CPU probe reports `feature` (e.g. 'avx512_vnni', 'amx_int8')."""
+    import torch
+
     return bool(torch.cpu.get_capabilities().get(feature))
 
 
 def cpu_capability() -> dict[str, Any]:
     """What benchmarks print about the CPU: torch's capability string, its name, native bf16, AMX."""
+    import torch
+
     caps = torch.cpu.get_capabilities()
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_name": caps.get("cpu_name"),
             "native_bf16": native_bf16("cpu"), "amx_bf16": bool(caps.get("amx_bf16"))}
@@ -79,6 +91,8 @@ def usable_cpus() -> int:
 def default_threads() -> int:
     """One torch thread per usable physical core: what PyTorch itself starts with, but computed afresh (a
     process may have changed torch's setting since), so that training picks the same count every time."""
+    import torch
+
     physical = torch.cpu.get_capabilities().get("num_physical_cores") if hasattr(torch.cpu, "get_capabilities") \
         else None
     return max(1, min(usable_cpus(), int(physical or os.cpu_count() or 1)))
@@ -148,6 +162,8 @@ def choose_threads(requested: int = 0, *, others: int | None = None, cpus: int |
 
 def set_threads(choice: ThreadChoice) -> ThreadChoice:
     """Apply `choice` to torch (intra-op threads) and return it."""
+    import torch
+
     if torch.get_num_threads() != choice.threads:
         torch.set_num_threads(choice.threads)
     return choice

@@ -466,7 +466,9 @@ class _Trainer:
                  f"run directory {self.out_dir}")
         self.say(_precision_line(cfg, device, self.amp_dtype, self.weights_dtype, self.optimizer))
         if device.type == "cpu":
-            waiting = os.environ.get("OMP_WAIT_POLICY", "").lower() or "spin then sleep (OpenMP's default)"
+            spins = os.environ.get("GOMP_SPINCOUNT")
+            waiting = os.environ.get("OMP_WAIT_POLICY", "").lower() or (
+                f"spin {spins} rounds, then sleep" if spins else "OpenMP's default")
             self.say(f"CPU threads: {self.threads.reason}; idle threads wait: {waiting}")
         amp = lambda: autocast(device, self.amp_dtype)  # noqa: E731 - a fresh context per micro-step
         fpt: float | None = None
