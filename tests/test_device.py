@@ -38,15 +38,17 @@ def test_last_level_cache_unknown_is_none(tmp_path: Path) -> None:
     assert last_level_cache_bytes(tmp_path) == 32 << 20
 
 
-def test_threads_leave_busy_cpus_to_other_work(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threads_leave_busy_cores_to_other_work_only_under_heavy_load(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     quiet = choose_threads(others=0, cpus=2)
     assert quiet.threads == 2 and not quiet.busy
-    one_busy = choose_threads(others=1, cpus=2)
-    assert one_busy.threads == 1 and one_busy.busy and "1 busy with other work" in one_busy.reason
+    # A light load keeps the count (results do not depend on what else runs); the waiting policy copes.
+    assert choose_threads(others=1, cpus=2).threads == 2
+    heavy = choose_threads(others=2, cpus=2)  # e.g. two busy processes on two cores
+    assert heavy.threads == 1 and heavy.busy and "2 threads of other processes" in heavy.reason
     assert choose_threads(others=7, cpus=2).threads == 1  # never fewer than one
-    assert choose_threads(others=None, cpus=2).threads == 2  # the kernel did not say: every usable CPU
+    assert choose_threads(others=None, cpus=2).threads == 2  # the kernel did not say: every usable core
     # An affinity mask of 2 CPUs on a 16-CPU machine with 3 other busy threads: both of ours still run.
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert choose_threads(others=3, cpus=2).threads == 2

@@ -721,9 +721,8 @@ def _on_sigterm(signum: int, frame) -> None:
     raise Terminated
 
 
-# Commands that decode or evaluate (no bit-exact promise between runs): their torch thread count is fitted to
-# the machine's load at start. Training keeps one thread per usable CPU (results depend in their last bits
-# on the thread count, and a run must be reproducible and resumable bit for bit); it logs its count.
+# Commands that decode or evaluate: their torch thread count is fitted to the machine at start (training
+# picks and logs its own, and keeps it across a resume).
 _INFERENCE_COMMANDS = frozenset({"generate", "chat", "serve", "eval", "classify"})
 
 
@@ -757,7 +756,7 @@ def openmp_waiting(others: int | None) -> dict[str, str]:
 
 
 def _fit_threads() -> None:
-    """One torch thread per CPU that other work leaves free (see device.choose_threads)."""
+    """One torch thread per usable core, fewer on a heavily loaded machine (see device.choose_threads)."""
     from scratchgpt.device import choose_threads, set_threads
 
     set_threads(choose_threads())

@@ -143,21 +143,26 @@ class ThreadChoice:
 
 
 def choose_threads(requested: int = 0, *, others: int | None = None, cpus: int | None = None) -> ThreadChoice:
-    """Torch CPU threads: `requested` if > 0, else OMP_NUM_THREADS if set, else one per usable CPU that no
-    other process keeps busy (at least 1). Picked once, at start: float results depend in their last bits
-    on the thread count, so changing it mid-run would make a run irreproducible. `others`/`cpus`: tests."""
+    """Torch CPU threads: `requested` if > 0, else OMP_NUM_THREADS if set, else one per usable core, fewer
+    only on a heavily loaded machine: when other processes keep at least as many threads busy as we could
+    use, we take the cores they leave (at least one). A light load is left to the OpenMP waiting policy
+    (see cli._set_openmp_waiting), so that on most machines the count, and with it every result's last
+    bits, does not depend on what else happens to run. `others`/`cpus`: tests."""
     if requested > 0:
-        return ThreadChoice(requested, f"{requested} thread(s), as asked")
+        return ThreadChoice(requested, f"{requested}, as asked")
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
-        return ThreadChoice(int(env), f"{env} thread(s) from OMP_NUM_THREADS")
-    cpus = usable_cpus() if cpus is None else cpus
+        return ThreadChoice(int(env), f"{env}, from OMP_NUM_THREADS")
+    cpus = default_threads() if cpus is None else cpus
     others = other_runnable_threads() if others is None else others
-    threads = cpus if others is None else max(1, min(cpus, (os.cpu_count() or cpus) - others))
+    if others is None or others < cpus:
+        return ThreadChoice(cpus, f"{cpus}, one per usable core")
+    threads = max(1, min(cpus, (os.cpu_count() or cpus) - others))
     if threads == cpus:
-        return ThreadChoice(cpus, f"{cpus} thread(s), one per usable CPU")
-    return ThreadChoice(threads, f"{threads} thread(s) for {cpus} usable CPUs, {others} busy with other work "
-                                 f"(a busy machine; OMP_NUM_THREADS=N overrides)", busy=True)
+        return ThreadChoice(cpus, f"{cpus}, one per usable core")
+    return ThreadChoice(threads, f"{threads} of {cpus} usable cores: {others} threads of other processes keep the "
+                                 f"rest busy (a busy machine; --num-threads or OMP_NUM_THREADS fixes the count)",
+                        busy=True)
 
 
 def set_threads(choice: ThreadChoice) -> ThreadChoice:

@@ -80,7 +80,7 @@ from scratchgpt.checkpoint import (
     write_training_checkpoint,
 )
 from scratchgpt.config import TrainConfig
-from scratchgpt.device import ThreadChoice, default_threads, set_threads
+from scratchgpt.device import ThreadChoice, choose_threads, set_threads
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.optim import (  # noqa: F401 - make_optimizer, lr_at, param_groups: the loop's API
     lr_at,
@@ -373,21 +373,17 @@ class _Trainer:
         torch.manual_seed(self.cfg.seed + self.dist.rank)
 
     def _pick_threads(self, state: dict[str, Any] | None) -> ThreadChoice:
-        """Torch CPU threads for the whole run, never fitted to the machine's load: float results depend in
-        their last bits on the thread count, and a run must be reproducible and resumable bit for bit.
-        --num-threads if given; on a resume, the count the run used before; else OMP_NUM_THREADS; else one
-        per usable physical core. (On a busy machine the CLI makes idle threads sleep instead: see cli.)"""
+        """Torch CPU threads for the whole run (float results depend in their last bits on the count, so it
+        never changes mid-run): --num-threads if given; on a resume, the count the run used before (a bit-exact
+        resume); else device.choose_threads (OMP_NUM_THREADS, else one per usable core, fewer on a heavily
+        loaded machine). Saved in every checkpoint and logged."""
         recorded = int((state or {}).get("threads") or 0)
-        env = os.environ.get("OMP_NUM_THREADS", "").strip()
         if self.cfg.num_threads:
             choice = ThreadChoice(self.cfg.num_threads, f"{self.cfg.num_threads}, as asked (--num-threads)")
         elif recorded:
             choice = ThreadChoice(recorded, f"{recorded}, as the run being resumed used (a bit-exact resume)")
-        elif env.isdigit() and int(env) > 0:
-            choice = ThreadChoice(int(env), f"{env}, from OMP_NUM_THREADS")
         else:
-            n = default_threads()
-            choice = ThreadChoice(n, f"{n}, one per usable core")
+            choice = choose_threads()
         return set_threads(choice)
 
     def _state_options(self) -> Any:
