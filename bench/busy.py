@@ -6,8 +6,8 @@ steps on Tiny Shakespeare through `python -m scratchgpt train`, once alone and o
 reports (start-up excluded, the same for every variant); each is the best of --repeats runs. Variants:
 
 - `cli`: the command as a user types it (scratchgpt's own choice of how idle OpenMP threads wait);
-- `openmp-default`: what PyTorch does unaided: libgomp's default spin (`GOMP_SPINCOUNT=300000`) at every
-  barrier, the behaviour that collapsed under load before;
+- `unaided`: what PyTorch does unaided: one thread per core whatever the load, libgomp's default spin
+  (`GOMP_SPINCOUNT=300000`) at every barrier, the behaviour that collapsed under load before;
 - `one-thread`: `OMP_NUM_THREADS=1`, for reference.
 
 A fair share of 2 CPUs among 4 runnable processes (ours with 2 threads + 2 loops) is 2x the time alone; the
@@ -29,14 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from scratchgpt.device import cpu_capability, usable_cpus
+from scratchgpt.device import cpu_capability, default_threads, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "text" / "tinyshakespeare.txt"
 
 VARIANTS = {
     "cli": {},
-    "openmp-default": {"GOMP_SPINCOUNT": "300000"},
+    "unaided": {"GOMP_SPINCOUNT": "300000", "OMP_NUM_THREADS": str(default_threads())},
     "one-thread": {"OMP_NUM_THREADS": "1"},
 }
 

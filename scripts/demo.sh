@@ -64,5 +64,5 @@ echo "[demo] generating from $out"
 echo
 echo "[demo] done in $(( $(date +%s) - start )) s: model in $out, loss curve in $out/loss.png, log in $out/log.csv"
 # A char-level model reads only its corpus's characters: say where fine-tuning starts instead (README).
-echo "[demo] next: generate, eval, --quantize int8 and --draft work on $out (README, \"Using it\"); fine-tuning"
-echo "       and GGUF need a GPT-2 BPE model: scratchgpt train -c configs/shakespeare_gpt2bpe_small.toml (~6 min)"
+echo "[demo] next: generate, eval, --quantize int8, --draft and export --format gguf work on $out (README, \"Using"
+echo "       it\"); fine-tuning needs a GPT-2 BPE model: scratchgpt train -c configs/shakespeare_gpt2bpe_small.toml (~6 min)"

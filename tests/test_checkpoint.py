@@ -151,14 +151,19 @@ def test_unknown_hf_activation_is_refused(tmp_path):
         load_hf(tmp_path)
 
 
-def test_hf_relu_model_loads(tmp_path):
+@pytest.mark.parametrize(("theirs", "ours"), [("relu", "relu"), ("gelu", "gelu_exact")])
+def test_hf_relu_and_exact_gelu_models_load_and_export(tmp_path, theirs, ours):
     torch.manual_seed(0)
-    hf = tiny_hf(activation="relu")
-    hf.save_pretrained(tmp_path)
-    model = load_hf(tmp_path)
-    assert model.config.activation == "relu"
+    hf = tiny_hf(activation=theirs)  # Hugging Face's "gelu" is the exact (erf) GELU, not GPT-2's tanh form
+    hf.save_pretrained(tmp_path / "in")
+    model = load_hf(tmp_path / "in")
+    assert model.config.activation == ours
     idx = tokens()
     assert max_diff(our_logits(model, idx), hf_logits(hf, idx)) <= TOL
+    save_hf(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["activation_function"] == theirs
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    assert max_diff(hf_logits(again, idx), hf_logits(hf, idx)) <= TOL
 
 
 # ---------------------------------------------------------------------------------------------

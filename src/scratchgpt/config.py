@@ -276,8 +276,9 @@ class GPTConfig:
     pos_encoding: Literal["learned", "sinusoidal", "rope"] = field(
         default="learned", metadata={"help": "learned table (GPT-2), fixed sin/cos, or rotary (Llama, Qwen)"}
     )
-    activation: Literal["gelu", "relu", "relu2", "swiglu"] = field(
-        default="gelu", metadata={"help": "MLP non-linearity: gelu (GPT-2), relu, relu2 (relu²), swiglu (Llama, Qwen)"}
+    activation: Literal["gelu", "gelu_exact", "relu", "relu2", "swiglu"] = field(
+        default="gelu", metadata={"help": "MLP non-linearity: gelu (GPT-2's tanh approximation), gelu_exact (erf, "
+                                          "nanoGPT's nn.GELU), relu, relu2 (relu²), swiglu (Llama, Qwen)"}
     )
     # -- the Llama / Qwen family (defaults keep GPT-2; see the README's family table) --------------
     norm: Literal["layernorm", "rmsnorm"] = field(

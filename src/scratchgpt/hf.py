@@ -156,7 +156,7 @@ def scratchgpt_to_hf(state: dict[str, Tensor], config: GPTConfig | None = None) 
 def hf_model_type(config: GPTConfig) -> str:
     """The HF model_type that expresses `config` exactly: gpt2, llama, qwen2 or qwen3; else ValueError."""
     gpt2_like = (config.pos_encoding == "learned" and config.norm == "layernorm"
-                 and config.activation in ("gelu", "relu"))
+                 and config.activation in ("gelu", "gelu_exact", "relu"))
     llama_like = config.pos_encoding == "rope" and config.norm == "rmsnorm" and config.activation == "swiglu"
     problems = []
     if config.logit_softcap is not None:
@@ -186,7 +186,8 @@ def hf_model_type(config: GPTConfig) -> str:
     else:
         raise ValueError(
             "no Hugging Face architecture matches this model: GPT-2 needs pos_encoding=learned, norm=layernorm, "
-            "activation=gelu|relu; Llama/Qwen need pos_encoding=rope, norm=rmsnorm, activation=swiglu (this model: "
+            "activation=gelu|gelu_exact|relu; Llama/Qwen need pos_encoding=rope, norm=rmsnorm, activation=swiglu "
+            "(this model: "
             f"{config.pos_encoding}, {config.norm}, {config.activation})"
         )
     if problems:
@@ -194,7 +195,8 @@ def hf_model_type(config: GPTConfig) -> str:
     return model_type
 
 
-_HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
+# Hugging Face's names -> ours. Theirs "gelu" is the exact (erf) GELU; GPT-2's tanh approximation is "gelu_new".
+_HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu"}
 
 
 def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> GPTConfig:
@@ -293,7 +295,7 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": config.vocab_size, "n_positions": config.n_positions, "n_ctx": config.n_positions,
             "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
-            "activation_function": "gelu_new" if config.activation == "gelu" else "relu",
+            "activation_function": {"gelu": "gelu_new", "gelu_exact": "gelu"}.get(config.activation, "relu"),
             "embd_pdrop": config.embd_pdrop, "resid_pdrop": config.resid_pdrop, "attn_pdrop": config.attn_pdrop,
             "layer_norm_epsilon": config.layer_norm_epsilon, "initializer_range": config.initializer_range,
             "tie_word_embeddings": config.tie_word_embeddings,

@@ -496,9 +496,15 @@ class _Trainer:
                                          grad_accum_steps=cfg.grad_accum_steps, grad_clip=cfg.grad_clip,
                                          scaler=self.scaler, amp=amp)
                 self.step += 1
-                self._note_finite(loss)
                 if device.type != "cuda" and not self.dist.enabled:
-                    self._stop_if_diverged()  # no queue to keep full on the CPU: look after every step
+                    # No queue to keep full on the CPU, and the loss is already in host memory: read it and
+                    # stop at once (one read, instead of the device-side bookkeeping below).
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        self._first_bad = torch.tensor([float(self.step), value])
+                        self._stop_if_diverged()
+                else:
+                    self._note_finite(loss)
                 self.tokens += n_tok * self.dist.world_size
                 interval.add(loss, n_tok * self.dist.world_size)
                 self._bar.update(1)
