@@ -40,7 +40,7 @@ LOCAL_PREFIXES = ("runs/", "data/", ".cache/", "configs/", "../shared/")
 INPUT_FLAGS = {"--checkpoint", "--init", "--base", "--adapters", "--draft", "--data", "--source", "--init-from", "-c"}
 OUTPUT_FLAGS = {"--out-dir", "--out"}
 # Files the README tells the reader to bring (evaluation data of their own, a suite they write).
-READER_FILES = {"hellaswag_val.jsonl", "spam_test.tsv", "held_out.json", "suite.toml"}
+READER_FILES = {"hellaswag_val.jsonl", "spam_test.tsv", "held_out.json", "suite.toml", "web.jsonl.zst", "my_dataset"}
 # Appended to a subcommand's arguments (the last flag wins): smaller runs, never different ones.
 SHRINK: dict[str, list[str]] = {
     "train": ["--max-steps", "2", "--eval-steps", "1", "--batch-size", "2", "--n-layer", "1", "--n-head", "2",
