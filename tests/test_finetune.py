@@ -155,8 +155,13 @@ def test_resume_continues_exactly(toy_tsv: Path, tmp_path: Path):
     train = {"max_steps": 4, "checkpoint_interval": 2, "keep_last": 5, "eval_interval": 2, "lr": 1e-2,
              "progress": False, "plot": False}
     cfg = ClassifyConfig(data=str(toy_tsv), tokenizer="char", trainable="all")
+    _straight_and_resumed(cfg, train, tmp_path)
+
+
+def _straight_and_resumed(cfg: ClassifyConfig, train: dict, tmp_path: Path):
+    """Fine-tune 4 steps straight into tmp_path/a, and again into b from a's step-2 checkpoint (a copy of a
+    made to look stopped there); assert both end with identical weights; return the straight run's result."""
     straight = finetune_classify(cfg, train={**train, "out_dir": str(tmp_path / "a")}, model=TINY, verbose=False)
-    # Make run b look like run a stopped after step 2.
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "ckpt-00000004")
     (tmp_path / "b" / "latest").write_text("ckpt-00000002\n")
@@ -164,6 +169,7 @@ def test_resume_continues_exactly(toy_tsv: Path, tmp_path: Path):
                                 verbose=False)
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+    return straight
 
 
 @pytest.mark.slow  # a whole run: CI runs it (scripts/test.sh); the default suite skips it
@@ -225,15 +231,8 @@ def test_lora_resumes_exactly(toy_tsv: Path, tmp_path: Path, dtype: str):
     train = {"max_steps": 4, "checkpoint_interval": 2, "keep_last": 5, "eval_interval": 2, "lr": 1e-2,
              "dtype": dtype, "activation_checkpointing": dtype == "bf16-true", "progress": False, "plot": False}
     cfg = ClassifyConfig(data=str(toy_tsv), tokenizer="char", trainable="lora")
-    straight = finetune_classify(cfg, train={**train, "out_dir": str(tmp_path / "a")}, model=TINY, verbose=False)
+    straight = _straight_and_resumed(cfg, train, tmp_path)
     weights = torch.bfloat16 if dtype == "bf16-true" else torch.float32
     assert {p.dtype for p in straight.model.parameters()} == {weights}
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "ckpt-00000004")
-    (tmp_path / "b" / "latest").write_text("ckpt-00000002\n")
-    resumed = finetune_classify(cfg, train={**train, "out_dir": str(tmp_path / "b"), "resume": True}, model=TINY,
-                                verbose=False)
-    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
     for file in ("model.safetensors", "adapter.safetensors"):
         assert {t.dtype for t in load_tensors(tmp_path / "a" / file).values()} == {torch.float32}, file
