@@ -174,15 +174,14 @@ def one_call_prefix(corpus: Path, work: Path, prefix_bytes: int) -> dict:
     """train.bin of a prefix of the corpus against ONE encode_ordinary call on the whole prefix."""
     import numpy as np
 
-    from scratchgpt.data.tokenizer import GPT2Tokenizer
+    from scratchgpt.data.tokenizers import GPT2Tokenizer
 
     data = corpus.read_bytes()[:prefix_bytes] if corpus.stat().st_size > prefix_bytes else corpus.read_bytes()
     text = data.decode("utf-8", errors="ignore")  # the cut may fall inside a character: drop its bytes
     prefix = work / "prefix.txt"
     prefix.write_text(text, encoding="utf-8")
     run_prepare(prefix, work / "prefix_out", 2, 1 << 20)  # 1 MB pieces: many cuts to get wrong
-    encoding = GPT2Tokenizer.from_dir(DATA / "gpt2")._encoding
-    reference = np.asarray(encoding.encode_ordinary(text), dtype=np.uint16)
+    reference = np.asarray(GPT2Tokenizer.from_dir(DATA / "gpt2").encode_ordinary(text), dtype=np.uint16)
     ours = np.fromfile(work / "prefix_out" / "train.bin", dtype=np.uint16)
     return {"prefix_mb": round(len(data) / 2**20, 1), "tokens": len(reference),
             "identical": bool(np.array_equal(ours, reference))}

@@ -38,7 +38,7 @@ MODEL_NAME = "bench"
 def save_random_model(directory: Path, *, layers: int, width: int, heads: int, context: int, gpt2_dir: str | None):
     from scratchgpt import GPT, GPTConfig
     from scratchgpt.checkpoint import save_model
-    from scratchgpt.data.tokenizer import gpt2_tokenizer
+    from scratchgpt.data.tokenizers import gpt2_tokenizer
 
     tokenizer = gpt2_tokenizer(gpt2_dir)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=context, n_embd=width, n_layer=layers,

@@ -22,7 +22,7 @@ from typing import Any
 import tokenizers
 from tokenizers import pre_tokenizers, trainers
 
-from scratchgpt.data.tokenizer import EOT_TEXT, ByteBPETokenizer, GPT2Tokenizer
+from scratchgpt.data.tokenizers import EOT_TEXT, ByteBPETokenizer, GPT2Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

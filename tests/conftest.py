@@ -46,7 +46,7 @@ def tiny_shakespeare(data_dir: Path) -> str:
 def gpt2_tokenizer(data_dir: Path):
     """GPT-2's tokenizer from the local data folder, so no test ever downloads it."""
     # Imported here so that a broken tokenizer module fails its own tests, not every test file.
-    from scratchgpt.data.tokenizer import GPT2Tokenizer
+    from scratchgpt.data.tokenizers import GPT2Tokenizer
 
     return GPT2Tokenizer.from_dir(data_dir / "gpt2")
 

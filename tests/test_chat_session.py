@@ -53,9 +53,9 @@ def write_tokenizer(directory: Path, kind: dict, *, chat_template: str | None = 
     """tokenizer.json: one token per printable ASCII byte (+ newline), no merges, then the specials."""
     from tokenizers import decoders, models, pre_tokenizers
 
-    from scratchgpt.data.tokenizer import _gpt2_byte_to_unicode
+    from scratchgpt.data.tokenizers import gpt2_byte_to_unicode
 
-    byte_char = _gpt2_byte_to_unicode()
+    byte_char = gpt2_byte_to_unicode()
     vocab = {byte_char[b]: i for i, b in enumerate([10, *range(32, 127)])}
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -72,7 +72,7 @@ def write_tokenizer(directory: Path, kind: dict, *, chat_template: str | None = 
 def make_folder(directory: Path, kind: dict, *, chat_template: str | None = None) -> Path:
     """A Hugging Face Qwen3 folder whose model greedily answers 'hi' + the end-of-turn token after '\\n'."""
     write_tokenizer(directory, kind, chat_template=chat_template)
-    from scratchgpt.data.tokenizer import HFTokenizer
+    from scratchgpt.data.tokenizers import HFTokenizer
 
     tok = HFTokenizer.from_dir(directory)
     config = GPTConfig.from_name("qwen3-0.6b", vocab_size=WIDTH, n_positions=256, n_layer=1, n_head=2, n_kv_head=1,
@@ -142,7 +142,7 @@ def test_stop_tokens_end_a_reply_wherever_the_template_writes_them(chatml_folder
 def test_generation_config_eos_ids_also_stop(tmp_path):
     write_tokenizer(tmp_path, LLAMA3)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [97, 100]}))  # <|end_of_text|>, eot
-    from scratchgpt.data.tokenizer import HFTokenizer
+    from scratchgpt.data.tokenizers import HFTokenizer
 
     tok = HFTokenizer.from_dir(tmp_path)
     assert tok.special_tokens["<|eot_id|>"] == 100
@@ -157,7 +157,7 @@ def test_chat_template_jinja_file_is_read(tmp_path):
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
     (tmp_path / "chat_template.jinja").write_text(cfg.pop("chat_template"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
-    from scratchgpt.data.tokenizer import HFTokenizer
+    from scratchgpt.data.tokenizers import HFTokenizer
 
     tok = HFTokenizer.from_dir(tmp_path)
     assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "<|im_start|>user\nx<|im_end|>\n" \
@@ -169,7 +169,7 @@ def test_chat_template_jinja_file_is_read(tmp_path):
 
 def test_template_errors_are_one_line_naming_the_folder(tmp_path, chatml_folder):
     model, _ = load_any(chatml_folder)
-    from scratchgpt.data.tokenizer import HFTokenizer
+    from scratchgpt.data.tokenizers import HFTokenizer
 
     write_tokenizer(tmp_path / "broken", CHATML, chat_template="{% for m in messages %}{{ m['content'] }")
     broken = HFTokenizer.from_dir(tmp_path / "broken")
@@ -188,7 +188,7 @@ def test_template_errors_are_one_line_naming_the_folder(tmp_path, chatml_folder)
     with pytest.raises(ValueError, match="evil.tokenizer_config.json"):
         HFTokenizer.from_dir(tmp_path / "evil").apply_chat_template([{"role": "user", "content": "x"}])
     # A tokenizer without a template cannot use "tokenizer".
-    from scratchgpt.data.tokenizer import gpt2_tokenizer
+    from scratchgpt.data.tokenizers import gpt2_tokenizer
 
     with pytest.raises(ValueError, match="has none: choose alpaca or chatml"):
         render_chat([{"role": "user", "content": "x"}], "tokenizer", tokenizer=gpt2_tokenizer(None))
@@ -213,7 +213,7 @@ def test_a_fine_tuned_runs_saved_template_wins(chatml_folder, tmp_path):
     assert saved_chat_template(run, tokenizer=load_any(run)[1]) == "chatml"
     plain = save_model(model, tmp_path / "plain", tokenizer=tok)
     assert saved_chat_template(plain, tokenizer=load_any(plain)[1]) == "tokenizer"
-    from scratchgpt.data.tokenizer import gpt2_tokenizer
+    from scratchgpt.data.tokenizers import gpt2_tokenizer
 
     assert saved_chat_template(plain, tokenizer=gpt2_tokenizer(None)) == "alpaca"
 
@@ -259,7 +259,7 @@ RICH_TEMPLATE = (
 
 def test_rendering_matches_transformers_apply_chat_template(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from scratchgpt.data.tokenizer import HFTokenizer
+    from scratchgpt.data.tokenizers import HFTokenizer
 
     write_tokenizer(tmp_path, LLAMA3, chat_template=RICH_TEMPLATE)
     ours = HFTokenizer.from_dir(tmp_path)
@@ -277,7 +277,7 @@ def test_rendering_matches_transformers_apply_chat_template(tmp_path):
 
 
 def test_sandbox_refuses_internals_and_generation_blocks_render(tmp_path):
-    from scratchgpt.data.tokenizer import HFTokenizer
+    from scratchgpt.data.tokenizers import HFTokenizer
 
     user = [{"role": "user", "content": "x"}]
     for name, template in [("mro", "{{ messages.__class__.__mro__ }}"),

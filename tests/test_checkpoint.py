@@ -392,7 +392,7 @@ def test_weights_of_the_right_shape_but_not_floating_point_are_refused(tmp_path:
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path: Path) -> None:
     from scratchgpt.checkpoint import load_any
-    from scratchgpt.data.tokenizer import CharTokenizer
+    from scratchgpt.data.tokenizers import CharTokenizer
 
     model = GPT(GPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=1),
                 generator=torch.Generator().manual_seed(0))

@@ -193,7 +193,7 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, capsys):
 def test_char_model_and_text_outside_its_alphabet_says_what_to_start_from(tmp_path: Path, capsys):
     """Issue 21: fine-tuning the demo's char model on text with other characters names a model that works."""
     from scratchgpt.checkpoint import save_model
-    from scratchgpt.data.tokenizer import CharTokenizer
+    from scratchgpt.data.tokenizers import CharTokenizer
 
     tok = CharTokenizer(" abcdefghijklmnopqrstuvwxyz")
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=16, n_embd=16, n_layer=1, n_head=2))

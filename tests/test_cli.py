@@ -10,7 +10,7 @@ import torch
 from scratchgpt import GPT, GPTConfig
 from scratchgpt.checkpoint import save_model
 from scratchgpt.cli import main
-from scratchgpt.data.tokenizer import CharTokenizer
+from scratchgpt.data.tokenizers import CharTokenizer
 
 
 def _tiny_run(tmp_path):

@@ -31,7 +31,7 @@ from scratchgpt.data.dataset import (
     split_text,
     token_dtype,
 )
-from scratchgpt.data.tokenizer import load_tokenizer
+from scratchgpt.data.tokenizers import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # prepare on the real data
@@ -308,7 +308,7 @@ def test_the_chunked_scan_finds_the_first_id_past_the_limit(tmp_path_factory, id
 
 
 def test_a_folder_is_checked_against_the_model_tokenizer(tiny_char_data: Path, gpt2_tokenizer) -> None:
-    from scratchgpt.data.tokenizer import ByteBPETokenizer, CharTokenizer
+    from scratchgpt.data.tokenizers import ByteBPETokenizer, CharTokenizer
 
     ds = open_dataset(tiny_char_data)
     with pytest.raises(DataError, match=re.escape(
@@ -569,7 +569,7 @@ def test_bpe_learns_from_a_bounded_deterministic_sample(data_dir: Path, tmp_path
                              bpe_sample_chars=100_000, progress=False))
         toks.append((out / "tokenizer.json").read_bytes() + (out / "train.bin").read_bytes())
     assert toks[0] == toks[1] and metas[0]["bpe_sample_chars"] == 100_000
-    from scratchgpt.data.tokenizer import ByteBPETokenizer
+    from scratchgpt.data.tokenizers import ByteBPETokenizer
 
     assert load_tokenizer(tmp_path / "w1").merges == ByteBPETokenizer.train(survey.sample, 300).merges
 
@@ -582,7 +582,7 @@ class _NoBar:
 def test_prepare_memory_does_not_grow_with_the_corpus(data_dir: Path, tmp_path: Path) -> None:
     import tracemalloc
 
-    from scratchgpt.data.tokenizer import build_tokenizer
+    from scratchgpt.data.tokenizers import build_tokenizer
 
     def peak_of(fn) -> int:
         tracemalloc.start()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from scratchgpt import GPT, GPTConfig
 from scratchgpt.checkpoint import save_model
 from scratchgpt.data.dataset import DataError
-from scratchgpt.data.tokenizer import CharTokenizer
+from scratchgpt.data.tokenizers import CharTokenizer
 from scratchgpt.eval.classify_eval import classification_metrics
 from scratchgpt.eval.multiple_choice import (
     PRESETS,

@@ -114,9 +114,9 @@ def bpe_encode(text: str, tokens: list[str], merges: list[str]) -> list[int]:
     """Byte-level BPE as llama.cpp applies a GGUF vocabulary with the gpt-2 pre-tokenizer: GPT-2's regex
     splits the text; in each piece every byte is one symbol (GPT-2's spelling), then the lowest-ranked
     (then leftmost) adjacent pair is merged until no pair is in `merges`; symbols are looked up by text."""
-    from scratchgpt.data.tokenizer import GPT2_PATTERN, Pretokenizer, _gpt2_byte_to_unicode
+    from scratchgpt.data.tokenizers import GPT2_PATTERN, Pretokenizer, gpt2_byte_to_unicode
 
-    spell, rank = _gpt2_byte_to_unicode(), {tuple(m.split(" ")): r for r, m in enumerate(merges)}
+    spell, rank = gpt2_byte_to_unicode(), {tuple(m.split(" ")): r for r, m in enumerate(merges)}
     ids, out = {t: i for i, t in enumerate(tokens)}, []
     for piece in Pretokenizer(GPT2_PATTERN).findall(text):
         symbols = [spell[b] for b in piece.encode("utf-8")]
@@ -137,7 +137,7 @@ def test_gguf_char_tokenizer_model_same_ids_and_logits(tmp_path, text):
     """The demo and the speedrun train char-level models: their alphabet goes in as byte-level BPE that
     splits text exactly as the char tokenizer does (ASCII: no merges; multi-byte characters: merge chains)."""
     from scratchgpt.cli import main
-    from scratchgpt.data.tokenizer import build_tokenizer
+    from scratchgpt.data.tokenizers import build_tokenizer
     from scratchgpt.export.gguf import read_gguf_state
 
     tok = build_tokenizer("char", text=text)
@@ -162,7 +162,7 @@ def test_gguf_char_tokenizer_model_same_ids_and_logits(tmp_path, text):
 
 def test_gguf_trained_bpe_tokenizer_model_same_ids_and_logits(tmp_path):
     """`tokenizer = "bpe"` (byte-level BPE trained by scratchgpt) goes in with its merges, spelled as GPT-2's."""
-    from scratchgpt.data.tokenizer import build_tokenizer
+    from scratchgpt.data.tokenizers import build_tokenizer
     from scratchgpt.export.gguf import export_gguf, read_gguf_state
 
     corpus = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak. café café\n" * 3
@@ -245,7 +245,7 @@ def test_gguf_refuses_other_tokenizers_and_quantized_models(tmp_path, gpt2_token
 
     with pytest.raises(ValueError, match="embeds a byte-level BPE tokenizer .*; this model uses 'words'"):
         export_gguf(tiny(gpt2_tokenizer.vocab_size), Words(), tmp_path / "c.gguf")
-    from scratchgpt.data.tokenizer import ByteBPETokenizer
+    from scratchgpt.data.tokenizers import ByteBPETokenizer
 
     # Two merge paths to the same bytes ("ab"+"c" and "a"+"bc"): llama.cpp looks tokens up by text.
     twice = ByteBPETokenizer([(97, 98), (98, 99), (256, 99), (97, 257)])
@@ -362,10 +362,10 @@ def write_family_tokenizer(directory, family: str, *, split: str | None = None, 
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import Regex, decoders, models, pre_tokenizers, processors
 
-    from scratchgpt.data.tokenizer import _gpt2_byte_to_unicode
+    from scratchgpt.data.tokenizers import gpt2_byte_to_unicode
 
     llama = family == "llama"
-    vocab = {c: i for i, c in enumerate(_gpt2_byte_to_unicode()[b] for b in range(256))}
+    vocab = {c: i for i, c in enumerate(gpt2_byte_to_unicode()[b] for b in range(256))}
     for a, b in _MERGES:
         vocab[a + b] = len(vocab)
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=_MERGES,
@@ -633,7 +633,7 @@ def test_cli_exports_a_qwen3_folder(tmp_path, capsys):
 
 def test_gguf_gpt2_model_with_a_tokenizer_json(tmp_path):
     """A GPT-2 model whose tokenizer is an HF tokenizer.json (e.g. a GPT-2 hub folder) exports too."""
-    from scratchgpt.data.tokenizer import HFTokenizer
+    from scratchgpt.data.tokenizers import HFTokenizer
     from scratchgpt.export.gguf import export_gguf, read_gguf_state
 
     write_family_tokenizer(tmp_path, "qwen2", split="gpt2")
@@ -709,7 +709,7 @@ def test_gguf_llama_family_runs_in_llama_cpp_with_the_same_greedy_tokens(exporte
 def qwen2_as_llama(request, tmp_path_factory):
     """A Qwen2-style scratchgpt model that llama.cpp's qwen2 architecture cannot hold (heads not spanning
     n_embd: it refuses to load them; Llama 3 RoPE scaling: it ignores rope_freqs), exported."""
-    from scratchgpt.data.tokenizer import HFTokenizer
+    from scratchgpt.data.tokenizers import HFTokenizer
     from scratchgpt.export.gguf import export_gguf, read_gguf_state
 
     folder = tmp_path_factory.mktemp("qwen2_as_llama")

@@ -455,7 +455,7 @@ def test_draft_with_another_vocabulary_or_tokenizer_is_one_clear_error():
 def test_draft_check_accepts_char_tokenizers_without_the_probes_characters():
     """Issue 21: the demo's char model (no digits or accents in some corpora) and a draft trained on the same
     data were refused because the check encoded a probe text the alphabet lacks; different alphabets still fail."""
-    from scratchgpt.data.tokenizer import CharTokenizer
+    from scratchgpt.data.tokenizers import CharTokenizer
     from scratchgpt.inference.generate import check_draft
 
     alphabet = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # Tiny Shakespeare's, less a few

@@ -32,7 +32,7 @@ from scratchgpt.checkpoint import load_any, save_model
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, InstructConfig, LoRAConfig, SamplingConfig, TrainConfig
 from scratchgpt.data.dataset import prepare
-from scratchgpt.data.tokenizer import CharTokenizer
+from scratchgpt.data.tokenizers import CharTokenizer
 from scratchgpt.inference.generate import decode_one_token, generate, prefill
 from scratchgpt.inference.quantize import Int8Linear, cast_weights, quantize_model, save_quantized, set_kernel
 from scratchgpt.model.gpt import GPT, KVCache

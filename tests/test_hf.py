@@ -232,9 +232,9 @@ def write_tiny_tokenizer(directory, tokenizers) -> None:
     """A byte-level BPE over a 97-token vocabulary (95 byte tokens, no merges, + 2 specials)."""
     from tokenizers import decoders, models, pre_tokenizers
 
-    from scratchgpt.data.tokenizer import _gpt2_byte_to_unicode
+    from scratchgpt.data.tokenizers import gpt2_byte_to_unicode
 
-    byte_char = _gpt2_byte_to_unicode()
+    byte_char = gpt2_byte_to_unicode()
     needed = [byte_char[b] for b in sorted(set(b"hello hi user assistant\n"))]
     rest = [c for c in sorted(pre_tokenizers.ByteLevel.alphabet()) if c not in needed]
     vocab = {c: i for i, c in enumerate((needed + rest)[:95])}

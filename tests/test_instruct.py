@@ -15,7 +15,7 @@ from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, InstructConfig, SamplingConfig
 from scratchgpt.data.chat import encode_chat_example, instruction_messages, render_chat, render_prompt
 from scratchgpt.data.dataset import DataError
-from scratchgpt.data.tokenizer import CharTokenizer, HFTokenizer
+from scratchgpt.data.tokenizers import CharTokenizer, HFTokenizer
 from scratchgpt.inference.chat_session import ChatSession
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.finetune import load_start_model, read_entries, split_indices

@@ -254,7 +254,7 @@ def test_cli_generate_with_int8_and_draft(tmp_path, gpt2_tokenizer, capsys):
     assert out.out == plain and "draft acceptance:" in out.err
     assert main(args + ["--quantize", "int8"]) == 0
     assert capsys.readouterr().out.startswith("Hello")
-    from scratchgpt.data.tokenizer import build_tokenizer
+    from scratchgpt.data.tokenizers import build_tokenizer
 
     chars = build_tokenizer("char", text="abcdefgh Hello")  # another tokenizer, another vocabulary
     save_model(tiny(vocab_size=chars.vocab_size), tmp_path / "other", tokenizer=chars)

@@ -652,13 +652,13 @@ def test_lone_surrogates_in_any_string_never_give_a_5xx(http, path, body):
 
 def test_endoftext_text_is_ordinary_text_in_both_endpoints(client, http, tok):
     text = "Hello <|endoftext|> world"
-    ordinary = tok._encode_ordinary(text)
+    ordinary = tok.encode_ordinary(text)
     assert tok.eot_id not in ordinary
     r = client.completions.create(model=MODEL, prompt=text, max_tokens=1)
     assert r.usage.prompt_tokens == len(ordinary)
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=1)
-    assert r.usage.prompt_tokens == len(tok._encode_ordinary(render_chat([{"role": "user", "content": text}],
-                                                                         "alpaca")))
+    assert r.usage.prompt_tokens == len(tok.encode_ordinary(render_chat([{"role": "user", "content": text}],
+                                                                        "alpaca")))
     # Token ids still carry the special token.
     r = client.completions.create(model=MODEL, prompt=[tok.eot_id, 1], max_tokens=1)
     assert r.usage.prompt_tokens == 2
@@ -719,7 +719,7 @@ def test_a_char_level_checkpoint_disables_chat_once_and_clearly(tmp_path, caplog
     from fastapi.testclient import TestClient
 
     from scratchgpt import GPT, GPTConfig
-    from scratchgpt.data.tokenizer import CharTokenizer
+    from scratchgpt.data.tokenizers import CharTokenizer
 
     tok = CharTokenizer("abcdefgh ")
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=1, n_head=2),
@@ -1189,7 +1189,7 @@ def test_a_template_without_a_system_role_refuses_only_system_messages(tmp_path)
     model, tok = load_any(broken)
     assert "broken" in create_app(model, tok, model_name=MODEL).state.chat_disabled
     # The tokenizer template on a tokenizer without one is a one-line error at start-up.
-    from scratchgpt.data.tokenizer import gpt2_tokenizer
+    from scratchgpt.data.tokenizers import gpt2_tokenizer
 
     with pytest.raises(ValueError, match="has none"):
         create_app(model, gpt2_tokenizer(None), model_name=MODEL, chat_template="tokenizer")

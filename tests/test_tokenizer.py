@@ -15,7 +15,7 @@ import tiktoken.load
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scratchgpt.data.tokenizer import (
+from scratchgpt.data.tokenizers import (
     EOT_TEXT,
     GPT2_PATTERN,
     ByteBPETokenizer,
@@ -27,6 +27,7 @@ from scratchgpt.data.tokenizer import (
     load_tokenizer,
     safe_cut,
 )
+from scratchgpt.data.tokenizers.bpe_train import merge, train_merges
 
 FEW = settings(max_examples=200, deadline=None)
 
@@ -98,6 +99,14 @@ def test_gpt2_eot(gpt2_tokenizer: GPT2Tokenizer) -> None:
     assert gpt2_tokenizer.decode([64, 50256, 65]) == "a<|endoftext|>b"
 
 
+def test_gpt2_files_are_the_files_it_read(gpt2_tokenizer: GPT2Tokenizer, data_dir: Path) -> None:
+    # GGUF export writes these into the file llama.cpp loads: they must be GPT-2's own, byte for byte.
+    files = gpt2_tokenizer.files
+    assert dict(files) == {name: (data_dir / "gpt2" / name).read_bytes() for name in ("encoder.json", "vocab.bpe")}
+    with pytest.raises(TypeError):
+        files["vocab.bpe"] = b""  # type: ignore[index]  # read-only: nothing can change them under the tokenizer
+
+
 def test_gpt2_encode_batch(gpt2_tokenizer: GPT2Tokenizer) -> None:
     texts = ["Hello, I am", "", "a<|endoftext|>b"]
     with pytest.raises(ValueError, match="allowed_special"):
@@ -134,6 +143,19 @@ def test_eot_needs_allowed_special(any_tokenizer: Tokenizer) -> None:
     assert ids == [*any_tokenizer.encode("a"), any_tokenizer.eot_id, *any_tokenizer.encode("b")]
     assert any_tokenizer.eot_id == any_tokenizer.vocab_size - 1
     assert any_tokenizer.decode(ids) == f"a{EOT_TEXT}b"
+
+
+def test_encode_ordinary_reads_special_texts_as_plain_text(gpt2_tokenizer: GPT2Tokenizer,
+                                                           small_bpe: ByteBPETokenizer) -> None:
+    # What a server does with a user's text: a quoted <|endoftext|> is characters, never the end-of-text id.
+    text = f"a{EOT_TEXT}b"
+    assert gpt2_tokenizer.encode_ordinary(text) == [64, 27, 91, 437, 1659, 5239, 91, 29, 65]
+    char = CharTokenizer("<>abdefnotx|")
+    assert char.encode_ordinary(text) == [2, 0, 11, 5, 7, 4, 8, 6, 9, 5, 10, 9, 11, 1, 3]
+    for tok in (gpt2_tokenizer, small_bpe, char):
+        ids = tok.encode_ordinary(text)
+        assert tok.eot_id not in ids and tok.decode(ids) == text
+        assert tok.encode_ordinary("bad") == tok.encode("bad")  # without specials it is `encode`
 
 
 def test_invalid_ids_raise(any_tokenizer: Tokenizer) -> None:
@@ -271,6 +293,14 @@ def _reference_merges(text: str, n_merges: int) -> list[tuple[int, int]]:
 def test_incremental_training_equals_textbook_training(verdict: str) -> None:
     text = verdict[:5000]
     assert list(ByteBPETokenizer.train(text, 256 + 120 + 1).merges) == _reference_merges(text, 120)
+
+
+def test_the_trainer_alone_on_counted_chunks() -> None:
+    # "aaab" twice, "ab" once: (a, a) counts 4 (pairs overlap when counted), (a, b) 3; after a+a -> 256,
+    # "aaab" is [256, a, b] and (a, b) counts 3; then (256, 257) is the one pair left.
+    assert merge([97, 97, 97, 98], (97, 97), 256) == [256, 97, 98]  # left to right, never overlapping
+    assert train_merges({b"aaab": 2, b"ab": 1}, 5) == [(97, 97), (97, 98), (256, 257)]
+    assert train_merges({b"aaab": 2, b"ab": 1}, 1) == [(97, 97)]
 
 
 def test_bpe_train_rejects_bad_arguments() -> None:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from scratchgpt.config import check_temperature, is_greedy
 from scratchgpt.data.dataset import SequentialWindows
-from scratchgpt.data.tokenizer import Tokenizer, gpt2_tokenizer
+from scratchgpt.data.tokenizers import Tokenizer, gpt2_tokenizer
 from scratchgpt.hf import hf_to_scratchgpt
 from scratchgpt.model.gpt import GPT
 from scratchgpt.model.textbook import GPT_CONFIG_124M, GPTModel, textbook_state_from_gpt_state

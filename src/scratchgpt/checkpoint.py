@@ -368,7 +368,7 @@ def _shard(state: dict[str, Tensor], max_bytes: int | None) -> list[dict[str, Te
 def load_hf_tokenizer(directory: str | Path) -> Any:
     """The tokenizer of an HF folder: tokenizer.json via `tokenizers`, else GPT-2's BPE files, else
     GPT-2's tokenizer from the usual places (the folder of a GPT-2 model without tokenizer files)."""
-    from scratchgpt.data.tokenizer import HFTokenizer, gpt2_tokenizer
+    from scratchgpt.data.tokenizers import HFTokenizer, gpt2_tokenizer
 
     d = Path(directory)
     if (d / "tokenizer.json").is_file():
@@ -416,7 +416,7 @@ def load_any(
     `quantize` ("int8") and `inference_dtype` ("bfloat16") prepare the model for fast inference
     (see model/quantize.py); an already-quantized run directory loads as it is.
     """
-    from scratchgpt.data.tokenizer import load_tokenizer
+    from scratchgpt.data.tokenizers import load_tokenizer
 
     if checkpoint_kind(path_or_name) == FORMAT:
         model, _ = load_model(path_or_name, device=device, dtype=dtype)

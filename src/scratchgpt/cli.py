@@ -196,7 +196,7 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from scratchgpt.data.tokenizer import gpt2_tokenizer
+    from scratchgpt.data.tokenizers import gpt2_tokenizer
     from scratchgpt.device import resolve_device
     from scratchgpt.inference.generate import make_generator, stream_text
 

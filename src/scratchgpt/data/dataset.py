@@ -12,7 +12,7 @@ a folder the trainer reads:
     tokenizer.json (+)   the tokenizer itself, so training and generation use the same one
 
 The corpus is streamed: each file is read a few MB at a time and cut only where the pieces tokenize to
-the ids of the whole text (`tokenizer.safe_cut`), the pieces are tokenized by a pool of processes, and
+the ids of the whole text (`tokenizers.safe_cut`), the pieces are tokenized by a pool of processes, and
 their ids are written in order, so memory stays bounded and the output is the same for any number of
 workers. By default each document's first (1 - val_fraction) of characters goes to train and the rest
 to val, as nanoGPT splits Tiny Shakespeare (301,966 / 36,059 GPT-2 tokens). For corpora of many small
@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from scratchgpt.data.sources import DataError, Source, find_sources, iter_records, open_stream
-from scratchgpt.data.tokenizer import EOT_TEXT, Tokenizer, build_tokenizer, load_tokenizer, safe_cut
+from scratchgpt.data.tokenizers import EOT_TEXT, Tokenizer, build_tokenizer, load_tokenizer, safe_cut
 from scratchgpt.files import write_json
 
 META_FILE = "meta.json"

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from scratchgpt.config import GPTConfig
-from scratchgpt.data.tokenizer import EOT_TEXT
+from scratchgpt.data.tokenizers import EOT_TEXT, GPT2_PATTERN, gpt2_byte_to_unicode
 from scratchgpt.model.gpt import GPT, rope_inv_freq
 
 GGUF_DTYPES = ("float32", "float16", "q8_0")
@@ -124,7 +124,7 @@ def check_gguf_supported(model: GPT, tokenizer: Any) -> str:
         raise ValueError("GGUF export takes a plain model; this one has LoRA adapters attached: merge them first "
                          "(scratchgpt finetune merge, or training.lora.merge_lora)")
     kind = getattr(tokenizer, "name", type(tokenizer).__name__)
-    if not ((kind == "gpt2" and hasattr(tokenizer, "_files")) or (kind == "hf" and hasattr(tokenizer, "_json"))
+    if not ((kind == "gpt2" and hasattr(tokenizer, "files")) or (kind == "hf" and hasattr(tokenizer, "tokenizer_json"))
             or (kind == "char" and hasattr(tokenizer, "chars")) or (kind == "bpe" and hasattr(tokenizer, "merges"))):
         raise ValueError(f"GGUF export embeds a byte-level BPE tokenizer (GPT-2's, a trained one, or a Llama 3 / "
                          f"Qwen tokenizer.json) or a char alphabet; this model uses {kind!r}, which llama.cpp "
@@ -141,13 +141,13 @@ def gpt2_vocab(tokenizer: Any) -> tuple[list[str], list[int], list[str]]:
     """(tokens in id order as GPT-2's byte-to-unicode strings, token types, merges "a b") of a GPT2Tokenizer."""
     import gguf
 
-    encoder: dict[str, int] = json.loads(tokenizer._files["encoder.json"])
+    encoder: dict[str, int] = json.loads(tokenizer.files["encoder.json"])
     tokens = [""] * len(encoder)
     for text, i in encoder.items():
         tokens[i] = text
     specials = set(tokenizer.special_tokens.values())
     types = [int(gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL) for i in range(len(tokens))]
-    lines = tokenizer._files["vocab.bpe"].decode("utf-8").split("\n")
+    lines = tokenizer.files["vocab.bpe"].decode("utf-8").split("\n")
     merges = [ln for ln in lines if ln and not ln.startswith("#version")]
     return tokens, types, merges
 
@@ -172,7 +172,7 @@ def hf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
     could not tokenize exactly as it does."""
     import gguf
 
-    spec = json.loads(tokenizer._json)
+    spec = json.loads(tokenizer.tokenizer_json)
     model = spec.get("model") or {}
     decoder = spec.get("decoder") or {}
     decoders = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", [])]
@@ -196,7 +196,7 @@ def hf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
         raise refuse(f"has ignore_merges={bool(model.get('ignore_merges'))}, which llama.cpp's {pre!r} "
                      f"pre-tokenizer does not")
 
-    rust = tokenizer._tok
+    rust = tokenizer.backend
     vocab: dict[str, int] = rust.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= vocab_size:
         raise ValueError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocabulary is "
@@ -246,9 +246,7 @@ def char_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
     """
     import gguf
 
-    from scratchgpt.data.tokenizer import _gpt2_byte_to_unicode
-
-    spell = _gpt2_byte_to_unicode()
+    spell = gpt2_byte_to_unicode()
     tokens, merges = [], []
     for char in tokenizer.chars:
         pieces = [spell[b] for b in char.encode("utf-8")]
@@ -282,12 +280,10 @@ def bpe_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
     """
     import gguf
 
-    from scratchgpt.data.tokenizer import GPT2_PATTERN, _gpt2_byte_to_unicode
-
-    if getattr(tokenizer, "_pattern", GPT2_PATTERN) != GPT2_PATTERN:
+    if tokenizer.pattern != GPT2_PATTERN:
         raise ValueError("GGUF export: this trained BPE tokenizer splits text with its own regex; llama.cpp's "
                          "gpt-2 pre-tokenizer knows only GPT-2's, so no file was written")
-    spell = _gpt2_byte_to_unicode()
+    spell = gpt2_byte_to_unicode()
     specials = {i: text for text, i in tokenizer.special_tokens.items()}
     tokens = [specials[i] if i in specials else "".join(spell[b] for b in tokenizer.decode_bytes([i]))
               for i in range(tokenizer.vocab_size)]

@@ -48,7 +48,7 @@ from scratchgpt.config import (
     config_to_dict,
 )
 from scratchgpt.data.dataset import DataError, read_text
-from scratchgpt.data.tokenizer import CharTokenizer, Tokenizer, gpt2_tokenizer, load_tokenizer
+from scratchgpt.data.tokenizers import CharTokenizer, Tokenizer, gpt2_tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT, CausalSelfAttention
 from scratchgpt.training.driver import Job, drive
 from scratchgpt.training.lora import (

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from scratchgpt.checkpoint import CheckpointError, load_model, read_run_config
 from scratchgpt.config import ClassifyConfig, LoRAConfig, TrainConfig
 from scratchgpt.data.dataset import DataError, read_text
-from scratchgpt.data.tokenizer import Tokenizer, load_tokenizer
+from scratchgpt.data.tokenizers import Tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.finetune import (
     FinetuneResult,

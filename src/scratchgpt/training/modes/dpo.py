@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from scratchgpt.config import DPOConfig, LoRAConfig, TrainConfig
 from scratchgpt.data.chat import TemplateName, render_prompt
-from scratchgpt.data.tokenizer import Tokenizer
+from scratchgpt.data.tokenizers import Tokenizer
 from scratchgpt.training.finetune import (
     FinetuneResult,
     Mode,

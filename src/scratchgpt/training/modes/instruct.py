@@ -41,7 +41,7 @@ from scratchgpt.data.chat import (
     stop_strings,
 )
 from scratchgpt.data.dataset import DataError
-from scratchgpt.data.tokenizer import Tokenizer
+from scratchgpt.data.tokenizers import Tokenizer
 from scratchgpt.inference.generate import iter_generate
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.finetune import (

@@ -28,7 +28,7 @@ from scratchgpt.data.dataset import (
     open_dataset,
     prepare,
 )
-from scratchgpt.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from scratchgpt.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.driver import Job, drive
 from scratchgpt.training.runtime import Runtime, all_reduce_mean, distributed_info, is_main, model_device, to_device
