@@ -101,7 +101,8 @@ def loop_overhead(work: Path, steps: int, rounds: int) -> dict[str, float]:
     run = resolve_run_config([read_toml(ROOT / "configs" / "shakespeare_char.toml"),
                               {"train": {"progress": False, "plot": False}}], source="shakespeare_char.toml",
                              progress=False)
-    from scratchgpt.data.dataset import RandomWindows, open_dataset
+    from scratchgpt.data.dataset import RandomWindows
+    from scratchgpt.data.token_files import open_dataset
 
     ds = open_dataset(run.data.dir)
     model = build_model(run)

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from scratchgpt.config import RunConfig, read_toml
-from scratchgpt.data.dataset import make_sampler, open_dataset
+from scratchgpt.data.dataset import make_sampler
+from scratchgpt.data.token_files import open_dataset
 from scratchgpt.device import native_bf16
 from scratchgpt.training.driver import Job, drive
 from scratchgpt.training.modes.pretrain import build_model, check_data, lm_evaluator, resolve_run_config

@@ -295,6 +295,30 @@ def test_sandbox_refuses_internals_and_generation_blocks_render(tmp_path):
     assert HFTokenizer.from_dir(tmp_path / "gen").apply_chat_template(user) == 'x{"a": 1}'
 
 
+def test_a_chat_template_renders_alone_and_recompiles_when_its_text_changes(tmp_path):
+    from scratchgpt.data.chat_template import ChatTemplate
+    from scratchgpt.data.tokenizers import HFTokenizer
+
+    user = [{"role": "user", "content": "x"}]
+    plain = ChatTemplate("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]{% endif %}", where="t.jinja")
+    assert plain.render(user, bos_token="<s>") == "<s>[user] x[assistant]"
+    assert plain.render(user, add_generation_prompt=False, bos_token="") == "[user] x"
+    # As transformers calls a template: tools and documents are None unless given.
+    assert ChatTemplate("{{ tools is none }} {{ documents }}", where="t.jinja").render(user, documents=[1]) == \
+        "True [1]"
+    with pytest.raises(ValueError, match=r"^t.jinja: the chat template refuses this conversation: no$"):
+        ChatTemplate("{{ raise_exception('no') }}", where="t.jinja").render(user)
+    with pytest.raises(ValueError, match=r"^t.jinja: the chat template fails \(TemplateSyntaxError"):
+        ChatTemplate("{% if %}", where="t.jinja")
+    # The tokenizer compiles its template once, and again when the config's text changes.
+    write_tokenizer(tmp_path, CHATML, chat_template="{{ messages[0]['content'] }}?")
+    tok = HFTokenizer.from_dir(tmp_path)
+    assert tok.apply_chat_template(user) == "x?"
+    tok.config["chat_template"] = "{{ messages[0]['content'] }}!"
+    assert tok.apply_chat_template(user) == "x!"
+
+
 def test_cli_chat_tokenizer_template_without_one_is_a_one_line_error(tiny_chat_checkpoint, capsys):
     from scratchgpt.cli import main
 

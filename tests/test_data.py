@@ -19,18 +19,15 @@ from scratchgpt.data.dataset import (
     DataError,
     RandomWindows,
     SequentialWindows,
-    ShardedTokens,
     _survey,
-    check_token_files,
     find_text_files,
-    first_id_at_or_above,
     iter_text_pieces,
-    open_dataset,
     prepare,
     read_text,
     split_text,
     token_dtype,
 )
+from scratchgpt.data.token_files import ShardedTokens, check_token_files, first_id_at_or_above, open_dataset
 from scratchgpt.data.tokenizers import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_smaller_stride_is_never_worse_on_a_trained_model(shakespeare_model):
 
 
 def test_perplexity_reads_text_folders_and_prepared_token_files(tmp_path, char_data):
-    from scratchgpt.data.dataset import open_dataset
+    from scratchgpt.data.token_files import open_dataset
 
     ds = open_dataset(char_data)
     tok = ds.tokenizer()

@@ -20,14 +20,8 @@ from torch import nn
 
 from scratchgpt.checkpoint import CheckpointError, check_prepare_dir, check_run_dir, latest_checkpoint, read_json
 from scratchgpt.config import DataConfig, RunConfig, SamplingConfig, TrainConfig, config_from_dict, merge_run_dicts
-from scratchgpt.data.dataset import (
-    RandomWindows,
-    TokenDataset,
-    check_token_files,
-    make_sampler,
-    open_dataset,
-    prepare,
-)
+from scratchgpt.data.dataset import RandomWindows, make_sampler, prepare
+from scratchgpt.data.token_files import TokenDataset, check_token_files, open_dataset
 from scratchgpt.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.driver import Job, drive
