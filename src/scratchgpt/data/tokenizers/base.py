@@ -68,7 +68,7 @@ def safe_cut(text: str, end: int | None = None) -> int:
 
 
 class Tokenizer(ABC):
-    """Text <-> token ids. Subclasses supply ordinary-text encoding, byte decoding and saving."""
+    """Text <-> token ids. Subclasses supply ordinary-text encoding (`_encode_ordinary`), byte decoding and saving."""
 
     name: ClassVar[TokenizerKind]
 
