@@ -14,16 +14,15 @@ import torch
 
 from scratchgpt.checkpoint import (
     CheckpointError,
-    atomic_write,
-    hf_to_scratchgpt,
     load_hf,
     load_model,
     load_tensors,
     save_hf,
     save_model,
-    scratchgpt_to_hf,
 )
 from scratchgpt.config import GPTConfig
+from scratchgpt.files import atomic_write
+from scratchgpt.hf import hf_to_scratchgpt, scratchgpt_to_hf
 from scratchgpt.model.gpt import GPT
 
 transformers = pytest.importorskip("transformers")
@@ -287,7 +286,8 @@ def test_hub_name_offline_gives_a_clear_error(monkeypatch, tmp_path):
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_written_files_get_the_umask_mode(tmp_path, umask):
-    from scratchgpt.checkpoint import save_tensors, write_json
+    from scratchgpt.checkpoint import save_tensors
+    from scratchgpt.files import write_json
 
     old = os.umask(umask)
     try:
@@ -303,7 +303,7 @@ def test_written_files_get_the_umask_mode(tmp_path, umask):
 def test_disk_full_while_saving_is_one_line_and_keeps_the_old_file(tmp_path):
     script = (
         "import resource, signal, sys, torch\n"
-        "from scratchgpt.checkpoint import save_tensors, WriteError\n"
+        "from scratchgpt.checkpoint import save_tensors\nfrom scratchgpt.files import WriteError\n"
         "save_tensors({'a': torch.ones(10)}, sys.argv[1])\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # over the limit, write() fails with EFBIG instead
         "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
@@ -330,7 +330,7 @@ def _complete_model_dir(path, marker: str):
 
 @pytest.mark.parametrize("left", ["old_only", "tmp_and_old"])
 def test_an_interrupted_best_swap_is_recovered_and_leftovers_cleaned(tmp_path, left):
-    from scratchgpt.checkpoint import clean_leftovers
+    from scratchgpt.training.run_state import clean_leftovers
 
     _complete_model_dir(tmp_path / ".old-best-111", "old")
     if left == "tmp_and_old":
@@ -350,10 +350,10 @@ def test_an_interrupted_best_swap_is_recovered_and_leftovers_cleaned(tmp_path, l
 
 
 def test_run_lock_is_exclusive(tmp_path):
-    from scratchgpt.checkpoint import RunLock
+    from scratchgpt.training.run_state import RunLock
 
     with RunLock(tmp_path):
-        script = ("import sys\nfrom scratchgpt.checkpoint import RunLock\n"
+        script = ("import sys\nfrom scratchgpt.training.run_state import RunLock\n"
                   "try:\n    RunLock(sys.argv[1]).acquire()\nexcept ValueError as e:\n    print(e)\n")
         out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
                              timeout=120)
@@ -362,7 +362,7 @@ def test_run_lock_is_exclusive(tmp_path):
 
 
 def test_resume_with_other_model_sizes_is_a_one_line_error():
-    from scratchgpt.checkpoint import load_module_state
+    from scratchgpt.training.run_state import load_module_state
 
     small = GPT(GPTConfig(vocab_size=50, n_positions=8, n_embd=16, n_layer=1, n_head=2))
     wide = GPT(GPTConfig(vocab_size=50, n_positions=8, n_embd=32, n_layer=1, n_head=2))
@@ -375,7 +375,7 @@ def test_weights_of_the_right_shape_but_not_floating_point_are_refused(tmp_path:
     # and the first forward failed deep inside F.embedding / the first matmul.
     from safetensors.torch import load_file, save_file
 
-    from scratchgpt.checkpoint import load_module_state
+    from scratchgpt.training.run_state import load_module_state
 
     model = GPT(GPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=1),
                 generator=torch.Generator().manual_seed(0))
