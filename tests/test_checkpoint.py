@@ -410,3 +410,85 @@ def test_bfloat16_weights_are_saved_as_float32(tmp_path) -> None:
     loaded, _ = load_model(tmp_path / "m")
     for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert q.dtype == torch.float32 and torch.equal(p.float(), q), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading without two copies: read straight into the target dtype, peak memory ~ the model's bytes
+# ---------------------------------------------------------------------------------------------
+
+# Llama-shaped too: its q/k/v and gate/up are stacked on the way in, GPT-2's Conv1D weights transposed.
+_FAMILIES = {"gpt2": {}, "llama": dict(pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False,
+                                       n_kv_head=2)}
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """A scratchgpt run directory and HF folders of both families, ~92 MB of float32 weights each."""
+    root = tmp_path_factory.mktemp("big")
+    out = {}
+    for family, extra in _FAMILIES.items():
+        model = GPT(GPTConfig(vocab_size=8192, n_positions=64, n_embd=512, n_layer=6, n_head=8, **extra),
+                    generator=torch.Generator().manual_seed(0))
+        save_hf(model, root / f"hf-{family}")
+        out[f"hf-{family}"] = root / f"hf-{family}"
+        if family == "gpt2":
+            out["scratchgpt"] = save_model(model, root / "run")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["scratchgpt", "hf-gpt2", "hf-llama"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_holds_the_weights_once(saved_models, kind, dtype):
+    # Peak resident memory while loading (VmHWM, in a fresh process: ru_maxrss would start at pytest's, as Linux
+    # carries it across exec) grows by the model's bytes in the target dtype, not by the file's copy plus the
+    # converted one (2.9x for bfloat16 from float32, 1.6x for GPT-2's transposed weights, before).
+    script = f"""
+import re, resource, torch
+from scratchgpt.checkpoint import load_hf, load_model
+from scratchgpt.config import GPTConfig
+from scratchgpt.model.gpt import GPT
+GPT(GPTConfig(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=1), device="meta")  # torch's one-off setup
+before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+model = {"load_model" if kind == "scratchgpt" else "load_hf"}({str(saved_models[kind])!r}, dtype=torch.{dtype})
+model = model[0] if isinstance(model, tuple) else model
+growth = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024 - before
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+assert {{p.dtype for p in model.parameters()}} == {{torch.{dtype}}}
+print(growth / weights)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 1.3
+
+
+@pytest.mark.parametrize("kind", ["scratchgpt", "hf-gpt2", "hf-llama"])
+def test_loading_into_a_dtype_gives_the_weights_a_cast_would(saved_models, kind):
+    # The reference is the old path: every weight loaded as float32, then the whole model cast.
+    load = (lambda **kw: load_model(saved_models[kind], **kw)[0]) if kind == "scratchgpt" else \
+        (lambda **kw: load_hf(saved_models[kind], **kw))
+    direct = load(dtype=torch.bfloat16).state_dict()
+    cast = load().to(torch.bfloat16).state_dict()
+    assert direct.keys() == cast.keys()
+    for name, t in cast.items():
+        assert direct[name].dtype == t.dtype and torch.equal(direct[name], t), name
+
+
+def test_load_tensors_converts_chunk_by_chunk_exactly(tmp_path, monkeypatch):
+    # A tensor bigger than the conversion buffer is read in pieces; integer tensors keep their dtype.
+    from safetensors.torch import save_file
+
+    import scratchgpt.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "_READ_CHUNK_BYTES", 1000)  # 250 float32 values a piece: 5 pieces, the last short
+    big, ints, scalar = torch.randn(7, 151), torch.arange(-5, 5, dtype=torch.int8), torch.tensor(3.5)
+    save_file({"big": big, "ints": ints, "scalar": scalar}, str(tmp_path / "t.safetensors"))
+    got = load_tensors(tmp_path / "t.safetensors", dtype=torch.float16)
+    assert got["big"].dtype == torch.float16 and torch.equal(got["big"], big.half())
+    assert got["ints"].dtype == torch.int8 and torch.equal(got["ints"], ints)
+    assert torch.equal(got["scalar"], scalar.half()) and got["scalar"].shape == ()
+    for mmap in (True, False):  # no dtype: the file's own tensors, from the memory map or read in place
+        same = load_tensors(tmp_path / "t.safetensors", mmap=mmap)
+        assert same.keys() == {"big", "ints", "scalar"}
+        assert all(torch.equal(same[k], t) and same[k].dtype == t.dtype
+                   for k, t in (("big", big), ("ints", ints), ("scalar", scalar)))

@@ -11,12 +11,13 @@ temporary name and renamed into place, so a crash mid-save leaves the previous c
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -56,18 +57,99 @@ def save_tensors(tensors: dict[str, Tensor], path: str | Path, *, metadata: dict
     atomic_write(path, lambda p: save_file(flat, str(p), metadata=metadata))
 
 
-def load_tensors(path: str | Path, *, device: torch.device | str = "cpu") -> dict[str, Tensor]:
-    """Load a safetensors file; a missing, truncated or corrupted file gives a one-line CheckpointError."""
+# safetensors' dtype names: the ones a model, an int8 file or a training state holds.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+_READ_CHUNK_BYTES = 1 << 20  # how much of a tensor is converted at a time when it changes dtype on the way in
+
+
+def load_tensors(
+    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, mmap: bool = True,
+) -> dict[str, Tensor]:
+    """Load a safetensors file (floating tensors as `dtype` when given); a missing, truncated or corrupted file
+    gives a one-line CheckpointError.
+
+    With `mmap` and no `dtype`, the tensors share safetensors' memory map of the file (no copy; pages come in
+    as they are used). Otherwise each tensor is read into its own memory, through one small buffer when its
+    dtype changes, so a load peaks at its result plus one chunk: converting from the map would hold both
+    copies, and every page a tensor touched stays in the process while any tensor of the map lives (pass
+    mmap=False when the caller copies the tensors anyway, e.g. to transpose them).
+    """
     path = Path(path)
+    _check_header(path)  # safetensors' own checks of the header and the file's size; reads no tensor data
+    device = torch.device(device)
+    if mmap and dtype is None:
+        try:
+            return load_file(str(path), device=str(device))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise _safetensors_error(path, e) from None
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            out: dict[str, Tensor] = {}
+            buffer = torch.empty(_READ_CHUNK_BYTES, dtype=torch.uint8)  # one for the file: no allocator churn
+            for name in sorted(header):
+                info = header[name]
+                stored = _SAFETENSORS_DTYPES.get(info["dtype"])
+                if stored is None:
+                    raise CheckpointError(f"{path}: {name} has dtype {info['dtype']}, which scratchgpt does not read")
+                f.seek(8 + header_len + info["data_offsets"][0])
+                target = dtype if dtype is not None and stored.is_floating_point else stored
+                tensor = _read_tensor(f, info["shape"], stored, target, buffer=buffer)
+                out[name] = tensor if device.type == "cpu" else tensor.to(device)
+            return out
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, struct.error) as e:
+        raise _safetensors_error(path, e) from None
+
+
+def _read_tensor(f: Any, shape: list[int], stored: torch.dtype, dtype: torch.dtype, *, buffer: Tensor) -> Tensor:
+    """The next tensor of open file `f`, stored as `stored`, returned as `dtype`: read in place, or through the
+    uint8 `buffer` one piece at a time when the dtypes differ."""
+    out = torch.empty(shape, dtype=dtype)
+    if dtype == stored:
+        _read_exact(f, out)
+        return out
+    flat, per = out.view(-1), max(buffer.numel() // stored.itemsize, 1)
+    staging = buffer[: per * stored.itemsize].view(stored)
+    for i in range(0, flat.numel(), per):
+        part = staging[: min(per, flat.numel() - i)]
+        _read_exact(f, part)
+        flat[i : i + part.numel()].copy_(part)
+    return out
+
+
+def _read_exact(f: Any, tensor: Tensor) -> None:
+    """Fill contiguous `tensor` with its size in bytes from `f` (one read may return less: large or slow files)."""
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise ValueError("file ends inside a tensor")
+        done += n
+
+
+def _check_header(path: Path) -> None:
+    """Read a safetensors file's header only (no tensor data): a missing or corrupted file is a CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
-        return load_file(str(path), device=str(device))
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(
-            f"{path}: truncated or corrupted safetensors file ({msg}); restore it or use another checkpoint"
-        ) from None
+        raise _safetensors_error(path, e) from None
+
+
+def _safetensors_error(path: Path, e: Exception) -> CheckpointError:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CheckpointError(
+        f"{path}: truncated or corrupted safetensors file ({msg}); restore it or use another checkpoint"
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -184,9 +266,10 @@ def load_model(
     model = GPT(config, device="meta")
     if prepare is not None:
         prepare(model, cfg)
-    state = load_tensors(run_dir / "model.safetensors")
-    _load_state_strict(model, state, source=run_dir / "model.safetensors")
-    model = model.to(device=device, dtype=dtype)
+    # Read straight into `dtype` and assigned, not copied: the weights are never held twice.
+    _load_state_strict(model, load_tensors(run_dir / "model.safetensors", dtype=dtype),
+                       source=run_dir / "model.safetensors")
+    model = model.to(device=device, dtype=dtype)  # buffers; the weights are already in `dtype`
     return model.eval(), cfg
 
 
@@ -237,11 +320,12 @@ def check_float_weights(state: dict[str, Tensor], *, source: str | Path) -> None
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
+def _read_hf_weights(directory: Path, *, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The weights of an HF folder (floating ones as `dtype` when given), from one file, shards or a .bin."""
     single = directory / "model.safetensors"
     index = directory / SAFETENSORS_INDEX
     if single.is_file():
-        return load_tensors(single)
+        return load_tensors(single, dtype=dtype, mmap=False)  # renamed, transposed, stacked: copied anyway
     if index.is_file():
         try:
             weight_map = read_json(index)["weight_map"]
@@ -252,7 +336,7 @@ def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
             shard_path = directory / shard
             if not shard_path.is_file():
                 raise CheckpointError(f"{index} names shard {shard!r}, which is missing from {directory}")
-            state.update(load_tensors(shard_path))
+            state.update(load_tensors(shard_path, dtype=dtype, mmap=False))
         missing = sorted(set(weight_map) - set(state))
         if missing:
             raise CheckpointError(f"{index}: {missing[:3]} are listed but absent from their shards")
@@ -261,9 +345,14 @@ def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
     if pt.is_file():
         try:
             # weights_only=True: a .bin is a pickle, and we never unpickle arbitrary objects.
-            return torch.load(pt, map_location="cpu", weights_only=True)
+            state = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
             raise CheckpointError(f"{pt}: cannot be read as plain weights ({str(e).splitlines()[0]})") from None
+        if dtype is not None:  # one tensor at a time, so that each old copy is freed as its new one is made
+            for k, v in state.items():
+                if v.is_floating_point():
+                    state[k] = v.to(dtype)
+        return state
     raise CheckpointError(f"{directory}: no model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin found")
 
 
@@ -311,9 +400,10 @@ def load_hf(
     if config_overrides:
         config = GPTConfig.from_dict({**config.to_dict(), **config_overrides})
     model = GPT(config, device="meta")
-    weights = _read_hf_weights(directory)
+    weights = _read_hf_weights(directory, dtype=dtype)
     try:
-        state = hf_to_scratchgpt(weights)
+        # consume: each HF tensor is dropped once renamed, transposed or stacked, so none is held twice.
+        state = hf_to_scratchgpt(weights, consume=True)
     except ValueError as e:
         raise CheckpointError(f"{directory}: {e}") from None
     _load_state_strict(model, state, source=directory)
@@ -478,20 +568,6 @@ def describe_checkpoint(path_or_name: str | Path) -> tuple[GPTConfig, dict[str, 
     else:
         tokenizer = None
     return config, {"kind": kind, "tokenizer": tokenizer}
-
-
-def _check_header(path: Path) -> None:
-    """Read a safetensors file's header only (no tensor data): a missing or corrupted file is a CheckpointError."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: truncated or corrupted safetensors file ({msg})") from None
 
 
 # ---------------------------------------------------------------------------------------------
