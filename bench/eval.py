@@ -64,9 +64,9 @@ def main() -> None:
     from scratchgpt import GPT, GPTConfig
     from scratchgpt.checkpoint import load_any, save_hf
     from scratchgpt.data.tokenizers import GPT2Tokenizer
+    from scratchgpt.device import cpu_capability
     from scratchgpt.eval.multiple_choice import PRESETS, evaluate_choices, read_choice_items
     from scratchgpt.eval.perplexity import evaluate_perplexity
-    from scratchgpt.inference.quantize import cpu_capability
 
     data = Path(args.data_dir)
     tok = GPT2Tokenizer.from_dir(data / "gpt2")

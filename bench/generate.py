@@ -77,7 +77,7 @@ def dram_read_bandwidth(*, repeats: int = 5) -> dict[str, object]:
 def bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes a batch-1 decode step reads: every parameter and buffer once, except embedding tables
     (one row each, negligible) that are not also a matrix the LM head multiplies by."""
-    from scratchgpt.inference.quantize import Int8Embedding, Int8Linear
+    from scratchgpt.model.quantize import Int8Embedding, Int8Linear
 
     def own(m: torch.nn.Module) -> set[int]:
         return {id(t) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
@@ -138,7 +138,8 @@ def _bench_pair(ours, hf, *, label: str, vocab: int, args, stream: dict[str, obj
 
     import copy
 
-    from scratchgpt.inference.quantize import cast_weights, cpu_capability, default_kernel, quantize_model
+    from scratchgpt.device import cpu_capability
+    from scratchgpt.model.quantize import cast_weights, default_kernel, quantize_model
 
     def agree(a: list[int], b: list[int]) -> int:
         return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
@@ -152,7 +153,7 @@ def _bench_pair(ours, hf, *, label: str, vocab: int, args, stream: dict[str, obj
     bf16 = cast_weights(copy.deepcopy(ours), "bfloat16") if cpu_capability()["native_bf16"] else None
     for name, m in (("int8", int8), ("bf16", bf16)):
         if m is None:
-            fast[f"{name}_tok_s"] = None  # emulated bf16: refused (see inference/quantize.py)
+            fast[f"{name}_tok_s"] = None  # emulated bf16: refused (see model/quantize.py)
             continue
         agreed = agree(generate(m, prompt, sampling)[0], reference)
         tps = rate(lambda m=m: generate(m, prompt, sampling)[0])
@@ -163,7 +164,7 @@ def _bench_pair(ours, hf, *, label: str, vocab: int, args, stream: dict[str, obj
     # The ceiling for int8 with this kernel: only its matrix products, back to back (every Int8Linear
     # in forward order, one row each, no attention, norms or Python in between). How far the real
     # decode is from it is the share of a step that is not streaming weights.
-    from scratchgpt.inference.quantize import Int8Linear
+    from scratchgpt.model.quantize import Int8Linear
 
     layers = [m for m in int8.modules() if isinstance(m, Int8Linear)]
     rows = {n: torch.randn(1, 1, n) for n in {m.in_features for m in layers}}
@@ -261,9 +262,10 @@ def trained(args: argparse.Namespace) -> None:
 
     from scratchgpt import SamplingConfig
     from scratchgpt.checkpoint import load_any
+    from scratchgpt.device import cpu_capability
     from scratchgpt.eval.perplexity import evaluate_perplexity, text_document
     from scratchgpt.inference.generate import generate
-    from scratchgpt.inference.quantize import cpu_capability, default_kernel, quantize_model
+    from scratchgpt.model.quantize import default_kernel, quantize_model
 
     if not args.text:
         raise SystemExit("--checkpoint needs --text FILE (held-out text)")

@@ -37,9 +37,10 @@ from scratchgpt import GPT, GPTConfig, SamplingConfig
 from scratchgpt.config import TrainConfig
 from scratchgpt.hf import hf_to_scratchgpt
 from scratchgpt.inference.generate import generate
+from scratchgpt.training.optim import make_optimizer
 from scratchgpt.training.runlog import flops_per_token, gpu_peak_flops
 from scratchgpt.training.runtime import autocast
-from scratchgpt.training.train import lm_loss, make_optimizer, train_step
+from scratchgpt.training.train import lm_loss, train_step
 
 OPTIM = TrainConfig(lr=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, fused_adamw=True)
 NANOGPT = {"source": "nanoGPT README, efficiency notes (Dec 2022)", "gpu": "A100 40GB", "batch": "12 x 1024",

@@ -32,8 +32,9 @@ def one(args: argparse.Namespace, setting: str) -> dict:
     from scratchgpt.config import GPTConfig, TrainConfig
     from scratchgpt.device import cpu_capability
     from scratchgpt.model.gpt import GPT
+    from scratchgpt.training.optim import make_optimizer
     from scratchgpt.training.runtime import autocast, resolve_dtype, resolve_weights_dtype
-    from scratchgpt.training.train import make_optimizer, train_step
+    from scratchgpt.training.train import train_step
 
     torch.set_num_threads(args.threads)
     dtype = setting.split("+")[0]

@@ -80,9 +80,9 @@ def main() -> None:
 
     from scratchgpt import SamplingConfig
     from scratchgpt.checkpoint import load_any
+    from scratchgpt.device import cpu_capability
     from scratchgpt.eval.perplexity import evaluate_perplexity, text_document
     from scratchgpt.inference.generate import choose_decode_path, generate
-    from scratchgpt.inference.quantize import cpu_capability
 
     target_dir = train("target", args, layers=args.target_layers, embd=args.target_embd, heads=args.target_heads,
                        steps=args.target_steps)

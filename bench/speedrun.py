@@ -74,7 +74,7 @@ def train_recipe(name: str, run: RunConfig, args: argparse.Namespace) -> dict[st
         model = build_model(run)
         batches = make_sampler(ds.tokens("train"), kind=run.data.sampler, block_size=block,
                                batch_size=cfg.batch_size, seed=cfg.seed, rank=0, world_size=1)
-        return Job(model, batches, cfg, loss_fn=lm_loss, evals={"val": evaluator}, tokenizer=ds.tokenizer(),
+        return Job(model, batches, loss_fn=lm_loss, evals={"val": evaluator}, tokenizer=ds.tokenizer(),
                    run_config=run.to_dict())
 
     messages: list[str] = []

@@ -34,9 +34,10 @@ from torch import Tensor, nn
 from scratchgpt.config import GPTConfig, TrainConfig
 from scratchgpt.device import native_bf16
 from scratchgpt.model.gpt import GPT
+from scratchgpt.training.optim import make_optimizer
 from scratchgpt.training.runlog import flops_per_token, measure_cpu_flops
 from scratchgpt.training.runtime import autocast
-from scratchgpt.training.train import lm_loss, make_optimizer, train_step
+from scratchgpt.training.train import lm_loss, train_step
 
 # name: (model config, batch size, sequence length, timed rounds)
 SETUPS: dict[str, tuple[GPTConfig, int, int, int]] = {

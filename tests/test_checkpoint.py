@@ -14,16 +14,15 @@ import torch
 
 from scratchgpt.checkpoint import (
     CheckpointError,
-    atomic_write,
-    hf_to_scratchgpt,
     load_hf,
     load_model,
     load_tensors,
     save_hf,
     save_model,
-    scratchgpt_to_hf,
 )
 from scratchgpt.config import GPTConfig
+from scratchgpt.files import atomic_write
+from scratchgpt.hf import hf_to_scratchgpt, scratchgpt_to_hf
 from scratchgpt.model.gpt import GPT
 
 transformers = pytest.importorskip("transformers")
@@ -287,7 +286,8 @@ def test_hub_name_offline_gives_a_clear_error(monkeypatch, tmp_path):
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_written_files_get_the_umask_mode(tmp_path, umask):
-    from scratchgpt.checkpoint import save_tensors, write_json
+    from scratchgpt.checkpoint import save_tensors
+    from scratchgpt.files import write_json
 
     old = os.umask(umask)
     try:
@@ -303,7 +303,7 @@ def test_written_files_get_the_umask_mode(tmp_path, umask):
 def test_disk_full_while_saving_is_one_line_and_keeps_the_old_file(tmp_path):
     script = (
         "import resource, signal, sys, torch\n"
-        "from scratchgpt.checkpoint import save_tensors, WriteError\n"
+        "from scratchgpt.checkpoint import save_tensors\nfrom scratchgpt.files import WriteError\n"
         "save_tensors({'a': torch.ones(10)}, sys.argv[1])\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # over the limit, write() fails with EFBIG instead
         "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
@@ -330,7 +330,7 @@ def _complete_model_dir(path, marker: str):
 
 @pytest.mark.parametrize("left", ["old_only", "tmp_and_old"])
 def test_an_interrupted_best_swap_is_recovered_and_leftovers_cleaned(tmp_path, left):
-    from scratchgpt.checkpoint import clean_leftovers
+    from scratchgpt.training.run_state import clean_leftovers
 
     _complete_model_dir(tmp_path / ".old-best-111", "old")
     if left == "tmp_and_old":
@@ -350,10 +350,10 @@ def test_an_interrupted_best_swap_is_recovered_and_leftovers_cleaned(tmp_path, l
 
 
 def test_run_lock_is_exclusive(tmp_path):
-    from scratchgpt.checkpoint import RunLock
+    from scratchgpt.training.run_state import RunLock
 
     with RunLock(tmp_path):
-        script = ("import sys\nfrom scratchgpt.checkpoint import RunLock\n"
+        script = ("import sys\nfrom scratchgpt.training.run_state import RunLock\n"
                   "try:\n    RunLock(sys.argv[1]).acquire()\nexcept ValueError as e:\n    print(e)\n")
         out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
                              timeout=120)
@@ -362,7 +362,7 @@ def test_run_lock_is_exclusive(tmp_path):
 
 
 def test_resume_with_other_model_sizes_is_a_one_line_error():
-    from scratchgpt.checkpoint import load_module_state
+    from scratchgpt.training.run_state import load_module_state
 
     small = GPT(GPTConfig(vocab_size=50, n_positions=8, n_embd=16, n_layer=1, n_head=2))
     wide = GPT(GPTConfig(vocab_size=50, n_positions=8, n_embd=32, n_layer=1, n_head=2))
@@ -375,7 +375,7 @@ def test_weights_of_the_right_shape_but_not_floating_point_are_refused(tmp_path:
     # and the first forward failed deep inside F.embedding / the first matmul.
     from safetensors.torch import load_file, save_file
 
-    from scratchgpt.checkpoint import load_module_state
+    from scratchgpt.training.run_state import load_module_state
 
     model = GPT(GPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=1),
                 generator=torch.Generator().manual_seed(0))
@@ -410,3 +410,85 @@ def test_bfloat16_weights_are_saved_as_float32(tmp_path) -> None:
     loaded, _ = load_model(tmp_path / "m")
     for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert q.dtype == torch.float32 and torch.equal(p.float(), q), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading without two copies: read straight into the target dtype, peak memory ~ the model's bytes
+# ---------------------------------------------------------------------------------------------
+
+# Llama-shaped too: its q/k/v and gate/up are stacked on the way in, GPT-2's Conv1D weights transposed.
+_FAMILIES = {"gpt2": {}, "llama": dict(pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False,
+                                       n_kv_head=2)}
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """A scratchgpt run directory and HF folders of both families, ~92 MB of float32 weights each."""
+    root = tmp_path_factory.mktemp("big")
+    out = {}
+    for family, extra in _FAMILIES.items():
+        model = GPT(GPTConfig(vocab_size=8192, n_positions=64, n_embd=512, n_layer=6, n_head=8, **extra),
+                    generator=torch.Generator().manual_seed(0))
+        save_hf(model, root / f"hf-{family}")
+        out[f"hf-{family}"] = root / f"hf-{family}"
+        if family == "gpt2":
+            out["scratchgpt"] = save_model(model, root / "run")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["scratchgpt", "hf-gpt2", "hf-llama"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_holds_the_weights_once(saved_models, kind, dtype):
+    # Peak resident memory while loading (VmHWM, in a fresh process: ru_maxrss would start at pytest's, as Linux
+    # carries it across exec) grows by the model's bytes in the target dtype, not by the file's copy plus the
+    # converted one (2.9x for bfloat16 from float32, 1.6x for GPT-2's transposed weights, before).
+    script = f"""
+import re, resource, torch
+from scratchgpt.checkpoint import load_hf, load_model
+from scratchgpt.config import GPTConfig
+from scratchgpt.model.gpt import GPT
+GPT(GPTConfig(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=1), device="meta")  # torch's one-off setup
+before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+model = {"load_model" if kind == "scratchgpt" else "load_hf"}({str(saved_models[kind])!r}, dtype=torch.{dtype})
+model = model[0] if isinstance(model, tuple) else model
+growth = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024 - before
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+assert {{p.dtype for p in model.parameters()}} == {{torch.{dtype}}}
+print(growth / weights)
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 1.3
+
+
+@pytest.mark.parametrize("kind", ["scratchgpt", "hf-gpt2", "hf-llama"])
+def test_loading_into_a_dtype_gives_the_weights_a_cast_would(saved_models, kind):
+    # The reference is the old path: every weight loaded as float32, then the whole model cast.
+    load = (lambda **kw: load_model(saved_models[kind], **kw)[0]) if kind == "scratchgpt" else \
+        (lambda **kw: load_hf(saved_models[kind], **kw))
+    direct = load(dtype=torch.bfloat16).state_dict()
+    cast = load().to(torch.bfloat16).state_dict()
+    assert direct.keys() == cast.keys()
+    for name, t in cast.items():
+        assert direct[name].dtype == t.dtype and torch.equal(direct[name], t), name
+
+
+def test_load_tensors_converts_chunk_by_chunk_exactly(tmp_path, monkeypatch):
+    # A tensor bigger than the conversion buffer is read in pieces; integer tensors keep their dtype.
+    from safetensors.torch import save_file
+
+    import scratchgpt.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "_READ_CHUNK_BYTES", 1000)  # 250 float32 values a piece: 5 pieces, the last short
+    big, ints, scalar = torch.randn(7, 151), torch.arange(-5, 5, dtype=torch.int8), torch.tensor(3.5)
+    save_file({"big": big, "ints": ints, "scalar": scalar}, str(tmp_path / "t.safetensors"))
+    got = load_tensors(tmp_path / "t.safetensors", dtype=torch.float16)
+    assert got["big"].dtype == torch.float16 and torch.equal(got["big"], big.half())
+    assert got["ints"].dtype == torch.int8 and torch.equal(got["ints"], ints)
+    assert torch.equal(got["scalar"], scalar.half()) and got["scalar"].shape == ()
+    for mmap in (True, False):  # no dtype: the file's own tensors, from the memory map or read in place
+        same = load_tensors(tmp_path / "t.safetensors", mmap=mmap)
+        assert same.keys() == {"big", "ints", "scalar"}
+        assert all(torch.equal(same[k], t) and same[k].dtype == t.dtype
+                   for k, t in (("big", big), ("ints", ints), ("scalar", scalar)))

@@ -13,10 +13,9 @@ from scratchgpt.cli import main
 from scratchgpt.config import ClassifyConfig, GPTConfig, LoRAConfig
 from scratchgpt.data.dataset import DataError
 from scratchgpt.model.gpt import GPT
-from scratchgpt.training.finetune import split_indices
+from scratchgpt.training.finetune import add_classification_head, split_indices
 from scratchgpt.training.modes.classify import (
     ClassExample,
-    add_classification_head,
     balance_classes,
     classify_texts,
     collate_classification,

@@ -336,7 +336,7 @@ def test_classification_metrics_by_hand():
 
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory, gpt2_tokenizer):
-    from scratchgpt.training.modes.classify import add_classification_head
+    from scratchgpt.training.finetune import add_classification_head
 
     model = tiny(gpt2_tokenizer.vocab_size, n_ctx=32)
     add_classification_head(model, 2, generator=torch.Generator().manual_seed(0))

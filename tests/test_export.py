@@ -238,7 +238,7 @@ def test_gguf_q8_0_dequantizes_to_within_half_a_step_and_runs_to_the_same_logits
 
 def test_gguf_refuses_other_tokenizers_and_quantized_models(tmp_path, gpt2_tokenizer):
     from scratchgpt.export.gguf import export_gguf
-    from scratchgpt.inference.quantize import quantize_model
+    from scratchgpt.model.quantize import quantize_model
 
     class Words:
         name = "words"

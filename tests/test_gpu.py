@@ -28,17 +28,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from scratchgpt.checkpoint import load_any, save_model
+from scratchgpt.checkpoint import load_any, save_model, save_quantized
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, InstructConfig, LoRAConfig, SamplingConfig, TrainConfig
 from scratchgpt.data.dataset import prepare
 from scratchgpt.data.tokenizers import CharTokenizer
 from scratchgpt.inference.generate import decode_one_token, generate, prefill
-from scratchgpt.inference.quantize import Int8Linear, cast_weights, quantize_model, save_quantized, set_kernel
 from scratchgpt.model.gpt import GPT, KVCache
+from scratchgpt.model.quantize import Int8Linear, cast_weights, quantize_model, set_kernel
 from scratchgpt.training.modes.instruct import finetune_instruct
+from scratchgpt.training.optim import make_optimizer
 from scratchgpt.training.runtime import autocast, resolve_runtime, to_device
-from scratchgpt.training.train import make_optimizer, train_step
+from scratchgpt.training.train import train_step
 
 pytestmark = pytest.mark.gpu
 

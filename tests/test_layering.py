@@ -126,8 +126,8 @@ def test_training_imports_no_serving():
 
 
 def test_the_loop_imports_no_mode_and_no_generation():
-    loop = ("training.train", "training.runtime", "training.runlog", "training.driver", "training.finetune",
-            "training.lora", "training.optim")
+    loop = ("training.train", "training.runtime", "training.runlog", "training.run_state", "training.driver",
+            "training.finetune", "training.lora", "training.optim")
     assert _violations(loop, forbidden=("training.modes", "inference", "eval", "export", "cli")) == []
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from scratchgpt.checkpoint import latest_checkpoint
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, RunConfig, TrainConfig, read_toml
+from scratchgpt.device import native_bf16
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.optim import (
     KahanAdamW,
@@ -32,7 +32,8 @@ from scratchgpt.training.optim import (
     resolve_ns_dtype,
     set_lr,
 )
-from scratchgpt.training.runtime import native_bf16, resolve_dtype
+from scratchgpt.training.run_state import latest_checkpoint
+from scratchgpt.training.runtime import resolve_dtype
 from scratchgpt.training.train import lm_loss, train_step
 
 ROOT = Path(__file__).resolve().parents[1]

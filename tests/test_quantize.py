@@ -10,10 +10,18 @@ import torch
 from safetensors import safe_open
 
 from scratchgpt import GPT, GPTConfig, SamplingConfig
-from scratchgpt.checkpoint import load_any, save_model
-from scratchgpt.inference import quantize as qz
+from scratchgpt.checkpoint import load_any, quantize_checkpoint, save_model, save_quantized
+from scratchgpt.device import native_bf16
 from scratchgpt.inference.generate import generate
-from scratchgpt.inference.quantize import Int8Linear, quantize_model, quantize_weight, save_quantized, set_kernel
+from scratchgpt.model.quantize import (
+    Int8Linear,
+    cast_weights,
+    default_kernel,
+    prepare_for_inference,
+    quantize_model,
+    quantize_weight,
+    set_kernel,
+)
 
 
 def tiny(seed: int = 0, vocab_size: int = 97) -> GPT:
@@ -139,7 +147,7 @@ def test_int8_export_is_a_quarter_of_the_float_file(tmp_path, gpt2_tokenizer, ti
                        tie_word_embeddings=tied)
     model = GPT(config, generator=torch.Generator().manual_seed(0)).eval()
     save_model(model, tmp_path / "f", tokenizer=gpt2_tokenizer)
-    qz.quantize_checkpoint(tmp_path / "f", tmp_path / "q")
+    quantize_checkpoint(tmp_path / "f", tmp_path / "q")
     size = {name: (tmp_path / name / "model.safetensors").stat().st_size for name in ("f", "q")}
     ratio = size["q"] / size["f"]
     # int8 is 1/4 of float32; the float32 scales (one per row) and norms/biases add a little.
@@ -193,7 +201,7 @@ def test_off_the_cpu_int8_uses_the_reference_and_refuses_cpu_kernels():
     # The meta device is a real non-CPU device (no data, no kernels): the same rule as on CUDA, where
     # fbgemm and _weight_int8pack_mm do not exist (tests/test_gpu.py runs it on a GPU).
     meta = GPT(GPTConfig(vocab_size=97, n_positions=32, n_embd=64, n_layer=2, n_head=4), device="meta")
-    assert qz.default_kernel("meta") == "reference" and qz.default_kernel(torch.device("cuda", 0)) == "reference"
+    assert default_kernel("meta") == "reference" and default_kernel(torch.device("cuda", 0)) == "reference"
     quantize_model(meta)
     assert {m.kernel for m in meta.modules() if isinstance(m, Int8Linear)} == {"reference"}
     for kernel in ("fbgemm", "int8pack"):
@@ -204,7 +212,7 @@ def test_off_the_cpu_int8_uses_the_reference_and_refuses_cpu_kernels():
             quantize_model(GPT(GPTConfig(vocab_size=97, n_positions=32, n_embd=64, n_layer=2, n_head=4),
                                device="meta"), kernel=kernel)
     set_kernel(meta, "reference")  # the one kernel there is: fine
-    assert qz.default_kernel("cpu") == qz.default_kernel()  # the CPU's own choice is unchanged
+    assert default_kernel("cpu") == default_kernel()  # the CPU's own choice is unchanged
 
 
 def test_load_any_quantize_matches_quantize_model(tmp_path, gpt2_tokenizer):
@@ -222,20 +230,20 @@ def test_bfloat16_weights_are_refused_on_emulated_bf16(monkeypatch):
 
     monkeypatch.setattr(mq, "native_bf16", lambda device="cpu": False)
     with pytest.raises(ValueError, match="needs a CPU with native bf16"):
-        qz.cast_weights(tiny(), "bfloat16")
+        cast_weights(tiny(), "bfloat16")
 
 
-@pytest.mark.skipif(not qz.native_bf16("cpu"), reason="this CPU emulates bf16")
+@pytest.mark.skipif(not native_bf16("cpu"), reason="this CPU emulates bf16")
 def test_bfloat16_weights_generate_like_float32():
     model = tiny()
-    bf = qz.cast_weights(copy.deepcopy(model), "bfloat16")
+    bf = cast_weights(copy.deepcopy(model), "bfloat16")
     assert all(p.dtype == torch.bfloat16 for p in bf.parameters())
     x = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(0))
     ref, got = model(x)[0], bf(x)[0].float()
     assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.99
     assert len(generate(bf, [1, 2, 3], SamplingConfig(max_new_tokens=8, temperature=0.0))[0]) == 8
     # int8 weights with bf16 activations: the int8 embedding's lookups come out in bf16 too.
-    both = qz.prepare_for_inference(copy.deepcopy(model), quantize="int8", dtype="bfloat16")
+    both = prepare_for_inference(copy.deepcopy(model), quantize="int8", dtype="bfloat16")
     assert both.transformer.wte(x).dtype == torch.bfloat16
     assert torch.nn.functional.cosine_similarity(ref.flatten(), both(x)[0].float().flatten(), dim=0) > 0.99
 

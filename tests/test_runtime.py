@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scratchgpt.training.runtime import is_main, native_bf16, process_group, resolve_dtype, resolve_runtime
+from scratchgpt.device import native_bf16
+from scratchgpt.training.runtime import is_main, process_group, resolve_dtype, resolve_runtime
 
 
 def test_is_main_follows_torchrun_rank_before_a_group_exists(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,21 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from scratchgpt.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_any, load_model
+from scratchgpt.checkpoint import CheckpointError, load_any, load_model
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, RunConfig, TrainConfig
+from scratchgpt.device import native_bf16
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.modes.pretrain import pretrain, resolve_run_config
+from scratchgpt.training.optim import lr_at, make_optimizer, param_groups
+from scratchgpt.training.run_state import latest_checkpoint, list_checkpoints
 from scratchgpt.training.runlog import flops_per_token, gpu_peak_flops
-from scratchgpt.training.runtime import native_bf16
-from scratchgpt.training.train import (
-    lm_loss,
-    lr_at,
-    make_optimizer,
-    param_groups,
-    train,
-    train_step,
-)
+from scratchgpt.training.train import lm_loss, train, train_step
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
@@ -253,7 +248,7 @@ def test_corrupted_checkpoint_is_a_one_line_error(char_data: Path, finished_run:
     assert "\n" not in err and str(bad) in err, err
     if damage != "dangling_latest":
         with pytest.raises(CheckpointError, match=str(bad)):
-            from scratchgpt.checkpoint import read_training_checkpoint
+            from scratchgpt.training.run_state import read_training_checkpoint
 
             read_training_checkpoint(ckpt)
 
@@ -575,14 +570,14 @@ def test_bf16_true_resumes_exactly_and_saves_float32(char_data: Path, tmp_path: 
 
 
 def test_bf16_true_precision_line_says_whether_it_is_fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    import scratchgpt.training.train as train_module
+    import scratchgpt.training.runlog as runlog_module
     from scratchgpt.training.optim import KahanAdamW
 
     opt = KahanAdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))])
     cfg, cpu = TrainConfig(dtype="bf16-true"), torch.device("cpu")
     for native, says in ((True, "fast: native bf16"), (False, "saves memory only: bf16 is emulated here")):
-        monkeypatch.setattr(train_module, "native_bf16", lambda device, native=native: native)
-        line = train_module._precision_line(cfg, cpu, torch.bfloat16, torch.bfloat16, opt)
+        monkeypatch.setattr(runlog_module, "native_bf16", lambda device, native=native: native)
+        line = runlog_module.precision_line(cfg, cpu, torch.bfloat16, torch.bfloat16, opt)
         assert line.startswith(f"precision: bf16-true (weights, gradients and optimizer state in bfloat16; {says}")
         assert "optimizer: KahanAdamW" in line
 

@@ -4,36 +4,26 @@ A run directory is self-describing and pickle-free:
     config.json          {"format": "scratchgpt", "format_version": 1, "model": {...}, ...}
     model.safetensors    the unwrapped module's weights (a tied lm_head is stored once, as wte)
     tokenizer.json (+ files the tokenizer needs)
-Training adds its own state beside these (see train.py). Every file is written under a temporary
-name and renamed into place, so a crash mid-save leaves the previous checkpoint intact.
+Training adds its own state beside these (see training/run_state.py). Every file is written under a
+temporary name and renamed into place, so a crash mid-save leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
+import struct
 from collections.abc import Callable
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from scratchgpt.config import GPTConfig
-from scratchgpt.files import (  # noqa: F401 (API)
-    WriteError,
-    atomic_write,
-    atomic_write_text,
-    check_overwrite,
-    file_mode,
-    write_json,
-)
-from scratchgpt.hf import config_from_hf, config_to_hf, hf_to_scratchgpt, scratchgpt_to_hf  # noqa: F401 (API)
+from scratchgpt.files import atomic_write, check_overwrite, replace_dir, write_json
+from scratchgpt.hf import config_from_hf, config_to_hf, hf_to_scratchgpt, scratchgpt_to_hf
 from scratchgpt.model.gpt import GPT, register_pretrained_loader
 
 FORMAT = "scratchgpt"
@@ -43,8 +33,6 @@ HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, corrupted or of an unknown kind (one-line message)."""
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,18 +57,99 @@ def save_tensors(tensors: dict[str, Tensor], path: str | Path, *, metadata: dict
     atomic_write(path, lambda p: save_file(flat, str(p), metadata=metadata))
 
 
-def load_tensors(path: str | Path, *, device: torch.device | str = "cpu") -> dict[str, Tensor]:
-    """Load a safetensors file; a missing, truncated or corrupted file gives a one-line CheckpointError."""
+# safetensors' dtype names: the ones a model, an int8 file or a training state holds.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+_READ_CHUNK_BYTES = 1 << 20  # how much of a tensor is converted at a time when it changes dtype on the way in
+
+
+def load_tensors(
+    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, mmap: bool = True,
+) -> dict[str, Tensor]:
+    """Load a safetensors file (floating tensors as `dtype` when given); a missing, truncated or corrupted file
+    gives a one-line CheckpointError.
+
+    With `mmap` and no `dtype`, the tensors share safetensors' memory map of the file (no copy; pages come in
+    as they are used). Otherwise each tensor is read into its own memory, through one small buffer when its
+    dtype changes, so a load peaks at its result plus one chunk: converting from the map would hold both
+    copies, and every page a tensor touched stays in the process while any tensor of the map lives (pass
+    mmap=False when the caller copies the tensors anyway, e.g. to transpose them).
+    """
     path = Path(path)
+    _check_header(path)  # safetensors' own checks of the header and the file's size; reads no tensor data
+    device = torch.device(device)
+    if mmap and dtype is None:
+        try:
+            return load_file(str(path), device=str(device))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise _safetensors_error(path, e) from None
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            out: dict[str, Tensor] = {}
+            buffer = torch.empty(_READ_CHUNK_BYTES, dtype=torch.uint8)  # one for the file: no allocator churn
+            for name in sorted(header):
+                info = header[name]
+                stored = _SAFETENSORS_DTYPES.get(info["dtype"])
+                if stored is None:
+                    raise CheckpointError(f"{path}: {name} has dtype {info['dtype']}, which scratchgpt does not read")
+                f.seek(8 + header_len + info["data_offsets"][0])
+                target = dtype if dtype is not None and stored.is_floating_point else stored
+                tensor = _read_tensor(f, info["shape"], stored, target, buffer=buffer)
+                out[name] = tensor if device.type == "cpu" else tensor.to(device)
+            return out
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, struct.error) as e:
+        raise _safetensors_error(path, e) from None
+
+
+def _read_tensor(f: Any, shape: list[int], stored: torch.dtype, dtype: torch.dtype, *, buffer: Tensor) -> Tensor:
+    """The next tensor of open file `f`, stored as `stored`, returned as `dtype`: read in place, or through the
+    uint8 `buffer` one piece at a time when the dtypes differ."""
+    out = torch.empty(shape, dtype=dtype)
+    if dtype == stored:
+        _read_exact(f, out)
+        return out
+    flat, per = out.view(-1), max(buffer.numel() // stored.itemsize, 1)
+    staging = buffer[: per * stored.itemsize].view(stored)
+    for i in range(0, flat.numel(), per):
+        part = staging[: min(per, flat.numel() - i)]
+        _read_exact(f, part)
+        flat[i : i + part.numel()].copy_(part)
+    return out
+
+
+def _read_exact(f: Any, tensor: Tensor) -> None:
+    """Fill contiguous `tensor` with its size in bytes from `f` (one read may return less: large or slow files)."""
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise ValueError("file ends inside a tensor")
+        done += n
+
+
+def _check_header(path: Path) -> None:
+    """Read a safetensors file's header only (no tensor data): a missing or corrupted file is a CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
-        return load_file(str(path), device=str(device))
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(
-            f"{path}: truncated or corrupted safetensors file ({msg}); restore it or use another checkpoint"
-        ) from None
+        raise _safetensors_error(path, e) from None
+
+
+def _safetensors_error(path: Path, e: Exception) -> CheckpointError:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CheckpointError(
+        f"{path}: truncated or corrupted safetensors file ({msg}); restore it or use another checkpoint"
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -124,17 +193,30 @@ def save_model(
     model: nn.Module, run_dir: str | Path, *, tokenizer: Any = None, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write model.safetensors + config.json (+ tokenizer) into `run_dir`; returns the directory."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     inner = unwrap(model)
     if not isinstance(inner, GPT):
         raise TypeError(f"save_model expects a GPT, got {type(inner).__name__}")
-    save_tensors(model_state(inner), run_dir / "model.safetensors", metadata={"format": "pt"})
+    return save_model_files(model_state(inner), run_dir, model_config=inner.config.to_dict(), tokenizer=tokenizer,
+                            extra=extra)
+
+
+def save_model_files(
+    state: dict[str, Tensor], folder: str | Path, *, model_config: dict[str, Any] | None, tokenizer: Any = None,
+    extra: dict[str, Any] | None = None, metadata: dict[str, str] | None = None,
+) -> Path:
+    """`save_model` for weights already gathered into `state` (e.g. from FSDP shards); config.json last, as its
+    presence marks a complete checkpoint."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(state, folder / "model.safetensors", metadata={"format": "pt", **(metadata or {})})
     if tokenizer is not None:
-        tokenizer.save(run_dir)
-    cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": inner.config.to_dict(), **(extra or {})}
-    write_json(run_dir / "config.json", cfg)  # written last: its presence marks a complete checkpoint
-    return run_dir
+        tokenizer.save(folder)
+    cfg: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, **(extra or {})}
+    if model_config is not None:
+        cfg["model"] = model_config
+    write_json(folder / "config.json", cfg)
+    return folder
+
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
@@ -184,9 +266,10 @@ def load_model(
     model = GPT(config, device="meta")
     if prepare is not None:
         prepare(model, cfg)
-    state = load_tensors(run_dir / "model.safetensors")
-    _load_state_strict(model, state, source=run_dir / "model.safetensors")
-    model = model.to(device=device, dtype=dtype)
+    # Read straight into `dtype` and assigned, not copied: the weights are never held twice.
+    _load_state_strict(model, load_tensors(run_dir / "model.safetensors", dtype=dtype),
+                       source=run_dir / "model.safetensors")
+    model = model.to(device=device, dtype=dtype)  # buffers; the weights are already in `dtype`
     return model.eval(), cfg
 
 
@@ -220,6 +303,16 @@ def _load_state_strict(model: GPT, state: dict[str, Tensor], *, source: str | Pa
     model.reset_buffers(device=state[next(iter(state))].device if state else "cpu")
 
 
+def check_float_weights(state: dict[str, Tensor], *, source: str | Path) -> None:
+    """CheckpointError unless every tensor is floating point: assigned, an integer tensor of the right shape
+    would become an integer weight (failing in the first matmul); copied, it would be cast without a word."""
+    bad = next((k for k, v in state.items() if not v.is_floating_point()), None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: {bad} is {str(state[bad].dtype).removeprefix('torch.')}, but weights are "
+                              f"floating point; the file is damaged or not this model's: restore it")
+
+
+
 # ---------------------------------------------------------------------------------------------
 # Hugging Face folders (GPT-2, Llama, Qwen2, Qwen3) in and out; the name map is scratchgpt.hf
 # ---------------------------------------------------------------------------------------------
@@ -227,11 +320,12 @@ def _load_state_strict(model: GPT, state: dict[str, Tensor], *, source: str | Pa
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
+def _read_hf_weights(directory: Path, *, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The weights of an HF folder (floating ones as `dtype` when given), from one file, shards or a .bin."""
     single = directory / "model.safetensors"
     index = directory / SAFETENSORS_INDEX
     if single.is_file():
-        return load_tensors(single)
+        return load_tensors(single, dtype=dtype, mmap=False)  # renamed, transposed, stacked: copied anyway
     if index.is_file():
         try:
             weight_map = read_json(index)["weight_map"]
@@ -242,7 +336,7 @@ def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
             shard_path = directory / shard
             if not shard_path.is_file():
                 raise CheckpointError(f"{index} names shard {shard!r}, which is missing from {directory}")
-            state.update(load_tensors(shard_path))
+            state.update(load_tensors(shard_path, dtype=dtype, mmap=False))
         missing = sorted(set(weight_map) - set(state))
         if missing:
             raise CheckpointError(f"{index}: {missing[:3]} are listed but absent from their shards")
@@ -251,9 +345,14 @@ def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
     if pt.is_file():
         try:
             # weights_only=True: a .bin is a pickle, and we never unpickle arbitrary objects.
-            return torch.load(pt, map_location="cpu", weights_only=True)
+            state = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
             raise CheckpointError(f"{pt}: cannot be read as plain weights ({str(e).splitlines()[0]})") from None
+        if dtype is not None:  # one tensor at a time, so that each old copy is freed as its new one is made
+            for k, v in state.items():
+                if v.is_floating_point():
+                    state[k] = v.to(dtype)
+        return state
     raise CheckpointError(f"{directory}: no model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin found")
 
 
@@ -301,9 +400,10 @@ def load_hf(
     if config_overrides:
         config = GPTConfig.from_dict({**config.to_dict(), **config_overrides})
     model = GPT(config, device="meta")
-    weights = _read_hf_weights(directory)
+    weights = _read_hf_weights(directory, dtype=dtype)
     try:
-        state = hf_to_scratchgpt(weights)
+        # consume: each HF tensor is dropped once renamed, transposed or stacked, so none is held twice.
+        state = hf_to_scratchgpt(weights, consume=True)
     except ValueError as e:
         raise CheckpointError(f"{directory}: {e}") from None
     _load_state_strict(model, state, source=directory)
@@ -470,27 +570,6 @@ def describe_checkpoint(path_or_name: str | Path) -> tuple[GPTConfig, dict[str, 
     return config, {"kind": kind, "tokenizer": tokenizer}
 
 
-def _check_header(path: Path) -> None:
-    """Read a safetensors file's header only (no tensor data): a missing or corrupted file is a CheckpointError."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: truncated or corrupted safetensors file ({msg})") from None
-
-
-def check_prepare_dir(directory: str | Path, *, overwrite: bool = False) -> None:
-    """`prepare` writes train.bin, val.bin, meta.json and tokenizer files: never over earlier data, a model or
-    a run without --overwrite (other files, such as the source text, may share the folder)."""
-    check_overwrite(directory, overwrite=overwrite, flag="--dir", held=folder_contents(directory))
-
-
-
 # ---------------------------------------------------------------------------------------------
 # Saving and loading quantized run directories
 # ---------------------------------------------------------------------------------------------
@@ -505,23 +584,16 @@ def save_quantized(model: nn.Module, run_dir: str | Path, *, tokenizer: Any = No
     mode = quantized_mode(model)
     if mode is None:
         raise ValueError("save_quantized expects a quantized model; call quantize_model() first")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items()}
     if model.lm_head.weight is model.transformer.wte.weight:  # tied (float or int8): stored once, as wte
         state.pop("lm_head.weight", None)
         state.pop("lm_head.weight_scale", None)
     layers = sorted(name for name, m in model.named_modules() if isinstance(m, Int8Linear))
     embeddings = sorted(name for name, m in model.named_modules() if isinstance(m, Int8Embedding))
-    save_tensors(state, run_dir / "model.safetensors", metadata={"format": "pt", "quantization": mode})
-    if tokenizer is not None:
-        tokenizer.save(run_dir)
     quant = {"mode": mode, "scheme": "per-output-channel symmetric int8 weights, float32 scales", "layers": layers,
              "embeddings": embeddings}
-    cfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
-           "quantization": quant, **(extra or {})}
-    write_json(run_dir / "config.json", cfg)  # last: its presence marks a complete checkpoint
-    return run_dir
+    return save_model_files(state, run_dir, model_config=model.config.to_dict(), tokenizer=tokenizer,
+                            extra={"quantization": quant, **(extra or {})}, metadata={"quantization": mode})
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, mode: str = "int8", *, overwrite: bool = False) -> Path:
@@ -594,441 +666,3 @@ def load_quantized(run_dir: str | Path, cfg: dict[str, Any], *, device: torch.de
             model.lm_head.weight_scale = model.transformer.wte.weight_scale
     model.reset_buffers(device=device)
     return model.to(device).eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# Training state: step checkpoints, the `latest` pointer, the exported best/final model
-# ---------------------------------------------------------------------------------------------
-#
-#   run_dir/
-#     ckpt-00000500/   model.safetensors, config.json, tokenizer files   (a loadable run directory)
-#                      train_state.safetensors   optimizer moments, torch RNG states (per rank)
-#                      train_state.json          step, sampler position, python/numpy RNG, scaler, ...
-#     latest           "ckpt-00000500": the checkpoint to resume from (replaced atomically)
-#     model.safetensors, config.json, tokenizer files   the latest model (hard links into ckpt-*)
-#     best/            the model with the lowest validation loss so far
-#
-# Each ckpt-* folder is written under a temporary name and renamed into place; train_state.json is
-# its last file, so a folder without it is never read. Nothing is pickled: RNG states are uint8 tensors
-# (safetensors) or lists of integers (JSON).
-
-CKPT_PREFIX = "ckpt-"
-LATEST_FILE = "latest"
-BEST_DIR = "best"
-TRAIN_STATE_JSON = "train_state.json"
-TRAIN_STATE_TENSORS = "train_state.safetensors"
-TRAIN_STATE_FORMAT = "scratchgpt-train-state"
-_TRAIN_STATE_FILES = (TRAIN_STATE_JSON, TRAIN_STATE_TENSORS)
-
-
-def checkpoint_name(step: int) -> str:
-    """Folder name of the checkpoint after `step` optimizer steps (zero-padded, so names sort by step)."""
-    return f"{CKPT_PREFIX}{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    # Make the renames inside `path` durable; not every platform can open a directory.
-    with suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete step checkpoints in `run_dir` (those with train_state.json), oldest first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [p for p in run_dir.glob(f"{CKPT_PREFIX}*") if p.is_dir() and (p / TRAIN_STATE_JSON).is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint `run_dir/latest` points at; the newest complete one if the pointer is missing; else None."""
-    run_dir = Path(run_dir)
-    pointer = run_dir / LATEST_FILE
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        ckpt = run_dir / name
-        if not name.startswith(CKPT_PREFIX) or not (ckpt / TRAIN_STATE_JSON).is_file():
-            raise CheckpointError(f"{pointer}: points at {name!r}, which is not a complete checkpoint in {run_dir}")
-        return ckpt
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def write_training_checkpoint(
-    run_dir: str | Path,
-    step: int,
-    *,
-    write_model: Callable[[Path], None],
-    tensors: dict[str, Tensor],
-    state: dict[str, Any],
-    keep_last: int,
-) -> Path:
-    """Write `run_dir/ckpt-<step>/` atomically, point `latest` at it and prune to the last `keep_last`.
-
-    `write_model(folder)` writes the model files (model.safetensors, config.json, tokenizer); `tensors`
-    and `state` become train_state.safetensors and train_state.json.
-    """
-    run_dir = Path(run_dir)
-    name = checkpoint_name(step)
-    tmp = run_dir / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write_model(tmp)
-        save_tensors(tensors, tmp / TRAIN_STATE_TENSORS, metadata={"format": TRAIN_STATE_FORMAT})
-        write_json(tmp / TRAIN_STATE_JSON, {"format": TRAIN_STATE_FORMAT, "format_version": 1, **state})
-        _fsync_dir(tmp)
-        final = run_dir / name
-        if final.exists():  # the same step saved again: move the old one aside, then swap
-            old = run_dir / f".old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_text(run_dir / LATEST_FILE, name + "\n")
-    prune_checkpoints(run_dir, keep_last=keep_last)
-    return final
-
-
-def prune_checkpoints(run_dir: str | Path, *, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` step checkpoints (never the one `latest` names) and temp folders."""
-    run_dir = Path(run_dir)
-    pointer = run_dir / LATEST_FILE
-    keep = {pointer.read_text().strip()} if pointer.is_file() else set()
-    ckpts = list_checkpoints(run_dir)
-    for ckpt in ckpts[: max(len(ckpts) - keep_last, 0)]:
-        if ckpt.name not in keep:
-            shutil.rmtree(ckpt, ignore_errors=True)
-    for stale in run_dir.glob(f".tmp-{CKPT_PREFIX}*"):
-        # A folder from a process that died mid-save; ours is already renamed by now.
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def export_model_files(src: str | Path, dst: str | Path) -> Path:
-    """Make `dst` a loadable run directory with the model files of checkpoint `src` (hard links where possible).
-
-    Only the files are replaced (each atomically, config.json last), so `dst` may be the run directory
-    itself, next to log.csv and the checkpoints.
-    """
-    src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    names = sorted(p.name for p in src.iterdir() if p.is_file() and p.name not in _TRAIN_STATE_FILES)
-    for name in sorted(names, key=lambda n: n == "config.json"):  # config.json last: it marks completeness
-        tmp = dst / f".{name}.{os.getpid()}.tmp"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src / name, tmp)  # checkpoints are never modified in place, so sharing bytes is safe
-        except OSError:
-            shutil.copyfile(src / name, tmp)
-        os.replace(tmp, dst / name)
-    return dst
-
-
-def replace_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Replace folder `path` with one that `write(tmp)` fills: built aside, then swapped in by rename.
-
-    Between the two renames `path` is briefly absent; a process killed right there leaves
-    `.old-<name>-<pid>` and the complete `.tmp-<name>-<pid>`, from which `recover_replaced_dir` (run
-    at the next start of training in that folder) puts `path` back.
-    """
-    path = Path(path)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    old = path.parent / f".old-{path.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:  # a file the folder replaces (--overwrite)
-        old.unlink(missing_ok=True)
-    return path
-
-
-def recover_replaced_dir(path: str | Path) -> Path | None:
-    """Undo a `replace_dir` that was killed between its two renames: the new folder if complete, else the old."""
-    path = Path(path)
-    if path.exists():
-        return None
-    for kind in ("tmp", "old"):  # the new copy first: it is what the interrupted swap was installing
-        found = sorted(path.parent.glob(f".{kind}-{path.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for candidate in found:
-            if candidate.is_dir() and (candidate / "config.json").is_file():
-                os.replace(candidate, path)
-                _fsync_dir(path.parent)
-                return path
-    return None
-
-
-# Temporary names this module (and training) writes, and nothing else: `.tmp-ckpt-…-<pid>`,
-# `.old-best-<pid>`, `.<file>.<random or pid>.tmp` (atomic_write, export_model_files, log.csv).
-_LEFTOVER_DIR = re.compile(rf"^\.(tmp|old)-({CKPT_PREFIX}\d+|{BEST_DIR})-\d+$")
-_LEFTOVER_FILE = re.compile(r"^\..+\.tmp$")
-LOCK_FILE = ".scratchgpt.lock"
-
-
-def clean_leftovers(run_dir: str | Path) -> list[Path]:
-    """Restore an interrupted best/ swap, then delete what killed writers left in `run_dir` (and best/).
-
-    Only call it while holding the run's lock (`RunLock`): the temporary names belong to whichever
-    process is writing, and only the lock tells that no other one is.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    recover_replaced_dir(run_dir / BEST_DIR)
-    removed = []
-    for folder in (run_dir, run_dir / BEST_DIR):
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            if p.is_dir() and not p.is_symlink() and folder == run_dir and _LEFTOVER_DIR.match(p.name):
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.is_file() and _LEFTOVER_FILE.match(p.name):
-                p.unlink(missing_ok=True)
-            else:
-                continue
-            removed.append(p)
-    return removed
-
-
-class RunLock:
-    """An exclusive advisory lock on `run_dir/.scratchgpt.lock`, held while one process trains there."""
-
-    def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no advisory locks; run without one
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ValueError(
-                f"{self.path.parent}: another scratchgpt process is training into this folder (it holds "
-                f"{self.path}); wait for it to finish, or choose another --out-dir"
-            ) from None
-        except OSError:  # a file system without locks (some network mounts): run without one
-            os.close(fd)
-            return self
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
-# What marks a folder as holding a model, a run or prepared data (all of which training would overwrite).
-_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
-_RUN_FILES = (LATEST_FILE, "log.csv", BEST_DIR)
-_DATA_FILES = ("meta.json", "train.bin", "val.bin")
-# Our training outputs, which --overwrite deletes (the model files are replaced by the new run's).
-_OVERWRITE_DELETES = (LATEST_FILE, BEST_DIR, "log.csv", "loss.png", "config.json", "model.safetensors")
-
-
-def folder_contents(path: str | Path) -> list[str]:
-    """What in `path` training would overwrite: model files, run files, prepared data, ckpt-* folders."""
-    path = Path(path)
-    if not path.is_dir():
-        return []
-    found = [n for n in (*_MODEL_FILES, *_RUN_FILES, *_DATA_FILES) if (path / n).exists()]
-    ckpts = sorted(p.name for p in path.glob(f"{CKPT_PREFIX}*") if p.is_dir())
-    return found + ([f"{ckpts[-1]} ({len(ckpts)} ckpt-* folder(s))"] if ckpts else [])
-
-
-def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from, or None to start at step 0; refuses to train over another run.
-
-    - --resume with a checkpoint: continue it.
-    - --resume without one: start at step 0 only if the folder holds nothing from an earlier run
-      (a deleted ckpt-* would otherwise mean retraining over model.safetensors, best/ and log.csv).
-    - no --resume: the folder must not hold a model, a run or prepared data (`run/best` included).
-    --overwrite allows the last two: the old run's outputs are deleted (see `clear_run_dir`).
-    Read-only, so every rank of a job can call it and reach the same verdict.
-    """
-    run_dir = Path(run_dir)
-    try:
-        existing = latest_checkpoint(run_dir)
-    except CheckpointError as e:  # `latest` names a checkpoint that is gone or incomplete
-        if overwrite and not resume:
-            existing = None
-        elif overwrite:
-            return None
-        else:
-            raise CheckpointError(f"{e}; restore it, or pass --overwrite to start afresh in {run_dir}") from None
-    if resume and existing is not None:
-        return existing
-    held = folder_contents(run_dir)
-    if not held or overwrite:
-        return None
-    if resume:
-        raise ValueError(
-            f"{run_dir}: --resume found no complete checkpoint (ckpt-*/ with train_state.json), but the folder "
-            f"holds {', '.join(held)} from an earlier run; refusing to retrain from step 0 over them. Restore "
-            f"the ckpt-* folders, choose another --out-dir, or pass --overwrite to start afresh there"
-        )
-    if existing is not None:
-        raise ValueError(
-            f"{run_dir} already holds checkpoints (latest {existing.name}); pass --resume to continue that run, "
-            f"--overwrite to start afresh there (deleting it), or choose another --out-dir"
-        )
-    check_overwrite(run_dir, overwrite=False, flag="--out-dir", held=held)  # held is not empty: it refuses
-    return None
-
-
-def clear_run_dir(run_dir: str | Path) -> None:
-    """--overwrite: delete a previous run's checkpoints, latest, best/, log.csv, loss.png and model files."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return
-    for ckpt in run_dir.glob(f"{CKPT_PREFIX}*"):
-        if ckpt.is_dir():
-            shutil.rmtree(ckpt)
-    for name in _OVERWRITE_DELETES:
-        p = run_dir / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-
-
-def save_model_files(
-    state: dict[str, Tensor], folder: str | Path, *, model_config: dict[str, Any] | None, tokenizer: Any = None,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """`save_model` for weights already gathered into `state` (e.g. from FSDP shards); config.json last."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_tensors(state, folder / "model.safetensors", metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save(folder)
-    cfg: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, **(extra or {})}
-    if model_config is not None:
-        cfg["model"] = model_config
-    write_json(folder / "config.json", cfg)
-    return folder
-
-
-def read_training_checkpoint(ckpt_dir: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
-    """(model weights, train_state tensors, train_state.json) of a step checkpoint; one-line errors naming the file."""
-    ckpt_dir = Path(ckpt_dir)
-    state = read_json(ckpt_dir / TRAIN_STATE_JSON)
-    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
-        raise CheckpointError(f"{ckpt_dir / TRAIN_STATE_JSON}: not a scratchgpt training state")
-    return load_tensors(ckpt_dir / "model.safetensors"), load_tensors(ckpt_dir / TRAIN_STATE_TENSORS), state
-
-
-def check_float_weights(state: dict[str, Tensor], *, source: str | Path) -> None:
-    """CheckpointError unless every tensor is floating point: assigned, an integer tensor of the right shape
-    would become an integer weight (failing in the first matmul); copied, it would be cast without a word."""
-    bad = next((k for k, v in state.items() if not v.is_floating_point()), None)
-    if bad is not None:
-        raise CheckpointError(f"{source}: {bad} is {str(state[bad].dtype).removeprefix('torch.')}, but weights are "
-                              f"floating point; the file is damaged or not this model's: restore it")
-
-
-def load_module_state(model: nn.Module, state: dict[str, Tensor], *, source: str | Path) -> None:
-    """Copy `state` into `model` in place (a tied lm_head may be absent); any other mismatch is a CheckpointError."""
-    own = model.state_dict()
-    check_float_weights({k: v for k, v in state.items() if k in own and own[k].is_floating_point()}, source=source)
-    for k, v in state.items():
-        if k in own and tuple(v.shape) != tuple(own[k].shape):
-            raise CheckpointError(
-                f"{source}: {k} has shape {tuple(v.shape)} but the model being trained needs {tuple(own[k].shape)}; "
-                f"the checkpoint was saved with other model settings (n_embd, n_head, vocab_size, ...): drop the "
-                f"changed flags to continue it, or start a new run in another --out-dir"
-            )
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if isinstance(model, GPT) and model.config.tie_word_embeddings else set()
-    missing = sorted(set(missing) - tied)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: weights do not match the model (missing {missing[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
-
-
-# -- optimizer and RNG state as flat tensors + JSON ------------------------------------------------
-
-
-def optimizer_state_to_flat(osd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Split an optimizer state dict keyed by parameter name into safetensors tensors and a JSON part."""
-    tensors: dict[str, Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pname, pstate in osd["state"].items():
-        for key, value in pstate.items():
-            if isinstance(value, Tensor):
-                tensors[f"optimizer/{pname}/{key}"] = value
-            else:
-                scalars.setdefault(str(pname), {})[key] = value
-    return tensors, {"param_groups": osd["param_groups"], "scalars": scalars}
-
-
-def optimizer_state_from_flat(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of `optimizer_state_to_flat`."""
-    state: dict[str, dict[str, Any]] = {k: dict(v) for k, v in meta.get("scalars", {}).items()}
-    for key, value in tensors.items():
-        if key.startswith("optimizer/"):
-            _, pname, field_name = key.split("/", 2)
-            state.setdefault(pname, {})[field_name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def capture_rng_state() -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """This process's python, numpy and torch (CPU, CUDA) RNG states: a JSON part and uint8 tensors."""
-    import random
-
-    import numpy as np
-
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    json_part = {"python": [version, list(internal), gauss],
-                 "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    return json_part, tensors
-
-
-def restore_rng_state(json_part: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    """Inverse of `capture_rng_state`."""
-    import random
-
-    import numpy as np
-
-    version, internal, gauss = json_part["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = json_part["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch_cpu"])
-    if "torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(tensors["torch_cuda"]))

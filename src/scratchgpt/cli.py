@@ -277,9 +277,9 @@ def _add_prepare(sub) -> None:
 def _run_prepare(args: argparse.Namespace) -> int:
     import json
 
-    from scratchgpt.checkpoint import check_prepare_dir
     from scratchgpt.config import DataConfig, config_from_dict
     from scratchgpt.data.dataset import prepare
+    from scratchgpt.training.run_state import check_prepare_dir
 
     raw = {**_toml_sections(args.config).get("data", {}), **overrides_from_args(args, DataConfig)}
     data = config_from_dict(DataConfig, raw, source=f"{args.config or 'command line'} [data]")
@@ -595,7 +595,8 @@ def _run_export(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from scratchgpt.checkpoint import check_overwrite, load_any
+    from scratchgpt.checkpoint import load_any
+    from scratchgpt.files import check_overwrite
 
     src = Path(args.checkpoint)
     check_overwrite(args.out, overwrite=args.overwrite, flag="--out")  # before any work

@@ -1,5 +1,5 @@
-"""Atomic file writes (a reader sees the old file or the new one, never half of either), and the one rule
-for replacing what is there (`check_overwrite`).
+"""Atomic file and folder writes (a reader sees the old file or the new one, never half of either), and the
+one rule for replacing what is there (`check_overwrite`).
 
 Shared by the data stage (prepared folders) and checkpoints, so neither imports the other to write a file.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import suppress
@@ -105,3 +106,58 @@ def check_overwrite(path: str | Path, *, overwrite: bool, flag: str, held: Seque
     else:
         return
     raise ValueError(f"{path} {what}; pass --overwrite to replace it, or choose another {flag}")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the renames inside folder `path` durable (where the platform can open a directory)."""
+    with suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def replace_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Replace folder `path` with one that `write(tmp)` fills: built aside, then swapped in by rename.
+
+    Between the two renames `path` is briefly absent; a process killed right there leaves
+    `.old-<name>-<pid>` and the complete `.tmp-<name>-<pid>`, from which `recover_replaced_dir` (training
+    runs it when it next starts in that folder) puts `path` back.
+    """
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    old = path.parent / f".old-{path.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:  # a file the folder replaces (--overwrite)
+        old.unlink(missing_ok=True)
+    return path
+
+
+def recover_replaced_dir(path: str | Path) -> Path | None:
+    """Undo a `replace_dir` that was killed between its two renames: the new folder if complete, else the old.
+
+    Complete means it holds config.json: every folder swapped in this way is a model, whose files end with it.
+    """
+    path = Path(path)
+    if path.exists():
+        return None
+    for kind in ("tmp", "old"):  # the new copy first: it is what the interrupted swap was installing
+        found = sorted(path.parent.glob(f".{kind}-{path.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for candidate in found:
+            if candidate.is_dir() and (candidate / "config.json").is_file():
+                os.replace(candidate, path)
+                fsync_dir(path.parent)
+                return path
+    return None

@@ -22,6 +22,7 @@ write the folders). scratchgpt keeps GPT-2's parameter names for every family, s
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -48,9 +49,9 @@ def _is_transposed(name: str) -> bool:
     return name.endswith(_TRANSPOSED_SUFFIXES)
 
 
-def _gpt2_to_scratchgpt(hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
+def _gpt2_to_scratchgpt(hf_items: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
     out = {}
-    for name, tensor in hf_state.items():
+    for name, tensor in hf_items:
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # old transformers saved its causal-mask buffers; we derive ours
         if not name.startswith(("transformer.", "lm_head.")):
@@ -81,11 +82,11 @@ _LLAMA_TOP_NAMES = {"model.embed_tokens": "transformer.wte", "model.norm": "tran
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 
-def _llama_to_scratchgpt(hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
+def _llama_to_scratchgpt(hf_items: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
-    stacked: dict[tuple[str, str, str], dict[str, Tensor]] = {}  # (layer, ours, weight|bias) -> parts
+    stacked: dict[tuple[str, str, str], dict[str, Tensor]] = {}  # (layer, ours, weight|bias) -> parts so far
     part_of = {hf: ours for ours, parts in _LLAMA_STACKED.items() for hf in parts}
-    for name, tensor in hf_state.items():
+    for name, tensor in hf_items:
         top, _, kind = name.rpartition(".")
         if top in _LLAMA_TOP_NAMES:
             out[f"{_LLAMA_TOP_NAMES[top]}.{kind}"] = tensor
@@ -99,16 +100,20 @@ def _llama_to_scratchgpt(hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
         if inner in _LLAMA_LAYER_NAMES:
             out[f"transformer.h.{layer}.{_LLAMA_LAYER_NAMES[inner]}.{kind}"] = tensor
         elif inner in part_of:
-            stacked.setdefault((layer, part_of[inner], kind), {})[inner] = tensor
+            ours = part_of[inner]
+            parts = stacked.setdefault((layer, ours, kind), {})
+            parts[inner] = tensor
+            if len(parts) == len(_LLAMA_STACKED[ours]):  # complete: stack it now, so that its parts can go
+                out[f"transformer.h.{layer}.{ours}.{kind}"] = torch.cat([parts[p] for p in _LLAMA_STACKED[ours]], dim=0)
+                del stacked[(layer, ours, kind)]
         elif inner.endswith("rotary_emb.inv_freq"):
             continue
         else:
             raise ValueError(f"unexpected weight {name!r}: not part of a Llama/Qwen causal LM")
-    for (layer, ours, kind), parts in stacked.items():
+    if stacked:  # a group still waiting for some of its parts
+        (layer, ours, kind), parts = next(iter(stacked.items()))
         missing = [p for p in _LLAMA_STACKED[ours] if p not in parts]
-        if missing:
-            raise ValueError(f"layer {layer}: {ours}.{kind} needs {missing} as well; the weights are incomplete")
-        out[f"transformer.h.{layer}.{ours}.{kind}"] = torch.cat([parts[p] for p in _LLAMA_STACKED[ours]], dim=0)
+        raise ValueError(f"layer {layer}: {ours}.{kind} needs {missing} as well; the weights are incomplete")
     return out
 
 
@@ -139,11 +144,22 @@ def _scratchgpt_to_llama(state: dict[str, Tensor], config: GPTConfig) -> dict[st
 # ---------------------------------------------------------------------------------------------
 
 
-def hf_to_scratchgpt(hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Map a GPT-2, Llama, Qwen2 or Qwen3 causal-LM state dict to scratchgpt names and layouts."""
-    if any(name.startswith("model.") for name in hf_state):
-        return _llama_to_scratchgpt(hf_state)
-    return _gpt2_to_scratchgpt(hf_state)
+def hf_to_scratchgpt(hf_state: dict[str, Tensor], *, consume: bool = False) -> dict[str, Tensor]:
+    """Map a GPT-2, Llama, Qwen2 or Qwen3 causal-LM state dict to scratchgpt names and layouts.
+
+    consume=True empties `hf_state` entry by entry as it converts, so that each HF tensor can be freed once its
+    transposed or stacked copy exists: loading a model then never holds its weights twice.
+    """
+    llama = any(name.startswith("model.") for name in hf_state)
+    items = _drain(hf_state) if consume else hf_state.items()
+    return _llama_to_scratchgpt(items) if llama else _gpt2_to_scratchgpt(items)
+
+
+def _drain(state: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) pairs of `state`, each removed from it as it is handed out."""
+    while state:
+        name = next(iter(state))
+        yield name, state.pop(name)
 
 
 def scratchgpt_to_hf(state: dict[str, Tensor], config: GPTConfig | None = None) -> dict[str, Tensor]:

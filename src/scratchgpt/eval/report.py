@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from scratchgpt.checkpoint import write_json
+from scratchgpt.files import write_json
 
 # The headline numbers each task's table shows (the JSON holds everything).
 HEADLINE: dict[str, tuple[str, ...]] = {
@@ -91,7 +91,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path, stem: str) -> tupl
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     write_json(json_path, report)
-    from scratchgpt.checkpoint import atomic_write_text
+    from scratchgpt.files import atomic_write_text
 
     title = f"# {report['task']} eval of {report['model'].get('checkpoint', '?')}\n\n"
     atomic_write_text(md_path, title + markdown_table([report]) + "\n")

@@ -438,7 +438,7 @@ def export_gguf(model: GPT, tokenizer: Any, path: str | Path, *, dtype: str = "f
     """
     import gguf
 
-    from scratchgpt.checkpoint import atomic_write
+    from scratchgpt.files import atomic_write
 
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")

@@ -94,7 +94,7 @@ def _without_exporter_notices() -> Iterator[None]:
 
 def export_onnx(model: GPT, path: str | Path) -> Path:
     """Write `model` as an ONNX graph (see module docstring for inputs and outputs); returns the path."""
-    from scratchgpt.checkpoint import atomic_write
+    from scratchgpt.files import atomic_write
 
     if any(not p.is_floating_point() for p in model.parameters()) or any(
         type(m).__name__ == "Int8Linear" for m in model.modules()

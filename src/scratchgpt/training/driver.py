@@ -3,7 +3,8 @@
 A mode builds a `Job` (model, batches, loss, evaluations, ...) for the process it runs in; `drive`
 joins the torchrun process group, builds the job, runs its `before` hook (with the model placed on
 the run's device), hands it to the one loop (`train.train`), runs its `after` hook, and leaves the
-group again.
+group again. The TrainConfig is `drive`'s argument alone, and `drive` resolves where the run executes
+(the `Runtime`: device, dtype, attention path) once: the job and the loop get that one answer.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ class Job:
 
     model: nn.Module
     batches: BatchSource
-    config: TrainConfig
     loss_fn: LossFn = lm_loss
     params: Iterable[nn.Parameter] | None = None
     evals: Mapping[str, EvalFn] = field(default_factory=dict)
@@ -59,8 +59,8 @@ def drive(config: TrainConfig, build: Callable[[Runtime], Job], *, log: LogFn | 
         if job.before is not None:
             runtime.place(job.model)
             job.before(runtime)
-        result = train(job.model, job.batches, config=job.config, loss_fn=job.loss_fn, params=job.params,
-                       evals=job.evals, sample_fn=job.sample_fn, tokenizer=job.tokenizer, run_config=job.run_config,
-                       export_fn=job.export_fn, log=log)
+        result = train(job.model, job.batches, config=config, runtime=runtime, loss_fn=job.loss_fn,
+                       params=job.params, evals=job.evals, sample_fn=job.sample_fn, tokenizer=job.tokenizer,
+                       run_config=job.run_config, export_fn=job.export_fn, log=log)
         extra = job.after(result, runtime) if job.after is not None else None
     return result, extra

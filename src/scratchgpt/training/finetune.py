@@ -28,15 +28,12 @@ from torch import Tensor, nn
 from scratchgpt.checkpoint import (
     HF_MODEL_NAMES,
     CheckpointError,
-    check_overwrite,
     checkpoint_kind,
-    folder_contents,
     load_any,
     load_model,
     read_run_config,
     save_model,
     unwrap,
-    write_json,
 )
 from scratchgpt.config import (
     FinetuneConfig,
@@ -49,6 +46,7 @@ from scratchgpt.config import (
 )
 from scratchgpt.data.dataset import DataError, read_text
 from scratchgpt.data.tokenizers import CharTokenizer, Tokenizer, gpt2_tokenizer, load_tokenizer
+from scratchgpt.files import check_overwrite, write_json
 from scratchgpt.model.gpt import GPT, CausalSelfAttention
 from scratchgpt.training.driver import Job, drive
 from scratchgpt.training.lora import (
@@ -59,6 +57,7 @@ from scratchgpt.training.lora import (
     merge_lora,
     save_adapters,
 )
+from scratchgpt.training.run_state import folder_contents
 from scratchgpt.training.runlog import plot_metric
 from scratchgpt.training.runtime import Runtime, all_reduce_sums, distributed_info, is_main, model_device, to_device
 from scratchgpt.training.train import TrainResult
@@ -484,16 +483,18 @@ class FinetuneResult:
 
 
 def run_mode(
-    mode: Mode, start: StartModel, cfg: FinetuneConfig, *, train: TrainConfig | dict[str, Any] | None = None,
-    lora: LoRAConfig | None = None, verbose: bool = True,
+    mode: Mode, start: StartModel, cfg: FinetuneConfig, *, train: TrainConfig, lora: LoRAConfig | None = None,
+    verbose: bool = True,
 ) -> FinetuneResult:
     """Prepare the model for `mode`, train it through the one driver, and write metrics.json for every split.
+
+    `train` is the mode's TrainConfig as `train_config` built it; only an unset max_steps is filled in here.
 
     metrics.json holds the final metrics per split, "start" (val before the first step), the time
     taken and the parameter counts. Under torchrun every rank calls this; rank 0 writes the files.
     """
     model = start.model
-    tcfg = resolve_train_config(cfg, train_config(cfg, train), n_train=len(mode.parts["train"]))
+    tcfg = resolve_train_config(cfg, train, n_train=len(mode.parts["train"]))
     params, trainable = prepare_model(model, cfg, mode=mode.name, lora=lora, seed=tcfg.seed, add_head=mode.add_head)
     finetune = {"mode": mode.name, **config_to_dict(cfg), "trainable": trainable, "init": start.source,
                 "lora": config_to_dict(lora_config(model)) if lora_config(model) else None}
@@ -526,7 +527,7 @@ def run_mode(
     def job(runtime: Runtime) -> Job:
         return Job(
             model, ExampleBatches(mode.parts["train"], mode.collate, batch_size=tcfg.batch_size, seed=tcfg.seed),
-            tcfg, loss_fn=mode.loss_fn, params=params,
+            loss_fn=mode.loss_fn, params=params,
             evals={name: (lambda m, part=part: mode.evaluate(m, part, batch_size=tcfg.batch_size,
                                                              max_batches=tcfg.eval_steps))
                    for name, part in mode.parts.items() if name in ("train", "val") and part},

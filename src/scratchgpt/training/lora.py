@@ -30,9 +30,9 @@ from scratchgpt.checkpoint import (
     read_json,
     save_tensors,
     unwrap,
-    write_json,
 )
 from scratchgpt.config import LoRAConfig, config_from_dict, config_to_dict
+from scratchgpt.files import write_json
 from scratchgpt.model.gpt import GPT
 
 ADAPTER_FILE = "adapter.safetensors"

@@ -28,14 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from scratchgpt.config import TrainConfig
-from scratchgpt.training.runtime import native_bf16
+from scratchgpt.device import native_bf16
 
 # Keller Jordan's quintic Newton-Schulz coefficients (the ones torch.optim.Muon uses): they maximise the
 # slope at zero, so 5 steps push every singular value into roughly [0.7, 1.2] instead of exactly 1.
 NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
-
-ROLES = ("matrix", "embed", "head", "decay", "no_decay")
 
 
 # ---------------------------------------------------------------------------------------------

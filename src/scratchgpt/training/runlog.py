@@ -1,4 +1,5 @@
-"""The run log: log.csv (one row per log step, evaluations as columns), throughput and MFU, and the plots.
+"""The run log: log.csv (one row per log step, evaluations as columns), throughput and MFU, the precision
+line a run starts with, and the plots.
 
 Every mode writes the same log.csv through `CsvLog`, reads it back through `read_log`, and draws it with
 `plot_log` (the loss) or `plot_metric` (any evaluated metric, e.g. classification accuracy): one
@@ -19,8 +20,10 @@ import torch
 from torch import nn
 
 from scratchgpt.checkpoint import unwrap
+from scratchgpt.config import TrainConfig
+from scratchgpt.device import native_bf16
 from scratchgpt.model.gpt import GPT
-from scratchgpt.training.runtime import native_bf16
+from scratchgpt.training.optim import ns_dtype_of
 
 # ---------------------------------------------------------------------------------------------
 # Throughput and model FLOPs utilisation
@@ -96,6 +99,25 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
         n -= inner.transformer.wte.weight.numel()
     return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
 
+
+def precision_line(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype, weights_dtype: torch.dtype,
+                   optimizer: torch.optim.Optimizer) -> str:
+    """What the run computes in, and why: the dtype choice, the hardware it was made for, the optimizer."""
+    native = native_bf16(device)
+    if device.type == "cpu":
+        hw = f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {'yes' if native else 'no'}"
+    else:
+        hw = f"{device.type} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}".strip()
+    mode = "float32" if amp_dtype == torch.float32 else f"{str(amp_dtype).removeprefix('torch.')} autocast"
+    if weights_dtype == torch.bfloat16:
+        # bf16 weights halve the memory of weights, gradients and optimizer state on any device; they are
+        # only faster where the matmuls run on bf16 units.
+        speed = "fast: native bf16" if native else "saves memory only: bf16 is emulated here, ~100x slower"
+        mode = f"bf16-true (weights, gradients and optimizer state in bfloat16; {speed})"
+    ns = ns_dtype_of(optimizer)
+    opt = (f"Muon (Newton-Schulz in {str(ns).removeprefix('torch.')}, ns_dtype={cfg.ns_dtype}) + AdamW"
+           if ns is not None else type(optimizer).__name__)
+    return f"precision: {mode} (dtype={cfg.dtype}; {hw}); optimizer: {opt}; schedule: {cfg.schedule}"
 
 
 # ---------------------------------------------------------------------------------------------

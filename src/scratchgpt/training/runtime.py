@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -82,6 +83,32 @@ def _stop_with_launcher() -> None:
         return
     if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current step; a second SIGINT aborts.
+
+    The loop stops at the next step boundary and saves a checkpoint (torchrun's SIGTERM, see
+    `_stop_with_launcher`, takes the same way out)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def resolve_device(name: str, dist_info: Distributed) -> torch.device:

@@ -13,6 +13,7 @@ The contract of `train()` (fine-tuning builds on exactly this; nothing else chan
         tokenizer=tok,              # saved into every checkpoint, so the run directory is self-contained
         run_config=run.to_dict(),   # the resolved config, stored in config.json under "run"
         export_fn=None,             # fn(model, directory) writing a loadable model (default: save_model)
+        runtime=None,               # where it runs (runtime.Runtime, from the driver); None: from config
     )
 
 - A *batch* is whatever `next_batch()` returns: a Tensor, a tuple/list of Tensors or a dict of them. The
@@ -33,18 +34,18 @@ The contract of `train()` (fine-tuning builds on exactly this; nothing else chan
   exported to `out_dir/` (latest) and `out_dir/best/` (best by validation loss): `load_model(out_dir)`
   and `load_any(out_dir)` work on both.
 
-Only the loop lives here. Where a run executes (device, dtype, the torchrun process group) is
-`runtime.py`; log.csv, throughput, MFU and the plots are `runlog.py`; what to train on is a mode
-(`modes/pretrain.py`, `modes/classify.py`, ...), and `driver.py` hands a mode's job to this loop.
+Only the loop lives here. Where a run executes (device, dtype, attention path, the torchrun process
+group) is `runtime.py`, resolved once by the driver and handed in as `runtime`; the files of a run
+directory (step checkpoints, lock, resume) are `run_state.py`; log.csv, throughput, MFU and the plots
+are `runlog.py`; what to train on is a mode (`modes/pretrain.py`, `modes/classify.py`, ...), and
+`driver.py` hands a mode's job to this loop.
 """
 from __future__ import annotations
 
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -57,9 +58,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from scratchgpt.checkpoint import (
+from scratchgpt.checkpoint import CheckpointError, float32_weights, model_state, save_model_files, unwrap
+from scratchgpt.config import TrainConfig
+from scratchgpt.device import ThreadChoice, choose_threads, native_bf16, set_threads
+from scratchgpt.files import replace_dir
+from scratchgpt.model.gpt import GPT
+from scratchgpt.training.optim import lr_at, make_optimizer, set_lr
+from scratchgpt.training.run_state import (
     BEST_DIR,
-    CheckpointError,
     RunLock,
     capture_rng_state,
     check_run_dir,
@@ -67,40 +73,29 @@ from scratchgpt.checkpoint import (
     clean_leftovers,
     clear_run_dir,
     export_model_files,
-    float32_weights,
     load_module_state,
-    model_state,
     optimizer_state_from_flat,
     optimizer_state_to_flat,
     read_training_checkpoint,
-    replace_dir,
     restore_rng_state,
-    save_model_files,
-    unwrap,
     write_training_checkpoint,
 )
-from scratchgpt.config import TrainConfig
-from scratchgpt.device import ThreadChoice, choose_threads, set_threads
-from scratchgpt.model.gpt import GPT
-from scratchgpt.training.optim import (  # noqa: F401 - make_optimizer, lr_at, param_groups: the loop's API
-    lr_at,
-    make_optimizer,
-    ns_dtype_of,
-    param_groups,
-    set_lr,
+from scratchgpt.training.runlog import (
+    LOG_FILE,
+    PLOT_FILE,
+    CsvLog,
+    flops_per_token,
+    peak_flops,
+    plot_log,
+    precision_line,
 )
-from scratchgpt.training.runlog import LOG_FILE, PLOT_FILE, CsvLog, flops_per_token, peak_flops, plot_log
 from scratchgpt.training.runtime import (
+    Runtime,
+    StopRequest,
     all_reduce_mean,
-    autocast,
     batch_tokens,
-    distributed_info,
     grad_sync,
-    native_bf16,
-    resolve_attn_impl,
-    resolve_device,
-    resolve_dtype,
-    resolve_weights_dtype,
+    resolve_runtime,
     to_device,
     wrap_model,
 )
@@ -133,35 +128,6 @@ def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     x, y = batch
     _, loss = model(x, y)
     return loss
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Ctrl-C: stop at the next step boundary and save
-# ---------------------------------------------------------------------------------------------
-
-
-class StopRequest:
-    """Turns the first SIGINT/SIGTERM into a request to stop after the current step; a second SIGINT aborts."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,11 +215,17 @@ def train(
     run_config: dict[str, Any] | None = None,
     export_fn: ExportFn | None = None,
     log: LogFn | None = None,
+    runtime: Runtime | None = None,
 ) -> TrainResult:
-    """Train `model` on `batches` for config.max_steps optimizer steps (see the module docstring)."""
-    return _Trainer(model, batches, config=config, loss_fn=loss_fn, params=params, evals=evals or {},
-                    sample_fn=sample_fn, tokenizer=tokenizer, run_config=run_config, export_fn=export_fn,
-                    log=log).run()
+    """Train `model` on `batches` for config.max_steps optimizer steps (see the module docstring).
+
+    `runtime` is where the run executes, as the driver resolved it; None resolves it here from config's
+    device, dtype and attn_impl (for a caller outside the driver).
+    """
+    runtime = runtime or resolve_runtime(config.device, config.dtype, config.attn_impl)
+    return _Trainer(model, batches, config=config, runtime=runtime, loss_fn=loss_fn, params=params,
+                    evals=evals or {}, sample_fn=sample_fn, tokenizer=tokenizer, run_config=run_config,
+                    export_fn=export_fn, log=log).run()
 
 
 class TrainingDiverged(ValueError):
@@ -282,7 +254,7 @@ class _Trainer:
     """One call of `train()`: setup, resume, the loop, evaluation, samples and checkpoints."""
 
     def __init__(
-        self, model: nn.Module, batches: BatchSource, *, config: TrainConfig, loss_fn: LossFn,
+        self, model: nn.Module, batches: BatchSource, *, config: TrainConfig, runtime: Runtime, loss_fn: LossFn,
         params: Iterable[nn.Parameter] | None, evals: Mapping[str, EvalFn], sample_fn: SampleFn | None,
         tokenizer: Any, run_config: dict[str, Any] | None, export_fn: ExportFn | None, log: LogFn | None,
     ) -> None:
@@ -295,10 +267,10 @@ class _Trainer:
         self.tokenizer = tokenizer
         self.run_config = run_config
         self.export_fn = export_fn
-        self.dist = distributed_info()
-        self.device = resolve_device(config.device, self.dist)
-        self.amp_dtype = resolve_dtype(config.dtype, self.device)
-        self.weights_dtype = resolve_weights_dtype(config.dtype)
+        # Where the run executes comes from the one Runtime; these names only shorten the loop's lines.
+        self.runtime = runtime
+        self.dist, self.device = runtime.dist, runtime.device
+        self.amp_dtype, self.weights_dtype = runtime.dtype, runtime.weights_dtype
         self.fsdp = config.fsdp and self.dist.enabled
         self.out_dir = Path(config.out_dir)
         self._log = log
@@ -410,8 +382,6 @@ class _Trainer:
                      f"{torch.backends.cpu.get_cpu_capability()}): emulated, ~100x slower than float32")
         if self.fsdp and self.export_fn is not None:
             raise ValueError("a custom export_fn is not supported with FSDP (the model is sharded)")
-        if hasattr(self.inner, "set_attn_impl"):
-            self.inner.set_attn_impl(resolve_attn_impl(cfg.attn_impl, device))
         if hasattr(self.inner, "activation_checkpointing"):
             self.inner.activation_checkpointing = cfg.activation_checkpointing
         elif cfg.activation_checkpointing:
@@ -427,9 +397,7 @@ class _Trainer:
         if not trainable:
             raise ValueError("no trainable parameters: every parameter has requires_grad=False")
         names = self._param_names(trainable)
-        self.inner.to(device)
-        if self.weights_dtype != torch.float32:
-            self.inner.to(self.weights_dtype)  # bf16-true: the same Parameter objects, now bfloat16
+        self.runtime.place(self.inner)  # bf16-true: the same Parameter objects, now bfloat16
         self.model = wrap_model(self.inner, dist_info=self.dist, device=device, fsdp=self.fsdp, compile=cfg.compile)
         if self.fsdp:  # sharding replaced the parameters with DTensors: select them again by name
             named = dict(self.inner.named_parameters())
@@ -460,13 +428,12 @@ class _Trainer:
                  f"{sum(p.numel() for p in self.params) / 1e6:.2f}M trainable) on {device} "
                  f"({self.amp_dtype}, {self.dist.world_size} process(es)) from step {self.step} to {cfg.max_steps}; "
                  f"run directory {self.out_dir}")
-        self.say(_precision_line(cfg, device, self.amp_dtype, self.weights_dtype, self.optimizer))
+        self.say(precision_line(cfg, device, self.amp_dtype, self.weights_dtype, self.optimizer))
         if device.type == "cpu":
             spins = os.environ.get("GOMP_SPINCOUNT")
             waiting = os.environ.get("OMP_WAIT_POLICY", "").lower() or (
                 f"spin {spins} rounds, then sleep" if spins else "OpenMP's default")
             self.say(f"CPU threads: {self.threads.reason}; idle threads wait: {waiting}")
-        amp = lambda: autocast(device, self.amp_dtype)  # noqa: E731 - a fresh context per micro-step
         fpt: float | None = None
         t_start = time.perf_counter()
         metrics: dict[str, float] = {}
@@ -494,7 +461,7 @@ class _Trainer:
                     fpt = flops_per_token(self.inner, _seq_len(micro[0]))
                 loss, n_tok = train_step(self.model, self.optimizer, micro, loss_fn=self.loss_fn, params=self.params,
                                          grad_accum_steps=cfg.grad_accum_steps, grad_clip=cfg.grad_clip,
-                                         scaler=self.scaler, amp=amp)
+                                         scaler=self.scaler, amp=self.runtime.precision)
                 self.step += 1
                 if device.type != "cuda" and not self.dist.enabled:
                     # No queue to keep full on the CPU, and the loss is already in host memory: read it and
@@ -648,7 +615,7 @@ class _Trainer:
         out: dict[str, float] = {}
         self.model.eval()
         try:
-            with self._rng_fork(), torch.no_grad(), autocast(self.device, self.amp_dtype):
+            with self._rng_fork(), torch.no_grad(), self.runtime.precision():
                 for name, fn in self.evals.items():
                     out.update({f"{name}_{k}": float(v) for k, v in fn(self.model).items()})
         finally:
@@ -661,7 +628,7 @@ class _Trainer:
         if self.dist.is_main:
             self.inner.eval()
             try:
-                with self._rng_fork(), torch.no_grad(), autocast(self.device, self.amp_dtype):
+                with self._rng_fork(), torch.no_grad(), self.runtime.precision():
                     text = self.sample_fn(self.inner)  # type: ignore[misc]
             finally:
                 self.inner.train()
@@ -816,23 +783,3 @@ def _progress_line(row: dict[str, Any], max_steps: int) -> str:
     mfu = f" | mfu {row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else ""
     return (f"step {row['step']}/{max_steps} | loss {row['train_loss']:.4f} | lr {row['lr']:.2e} | "
             f"{row['tok_per_s']:.0f} tok/s{mfu}")
-
-
-def _precision_line(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype, weights_dtype: torch.dtype,
-                    optimizer: torch.optim.Optimizer) -> str:
-    """What the run computes in, and why: the dtype choice, the hardware it was made for, the optimizer."""
-    native = native_bf16(device)
-    if device.type == "cpu":
-        hw = f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {'yes' if native else 'no'}"
-    else:
-        hw = f"{device.type} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}".strip()
-    mode = "float32" if amp_dtype == torch.float32 else f"{str(amp_dtype).removeprefix('torch.')} autocast"
-    if weights_dtype == torch.bfloat16:
-        # bf16 weights halve the memory of weights, gradients and optimizer state on any device; they are
-        # only faster where the matmuls run on bf16 units.
-        speed = "fast: native bf16" if native else "saves memory only: bf16 is emulated here, ~100x slower"
-        mode = f"bf16-true (weights, gradients and optimizer state in bfloat16; {speed})"
-    ns = ns_dtype_of(optimizer)
-    opt = (f"Muon (Newton-Schulz in {str(ns).removeprefix('torch.')}, ns_dtype={cfg.ns_dtype}) + AdamW"
-           if ns is not None else type(optimizer).__name__)
-    return f"precision: {mode} (dtype={cfg.dtype}; {hw}); optimizer: {opt}; schedule: {cfg.schedule}"

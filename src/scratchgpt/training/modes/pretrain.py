@@ -18,13 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from scratchgpt.checkpoint import CheckpointError, check_prepare_dir, check_run_dir, latest_checkpoint, read_json
+from scratchgpt.checkpoint import CheckpointError, read_json
 from scratchgpt.config import DataConfig, RunConfig, SamplingConfig, TrainConfig, config_from_dict, merge_run_dicts
 from scratchgpt.data.dataset import RandomWindows, make_sampler, prepare
 from scratchgpt.data.token_files import TokenDataset, check_token_files, open_dataset
 from scratchgpt.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.driver import Job, drive
+from scratchgpt.training.run_state import check_prepare_dir, check_run_dir, latest_checkpoint
 from scratchgpt.training.runtime import Runtime, all_reduce_mean, distributed_info, is_main, model_device, to_device
 from scratchgpt.training.train import EvalFn, LogFn, LossFn, SampleFn, TrainResult, lm_loss
 
@@ -184,7 +185,7 @@ def pretrain_job(run: RunConfig, runtime: Runtime) -> Job:
             evals[split] = lm_evaluator(ds.tokens(split), block_size=block, batch_size=cfg.batch_size,
                                         steps=cfg.eval_steps, seed=cfg.seed + (1 if split == "val" else 2))
     sample_fn = make_sample_fn(tokenizer, cfg) if cfg.sample_interval > 0 else None
-    return Job(model, batches, cfg, loss_fn=lm_loss, evals=evals, sample_fn=sample_fn, tokenizer=tokenizer,
+    return Job(model, batches, loss_fn=lm_loss, evals=evals, sample_fn=sample_fn, tokenizer=tokenizer,
                run_config=run.to_dict())
 
 
