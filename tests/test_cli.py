@@ -180,7 +180,8 @@ def _shown_default(action) -> str | None:
 def test_every_command_help_shows_the_defaults_its_run_applies():
     from dataclasses import fields
 
-    from scratchgpt.cli import build_parser, read_config_sections
+    from scratchgpt.cli import build_parser
+    from scratchgpt.cli.flags import read_config_sections
 
     parser = build_parser()
     for path, minimal in _MINIMAL_ARGS.items():
@@ -229,7 +230,8 @@ def test_device_defaults_to_auto_in_every_command():
 
 
 def test_config_files_for_generate_serve_and_finetune(tmp_path, capsys):
-    from scratchgpt.cli import build_parser, read_config_sections
+    from scratchgpt.cli import build_parser
+    from scratchgpt.cli.flags import read_config_sections
 
     run, _, _ = _tiny_run(tmp_path)
     toml = tmp_path / "gen.toml"
@@ -270,11 +272,13 @@ def test_config_files_for_generate_serve_and_finetune(tmp_path, capsys):
 
 def test_boolean_flags_share_one_style(tmp_path):
     from scratchgpt.cli import build_parser
+    from scratchgpt.cli.flags import read_config_sections
 
     parser = build_parser()
     assert parser.parse_args(["prepare", "--quiet"]).progress is False  # the old spelling still works
     assert parser.parse_args(["prepare", "--no-progress"]).progress is False
-    assert parser.parse_args(["prepare"]).progress is True
+    # Unset flags stay None: the config's default applies.
+    assert read_config_sections(parser.parse_args(["prepare"]))[0]["prepare"].progress is True
     assert parser.parse_args(["train", "--no-progress"]).progress is False
     assert parser.parse_args(["train", "--progress", "false"]).progress is False
     assert parser.parse_args(["train", "--resume"]).resume is True
