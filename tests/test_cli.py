@@ -410,7 +410,8 @@ _TOML_THEN_FLAG = {
                  ("serve", "port", 9001, 9002)),
     ("export",): ('[export]\ncheckpoint = "c"\nformat = "gguf"\nout = "m.gguf"\ngguf_dtype = "q8_0"\n',
                   ["--format", "onnx"], [("export", "gguf_dtype", "q8_0")], ("export", "format", "gguf", "onnx")),
-    ("eval", "perplexity"): ('[eval]\ncheckpoint = "c"\nquantize = "int8"\n[perplexity]\ndata = ["a.txt"]\nstride = 8\n',
+    ("eval", "perplexity"): ('[eval]\ncheckpoint = "c"\nquantize = "int8"\n'
+                             '[perplexity]\ndata = ["a.txt"]\nstride = 8\n',
                              ["--stride", "16"], [("eval", "quantize", "int8"), ("perplexity", "data", ("a.txt",))],
                              ("perplexity", "stride", 8, 16)),
     ("eval", "choice"): ('[eval]\nbatch_size = 4\n[choice]\npreset = "arc"\n', ["--preset", "piqa"],

@@ -4,7 +4,7 @@ Each field states its default, its `--help` text and its bounds in one place (`s
 validator (`validate`, run by every config's `__post_init__`) checks every field against its type hint
 and those rules; the few rules that tie two fields together are short checks in the class. Every run
 directory holds these as JSON so a checkpoint describes itself, and the CLI builds its flags from the
-same fields (`cli_flags.py`), so each default lives in exactly one place.
+same fields (`cli/flags.py`), so each default lives in exactly one place.
 """
 
 from __future__ import annotations
