@@ -181,7 +181,8 @@ def _shown_default(action) -> str | None:
 def test_every_command_help_shows_the_defaults_its_run_applies():
     from dataclasses import fields
 
-    from scratchgpt.cli import build_parser, read_config_sections
+    from scratchgpt.cli import build_parser
+    from scratchgpt.cli.flags import read_config_sections
 
     parser = build_parser()
     for path, minimal in _MINIMAL_ARGS.items():
@@ -230,7 +231,8 @@ def test_device_defaults_to_auto_in_every_command():
 
 
 def test_config_files_for_generate_serve_and_finetune(tmp_path, capsys):
-    from scratchgpt.cli import build_parser, read_config_sections
+    from scratchgpt.cli import build_parser
+    from scratchgpt.cli.flags import read_config_sections
 
     run, _, _ = _tiny_run(tmp_path)
     toml = tmp_path / "gen.toml"
@@ -271,11 +273,13 @@ def test_config_files_for_generate_serve_and_finetune(tmp_path, capsys):
 
 def test_boolean_flags_share_one_style(tmp_path):
     from scratchgpt.cli import build_parser
+    from scratchgpt.cli.flags import read_config_sections
 
     parser = build_parser()
     assert parser.parse_args(["prepare", "--quiet"]).progress is False  # the old spelling still works
     assert parser.parse_args(["prepare", "--no-progress"]).progress is False
-    assert parser.parse_args(["prepare"]).progress is True
+    # Unset flags stay None: the config's default applies.
+    assert read_config_sections(parser.parse_args(["prepare"]))[0]["prepare"].progress is True
     assert parser.parse_args(["train", "--no-progress"]).progress is False
     assert parser.parse_args(["train", "--progress", "false"]).progress is False
     assert parser.parse_args(["train", "--resume"]).resume is True
@@ -372,3 +376,130 @@ def test_overwrite_lets_a_writer_replace(name: str, tmp_path, gpt2_tokenizer, ca
     before = _contents(out)
     assert main([*argv, "--overwrite"]) == 0
     assert _contents(out) != before
+
+
+# Per command: a -c file, a flag that overrides one of its values, and (section, field, value) the configs then
+# hold, from the file first and with the flag then. Every leaf command must have a row (see the test below).
+_TOML_THEN_FLAG = {
+    ("info",): ('[info]\nmodel = "gpt2"\nuntied = true\n', ["--model", "gpt2-medium"],
+                [("info", "untied", True)], ("info", "model", "gpt2", "gpt2-medium")),
+    ("generate",): ('[generate]\nmodel = "gpt2"\nquantize = "int8"\ndtype = "bfloat16"\ndraft = "runs/d"\n'
+                    '[sampling]\ntop_k = 5\n', ["--draft", "runs/e"],
+                    [("generate", "quantize", "int8"), ("generate", "dtype", "bfloat16"), ("sampling", "top_k", 5)],
+                    ("generate", "draft", "runs/d", "runs/e")),
+    # prepare reads a run file: its [data] (window fields too, which have no prepare flag) and its own [prepare].
+    ("prepare",): ('[model]\nn_layer = 2\n[data]\nsource = "a.txt"\ndir = "d"\ntokenizer = "bpe"\nblock_size = 64\n'
+                   '[train]\nmax_steps = 3\n[prepare]\nprogress = false\n', ["--tokenizer", "char"],
+                   [("data", "block_size", 64), ("prepare", "progress", False)], ("data", "tokenizer", "bpe", "char")),
+    ("train",): ('[model]\nn_layer = 2\n[data]\nsampler = "sequential"\n[train]\nmax_steps = 7\n', ["--max-steps", "9"],
+                 [("model", "n_layer", 2), ("data", "sampler", "sequential")], ("train", "max_steps", 7, 9)),
+    ("finetune", "classify"): ('[finetune]\nbalance = true\n[train]\nlr = 1e-4\n', ["--lr", "2e-4"],
+                               [("finetune", "balance", True)], ("train", "lr", 1e-4, 2e-4)),
+    ("finetune", "instruct"): ('[finetune]\ntemplate = "chatml"\n[train]\nbatch_size = 4\n', ["--batch-size", "2"],
+                               [("finetune", "template", "chatml")], ("train", "batch_size", 4, 2)),
+    ("finetune", "dpo"): ('[finetune]\nbeta = 0.5\n[lora]\nrank = 2\n[model]\nn_layer = 1\n', ["--lora-rank", "4"],
+                          [("finetune", "beta", 0.5), ("model", "n_layer", 1)], ("lora", "rank", 2, 4)),
+    ("finetune", "merge"): ('[merge]\nbase = "b"\nadapters = "a"\nout_dir = "o"\n', ["--out-dir", "p"],
+                            [("merge", "adapters", "a")], ("merge", "out_dir", "o", "p")),
+    ("classify",): ('[classify]\ncheckpoint = "c"\njson = true\n', ["--no-json"],
+                    [("classify", "checkpoint", "c")], ("classify", "json", True, False)),
+    ("chat",): ('[chat]\ncheckpoint = "c"\nsystem = "Be brief."\nquantize = "int8"\n[sampling]\ntemperature = 0\n',
+                ["--system", "Be kind."], [("chat", "quantize", "int8"), ("sampling", "temperature", 0)],
+                ("chat", "system", "Be brief.", "Be kind.")),
+    ("serve",): ('[serve]\ncheckpoint = "c"\nport = 9001\ndtype = "bfloat16"\n[limits]\nmax_batch_size = 4\n',
+                 ["--port", "9002"], [("serve", "dtype", "bfloat16"), ("limits", "max_batch_size", 4)],
+                 ("serve", "port", 9001, 9002)),
+    ("export",): ('[export]\ncheckpoint = "c"\nformat = "gguf"\nout = "m.gguf"\ngguf_dtype = "q8_0"\n',
+                  ["--format", "onnx"], [("export", "gguf_dtype", "q8_0")], ("export", "format", "gguf", "onnx")),
+    ("eval", "perplexity"): ('[eval]\ncheckpoint = "c"\nquantize = "int8"\n'
+                             '[perplexity]\ndata = ["a.txt"]\nstride = 8\n',
+                             ["--stride", "16"], [("eval", "quantize", "int8"), ("perplexity", "data", ("a.txt",))],
+                             ("perplexity", "stride", 8, 16)),
+    ("eval", "choice"): ('[eval]\nbatch_size = 4\n[choice]\npreset = "arc"\n', ["--preset", "piqa"],
+                         [("eval", "batch_size", 4)], ("choice", "preset", "arc", "piqa")),
+    ("eval", "classify"): ('[classify]\nformat = "tsv"\n', ["--format", "csv"], [],
+                           ("classify", "format", "tsv", "csv")),
+    ("eval", "judge"): ('[judge]\ntimeout = 5.0\nretries = 1\n', ["--timeout", "7"], [("judge", "retries", 1)],
+                        ("judge", "timeout", 5.0, 7.0)),
+}
+
+
+def _leaf_commands(parser, path=()) -> list[tuple[str, ...]]:
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [path]
+    return [leaf for name, sub in subs[0].choices.items() for leaf in _leaf_commands(sub, (*path, name))]
+
+
+def test_every_command_takes_a_config_file():
+    from scratchgpt.cli import build_parser
+
+    parser = build_parser()
+    leaves = _leaf_commands(parser)
+    assert len(leaves) == 16 and set(leaves) == set(_TOML_THEN_FLAG)
+    for path in leaves:
+        assert "-c" in _subparser(parser, path)._option_string_actions, path
+
+
+@pytest.mark.parametrize("path", list(_TOML_THEN_FLAG), ids=" ".join)
+def test_a_config_file_value_is_honoured_and_a_flag_overrides_it(path, tmp_path):
+    from scratchgpt.cli import build_parser
+    from scratchgpt.cli.flags import read_config_sections
+
+    text, flag, also, (section, name, in_file, from_flag) = _TOML_THEN_FLAG[path]
+    toml = tmp_path / "c.toml"
+    toml.write_text(text)
+    parser = build_parser()
+    for argv, expected in (([*path, "-c", str(toml)], in_file), ([*path, "-c", str(toml), *flag], from_flag)):
+        configs, _ = read_config_sections(parser.parse_args(argv))
+        assert getattr(configs[section], name) == expected, argv
+        for s, field_name, value in also:  # the file's other values stand beside the flag
+            assert getattr(configs[s], field_name) == value, (argv, field_name)
+
+
+def test_info_reads_its_config_file(tmp_path, capsys):
+    toml = tmp_path / "info.toml"
+    toml.write_text('[info]\nmodel = "gpt2"\nuntied = true\n')
+    assert main(["info", "-c", str(toml)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == 124_439_808 and info["parameters_untied"] == 124_439_808 + 50257 * 768
+    assert main(["info", "-c", str(toml), "--model", "gpt2-medium", "--no-untied"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["n_layer"] == 24 and "parameters_untied" not in info
+
+
+def test_chat_reads_its_config_file_and_flags_override_it(tiny_chat_checkpoint, tmp_path, monkeypatch, capsys):
+    # `chat -c` was refused before ("unrecognized arguments"), although the README said every command takes it.
+    import io
+
+    def chat(*argv: str) -> str:
+        monkeypatch.setattr("sys.stdin", io.StringIO("Name a color.\n/quit\n"))
+        assert main(["chat", *argv]) == 0
+        return capsys.readouterr().out
+
+    toml = tmp_path / "chat.toml"
+    toml.write_text(f'[chat]\ncheckpoint = "{tiny_chat_checkpoint}"\nsystem = "Be brief."\ndevice = "cpu"\n'
+                    f'[sampling]\ntemperature = 0\nmax_new_tokens = 3\nstop_at_eot = false\n')
+    flags = ["--checkpoint", str(tiny_chat_checkpoint), "--system", "Be brief.", "--temperature", "0",
+             "--stop-at-eot", "false"]
+    three, five = chat(*flags, "--max-new-tokens", "3"), chat(*flags, "--max-new-tokens", "5")
+    assert three != five
+    assert chat("-c", str(toml)) == three
+    assert chat("-c", str(toml), "--max-new-tokens", "5") == five
+    toml.write_text('[chat]\ncheckpoint = "x"\ndraft = "y"\n')  # speculative decoding is generate's alone
+    assert main(["chat", "-c", str(toml)]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert str(toml) in err and "draft" in err and "unknown" in err
+
+
+def test_prepare_reads_a_run_file_and_flags_override_it(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("abcdefgh" * 100)
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'[model]\nn_layer = 2\n[data]\nsource = "{tmp_path / "t.txt"}"\ndir = "{tmp_path / "d"}"\n'
+                    f'tokenizer = "bpe"\nval_fraction = 0.25\nblock_size = 16\n[train]\nmax_steps = 3\n'
+                    f'[prepare]\nprogress = false\n')
+    assert main(["prepare", "-c", str(toml), "--tokenizer", "char"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["tokenizer"], out["vocab_size"], out["train_tokens"], out["val_tokens"]) == ("char", 9, 600, 200)

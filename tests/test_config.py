@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
 import pytest
 
 from scratchgpt import config as config_module
-from scratchgpt.cli import main
+from scratchgpt.cli import commands, main
 from scratchgpt.config import RunConfig, TrainConfig, config_from_dict
 
-CONFIG_CLASSES = [c for c in vars(config_module).values()
+# Every config class: the library's (config.py) and those of the commands only the CLI has.
+CONFIG_CLASSES = [c for module in (config_module, commands) for c in vars(module).values()
                   if isinstance(c, type) and dataclasses.is_dataclass(c) and c is not RunConfig
-                  and c.__module__ == config_module.__name__]
+                  and c.__module__ == module.__name__]
 
 
 def _float_fields() -> list[tuple[type, str]]:
@@ -94,3 +96,74 @@ def test_every_temperature_follows_the_one_rule() -> None:
             config_module.SamplingConfig(temperature=value)
         with pytest.raises(ValueError, match=r"TrainConfig.sample_temperature=.* must lie in \[0.0, 2.0\]"):
             TrainConfig(sample_temperature=value)
+
+
+def _valid_kwargs(cls: type) -> dict:
+    """The fewest fields that make `cls` valid: its required ones, and a checkpoint for a model source."""
+    needed = {"checkpoint": "x", "base": "b", "adapters": "a", "out_dir": "o", "out": "o", "format": "gguf"}
+    kwargs = {f.name: needed[f.name] for f in dataclasses.fields(cls)
+              if f.metadata.get("required") and f.default in ("", None)}
+    return {"checkpoint": "x", **kwargs} if issubclass(cls, commands.ModelSource) else kwargs
+
+
+def _bounded_fields() -> list[tuple[type, str, str, float]]:
+    """(class, field, rule, bound) for every bound a field declares in its metadata."""
+    return [(cls, f.name, rule, f.metadata[rule]) for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)
+            for rule in ("ge", "gt", "le", "lt") if rule in f.metadata]
+
+
+@pytest.mark.parametrize(("cls", "name", "rule", "bound"), _bounded_fields(),
+                         ids=lambda v: getattr(v, "__name__", str(v)))
+def test_every_declared_bound_is_checked(cls: type, name: str, rule: str, bound: float) -> None:
+    # The value just outside the bound is refused with the field's name. One validator reads these from
+    # the metadata for every class.
+    outside = {"ge": bound - 1, "gt": bound, "le": bound + 1, "lt": bound}[rule]
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}\.{name}={outside!r} is out of range; it must "):
+        cls(**_valid_kwargs(cls), **{name: outside})
+    if rule in ("ge", "le"):  # an inclusive bound passes the validator (a cross-field rule may still refuse it)
+        try:
+            assert getattr(cls(**_valid_kwargs(cls), **{name: bound}), name) == bound
+        except ValueError as e:
+            assert "out of range" not in str(e), e
+
+
+def test_the_bounds_and_their_messages() -> None:
+    assert len(_bounded_fields()) > 60
+    with pytest.raises(ValueError, match=r"^TrainConfig.beta1=1.0 is out of range; it must lie in \[0.0, 1.0\)$"):
+        TrainConfig(beta1=1.0)
+    with pytest.raises(ValueError, match=r"^TrainConfig.lr=0 is out of range; it must be > 0.0$"):
+        TrainConfig(lr=0)
+    with pytest.raises(ValueError, match=r"^TrainConfig.min_lr=0.01 is above lr=0.001; the floor must be <= lr$"):
+        TrainConfig(lr=1e-3, min_lr=1e-2)
+    # A subclass that changes a default keeps the field's bound and help.
+    with pytest.raises(ValueError, match=r"ClassifyTrainConfig.lr=0.0 is out of range"):
+        config_module.ClassifyTrainConfig(lr=0.0)
+    lr = {f.name: f for f in dataclasses.fields(config_module.DPOTrainConfig)}["lr"]
+    assert (lr.default, lr.metadata["gt"], lr.metadata["help"]) == (5e-6, 0.0, "peak learning rate")
+    with pytest.raises(TypeError, match="unknown field rule"):
+        config_module.setting(1, "x", minimum=0)
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "words"), [
+    # These two ran no type check before: a string where a number belongs was let through.
+    (config_module.EvalConfig, {"batch_size": "4"}, "EvalConfig.batch_size='4' (str) must be an integer"),
+    (config_module.EvalConfig, {"quantize": "int4"}, "EvalConfig.quantize='int4' is not allowed"),
+    (config_module.PerplexityEvalConfig, {"context": "8"}, "PerplexityEvalConfig.context='8' (str) must be an integer"),
+    (config_module.PerplexityEvalConfig, {"prefix_eot": "no"}, "(write true or false without quotes)"),
+    (config_module.ServeConfig, {}, "ServeConfig.checkpoint must be set"),
+    (config_module.DataConfig, {"text_field": ""}, "DataConfig.text_field must be set"),
+    (commands.ExportConfig, {"checkpoint": "c", "out": "o"}, "ExportConfig.format must be set"),
+    (commands.GenerateConfig, {"model": "gpt3"}, "GenerateConfig.model='gpt3' is not allowed; choose one of"),
+    (commands.GenerateConfig, {"checkpoint": "c", "model": "gpt2"}, "give exactly one of checkpoint"),
+])
+def test_every_config_checks_types_and_rules(cls: type, kwargs: dict, words: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)):
+        cls(**kwargs)
+
+
+def test_lists_and_lone_strings_become_tuples_where_the_field_is_one() -> None:
+    assert config_module.PerplexityEvalConfig(data="a.txt").data == ("a.txt",)
+    assert config_module.SamplingConfig(stop=["###", "\n\n"]).stop == ("###", "\n\n")  # frozen too
+    assert config_module.LoRAConfig(targets="lm_head").targets == ("lm_head",)
+    with pytest.raises(ValueError, match=r"LoRAConfig.targets=\(1,\) must be a list \(each item a string\)"):
+        config_module.LoRAConfig(targets=[1])

@@ -138,6 +138,9 @@ def test_eval_and_export_import_no_cli_or_serving():
 def test_only_the_entry_points_import_cli():
     importers = sorted(m for m, imps in GRAPH.items() if any(t == f"{PACKAGE}.cli" for t, _ in imps))
     assert set(importers) <= {f"{PACKAGE}.__main__"}
+    # The rest of the cli package (its flags and commands) is the CLI's own: nothing else imports it.
+    outside = sorted(m for m, imps in GRAPH.items() if not _in(m, "cli") and any(_in(t, "cli") for t, _ in imps))
+    assert set(outside) <= {f"{PACKAGE}.__main__"}
 
 
 def _cycles() -> list[list[str]]:

@@ -587,7 +587,8 @@ def test_serve_reads_the_chat_template_and_binds_loopback(tiny_chat_checkpoint, 
 
 
 def test_cli_serve_flags():
-    from scratchgpt.cli import build_parser, read_config_sections
+    from scratchgpt.cli import build_parser
+    from scratchgpt.cli.flags import read_config_sections
 
     args = build_parser().parse_args(["serve", "--checkpoint", "runs/x", "--max-batch-size", "4", "--port", "9000"])
     assert args.func.__name__ == "_run_serve"
