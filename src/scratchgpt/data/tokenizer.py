@@ -121,6 +121,10 @@ class Tokenizer(ABC):
     def _encode_ordinary(self, text: str) -> list[int]:
         """Ids of `text`, reading special-token texts as plain text."""
 
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Ids of `text`, reading special-token texts as plain text (`<|endoftext|>` is 13 characters)."""
+        return self._encode_ordinary(text)
+
     @abstractmethod
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """The raw bytes of `ids`; may end inside a multi-byte UTF-8 character."""
