@@ -869,6 +869,21 @@ def test_a_half_closed_client_gets_the_whole_answer_to_every_request_it_sent_who
         assert json.loads(answer)["usage"]["completion_tokens"] == max_tokens
 
 
+def test_a_half_closed_client_gets_every_pipelined_answer_whatever_its_forwarded_for(hardened):
+    import socket
+
+    # Two requests in one go, one claiming another address: the connection guard still finds them
+    # (uvicorn must not swap the client's address for the header's), answers both, then closes.
+    one = _raw_request("GET", "/health", version="1.1", connection=None)
+    two = one.replace(b"\r\n\r\n", b"\r\nX-Forwarded-For: 10.1.2.3\r\n\r\n")
+    with socket.create_connection(hardened, timeout=10) as s:
+        s.sendall(one + two)
+        s.shutdown(socket.SHUT_WR)
+        data, took = _read_all(s)
+    assert data.count(b"HTTP/1.1 200 OK") == 2 and took < 4, data  # not held open until the 5 s keep-alive
+    assert b"100 Continue" not in data and data.endswith(b"}"), data
+
+
 @pytest.mark.parametrize("connection", [None, "close"])
 @pytest.mark.parametrize("sent", ["head", "body", "chunked body"])
 def test_a_half_close_in_the_middle_of_a_request_closes_the_connection(hardened, sent, connection):

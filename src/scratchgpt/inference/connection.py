@@ -61,7 +61,8 @@ class GuardedConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.inner.eof_received()
-        if not self._mid_request() and self.requests > self.responses:
+        # Only with an address to be found by (a TCP client), else it would never hear its answer was sent.
+        if self.peer is not None and not self._mid_request() and self.requests > self.responses:
             self.close_after_answer = True  # owed an answer: keep our sending side open until it is sent
             if not self.http_10 and not self.answering:
                 self.probe_timer = asyncio.get_running_loop().call_later(1.0, self._probe)
@@ -74,7 +75,8 @@ class GuardedConnection(asyncio.Protocol):
         for timer in (self.head_timer, self.probe_timer):
             if timer is not None:
                 timer.cancel()
-        self.peers.pop(self.peer, None)
+        if self.peer is not None and self.peers.get(self.peer) is self:
+            del self.peers[self.peer]
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:

@@ -236,7 +236,7 @@ class _GenerationRequest(_Request):
     stream_options: StreamOptions | None = None
     presence_penalty: Annotated[float | None, _honoured(0)] = None
     frequency_penalty: Annotated[float | None, _honoured(0)] = None
-    logit_bias: Annotated[dict[str, float] | None, _honoured({})] = None
+    logit_bias: Annotated[dict[str, int] | None, _honoured({})] = None
     user: str | None = None  # ignored: an end-user id for OpenAI's abuse monitoring
 
     @field_validator("stream_options")

@@ -5,9 +5,10 @@
 This module is the app and its lifecycle; the work is done elsewhere:
   openai_api  the protocol: request and response models (pydantic, strict), errors, streaming
   batching    the decode batch and the scheduler thread that owns the model
+  connection  the per-connection guard around uvicorn's protocol: head-read timeout, half-closed clients
   here        `create_app` (FastAPI: routes, the guard middleware, security headers), `make_server`
-              (uvicorn with a per-connection guard: head-read timeout, half-closed clients, a draining
-              shutdown) and `serve`. FastAPI and uvicorn are imported lazily (the `serve` extra).
+              (uvicorn with that guard, its timeouts and a draining shutdown) and `serve`.
+              FastAPI and uvicorn are imported lazily (the `serve` extra).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (`request:
