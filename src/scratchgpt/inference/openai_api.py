@@ -550,10 +550,14 @@ class ChatChunkChoice(_Reply):
 
 
 class _Response(_Reply):
+    """The fields of every answer and chunk, in OpenAI's order; each kind narrows `object` and `choices`."""
+
     omit_if_none = ("usage",)  # a stream's chunks carry no usage, except the last one when asked for
     id: str
+    object: str
     created: int
     model: str
+    choices: list[Any]
     usage: Usage | None = None
 
 
