@@ -195,3 +195,10 @@ def test_the_rules_catch_a_violation(rule, monkeypatch):
         assert any("scratchgpt.model.gpt" in c for c in _cycles())
     else:
         assert _violations(("inference",), forbidden=("training",))
+
+
+def test_the_servers_parts_point_one_way():
+    # serve -> openai_api -> batching: the decoder knows no protocol, the protocol no app.
+    server_parts = ("inference.openai_api", "inference.serve", "inference.connection")
+    assert _violations(("inference.batching",), forbidden=server_parts) == []
+    assert _violations(("inference.openai_api", "inference.connection"), forbidden=("inference.serve",)) == []

@@ -19,11 +19,13 @@ from scratchgpt.checkpoint import load_any
 from scratchgpt.config import ServeLimits
 from scratchgpt.data.chat import render_chat, stop_strings
 from scratchgpt.inference.generate import generate, generate_text
-from scratchgpt.inference.serve import DecodeBatch, Job, Row, create_app
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
+
+from scratchgpt.inference.openai_api import ChatCompletionRequest, CompletionRequest  # noqa: E402
+from scratchgpt.inference.serve import create_app  # noqa: E402
 
 MODEL = "tiny"
 KEY = "test-key"
@@ -327,8 +329,8 @@ BAD_REQUESTS = {
     "content is an empty list": ("/v1/chat/completions", dict(json=_chat(messages=[{"role": "user", "content": []}])),
                                  400, "messages[0].content"),
     "unknown key in a message": ("/v1/chat/completions",
-                                 dict(json=_chat(messages=[{"role": "user", "content": "hi", "name": "x"}])),
-                                 400, "messages[0].name"),
+                                 dict(json=_chat(messages=[{"role": "user", "content": "hi", "nickname": "x"}])),
+                                 400, "messages[0].nickname"),
     "unknown key in a content part": ("/v1/chat/completions", dict(json=_chat(messages=[
         {"role": "user", "content": [{"type": "text", "text": "hi", "cache": 1}]}])), 400,
         "messages[0].content[0].cache"),
@@ -498,66 +500,6 @@ def test_a_disconnected_request_stops_decoding(slow_server, slow_app):
     assert scheduler.tokens_generated - before < 40
 
 
-# ---------------------------------------------------------------------------------------------
-# The decoder on its own: rows joining and leaving a running batch
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("sampling", [
-    dict(temperature=0.0),
-    dict(temperature=0.9, top_k=40),
-    dict(temperature=1.0, top_p=0.9, repetition_penalty=1.3),
-])
-def test_rows_joining_a_running_batch_decode_as_if_alone(model, tok, sampling):
-    import asyncio
-    import random
-
-    rng = random.Random(0)
-    job = Job(asyncio.new_event_loop())
-    prompts = [tok.encode(t) for t in ["Hello there, how are", "Once", "The quick brown fox jumps over the lazy", "A"]]
-    rows = []
-    for i in range(10):
-        prompt = prompts[i % len(prompts)]
-        config = SamplingConfig(max_new_tokens=rng.randint(1, 40), **sampling)
-        rows.append(Row(job, i, prompt, config, torch.Generator().manual_seed(100 + i)))
-
-    batch, waiting, tokens = DecodeBatch(model, tok), list(rows), {}
-    joined_late = 0
-    while waiting or len(batch):
-        joining = []
-        while waiting and len(joining) < rng.randint(0, 2) and batch.fits([*joining, waiting[0]]):
-            joining.append(waiting.pop(0))
-        if joining:
-            joined_late += bool(len(batch))
-            batch.add(joining)
-        if len(batch):
-            for row, _, finish in batch.step():
-                if finish:
-                    tokens[row.index] = row.tokens
-    assert joined_late > 0
-    for row in rows:
-        alone = generate(model, row.prompt, row.sampling, eot_id=tok.eot_id,
-                         generator=torch.Generator().manual_seed(100 + row.index))[0]
-        got = tokens[row.index]
-        assert got[: len(alone)] == alone and len(got) - len(alone) in (0, 1)  # + the end-of-text token
-
-
-def test_a_row_waits_when_the_batch_has_no_room_in_the_context(model, tok):
-    import asyncio
-
-    job = Job(asyncio.new_event_loop())
-    gen = torch.Generator()
-    long_answer = Row(job, 0, [1] * 10, SamplingConfig(max_new_tokens=50, temperature=0.0), gen)
-    long_prompt = Row(job, 1, [2] * 60, SamplingConfig(max_new_tokens=4, temperature=0.0), gen)
-    batch = DecodeBatch(model, tok)
-    assert batch.fits([long_answer]) and batch.fits([long_prompt])
-    batch.add([long_answer])
-    for _ in range(5):
-        batch.step()
-    # 60 prompt columns + 45 more answer tokens for row 0 would need 105 > 64 cache columns.
-    assert not batch.fits([long_prompt])
-
-
 def test_serve_reads_the_chat_template_and_binds_loopback(tiny_chat_checkpoint, monkeypatch):
     from types import SimpleNamespace
 
@@ -677,16 +619,17 @@ def test_extreme_sampling_values_are_served_not_500(client, http, extra):
 
 
 def test_chat_without_max_tokens_uses_the_documented_default(model, tok):
-    from scratchgpt.inference.serve import DEFAULT_CHAT_MAX_TOKENS, DEFAULT_MAX_TOKENS, RequestParser
+    from scratchgpt.inference.openai_api import DEFAULT_CHAT_MAX_TOKENS, DEFAULT_MAX_TOKENS, RequestParser
 
     parser = RequestParser(tok, MODEL, 4096, "alpaca", ServeLimits())  # a context wider than the default
-    chat = parser.chat({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    hi = ChatCompletionRequest.model_validate({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    chat = parser.chat(hi)
     assert chat.samplings[0].max_new_tokens == DEFAULT_CHAT_MAX_TOKENS == 256
-    completion = parser.completion({"model": MODEL, "prompt": "hi"})
+    completion = parser.completion(CompletionRequest.model_validate({"model": MODEL, "prompt": "hi"}))
     assert completion.samplings[0].max_new_tokens == DEFAULT_MAX_TOKENS == 16
     # Near the context's end, the answer stops there.
     small = RequestParser(tok, MODEL, 64, "alpaca", ServeLimits())
-    chat = small.chat({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    chat = small.chat(hi)
     assert chat.samplings[0].max_new_tokens == 64 - len(chat.prompts[0])
 
 
@@ -927,6 +870,21 @@ def test_a_half_closed_client_gets_the_whole_answer_to_every_request_it_sent_who
         assert json.loads(answer)["usage"]["completion_tokens"] == max_tokens
 
 
+def test_a_half_closed_client_gets_every_pipelined_answer_whatever_its_forwarded_for(hardened):
+    import socket
+
+    # Two requests in one go, one claiming another address: the connection guard still finds them
+    # (uvicorn must not swap the client's address for the header's), answers both, then closes.
+    one = _raw_request("GET", "/health", version="1.1", connection=None)
+    two = one.replace(b"\r\n\r\n", b"\r\nX-Forwarded-For: 10.1.2.3\r\n\r\n")
+    with socket.create_connection(hardened, timeout=10) as s:
+        s.sendall(one + two)
+        s.shutdown(socket.SHUT_WR)
+        data, took = _read_all(s)
+    assert data.count(b"HTTP/1.1 200 OK") == 2 and took < 4, data  # not held open until the 5 s keep-alive
+    assert b"100 Continue" not in data and data.endswith(b"}"), data
+
+
 @pytest.mark.parametrize("connection", [None, "close"])
 @pytest.mark.parametrize("sent", ["head", "body", "chunked body"])
 def test_a_half_close_in_the_middle_of_a_request_closes_the_connection(hardened, sent, connection):
@@ -957,97 +915,6 @@ def test_keep_alive_connections_are_closed_after_their_timeout(hardened):
         s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         data, took = _read_all(s, timeout=15)
     assert data.startswith(b"HTTP/1.1 200") and took < 10  # uvicorn's keep-alive timeout: 5 s
-
-
-# ---------------------------------------------------------------------------------------------
-# Fairness: a small request is not queued behind every row of big ones
-# ---------------------------------------------------------------------------------------------
-
-
-def _job(model, tok, loop, n, max_tokens, seed=0):
-    from scratchgpt.inference.serve import GenerationRequest, job_rows
-
-    job = Job(loop)
-    sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=0.0)
-    req = GenerationRequest(chat=False, prompts=((1, 2, 3),), samplings=(sampling,), n=n, seed=seed, stream=True)
-    job.rows = job_rows(job, req, "cpu")
-    return job
-
-
-def test_a_small_request_is_not_queued_behind_big_ones(model, tok):
-    import asyncio
-
-    from scratchgpt.inference.serve import Scheduler
-
-    loop = asyncio.new_event_loop()
-    scheduler = Scheduler(model, tok, limits=ServeLimits(max_batch_size=8, batch_window_ms=0))
-    big = [_job(model, tok, loop, n=16, max_tokens=20, seed=i) for i in range(4)]  # 64 rows, 8 waves by row
-    for job in big:
-        scheduler.submit(job)
-    scheduler._admit()
-    scheduler._step()
-    small = _job(model, tok, loop, n=1, max_tokens=4)
-    scheduler.submit(small)
-    steps = 0
-    while small.decoding or small.waiting:
-        scheduler._admit()
-        scheduler._step()
-        steps += 1
-        assert steps < 200
-    # First come, first served by row it would wait for 8 waves of 20 steps; fairly, for one row to end.
-    assert steps <= 20 + 4
-    # Rows are shared out by request: 8 slots over 4 big requests is 2 each (one just freed by the small one).
-    scheduler._admit()
-    assert [j.decoding for j in big] == [2, 2, 2, 2]
-    loop.close()
-
-
-def test_a_request_whose_client_is_not_reading_gets_no_new_rows(model, tok):
-    import asyncio
-
-    from scratchgpt.inference.serve import MAX_BACKLOG, Scheduler
-
-    loop = asyncio.new_event_loop()
-    scheduler = Scheduler(model, tok, limits=ServeLimits(max_batch_size=8, batch_window_ms=0))
-    stalled, other = _job(model, tok, loop, n=4, max_tokens=5), _job(model, tok, loop, n=4, max_tokens=5, seed=9)
-    stalled.emitted = MAX_BACKLOG + 1  # as if that many events were waiting for a client that does not read
-    scheduler.submit(stalled)
-    scheduler.submit(other)
-    scheduler._admit()
-    assert (stalled.decoding, other.decoding) == (0, 4)
-    stalled.consumed = stalled.emitted  # it caught up
-    scheduler._admit()
-    assert stalled.decoding == 4
-    loop.close()
-
-
-def test_rows_of_a_client_that_stops_reading_pause_and_resume_where_they_were(model, tok):
-    import asyncio
-
-    from scratchgpt.inference.serve import MAX_BACKLOG, Scheduler
-
-    loop = asyncio.new_event_loop()
-    scheduler = Scheduler(model, tok, limits=ServeLimits(max_batch_size=8, batch_window_ms=0))
-    job = _job(model, tok, loop, n=2, max_tokens=12)
-    scheduler.submit(job)
-    scheduler._admit()
-    for _ in range(5):
-        scheduler._step()
-    assert job.decoding == 2 and all(len(r.tokens) == 5 for r in job.rows)
-    job.emitted += MAX_BACKLOG + 1  # its client stopped reading
-    scheduler._pause_unread()
-    assert (job.decoding, len(job.waiting), len(scheduler.batch)) == (0, 2, 0)
-    scheduler._admit()
-    assert job.decoding == 0  # still not reading: it stays paused
-    job.consumed = job.emitted
-    while job.waiting or job.decoding:
-        scheduler._admit()
-        scheduler._step()
-    # Resumed from prompt + its first 5 tokens, it ends as an uninterrupted greedy run does.
-    expected = greedy_ids(model, tok, [1, 2, 3], 12)
-    for row in job.rows:
-        assert row.tokens[: len(expected)] == expected and row.completion.finish_reason is not None
-    loop.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1223,7 +1090,7 @@ def test_temperature_has_one_rule_in_python_cli_and_http(model, tok, http, tiny_
                                                          capsys):
     import scratchgpt.inference.generate as generate_module
     from scratchgpt.cli import main
-    from scratchgpt.inference.serve import RequestParser
+    from scratchgpt.inference.openai_api import RequestParser
 
     parser = RequestParser(tok, MODEL, 64, "alpaca", ServeLimits())
     seen: list[SamplingConfig] = []  # what `scratchgpt generate` samples with
@@ -1242,8 +1109,8 @@ def test_temperature_has_one_rule_in_python_cli_and_http(model, tok, http, tiny_
             assert generate(model, [prompt], python) == greedy_text
         assert main([*cli, f"--temperature={value!r}"]) == 0
         assert seen.pop().greedy is greedy, value
-        assert parser.completion({"model": MODEL, "prompt": PROMPT, "temperature": value}).samplings[0].greedy \
-            is greedy, value
+        request = CompletionRequest.model_validate({"model": MODEL, "prompt": PROMPT, "temperature": value})
+        assert parser.completion(request).samplings[0].greedy is greedy, value
         assert http.post("/v1/completions", json=_completion(max_tokens=1, temperature=value)).status_code == 200
     capsys.readouterr()
 
