@@ -61,6 +61,12 @@ def test_a_thread_count_given_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choice.threads == 1 and "OMP_NUM_THREADS" in choice.reason and not choice.busy
 
 
+def _cpu_seconds(pid: int, ticks: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux /proc/<pid>/stat, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
 @pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads Linux's /proc/stat")
 def test_busy_loops_are_counted_and_our_own_threads_are_not() -> None:
     assert other_runnable_threads() is not None
@@ -68,7 +74,12 @@ def test_busy_loops_are_counted_and_our_own_threads_are_not() -> None:
     try:
         import time
 
-        time.sleep(0.3)
+        # Wait until both loops really spin (a started interpreter may still wait on disk reads, and on a
+        # busy machine start-up takes longer than any fixed sleep): each has burned >= 0.1 s of CPU.
+        ticks = os.sysconf("SC_CLK_TCK")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(_cpu_seconds(p.pid, ticks) >= 0.1 for p in loops):
+            time.sleep(0.05)
         assert other_runnable_threads() >= 2  # both loops are always runnable
     finally:
         for p in loops:
