@@ -468,7 +468,7 @@ def test_draft_check_accepts_char_tokenizers_without_the_probes_characters():
 
 def test_decode_path_is_measured_once_and_both_paths_agree() -> None:
     from scratchgpt.inference.generate import DecodePath, choose_decode_path
-    from scratchgpt.model.gpt import Linear
+    from scratchgpt.model.fast_linear import Linear
 
     model = tiny_model()
     path = choose_decode_path(model)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scratchgpt.config import SamplingConfig
-from scratchgpt.model.gpt import GPT, KVCache, Linear
+from scratchgpt.model.fast_linear import Linear
+from scratchgpt.model.gpt import GPT, KVCache
 
 # ---------------------------------------------------------------------------------------------
 # Pure sampling functions
