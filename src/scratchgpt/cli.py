@@ -210,7 +210,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     draft, stats = None, {}
     if args.draft:
         from scratchgpt.checkpoint import load_any
-        from scratchgpt.inference.generate import check_draft
+        from scratchgpt.inference.speculative import check_draft
 
         draft, draft_tokenizer = load_any(args.draft, device=device, quantize=args.quantize,
                                           inference_dtype=args.dtype)
