@@ -10,17 +10,15 @@ import torch
 from scratchgpt import GPT, GPTConfig, SamplingConfig
 from scratchgpt.inference.generate import (
     TextAssembler,
-    _lookup_draft,
-    apply_repetition_penalty,
-    filter_logits,
     generate,
     generate_text,
     iter_generate,
     left_pad,
     make_generator,
-    sample_next_token,
     stream_text,
 )
+from scratchgpt.inference.sampling import apply_repetition_penalty, filter_logits, sample_next_token
+from scratchgpt.inference.speculative import lookup_draft
 
 
 class ByteTokenizer:
@@ -268,11 +266,11 @@ def test_seeded_text_generation_is_reproducible():
 
 
 def test_lookup_draft_copies_what_followed_the_latest_match_of_the_last_ngram():
-    assert _lookup_draft([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 2) == [7, 8]  # latest trigram match
-    assert _lookup_draft([5, 6, 1, 2], 3) == []  # trailing 2 never occurred before
-    assert _lookup_draft([4, 4, 4, 4, 4], 5) == [4, 4]  # no full draft: the longest continuation
-    assert _lookup_draft([7, 4, 4, 4, 4, 4], 2) == [4, 4]  # a run: a match far enough back fills k
-    assert _lookup_draft([1, 2, 1, 2], 0) == []
+    assert lookup_draft([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 2) == [7, 8]  # latest trigram match
+    assert lookup_draft([5, 6, 1, 2], 3) == []  # trailing 2 never occurred before
+    assert lookup_draft([4, 4, 4, 4, 4], 5) == [4, 4]  # no full draft: the longest continuation
+    assert lookup_draft([7, 4, 4, 4, 4, 4], 2) == [4, 4]  # a run: a match far enough back fills k
+    assert lookup_draft([1, 2, 1, 2], 0) == []
 
 
 @pytest.mark.parametrize("n_positions", [64, 24])
@@ -311,7 +309,7 @@ def test_sampling_seed_is_honoured_without_a_generator() -> None:
 
 
 def test_sample_from_probs_follows_the_distribution_and_never_picks_zero_mass():
-    from scratchgpt.inference.generate import sample_from_probs
+    from scratchgpt.inference.sampling import sample_from_probs
 
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]])
     g = make_generator(0)
@@ -328,7 +326,7 @@ def test_sample_from_probs_follows_the_distribution_and_never_picks_zero_mass():
 
 
 def test_sample_from_probs_picks_a_block_by_cumulative_mass_then_races_inside_it():
-    from scratchgpt.inference.generate import _SAMPLE_BLOCK, sample_from_probs
+    from scratchgpt.inference.sampling import _SAMPLE_BLOCK, sample_from_probs
 
     probs = torch.softmax(torch.randn(4, 50257, generator=torch.Generator().manual_seed(0)), dim=-1)
     out = sample_from_probs(probs, generator=make_generator(5))
@@ -343,7 +341,7 @@ def test_sample_from_probs_picks_a_block_by_cumulative_mass_then_races_inside_it
 
 def test_sample_from_probs_is_robust_to_rounding_noise_in_the_logits():
     """A batch and a lone row differ in the last float bits; their draws must (almost) never differ."""
-    from scratchgpt.inference.generate import sample_from_probs
+    from scratchgpt.inference.sampling import sample_from_probs
 
     logits = torch.randn(1, 50257, generator=torch.Generator().manual_seed(1)) * 0.3  # flat: the hard case
     # Exaggerated noise (1e-3 absolute): a plain 50k-long inverse-CDF search moved 26 of these 300
@@ -378,7 +376,8 @@ def test_speculative_greedy_gives_exactly_the_plain_greedy_tokens(k):
 def test_accept_reject_rule_emits_tokens_distributed_as_the_model():
     """One verification step with fixed distributions: whatever the draft proposes, the first
     emitted token follows p_0 and the bonus/next tokens follow the model too."""
-    from scratchgpt.inference.generate import _accept_reject, sample_from_probs
+    from scratchgpt.inference.sampling import sample_from_probs
+    from scratchgpt.inference.speculative import accept_reject
 
     cfg = SamplingConfig(temperature=1.0)
     p_logits = torch.tensor([[2.0, 0.0, -1.0, 0.5], [0.0, 1.5, 0.0, -2.0], [1.0, 1.0, -1.0, 0.0]])  # (1+k, V)
@@ -389,7 +388,7 @@ def test_accept_reject_rule_emits_tokens_distributed_as_the_model():
     kept_all = 0
     for _ in range(n):
         d = [int(sample_from_probs(q[i : i + 1], generator=g)) for i in range(2)]
-        n_ok, nxt = _accept_reject(p_logits, q, d, cfg, g)
+        n_ok, nxt = accept_reject(p_logits, q, d, cfg, g)
         first[(d + [int(nxt)])[0] if n_ok > 0 else int(nxt)] += 1
         kept_all += n_ok == 2
     assert (first / n - p[0]).abs().max() < 0.035
@@ -403,7 +402,7 @@ def test_speculative_sampling_keeps_the_models_distribution():
     """Empirical joint distribution of 3 sampled tokens (vocab of 3) vs the exact one of the model."""
     import itertools
 
-    from scratchgpt.inference.generate import token_probs
+    from scratchgpt.inference.sampling import token_probs
 
     V = 3
     model = tiny_model(vocab_size=V, n_positions=16, seed=2)
@@ -440,7 +439,7 @@ def test_speculative_sampling_keeps_the_models_distribution():
 
 
 def test_draft_with_another_vocabulary_or_tokenizer_is_one_clear_error():
-    from scratchgpt.inference.generate import check_draft
+    from scratchgpt.inference.speculative import check_draft
 
     model = tiny_model(vocab_size=97)
     with pytest.raises(ValueError, match="vocabulary has 96 tokens.*same tokenizer"):
@@ -456,7 +455,7 @@ def test_draft_check_accepts_char_tokenizers_without_the_probes_characters():
     """Issue 21: the demo's char model (no digits or accents in some corpora) and a draft trained on the same
     data were refused because the check encoded a probe text the alphabet lacks; different alphabets still fail."""
     from scratchgpt.data.tokenizers import CharTokenizer
-    from scratchgpt.inference.generate import check_draft
+    from scratchgpt.inference.speculative import check_draft
 
     alphabet = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # Tiny Shakespeare's, less a few
     model, draft = tiny_model(vocab_size=len(alphabet) + 1), tiny_model(vocab_size=len(alphabet) + 1, seed=1)
@@ -468,7 +467,7 @@ def test_draft_check_accepts_char_tokenizers_without_the_probes_characters():
 
 def test_decode_path_is_measured_once_and_both_paths_agree() -> None:
     from scratchgpt.inference.generate import DecodePath, choose_decode_path
-    from scratchgpt.model.gpt import Linear
+    from scratchgpt.model.fast_linear import Linear
 
     model = tiny_model()
     path = choose_decode_path(model)

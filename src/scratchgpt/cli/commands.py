@@ -227,7 +227,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     draft, stats = None, {}
     if cfg.draft:
         from scratchgpt.checkpoint import load_any
-        from scratchgpt.inference.generate import check_draft
+        from scratchgpt.inference.speculative import check_draft
 
         draft, draft_tokenizer = load_any(cfg.draft, device=device, quantize=cfg.quantize, inference_dtype=cfg.dtype)
         try:

@@ -228,7 +228,7 @@ def create_app(
     check_chat_template(chat_template, tokenizer)
     limits = limits or ServeLimits()
     model.eval()
-    choose_decode_path(model)  # the faster CPU matrix-vector path for this machine (see model.gpt.Linear)
+    choose_decode_path(model)  # the faster CPU matrix-vector path for this machine (see model.fast_linear.Linear)
     device = next(model.parameters()).device
     chat_disabled = chat_unavailable_reason(tokenizer, chat_template)
     if chat_disabled:  # e.g. a character-level alphabet: say it once here, not in every request's error

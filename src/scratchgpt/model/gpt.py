@@ -1,8 +1,9 @@
 """The GPT model as pure `torch.nn` modules: no I/O, no optimizer, no downloads.
 
-Shape legend used in comments: B batch, T time (query positions), S key positions (cache + new),
-C channels (n_embd), V vocab, nh heads, nkv key/value heads, hs head size (C // nh unless head_dim),
-H the MLP's hidden width.
+Read top to bottom, as nanoGPT's model.py: norms, the MLP, position encodings, attention, the block, the
+KV cache and the GPT. Shape legend used in comments: B batch, T time (query positions), S key positions
+(cache + new), C channels (n_embd), V vocab, nh heads, nkv key/value heads, hs head size (C // nh unless
+head_dim), H the MLP's hidden width.
 
 By default this is GPT-2 exactly. `GPTConfig` options swap single parts for the ones the Llama and
 Qwen families use (README: the family table): `RMSNorm` for `LayerNorm`, `RotaryEmbedding` for the
@@ -13,6 +14,41 @@ Parameter names follow Hugging Face's `GPT2LMHeadModel` (`transformer.h.0.attn.c
 so importing GPT-2 weights is an identity map plus four transposes (HF stores Conv1D weights as
 (in, out); `nn.Linear` stores (out, in)). The other families keep these names too: their separate
 q/k/v (and gate/up) projections are stacked into the fused `c_attn` (and `c_fc`) by `scratchgpt.hf`.
+The projections are `fast_linear.Linear`: `nn.Linear` with an optional faster CPU path for decoding.
+
+Reading alongside "Build a Large Language Model (From Scratch)": the book's classes, written the book's
+way, are in `scratchgpt.model.textbook` (with weight converters both ways; tests require both to compute
+the same logits), and its helper functions under the book's names (`generate_text_simple`, `generate`,
+`create_dataloader_v1`, `calc_loss_loader`, `load_weights_into_gpt`, ...) in `scratchgpt.book`. Its names
+map to ours as follows:
+
+    the book                                 here
+    GPT_CONFIG_124M (a dict)                 GPTConfig: emb_dim -> n_embd, context_length -> n_positions,
+                                             n_heads -> n_head, n_layers -> n_layer, drop_rate -> embd_pdrop,
+                                             attn_pdrop and resid_pdrop, qkv_bias -> attn_bias (c_attn's bias)
+    GPTModel                                 GPT
+      tok_emb, pos_emb, drop_emb               transformer.wte, transformer.wpe, transformer.drop
+      trf_blocks                               transformer.h
+      final_norm, out_head                     transformer.ln_f, lm_head
+    TransformerBlock                         Block
+      att, ff, norm1, norm2                    attn, mlp, ln_1, ln_2
+      drop_shortcut                            attn.resid_dropout, mlp.dropout (inside each sub-layer)
+    MultiHeadAttention                       CausalSelfAttention
+      W_query, W_key, W_value                  c_attn: one fused Linear, output rows [q; k; v]
+      out_proj                                 c_proj
+      mask (a buffer)                          causal_mask(), or is_causal in scaled_dot_product_attention
+      num_heads, head_dim                      n_head, head_size
+    MultiHeadAttentionWrapper of             CausalSelfAttention (all heads in one matrix product)
+      CausalAttention (one module per head)
+    FeedForward                              MLP
+      layers[0], GELU, layers[2]               c_fc, act, c_proj
+    LayerNorm (scale, shift)                 LayerNorm (weight, bias)
+    GELU                                     GELU
+    generate_text_simple                     inference.generate.generate with SamplingConfig(temperature=0)
+    generate (temperature, top_k)            inference.generate.generate with SamplingConfig(temperature, top_k)
+
+The book's `generate` draws with `torch.multinomial`; ours samples from the same distribution with a faster
+sampler (`inference.sampling`), so one seed gives other text. `scratchgpt.book.generate` draws as the book.
 """
 
 from __future__ import annotations
@@ -29,48 +65,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from scratchgpt.config import GPTConfig
+from scratchgpt.model.fast_linear import Linear
 
 AttnImpl = Literal["sdpa", "eager"]
 
-# What `GPT.from_pretrained` calls: `scratchgpt.checkpoint.load_hf`, handed down by that module when it is
-# imported. The model stage holds no I/O and imports nothing above config and device (tests/test_layering.py),
-# so the loader comes down to it instead of the model reaching up for it.
-_pretrained_loader: Callable[..., GPT] | None = None
 
-
-def register_pretrained_loader(loader: Callable[..., GPT]) -> None:
-    """Make `loader(name_or_dir, *, device, dtype, **config_overrides) -> GPT` the one `GPT.from_pretrained` uses."""
-    global _pretrained_loader
-    _pretrained_loader = loader
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters and names) with an optional path for a few rows on the CPU.
-
-    Decoding feeds one token at a time, so every layer multiplies a big weight by a single row and
-    speed is set by how fast the weights stream from memory. Which BLAS call streams faster depends on
-    the CPU: on the 2-core AMD EPYC machines here PyTorch's matrix-vector path (x @ Wᵀ) streamed weights
-    at ~16 GB/s while W @ xᵀ with two columns streamed at ~32 GB/s (decode 1.8× faster); on an Intel
-    Xeon with AMX the matrix-vector path was the fast one and W @ xᵀ halved decode speed (17 vs 35 tok/s
-    for GPT-2 124M). So the path is per layer: up to `few_rows` rows (0, the default, means never) the
-    layer computes (W @ xᵀ)ᵀ, padding a single row to two. `inference.generate.choose_decode_path`
-    times whole decode steps both ways (weights streaming from DRAM, as in real decoding) and sets it
-    for the block layers and the LM head separately. Results equal F.linear up to float rounding.
-    """
-
-    few_rows: int = 0
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.size(-1)
-        if rows > self.few_rows or rows == 0 or x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, x.size(-1))
-        if rows == 1:
-            flat = torch.cat([flat, flat])  # two real rows: BLAS takes its matrix-matrix path
-        y = (self.weight @ flat.t()).t()[:rows]  # (rows, out)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], y.size(-1))
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------
 
 
 class LayerNorm(nn.Module):
@@ -110,6 +112,11 @@ def make_norm(config: GPTConfig, dim: int, *, device=None, dtype=None) -> nn.Mod
     if config.norm == "rmsnorm":
         return RMSNorm(dim, eps=config.layer_norm_epsilon, device=device, dtype=dtype)
     return LayerNorm(dim, eps=config.layer_norm_epsilon, bias=config.bias, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLP (the book's FeedForward) and its non-linearities
+# ---------------------------------------------------------------------------------------------
 
 
 class GELU(nn.Module):
@@ -163,8 +170,39 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.c_proj(self.act(self.c_fc(x)))  # (B, T, C)
+        h = self.act(self.c_fc(x))  # (B, T, H): c_fc widens (to 2·H for SwiGLU, whose gate halves it back)
+        y = self.c_proj(h)  # (B, T, C)
         return self.dropout(y) if self.training else y
+
+
+# ---------------------------------------------------------------------------------------------
+# Position encodings: a fixed sinusoidal table (added to the embeddings) or RoPE (applied in attention)
+# ---------------------------------------------------------------------------------------------
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sin/cos position table (no parameters): even channels sin, odd channels cos."""
+
+    def __init__(self, n_positions: int, n_embd: int, *, device=None, dtype=None):
+        super().__init__()
+        self.register_buffer(
+            "table", sinusoidal_table(n_positions, n_embd, device=device, dtype=dtype), persistent=False
+        )
+
+    def forward(self, position_ids: Tensor) -> Tensor:
+        return self.table[position_ids]  # (T, C), or (B, T, C) for per-row positions
+
+
+def sinusoidal_table(n_positions: int, n_embd: int, *, device=None, dtype=None) -> Tensor:
+    """(n_positions, n_embd) table: PE[p, 2i] = sin(p / 10000^(2i/C)), PE[p, 2i+1] = cos(same)."""
+    pos = torch.arange(n_positions, dtype=torch.float64, device=device)[:, None]
+    inv_freq = torch.exp(
+        torch.arange(0, n_embd, 2, dtype=torch.float64, device=device) * (-math.log(10000.0) / n_embd)
+    )
+    table = torch.zeros(n_positions, n_embd, dtype=torch.float64, device=device)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq)
+    return table.to(dtype or torch.get_default_dtype())
 
 
 class RotaryEmbedding(nn.Module):
@@ -229,6 +267,11 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).to(x.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     """(B, nkv, S, hs) -> (B, nkv·n_rep, S, hs): each key/value head serves n_rep consecutive query heads."""
     if n_rep == 1:
@@ -285,55 +328,72 @@ class CausalSelfAttention(nn.Module):
 
         `mask` is None for plain causal attention, else a bool (B|1, 1, T, S) tensor, True = attend.
         `rope` is the (cos, sin) pair of `RotaryEmbedding` for these positions when RoPE is on.
+        Without the options (no cache, no RoPE, no QK-norm) this is GPT-2's attention: project, attend, project.
         """
+        B, T, _ = x.shape
+        q, k, v = self._project_qkv(x)  # (B, nh, T, hs), (B, nkv, T, hs), (B, nkv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if kv is not None:
+            k, v = self._append_to_cache(kv, k, v, start=start)  # (B, nkv, S, hs): cached keys, then these
+        if self.attn_impl == "eager" or return_weights:
+            y, weights = self._attend_eager(q, k, v, mask=mask, start=start)
+        else:
+            y, weights = self._attend_sdpa(q, k, v, mask=mask, start=start), None
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)  # re-assemble heads
+        y = self.c_proj(y)  # (B, T, C)
+        if self.training:  # (dropout is the identity in eval; skipping the call matters when decoding)
+            y = self.resid_dropout(y)
+        return (y, weights) if return_weights else y
+
+    def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One matrix product for queries, keys and values, split into heads: (B, T, C) -> (B, heads, T, hs)."""
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
         q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if kv is not None:
-            # Write this step's keys/values into the pre-allocated cache, then attend over all of it.
-            # (narrow, not k_buf[:, :, a:b]: the same views without Python's indexing machinery, which
-            # costs more than the copy itself when decoding one token.)
-            k_buf, v_buf = kv
-            k_buf.narrow(2, start, T).copy_(k)
-            v_buf.narrow(2, start, T).copy_(v)
-            k, v = k_buf.narrow(2, 0, start + T), v_buf.narrow(2, 0, start + T)  # (B, nkv, S, hs)
-        S = k.size(2)
+        return q, k, v
 
-        if self.attn_impl == "eager" or return_weights:
-            k, v = repeat_kv(k, nh // nkv), repeat_kv(v, nh // nkv)  # (B, nh, S, hs)
-            y, weights = self._eager(q, k, v, mask, start)
-        else:
-            weights = None
-            dropout_p = self.attn_pdrop if self.training else 0.0
-            # enable_gqa lets the kernel read each key/value head for its whole group of query heads
-            # instead of copying them n_head/n_kv_head times (measured ~20x faster decoding on CPU).
-            gqa = dict(enable_gqa=True) if nkv != nh else {}
-            if mask is None and 1 < T < S:
-                # Several new queries after a cached prefix: is_causal would align the triangle
-                # top-left, so pass the causal mask's rows for these positions instead.
-                mask = causal_mask(T, S, start, device=q.device)
-            if mask is not None:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
-            else:
-                # Here either nothing is cached (start == 0, so T == S and is_causal's top-left
-                # triangle is right) or one new query follows the cache (it may see every key: no
-                # mask). Deciding from the cache position, a Python int, rather than comparing T
-                # with S keeps this a plain bool when T is a symbolic size (torch.onnx.export).
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=start == 0, **gqa)
-        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # re-assemble heads: (B, T, nh·hs)
-        y = self.c_proj(y)  # (B, T, C)
-        if self.training:  # (dropout is the identity in eval; skipping the call matters when decoding)
-            y = self.resid_dropout(y)
-        return (y, weights) if return_weights else y
+    @staticmethod
+    def _append_to_cache(kv: tuple[Tensor, Tensor], k: Tensor, v: Tensor, *, start: int) -> tuple[Tensor, Tensor]:
+        """Write this step's keys/values (B, nkv, T, hs) into the cache at `start`; all keys so far (B, nkv, S, hs)."""
+        # (narrow, not k_buf[:, :, a:b]: the same views without Python's indexing machinery, which
+        # costs more than the copy itself when decoding one token.)
+        k_buf, v_buf = kv
+        T = k.size(2)
+        k_buf.narrow(2, start, T).copy_(k)
+        v_buf.narrow(2, start, T).copy_(v)
+        return k_buf.narrow(2, 0, start + T), v_buf.narrow(2, 0, start + T)
 
-    def _eager(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, start: int) -> tuple[Tensor, Tensor]:
+    def _attend_sdpa(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, start: int) -> Tensor:
+        """PyTorch's fused kernel (flash attention on CUDA): q (B, nh, T, hs), k/v (B, nkv, S, hs) -> (B, nh, T, hs)."""
+        T, S = q.size(2), k.size(2)
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        # enable_gqa lets the kernel read each key/value head for its whole group of query heads
+        # instead of copying them n_head/n_kv_head times (measured ~20x faster decoding on CPU).
+        gqa = dict(enable_gqa=True) if self.n_kv_head != self.n_head else {}
+        if mask is None and 1 < T < S:
+            # Several new queries after a cached prefix: is_causal would align the triangle
+            # top-left, so pass the causal mask's rows for these positions instead.
+            mask = causal_mask(T, S, start, device=q.device)
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
+        # Here either nothing is cached (start == 0, so T == S and is_causal's top-left
+        # triangle is right) or one new query follows the cache (it may see every key: no
+        # mask). Deciding from the cache position, a Python int, rather than comparing T
+        # with S keeps this a plain bool when T is a symbolic size (torch.onnx.export).
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=start == 0, **gqa)
+
+    def _attend_eager(
+        self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, start: int
+    ) -> tuple[Tensor, Tensor]:
+        """softmax(QKᵀ/√hs) written out: outputs (B, nh, T, hs) and the attention weights (B, nh, T, S)."""
+        n_rep = self.n_head // self.n_kv_head
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, nh, S, hs): each key/value head serves its group
         T, S = q.size(2), k.size(2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, S)
         allowed = causal_mask(T, S, start, device=q.device) if mask is None else mask
@@ -341,6 +401,11 @@ class CausalSelfAttention(nn.Module):
         att = F.softmax(att, dim=-1)
         att = self.attn_dropout(att)
         return att @ v, att  # (B, nh, T, hs), (B, nh, T, S)
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformer block, the KV cache and the GPT
+# ---------------------------------------------------------------------------------------------
 
 
 class Block(nn.Module):
@@ -362,40 +427,6 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), kv=kv, start=start, mask=mask, rope=rope)
         x = x + self.mlp(self.ln_2(x))
         return x  # (B, T, C)
-
-
-def softcap(logits: Tensor, cap: float) -> Tensor:
-    """cap·tanh(logits / cap): (..., V) squashed smoothly into (-cap, cap).
-
-    Why: bounded logits keep a confident model's loss from spiking and its logits from growing
-    without limit (Gemma 2, modded-nanoGPT); near zero it is almost the identity.
-    """
-    return cap * torch.tanh(logits / cap)
-
-
-class SinusoidalPositions(nn.Module):
-    """Fixed sin/cos position table (no parameters): even channels sin, odd channels cos."""
-
-    def __init__(self, n_positions: int, n_embd: int, *, device=None, dtype=None):
-        super().__init__()
-        self.register_buffer(
-            "table", sinusoidal_table(n_positions, n_embd, device=device, dtype=dtype), persistent=False
-        )
-
-    def forward(self, position_ids: Tensor) -> Tensor:
-        return self.table[position_ids]
-
-
-def sinusoidal_table(n_positions: int, n_embd: int, *, device=None, dtype=None) -> Tensor:
-    """(n_positions, n_embd) table: PE[p, 2i] = sin(p / 10000^(2i/C)), PE[p, 2i+1] = cos(same)."""
-    pos = torch.arange(n_positions, dtype=torch.float64, device=device)[:, None]
-    inv_freq = torch.exp(
-        torch.arange(0, n_embd, 2, dtype=torch.float64, device=device) * (-math.log(10000.0) / n_embd)
-    )
-    table = torch.zeros(n_positions, n_embd, dtype=torch.float64, device=device)
-    table[:, 0::2] = torch.sin(pos * inv_freq)
-    table[:, 1::2] = torch.cos(pos * inv_freq)
-    return table.to(dtype or torch.get_default_dtype())
 
 
 @dataclass
@@ -428,6 +459,15 @@ class KVCache:
     @property
     def batch_size(self) -> int:
         return self.k.size(1)
+
+
+def softcap(logits: Tensor, cap: float) -> Tensor:
+    """cap·tanh(logits / cap): (..., V) squashed smoothly into (-cap, cap).
+
+    Why: bounded logits keep a confident model's loss from spiking and its logits from growing
+    without limit (Gemma 2, modded-nanoGPT); near zero it is almost the identity.
+    """
+    return cap * torch.tanh(logits / cap)
 
 
 class GPT(nn.Module):
@@ -663,3 +703,20 @@ class GPT(nn.Module):
         # see itself. Its output is never used.
         allowed = allowed | (k_pos == q_pos)[None]
         return allowed[:, None]  # (B, 1, T, S)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT.from_pretrained's loader
+# ---------------------------------------------------------------------------------------------
+
+
+# What `GPT.from_pretrained` calls: `scratchgpt.checkpoint.load_hf`, handed down by that module when it is
+# imported. The model stage holds no I/O and imports nothing above config and device (tests/test_layering.py),
+# so the loader comes down to it instead of the model reaching up for it.
+_pretrained_loader: Callable[..., GPT] | None = None
+
+
+def register_pretrained_loader(loader: Callable[..., GPT]) -> None:
+    """Make `loader(name_or_dir, *, device, dtype, **config_overrides) -> GPT` the one `GPT.from_pretrained` uses."""
+    global _pretrained_loader
+    _pretrained_loader = loader
