@@ -13,6 +13,20 @@ DATA_DIR = Path(
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread count for the whole session, subprocesses included.
+
+    Runs that a test compares bit for bit (resume vs a straight run, 1 vs N workers) must use the same
+    thread count: it changes how float sums are split. Left alone, every `scratchgpt train` picks its count
+    from the machine's load at that moment (device.choose_threads: fewer threads on a busy machine), so two
+    runs of one test could differ on a loaded machine. The tests of that choice unset this themselves.
+    """
+    if not os.environ.get("OMP_NUM_THREADS"):
+        from scratchgpt.device import default_threads
+
+        os.environ["OMP_NUM_THREADS"] = str(default_threads())
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `gpu` skip, with one reason, where torch sees no CUDA device (CI and every CPU
     machine), whatever -m selected them (`pytest -m gpu`, scripts/test.sh's "slow or not slow")."""
