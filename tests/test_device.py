@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from scratchgpt.device import choose_threads, last_level_cache_bytes, other_runnable_threads
+from scratchgpt import device
+from scratchgpt.device import (
+    allocator_line,
+    choose_threads,
+    keep_freed_memory,
+    last_level_cache_bytes,
+    other_runnable_threads,
+)
 
 
 def _cache(root: Path, index: int, *, level: int, kind: str, size: str) -> None:
@@ -48,7 +56,9 @@ def test_threads_leave_busy_cores_to_other_work_only_under_heavy_load(monkeypatc
     heavy = choose_threads(others=2, cpus=2)  # e.g. two busy processes on two cores
     assert heavy.threads == 1 and heavy.busy and "2 threads of other processes" in heavy.reason
     assert choose_threads(others=7, cpus=2).threads == 1  # never fewer than one
-    assert choose_threads(others=None, cpus=2).threads == 2  # the kernel did not say: every usable core
+    # The kernel did not say (not Linux): every usable core. (others=None alone would measure this machine.)
+    monkeypatch.setattr(device, "other_runnable_threads", lambda: None)
+    assert choose_threads(cpus=2).threads == 2
     # An affinity mask of 2 CPUs on a 16-CPU machine with 3 other busy threads: both of ours still run.
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert choose_threads(others=3, cpus=2).threads == 2
@@ -103,3 +113,48 @@ def test_the_cli_chooses_before_torch_loads_and_keeps_a_users_choice() -> None:
     kept = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**env, "OMP_WAIT_POLICY": "ACTIVE"}).stdout
     assert kept.split() == ["ACTIVE", "None", "False"]
+
+
+_FAULTS_PER_STEP = """
+import resource, sys
+from scratchgpt.device import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+import torch
+from scratchgpt.config import GPTConfig
+from scratchgpt.model.gpt import GPT
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=66, n_positions=64, n_layer=4, n_head=4, n_embd=128, bias=False))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+x = torch.randint(0, 66, (12, 64))
+def step():  # nanoGPT's CPU recipe: 4 x 128, batch 12 x 64
+    _, loss = model(x, x)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
+def test_freed_memory_is_kept_for_reuse_instead_of_faulted_in_again() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    runs = {mode: subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP, mode], capture_output=True, text=True,
+                                 env=env, check=True).stdout.split() for mode in ("default", "keep")}
+    assert runs["keep"][0] == "True" and runs["default"][0] == "False"
+    # By default a training step's freed activations go back to the kernel and are faulted in again
+    # (~1,450 faults per step measured on an AMD EPYC); kept, the next step reuses them.
+    faults = {mode: float(out[1]) for mode, out in runs.items()}
+    assert faults["default"] > 200 and faults["keep"] < faults["default"] / 10, runs
+
+
+def test_a_users_malloc_setting_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert keep_freed_memory() is False
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
+    assert allocator_line() == "mmap threshold default, trim threshold 131072 bytes"

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from scratchgpt.checkpoint import CheckpointError, float32_weights, model_state, save_model_files, unwrap
 from scratchgpt.config import TrainConfig
-from scratchgpt.device import ThreadChoice, choose_threads, native_bf16, set_threads
+from scratchgpt.device import ThreadChoice, allocator_line, choose_threads, native_bf16, set_threads
 from scratchgpt.files import replace_dir
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.optim import lr_at, make_optimizer, set_lr
@@ -433,7 +433,7 @@ class _Trainer:
             spins = os.environ.get("GOMP_SPINCOUNT")
             waiting = os.environ.get("OMP_WAIT_POLICY", "").lower() or (
                 f"spin {spins} rounds, then sleep" if spins else "OpenMP's default")
-            self.say(f"CPU threads: {self.threads.reason}; idle threads wait: {waiting}")
+            self.say(f"CPU threads: {self.threads.reason}; idle threads wait: {waiting}; malloc: {allocator_line()}")
         fpt: float | None = None
         t_start = time.perf_counter()
         metrics: dict[str, float] = {}
