@@ -601,7 +601,7 @@ class FinetuneConfig(Config):
     train_config: ClassVar[type[FinetuneTrainConfig]] = FinetuneTrainConfig
     default_trainable: ClassVar[Trainable] = "all"
 
-    data: str = setting("", "the data file")
+    data: str = setting("", "the data file (JSON list, JSONL or Parquet; classify: also TSV, CSV)")
     init: str = setting("scratch", "starting model: a run directory, a Hugging Face GPT-2 directory or hub name "
                                    "(gpt2), or 'scratch' (random weights shaped by the model flags)")
     tokenizer: Literal["auto", "gpt2", "char"] = setting(

@@ -42,6 +42,10 @@ def _kind(value: Any) -> str:
     return _KINDS.get(type(value), type(value).__name__)
 
 
+def _turn(message: Message) -> str:
+    return f"{'an' if message['role'] == 'assistant' else 'a'} {message['role']} turn"
+
+
 def _keys(obj: dict[str, Any]) -> str:
     return f"it has {sorted(obj)}"
 
@@ -157,10 +161,13 @@ def read_instructions(path: str | Path) -> list[dict[str, Any]]:
                             f"every record must")
         messages = conversation(obj[shape], where, field=shape)
         if messages[-1]["role"] != "assistant":
-            raise DataError(f"{where}: {shape}[{len(messages) - 1}] is a {messages[-1]['role']} turn; a conversation "
+            raise DataError(f"{where}: {shape}[{len(messages) - 1}] is {_turn(messages[-1])}; a conversation "
                             f"must end with an assistant turn (the answer learnt)")
         if messages[0]["role"] == "assistant" or (messages[0]["role"] == "system" and messages[1]["role"] != "user"):
             raise DataError(f"{where}: {shape!r} starts with an assistant turn; a user turn must come first")
+        if messages[-2]["role"] != "user":  # the prompt of the last answer is what test responses ask
+            raise DataError(f"{where}: {shape}[{len(messages) - 2}] is {_turn(messages[-2])}; the last assistant turn "
+                            f"must answer a user turn")
         entries.append({**head, "messages": messages[:-1], "output": messages[-1]["content"]})
     if not entries:
         raise DataError(f"{path}: no entries")
@@ -177,7 +184,7 @@ def _prompt(value: Any, where: str) -> list[Message]:
         return [{"role": "user", "content": value}]
     messages = conversation(value, where, field="prompt")
     if messages[-1]["role"] != "user":
-        raise DataError(f"{where}: prompt[{len(messages) - 1}] is a {messages[-1]['role']} turn; a prompt must end "
+        raise DataError(f"{where}: prompt[{len(messages) - 1}] is {_turn(messages[-1])}; a prompt must end "
                         f"with a user turn")
     return messages
 
@@ -194,7 +201,7 @@ def _answer(obj: dict[str, Any], key: str, where: str) -> tuple[list[Message] | 
                         f"{_kind(value)}")
     messages = conversation(value, where, field=key)
     if messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: {key}[{len(messages) - 1}] is a {messages[-1]['role']} turn; {key!r} must end with "
+        raise DataError(f"{where}: {key}[{len(messages) - 1}] is {_turn(messages[-1])}; {key!r} must end with "
                         f"the assistant's answer")
     return messages[:-1] or None, messages[-1]["content"]
 

@@ -7,7 +7,8 @@ A source file is one of
     arrow      *.arrow: Arrow IPC stream or file, as `datasets.save_to_disk` writes (and a local
                dataset's cache holds); one document per row
 Text and JSONL may be compressed: *.gz, *.xz (standard library), *.zst (the `zstandard` package).
-A record's text is at `field`: a top-level name, or a dotted path into nested objects (`meta.body`).
+A record's text is at `field`: a top-level name, or a dotted path into nested objects (`meta.body`)
+(`iter_records`); fine-tuning reads whole records (`iter_objects`, used by `records.read_objects`).
 Parquet and Arrow need `pyarrow`; the `data` extra installs both: pip install 'scratchgpt[data]'.
 Nothing is read whole: memory holds one line, or one batch of rows, at a time.
 """

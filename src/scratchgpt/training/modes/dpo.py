@@ -13,6 +13,10 @@ The reference never changes, so its log-probabilities are computed once, before 
 starting model in eval mode: the same numbers a frozen copy would give at every step, at no cost
 per step and without a second model in memory.
 
+The data (`data.records.read_preferences`): a prompt, a string or a conversation ending in a user turn,
+with a chosen and a rejected answer, or Alpaca's instruction + input; prompt and answer are rendered as
+instruction tuning renders them, and only the final answer's tokens are scored.
+
 Shape legend: B pairs, N = 2B sequences (chosen rows first), T time, V vocab.
 """
 
