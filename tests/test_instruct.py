@@ -13,12 +13,13 @@ import torch
 from scratchgpt.checkpoint import CheckpointError, load_any
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, InstructConfig, SamplingConfig
-from scratchgpt.data.chat import encode_chat_example, instruction_messages, render_chat, render_prompt
+from scratchgpt.data.chat import encode_conversation, instruction_messages, render_chat, render_prompt
 from scratchgpt.data.dataset import DataError
+from scratchgpt.data.records import read_entries
 from scratchgpt.data.tokenizers import CharTokenizer, HFTokenizer
 from scratchgpt.inference.chat_session import ChatSession
 from scratchgpt.model.gpt import GPT
-from scratchgpt.training.finetune import load_start_model, read_entries, split_indices
+from scratchgpt.training.finetune import load_start_model, split_indices
 from scratchgpt.training.modes.instruct import (
     InstructExample,
     collate_instruct,
@@ -244,8 +245,10 @@ def test_tokenizer_template_without_an_end_of_turn_token_gets_end_of_text(tmp_pa
     write_tokenizer(tmp_path, CHATML, chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
                                                     "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     tok = HFTokenizer.from_dir(tmp_path)
-    prompt, response = encode_chat_example([{"role": "user", "content": "a"}], "hi", tok)
-    assert prompt == _chars("user: a\nassistant: ")
+    ids, learnt = encode_conversation([{"role": "user", "content": "a"}, {"role": "assistant", "content": "hi"}],
+                                      "tokenizer", tok)
+    prompt, response = ids[: learnt.index(True)], ids[learnt.index(True):]
+    assert prompt == _chars("user: a\nassistant: ") and all(learnt[len(prompt):])
     assert response == [*_chars("hi\n"), tok.eot_id] and tok.eot_id == 96
 
 

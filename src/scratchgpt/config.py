@@ -601,7 +601,7 @@ class FinetuneConfig(Config):
     train_config: ClassVar[type[FinetuneTrainConfig]] = FinetuneTrainConfig
     default_trainable: ClassVar[Trainable] = "all"
 
-    data: str = setting("", "the data file")
+    data: str = setting("", "the data file (JSON list, JSONL or Parquet; classify: also TSV, CSV)")
     init: str = setting("scratch", "starting model: a run directory, a Hugging Face GPT-2 directory or hub name "
                                    "(gpt2), or 'scratch' (random weights shaped by the model flags)")
     tokenizer: Literal["auto", "gpt2", "char"] = setting(
@@ -636,9 +636,9 @@ class ClassifyConfig(FinetuneConfig):
 
     epochs: float = same_as(FinetuneConfig, "epochs", 5.0)
     split: tuple[float, ...] = same_as(FinetuneConfig, "split", (0.7, 0.1, 0.2))
-    format: Literal["auto", "tsv", "csv", "jsonl", "json"] = setting(
-        "auto", "auto: by extension (.csv, .jsonl, .json; anything else is TSV). Headerless TSV is label<TAB>text, "
-                "split on the first tab")
+    format: Literal["auto", "tsv", "csv", "jsonl", "json", "parquet", "arrow"] = setting(
+        "auto", "auto: by extension (.csv, .jsonl, .json, .parquet, .arrow; anything else is TSV). Headerless TSV is "
+                "label<TAB>text, split on the first tab")
     text_field: str = setting("text", "column / key holding the text")
     label_field: str = setting("label", "column / key holding the label")
     labels: tuple[str, ...] = setting((), "label names in class-id order (default: sorted)")
@@ -647,7 +647,7 @@ class ClassifyConfig(FinetuneConfig):
 
 @dataclass
 class InstructConfig(FinetuneConfig):
-    """Instruction tuning: Alpaca-style entries rendered with a chat template, loss on the response."""
+    """Instruction tuning: Alpaca entries or conversations rendered with a chat template, loss on the answers."""
 
     train_config: ClassVar[type[FinetuneTrainConfig]] = InstructTrainConfig
 
@@ -655,7 +655,7 @@ class InstructConfig(FinetuneConfig):
     template: PromptTemplate = setting(
         "auto", "prompt template; tokenizer: the model's own Jinja chat template (auto: the checkpoint's "
                 "chat_template, else its tokenizer's, else alpaca)")
-    mask_prompt: bool = setting(True, "leave the prompt's tokens out of the loss")
+    mask_prompt: bool = setting(True, "learn only the assistant's turns: leave prompts and user turns out of the loss")
     response_tokens: int = setting(256, "max new tokens per test response (0 = skip test_responses.json)", ge=0)
 
 
@@ -727,8 +727,8 @@ class ChoiceEvalConfig(Config):
 class ClassifierEvalConfig(Config):
     """A `finetune classify` checkpoint on a labelled file."""
 
-    data: str = setting("", "labelled TSV (label<TAB>text), CSV, JSONL or JSON file")
-    format: Literal["auto", "tsv", "csv", "jsonl", "json"] = setting("auto", "auto: by extension")
+    data: str = setting("", "labelled TSV (label<TAB>text), CSV, JSONL, JSON, Parquet or Arrow file")
+    format: Literal["auto", "tsv", "csv", "jsonl", "json", "parquet", "arrow"] = setting("auto", "auto: by extension")
     text_field: str = setting("text", "column / key holding the text")
     label_field: str = setting("label", "column / key holding the label")
 

@@ -7,7 +7,8 @@ A checkpoint records its template name in config.json (`"chat_template"`).
 Besides these text templates, chat and fine-tuning can use "tokenizer": the model's own Jinja chat
 template from its Hugging Face tokenizer_config.json (Llama 3 Instruct, Qwen2.5 Instruct, ...),
 rendered by `HFTokenizer.apply_chat_template`; its turn markers are special tokens, and they end a
-reply. `encode_chat_example` splits a rendered training conversation into prompt and response.
+reply. `conversation_segments` splits a rendered training conversation into what is learnt (every
+assistant turn, with the marker that ends it) and what is not (system and user turns, markup).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ CHAT_TEMPLATES: tuple[str, ...] = (*TEMPLATES, TOKENIZER_TEMPLATE)
 class Message(TypedDict):
     role: Role
     content: str
+
+
+Segment = tuple[str, bool]  # a piece of a rendered training conversation, and whether its tokens are learnt
 
 
 ALPACA_PREAMBLE = (
@@ -109,6 +113,32 @@ def check_messages(messages: Sequence[Message]) -> None:
         raise ValueError("the last message must come from the user")
 
 
+def _turn_pieces(messages: Sequence[Message], template: str) -> list[Segment]:
+    """A text template's rendering of `messages` as (text, whether it is an assistant's answer) pieces, each
+    assistant turn followed by what closes it; what comes next (a generation prompt) is the caller's."""
+    if template == "chatml":
+        pieces: list[Segment] = []
+        for m in messages:
+            if m["role"] == "assistant":
+                pieces += [("<|im_start|>assistant\n", False), (m["content"] + "<|im_end|>", True), ("\n", False)]
+            else:
+                pieces.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
+        return pieces
+    if template != "alpaca":
+        raise ValueError(f"unknown chat template {template!r}; choose one of {list(CHAT_TEMPLATES)}")
+    # Alpaca knows one instruction and one response; earlier turns are replayed as earlier
+    # instruction/response pairs, and a system message becomes the preamble. Nothing closes a response
+    # but the next "### Instruction:" (a stop string) or, at the end, the end-of-text token.
+    system = " ".join(m["content"] for m in messages if m["role"] == "system")
+    pieces = [(system or ALPACA_PREAMBLE, False)]
+    for m in messages:
+        if m["role"] == "user":
+            pieces.append((f"\n\n### Instruction:\n{m['content']}", False))
+        elif m["role"] == "assistant":
+            pieces += [("\n\n### Response:\n", False), (m["content"], True)]
+    return pieces
+
+
 def render_chat(messages: Sequence[Message], template: str = "alpaca", *, tokenizer: Any = None) -> str:
     """Render a conversation ending in a user turn, ready for the assistant's reply.
 
@@ -120,22 +150,8 @@ def render_chat(messages: Sequence[Message], template: str = "alpaca", *, tokeni
     if template == TOKENIZER_TEMPLATE:
         check_chat_template(template, tokenizer)
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    if template == "chatml":
-        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + (
-            "<|im_start|>assistant\n"
-        )
-    if template != "alpaca":
-        raise ValueError(f"unknown chat template {template!r}; choose one of {list(CHAT_TEMPLATES)}")
-    # Alpaca knows one instruction and one response; earlier turns are replayed as earlier
-    # instruction/response pairs, and a system message becomes the preamble.
-    system = " ".join(m["content"] for m in messages if m["role"] == "system")
-    text = system or ALPACA_PREAMBLE
-    for m in messages:
-        if m["role"] == "user":
-            text += f"\n\n### Instruction:\n{m['content']}"
-        elif m["role"] == "assistant":
-            text += f"\n\n### Response:\n{m['content']}"
-    return text + "\n\n### Response:\n"
+    generation_prompt = "<|im_start|>assistant\n" if template == "chatml" else "\n\n### Response:\n"
+    return "".join(text for text, _ in _turn_pieces(messages, template)) + generation_prompt
 
 
 def encode_chat(messages: Sequence[Message], template: str, tokenizer: Any, *,
@@ -159,29 +175,88 @@ def instruction_messages(instruction: str, input: str = "") -> list[Message]:
     return [{"role": "user", "content": f"{instruction}\n\n{input}" if input else instruction}]
 
 
-def encode_chat_example(messages: Sequence[Message], response: str, tokenizer: Any) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) of one training conversation under the tokenizer's chat template.
+def check_conversation(messages: Sequence[Message]) -> None:
+    """A training conversation: each message a role and a string, ending in an assistant turn; else one ValueError."""
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("a training conversation must end with an assistant turn (the answer learnt)")
+    check_messages([*messages[:-1], {"role": "user", "content": ""}])  # roles and contents of every turn
+    if not isinstance(messages[-1].get("content"), str):
+        raise ValueError(f"messages[{len(messages) - 1}].content must be a string")
 
-    The prompt is exactly what chat and serving send for `messages` (add_generation_prompt=True).
-    The response is the rest of the whole conversation's rendering, `messages` + the assistant's
-    `response`: its content and the template's end-of-turn marker (and whatever the template writes
-    after it), so a model tuned on it learns to end its turn. The two are tokenized apart, as
-    generation sees them. A template whose whole rendering does not start with the prompt's has no
-    such split: one ValueError. A template that closes the turn with no stop token gets the
-    end-of-text token appended, so the reply still ends.
+
+def conversation_segments(messages: Sequence[Message], template: str, *, tokenizer: Any = None) -> list[Segment]:
+    """A training conversation (ending in an assistant turn) rendered as (text, learnt) segments, neighbours merged.
+
+    Every assistant turn's content and the marker that ends its turn are learnt (True); system and user
+    turns and the template's markup are not. For the text templates that is `render_chat`'s rendering
+    of the history, the last turn ending in its marker (chatml's <|im_end|>; end-of-text follows, see
+    `encode_segments`). For "tokenizer", assistant turn i's segments are the chat template's rendering of
+    turns 0..i-1 with add_generation_prompt=True, less what earlier segments hold, and the rest of its
+    rendering of turns 0..i: the answer, its end-of-turn marker and whatever the template writes after it.
+    The prompt's rendering is exactly what chat and serving send. A template whose renderings do not
+    extend each other (one that rewrites earlier turns) has no such split: one ValueError. No message may
+    hold a special-token text (it would forge a turn).
     """
-    check_messages(messages)
-    check_chat_template(TOKENIZER_TEMPLATE, tokenizer)
-    full = [*messages, {"role": "assistant", "content": response}]
-    tokenizer.check_chat_content(full)  # no content may forge a turn, the answer's included
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    whole = tokenizer.apply_chat_template(full, add_generation_prompt=False)
-    if not whole.startswith(prompt):
-        raise ValueError(f"{tokenizer.chat_template_path}: the chat template's rendering of a conversation with "
-                         f"its answer does not start with its rendering of the prompt (add_generation_prompt=True), "
-                         f"so the answer cannot be split off for training; choose --template alpaca or chatml")
-    response_ids = tokenizer.encode(whole[len(prompt):], allowed_special=True)
-    stops = {i for t in tokenizer.chat_stop_texts for i in tokenizer.encode(t, allowed_special=True)}
-    if not stops.intersection(response_ids):
-        response_ids.append(tokenizer.eot_id)
-    return tokenizer.encode(prompt, allowed_special=True), response_ids
+    check_conversation(messages)
+    if template != TOKENIZER_TEMPLATE:
+        pieces = _turn_pieces(messages, template)
+        if template == "chatml":
+            pieces.pop()  # the "\n" after the last <|im_end|>: the conversation ends there
+    else:
+        check_chat_template(template, tokenizer)
+        tokenizer.check_chat_content(messages)
+        pieces, done = [], ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+            whole = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+            if not (prompt.startswith(done) and whole.startswith(prompt)):
+                raise ValueError(f"{tokenizer.chat_template_path}: the chat template's rendering of a conversation "
+                                 f"up to answer {i} does not start with its rendering of the turns before it (and "
+                                 f"the prompt, add_generation_prompt=True), so the answer cannot be split off for "
+                                 f"training; choose --template alpaca or chatml")
+            pieces += [(prompt[len(done):], False), (whole[len(prompt):], True)]
+            done = whole
+    merged: list[Segment] = []
+    for text, learnt in pieces:
+        if merged and merged[-1][1] == learnt:
+            merged[-1] = (merged[-1][0] + text, learnt)
+        elif text:
+            merged.append((text, learnt))
+    return merged
+
+
+def encode_conversation(messages: Sequence[Message], template: str, tokenizer: Any, *,
+                        encode_text: Callable[[str, bool], list[int]] | None = None) -> tuple[list[int], list[bool]]:
+    """(token ids, per id whether it is learnt) of a training conversation ending in an assistant turn:
+    `encode_segments` of its `conversation_segments`."""
+    return encode_segments(conversation_segments(messages, template, tokenizer=tokenizer), template, tokenizer,
+                           encode_text=encode_text)
+
+
+def encode_segments(segments: Sequence[Segment], template: str, tokenizer: Any, *,
+                    encode_text: Callable[[str, bool], list[int]] | None = None) -> tuple[list[int], list[bool]]:
+    """(token ids, per id whether it is learnt) of a training conversation's segments, then end-of-text.
+
+    Each segment is tokenized apart, as generation sees a prompt and its answer. A text template's
+    segments go through `encode_text(text, learnt)` (the caller's rule for user text, and what its errors
+    name; default `tokenizer.encode`); the tokenizer's template writes its markers as special tokens.
+    The end-of-text token is learnt after the last answer, except under a tokenizer template whose last
+    answer already holds one of its stop tokens (its end-of-turn marker), so the reply always ends.
+    """
+    ids: list[int] = []
+    learnt: list[bool] = []
+    last: list[int] = []
+    for text, target in segments:
+        if template == TOKENIZER_TEMPLATE:
+            last = tokenizer.encode(text, allowed_special=True)
+        else:
+            last = encode_text(text, target) if encode_text else tokenizer.encode(text)
+        ids += last
+        learnt += [target] * len(last)
+    if template == TOKENIZER_TEMPLATE:
+        stops = {i for t in tokenizer.chat_stop_texts for i in tokenizer.encode(t, allowed_special=True)}
+        if segments and segments[-1][1] and stops.intersection(last):
+            return ids, learnt
+    return [*ids, tokenizer.eot_id], [*learnt, True]

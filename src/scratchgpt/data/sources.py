@@ -1,4 +1,4 @@
-"""What `prepare` reads: text, JSONL, Parquet and Arrow files, plain or compressed, as streams.
+"""What `prepare` (and fine-tuning) reads: text, JSONL, Parquet and Arrow files, plain or compressed, as streams.
 
 A source file is one of
     text       any file not named below: one document (read in pieces by `dataset.iter_text_pieces`)
@@ -7,7 +7,8 @@ A source file is one of
     arrow      *.arrow: Arrow IPC stream or file, as `datasets.save_to_disk` writes (and a local
                dataset's cache holds); one document per row
 Text and JSONL may be compressed: *.gz, *.xz (standard library), *.zst (the `zstandard` package).
-A record's text is at `field`: a top-level name, or a dotted path into nested objects (`meta.body`).
+A record's text is at `field`: a top-level name, or a dotted path into nested objects (`meta.body`)
+(`iter_records`); fine-tuning reads whole records (`iter_objects`, used by `records.read_objects`).
 Parquet and Arrow need `pyarrow`; the `data` extra installs both: pip install 'scratchgpt[data]'.
 Nothing is read whole: memory holds one line, or one batch of rows, at a time.
 """
@@ -187,41 +188,70 @@ def iter_records(source: Source, *, field: str = "text",
         raise ValueError(f"{source.path}: a {source.format} file holds no records")
 
 
+def iter_objects(source: Source) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for each whole record of a JSONL, Parquet or Arrow file, in order: fine-tuning's reader.
+
+    `where` names the file and the line (JSONL) or row (from 0); a Parquet or Arrow row is a dict of its
+    columns (list and struct columns as lists and dicts, nulls as None). A line that is not a JSON
+    object, or not UTF-8: DataError naming it.
+    """
+    if source.format == "jsonl":
+        for number, _, record, _ in _jsonl_lines(source, "strict", errors_flag=False):
+            if not isinstance(record, dict):
+                raise DataError(f"{source.path}: line {number}: {_JSON_KINDS.get(type(record), 'a value')}, not a "
+                                f"JSON object; each line must hold one object")
+            yield f"{source.path}: line {number}", record
+    elif source.format in ("parquet", "arrow"):
+        row = 0
+        for batch, _ in _arrow_batches(source, None, _optional("pyarrow", source.path, f"a {source.format} file")):
+            for record in batch.to_pylist():
+                yield f"{source.path}: row {row} (from 0)", record
+                row += 1
+    else:
+        raise ValueError(f"{source.path}: a {source.format} file holds no records")
+
+
 _JSON_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "an array",
                dict: "an object", str: "a string"}
 _FIELD_HINT = "pass --text-field NAME (a dotted path such as meta.body reaches into nested objects)"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _jsonl_records(source: Source, field: str, errors: str) -> Iterator[tuple[str, int]]:
+def _jsonl_lines(source: Source, errors: str, *, errors_flag: bool = True) -> Iterator[tuple[int, bytes, Any, int]]:
+    """(line number, the line, its JSON value, how far into the (compressed) file) per non-blank line."""
     with open_stream(source) as (stream, raw):
-        reported = 0
         for number, line in enumerate(stream, 1):
             if number == 1 and line.startswith(codecs.BOM_UTF8):
                 line = line[len(codecs.BOM_UTF8):]  # dropped, as editors do
             if line.isspace() or not line:
                 continue
-            where = f"{source.path}: line {number}"
             try:
                 record = json.loads(line.decode("utf-8", errors=errors))
             except UnicodeDecodeError as e:
-                fix = "convert the file to UTF-8 (or, for a few damaged bytes, pass --errors replace)"
-                raise DataError(f"{where}: not valid UTF-8 at byte {e.start} of the line (byte 0x{line[e.start]:02x});"
-                                f" {fix}") from None
+                fix = "convert the file to UTF-8" + (" (or, for a few damaged bytes, pass --errors replace)"
+                                                     if errors_flag else "")
+                raise DataError(f"{source.path}: line {number}: not valid UTF-8 at byte {e.start} of the line "
+                                f"(byte 0x{line[e.start]:02x}); {fix}") from None
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}: column {e.colno}); each line must hold one "
-                                f"JSON object") from None
-            text = _json_field(record, field, where)
-            # A lone \ud800-\udfff escape decodes to a surrogate, which no UTF-8 tokenizer can encode
-            # (a line without any \u escape cannot hold one, so most lines skip the search).
-            if b"\\u" in line and _SURROGATE.search(text):
-                if errors == "strict":
-                    raise DataError(f"{where}: field {field!r} holds an unpaired UTF-16 surrogate escape (\\ud800-"
-                                    f"\\udfff); fix the record, or pass --errors replace to substitute U+FFFD")
-                text = _SURROGATE.sub("\ufffd", text)
-            position = raw.tell()
-            yield text, position - reported
-            reported = position
+                raise DataError(f"{source.path}: line {number}: not valid JSON ({e.msg}: column {e.colno}); each "
+                                f"line must hold one JSON object") from None
+            yield number, line, record, raw.tell()
+
+
+def _jsonl_records(source: Source, field: str, errors: str) -> Iterator[tuple[str, int]]:
+    reported = 0
+    for number, line, record, position in _jsonl_lines(source, errors):
+        where = f"{source.path}: line {number}"
+        text = _json_field(record, field, where)
+        # A lone \ud800-\udfff escape decodes to a surrogate, which no UTF-8 tokenizer can encode
+        # (a line without any \u escape cannot hold one, so most lines skip the search).
+        if b"\\u" in line and _SURROGATE.search(text):
+            if errors == "strict":
+                raise DataError(f"{where}: field {field!r} holds an unpaired UTF-16 surrogate escape (\\ud800-"
+                                f"\\udfff); fix the record, or pass --errors replace to substitute U+FFFD")
+            text = _SURROGATE.sub("\ufffd", text)
+        yield text, position - reported
+        reported = position
 
 
 def _json_field(record: Any, field: str, where: str) -> str:
@@ -264,32 +294,38 @@ def _arrow_records(source: Source, field: str) -> Iterator[tuple[str, int]]:
         row += len(values)
 
 
-def _arrow_batches(source: Source, field: str, pa: Any) -> Iterator[tuple[Any, int]]:
-    """(record batch of the column holding `field`, how far into the file it ends) of a Parquet or Arrow file."""
+def _arrow_batches(source: Source, field: str | None, pa: Any) -> Iterator[tuple[Any, int]]:
+    """(record batch of the column holding `field` (None: of every column), how far into the file it ends) of a
+    Parquet or Arrow file."""
+
+    def columns(schema: Any) -> list[str] | None:
+        return None if field is None else [_check_field(schema, source, field, pa)[0]]
+
     size = source.path.stat().st_size
     try:
         if source.format == "parquet":
             import pyarrow.parquet as pq
 
             pf = pq.ParquetFile(source.path)
-            top = _check_field(pf.schema_arrow, source, field, pa)[0]
+            top = columns(pf.schema_arrow)
             total, done = max(1, pf.metadata.num_rows), 0
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[top]):
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=top):
                 done += batch.num_rows
                 yield batch, size * done // total
             return
         with pa.memory_map(str(source.path)) as mm:
             if mm.read(6) == b"ARROW1":  # the IPC file format; `datasets` writes the stream format
                 reader = pa.ipc.open_file(mm)
-                top = _check_field(reader.schema, source, field, pa)[0]
+                top = columns(reader.schema)
                 for i in range(reader.num_record_batches):
-                    yield reader.get_batch(i).select([top]), size * (i + 1) // reader.num_record_batches
+                    batch = reader.get_batch(i)
+                    yield batch if top is None else batch.select(top), size * (i + 1) // reader.num_record_batches
                 return
             mm.seek(0)
             stream = pa.ipc.open_stream(mm)
-            top = _check_field(stream.schema, source, field, pa)[0]
+            top = columns(stream.schema)
             for batch in stream:
-                yield batch.select([top]), mm.tell()
+                yield batch if top is None else batch.select(top), mm.tell()
     except (pa.ArrowInvalid, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise

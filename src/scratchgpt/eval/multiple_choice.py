@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from scratchgpt.data.dataset import DataError
+from scratchgpt.data.records import read_objects
 from scratchgpt.eval.perplexity import head_scores
 from scratchgpt.inference.generate import left_pad
 from scratchgpt.model.gpt import KVCache
-from scratchgpt.training.finetune import json_entries
 
 # ---------------------------------------------------------------------------------------------
 # Scoring (context ids, continuation ids) requests
@@ -215,7 +215,7 @@ def read_choice_items(path: str | Path, fields: ChoiceFields, *, template: str =
                       limit: int | None = None) -> list[ChoiceItem]:
     """Items of a JSONL (or JSON list) task file; any bad row is a DataError naming file and line."""
     items = []
-    for where, row in json_entries(path):
+    for where, row in read_objects(path):
         if limit and len(items) == limit:
             break
         items.append(_item(row, fields, template, where))

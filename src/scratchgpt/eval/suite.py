@@ -150,8 +150,8 @@ def _classify(cfg: ClassifierEvalConfig, common: EvalConfig, models: _Models) ->
 
 def _judge(cfg: JudgeEvalConfig, common: EvalConfig, models: _Models) -> dict[str, Any]:
     from scratchgpt.checkpoint import saved_chat_template
+    from scratchgpt.data.records import read_entries
     from scratchgpt.eval.judge import JudgeClient, evaluate_instructions
-    from scratchgpt.training.finetune import read_entries
 
     if not cfg.data:
         raise ValueError("no instruction file: pass --data FILE.json")

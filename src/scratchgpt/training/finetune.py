@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -44,7 +43,7 @@ from scratchgpt.config import (
     config_from_dict,
     config_to_dict,
 )
-from scratchgpt.data.dataset import DataError, read_text
+from scratchgpt.data.sources import DataError
 from scratchgpt.data.tokenizers import CharTokenizer, Tokenizer, gpt2_tokenizer, load_tokenizer
 from scratchgpt.files import check_overwrite, write_json
 from scratchgpt.model.gpt import GPT, CausalSelfAttention
@@ -69,60 +68,8 @@ SPLITS_FILE = "splits.json"
 METRICS_FILE = "metrics.json"
 
 # ---------------------------------------------------------------------------------------------
-# Data: reading entries, splitting, batching
+# Data: splitting, batching
 # ---------------------------------------------------------------------------------------------
-
-
-def json_entries(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, object) per entry of a JSON list or (for *.jsonl) JSON-lines file; where = 'file: entry i'."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
-    text = read_text(path)  # UTF-8 (a byte order mark dropped); UTF-16 or bad bytes: one line naming the file
-    if path.suffix.lower() == ".jsonl":
-        items: list[tuple[str, Any]] = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    items.append((f"{path}: line {lineno}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
-        items = [(f"{path}: entry {i}", obj) for i, obj in enumerate(data)]
-    for where, obj in items:
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected an object, got {type(obj).__name__}")
-        yield where, obj
-
-
-def read_entries(path: str | Path, *, required: Sequence[str], optional: Sequence[str] = ("input",)) -> list[dict]:
-    """Entries of a JSON list or JSONL file with string `required` keys (missing optional ones become "").
-
-    Each entry also gets "index" (its 0-based position) and "where" (file and entry, for messages).
-    """
-    entries = []
-    for index, (where, obj) in enumerate(json_entries(path)):
-        for key in required:
-            if key not in obj:
-                raise DataError(f"{where}: no {key!r} (it has {sorted(obj)})")
-        entry: dict[str, Any] = {"index": index, "where": where}
-        for key in (*required, *optional):
-            value = obj.get(key)
-            if value is None and key in optional:
-                value = ""
-            if not isinstance(value, str):
-                raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
-            entry[key] = value
-        entries.append(entry)
-    if not entries:
-        raise DataError(f"{path}: no entries")
-    return entries
 
 
 def split_indices(n: int, fractions: Sequence[float], *, shuffle: bool = True, seed: int = 123) -> dict[str, list[int]]:

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from scratchgpt.checkpoint import CheckpointError, load_model, read_run_config
 from scratchgpt.config import ClassifyConfig, LoRAConfig, TrainConfig
 from scratchgpt.data.dataset import DataError, read_text
+from scratchgpt.data.records import RECORD_FORMATS, read_objects
+from scratchgpt.data.sources import Source
 from scratchgpt.data.tokenizers import Tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.finetune import (
@@ -33,7 +35,6 @@ from scratchgpt.training.finetune import (
     context_limit,
     encode_checked,
     evaluate_sums,
-    json_entries,
     load_start_model,
     run_mode,
     split_indices,
@@ -58,29 +59,29 @@ class LabeledText:
 
 
 def data_format(path: str | Path, fmt: str = "auto") -> str:
-    """The format `fmt` names, or for 'auto' the one the extension implies (anything unknown is TSV)."""
+    """The format `fmt` names, or for 'auto' the one the file's name implies (anything unknown is TSV)."""
     if fmt != "auto":
         return fmt
-    return {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}.get(Path(path).suffix.lower(), "tsv")
+    if Path(path).suffix.lower() in (".csv", ".json"):
+        return Path(path).suffix.lower()[1:]
+    source = Source.of(path)  # also *.ndjson, *.arrow and compressed JSONL (notes.jsonl.gz)
+    return source.format if source.holds_records else "tsv"
 
 
 def read_labeled_texts(
     path: str | Path, *, format: str = "auto", text_field: str = "text", label_field: str = "label"
 ) -> list[LabeledText]:
-    """(text, label) rows of a TSV, CSV, JSONL or JSON file; errors name the file and line or entry.
+    """(text, label) rows of a TSV, CSV, JSONL, JSON, Parquet or Arrow file; errors name the file and line, entry
+    or row. A label may be a string or an integer (JSON numbers, integer columns); a text is a string.
 
     A TSV whose first line names neither field has no header and is `label<TAB>text`, split on the
     FIRST tab: texts may hold tabs and unbalanced quotes (csv's default quoting would merge lines).
     """
     path = Path(path)
     fmt = data_format(path, format)
-    if fmt in ("json", "jsonl"):
-        rows = []
-        for entry, (where, obj) in enumerate(json_entries(path)):
-            for key, flag in ((label_field, "--label-field"), (text_field, "--text-field")):
-                if key not in obj:
-                    raise DataError(f"{where}: no {key!r} field (it has {sorted(obj)}); pass {flag}")
-            rows.append(LabeledText(str(obj[text_field]), str(obj[label_field]).strip(), entry, where))
+    if fmt in RECORD_FORMATS:
+        rows = [_labeled_record(obj, where, entry, text_field, label_field)
+                for entry, (where, obj) in enumerate(read_objects(path, format=fmt))]  # type: ignore[arg-type]
     elif fmt in ("csv", "tsv"):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such data file")
@@ -88,13 +89,27 @@ def read_labeled_texts(
         rows = _read_csv(path, text, text_field, label_field) if fmt == "csv" else _read_tsv(
             path, text, text_field, label_field)
     else:
-        raise ValueError(f"unknown data format {fmt!r}; choose tsv, csv, jsonl or json")
+        raise ValueError(f"unknown data format {fmt!r}; choose tsv, csv, {', '.join(RECORD_FORMATS)}")
     if not rows:
         raise DataError(f"{path}: no rows")
     for r in rows:
         if not r.label:
             raise DataError(f"{r.where}: empty label")
     return rows
+
+
+def _labeled_record(obj: dict[str, Any], where: str, entry: int, text_field: str, label_field: str) -> LabeledText:
+    """A JSON object's (or a Parquet/Arrow row's) text and label."""
+    for key, flag in ((label_field, "--label-field"), (text_field, "--text-field")):
+        if key not in obj:
+            raise DataError(f"{where}: no {key!r} field (it has {sorted(obj)}); pass {flag}")
+    text, label = obj[text_field], obj[label_field]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: {text_field!r} is {'null' if text is None else type(text).__name__}, not a string")
+    if isinstance(label, bool) or not isinstance(label, str | int):
+        raise DataError(f"{where}: {label_field!r} is {'null' if label is None else type(label).__name__}, not a "
+                        f"string or an integer")
+    return LabeledText(text, str(label).strip(), entry, where)
 
 
 def _check_header(path: Path, header: Sequence[str], text_field: str, label_field: str) -> None:

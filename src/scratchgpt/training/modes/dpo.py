@@ -13,6 +13,10 @@ The reference never changes, so its log-probabilities are computed once, before 
 starting model in eval mode: the same numbers a frozen copy would give at every step, at no cost
 per step and without a second model in memory.
 
+The data (`data.records.read_preferences`): a prompt, a string or a conversation ending in a user turn,
+with a chosen and a rejected answer, or Alpaca's instruction + input; prompt and answer are rendered as
+instruction tuning renders them, and only the final answer's tokens are scored.
+
 Shape legend: B pairs, N = 2B sequences (chosen rows first), T time, V vocab.
 """
 
@@ -27,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scratchgpt.config import DPOConfig, LoRAConfig, TrainConfig
-from scratchgpt.data.chat import TemplateName, render_prompt
+from scratchgpt.data.chat import TemplateName
+from scratchgpt.data.records import read_preferences
+from scratchgpt.data.sources import DataError
 from scratchgpt.data.tokenizers import Tokenizer
 from scratchgpt.training.finetune import (
     FinetuneResult,
@@ -36,7 +42,6 @@ from scratchgpt.training.finetune import (
     context_limit,
     evaluate_sums,
     load_start_model,
-    read_entries,
     run_mode,
     split_indices,
     split_record,
@@ -46,6 +51,7 @@ from scratchgpt.training.modes.instruct import (
     InstructExample,
     collate_instruct,
     encode_instruction,
+    entry_segments,
     fit_length,
     resolve_template,
 )
@@ -97,6 +103,11 @@ class PreferencePair:
     ref_rejected: float = float("nan")
 
 
+def answer_start(learnt: Sequence[bool]) -> int:
+    """Where the last run of learnt ids begins: the final answer (earlier assistant turns are prompt to DPO)."""
+    return len(learnt) - next((i for i, v in enumerate(reversed(learnt)) if not v), len(learnt))
+
+
 def encode_preferences(
     entries: Sequence[dict[str, Any]], tokenizer: Tokenizer, *, template: TemplateName | str, vocab_size: int,
     max_length: int, too_long: str = "truncate",
@@ -104,17 +115,21 @@ def encode_preferences(
     """Tokenize (prompt, chosen, rejected) entries; a pair is dropped when either side must be.
 
     Both sides share the prompt ids (the prompt is rendered without the answer) and differ only after it.
+    The prompt may be a conversation: only the final answer is scored, its earlier assistant turns are prompt.
     """
     pairs = []
     for e in entries:
-        prompt, chosen = encode_instruction(e, tokenizer, template=template, vocab_size=vocab_size,
-                                            response_key="chosen")
-        _, rejected = encode_instruction(e, tokenizer, template=template, vocab_size=vocab_size,
-                                         response_key="rejected")
-        fit = [fit_length(prompt + side, len(prompt), max_length=max_length, too_long=too_long, where=e["where"])
+        (chosen, learnt), (rejected, _) = (
+            encode_instruction(e, tokenizer, template=template, vocab_size=vocab_size, response_key=key)
+            for key in ("chosen", "rejected"))
+        prompt_len = answer_start(learnt)
+        if chosen[:prompt_len] != rejected[:prompt_len]:  # a template that renders the prompt after the answer
+            raise DataError(f"{e['where']}: the chat template renders the prompt differently before the chosen and "
+                            f"the rejected answer, so they cannot be compared; choose --template alpaca or chatml")
+        fit = [fit_length(side, prompt_len, max_length=max_length, too_long=too_long, where=e["where"])
                for side in (chosen, rejected)]
         if fit[0] is not None and fit[1] is not None:
-            pairs.append(PreferencePair(fit[0], fit[1], len(prompt), e["index"]))
+            pairs.append(PreferencePair(fit[0], fit[1], prompt_len, e["index"]))
     return pairs
 
 
@@ -202,22 +217,22 @@ def finetune_dpo(
     cfg: DPOConfig, *, train: TrainConfig | dict[str, Any] | None = None, lora: LoRAConfig | None = None,
     model: dict[str, Any] | None = None, verbose: bool = True,
 ) -> FinetuneResult:
-    """Preference-tune on cfg.data (instruction, input, chosen, rejected); writes the run directory.
+    """Preference-tune on cfg.data (prompt or instruction + input, chosen, rejected); writes the run directory.
 
     `train` is the mode's TrainConfig (or fields overriding its defaults), `model` GPTConfig fields of a
     scratch model.
     """
     if not cfg.data:
         raise ValueError("pass the data file (--data)")
-    entries = read_entries(cfg.data, required=("instruction", "chosen", "rejected"), optional=("input", "output"))
+    entries = read_preferences(cfg.data)
     train = train_config(cfg, train)
     seed = train.seed
+    # Only a scratch model's char tokenizer reads the corpus; it has no checkpoint template to follow.
+    text_template = cfg.template if cfg.template in ("alpaca", "chatml") else "alpaca"
     start = load_start_model(
         cfg.init, tokenizer=cfg.tokenizer, model_overrides=model, seed=seed,
-        # Only a scratch model's char tokenizer reads this; it has no checkpoint template to follow.
-        corpus=lambda: "".join(render_prompt(cfg.template if cfg.template in ("alpaca", "chatml") else "alpaca",
-                                             e["instruction"], e["input"]) + e["chosen"] + e["rejected"]
-                               for e in entries),
+        corpus=lambda: "".join(text for e in entries for key in ("chosen", "rejected")
+                               for text, _ in entry_segments(e, text_template, None, response_key=key)),
     )
     template = resolve_template(cfg.template, start)
     max_length = context_limit(start.model, cfg.max_length)

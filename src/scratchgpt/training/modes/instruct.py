@@ -1,15 +1,18 @@
-"""Instruction fine-tuning: Alpaca-style entries rendered with a chat template, loss on the response.
+"""Instruction fine-tuning: instructions and conversations rendered with a chat template, loss on the answers.
 
-Each entry (`instruction`, optional `input`, `output`) becomes prompt + response + end-of-text, where
-the prompt is `chat.render_prompt(template, ...)` — the same text the chat command and the server
-render, so the model is always asked in the format it learned. With the "tokenizer" template (a
-Hugging Face folder's own Jinja chat template) the entry is a conversation, one user turn
-(instruction, blank line, input) and the assistant's answer, and `chat.encode_chat_example` splits
-its rendering into the prompt and the response, which ends with the template's end-of-turn token.
-"auto" is the start's template: the run's own, else its tokenizer's, else alpaca. Batches are padded per batch with
-the end-of-text id; the targets are the inputs shifted by one, with -100 (ignored) on the padding
-after the first end-of-text and, by default, on the prompt. config.json records the template
-(`"chat_template"`). After training, `test_responses.json` holds greedy answers for the test split.
+The data file holds Alpaca entries (`instruction`, optional `input`, `output`), OpenAI-style `messages`
+or ShareGPT `conversations`, as a JSON list, JSONL or Parquet (see `data.records`). An Alpaca entry
+under a text template becomes prompt + response + end-of-text, the prompt `chat.render_prompt(template,
+...)`; a conversation is rendered as `chat.render_chat` renders a history — the same text the chat
+command and the server send, so the model is always asked in the format it learned. With the
+"tokenizer" template (a Hugging Face folder's own Jinja chat template) every entry is a conversation
+(an Alpaca one: one user turn, instruction, blank line, input) rendered by that template.
+`chat.conversation_segments` splits a rendering into what is learnt, every assistant turn with the
+marker that ends it, and what is not. "auto" is the start's template: the run's own, else its
+tokenizer's, else alpaca. Batches are padded per batch with the end-of-text id; the targets are the
+inputs shifted by one, with -100 (ignored) on the padding after the first end-of-text and, by default,
+on every token that is not learnt. config.json records the template (`"chat_template"`). After training,
+`test_responses.json` holds greedy answers for the test split.
 
 Shape legend: B batch, T time, V vocab.
 """
@@ -30,17 +33,21 @@ from scratchgpt.checkpoint import unwrap
 from scratchgpt.config import InstructConfig, LoRAConfig, SamplingConfig, TrainConfig
 from scratchgpt.data.chat import (
     TOKENIZER_TEMPLATE,
+    Message,
+    Segment,
     TemplateName,
     check_chat_template,
+    conversation_segments,
     default_chat_template,
     encode_chat,
-    encode_chat_example,
+    encode_segments,
     instruction_messages,
     render_prompt,
     response_suffix,
     stop_strings,
 )
-from scratchgpt.data.dataset import DataError
+from scratchgpt.data.records import read_instructions
+from scratchgpt.data.sources import DataError
 from scratchgpt.data.tokenizers import Tokenizer
 from scratchgpt.inference.generate import iter_generate
 from scratchgpt.model.gpt import GPT
@@ -53,7 +60,6 @@ from scratchgpt.training.finetune import (
     encode_checked,
     evaluate_sums,
     load_start_model,
-    read_entries,
     run_mode,
     split_indices,
     split_record,
@@ -71,11 +77,20 @@ TEST_RESPONSES_FILE = "test_responses.json"
 
 @dataclass
 class InstructExample:
-    """Prompt + response + end-of-text ids (at most max_length + 1); the first `prompt_len` are the prompt."""
+    """Token ids of a conversation + end-of-text (at most max_length + 1), which of them are learnt, and its entry.
+
+    `prompt_len` ids come before the first learnt one; `learnt` (per id) defaults to every id after them
+    (one answer). A multi-turn conversation learns each assistant turn, so later ones follow unlearnt turns.
+    """
 
     ids: list[int]
     prompt_len: int
     entry: int
+    learnt: list[bool] | None = None
+
+    def __post_init__(self) -> None:
+        if self.learnt is None:
+            self.learnt = [i >= self.prompt_len for i in range(len(self.ids))]
 
 
 def resolve_template(template: str, start: StartModel) -> str:
@@ -90,31 +105,52 @@ def resolve_template(template: str, start: StartModel) -> str:
     return template
 
 
+def entry_messages(entry: dict[str, Any]) -> list[Message]:
+    """The conversation an entry asks its answer of: its "messages", or an Alpaca entry's one user turn."""
+    if "messages" in entry:
+        return entry["messages"]
+    return instruction_messages(entry["instruction"], entry.get("input", ""))
+
+
+def entry_segments(entry: dict[str, Any], template: str, tokenizer: Tokenizer | None, *,
+                   response_key: str = "output") -> list[Segment]:
+    """The entry's conversation with `response_key` as its last answer, as `chat.conversation_segments` renders
+    it; an Alpaca entry under a text template keeps `render_prompt`'s rendering (alpaca's "### Input:")."""
+    answer = entry[response_key]
+    if "messages" not in entry and template != TOKENIZER_TEMPLATE:
+        return [(render_prompt(template, entry["instruction"], entry.get("input", "")), False),
+                (answer + response_suffix(template), True)]
+    return conversation_segments([*entry_messages(entry), {"role": "assistant", "content": answer}], template,
+                                 tokenizer=tokenizer)
+
+
 def encode_instruction(
     entry: dict[str, Any], tokenizer: Tokenizer, *, template: TemplateName | str, vocab_size: int,
     response_key: str = "output",
-) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids + end-of-text) of one entry, encoded apart as generation will see them.
+) -> tuple[list[int], list[bool]]:
+    """(token ids, per id whether it is learnt) of one entry: `chat.encode_segments` of `entry_segments`.
 
-    Under "tokenizer" the response ends with the chat template's end-of-turn marker instead (see
-    `chat.encode_chat_example`); a failure to render is a DataError naming the entry.
+    Every assistant turn and the end of its turn are learnt (under the text templates the last is
+    followed by end-of-text; under "tokenizer" by the template's end-of-turn marker). Any failure to
+    render or encode is a DataError naming the entry and the field.
     """
     where = entry.get("where", "entry")
-    if template == TOKENIZER_TEMPLATE:
-        try:
-            prompt, response = encode_chat_example(instruction_messages(entry["instruction"], entry.get("input", "")),
-                                                   entry[response_key], tokenizer)
-        except ValueError as e:
-            raise DataError(f"{where} ({response_key!r}): {e}") from None
-        if max(prompt + response) >= vocab_size:
-            raise DataError(f"{where}: encodes to token id {max(prompt + response)} but the model's vocabulary has "
-                            f"{vocab_size} tokens; the checkpoint was trained with another tokenizer")
-        return prompt, response
-    prompt = encode_checked(tokenizer, render_prompt(template, entry["instruction"], entry.get("input", "")),
-                            vocab_size=vocab_size, where=where)
-    response = encode_checked(tokenizer, entry[response_key] + response_suffix(template),
-                              vocab_size=vocab_size, where=f"{where} ({response_key!r})")
-    return prompt, response + [tokenizer.eot_id]
+    field = "messages" if "messages" in entry and response_key == "output" else response_key
+
+    def encode_text(text: str, learnt: bool) -> list[int]:
+        return encode_checked(tokenizer, text, vocab_size=vocab_size, where=f"{where} ({field!r})" if learnt else where)
+
+    try:
+        ids, learnt = encode_segments(entry_segments(entry, template, tokenizer, response_key=response_key),
+                                      template, tokenizer, encode_text=encode_text)
+    except DataError:
+        raise
+    except ValueError as e:
+        raise DataError(f"{where} ({field!r}): {e}") from None
+    if max(ids) >= vocab_size:
+        raise DataError(f"{where}: encodes to token id {max(ids)} but the model's vocabulary has {vocab_size} "
+                        f"tokens; the checkpoint was trained with another tokenizer")
+    return ids, learnt
 
 
 def fit_length(ids: list[int], prompt_len: int, *, max_length: int, too_long: str, where: str) -> list[int] | None:
@@ -140,18 +176,19 @@ def encode_instructions(
     """Tokenize entries for instruction tuning; over-long ones are truncated, dropped or an error."""
     out = []
     for i, e in enumerate(entries):
-        prompt, response = encode_instruction(e, tokenizer, template=template, vocab_size=vocab_size)
-        ids = fit_length(prompt + response, len(prompt), max_length=max_length, too_long=too_long,
-                         where=e.get("where", f"entry {i}"))
-        if ids is not None:
-            out.append(InstructExample(ids, len(prompt), e.get("index", i)))
+        ids, learnt = encode_instruction(e, tokenizer, template=template, vocab_size=vocab_size)
+        prompt_len = learnt.index(True)
+        kept = fit_length(ids, prompt_len, max_length=max_length, too_long=too_long, where=e.get("where", f"entry {i}"))
+        if kept is not None:
+            out.append(InstructExample(kept, prompt_len, e.get("index", i), learnt[: len(kept)]))
     return out
 
 
 def collate_instruct(
     examples: Sequence[InstructExample], *, pad_id: int, mask_prompt: bool = True
 ) -> tuple[Tensor, Tensor]:
-    """(x, y), each (B, T): x padded with pad_id; y = x shifted by one, -100 on padding (and on the prompt)."""
+    """(x, y), each (B, T): x padded with pad_id; y = x shifted by one, -100 on padding (and on what is not learnt:
+    the prompt, and in a conversation every turn but the assistant's)."""
     T = max(len(e.ids) for e in examples) - 1
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     y = torch.full((len(examples), T), -100, dtype=torch.long)
@@ -160,9 +197,9 @@ def collate_instruct(
         n = len(e.ids) - 1
         x[i, :n], y[i, :n] = ids[:-1], ids[1:]
         if mask_prompt:
-            # Target t predicts token t+1, so targets 0 .. prompt_len-2 are prompt tokens; the one at
-            # prompt_len-1 is the response's first token and stays.
-            y[i, : e.prompt_len - 1] = -100
+            # Target t predicts token t+1, so it counts when token t+1 is learnt: with one answer, targets
+            # 0 .. prompt_len-2 are prompt tokens and the one at prompt_len-1 is the answer's first token.
+            y[i, :n].masked_fill_(~torch.tensor(e.learnt[1:], dtype=torch.bool), -100)
     return x, y
 
 
@@ -195,19 +232,24 @@ def generate_responses(
     model: GPT, tokenizer: Tokenizer, entries: Sequence[dict[str, Any]], *, template: TemplateName | str,
     max_new_tokens: int = 256, batch_size: int = 8,
 ) -> list[dict[str, str]]:
-    """Greedy answers: [{"instruction", "input", "output", "model_response"}] per entry.
+    """Greedy answers: [{"instruction", "input" (or "messages"), "output", "model_response"}] per entry.
 
     `template` is a text template (alpaca, chatml) or "tokenizer": the model's own chat template, with
     instruction and input as one user message (an imported Instruct model answers in its own format).
+    A conversation entry is asked its "messages", the turns before its last answer.
     """
     stops = stop_strings(template, tokenizer=tokenizer)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=stops)
 
     def prompt(e: dict[str, Any]) -> list[int]:
-        if template == TOKENIZER_TEMPLATE:
-            return encode_chat(instruction_messages(e["instruction"], e.get("input", "")), template, tokenizer,
-                               encode_text=tokenizer.encode)
+        if template == TOKENIZER_TEMPLATE or "messages" in e:
+            return encode_chat(entry_messages(e), template, tokenizer, encode_text=tokenizer.encode)
         return tokenizer.encode(render_prompt(template, e["instruction"], e.get("input", "")))
+
+    def asked(e: dict[str, Any]) -> dict[str, Any]:
+        if "messages" in e:
+            return {"messages": e["messages"]}
+        return {"instruction": e["instruction"], "input": e.get("input", "")}
 
     out = []
     for i in range(0, len(entries), batch_size):
@@ -217,8 +259,8 @@ def generate_responses(
         for steps in iter_generate(model, prompts, sampling, eot_id=tokenizer.eot_id, tokenizer=tokenizer):
             for s in steps:
                 texts[s.row] += s.text
-        out += [{"instruction": e["instruction"], "input": e.get("input", ""), "output": e.get("output", ""),
-                 "model_response": t.strip()} for e, t in zip(chunk, texts, strict=True)]
+        out += [{**asked(e), "output": e.get("output", ""), "model_response": t.strip()}
+                for e, t in zip(chunk, texts, strict=True)]
     return out
 
 
@@ -238,15 +280,14 @@ def finetune_instruct(
     """
     if not cfg.data:
         raise ValueError("pass the data file (--data)")
-    entries = read_entries(cfg.data, required=("instruction", "output"))
+    entries = read_instructions(cfg.data)
     train = train_config(cfg, train)
     seed = train.seed
     # Only a scratch model's char tokenizer reads the corpus; it has no chat template of its own.
     text_template = cfg.template if cfg.template in ("alpaca", "chatml") else "alpaca"
     start = load_start_model(
         cfg.init, tokenizer=cfg.tokenizer, model_overrides=model, seed=seed,
-        corpus=lambda: "".join(render_prompt(text_template, e["instruction"], e["input"]) + e["output"]
-                               + response_suffix(text_template) for e in entries),
+        corpus=lambda: "".join(text for e in entries for text, _ in entry_segments(e, text_template, None)),
     )
     template = resolve_template(cfg.template, start)
     max_length = context_limit(start.model, cfg.max_length)
