@@ -11,7 +11,7 @@ import torch
 
 from scratchgpt.cli import main
 from scratchgpt.config import ClassifyConfig, GPTConfig, LoRAConfig
-from scratchgpt.data.dataset import DataError
+from scratchgpt.data.sources import DataError
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.finetune import add_classification_head, split_indices
 from scratchgpt.training.modes.classify import (

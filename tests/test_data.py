@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from scratchgpt.cli import main
 from scratchgpt.data.dataset import (
-    DataError,
     RandomWindows,
     SequentialWindows,
     _survey,
@@ -27,6 +26,7 @@ from scratchgpt.data.dataset import (
     split_text,
     token_dtype,
 )
+from scratchgpt.data.sources import DataError
 from scratchgpt.data.token_files import ShardedTokens, check_token_files, first_id_at_or_above, open_dataset
 from scratchgpt.data.tokenizers import load_tokenizer
 

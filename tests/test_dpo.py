@@ -12,7 +12,7 @@ import torch
 
 from scratchgpt.checkpoint import load_any, saved_chat_template
 from scratchgpt.config import DPOConfig
-from scratchgpt.data.dataset import DataError
+from scratchgpt.data.sources import DataError
 from scratchgpt.training.modes.dpo import (
     PreferencePair,
     collate_preferences,

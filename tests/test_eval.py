@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from scratchgpt import GPT, GPTConfig
 from scratchgpt.checkpoint import save_model
-from scratchgpt.data.dataset import DataError
+from scratchgpt.data.sources import DataError
 from scratchgpt.data.tokenizers import CharTokenizer
 from scratchgpt.eval.classify_eval import classification_metrics
 from scratchgpt.eval.multiple_choice import (

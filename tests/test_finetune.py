@@ -203,8 +203,8 @@ def test_lora_instruct_through_the_cli_then_merge(tmp_path: Path, capsys):
 
 def test_data_files_read_a_utf8_bom_and_refuse_utf16(tmp_path: Path) -> None:
     # Windows editors save JSON with a byte order mark (json.loads refused "\ufeff["), or as UTF-16.
-    from scratchgpt.data.dataset import DataError
     from scratchgpt.data.records import read_entries
+    from scratchgpt.data.sources import DataError
     from scratchgpt.training.modes.classify import read_labeled_texts
 
     entries = [{"instruction": "Say hi", "input": "", "output": "hi"}]

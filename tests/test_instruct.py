@@ -14,8 +14,8 @@ from scratchgpt.checkpoint import CheckpointError, load_any
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, InstructConfig, SamplingConfig
 from scratchgpt.data.chat import encode_conversation, instruction_messages, render_chat, render_prompt
-from scratchgpt.data.dataset import DataError
 from scratchgpt.data.records import read_entries
+from scratchgpt.data.sources import DataError
 from scratchgpt.data.tokenizers import CharTokenizer, HFTokenizer
 from scratchgpt.inference.chat_session import ChatSession
 from scratchgpt.model.gpt import GPT

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from scratchgpt.cli import main
-from scratchgpt.data.dataset import DataError, prepare
-from scratchgpt.data.sources import Source, find_sources, iter_records
+from scratchgpt.data.dataset import prepare
+from scratchgpt.data.sources import DataError, Source, find_sources, iter_records
 
 # Records as a corpus has them: short and long, several lines, non-ASCII, whitespace only, empty, a
 # literal end-of-text marker (a document separator inside the text, as in a text file).

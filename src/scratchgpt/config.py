@@ -520,7 +520,7 @@ def merge_run_dicts(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
 LORA_TARGETS: tuple[str, ...] = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head")
 Trainable = Literal["all", "last-block", "head", "lora"]
 # A chat template by name; "auto" (fine-tuning, eval) picks the checkpoint's, else its tokenizer's, else alpaca.
-ChatTemplateChoice = Literal["alpaca", "chatml", "tokenizer"]
+ChatTemplateName = Literal["alpaca", "chatml", "tokenizer"]
 PromptTemplate = Literal["auto", "alpaca", "chatml", "tokenizer"]
 # How an inference command holds the weights: int8 (model/quantize.py) and/or another float dtype.
 Quantize = Literal["int8"]
@@ -789,7 +789,7 @@ class ServeConfig(Config):
     api_key: str | None = setting(None, f"require 'Authorization: Bearer KEY' (None: ${API_KEY_ENV}, else no key; "
                                         f"an empty key is an error)")
     model_name: str | None = setting(None, "the model id clients send (None: the checkpoint folder's name)")
-    chat_template: ChatTemplateChoice | None = setting(
+    chat_template: ChatTemplateName | None = setting(
         None, "alpaca, chatml, or tokenizer (the model's own Jinja template). None: the template the run was "
               "fine-tuned with (its config.json), else the tokenizer's own if it has one, else alpaca")
     device: str = setting("auto", DEVICE_HELP)

@@ -22,7 +22,7 @@ from scratchgpt.config import (
     INFERENCE_DTYPE_HELP,
     PRESET_NAMES,
     QUANTIZE_HELP,
-    ChatTemplateChoice,
+    ChatTemplateName,
     ClassifyConfig,
     Config,
     DataConfig,
@@ -94,7 +94,7 @@ class ChatConfig(Config):
     """`scratchgpt chat`: which model, its chat template and system message (how to sample is SamplingConfig)."""
 
     checkpoint: str = setting("", CHECKPOINT_HELP, required=True)
-    chat_template: ChatTemplateChoice | None = setting(
+    chat_template: ChatTemplateName | None = setting(
         None, "'tokenizer' is the model's own Jinja template (a Hugging Face folder's tokenizer_config.json). None: "
               "the template the run was fine-tuned with (its config.json), else the tokenizer's own if it has one, "
               "else alpaca")

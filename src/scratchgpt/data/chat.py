@@ -20,7 +20,6 @@ Role = Literal["system", "user", "assistant"]
 TemplateName = Literal["alpaca", "chatml"]
 TEMPLATES: tuple[str, ...] = ("alpaca", "chatml")  # text templates, rendered here
 # Chat, serving and fine-tuning also accept "tokenizer": the checkpoint tokenizer's own chat template.
-ChatTemplateName = Literal["alpaca", "chatml", "tokenizer"]
 TOKENIZER_TEMPLATE = "tokenizer"
 CHAT_TEMPLATES: tuple[str, ...] = (*TEMPLATES, TOKENIZER_TEMPLATE)
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from scratchgpt.data.dataset import DataError
 from scratchgpt.data.records import read_objects
+from scratchgpt.data.sources import DataError
 from scratchgpt.eval.perplexity import head_scores
 from scratchgpt.inference.generate import left_pad
 from scratchgpt.model.gpt import KVCache

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scratchgpt.data.dataset import DataError, find_text_files, read_text
+from scratchgpt.data.dataset import find_text_files, read_text
+from scratchgpt.data.sources import DataError
 from scratchgpt.data.token_files import check_token_files, open_dataset
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-from scratchgpt.config import SamplingConfig
-from scratchgpt.data.chat import ChatTemplateName, Message, check_chat_template, encode_chat, render_chat, stop_strings
+from scratchgpt.config import ChatTemplateName, SamplingConfig
+from scratchgpt.data.chat import Message, check_chat_template, encode_chat, render_chat, stop_strings
 from scratchgpt.data.tokenizers import Tokenizer
 from scratchgpt.inference.generate import iter_generate
 from scratchgpt.model.gpt import GPT

@@ -35,10 +35,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from scratchgpt.config import SamplingConfig, ServeLimits
+from scratchgpt.config import ChatTemplateName, SamplingConfig, ServeLimits
 from scratchgpt.data.chat import (
     TOKENIZER_TEMPLATE,
-    ChatTemplateName,
     Message,
     encode_chat,
     render_chat,

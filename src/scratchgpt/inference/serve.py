@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from scratchgpt.config import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, ServeLimits
+from scratchgpt.config import API_KEY_ENV, DEFAULT_HOST, DEFAULT_PORT, ChatTemplateName, ServeLimits
 from scratchgpt.data.chat import (
     TOKENIZER_TEMPLATE,
-    ChatTemplateName,
     check_chat_template,
     default_chat_template,
     stop_strings,

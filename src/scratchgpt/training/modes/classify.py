@@ -22,9 +22,9 @@ from torch import Tensor, nn
 
 from scratchgpt.checkpoint import CheckpointError, load_model, read_run_config
 from scratchgpt.config import ClassifyConfig, LoRAConfig, TrainConfig
-from scratchgpt.data.dataset import DataError, read_text
+from scratchgpt.data.dataset import read_text
 from scratchgpt.data.records import RECORD_FORMATS, read_objects
-from scratchgpt.data.sources import Source
+from scratchgpt.data.sources import DataError, Source
 from scratchgpt.data.tokenizers import Tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.finetune import (
