@@ -128,7 +128,8 @@ class Int8Linear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float weight (out, in) this layer stands for: scale ⊙ q."""
-        return (self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None])
+        # In place on the fresh copy: one (out, in) temporary, not two (a backward makes this per call).
+        return self.weight.to(dtype).mul_(self.weight_scale.to(dtype)[:, None])
 
     def reference(self, x: Tensor) -> Tensor:
         """Plain definition: dequantize the weight, then an ordinary linear layer in x's dtype."""

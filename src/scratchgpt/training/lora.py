@@ -87,7 +87,10 @@ class LoRALinear(nn.Module):
             a, b = a.to(x.dtype), b.to(x.dtype)
         # x Aᵀ first: (B, T, r) is far smaller than forming the (out, in) product B·A every step.
         update = F.linear(F.linear(self.lora_dropout(x), a), b)  # (B, T, out)
-        return y + update * self.scaling
+        if self.base is not None:  # y came out of a custom autograd Function, which may not be changed in place
+            return torch.add(y, update, alpha=self.scaling)
+        # In place: nothing keeps y for the backward, and each (B, T, out) temporary saved counts at 1B sizes.
+        return y.add_(update, alpha=self.scaling)
 
     def base_weight(self) -> Tensor:
         """The frozen weight (out, in) the update is added to: dequantized (float32) over an int8 base."""
