@@ -462,6 +462,59 @@ print(growth / weights)
     assert float(done.stdout) < 1.3
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_save_hf_memory_holds_one_converted_weight_at_a_time(tmp_path, family, dtype):
+    # Peak resident memory while saving (VmHWM, reset to the current RSS just before via /proc/self/clear_refs)
+    # grows by the largest converted weight, not by a converted copy of the model (GPT-2's transposed weights
+    # were 0.83x the model more; bfloat16 cast to float32 then transposed, 3.6x).
+    script = f"""
+import re, torch
+from safetensors.torch import load_file
+from scratchgpt.checkpoint import save_hf
+from scratchgpt.config import GPTConfig
+from scratchgpt.model.gpt import GPT
+model = GPT(GPTConfig(vocab_size=8192, n_positions=64, n_embd=512, n_layer=6, n_head=8, **{_FAMILIES[family]!r}),
+            generator=torch.Generator().manual_seed(0)).to(torch.{dtype})
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+save_hf(GPT(GPTConfig(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=2, **{_FAMILIES[family]!r})).to(
+    torch.{dtype}), {str(tmp_path / "warm-up")!r})  # torch's one-off set-up (kernels, threads) outside the figure
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
+save_hf(model, {str(tmp_path / "hf")!r})
+growth = status("VmHWM") - before
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+largest = max(t.numel() * 4 for t in model.state_dict().values())  # as float32: the dtype written
+print(growth / weights, (largest + 0.2 * weights) / weights)  # + the allocator's slack
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    growth, bound = map(float, done.stdout.split())
+    assert growth < bound
+    model = GPT(GPTConfig(vocab_size=8192, n_positions=64, n_embd=512, n_layer=6, n_head=8, **_FAMILIES[family]),
+                generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))
+    loaded = load_hf(tmp_path / "hf")  # and the streamed file is an ordinary one, the very same weights
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t.float()), name
+
+
+def test_save_hf_shards_stream_each_weight_whole_into_one_file(tmp_path):
+    model = GPT(GPTConfig(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, **_FAMILIES["llama"]),
+                generator=torch.Generator().manual_seed(0))
+    save_hf(model, tmp_path / "hf", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    # q, k and v come from one fused weight of ours: converted once, so they land in the same shard.
+    layer0 = {k: v for k, v in index["weight_map"].items() if k.startswith("model.layers.0.self_attn.")}
+    assert len({layer0[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"}) == 1
+    loaded = load_hf(tmp_path / "hf")
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+
+
 @pytest.mark.parametrize("kind", ["scratchgpt", "hf-gpt2", "hf-llama"])
 def test_loading_into_a_dtype_gives_the_weights_a_cast_would(saved_models, kind):
     # The reference is the old path: every weight loaded as float32, then the whole model cast.

@@ -158,15 +158,16 @@ def test_resume_continues_exactly(toy_tsv: Path, tmp_path: Path):
     _straight_and_resumed(cfg, train, tmp_path)
 
 
-def _straight_and_resumed(cfg: ClassifyConfig, train: dict, tmp_path: Path):
+def _straight_and_resumed(cfg: ClassifyConfig, train: dict, tmp_path: Path, *, lora: LoRAConfig | None = None):
     """Fine-tune 4 steps straight into tmp_path/a, and again into b from a's step-2 checkpoint (a copy of a
     made to look stopped there); assert both end with identical weights; return the straight run's result."""
-    straight = finetune_classify(cfg, train={**train, "out_dir": str(tmp_path / "a")}, model=TINY, verbose=False)
+    straight = finetune_classify(cfg, train={**train, "out_dir": str(tmp_path / "a")}, model=TINY, lora=lora,
+                                 verbose=False)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "ckpt-00000004")
     (tmp_path / "b" / "latest").write_text("ckpt-00000002\n")
     resumed = finetune_classify(cfg, train={**train, "out_dir": str(tmp_path / "b"), "resume": True}, model=TINY,
-                                verbose=False)
+                                lora=lora, verbose=False)
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     return straight
@@ -236,3 +237,41 @@ def test_lora_resumes_exactly(toy_tsv: Path, tmp_path: Path, dtype: str):
     assert {p.dtype for p in straight.model.parameters()} == {weights}
     for file in ("model.safetensors", "adapter.safetensors"):
         assert {t.dtype for t in load_tensors(tmp_path / "a" / file).values()} == {torch.float32}, file
+
+
+@pytest.mark.parametrize("base_dtype", ["int8", "bfloat16"])
+def test_lora_over_a_lowered_base_resumes_exactly_and_exports_float(toy_tsv: Path, tmp_path: Path, base_dtype: str):
+    """LoRA over an int8 or bf16 frozen base (--lora-base-dtype): the base stays lowered through training and
+    resume, the adapters and the new head train in float32, and the export is a float32 merged classifier that
+    the adapters alone re-create from the float start."""
+    from scratchgpt.checkpoint import load_tensors
+    from scratchgpt.model.quantize import Int8Linear
+    from scratchgpt.training.modes.classify import load_classifier
+
+    train = {"max_steps": 4, "checkpoint_interval": 2, "keep_last": 5, "eval_interval": 2, "lr": 1e-2,
+             "progress": False, "plot": False}
+    cfg = ClassifyConfig(data=str(toy_tsv), tokenizer="char", trainable="lora")
+    straight = _straight_and_resumed(cfg, train, tmp_path, lora=LoRAConfig(base_dtype=base_dtype))
+    model = straight.model
+    trained = {p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {torch.float32} and model.lm_head.weight.requires_grad  # adapters and the new head
+    if base_dtype == "int8":
+        assert isinstance(model.transformer.h[0].attn.c_attn.base, Int8Linear)
+    else:
+        assert model.transformer.h[0].ln_1.weight.dtype == torch.bfloat16
+    assert {t.dtype for t in load_tensors(tmp_path / "a" / "model.safetensors").values()} == {torch.float32}
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["lora"]["base_dtype"] == base_dtype
+    classifier = load_classifier(tmp_path / "a")[0]
+    assert {p.dtype for p in classifier.parameters()} == {torch.float32}
+
+
+def test_lora_base_dtype_and_train_dtype_must_agree():
+    from scratchgpt.training.finetune import check_base_dtype
+
+    assert check_base_dtype(LoRAConfig(base_dtype="bfloat16"), train_config(ClassifyConfig())).dtype == "bfloat16"
+    assert check_base_dtype(LoRAConfig(base_dtype="int8"), train_config(ClassifyConfig())).dtype == "auto"
+    with pytest.raises(ValueError, match="computes in bfloat16, not dtype='float32'"):
+        check_base_dtype(LoRAConfig(base_dtype="bfloat16"), train_config(ClassifyConfig(), {"dtype": "float32"}))
+    with pytest.raises(ValueError, match="dtype='bf16-true' would cast them"):
+        check_base_dtype(LoRAConfig(base_dtype="int8"), train_config(ClassifyConfig(), {"dtype": "bf16-true"}))

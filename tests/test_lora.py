@@ -164,3 +164,108 @@ def test_activation_checkpointing_with_adapters_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and all(".lora_" in n for n in grads[0])
     for name, grad in grads[0].items():
         assert torch.equal(grad, grads[1][name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# A frozen base held in fewer bytes: int8 (QLoRA-style) or bfloat16, adapters in float32
+# ---------------------------------------------------------------------------------------------
+
+
+def _adapted(base_dtype: str, **overrides) -> GPT:
+    """tiny_gpt with rank-4 adapters over a `base_dtype` base, B perturbed (the same values for every base)."""
+    model = tiny_gpt(**overrides)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, base_dtype=base_dtype), generator=torch.Generator().manual_seed(5))
+    perturb_adapters(model)
+    return model
+
+
+def _loss_and_grads(model: GPT, *, autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    x = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits, loss = model(x, torch.roll(x, -1, dims=1))
+    loss.backward()
+    return logits.float().detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kernel", ["reference", "fbgemm"])
+def test_int8_base_forward_and_adapter_gradients_track_the_float_base(kernel):
+    from scratchgpt.model.quantize import Int8Embedding, Int8Linear, set_kernel
+
+    if kernel == "fbgemm" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no fbgemm in this PyTorch")
+    ref_logits, ref_grads = _loss_and_grads(_adapted("float32"))
+    model = _adapted("int8")
+    set_kernel(model, kernel)
+    # Every matrix of the base is int8 (the tied head shares the embedding's), and only the adapters train.
+    assert all(isinstance(m.base, Int8Linear) for m in lora_layers(model).values())
+    assert isinstance(model.transformer.wte, Int8Embedding) and model.lm_head.weight is model.transformer.wte.weight
+    assert all(p.dtype == torch.float32 for p in lora_parameters(model))
+    logits, grads = _loss_and_grads(model)
+    # int8 weights are within half a step (max|w|/254 per row) of the float ones; fbgemm also rounds activations.
+    assert ((logits - ref_logits).norm() / ref_logits.norm()).item() < (0.01 if kernel == "reference" else 0.03)
+    assert grads.keys() == ref_grads.keys() and all(".lora_" in n for n in grads)
+    for name, g in grads.items():
+        assert ((g - ref_grads[name]).norm() / ref_grads[name].norm()).item() < 0.1, name
+
+
+def test_int8_base_merges_to_a_float_model_with_the_same_logits(tmp_path):
+    from scratchgpt.model.quantize import set_kernel
+
+    model = _adapted("int8", tie_word_embeddings=True).eval()
+    set_kernel(model, "reference")  # dequantize-then-matmul: the merged float model computes exactly this
+    x = tokens()
+    expected = model(x)[0]
+    merge_lora(model)
+    assert not lora_layers(model) and {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.lm_head.weight is model.transformer.wte.weight  # the head had no adapter: tied again
+    assert (model(x)[0] - expected).abs().max().item() < 1e-5
+    save_model(model, tmp_path / "merged")  # a plain float run directory
+    assert (load_model(tmp_path / "merged")[0](x)[0] - expected).abs().max().item() < 1e-5
+
+
+def test_bfloat16_base_keeps_float32_adapters_and_merges_exactly():
+    float_model, model = _adapted("float32"), _adapted("bfloat16")
+    assert {p.dtype for n, p in model.named_parameters() if ".lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for p in lora_parameters(model)} == {torch.float32}
+    ref_logits, ref_grads = _loss_and_grads(float_model)
+    logits, grads = _loss_and_grads(model, autocast=True)
+    assert ((logits - ref_logits).norm() / ref_logits.norm()).item() < 0.02
+    for name, g in grads.items():
+        assert g.dtype == torch.float32 and ((g - ref_grads[name]).norm() / ref_grads[name].norm()).item() < 0.1
+    layer = model.transformer.h[0].attn.c_attn
+    expected = layer.weight.float() + layer.delta_weight()  # bf16 base + float32 update, not rounded to bf16
+    merge_lora(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, expected)
+    assert torch.equal(model.transformer.wte.weight, float_model.transformer.wte.weight.bfloat16().float())
+
+
+def test_int8_base_adapters_save_and_load_onto_the_float_base(tmp_path):
+    """The adapter file records the base dtype, so loading re-creates the int8 base it was trained on."""
+    model = _adapted("int8").eval()
+    x = tokens()
+    expected = model(x)[0]
+    save_adapters(model, tmp_path)
+    fresh = tiny_gpt()
+    load_adapters(fresh, tmp_path)
+    assert torch.equal(fresh.eval()(x)[0], expected)
+
+
+def test_int8_base_loss_goes_down_like_the_float_base():
+    """A repeating 5-token pattern: adapters over either base learn it (the head's own adapter scales the logits)."""
+    x = (torch.arange(17) % 5 + 10).repeat(4, 1)  # (4, 17): inputs x[:, :-1], targets x[:, 1:]
+    curves = {}
+    for base in ("float32", "int8"):
+        model = tiny_gpt().train()
+        apply_lora(model, LoRAConfig(rank=4, alpha=8, base_dtype=base, targets=("c_attn", "c_fc", "lm_head")),
+                   generator=torch.Generator().manual_seed(0))
+        opt = torch.optim.AdamW(lora_parameters(model), lr=3e-2)
+        curves[base] = []
+        for _ in range(20):
+            _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            curves[base].append(loss.item())
+    assert curves["int8"][-1] < 0.25 * curves["int8"][0]
+    assert abs(curves["int8"][4] - curves["float32"][4]) < 0.05  # the same curve while the updates are large

@@ -14,9 +14,11 @@ from scratchgpt.checkpoint import load_any, quantize_checkpoint, save_model, sav
 from scratchgpt.device import native_bf16
 from scratchgpt.inference.generate import generate
 from scratchgpt.model.quantize import (
+    Int8Embedding,
     Int8Linear,
     cast_weights,
     default_kernel,
+    dequantize_model,
     prepare_for_inference,
     quantize_model,
     quantize_weight,
@@ -67,6 +69,42 @@ def test_fast_kernel_matches_the_dequantize_then_matmul_reference(kernel):
         # fbgemm rounds the activations to 8 bits per call, int8pack to bf16: both a few 0.1% apart.
         assert ((got - ref).norm() / ref.norm()) < 0.02, (kernel, rows)
     assert (ref - lin(x)).norm() / lin(x).norm() < 0.02  # and the reference is close to float
+
+
+@pytest.mark.parametrize("kernel", ["reference", *fast_kernels()])
+def test_gradient_reaches_the_input_through_the_dequantized_weight_without_storing_it(kernel):
+    """Training below a frozen int8 layer (LoRA over an int8 base): dL/dx = dL/dy · (s ⊙ q) with every kernel
+    (fbgemm alone would silently give none), and the backward keeps no (out, in) float weight alive."""
+    lin = torch.nn.Linear(48, 40)
+    layer = Int8Linear.from_linear(lin, kernel=kernel)
+    x = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    grad_y = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(1))
+    saved: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = layer(x)
+    y.backward(grad_y)
+    assert torch.allclose(x.grad, grad_y @ layer.dequantized(), atol=1e-6)
+    assert torch.Size([40, 48]) not in saved  # nothing the size of the weight waits for the backward
+    with torch.no_grad():  # and inference takes the kernel's own path, as before
+        assert torch.equal(layer(x.detach()), layer._kernel_forward(x.detach()))
+
+
+def test_dequantize_model_inverts_quantize_model_and_reties_the_head():
+    model = quantize_model(tiny(), "int8", kernel="reference")
+    x = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    expected = model(x)[0]
+    dequantize_model(model)
+    assert not any(isinstance(m, Int8Linear | Int8Embedding) for m in model.modules())
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied again, as before quantizing
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert (model(x)[0] - expected).abs().max().item() < 1e-5
+
+
+def test_quantize_model_leaves_skipped_modules_float():
+    model = tiny()
+    model.lm_head = torch.nn.Linear(64, 3)  # a classification head that trains
+    quantize_model(model, "int8", skip=("lm_head",))
+    assert type(model.lm_head) is torch.nn.Linear and isinstance(model.transformer.h[0].mlp.c_fc, Int8Linear)
 
 
 @pytest.mark.parametrize("kernel", fast_kernels())

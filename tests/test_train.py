@@ -525,6 +525,16 @@ def test_activation_checkpointing_trains_the_same_weights(char_data: Path, tmp_p
     assert config["run"]["train"]["activation_checkpointing"] is True
 
 
+def test_memory_estimate_is_printed_before_the_first_step(char_data: Path, tmp_path: Path, capsys) -> None:
+    """One line says what the run will need (training/memory.py has its arithmetic), from the first batch's shape."""
+    assert _train(char_data, tmp_path / "run", "--max-steps", "2", "--eval-interval", "0", "--grad-accum-steps", "2",
+                  "--activation-checkpointing") == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("memory estimate per process:"))
+    # 4 sequences of 32 tokens per micro-batch (accumulation does not multiply it), checkpointing on.
+    assert "× 128 tokens, activation checkpointing on)" in line and "optimizer state" in line
+
+
 # ---------------------------------------------------------------------------------------------
 # bf16-true: weights, gradients and optimizer state in bfloat16
 # ---------------------------------------------------------------------------------------------

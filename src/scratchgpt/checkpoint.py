@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -422,26 +422,37 @@ def save_hf(
 
     The family (GPT-2, Llama, Qwen2, Qwen3) follows from the config (`hf_model_type`). With
     `max_shard_bytes`, weights go into model-0000k-of-0000n.safetensors shards plus an index file.
+    Written one weight at a time (converted: cast to float32, transposed or split; written; freed), so saving
+    needs the model plus its largest converted weight, not a converted copy of the whole model.
     """
     inner = unwrap(model)
     if not isinstance(inner, GPT):
         raise TypeError(f"save_hf expects a GPT, got {type(inner).__name__}")
     hf_config = config_to_hf(inner.config)
-    state = scratchgpt_to_hf(model_state(inner), inner.config)
+    state = inner.state_dict()  # references: nothing is copied yet
     if inner.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
+
+    def convert(name: str, tensor: Tensor) -> dict[str, Tensor]:  # one of our weights -> its HF tensor(s)
+        return scratchgpt_to_hf(float32_weights({name: tensor}), inner.config)
+
+    # Every HF tensor's name, dtype and shape, from the same conversion run on meta tensors (no data; bfloat16
+    # given as the float32 that float32_weights makes of it, which a meta tensor cannot be copied into).
+    layout = {name: convert(name, torch.empty(t.shape, device="meta", dtype=torch.float32 if t.dtype == torch.bfloat16
+                                              else t.dtype)) for name, t in state.items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shards = _shard(state, max_shard_bytes)
-    if len(shards) == 1:
-        save_tensors(state, directory / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards, start=1):
-            name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_tensors(shard, directory / name, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in state.values())
+    shards = _shard(layout, max_shard_bytes)
+    files = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    for file, names in zip(files, shards, strict=True):
+        specs = {hf: t for name in names for hf, t in layout[name].items()}
+        parts = (part for name in names for part in convert(name, state[name]).items())
+        atomic_write(directory / file, lambda p, specs=specs, parts=parts: _write_safetensors(p, specs, parts))
+    if len(shards) > 1:
+        weight_map = {hf: file for file, names in zip(files, shards, strict=True)
+                      for name in names for hf in layout[name]}
+        total = sum(_nbytes(t) for parts in layout.values() for t in parts.values())
         write_json(directory / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     write_json(directory / "config.json", hf_config)
     if tokenizer is not None and hasattr(tokenizer, "save_hf"):
@@ -449,20 +460,44 @@ def save_hf(
     return directory
 
 
-def _shard(state: dict[str, Tensor], max_bytes: int | None) -> list[dict[str, Tensor]]:
-    """Split `state` (in order) into groups of at most `max_bytes` (a bigger tensor gets its own)."""
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _shard(layout: dict[str, dict[str, Tensor]], max_bytes: int | None) -> list[list[str]]:
+    """Group our weights (in order, each with all its HF parts) into shards of at most `max_bytes` of HF tensors
+    (a bigger weight gets its own)."""
     if max_bytes is None:
-        return [state]
-    shards: list[dict[str, Tensor]] = [{}]
+        return [list(layout)]
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, t in state.items():
-        n = t.numel() * t.element_size()
+    for name, parts in layout.items():
+        n = sum(_nbytes(t) for t in parts.values())
         if shards[-1] and size + n > max_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = t
+        shards[-1].append(name)
         size += n
     return shards
+
+
+def _write_safetensors(path: Path, specs: dict[str, Tensor], tensors: Iterator[tuple[str, Tensor]]) -> None:
+    """Write a safetensors file whose header lists `specs` (name -> a tensor of that dtype and shape, e.g. on the
+    meta device), then the data of `tensors` in the same order, each dropped once written (one in memory)."""
+    names = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in specs.items():
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + _nbytes(t)]}
+        offset += _nbytes(t)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for (name, spec), (got, tensor) in zip(specs.items(), tensors, strict=True):
+            if got != name or tensor.dtype != spec.dtype or tensor.shape != spec.shape:
+                raise AssertionError(f"{path}: wrote {got} {tuple(tensor.shape)} where the header says {name}")
+            f.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def load_hf_tokenizer(directory: str | Path) -> Any:

@@ -123,9 +123,7 @@ def _check_value(where: str, value: Any, hint: Any, rules: typing.Mapping[str, A
         return
     if "choices" in rules and value not in rules["choices"]:
         raise ValueError(f"{where}={value!r} is not allowed; choose one of {list(rules['choices'])}")
-    bounds = {k: rules[k] for k in ("ge", "gt", "le", "lt") if k in rules}
-    if bounds:
-        _check_range(where, value, **bounds)
+    _check_range(where, value, **{k: rules[k] for k in ("ge", "gt", "le", "lt") if k in rules})  # none: no-op
 
 
 def validate(obj: Any) -> None:
@@ -536,6 +534,8 @@ class LoRAConfig(Config):
     dropout: float = setting(0.0, "dropout on the adapter's input", **_DROPOUT)
     targets: tuple[str, ...] = setting(("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
                                        f"Linear layers to adapt, by name suffix: {', '.join(LORA_TARGETS)}")
+    base_dtype: Literal["float32", "bfloat16", "int8"] = setting(
+        "float32", "the frozen base's weights: bfloat16 (half the bytes; bf16 autocast) or int8 (a quarter; QLoRA)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -26,6 +26,13 @@ the memory for the stored weights, no speed-up. Asking for a CPU kernel there is
 Embedding tables are quantized the same way (`Int8Embedding`, one scale per row), and a tied LM head
 shares the embedding's int8 matrix, so a quantized model is about a quarter of its float32 bytes.
 
+Training through an int8 layer (LoRA over an int8 frozen base, training/lora.py): the weight stays
+frozen, but the gradient must reach the layer's input. Neither fast kernel has a backward (fbgemm's
+silently returns none), and the reference's would keep each dequantized float weight alive until the
+backward pass. So an input that needs a gradient goes through `_FrozenInt8Matmul`: the forward runs the
+layer's kernel, the backward multiplies by the dequantized weight made for that call and freed after it.
+`dequantize_model` turns a quantized model back into a float one (merging LoRA over an int8 base).
+
 A quantized model saves as a normal run directory (checkpoint.save_quantized): model.safetensors
 holds `<layer>.weight` (int8) and `<layer>.weight_scale` (float32) for each quantized layer,
 config.json says {"quantization": {"mode": "int8", ...}}. No pickle anywhere. This module is pure
@@ -35,8 +42,8 @@ torch (no I/O), so checkpoint.py can rebuild quantized models from it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Collection
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +128,8 @@ class Int8Linear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float weight (out, in) this layer stands for: scale ⊙ q."""
-        return (self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None])
+        # In place on the fresh copy: one (out, in) temporary, not two (a backward makes this per call).
+        return self.weight.to(dtype).mul_(self.weight_scale.to(dtype)[:, None])
 
     def reference(self, x: Tensor) -> Tensor:
         """Plain definition: dequantize the weight, then an ordinary linear layer in x's dtype."""
@@ -129,6 +137,11 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.dequantized(x.dtype), bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # training something below this frozen layer
+            return _FrozenInt8Matmul.apply(x, self)
+        return self._kernel_forward(x)
+
+    def _kernel_forward(self, x: Tensor) -> Tensor:
         if self.kernel == "fbgemm" and x.is_cpu and x.numel():
             # fbgemm quantizes the activations per call (reduce_range avoids int16 overflow in the
             # multiply-add of CPUs without VNNI, at the cost of one bit of activation precision) and
@@ -176,6 +189,24 @@ class Int8Linear(nn.Module):
             self._packed = (op, packed, not (cpu_has("avx512_vnni") or cpu_has("avx_vnni")))
             self._packed_src = (w, s, b, versions)
         return self._packed
+
+
+class _FrozenInt8Matmul(torch.autograd.Function):
+    """y = layer(x) by the layer's kernel; dL/dx = dL/dy · (s ⊙ q), the weight dequantized only for the backward.
+
+    The weight and its scales are frozen (buffers), so x is the only input with a gradient, and nothing is
+    saved but the layer: every backward rebuilds its float weight, (out, in), and frees it after use.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: Int8Linear) -> Tensor:
+        ctx.layer = layer
+        return layer._kernel_forward(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor, None]:
+        # (..., out) @ (out, in) -> (..., in), in the gradient's dtype (bfloat16 under autocast).
+        return grad_y @ ctx.layer.dequantized(grad_y.dtype), None
 
 
 class Int8Embedding(nn.Module):
@@ -227,11 +258,13 @@ def _children_of_type(model: nn.Module, kind: type[nn.Module]) -> list[tuple[nn.
             if isinstance(child, kind)]
 
 
-def quantize_model(model: nn.Module, mode: str = "int8", *, kernel: Kernel | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str = "int8", *, kernel: Kernel | None = None,
+                   skip: Collection[str] = ()) -> nn.Module:
     """Replace every linear layer and embedding table of `model` (in place) by its int8 version.
 
     Every matrix becomes int8, so the model takes about a quarter of its float32 bytes; norms and biases
-    stay float (they are small). A tied LM head shares the embedding's int8 matrix. Returns the model.
+    stay float (they are small). A tied LM head shares the embedding's int8 matrix. `skip`: module names
+    left float (a head that trains). Returns the model, in eval mode.
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
@@ -245,16 +278,44 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, kernel: Kernel | Non
     _check_kernel(kernel, device)
     with torch.no_grad():
         tables: dict[int, Int8Embedding] = {}  # id of the float table -> its int8 version
+        kept = {id(m) for name, m in model.named_modules() if name in skip}
         for parent, attr, embedding in _children_of_type(model, nn.Embedding):
+            if id(embedding) in kept:
+                continue
             tables[id(embedding.weight)] = Int8Embedding.from_embedding(embedding)
             setattr(parent, attr, tables[id(embedding.weight)])
         for parent, attr, linear in _children_of_type(model, nn.Linear):
+            if id(linear) in kept:
+                continue
             layer = Int8Linear.from_linear(linear, kernel=kernel)
             tied = tables.get(id(linear.weight))
             if tied is not None:  # the same rounding of the same matrix: keep one copy of it
                 layer.weight, layer.weight_scale = tied.weight, tied.weight_scale
             setattr(parent, attr, layer)
     return model.eval()
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, *, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The inverse of `quantize_model`, in place: every Int8Linear / Int8Embedding becomes an nn.Linear /
+    nn.Embedding holding scale ⊙ q in `dtype`; a head that shared the embedding's int8 matrix shares its float
+    one again. Returns the model."""
+    tables: dict[int, nn.Embedding] = {}  # id of the int8 matrix -> the float table made from it
+    for parent, attr, layer in _children_of_type(model, Int8Embedding):
+        table = nn.utils.skip_init(nn.Embedding, layer.num_embeddings, layer.embedding_dim,
+                                   device=layer.weight.device, dtype=dtype)  # skip_init: no draw from the RNG
+        table.weight = nn.Parameter(layer.weight.to(dtype) * layer.weight_scale.to(dtype)[:, None])
+        tables[id(layer.weight)] = table
+        setattr(parent, attr, table)
+    for parent, attr, layer in _children_of_type(model, Int8Linear):
+        linear = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                    device=layer.weight.device, dtype=dtype)
+        tied = tables.get(id(layer.weight))
+        linear.weight = tied.weight if tied is not None else nn.Parameter(layer.dequantized(dtype))
+        if layer.bias is not None:
+            linear.bias = nn.Parameter(layer.bias.to(dtype))
+        setattr(parent, attr, linear)
+    return model
 
 
 def set_kernel(model: nn.Module, kernel: Kernel) -> None:

@@ -348,7 +348,9 @@ def prepare_model(
         add_head(model)
     trainable: Trainable = cfg.trainable or ("lora" if lora is not None else type(cfg).default_trainable)
     if trainable == "lora":
-        apply_lora(model, lora or LoRAConfig(), generator=torch.Generator().manual_seed(seed))
+        # A new head trains beside the adapters: it stays float32 whatever the frozen base is held in.
+        apply_lora(model, lora or LoRAConfig(), generator=torch.Generator().manual_seed(seed),
+                   keep=("lm_head",) if add_head is not None else ())
     elif lora is not None:
         raise ValueError(f"--lora-* flags need --trainable lora (got --trainable {trainable})")
     return set_trainable(model, trainable, head_trains=add_head is not None), trainable
@@ -367,6 +369,21 @@ def resolve_train_config(cfg: FinetuneConfig, train: TrainConfig, *, n_train: in
         return train
     per_step = train.batch_size * train.grad_accum_steps * int(os.environ.get("WORLD_SIZE", "1"))
     return dataclasses.replace(train, max_steps=max(1, math.ceil(cfg.epochs * n_train / per_step)))
+
+
+def check_base_dtype(lora: LoRAConfig | None, train: TrainConfig) -> TrainConfig:
+    """`train` fitted to LoRA's frozen base: a bfloat16 base computes in bf16, so dtype 'auto' becomes bf16 autocast
+    (float32 activations would need the weights cast every step); combinations that cannot work are errors."""
+    base = lora.base_dtype if lora is not None else "float32"
+    if base == "bfloat16" and train.dtype == "auto":
+        return dataclasses.replace(train, dtype="bfloat16")
+    if base == "bfloat16" and train.dtype in ("float32", "float16"):
+        raise ValueError(f"LoRAConfig.base_dtype='bfloat16' computes in bfloat16, not dtype={train.dtype!r}; use "
+                         f"--dtype bfloat16 (autocast) or bf16-true, or --lora-base-dtype float32")
+    if base == "int8" and train.dtype == "bf16-true":
+        raise ValueError("LoRAConfig.base_dtype='int8' keeps the int8 scales and the adapters in float32; "
+                         "dtype='bf16-true' would cast them: use --dtype auto or bfloat16 (autocast)")
+    return train
 
 
 def export_fn(tokenizer: Tokenizer, extra: dict[str, Any], *, base: str) -> Callable[[nn.Module, str | Path], None]:
@@ -441,7 +458,7 @@ def run_mode(
     taken and the parameter counts. Under torchrun every rank calls this; rank 0 writes the files.
     """
     model = start.model
-    tcfg = resolve_train_config(cfg, train, n_train=len(mode.parts["train"]))
+    tcfg = check_base_dtype(lora, resolve_train_config(cfg, train, n_train=len(mode.parts["train"])))
     params, trainable = prepare_model(model, cfg, mode=mode.name, lora=lora, seed=tcfg.seed, add_head=mode.add_head)
     finetune = {"mode": mode.name, **config_to_dict(cfg), "trainable": trainable, "init": start.source,
                 "lora": config_to_dict(lora_config(model)) if lora_config(model) else None}
@@ -460,8 +477,10 @@ def run_mode(
                            for name, part in mode.parts.items() if name == "val" and part})
         if verbose and is_main():
             sizes = "/".join(str(len(mode.parts[k])) for k in SPLITS)
+            base = lora_config(model).base_dtype if lora_config(model) is not None else "float32"
             print(f"{mode.name}: train/val/test {sizes}, trainable {trainable}: {counts['trainable']:,} of "
-                  f"{counts['total']:,} parameters, {tcfg.max_steps} steps of {tcfg.batch_size}", flush=True)
+                  f"{counts['total']:,} parameters{'' if base == 'float32' else f' (frozen base in {base})'}, "
+                  f"{tcfg.max_steps} steps of {tcfg.batch_size}", flush=True)
         timing["t0"] = time.perf_counter()
 
     def final(result: TrainResult, runtime: Runtime) -> tuple[dict[str, Any], bool]:

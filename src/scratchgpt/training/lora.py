@@ -10,12 +10,20 @@ Everything but the adapters is frozen. `merge_lora` folds B·A into W and return
 layers, so a merged model has the base's state-dict names again (and exports to Hugging Face).
 `save_adapters` writes only what trained (adapter.safetensors + adapter_config.json): a few MB
 instead of the whole model. `load_adapters` puts them back onto a base model.
+
+The frozen base may be held in fewer bytes (`LoRAConfig.base_dtype`, QLoRA's idea with this project's own
+int8): "int8" quantizes every Linear and embedding table (model/quantize.py: int8 weights, one float32
+scale per output row, its fast kernel; the gradient reaches the input through the dequantized weight made
+per backward call), "bfloat16" casts the frozen weights to bf16. The adapters stay float32 either way
+and run in the activations' dtype. A 1B model's frozen weights: 4.9 GB float32, 2.5 GB bf16, 1.2 GB int8.
+Merging over such a base gives a float32 model: dequantized (or cast), then W + B·A.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,7 @@ from scratchgpt.checkpoint import (
 from scratchgpt.config import LoRAConfig, config_from_dict, config_to_dict
 from scratchgpt.files import write_json
 from scratchgpt.model.gpt import GPT
+from scratchgpt.model.quantize import Int8Embedding, Int8Linear, dequantize_model, quantize_model
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -45,18 +54,25 @@ _SHAPE_FREE_FIELDS = ("embd_pdrop", "resid_pdrop", "attn_pdrop", "initializer_ra
 
 
 class LoRALinear(nn.Module):
-    """A Linear layer plus a trainable low-rank update B·A scaled by alpha / rank."""
+    """A frozen Linear layer (float, or int8 with scales) plus a trainable low-rank update B·A · alpha / rank."""
 
-    def __init__(self, base: nn.Linear, config: LoRAConfig, *, generator: torch.Generator | None = None):
+    def __init__(self, base: nn.Linear | Int8Linear, config: LoRAConfig, *, generator: torch.Generator | None = None):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.config = config
         self.scaling = config.scaling
-        # The very same Parameter objects move over: state-dict names stay `<layer>.weight/.bias`, and
-        # a weight tied to another module (GPT-2's lm_head and wte) stays tied.
-        self.weight = base.weight
-        self.bias = base.bias
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.base: Int8Linear | None = None
+        if isinstance(base, Int8Linear):
+            # Kept whole, so it runs its own kernel: state names `<layer>.base.weight` (int8), `.base.weight_scale`.
+            self.base = base
+        else:
+            # The very same Parameter objects move over: state-dict names stay `<layer>.weight/.bias`, and
+            # a weight tied to another module (GPT-2's lm_head and wte) stays tied.
+            self.weight = base.weight
+            self.bias = base.bias
+        # float32 adapters over a bf16 or int8 base: their small updates would vanish in bf16's 8-bit mantissa.
+        frozen = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+        kw = dict(device=base.weight.device, dtype=torch.promote_types(frozen, torch.float32))
         self.lora_A = nn.Parameter(torch.empty(config.rank, self.in_features, **kw))
         # Zero B: the update B·A starts at zero, so the adapted model starts equal to the base.
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, **kw))
@@ -65,10 +81,23 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (B, T, out)
+        y = self.base(x) if self.base is not None else F.linear(x, self.weight, self.bias)  # (B, T, out)
+        a, b = self.lora_A, self.lora_B
+        if a.dtype != x.dtype:  # float32 adapters on bf16 activations: cast the (r, in) and (out, r) matrices
+            a, b = a.to(x.dtype), b.to(x.dtype)
         # x Aᵀ first: (B, T, r) is far smaller than forming the (out, in) product B·A every step.
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (B, T, out)
-        return y + update * self.scaling
+        update = F.linear(F.linear(self.lora_dropout(x), a), b)  # (B, T, out)
+        if self.base is not None:  # y came out of a custom autograd Function, which may not be changed in place
+            return torch.add(y, update, alpha=self.scaling)
+        # In place: nothing keeps y for the backward, and each (B, T, out) temporary saved counts at 1B sizes.
+        return y.add_(update, alpha=self.scaling)
+
+    def base_weight(self) -> Tensor:
+        """The frozen weight (out, in) the update is added to: dequantized (float32) over an int8 base."""
+        return self.base.dequantized() if self.base is not None else self.weight
+
+    def base_bias(self) -> Tensor | None:
+        return self.base.bias if self.base is not None else self.bias
 
     def delta_weight(self) -> Tensor:
         """The update this adapter adds to the weight: B·A · alpha / rank, shape (out, in)."""
@@ -88,26 +117,54 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig, *, generator: torch.Generator | None = None) -> list[str]:
-    """Wrap every targeted Linear of `model` in a LoRALinear and freeze all else; returns the wrapped names."""
+def apply_lora(
+    model: nn.Module, config: LoRAConfig, *, generator: torch.Generator | None = None, keep: Collection[str] = (),
+) -> list[str]:
+    """Lower the frozen base to `config.base_dtype`, wrap every targeted Linear of `model` in a LoRALinear and
+    freeze all else; returns the wrapped names. `keep`: modules left float32 because they train too (a new head)."""
     model = unwrap(model)
     if lora_layers(model):
         raise ValueError("this model already has LoRA adapters; merge_lora() them first or load it fresh")
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | Int8Linear)]
     wrapped: list[str] = []
     for target in config.targets:
-        hits = [n for n, _ in linears if _matches(n, target)]
+        hits = [n for n in linear_names if _matches(n, target)]
         if not hits:
             # Block layers are listed by their in-block name ("attn.c_attn"), the rest in full.
-            names = sorted({n.split(".", 3)[-1] if n.startswith("transformer.h.") else n for n, _ in linears})
+            names = sorted({n.split(".", 3)[-1] if n.startswith("transformer.h.") else n for n in linear_names})
             raise ValueError(f"LoRA target {target!r} matches no Linear layer of this model; choose among {names}")
         wrapped += [n for n in hits if n not in wrapped]
-    modules = dict(linears)
+    lower_base(model, config.base_dtype, keep=keep)  # the layers keep their names (int8: new modules)
+    modules = dict(model.named_modules())
     for name in wrapped:
         _set_submodule(model, name, LoRALinear(modules[name], config, generator=generator))
     for pname, p in model.named_parameters():
         p.requires_grad_(".lora_" in f".{pname}")
     return wrapped
+
+
+def lower_base(model: nn.Module, dtype: str, *, keep: Collection[str] = ()) -> None:
+    """Hold the frozen weights of `model` in `dtype` ('float32': as they are, 'bfloat16', 'int8'), in place;
+    the modules named in `keep` (and all under them) stay as they are."""
+    if dtype == "float32":
+        return
+    if dtype == "int8":
+        training = model.training
+        quantize_model(model, "int8", skip=keep)  # every Linear and embedding table but the kept ones
+        model.train(training)
+        return
+    if dtype != "bfloat16":
+        raise ValueError(f"unknown LoRA base_dtype {dtype!r}; choose float32, bfloat16 or int8")
+    kept = {id(m) for name in keep for m in model.get_submodule(name).modules()}
+    for module in model.modules():
+        if id(module) in kept:
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16)  # the same Parameter: a tied matrix stays tied
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point():
+                setattr(module, name, b.to(torch.bfloat16))  # as model.to(bfloat16) would (RoPE allows for it)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -128,20 +185,31 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its weight (W + B·A·alpha/r) in place: plain nn.Linear layers again."""
+    """Fold every adapter into its weight (W + B·A·alpha/r) in place: plain nn.Linear layers again. Over an int8
+    or bfloat16 base (LoRAConfig.base_dtype) the whole model becomes float32: dequantized, then merged."""
     model = unwrap(model)
+    config = lora_config(model)
     for name, layer in lora_layers(model).items():
-        merged = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=layer.weight.device, dtype=layer.weight.dtype)
-        merged.weight = nn.Parameter((layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype),
-                                     requires_grad=layer.weight.requires_grad)
-        if layer.bias is not None:
-            merged.bias = layer.bias
+        frozen = layer.base_weight()
+        # float32 adapters over a bf16 base merge into float32: in bf16 most of a small update would round away.
+        dtype = torch.promote_types(frozen.dtype, layer.lora_A.dtype)
+        bias = layer.base_bias()
+        # skip_init: a new layer would draw its init from the global RNG, moving a run being checkpointed.
+        merged = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=bias is not None,
+                                    device=frozen.device, dtype=dtype)
+        merged.weight = nn.Parameter((frozen.float() + layer.delta_weight()).to(dtype),
+                                     requires_grad=layer.base is None and frozen.requires_grad)
+        if bias is not None:
+            merged.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
         if isinstance(model, GPT) and name == "lm_head" and model.config.tie_word_embeddings:
             # The update belongs to the head alone; folding it into a shared matrix would change the
             # token embeddings too, so the merged model stores its head separately.
             model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
         _set_submodule(model, name, merged)
+    if config is not None and config.base_dtype == "int8":
+        dequantize_model(model)
+    elif config is not None and config.base_dtype == "bfloat16":
+        model.float()
     return model
 
 
@@ -213,7 +281,9 @@ def load_adapters(model: nn.Module, directory: str | Path, *, generator: torch.G
         config = config_from_dict(LoRAConfig, meta["lora"], source=str(source))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: invalid LoRA config: {e}") from None
-    apply_lora(inner, config, generator=generator)
+    # What trained besides the adapters (a classification head) stays float, as it did in training.
+    keep = sorted({n.rpartition(".")[0] for n in meta.get("other_tensors", [])} - {""})
+    apply_lora(inner, config, generator=generator, keep=keep)
     state = load_tensors(directory / ADAPTER_FILE, device=next(inner.parameters()).device)
     params = dict(inner.named_parameters())
     missing = sorted(n for n in params if ".lora_" in f".{n}" and n not in state)
@@ -235,6 +305,9 @@ def load_adapters(model: nn.Module, directory: str | Path, *, generator: torch.G
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """{"trainable": ..., "total": ...} parameters of `model` (a tied matrix counts once)."""
-    params = list(unwrap(model).parameters())
-    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
+    """{"trainable": ..., "total": ...} parameters of `model` (a tied matrix counts once; int8 weights count)."""
+    model = unwrap(model)
+    params = list(model.parameters())
+    int8 = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, Int8Linear | Int8Embedding)}
+    return {"trainable": sum(p.numel() for p in params if p.requires_grad),
+            "total": sum(p.numel() for p in params) + sum(int8.values())}

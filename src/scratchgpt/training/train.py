@@ -63,6 +63,7 @@ from scratchgpt.config import TrainConfig
 from scratchgpt.device import ThreadChoice, allocator_line, choose_threads, native_bf16, set_threads
 from scratchgpt.files import replace_dir
 from scratchgpt.model.gpt import GPT
+from scratchgpt.training.memory import estimate_memory
 from scratchgpt.training.optim import lr_at, make_optimizer, set_lr
 from scratchgpt.training.run_state import (
     BEST_DIR,
@@ -457,8 +458,11 @@ class _Trainer:
             while self.step < cfg.max_steps:
                 lr = set_lr(self.optimizer, self.step, cfg)
                 micro = [to_device(self.batches.next_batch(), device) for _ in range(cfg.grad_accum_steps)]
-                if fpt is None:
+                if fpt is None:  # the first step: the batch's shape is known, nothing has run yet
                     fpt = flops_per_token(self.inner, _seq_len(micro[0]))
+                    act = self.amp_dtype if self.amp_dtype != torch.float32 else self.weights_dtype
+                    self.say(estimate_memory(self.inner, self.optimizer, tokens=batch_tokens(micro[0]), dtype_bytes=
+                                             act.itemsize, checkpointing=cfg.activation_checkpointing).line())
                 loss, n_tok = train_step(self.model, self.optimizer, micro, loss_fn=self.loss_fn, params=self.params,
                                          grad_accum_steps=cfg.grad_accum_steps, grad_clip=cfg.grad_clip,
                                          scaler=self.scaler, amp=self.runtime.precision)
