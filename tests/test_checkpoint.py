@@ -454,12 +454,15 @@ model = model[0] if isinstance(model, tuple) else model
 growth = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024 - before
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 assert {{p.dtype for p in model.parameters()}} == {{torch.{dtype}}}
-print(growth / weights)
+print(growth, weights)
 """
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert float(done.stdout) < 1.3
+    growth, weights = map(int, done.stdout.split())
+    # The model once, plus 30%, plus a few MB that do not grow with it (the conversion buffer, lazy imports,
+    # a thread's malloc arena): a second copy (2x) or a float32 detour (2.9x) would be far above.
+    assert growth < 1.3 * weights + (8 << 20), growth / weights
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
