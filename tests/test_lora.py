@@ -269,3 +269,26 @@ def test_int8_base_loss_goes_down_like_the_float_base():
             curves[base].append(loss.item())
     assert curves["int8"][-1] < 0.25 * curves["int8"][0]
     assert abs(curves["int8"][4] - curves["float32"][4]) < 0.05  # the same curve while the updates are large
+
+
+@pytest.mark.parametrize("base_dtype", ["int8", "bfloat16"])
+def test_a_base_loaded_straight_into_bfloat16_is_the_base_a_float32_load_gives(tmp_path, base_dtype):
+    """Fine-tuning loads a bf16/int8 base in bfloat16 (no float32 copy of a 1B model in memory); `finetune
+    merge` loads the float32 checkpoint. Both must hold the same frozen base, or a merge would not be what
+    trained."""
+    from scratchgpt.training.lora import base_load_dtype
+
+    save_model(tiny_gpt(), tmp_path / "run")
+    config = LoRAConfig(rank=4, base_dtype=base_dtype)
+    assert base_load_dtype(config) == torch.bfloat16 and base_load_dtype(LoRAConfig(rank=4)) is None
+    straight, _ = load_model(tmp_path / "run", dtype=base_load_dtype(config))
+    assert {p.dtype for p in straight.parameters()} == {torch.bfloat16}
+    float32, _ = load_model(tmp_path / "run")
+    for model in (straight, float32):
+        apply_lora(model, config, generator=torch.Generator().manual_seed(0))
+    a, b = straight.state_dict(), float32.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    x = tokens()
+    assert torch.equal(straight.eval()(x)[0], float32.eval()(x)[0])

@@ -214,12 +214,13 @@ class StartModel:
 
 def load_start_model(
     init: str, *, tokenizer: str = "auto", corpus: Callable[[], str] | None = None,
-    model_overrides: dict[str, Any] | None = None, seed: int = 1337,
+    model_overrides: dict[str, Any] | None = None, seed: int = 1337, dtype: torch.dtype | None = None,
 ) -> StartModel:
     """The starting model: a scratchgpt run directory, a Hugging Face GPT-2 directory/name, or 'scratch'.
 
     A scratch model uses GPT-2's tokenizer, or with tokenizer='char' one trained on `corpus()`. A
-    checkpoint brings its own; naming a different kind is an error.
+    checkpoint brings its own; naming a different kind is an error. `dtype`: load a checkpoint's weights
+    straight into it (LoRA over a bf16 or int8 base: lora.base_load_dtype).
     """
     if init == "scratch":
         if tokenizer == "char":
@@ -241,7 +242,7 @@ def load_start_model(
         if read_run_config(init).get("task") == "classification":
             raise CheckpointError(f"{init}: is a classifier (its head scores labels, not tokens); start from "
                                   f"the language model it was fine-tuned from")
-        model, run_config = load_model(init)
+        model, run_config = load_model(init, dtype=dtype)
         if (Path(init) / "tokenizer.json").is_file():
             tok = load_tokenizer(init)
         elif tokenizer == "gpt2":
@@ -251,7 +252,7 @@ def load_start_model(
                 f"{init}: has no tokenizer.json; pass --tokenizer gpt2 if it was trained with GPT-2's"
             )
     else:
-        model, tok = load_any(init)
+        model, tok = load_any(init, dtype=dtype)
         run_config = {}
     if tokenizer != "auto" and tok.name != tokenizer:
         raise CheckpointError(

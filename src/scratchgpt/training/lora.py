@@ -143,14 +143,37 @@ def apply_lora(
     return wrapped
 
 
+def base_load_dtype(config: LoRAConfig | None) -> torch.dtype | None:
+    """The dtype to load a start model in for LoRA over `config`'s base: bfloat16 for a bf16 or int8 base
+    (never a float32 copy of the whole model in memory), else None (as saved)."""
+    return torch.bfloat16 if config is not None and config.base_dtype in ("bfloat16", "int8") else None
+
+
 def lower_base(model: nn.Module, dtype: str, *, keep: Collection[str] = ()) -> None:
     """Hold the frozen weights of `model` in `dtype` ('float32': as they are, 'bfloat16', 'int8'), in place;
     the modules named in `keep` (and all under them) stay as they are."""
     if dtype == "float32":
         return
     if dtype == "int8":
+        # The matrices are rounded to bfloat16 before quantizing, so that a base loaded straight into
+        # bfloat16 (base_load_dtype: no float32 copy of a 1B model in memory) and a float32 base (finetune
+        # merge loads one) give the same int8 values; the rest (norms, biases) computes in float32.
+        kept = {id(m) for name in keep for m in model.get_submodule(name).modules()}
+        for module in model.modules():
+            if id(module) in kept:
+                continue
+            matrix = module.weight if isinstance(module, nn.Linear | nn.Embedding) else None
+            for p in module.parameters(recurse=False):
+                if p.is_floating_point():
+                    p.data = p.data.to(torch.bfloat16) if p is matrix else p.data.float()
+            for name, b in list(module.named_buffers(recurse=False)):
+                if b is not None and b.is_floating_point():
+                    setattr(module, name, b.float())
         training = model.training
         quantize_model(model, "int8", skip=keep)  # every Linear and embedding table but the kept ones
+        for module in model.modules():
+            if isinstance(module, Int8Embedding):
+                module.out_dtype = torch.float32  # lookups feed float32 blocks
         model.train(training)
         return
     if dtype != "bfloat16":

@@ -41,6 +41,7 @@ from scratchgpt.training.finetune import (
     split_record,
     train_config,
 )
+from scratchgpt.training.lora import base_load_dtype
 from scratchgpt.training.runtime import model_device, to_device
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +291,7 @@ def finetune_classify(
     train = train_config(cfg, train)
     seed = train.seed
     start = load_start_model(cfg.init, tokenizer=cfg.tokenizer, corpus=lambda: "".join(r.text for r in rows),
-                             model_overrides=model, seed=seed)
+                             model_overrides=model, seed=seed, dtype=base_load_dtype(lora))
     max_length = context_limit(start.model, cfg.max_length)
     examples = encode_labeled(rows, start.tokenizer, labels, vocab_size=start.model.config.vocab_size,
                               max_length=max_length, too_long=cfg.too_long)

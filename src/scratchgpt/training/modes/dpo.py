@@ -47,6 +47,7 @@ from scratchgpt.training.finetune import (
     split_record,
     train_config,
 )
+from scratchgpt.training.lora import base_load_dtype
 from scratchgpt.training.modes.instruct import (
     InstructExample,
     collate_instruct,
@@ -230,7 +231,7 @@ def finetune_dpo(
     # Only a scratch model's char tokenizer reads the corpus; it has no checkpoint template to follow.
     text_template = cfg.template if cfg.template in ("alpaca", "chatml") else "alpaca"
     start = load_start_model(
-        cfg.init, tokenizer=cfg.tokenizer, model_overrides=model, seed=seed,
+        cfg.init, tokenizer=cfg.tokenizer, model_overrides=model, seed=seed, dtype=base_load_dtype(lora),
         corpus=lambda: "".join(text for e in entries for key in ("chosen", "rejected")
                                for text, _ in entry_segments(e, text_template, None, response_key=key)),
     )

@@ -65,6 +65,7 @@ from scratchgpt.training.finetune import (
     split_record,
     train_config,
 )
+from scratchgpt.training.lora import base_load_dtype
 from scratchgpt.training.runtime import is_main
 from scratchgpt.training.train import lm_loss
 
@@ -286,7 +287,7 @@ def finetune_instruct(
     # Only a scratch model's char tokenizer reads the corpus; it has no chat template of its own.
     text_template = cfg.template if cfg.template in ("alpaca", "chatml") else "alpaca"
     start = load_start_model(
-        cfg.init, tokenizer=cfg.tokenizer, model_overrides=model, seed=seed,
+        cfg.init, tokenizer=cfg.tokenizer, model_overrides=model, seed=seed, dtype=base_load_dtype(lora),
         corpus=lambda: "".join(text for e in entries for text, _ in entry_segments(e, text_template, None)),
     )
     template = resolve_template(cfg.template, start)
