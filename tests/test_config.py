@@ -147,7 +147,7 @@ def test_the_bounds_and_their_messages() -> None:
 @pytest.mark.parametrize(("cls", "kwargs", "words"), [
     # These two ran no type check before: a string where a number belongs was let through.
     (config_module.EvalConfig, {"batch_size": "4"}, "EvalConfig.batch_size='4' (str) must be an integer"),
-    (config_module.EvalConfig, {"quantize": "int4"}, "EvalConfig.quantize='int4' is not allowed"),
+    (config_module.EvalConfig, {"quantize": "int2"}, "EvalConfig.quantize='int2' is not allowed"),
     (config_module.PerplexityEvalConfig, {"context": "8"}, "PerplexityEvalConfig.context='8' (str) must be an integer"),
     (config_module.PerplexityEvalConfig, {"prefix_eot": "no"}, "(write true or false without quotes)"),
     (config_module.ServeConfig, {}, "ServeConfig.checkpoint must be set"),

@@ -236,6 +236,46 @@ def test_gguf_q8_0_dequantizes_to_within_half_a_step_and_runs_to_the_same_logits
         sizes["blk.0.ffn_down.weight"] * 34)  # 34 bytes per 32 weights instead of 128
 
 
+def test_gguf_q4_0_writes_4_bit_blocks_that_read_back_within_a_step(tmp_path, gpt2_tokenizer, capsys):
+    """`--gguf-dtype q4_0`: llama.cpp's int4 through gguf-py's quantizer, read back with the right types."""
+    from scratchgpt.cli import main
+    from scratchgpt.export.gguf import export_gguf, read_gguf_state
+
+    # n_embd 48: rows of 48 values are not whole Q4_0 blocks (32) and fall back to float16, as for Q8_0.
+    config = GPTConfig(vocab_size=gpt2_tokenizer.vocab_size, n_positions=64, n_embd=48, n_layer=2, n_head=4)
+    model = GPT(config, generator=torch.Generator().manual_seed(6)).eval()
+    save_model(model, tmp_path / "run", tokenizer=gpt2_tokenizer)
+    path = tmp_path / "m.gguf"
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "gguf", "--gguf-dtype", "q4_0",
+                 "--out", str(path)]) == 0
+    capsys.readouterr()
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    Q4, F16, F32 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
+    assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"], types["blk.0.attn_qkv.weight"],
+            types["token_embd.weight"]) == (Q4, Q4, F16, F16)
+    assert types["position_embd.weight"] == types["blk.0.attn_norm.weight"] == types["blk.0.ffn_down.bias"] == F32
+    assert int(reader.get_field("general.file_type").contents()) == int(gguf.LlamaFileType.MOSTLY_Q4_0)
+    tensors, meta = read_gguf_state(path)
+    # Q4_0: per block of 32 weights, d = (the value of largest |w|) / -8, q = round(w / d) in [-8, 7], d then
+    # stored as float16: the error is at most one step (+8 clamps to 7) plus |q - 8| ≤ 8 times d's rounding.
+    w = model.transformer.h[0].mlp.c_proj.weight.detach().view(-1, 32)
+    d = w.abs().amax(dim=1, keepdim=True) / 8
+    bound = d + 8 * (d.half().float() - d).abs() + 1e-7
+    err = (tensors["blk.0.ffn_down.weight"].view(-1, 32) - w).abs()
+    assert (err <= bound).all() and (err > 0).any()
+    ids = gpt2_tokenizer.encode("Hello, my name is")
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0][0]
+    got = gguf_gpt2_reference_logits(tensors, meta, ids)
+    # Only the two ffn_down matrices are 4-bit here: the logits move by a few % of their norm at most.
+    assert (got - ref).norm() / ref.norm() < 0.05 and not torch.equal(got, ref)
+    f32 = export_gguf(model, gpt2_tokenizer, tmp_path / "f32.gguf")
+    sizes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(f32)).tensors}
+    assert {t.name: int(t.n_bytes) for t in reader.tensors}["blk.0.ffn_down.weight"] * 128 == (
+        sizes["blk.0.ffn_down.weight"] * 18)  # 18 bytes per 32 weights (16 of nibbles, a float16 d) instead of 128
+
+
 def test_gguf_refuses_other_tokenizers_and_quantized_models(tmp_path, gpt2_tokenizer):
     from scratchgpt.export.gguf import export_gguf
     from scratchgpt.model.quantize import quantize_model
@@ -254,8 +294,10 @@ def test_gguf_refuses_other_tokenizers_and_quantized_models(tmp_path, gpt2_token
     own_regex = ByteBPETokenizer([(97, 98)], pattern=r"\w+|\s+|.")
     with pytest.raises(ValueError, match="splits text with its own regex"):
         export_gguf(tiny(own_regex.vocab_size), own_regex, tmp_path / "r.gguf")
-    with pytest.raises(ValueError, match="takes a float model"):
-        export_gguf(quantize_model(tiny(gpt2_tokenizer.vocab_size)), gpt2_tokenizer, tmp_path / "q.gguf")
+    for mode in ("int8", "int4"):
+        with pytest.raises(ValueError, match="takes a float model"):
+            export_gguf(quantize_model(tiny(gpt2_tokenizer.vocab_size), mode, kernel="reference"), gpt2_tokenizer,
+                        tmp_path / "q.gguf")
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 

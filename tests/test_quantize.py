@@ -1,4 +1,4 @@
-"""int8 weight quantization (reference vs fast kernels, save/load, errors) and bfloat16 weights."""
+"""int8 and int4 weight quantization (reference vs fast kernels, save/load, errors) and bfloat16 weights."""
 
 from __future__ import annotations
 
@@ -13,6 +13,17 @@ from scratchgpt import GPT, GPTConfig, SamplingConfig
 from scratchgpt.checkpoint import load_any, quantize_checkpoint, save_model, save_quantized
 from scratchgpt.device import native_bf16
 from scratchgpt.inference.generate import generate
+from scratchgpt.model.int4 import (
+    Int4Embedding,
+    Int4Linear,
+    choose_int4_kernel,
+    dequantize_int4,
+    int4pack_available,
+    pack_int4,
+    pick_int4_kernel,
+    quantize_int4,
+    unpack_int4,
+)
 from scratchgpt.model.quantize import (
     Int8Embedding,
     Int8Linear,
@@ -227,8 +238,8 @@ def test_quantizing_twice_or_unknown_mode_is_one_clear_error(tmp_path, gpt2_toke
     q = quantize_model(tiny(), "int8")
     with pytest.raises(ValueError, match="already int8-quantized"):
         quantize_model(q, "int8")
-    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
-        quantize_model(tiny(), "int4")
+    with pytest.raises(ValueError, match="unknown quantization 'int2'"):
+        quantize_model(tiny(), "int2")
     save_quantized(quantize_model(tiny(vocab_size=gpt2_tokenizer.vocab_size)), tmp_path / "q",
                    tokenizer=gpt2_tokenizer)
     with pytest.raises(ValueError, match="already int8-quantized"):
@@ -334,3 +345,281 @@ def test_cli_export_int8_writes_a_run_that_loads_as_it_is(tmp_path, gpt2_tokeniz
     assert main(["export", "--checkpoint", str(tmp_path / "f"), "--format", "int8", "--out", str(out)]) == 2
     assert "pass --overwrite to replace it" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# int4, group-wise (model/int4.py)
+# ---------------------------------------------------------------------------------------------
+
+INT4_KERNELS_HERE = ["dense"] + (["int4pack"] if int4pack_available() else [])
+
+
+def on_int4_grid(rows: int, n: int, group: int, seed: int) -> torch.Tensor:
+    """A (rows, n) matrix already on the int4 grid: q in [-7, 7] (each group reaching ±7) times a float16 scale."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = -(-n // group)
+    q = torch.randint(-7, 8, (rows, groups * group), generator=gen)
+    q[:, ::group] = 7 * (torch.randint(0, 2, (rows, groups), generator=gen) * 2 - 1)  # the group's max |q| is 7
+    scale = (torch.rand(rows, groups, generator=gen) * 0.1 + 1e-3).half().float()
+    return (q.view(rows, groups, group) * scale[..., None]).view(rows, -1)[:, :n]
+
+
+def test_int4_pack_and_unpack_are_inverse_with_q_plus_8_low_nibble_first():
+    q = torch.tensor([[-8, 7, 0, -1, 3]])  # odd length: the last byte's high nibble is padding (a zero)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.tolist() == [[0 | (15 << 4), 8 | (7 << 4), 11 | (8 << 4)]]
+    assert torch.equal(unpack_int4(packed, 5), q.to(torch.int8))
+
+
+@pytest.mark.parametrize(("n", "group"), [(64, 32), (96, 32), (45, 32), (200, 64), (100, 128)])
+def test_int4_round_trip_is_exact_on_the_grid_and_within_half_a_step_off_it(n, group):
+    w = on_int4_grid(6, n, group, seed=n)
+    packed, scale = quantize_int4(w, group_size=group)
+    assert packed.shape == (6, (n + 1) // 2) and scale.shape == (6, -(-n // group)) and scale.dtype == torch.float16
+    assert torch.equal(dequantize_int4(packed, scale, n=n, group_size=group), w)  # exactly the same values
+    again = quantize_int4(dequantize_int4(packed, scale, n=n, group_size=group), group_size=group)
+    assert torch.equal(again[0], packed) and torch.equal(again[1], scale)
+    # Off the grid: every value within half its group's step (plus the float16 rounding of the scale).
+    x = torch.randn(6, n, generator=torch.Generator().manual_seed(1))
+    x[1] = 0.0  # an all-zero row must not divide by zero
+    p, s = quantize_int4(x, group_size=group)
+    step = s.float().repeat_interleave(group, dim=1)[:, :n]
+    err = (dequantize_int4(p, s, n=n, group_size=group) - x).abs()
+    assert (err <= step / 2 + 7 * step * 2**-11).all()
+    assert unpack_int4(p, n)[1].eq(0).all() and int(unpack_int4(p, n).abs().max()) == 7
+
+
+@pytest.mark.parametrize("kernel", INT4_KERNELS_HERE)
+@pytest.mark.parametrize(("n_in", "n_out", "group"), [(256, 192, 32), (128, 97, 64), (100, 48, 32)])
+def test_int4_kernels_match_the_dequantize_then_matmul_reference(kernel, n_in, n_out, group):
+    # 97 outputs: torch's kernel wants multiples of 16 (padded); 100 inputs: not whole groups, so int4pack
+    # falls back to the dense path for that layer.
+    lin = torch.nn.Linear(n_in, n_out)
+    torch.nn.init.normal_(lin.weight, std=0.02, generator=torch.Generator().manual_seed(1))
+    layer = Int4Linear.from_linear(lin, group_size=group)
+    torch.testing.assert_close(layer.dequantized(), dequantize_int4(layer.weight, layer.weight_scale, n=n_in,
+                                                                    group_size=group), rtol=0, atol=0)
+    for rows in (1, 2, 7, 40):
+        x = torch.randn(rows, n_in, generator=torch.Generator().manual_seed(rows))
+        layer.use("reference")
+        ref = layer(x)
+        layer.use(kernel)
+        got = layer(x.view(1, rows, n_in)).view(rows, n_out)
+        # Both kernels multiply the same int4 weights in float32: float rounding apart, nothing more.
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    # And the reference is near float: on Gaussian weights a group's step is ~2.5σ/7, its rounding error
+    # ~step/√12 ≈ 0.1σ, so ~10% of each output (trained weights fare better: see the perplexity test).
+    assert (ref - lin(x)).norm() / lin(x).norm() < 0.15
+
+
+@pytest.mark.parametrize("kernel", INT4_KERNELS_HERE)
+def test_int4_kernel_caches_see_weights_changed_after_first_use(kernel):
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
+    for lin in (a, b):
+        torch.nn.init.normal_(lin.weight, std=0.02, generator=gen)
+    x = torch.randn(3, 64, generator=gen)
+    fresh_b = Int4Linear.from_linear(b, kernel=kernel)(x)
+    for assign in (False, True):
+        layer = Int4Linear.from_linear(a, kernel=kernel)
+        layer(x)  # builds the kernel's copy of a's weights
+        layer.load_state_dict(Int4Linear.from_linear(b).state_dict(), assign=assign)
+        torch.testing.assert_close(layer(x), fresh_b, rtol=0, atol=0)
+    layer = Int4Linear.from_linear(a, kernel=kernel)
+    layer(x)
+    assert list(layer.state_dict()) == ["weight", "weight_scale", "bias"]  # the cache is never saved
+    layer.use("reference")
+    assert layer._cache == {}  # switching kernels frees the other kernel's copy
+
+
+def test_int4_model_every_matrix_is_int4_and_the_tied_head_shares_the_table():
+    model = tiny()
+    x = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
+    ref = model(x)[0]
+    q = quantize_model(copy.deepcopy(model), "int4", kernel="reference")
+    assert [m for m in q.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)] == []
+    assert sum(isinstance(m, Int4Linear) for m in q.modules()) == 2 * 4 + 1
+    assert isinstance(q.transformer.wte, Int4Embedding) and isinstance(q.transformer.wpe, Int4Embedding)
+    assert q.lm_head.weight is q.transformer.wte.weight and q.lm_head.weight_scale is q.transformer.wte.weight_scale
+    assert {m.group_size for m in q.modules() if isinstance(m, Int4Linear | Int4Embedding)} == {32}
+    assert [p for p in q.parameters() if p.dim() == 2] == []
+    out = q(x)[0]
+    # Random Gaussian weights, ~10% rounding error per matrix (see above): the logits still point the same way.
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.98
+    for kernel in INT4_KERNELS_HERE:
+        set_kernel(q, kernel)
+        torch.testing.assert_close(q(x)[0], out, rtol=1e-4, atol=1e-4)
+    # A lookup returns exactly the dequantized rows.
+    table = q.transformer.wte
+    rows = dequantize_int4(table.weight, table.weight_scale, n=64, group_size=32)[x]
+    torch.testing.assert_close(table(x), rows, rtol=0, atol=0)
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0.0)
+    assert generate(q, [1, 2, 3], cfg) == generate(q, [1, 2, 3], cfg, use_cache=False)
+    with pytest.raises(ValueError, match="already int4-quantized"):
+        quantize_model(q, "int8")
+    with pytest.raises(ValueError, match="unknown int4 kernel 'fbgemm'; choose one of reference, int4pack, dense"):
+        set_kernel(q, "fbgemm")
+
+
+def test_int4_kernel_follows_the_faster_whole_step(caplog):
+    """The choice follows timed forward steps of the whole model (injected here), not one hot matrix."""
+    q = quantize_model(tiny(), "int4", kernel="reference")
+    layers = [m for m in q.modules() if isinstance(m, Int4Linear)]
+    calls: list[str] = []
+
+    def timed(times):
+        def step(kernel: str) -> float:
+            calls.append(kernel)
+            return times[kernel]
+        return step
+
+    assert choose_int4_kernel(q, step_time=timed({"dense": 1.0, "int4pack": 0.5})) == "int4pack"
+    assert calls == ["dense", "int4pack"] * 3 and {m.kernel for m in layers} == {"int4pack"}
+    caplog.clear()
+    assert choose_int4_kernel(q, step_time=timed({"dense": 1.0, "int4pack": 0.95})) == "dense"  # not 10% faster
+    assert {m.kernel for m in layers} == {"dense"}
+    assert "int4 saves file size, not memory or time" in caplog.text and "int4pack 950.0 ms" in caplog.text
+    assert pick_int4_kernel({"dense": 1.0}) == "dense"  # the kernel missing from this torch
+    assert pick_int4_kernel({"dense": 1.0, "int4pack": 0.89}) == "int4pack"
+    # Measured for real (a tiny model, so either may win): one kernel for all, the reference's numbers.
+    x = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    set_kernel(q, "reference")
+    want = q(x)[0]
+    chosen = choose_int4_kernel(q)
+    assert {m.kernel for m in layers} == {chosen} and chosen in INT4_KERNELS_HERE
+    torch.testing.assert_close(q(x)[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_int4_saves_packed_with_float16_scales_and_loads_back_identically(tmp_path, gpt2_tokenizer):
+    model = tiny(vocab_size=gpt2_tokenizer.vocab_size)
+    q = quantize_model(copy.deepcopy(model), "int4-g64", kernel="reference")
+    save_quantized(q, tmp_path / "q", tokenizer=gpt2_tokenizer)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
+    assert (cfg["mode"], cfg["group_size"]) == ("int4", 64) and "lm_head" in cfg["layers"]
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert f.metadata()["quantization"] == "int4"
+        stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    assert stored["transformer.h.0.attn.c_attn.weight"].dtype == torch.uint8
+    assert stored["transformer.h.0.attn.c_attn.weight"].shape == (192, 32)  # 64 inputs, two per byte
+    assert stored["transformer.h.0.attn.c_attn.weight_scale"].dtype == torch.float16
+    assert stored["transformer.h.0.attn.c_attn.weight_scale"].shape == (192, 1)  # one group of 64 per row
+    loaded, tok = load_any(tmp_path / "q")
+    assert tok.vocab_size == gpt2_tokenizer.vocab_size and loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert {k: v for k, v in loaded.state_dict().items()}.keys() == q.state_dict().keys()
+    for k, v in q.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    set_kernel(loaded, "reference")
+    x = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(x)[0], q(x)[0])
+    with pytest.raises(ValueError, match="already int4-g64-quantized"):
+        load_any(tmp_path / "q", quantize="int4")
+    # A file that does not match its config is one line naming the tensor.
+    from safetensors.torch import save_file
+
+    from scratchgpt.checkpoint import CheckpointError
+
+    stored["transformer.h.0.attn.c_attn.weight_scale"] = stored["transformer.h.0.attn.c_attn.weight_scale"].float()
+    stored["transformer.h.0.mlp.c_fc.weight"] = stored["transformer.h.0.mlp.c_fc.weight"][:, :8].contiguous()
+    save_file(stored, str(tmp_path / "q" / "model.safetensors"), metadata={"quantization": "int4"})
+    with pytest.raises(CheckpointError, match=r"transformer.h.0.mlp.c_fc.weight has shape \[256, 8\], the config "
+                                              r"needs \[256, 32\]"):
+        load_any(tmp_path / "q")
+
+
+@pytest.mark.parametrize(("mode", "group"), [("int4", 32), ("int4-g128", 128)])
+@pytest.mark.parametrize("tied", [True, False])
+def test_int4_export_is_an_eighth_of_the_float_file_plus_scales(tmp_path, gpt2_tokenizer, mode, group, tied):
+    config = GPTConfig(vocab_size=gpt2_tokenizer.vocab_size, n_positions=64, n_embd=128, n_layer=2, n_head=4,
+                       tie_word_embeddings=tied)
+    model = GPT(config, generator=torch.Generator().manual_seed(0)).eval()
+    save_model(model, tmp_path / "f", tokenizer=gpt2_tokenizer)
+    quantize_checkpoint(tmp_path / "f", tmp_path / "q", mode)
+    size = {name: (tmp_path / name / "model.safetensors").stat().st_size for name in ("f", "q")}
+    ratio = size["q"] / size["f"]
+    # 4 bits of 32 is 1/8; a float16 scale per group adds 16/group bits of 32; norms and biases a little.
+    scales = 16 / group / 32
+    assert 1 / 8 + scales <= ratio < 1 / 8 + scales + 0.005, ratio
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("transformer.wte.weight").dtype == torch.uint8
+        assert ("lm_head.weight" in set(f.keys())) is not tied  # a tied head is stored once, as wte
+    loaded, _ = load_any(tmp_path / "q")
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) is tied
+    x = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    set_kernel(loaded, "reference")
+    in_memory = quantize_model(copy.deepcopy(model), mode, kernel="reference")
+    assert torch.equal(loaded(x)[0], in_memory(x)[0])  # the file holds exactly the quantized model
+    # Random Gaussian weights, ~10% rounding error per matrix: the logits still point the same way.
+    assert torch.nn.functional.cosine_similarity(loaded(x)[0].flatten(), model(x)[0].flatten(), dim=0) > 0.97
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    assert generate(loaded, [1, 2, 3], greedy) == generate(loaded, [1, 2, 3], greedy, use_cache=False)
+
+
+@pytest.fixture(scope="module")
+def trained_char_run(tiny_shakespeare, tmp_path_factory):
+    """(run dir, held-out text file): a char-level GPT trained for 300 steps on Tiny Shakespeare's first 40k
+    characters; the next 4k are held out."""
+    from scratchgpt.data.tokenizers import build_tokenizer
+
+    text, held_out = tiny_shakespeare[:40_000], tiny_shakespeare[40_000:44_000]
+    tok = build_tokenizer("char", text=text + held_out)
+    config = GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    model = GPT(config, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor(tok.encode(text))
+    gen = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        starts = torch.randint(0, len(ids) - 65, (16,), generator=gen).tolist()
+        x = torch.stack([ids[s:s + 64] for s in starts])
+        y = torch.stack([ids[s + 1:s + 65] for s in starts])
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    root = tmp_path_factory.mktemp("trained")
+    (root / "held_out.txt").write_text(held_out)
+    return save_model(model.eval(), root / "run", tokenizer=tok), root / "held_out.txt"
+
+
+def test_cli_eval_int4_perplexity_of_a_trained_model_stays_within_3_percent(trained_char_run, tmp_path):
+    """`scratchgpt eval perplexity --quantize int4`: held-out perplexity of a trained model, against float32."""
+    from scratchgpt.cli import main
+
+    run, held_out = trained_char_run
+    ppl = {}
+    for quant in (None, "int4", "int4-g128"):
+        out = tmp_path / f"r-{quant}"
+        extra = ["--quantize", quant] if quant else []
+        assert main(["eval", "perplexity", "--checkpoint", str(run), "--data", str(held_out), "--device", "cpu",
+                     "--context", "64", "--out-dir", str(out), "--progress", "false", *extra]) == 0
+        rep = json.loads((out / "perplexity-held_out.json").read_text())
+        assert rep["settings"]["quantize"] == quant
+        ppl[quant] = rep["results"]["ppl"]
+    assert ppl[None] < 12  # trained: a uniform guess over the ~65 characters would be ~65
+    for quant in ("int4", "int4-g128"):
+        assert ppl[quant] != ppl[None]  # the int4 path really ran
+        assert abs(ppl[quant] / ppl[None] - 1) < 0.03, ppl
+
+
+def test_cli_generate_and_export_int4(tmp_path, gpt2_tokenizer, capsys):
+    from scratchgpt.cli import main
+
+    model = tiny(vocab_size=gpt2_tokenizer.vocab_size)
+    save_model(model, tmp_path / "f", tokenizer=gpt2_tokenizer, extra={"chat_template": "chatml"})
+    args = ["generate", "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "0"]
+    assert main([*args, "--checkpoint", str(tmp_path / "f"), "--quantize", "int4"]) == 0
+    on_the_fly = capsys.readouterr().out
+    q = quantize_model(copy.deepcopy(model), "int4")
+    ids = gpt2_tokenizer.encode("Hello")
+    greedy = generate(q, ids, SamplingConfig(max_new_tokens=8, temperature=0.0))[0]
+    assert on_the_fly.rstrip("\n") == gpt2_tokenizer.decode(ids + greedy)  # the same greedy tokens
+    out = tmp_path / "f-int4"
+    assert main(["export", "--checkpoint", str(tmp_path / "f"), "--format", "int4", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "int4" and report["bytes"] == sum(p.stat().st_size for p in out.iterdir())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization"]["mode"] == "int4" and cfg["quantization"]["group_size"] == 32
+    assert cfg["chat_template"] == "chatml"
+    assert main([*args, "--checkpoint", str(out)]) == 0  # the run directory loads as it is
+    assert capsys.readouterr().out == on_the_fly
+    assert main(["export", "--checkpoint", str(out), "--format", "int8", "--out", str(tmp_path / "again")]) == 2
+    assert "already int4-quantized" in capsys.readouterr().err and not (tmp_path / "again").exists()

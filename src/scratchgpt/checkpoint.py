@@ -254,9 +254,9 @@ def load_model(
             f"{run_dir}: a classifier (from `scratchgpt finetune classify`): it predicts labels, not text; use "
             f"`scratchgpt classify --checkpoint {run_dir} TEXT...` (or load it with load_classifier)"
         )
-    if cfg.get("quantization"):  # int8 weights + scales: rebuilt by the quantize module
+    if cfg.get("quantization"):  # int8 or int4 weights + scales: rebuilt by the quantize module
         if prepare is not None or dtype is not None:
-            raise CheckpointError(f"{run_dir}: an int8-quantized model loads for inference only (no dtype "
+            raise CheckpointError(f"{run_dir}: a quantized model loads for inference only (no dtype "
                                   f"change, no task head); use its float checkpoint")
         return load_quantized(run_dir, cfg, device=device), cfg
     try:
@@ -548,7 +548,7 @@ def load_any(
 ) -> tuple[GPT, Any]:
     """(model, tokenizer) from a scratchgpt run directory, a Hugging Face directory, or a hub name.
 
-    `quantize` ("int8") and `inference_dtype` ("bfloat16") prepare the model for fast inference
+    `quantize` ("int8", "int4", ...) and `inference_dtype` ("bfloat16") prepare the model for fast inference
     (see model/quantize.py); an already-quantized run directory loads as it is.
     """
     from scratchgpt.data.tokenizers import load_tokenizer
@@ -612,27 +612,30 @@ def describe_checkpoint(path_or_name: str | Path) -> tuple[GPTConfig, dict[str, 
 
 def save_quantized(model: nn.Module, run_dir: str | Path, *, tokenizer: Any = None,
                    extra: dict[str, Any] | None = None) -> Path:
-    """Write a quantized GPT as a run directory (int8 weights + float32 scales in safetensors + JSON)."""
-    from scratchgpt.model.quantize import Int8Embedding, Int8Linear, quantized_mode
+    """Write a quantized GPT as a run directory (int8 or packed int4 weights + their scales in safetensors + JSON)."""
+    from scratchgpt.model.quantize import QUANTIZED_EMBEDDINGS, QUANTIZED_LINEARS, quantization_of
 
     model = unwrap(model)
-    mode = quantized_mode(model)
-    if mode is None:
+    quantization = quantization_of(model)
+    if quantization is None:
         raise ValueError("save_quantized expects a quantized model; call quantize_model() first")
     state = {k: v for k, v in model.state_dict().items()}
-    if model.lm_head.weight is model.transformer.wte.weight:  # tied (float or int8): stored once, as wte
+    if model.lm_head.weight is model.transformer.wte.weight:  # tied (float or quantized): stored once, as wte
         state.pop("lm_head.weight", None)
         state.pop("lm_head.weight_scale", None)
-    layers = sorted(name for name, m in model.named_modules() if isinstance(m, Int8Linear))
-    embeddings = sorted(name for name, m in model.named_modules() if isinstance(m, Int8Embedding))
-    quant = {"mode": mode, "scheme": "per-output-channel symmetric int8 weights, float32 scales", "layers": layers,
-             "embeddings": embeddings}
+    layers = sorted(name for name, m in model.named_modules() if isinstance(m, QUANTIZED_LINEARS))
+    embeddings = sorted(name for name, m in model.named_modules() if isinstance(m, QUANTIZED_EMBEDDINGS))
+    scheme = ("per-output-channel symmetric int8 weights, float32 scales" if quantization["mode"] == "int8" else
+              f"group-wise symmetric int4 weights (groups of {quantization['group_size']} along each row, two "
+              f"per uint8: q + 8, even column in the low nibble), float16 scales")
+    quant = {**quantization, "scheme": scheme, "layers": layers, "embeddings": embeddings}
     return save_model_files(state, run_dir, model_config=model.config.to_dict(), tokenizer=tokenizer,
-                            extra={"quantization": quant, **(extra or {})}, metadata={"quantization": mode})
+                            extra={"quantization": quant, **(extra or {})},
+                            metadata={"quantization": str(quantization["mode"])})
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, mode: str = "int8", *, overwrite: bool = False) -> Path:
-    """Quantize checkpoint `src` once and save it as the new run directory `out` (`export --format int8`).
+    """Quantize checkpoint `src` once and save it as the new run directory `out` (`export --format int8|int4`).
 
     The tokenizer and what chat and serve read from a run (its chat template, its task) travel with it.
     `out` is written aside, then renamed into place; an existing non-empty `out` is refused unless
@@ -646,7 +649,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, mode: str = "int8", *,
     if run_cfg.get("task") == "classify":
         raise ValueError(f"{src} is a classifier (finetune classify); {mode} export is for language models")
     model, tokenizer = load_any(src)
-    quantize_model(model, mode)  # refuses an already-quantized model and unmerged LoRA adapters
+    # Refuses an already-quantized model and unmerged LoRA adapters. Only saved: no kernel to choose.
+    quantize_model(model, mode, kernel="reference")
     extra = {k: run_cfg[k] for k in ("task", "chat_template") if k in run_cfg}
     return replace_dir(out, lambda tmp: save_quantized(model, tmp, tokenizer=tokenizer,
                                                        extra={**extra, "quantized_from": str(src)}))
@@ -654,20 +658,31 @@ def quantize_checkpoint(src: str | Path, out: str | Path, mode: str = "int8", *,
 
 def load_quantized(run_dir: str | Path, cfg: dict[str, Any], *, device: torch.device | str = "cpu",
                    kernel: str | None = None) -> nn.Module:
-    """Rebuild a model saved by `save_quantized` (config.json already read into `cfg`)."""
-    from scratchgpt.model.quantize import QUANT_MODES, Int8Embedding, Int8Linear, default_kernel
+    """Rebuild a model saved by `save_quantized` (config.json already read into `cfg`); `kernel` None:
+    the default for `device` (model/quantize.py's use_default_kernel)."""
+    from scratchgpt.model.int4 import INT4_GROUP_SIZES, Int4Embedding, Int4Linear
+    from scratchgpt.model.quantize import (
+        QUANTIZED_EMBEDDINGS,
+        QUANTIZED_LINEARS,
+        Int8Embedding,
+        Int8Linear,
+        set_kernel,
+        use_default_kernel,
+    )
 
     run_dir = Path(run_dir)
-    source = run_dir / "config.json"
+    source, weights = run_dir / "config.json", run_dir / "model.safetensors"
     quant = cfg.get("quantization") or {}
-    if quant.get("mode") not in QUANT_MODES:
-        raise CheckpointError(f"{source}: unknown quantization {quant.get('mode')!r}; this scratchgpt reads "
-                              f"{', '.join(QUANT_MODES)}")
+    mode, group = quant.get("mode"), quant.get("group_size")
+    if mode not in ("int8", "int4"):
+        raise CheckpointError(f"{source}: unknown quantization {mode!r}; this scratchgpt reads int8 and int4")
+    if mode == "int4" and group not in INT4_GROUP_SIZES:
+        raise CheckpointError(f"{source}: int4 group_size {group!r} is not one of {list(INT4_GROUP_SIZES)}")
     try:
         config = GPTConfig.from_dict(cfg["model"], source=str(source))
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{source}: invalid model config: {e}") from None
-    state = load_tensors(run_dir / "model.safetensors")
+    state = load_tensors(weights)
     model = GPT(config, device="meta")
     layers = set(quant.get("layers") or [])
     # Files written before embeddings were quantized have no "embeddings": their tables load as float.
@@ -676,28 +691,41 @@ def load_quantized(run_dir: str | Path, cfg: dict[str, Any], *, device: torch.de
         for attr, child in list(parent.named_children()):
             name = f"{parent_name}.{attr}" if parent_name else attr
             if isinstance(child, nn.Linear) and name in layers:
+                shape = (child.in_features, child.out_features)
                 bias = f"{name}.bias" in state
-                setattr(parent, attr, Int8Linear(child.in_features, child.out_features, bias=bias,
-                                                 kernel=kernel or default_kernel(device), device="meta"))
+                setattr(parent, attr, Int8Linear(*shape, bias=bias, device="meta") if mode == "int8" else
+                        Int4Linear(*shape, bias=bias, group_size=group, device="meta"))
             elif isinstance(child, nn.Embedding) and name in embeddings:
-                setattr(parent, attr, Int8Embedding(child.num_embeddings, child.embedding_dim, device="meta"))
-    # A tied head is stored once, as wte: float wte + float head, or int8 wte + int8 head (shared).
+                shape = (child.num_embeddings, child.embedding_dim)
+                setattr(parent, attr, Int8Embedding(*shape, device="meta") if mode == "int8" else
+                        Int4Embedding(*shape, group_size=group, device="meta"))
+    # A tied head is stored once, as wte: float wte + float head, or quantized wte + quantized head (shared).
     tied = config.tie_word_embeddings and ("lm_head" in layers) == ("transformer.wte" in embeddings)
-    expected = set(model.state_dict())
+    expected = model.state_dict()
     if tied:
-        expected -= {"lm_head.weight", "lm_head.weight_scale"}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        expected = {k: v for k, v in expected.items() if k not in ("lm_head.weight", "lm_head.weight_scale")}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{run_dir / 'model.safetensors'}: weights do not match the quantized config "
+        raise CheckpointError(f"{weights}: weights do not match the quantized config "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, want in expected.items():
+        if state[key].shape != want.shape:
+            raise CheckpointError(f"{weights}: {key} has shape {list(state[key].shape)}, the config needs "
+                                  f"{list(want.shape)}")
+    stored_as = torch.int8 if mode == "int8" else torch.uint8  # int4: two values per byte
     for name, m in model.named_modules():
         stored = state.get(f"{name}.weight")  # None: a tied head, checked as wte
-        if isinstance(m, Int8Linear | Int8Embedding) and stored is not None and stored.dtype != torch.int8:
-            raise CheckpointError(f"{run_dir / 'model.safetensors'}: {name}.weight is {stored.dtype}, expected int8")
+        if isinstance(m, QUANTIZED_LINEARS + QUANTIZED_EMBEDDINGS) and stored is not None and stored.dtype != stored_as:
+            raise CheckpointError(f"{weights}: {name}.weight is {stored.dtype}, expected {stored_as} for {mode}")
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.transformer.wte.weight
-        if isinstance(model.lm_head, Int8Linear):
+        if isinstance(model.lm_head, QUANTIZED_LINEARS):
             model.lm_head.weight_scale = model.transformer.wte.weight_scale
     model.reset_buffers(device=device)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if kernel is None:
+        use_default_kernel(model)
+    else:
+        set_kernel(model, kernel)
+    return model

@@ -520,8 +520,8 @@ Trainable = Literal["all", "last-block", "head", "lora"]
 # A chat template by name; "auto" (fine-tuning, eval) picks the checkpoint's, else its tokenizer's, else alpaca.
 ChatTemplateName = Literal["alpaca", "chatml", "tokenizer"]
 PromptTemplate = Literal["auto", "alpaca", "chatml", "tokenizer"]
-# How an inference command holds the weights: int8 (model/quantize.py) and/or another float dtype.
-Quantize = Literal["int8"]
+# Weights of an inference command (model/quantize.py), also `export --format`'s run directories; then a dtype.
+Quantize = Literal["int8", "int4", "int4-g64", "int4-g128"]
 InferenceDtype = Literal["float32", "bfloat16"]
 
 
@@ -676,7 +676,8 @@ class DPOConfig(FinetuneConfig):
 
 # The help of settings every command that runs a model has (eval, serve here; generate, chat in cli/commands.py).
 DEVICE_HELP = "'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'"
-QUANTIZE_HELP = "int8 weights (per output channel): ~2x faster CPU decoding, ~1/4 of the memory"
+QUANTIZE_HELP = ("int8 weights (per output channel): ~2x faster CPU decoding, ~1/4 of the memory; int4 (groups of "
+                 "32, or int4-g64/-g128): ~1/8 of the bytes, fast where the CPU's int4 kernel is (else float32 speed)")
 INFERENCE_DTYPE_HELP = "weight dtype for inference; bfloat16 needs a CPU with native bf16 (avx512_bf16/AMX)"
 
 
@@ -686,8 +687,8 @@ class EvalConfig(Config):
 
     checkpoint: str = setting("", "scratchgpt run directory, Hugging Face GPT-2 directory, or hub name")
     device: str = setting("auto", DEVICE_HELP)
-    quantize: Quantize | None = setting(None, "evaluate with int8 weights (see `generate --quantize`): measures its "
-                                              "quality")
+    quantize: Quantize | None = setting(None, "evaluate with int8 or int4 weights (see `generate --quantize`): "
+                                              "measures their quality")
     batch_size: int = setting(16, "windows / items scored per forward pass", ge=1)
     limit: int | None = setting(None, "score only the first N items of a task file", ge=1)
     out_dir: str = setting("eval-reports", "folder for the JSON and markdown reports")

@@ -13,7 +13,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from scratchgpt.cli.flags import Section, add_config_sections, read_config_sections, read_config_tables
 from scratchgpt.config import (
@@ -126,17 +126,19 @@ class PrepareConfig(Config):
 
 @dataclass
 class ExportConfig(Config):
-    """`scratchgpt export`: a checkpoint written as GGUF, ONNX or an int8 run directory."""
+    """`scratchgpt export`: a checkpoint written as GGUF, ONNX or a quantized (int8, int4) run directory."""
 
     checkpoint: str = setting("", "scratchgpt run directory or Hugging Face GPT-2 / Llama / Qwen folder",
                               required=True)
-    format: Literal["gguf", "onnx", "int8"] | None = setting(None, "the format to write", required=True)
-    out: str = setting("", "the file to write (model.gguf, model.onnx), or for int8 a new run directory",
+    # The run-directory formats are the --quantize modes: int8, int4 (groups of 32), int4-g64, int4-g128.
+    format: str | None = setting(None, "the format to write", required=True,
+                                 choices=("gguf", "onnx", *get_args(Quantize)))
+    out: str = setting("", "the file to write (model.gguf, model.onnx), or for int8/int4 a new run directory",
                        required=True)
     overwrite: bool = setting(False, "replace an existing --out file or folder")
-    gguf_dtype: Literal["float32", "float16", "q8_0"] = setting(
-        "float32", "GGUF matrix type: float32, float16, or q8_0 (llama.cpp's int8, ~1/4 of float32; llama-quantize "
-                   "makes Q4_K and others from the float file)")
+    gguf_dtype: Literal["float32", "float16", "q8_0", "q4_0"] = setting(
+        "float32", "GGUF matrix type: float32, float16, q8_0 (llama.cpp's int8, ~1/4 of float32) or q4_0 (its int4, "
+                   "~1/7); llama-quantize makes Q4_K and others from the float file")
 
 
 @dataclass
@@ -530,18 +532,20 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# ================================ export: gguf, onnx, int8 ================================
+# ================================ export: gguf, onnx, int8, int4 ================================
 
 
 def _add_export(sub) -> None:
     p = sub.add_parser(
-        "export", help="write a model as GGUF (llama.cpp, Ollama), ONNX (onnxruntime) or an int8 run directory",
+        "export", help="write a model as GGUF (llama.cpp, Ollama), ONNX (onnxruntime) or an int8/int4 run directory",
         description="Export a checkpoint for other runtimes. GGUF: llama.cpp's gpt2, llama, qwen2 or qwen3 "
                     "architecture (GPT-2, Llama 3, Qwen2, Qwen3 models) with the byte-level BPE tokenizer embedded "
                     "(run it with: llama-cli -m model.gguf -p 'Hello'). ONNX: input_ids plus "
                     "past_keys/past_values in, logits plus present_keys/present_values out, dynamic lengths "
                     "(both need the `export` extra). int8: a scratchgpt run directory with int8 weights and float32 "
-                    "scales (safetensors), a quarter of float32's bytes; every command loads it as it is.",
+                    "scales (safetensors), a quarter of float32's bytes; int4 (groups of 32; int4-g64, int4-g128): "
+                    "packed 4-bit weights and float16 group scales, about an eighth; every command loads them as "
+                    "they are.",
     )
     add_config_sections(p, Section("export", ExportConfig))
     p.set_defaults(func=_run_export)
@@ -559,8 +563,8 @@ def _run_export(args: argparse.Namespace) -> int:
     if (src / "adapter_config.json").is_file() and not (src / "config.json").is_file():
         raise ValueError(f"{src} holds LoRA adapters only; merge them into their base first: scratchgpt finetune "
                          f"merge --base BASE --adapters {src} --out-dir MERGED, then export MERGED")
-    if cfg.format == "int8":
-        return _export_int8(src, Path(cfg.out), overwrite=cfg.overwrite)
+    if cfg.format in get_args(Quantize):
+        return _export_quantized(src, Path(cfg.out), cfg.format, overwrite=cfg.overwrite)
     needs = ["gguf"] if cfg.format == "gguf" else ["onnx", "onnxscript"]
     for module in needs:
         try:
@@ -581,14 +585,14 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_int8(src: Path, out: Path, *, overwrite: bool) -> int:
+def _export_quantized(src: Path, out: Path, mode: str, *, overwrite: bool) -> int:
     import json
 
     from scratchgpt.checkpoint import quantize_checkpoint
 
-    out = quantize_checkpoint(src, out, "int8", overwrite=overwrite)
+    out = quantize_checkpoint(src, out, mode, overwrite=overwrite)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
-    print(json.dumps({"format": "int8", "out": str(out), "bytes": size}))
+    print(json.dumps({"format": mode, "out": str(out), "bytes": size}))
     return 0
 
 

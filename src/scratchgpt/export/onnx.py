@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from scratchgpt.model.gpt import GPT
+from scratchgpt.model.quantize import quantized_mode
 
 INPUT_NAMES = ["input_ids", "past_keys", "past_values"]
 OUTPUT_NAMES = ["logits", "present_keys", "present_values"]
@@ -96,9 +97,7 @@ def export_onnx(model: GPT, path: str | Path) -> Path:
     """Write `model` as an ONNX graph (see module docstring for inputs and outputs); returns the path."""
     from scratchgpt.files import atomic_write
 
-    if any(not p.is_floating_point() for p in model.parameters()) or any(
-        type(m).__name__ == "Int8Linear" for m in model.modules()
-    ):
+    if any(not p.is_floating_point() for p in model.parameters()) or quantized_mode(model):
         raise ValueError("ONNX export takes a float model; export the checkpoint without --quantize")
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("ONNX export takes a float32 model; export the checkpoint without --dtype")

@@ -1,4 +1,4 @@
-"""Smaller weights for faster CPU decoding: int8 weight quantization and bfloat16 weights.
+"""Smaller weights for faster CPU decoding: int8 and int4 weight quantization, and bfloat16 weights.
 
 Decoding one token at a time is bound by how fast the weights stream from memory (~0.5 GB per token
 for GPT-2 124M in float32), so storing them in fewer bytes is the next speed-up after a good kernel.
@@ -33,28 +33,43 @@ backward pass. So an input that needs a gradient goes through `_FrozenInt8Matmul
 layer's kernel, the backward multiplies by the dequantized weight made for that call and freed after it.
 `dequantize_model` turns a quantized model back into a float one (merging LoRA over an int8 base).
 
+int4 (`--quantize int4`, group 32; `int4-g64`, `int4-g128`): group-wise symmetric 4-bit weights with a
+float16 scale per group, about an eighth of float32 plus the scales; the layers, the format and which
+kernel runs (measured, see its docstring) are in model/int4.py. Here: both modes for whole models.
+
 A quantized model saves as a normal run directory (checkpoint.save_quantized): model.safetensors
-holds `<layer>.weight` (int8) and `<layer>.weight_scale` (float32) for each quantized layer,
-config.json says {"quantization": {"mode": "int8", ...}}. No pickle anywhere. This module is pure
-torch (no I/O), so checkpoint.py can rebuild quantized models from it.
+holds `<layer>.weight` (int8, or packed int4 as uint8) and `<layer>.weight_scale` (float32, or
+float16 per int4 group) for each quantized layer; config.json says {"quantization": {"mode": "int8",
+...}} or {"mode": "int4", "group_size": 32, ...}. No pickle anywhere. This module is pure torch (no
+I/O), so checkpoint.py can rebuild quantized models from it.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Collection
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scratchgpt.config import Quantize
 from scratchgpt.device import cpu_has, native_bf16
+from scratchgpt.model.int4 import (
+    INT4_KERNELS,
+    Int4Embedding,
+    Int4Linear,
+    buffers_unchanged,
+    choose_int4_kernel,
+    snapshot_of,
+)
 
-QuantMode = Literal["int8"]
-Kernel = Literal["reference", "fbgemm", "int8pack"]
-QUANT_MODES: tuple[str, ...] = ("int8",)
-KERNELS: tuple[str, ...] = ("reference", "fbgemm", "int8pack")
+# The one list of modes (`--quantize`, `export --format`): config.py's Literal, which the CLI reads too.
+QUANT_MODES: tuple[str, ...] = get_args(Quantize)
+INT4_GROUPS: dict[str, int] = {"int4": 32, "int4-g64": 64, "int4-g128": 128}  # int4 mode -> group size
+INT8_KERNELS: tuple[str, ...] = ("reference", "fbgemm", "int8pack")
+Kernel = Literal["reference", "fbgemm", "int8pack", "int4pack", "dense"]  # int8's three, then int4's
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -63,7 +78,7 @@ INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # ---------------------------------------------------------------------------------------------
 
 
-CPU_KERNELS: tuple[str, ...] = ("fbgemm", "int8pack")
+CPU_KERNELS: tuple[str, ...] = ("fbgemm", "int8pack", "int4pack")
 
 
 def default_kernel(device: torch.device | str = "cpu") -> Kernel:
@@ -169,9 +184,7 @@ class Int8Linear(nn.Module):
         The pack can even share memory with a float32 bias, so a stale one would mix old and new.
         """
         w, s, b = self.weight, self.weight_scale, self.bias
-        versions = (w._version, s._version, 0 if b is None else b._version)
-        src = self._packed_src
-        if src is None or src[0] is not w or src[1] is not s or src[2] is not b or src[3] != versions:
+        if not buffers_unchanged(self._packed_src, (w, s, b)):
             with warnings.catch_warnings():
                 # torch warns that quantized tensors are deprecated; we only use one to feed fbgemm's
                 # packing routine, and the model stores plain int8 + float tensors.
@@ -187,7 +200,7 @@ class Int8Linear(nn.Module):
             # objects: ~10 µs per call together, ~5% of an int8 decode step at 49 calls per token.
             op = torch.ops.quantized.linear_dynamic.default._op
             self._packed = (op, packed, not (cpu_has("avx512_vnni") or cpu_has("avx_vnni")))
-            self._packed_src = (w, s, b, versions)
+            self._packed_src = snapshot_of((w, s, b))
         return self._packed
 
 
@@ -246,10 +259,32 @@ class Int8Embedding(nn.Module):
 # Whole models
 # ---------------------------------------------------------------------------------------------
 
+QUANTIZED_LINEARS: tuple[type[nn.Module], ...] = (Int8Linear, Int4Linear)
+QUANTIZED_EMBEDDINGS: tuple[type[nn.Module], ...] = (Int8Embedding, Int4Embedding)
+
+
+def quantization_of(model: nn.Module) -> dict[str, object] | None:
+    """What config.json records of a quantized model: {"mode": "int8"} or {"mode": "int4", "group_size": G};
+    None for a float model."""
+    for m in model.modules():
+        if isinstance(m, Int4Linear | Int4Embedding):
+            return {"mode": "int4", "group_size": m.group_size}
+        if isinstance(m, Int8Linear | Int8Embedding):
+            return {"mode": "int8"}
+    return None
+
+
+def mode_name(quantization: dict[str, object]) -> str:
+    """The `--quantize` name of a recorded quantization: "int8", "int4", "int4-g64", "int4-g128"."""
+    if quantization.get("mode") == "int4":
+        return {g: name for name, g in INT4_GROUPS.items()}[quantization["group_size"]]
+    return str(quantization.get("mode"))
+
 
 def quantized_mode(model: nn.Module) -> str | None:
-    """'int8' when the model holds int8 layers (Int8Linear or Int8Embedding), else None."""
-    return "int8" if any(isinstance(m, Int8Linear | Int8Embedding) for m in model.modules()) else None
+    """The mode of the model's quantized layers ('int8', 'int4', 'int4-g64', ...), or None for a float model."""
+    quantization = quantization_of(model)
+    return None if quantization is None else mode_name(quantization)
 
 
 def _children_of_type(model: nn.Module, kind: type[nn.Module]) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -260,39 +295,72 @@ def _children_of_type(model: nn.Module, kind: type[nn.Module]) -> list[tuple[nn.
 
 def quantize_model(model: nn.Module, mode: str = "int8", *, kernel: Kernel | None = None,
                    skip: Collection[str] = ()) -> nn.Module:
-    """Replace every linear layer and embedding table of `model` (in place) by its int8 version.
+    """Replace every linear layer and embedding table of `model` (in place) by its int8 or int4 version.
 
-    Every matrix becomes int8, so the model takes about a quarter of its float32 bytes; norms and biases
-    stay float (they are small). A tied LM head shares the embedding's int8 matrix. `skip`: module names
-    left float (a head that trains). Returns the model, in eval mode.
+    Every matrix is quantized, so the model takes about a quarter (int8) or an eighth plus scales
+    (int4) of its float32 bytes; norms and biases stay float (they are small). A tied LM head shares
+    the embedding's quantized matrix. `kernel` None: the default for the device (for int4 on the CPU,
+    measured: see model/int4.py). `skip`: module names left float (a head that trains). Returns the
+    model, in eval mode.
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
-    if quantized_mode(model) is not None:
-        raise ValueError("this model is already int8-quantized; quantizing twice would round twice: "
-                         "start from the float checkpoint")
+    done = quantized_mode(model)
+    if done is not None:
+        raise ValueError(f"this model is already {done}-quantized; quantizing twice would round twice: "
+                         f"start from the float checkpoint")
     if any("lora_A" in name for name, _ in model.named_parameters()):
         raise ValueError("this model has unmerged LoRA adapters; merge them first (scratchgpt finetune merge)")
     device = _device_of(model)
-    kernel = kernel or default_kernel(device)
-    _check_kernel(kernel, device)
+    if kernel is not None:
+        _check_kernel(kernel, device, mode=mode)
+    group = INT4_GROUPS.get(mode)
+
+    def table(embedding: nn.Embedding) -> nn.Module:
+        if group is None:
+            return Int8Embedding.from_embedding(embedding)
+        return Int4Embedding.from_embedding(embedding, group_size=group)
+
+    def layer(linear: nn.Linear) -> nn.Module:
+        if group is None:
+            return Int8Linear.from_linear(linear, kernel="reference")
+        return Int4Linear.from_linear(linear, group_size=group, kernel="reference")
+
     with torch.no_grad():
-        tables: dict[int, Int8Embedding] = {}  # id of the float table -> its int8 version
+        tables: dict[int, nn.Module] = {}  # id of the float table -> its quantized version
         kept = {id(m) for name, m in model.named_modules() if name in skip}
         for parent, attr, embedding in _children_of_type(model, nn.Embedding):
             if id(embedding) in kept:
                 continue
-            tables[id(embedding.weight)] = Int8Embedding.from_embedding(embedding)
+            tables[id(embedding.weight)] = table(embedding)
             setattr(parent, attr, tables[id(embedding.weight)])
         for parent, attr, linear in _children_of_type(model, nn.Linear):
             if id(linear) in kept:
                 continue
-            layer = Int8Linear.from_linear(linear, kernel=kernel)
+            quantized = layer(linear)
             tied = tables.get(id(linear.weight))
             if tied is not None:  # the same rounding of the same matrix: keep one copy of it
-                layer.weight, layer.weight_scale = tied.weight, tied.weight_scale
-            setattr(parent, attr, layer)
-    return model.eval()
+                quantized.weight, quantized.weight_scale = tied.weight, tied.weight_scale
+            setattr(parent, attr, quantized)
+    model.eval()
+    if kernel is None:
+        use_default_kernel(model)
+    else:
+        set_kernel(model, kernel)
+    return model
+
+
+def use_default_kernel(model: nn.Module) -> None:
+    """Put the quantized layers of `model` on the default kernel for where they live: int8 by the CPU's
+    features (`default_kernel`), int4 on the CPU by timing forward steps (`choose_int4_kernel`)."""
+    device = _device_of(model)
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        set_kernel(model, default_kernel(device))
+    if any(isinstance(m, Int4Linear) for m in model.modules()):
+        if device.type == "cpu":
+            choose_int4_kernel(model)
+        else:
+            set_kernel(model, "reference")
 
 
 @torch.no_grad()
@@ -319,11 +387,14 @@ def dequantize_model(model: nn.Module, *, dtype: torch.dtype = torch.float32) ->
 
 
 def set_kernel(model: nn.Module, kernel: Kernel) -> None:
-    """Switch every Int8Linear of `model` to `kernel` ('reference', 'fbgemm' or 'int8pack')."""
-    _check_kernel(kernel, _device_of(model))
+    """Switch every quantized linear layer of `model` to `kernel`: int8 layers take 'reference',
+    'fbgemm' or 'int8pack', int4 layers 'reference', 'int4pack' or 'dense'."""
+    _check_kernel(kernel, _device_of(model), mode=quantized_mode(model))
     for m in model.modules():
         if isinstance(m, Int8Linear):
             m.kernel = kernel
+        elif isinstance(m, Int4Linear):
+            m.use(kernel)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -334,12 +405,15 @@ def _device_of(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _check_kernel(kernel: str, device: torch.device) -> None:
-    """A one-line ValueError for an unknown kernel, or for a CPU-only kernel asked for off the CPU."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown int8 kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+def _check_kernel(kernel: str, device: torch.device, *, mode: str | None = None) -> None:
+    """A one-line ValueError for an unknown kernel, one the mode's layers do not have, or a CPU-only
+    kernel asked for off the CPU."""
+    family = "int4" if mode in INT4_GROUPS else "int8"
+    own = INT4_KERNELS if family == "int4" else INT8_KERNELS
+    if kernel not in own:
+        raise ValueError(f"unknown {family} kernel {kernel!r}; choose one of {', '.join(own)}")
     if kernel in CPU_KERNELS and device.type != "cpu":
-        raise ValueError(f"int8 kernel {kernel!r} runs on the CPU only; on {device.type} the int8 layers use "
+        raise ValueError(f"{family} kernel {kernel!r} runs on the CPU only; on {device.type} the {family} layers use "
                          f"'reference' (dequantize, then the device's own matmul)")
 
 
@@ -363,9 +437,9 @@ def cast_weights(model: nn.Module, dtype: str | torch.dtype, *, device: torch.de
         if p.is_floating_point():
             p.data = p.data.to(dtype)
     for m in model.modules():
-        if isinstance(m, Int8Embedding):
+        if isinstance(m, Int8Embedding | Int4Embedding):
             m.out_dtype = dtype  # its lookups feed the (now `dtype`) blocks
-        # Keep int8 scales in float32; cast biases and the other float buffers.
+        # Keep the scales as stored (int8: float32, int4: float16); cast biases and the other float buffers.
         for name, b in list(m.named_buffers(recurse=False)):
             if b is not None and b.is_floating_point() and name != "weight_scale":
                 setattr(m, name, b.to(dtype))
@@ -376,7 +450,9 @@ def prepare_for_inference(model: nn.Module, *, quantize: str | None = None, dtyp
                           device: torch.device | str = "cpu") -> nn.Module:
     """Apply `--quantize` and `--dtype` to a loaded model (the one place the CLI and eval call)."""
     if quantize:
-        quantize_model(model, quantize)
+        quantize_model(model, quantize, kernel="reference")
     if dtype and dtype != "float32":
         cast_weights(model, dtype, device=device)
+    if quantize or (dtype and dtype != "float32" and quantized_mode(model)):
+        use_default_kernel(model)  # after the cast: int4's choice is measured in the dtype it will run in
     return model
