@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, RunConfig, TrainConfig
 from scratchgpt.device import native_bf16
 from scratchgpt.model.gpt import GPT
-from scratchgpt.training.modes.pretrain import pretrain, resolve_run_config
+from scratchgpt.training.modes.pretrain import lm_evaluator, pretrain, resolve_run_config
 from scratchgpt.training.optim import lr_at, make_optimizer, param_groups
 from scratchgpt.training.run_state import latest_checkpoint, list_checkpoints
 from scratchgpt.training.runlog import flops_per_token, gpu_peak_flops
@@ -619,3 +620,15 @@ def test_progress_bar_never_shows_a_nan_loss_before_the_first_step(char_data: Pa
                  "--max-steps", "2", "--eval-interval", "2", "--sample-interval", "0"]) == 0  # the last flag wins
     err = capsys.readouterr().err
     assert "loss=-" in err and "nan" not in err, err
+
+
+def test_lm_evaluation_in_grouped_forwards_gives_the_batch_by_batch_loss() -> None:
+    tokens = np.random.default_rng(0).integers(0, 50, 5000).astype(np.uint16)
+    model = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2),
+                generator=torch.Generator().manual_seed(0)).eval()
+    kwargs = dict(block_size=16, batch_size=4, steps=7, seed=3)
+    with torch.no_grad():
+        grouped = lm_evaluator(tokens, **kwargs)(model)  # lm_loss: 7 batches as one forward
+        one_by_one = lm_evaluator(tokens, loss_fn=lambda m, b: lm_loss(m, b), **kwargs)(model)
+    assert grouped["loss"] == pytest.approx(one_by_one["loss"], rel=1e-6)
+    assert 3.0 < grouped["loss"] < 5.0  # ~ln(50) for an untrained model: real windows were scored

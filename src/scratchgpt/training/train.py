@@ -101,6 +101,8 @@ from scratchgpt.training.runtime import (
     wrap_model,
 )
 
+# Seconds between redraws of loss.png at checkpoints (and always at the end of a run).
+PLOT_EVERY_S = 60.0
 
 class BatchSource(Protocol):
     """Where training batches come from; its state resumes it at exactly the same batch."""
@@ -437,6 +439,7 @@ class _Trainer:
             self.say(f"CPU threads: {self.threads.reason}; idle threads wait: {waiting}; malloc: {allocator_line()}")
         fpt: float | None = None
         t_start = time.perf_counter()
+        self._plotted = time.monotonic()  # the first redraw comes a minute in (see _checkpoint)
         metrics: dict[str, float] = {}
         train_loss: float | None = None
         interval = _Interval()
@@ -639,6 +642,7 @@ class _Trainer:
             self.say(f"--- sample at step {self.step} ---\n{text}\n---")
 
     def _plot(self) -> None:
+        self._plotted = time.monotonic()
         png = plot_log(self.out_dir / LOG_FILE, self.out_dir / PLOT_FILE)
         if png is None:
             self.say("note: matplotlib is not installed, so no loss plot (pip install 'scratchgpt[plot]')")
@@ -701,7 +705,9 @@ class _Trainer:
             else:
                 with self._rng_fork():  # an export may draw (LoRA's merge builds new layers); resume must not see it
                     self.export_fn(self.inner, self.out_dir)
-            if self.cfg.plot:
+            # The plot is redrawn at most once a minute (each redraw costs ~0.5 s), never at the last step
+            # (the end of the run draws it), so short runs pay for it about once.
+            if self.cfg.plot and self.step < self.cfg.max_steps and time.monotonic() - self._plotted >= PLOT_EVERY_S:
                 self._plot()
         self.ckpt_step = self.step
         if self.dist.enabled:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scratchgpt.checkpoint import CheckpointError, read_json
+from scratchgpt.checkpoint import CheckpointError, read_json, unwrap
 from scratchgpt.config import DataConfig, RunConfig, SamplingConfig, TrainConfig, config_from_dict, merge_run_dicts
 from scratchgpt.data.dataset import RandomWindows, make_sampler, prepare
 from scratchgpt.data.token_files import TokenDataset, check_token_files, open_dataset
@@ -43,9 +43,21 @@ def lm_evaluator(
         windows = RandomWindows(tokens, block_size=block_size, batch_size=batch_size, seed=seed,
                                 rank=info.rank, world_size=info.world_size)
         device = model_device(model)
+        # The next-token loss is a mean over equally many tokens per batch, so `group` batches can be scored
+        # as one larger forward with the same result: fewer, larger matrix products. The group is bounded
+        # by its logits, (group·batch_size, block_size, V) floats, to 64 MB. Other losses go batch by batch.
+        group = 1
+        if loss_fn is lm_loss:
+            logits_bytes = batch_size * block_size * unwrap(model).config.vocab_size * 4
+            group = max(1, min(steps, (64 << 20) // logits_bytes))
         total = torch.zeros((), device=device)
-        for _ in range(steps):
-            total += loss_fn(model, to_device(windows.next_batch(), device)).float()
+        done = 0
+        while done < steps:
+            n = min(group, steps - done)
+            parts = [windows.next_batch() for _ in range(n)]
+            batch = parts[0] if n == 1 else tuple(torch.cat(xs) for xs in zip(*parts, strict=True))
+            total += loss_fn(model, to_device(batch, device)).float() * n
+            done += n
         loss = all_reduce_mean(total / steps, info).item()
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
