@@ -90,9 +90,9 @@ def scratchgpt_train(row: str, args: argparse.Namespace) -> dict:
     kind, setting = row.split("-", 1)
     base, ckpt = setting.removesuffix("+ckpt"), setting.endswith("+ckpt")
     cfg = model_config(LORA_PRESET if kind == "lora" else FULL_PRESET, args.smoke)
-    # Built as the run holds it: a bf16 base (or bf16-true model) directly in bfloat16; an int8 base from float32
-    # (as `finetune` loads it: the build peak holds the float32 weights once).
-    weights = torch.bfloat16 if base in ("bf16", "bf16-true") else torch.float32
+    # Built as the run holds it: a bf16 or int8 base (or bf16-true model) directly in bfloat16, as `finetune`
+    # loads its start model for them (lora.base_load_dtype); the int8 base is quantized from that.
+    weights = torch.bfloat16 if base in ("bf16", "bf16-true", "int8") else torch.float32
     model = GPT(cfg, generator=torch.Generator().manual_seed(0), dtype=weights).train()
     if kind == "lora":
         targets = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")

@@ -623,3 +623,17 @@ def test_cli_generate_and_export_int4(tmp_path, gpt2_tokenizer, capsys):
     assert capsys.readouterr().out == on_the_fly
     assert main(["export", "--checkpoint", str(out), "--format", "int8", "--out", str(tmp_path / "again")]) == 2
     assert "already int4-quantized" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("block_bytes", [64 << 20, 4 * 24 * 7])  # one block; blocks of 7 rows (the last short)
+def test_gradient_through_a_frozen_int8_layer_is_the_dequantized_weights(monkeypatch, block_bytes):
+    from scratchgpt.model import quantize
+
+    monkeypatch.setattr(quantize, "BLOCK_BYTES", block_bytes)
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(24, 50), kernel="reference")
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    g = torch.randn(3, 5, 50)
+    layer(x).backward(g)
+    expected = g @ layer.dequantized()
+    assert torch.allclose(x.grad, expected, atol=1e-5), (x.grad - expected).abs().max()

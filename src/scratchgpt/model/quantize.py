@@ -100,12 +100,26 @@ def default_kernel(device: torch.device | str = "cpu") -> Kernel:
 # ---------------------------------------------------------------------------------------------
 
 
+# Float32 bytes of a weight handled at a time: quantizing, and rebuilding it in _FrozenInt8Matmul's backward.
+BLOCK_BYTES = 64 << 20
+
+
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-output-channel symmetric int8: (q (out, in) int8, scale (out,) float32) with w ≈ scale·q."""
-    w = weight.detach().float()
-    # An all-zero row would give scale 0 and 0/0 below; any positive scale represents it exactly.
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    """Per-output-channel symmetric int8: (q (out, in) int8, scale (out,) float32) with w ≈ scale·q.
+
+    Rows are independent, so they are quantized a block at a time (<= BLOCK_BYTES of float32):
+    a 1B model's embedding table (1 GB in float32) never needs whole float copies beside it.
+    """
+    out_features, in_features = weight.shape
+    q = torch.empty(out_features, in_features, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(out_features, dtype=torch.float32, device=weight.device)
+    rows = max(1, BLOCK_BYTES // (in_features * 4))
+    for start in range(0, out_features, rows):
+        w = weight[start:start + rows].detach().float()
+        # An all-zero row would give scale 0 and 0/0 below; any positive scale represents it exactly.
+        s = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+        q[start:start + rows] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[start:start + rows] = s
     return q, scale
 
 
@@ -218,8 +232,18 @@ class _FrozenInt8Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor, None]:
-        # (..., out) @ (out, in) -> (..., in), in the gradient's dtype (bfloat16 under autocast).
-        return grad_y @ ctx.layer.dequantized(grad_y.dtype), None
+        # (..., out) @ (out, in) -> (..., in), in the gradient's dtype (bfloat16 under autocast). The float
+        # weight is rebuilt a block of rows (<= 64 MB) at a time: a large head, V x C, never exists whole (at
+        # Llama-3.2-1B's 128,256 x 2,048 it would be 1 GB of float32). One block: exactly the whole product.
+        layer, dtype = ctx.layer, grad_y.dtype
+        rows = max(1, BLOCK_BYTES // (layer.in_features * grad_y.element_size()))
+        grad_x: Tensor | None = None
+        for start in range(0, layer.out_features, rows):
+            block = slice(start, start + rows)
+            w = layer.weight[block].to(dtype) * layer.weight_scale[block].to(dtype)[:, None]  # (rows, in)
+            part = grad_y[..., block] @ w
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x, None
 
 
 class Int8Embedding(nn.Module):
