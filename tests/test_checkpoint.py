@@ -12,18 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from scratchgpt.checkpoint import (
-    CheckpointError,
-    load_hf,
-    load_model,
-    load_tensors,
-    save_hf,
-    save_model,
-)
+from scratchgpt.checkpoint import load_hf, load_model, save_hf, save_model
 from scratchgpt.config import GPTConfig
 from scratchgpt.files import atomic_write
 from scratchgpt.hf import hf_to_scratchgpt, scratchgpt_to_hf
 from scratchgpt.model.gpt import GPT
+from scratchgpt.tensor_files import CheckpointError, load_tensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -270,7 +264,8 @@ def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
 
 def test_hub_name_offline_gives_a_clear_error(monkeypatch, tmp_path):
     pytest.importorskip("huggingface_hub")
-    from scratchgpt.checkpoint import CheckpointError, load_hf
+    from scratchgpt.checkpoint import load_hf
+    from scratchgpt.tensor_files import CheckpointError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to fall back on
@@ -286,8 +281,8 @@ def test_hub_name_offline_gives_a_clear_error(monkeypatch, tmp_path):
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_written_files_get_the_umask_mode(tmp_path, umask):
-    from scratchgpt.checkpoint import save_tensors
     from scratchgpt.files import write_json
+    from scratchgpt.tensor_files import save_tensors
 
     old = os.umask(umask)
     try:
@@ -303,7 +298,7 @@ def test_written_files_get_the_umask_mode(tmp_path, umask):
 def test_disk_full_while_saving_is_one_line_and_keeps_the_old_file(tmp_path):
     script = (
         "import resource, signal, sys, torch\n"
-        "from scratchgpt.checkpoint import save_tensors\nfrom scratchgpt.files import WriteError\n"
+        "from scratchgpt.tensor_files import save_tensors\nfrom scratchgpt.files import WriteError\n"
         "save_tensors({'a': torch.ones(10)}, sys.argv[1])\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # over the limit, write() fails with EFBIG instead
         "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
@@ -534,7 +529,7 @@ def test_load_tensors_converts_chunk_by_chunk_exactly(tmp_path, monkeypatch):
     # A tensor bigger than the conversion buffer is read in pieces; integer tensors keep their dtype.
     from safetensors.torch import save_file
 
-    import scratchgpt.checkpoint as ckpt
+    import scratchgpt.tensor_files as ckpt
 
     monkeypatch.setattr(ckpt, "_READ_CHUNK_BYTES", 1000)  # 250 float32 values a piece: 5 pieces, the last short
     big, ints, scalar = torch.randn(7, 151), torch.arange(-5, 5, dtype=torch.int8), torch.tensor(3.5)

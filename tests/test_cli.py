@@ -109,8 +109,9 @@ def test_info_on_an_hf_folder_needs_no_tokenizer_and_counts_untied(tmp_path, cap
 
 
 def test_generate_on_a_classifier_points_to_classify(tmp_path, capsys):
-    from scratchgpt.checkpoint import load_model, read_json
+    from scratchgpt.checkpoint import load_model
     from scratchgpt.files import write_json
+    from scratchgpt.tensor_files import read_json
     from scratchgpt.training.finetune import add_classification_head
 
     run, _, _ = _tiny_run(tmp_path)

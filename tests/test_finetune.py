@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from scratchgpt.checkpoint import CheckpointError, load_model
+from scratchgpt.checkpoint import load_model
 from scratchgpt.cli import main
 from scratchgpt.config import ClassifyConfig, DPOConfig, FinetuneConfig, GPTConfig, InstructConfig, LoRAConfig
 from scratchgpt.model.gpt import GPT
+from scratchgpt.tensor_files import CheckpointError
 from scratchgpt.training.finetune import (
     ExampleBatches,
     load_start_model,
@@ -227,7 +228,7 @@ def test_lora_resumes_exactly(toy_tsv: Path, tmp_path: Path, dtype: str):
     the global RNG) must not move the training RNG. With bf16-true (and activation checkpointing, which
     fine-tuning shares with the loop) the adapters train in bfloat16, the compensation buffers resume, and
     the saved files are float32 like any other run's."""
-    from scratchgpt.checkpoint import load_tensors
+    from scratchgpt.tensor_files import load_tensors
 
     train = {"max_steps": 4, "checkpoint_interval": 2, "keep_last": 5, "eval_interval": 2, "lr": 1e-2,
              "dtype": dtype, "activation_checkpointing": dtype == "bf16-true", "progress": False, "plot": False}
@@ -244,8 +245,8 @@ def test_lora_over_a_lowered_base_resumes_exactly_and_exports_float(toy_tsv: Pat
     """LoRA over an int8 or bf16 frozen base (--lora-base-dtype): the base stays lowered through training and
     resume, the adapters and the new head train in float32, and the export is a float32 merged classifier that
     the adapters alone re-create from the float start."""
-    from scratchgpt.checkpoint import load_tensors
     from scratchgpt.model.quantize import Int8Linear
+    from scratchgpt.tensor_files import load_tensors
     from scratchgpt.training.modes.classify import load_classifier
 
     train = {"max_steps": 4, "checkpoint_interval": 2, "keep_last": 5, "eval_interval": 2, "lr": 1e-2,

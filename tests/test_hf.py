@@ -18,10 +18,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from scratchgpt.checkpoint import CheckpointError, load_any, load_hf, save_hf  # noqa: E402
+from scratchgpt.checkpoint import load_any, load_hf, save_hf  # noqa: E402
 from scratchgpt.config import GPTConfig  # noqa: E402
 from scratchgpt.hf import config_from_hf, config_to_hf, hf_to_scratchgpt  # noqa: E402
 from scratchgpt.model.gpt import GPT, KVCache, rope_inv_freq  # noqa: E402
+from scratchgpt.tensor_files import CheckpointError  # noqa: E402
 
 TOL = 1e-5
 

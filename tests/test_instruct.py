@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scratchgpt.checkpoint import CheckpointError, load_any
+from scratchgpt.checkpoint import load_any
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, InstructConfig, SamplingConfig
 from scratchgpt.data.chat import encode_conversation, instruction_messages, render_chat, render_prompt
@@ -19,6 +19,7 @@ from scratchgpt.data.sources import DataError
 from scratchgpt.data.tokenizers import CharTokenizer, HFTokenizer
 from scratchgpt.inference.chat_session import ChatSession
 from scratchgpt.model.gpt import GPT
+from scratchgpt.tensor_files import CheckpointError
 from scratchgpt.training.finetune import load_start_model, split_indices
 from scratchgpt.training.modes.instruct import (
     InstructExample,

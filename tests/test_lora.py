@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scratchgpt.checkpoint import CheckpointError, load_model, save_hf, save_model
+from scratchgpt.checkpoint import load_model, save_hf, save_model
 from scratchgpt.config import GPTConfig, LoRAConfig
 from scratchgpt.model.gpt import GPT
+from scratchgpt.tensor_files import CheckpointError
 from scratchgpt.training.lora import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,

@@ -516,7 +516,7 @@ def test_int4_saves_packed_with_float16_scales_and_loads_back_identically(tmp_pa
     # A file that does not match its config is one line naming the tensor.
     from safetensors.torch import save_file
 
-    from scratchgpt.checkpoint import CheckpointError
+    from scratchgpt.tensor_files import CheckpointError
 
     stored["transformer.h.0.attn.c_attn.weight_scale"] = stored["transformer.h.0.attn.c_attn.weight_scale"].float()
     stored["transformer.h.0.mlp.c_fc.weight"] = stored["transformer.h.0.mlp.c_fc.weight"][:, :8].contiguous()

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from scratchgpt.checkpoint import CheckpointError, load_any, load_model
+from scratchgpt.checkpoint import load_any, load_model
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, RunConfig, TrainConfig
 from scratchgpt.device import native_bf16
 from scratchgpt.model.gpt import GPT
+from scratchgpt.tensor_files import CheckpointError
 from scratchgpt.training.modes.pretrain import lm_evaluator, pretrain, resolve_run_config
 from scratchgpt.training.optim import lr_at, make_optimizer, param_groups
 from scratchgpt.training.run_state import latest_checkpoint, list_checkpoints
@@ -564,7 +565,7 @@ def test_bf16_true_tracks_float32(char_data: Path, tmp_path: Path, capsys) -> No
 
 
 def test_bf16_true_resumes_exactly_and_saves_float32(char_data: Path, tmp_path: Path) -> None:
-    from scratchgpt.checkpoint import load_tensors
+    from scratchgpt.tensor_files import load_tensors
 
     common = ["--dtype", "bf16-true", "--lr-decay-steps", "16", "--eval-interval", "8", "--checkpoint-interval", "8"]
     assert _train(char_data, tmp_path / "straight", *common, "--max-steps", "16") == 0

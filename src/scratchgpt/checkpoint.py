@@ -10,146 +10,30 @@ temporary name and renamed into place, so a crash mid-save leaves the previous c
 
 from __future__ import annotations
 
-import json
-import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from scratchgpt.config import GPTConfig
 from scratchgpt.files import atomic_write, check_overwrite, replace_dir, write_json
 from scratchgpt.hf import config_from_hf, config_to_hf, hf_to_scratchgpt, scratchgpt_to_hf
 from scratchgpt.model.gpt import GPT, register_pretrained_loader
+from scratchgpt.tensor_files import (
+    CheckpointError,
+    check_header,
+    load_tensors,
+    nbytes,
+    read_json,
+    save_tensors,
+    write_safetensors,
+)
 
 FORMAT = "scratchgpt"
 FORMAT_VERSION = 1
 HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, corrupted or of an unknown kind (one-line message)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Small I/O helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def read_json(path: str | Path) -> Any:
-    """Parse a JSON file, turning every failure into a one-line CheckpointError naming the file."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is corrupted, restore or re-create it") from None
-
-
-def save_tensors(tensors: dict[str, Tensor], path: str | Path, *, metadata: dict[str, str] | None = None) -> None:
-    """Atomically save a flat dict of tensors as safetensors."""
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda p: save_file(flat, str(p), metadata=metadata))
-
-
-# safetensors' dtype names: the ones a model, an int8 file or a training state holds.
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-_READ_CHUNK_BYTES = 1 << 20  # how much of a tensor is converted at a time when it changes dtype on the way in
-
-
-def load_tensors(
-    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, mmap: bool = True,
-) -> dict[str, Tensor]:
-    """Load a safetensors file (floating tensors as `dtype` when given); a missing, truncated or corrupted file
-    gives a one-line CheckpointError.
-
-    With `mmap` and no `dtype`, the tensors share safetensors' memory map of the file (no copy; pages come in
-    as they are used). Otherwise each tensor is read into its own memory, through one small buffer when its
-    dtype changes, so a load peaks at its result plus one chunk: converting from the map would hold both
-    copies, and every page a tensor touched stays in the process while any tensor of the map lives (pass
-    mmap=False when the caller copies the tensors anyway, e.g. to transpose them).
-    """
-    path = Path(path)
-    _check_header(path)  # safetensors' own checks of the header and the file's size; reads no tensor data
-    device = torch.device(device)
-    if mmap and dtype is None:
-        try:
-            return load_file(str(path), device=str(device))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise _safetensors_error(path, e) from None
-    try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-            header.pop("__metadata__", None)
-            out: dict[str, Tensor] = {}
-            buffer = torch.empty(_READ_CHUNK_BYTES, dtype=torch.uint8)  # one for the file: no allocator churn
-            for name in sorted(header):
-                info = header[name]
-                stored = _SAFETENSORS_DTYPES.get(info["dtype"])
-                if stored is None:
-                    raise CheckpointError(f"{path}: {name} has dtype {info['dtype']}, which scratchgpt does not read")
-                f.seek(8 + header_len + info["data_offsets"][0])
-                target = dtype if dtype is not None and stored.is_floating_point else stored
-                tensor = _read_tensor(f, info["shape"], stored, target, buffer=buffer)
-                out[name] = tensor if device.type == "cpu" else tensor.to(device)
-            return out
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, KeyError, struct.error) as e:
-        raise _safetensors_error(path, e) from None
-
-
-def _read_tensor(f: Any, shape: list[int], stored: torch.dtype, dtype: torch.dtype, *, buffer: Tensor) -> Tensor:
-    """The next tensor of open file `f`, stored as `stored`, returned as `dtype`: read in place, or through the
-    uint8 `buffer` one piece at a time when the dtypes differ."""
-    out = torch.empty(shape, dtype=dtype)
-    if dtype == stored:
-        _read_exact(f, out)
-        return out
-    flat, per = out.view(-1), max(buffer.numel() // stored.itemsize, 1)
-    staging = buffer[: per * stored.itemsize].view(stored)
-    for i in range(0, flat.numel(), per):
-        part = staging[: min(per, flat.numel() - i)]
-        _read_exact(f, part)
-        flat[i : i + part.numel()].copy_(part)
-    return out
-
-
-def _read_exact(f: Any, tensor: Tensor) -> None:
-    """Fill contiguous `tensor` with its size in bytes from `f` (one read may return less: large or slow files)."""
-    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-    done = 0
-    while done < len(view):
-        n = f.readinto(view[done:])
-        if not n:
-            raise ValueError("file ends inside a tensor")
-        done += n
-
-
-def _check_header(path: Path) -> None:
-    """Read a safetensors file's header only (no tensor data): a missing or corrupted file is a CheckpointError."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _safetensors_error(path, e) from None
-
-
-def _safetensors_error(path: Path, e: Exception) -> CheckpointError:
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return CheckpointError(
-        f"{path}: truncated or corrupted safetensors file ({msg}); restore it or use another checkpoint"
-    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -448,20 +332,16 @@ def save_hf(
     for file, names in zip(files, shards, strict=True):
         specs = {hf: t for name in names for hf, t in layout[name].items()}
         parts = (part for name in names for part in convert(name, state[name]).items())
-        atomic_write(directory / file, lambda p, specs=specs, parts=parts: _write_safetensors(p, specs, parts))
+        atomic_write(directory / file, lambda p, specs=specs, parts=parts: write_safetensors(p, specs, parts))
     if len(shards) > 1:
         weight_map = {hf: file for file, names in zip(files, shards, strict=True)
                       for name in names for hf in layout[name]}
-        total = sum(_nbytes(t) for parts in layout.values() for t in parts.values())
+        total = sum(nbytes(t) for parts in layout.values() for t in parts.values())
         write_json(directory / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     write_json(directory / "config.json", hf_config)
     if tokenizer is not None and hasattr(tokenizer, "save_hf"):
         tokenizer.save_hf(directory)
     return directory
-
-
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def _shard(layout: dict[str, dict[str, Tensor]], max_bytes: int | None) -> list[list[str]]:
@@ -472,32 +352,13 @@ def _shard(layout: dict[str, dict[str, Tensor]], max_bytes: int | None) -> list[
     shards: list[list[str]] = [[]]
     size = 0
     for name, parts in layout.items():
-        n = sum(_nbytes(t) for t in parts.values())
+        n = sum(nbytes(t) for t in parts.values())
         if shards[-1] and size + n > max_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += n
     return shards
-
-
-def _write_safetensors(path: Path, specs: dict[str, Tensor], tensors: Iterator[tuple[str, Tensor]]) -> None:
-    """Write a safetensors file whose header lists `specs` (name -> a tensor of that dtype and shape, e.g. on the
-    meta device), then the data of `tensors` in the same order, each dropped once written (one in memory)."""
-    names = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, t in specs.items():
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + _nbytes(t)]}
-        offset += _nbytes(t)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for (name, spec), (got, tensor) in zip(specs.items(), tensors, strict=True):
-            if got != name or tensor.dtype != spec.dtype or tensor.shape != spec.shape:
-                raise AssertionError(f"{path}: wrote {got} {tuple(tensor.shape)} where the header says {name}")
-            f.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def load_hf_tokenizer(directory: str | Path) -> Any:
@@ -585,7 +446,7 @@ def describe_checkpoint(path_or_name: str | Path) -> tuple[GPTConfig, dict[str, 
             config = GPTConfig.from_dict(cfg["model"], source=str(directory / "config.json"))
         except (TypeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{directory / 'config.json'}: invalid model config: {e}") from None
-        _check_header(directory / "model.safetensors")
+        check_header(directory / "model.safetensors")
         tok = directory / "tokenizer.json"
         tok_meta = read_json(tok) if tok.is_file() else None
         details = {"kind": kind, "tokenizer": tok_meta.get("type") if isinstance(tok_meta, dict) else None}
@@ -595,7 +456,7 @@ def describe_checkpoint(path_or_name: str | Path) -> tuple[GPTConfig, dict[str, 
     directory = _resolve_hf(path_or_name)
     config = config_from_hf(read_json(directory / "config.json"), source=str(directory / "config.json"))
     if (directory / "model.safetensors").is_file():
-        _check_header(directory / "model.safetensors")
+        check_header(directory / "model.safetensors")
     if (directory / "tokenizer.json").is_file():
         tokenizer = "hf"  # the model's own tokenizer.json (Llama, Qwen, ...)
     elif (directory / "vocab.json").is_file() or (directory / "encoder.json").is_file():

@@ -21,7 +21,7 @@ from scratchgpt.cli.commands import COMMANDS
 from scratchgpt.device import keep_freed_memory
 
 # Exceptions that mean "the user's input is wrong": shown as one line, never as a traceback.
-# (checkpoint.CheckpointError and WriteError are ValueErrors; FileNotFoundError is an OSError.)
+# (tensor_files.CheckpointError and WriteError are ValueErrors; FileNotFoundError is an OSError.)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 
 from scratchgpt.checkpoint import (
     HF_MODEL_NAMES,
-    CheckpointError,
     checkpoint_kind,
     load_any,
     load_model,
@@ -47,6 +46,7 @@ from scratchgpt.data.sources import DataError
 from scratchgpt.data.tokenizers import CharTokenizer, Tokenizer, gpt2_tokenizer, load_tokenizer
 from scratchgpt.files import check_overwrite, write_json
 from scratchgpt.model.gpt import GPT, CausalSelfAttention
+from scratchgpt.tensor_files import CheckpointError
 from scratchgpt.training.driver import Job, drive
 from scratchgpt.training.lora import (
     apply_lora,

@@ -31,18 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scratchgpt.checkpoint import (
-    CheckpointError,
-    float32_weights,
-    load_tensors,
-    read_json,
-    save_tensors,
-    unwrap,
-)
+from scratchgpt.checkpoint import float32_weights, unwrap
 from scratchgpt.config import LoRAConfig, config_from_dict, config_to_dict
 from scratchgpt.files import write_json
 from scratchgpt.model.gpt import GPT
 from scratchgpt.model.quantize import Int8Embedding, Int8Linear, dequantize_model, quantize_model
+from scratchgpt.tensor_files import CheckpointError, load_tensors, read_json, save_tensors
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"

@@ -27,15 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from scratchgpt.checkpoint import (
-    CheckpointError,
-    check_float_weights,
-    load_tensors,
-    read_json,
-    save_tensors,
-)
+from scratchgpt.checkpoint import check_float_weights
 from scratchgpt.files import atomic_write_text, check_overwrite, fsync_dir, recover_replaced_dir, write_json
 from scratchgpt.model.gpt import GPT
+from scratchgpt.tensor_files import CheckpointError, load_tensors, read_json, save_tensors
 from scratchgpt.training.runlog import LOG_FILE, PLOT_FILE
 
 CKPT_PREFIX = "ckpt-"

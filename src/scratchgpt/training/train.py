@@ -58,11 +58,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from scratchgpt.checkpoint import CheckpointError, float32_weights, model_state, save_model_files, unwrap
+from scratchgpt.checkpoint import float32_weights, model_state, save_model_files, unwrap
 from scratchgpt.config import TrainConfig
 from scratchgpt.device import ThreadChoice, allocator_line, choose_threads, native_bf16, set_threads
 from scratchgpt.files import replace_dir
 from scratchgpt.model.gpt import GPT
+from scratchgpt.tensor_files import CheckpointError
 from scratchgpt.training.memory import estimate_memory
 from scratchgpt.training.optim import lr_at, make_optimizer, set_lr
 from scratchgpt.training.run_state import (

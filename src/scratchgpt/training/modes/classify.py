@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scratchgpt.checkpoint import CheckpointError, load_model, read_run_config
+from scratchgpt.checkpoint import load_model, read_run_config
 from scratchgpt.config import ClassifyConfig, LoRAConfig, TrainConfig
 from scratchgpt.data.dataset import read_text
 from scratchgpt.data.records import RECORD_FORMATS, read_objects
 from scratchgpt.data.sources import DataError, Source
 from scratchgpt.data.tokenizers import Tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT
+from scratchgpt.tensor_files import CheckpointError
 from scratchgpt.training.finetune import (
     FinetuneResult,
     Mode,

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from scratchgpt.checkpoint import CheckpointError, read_json, unwrap
+from scratchgpt.checkpoint import unwrap
 from scratchgpt.config import DataConfig, RunConfig, SamplingConfig, TrainConfig, config_from_dict, merge_run_dicts
 from scratchgpt.data.dataset import RandomWindows, make_sampler, prepare
 from scratchgpt.data.token_files import TokenDataset, check_token_files, open_dataset
 from scratchgpt.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT
+from scratchgpt.tensor_files import CheckpointError, read_json
 from scratchgpt.training.driver import Job, drive
 from scratchgpt.training.run_state import check_prepare_dir, check_run_dir, latest_checkpoint
 from scratchgpt.training.runtime import Runtime, all_reduce_mean, distributed_info, is_main, model_device, to_device
