@@ -631,5 +631,6 @@ def test_lm_evaluation_in_grouped_forwards_gives_the_batch_by_batch_loss() -> No
     with torch.no_grad():
         grouped = lm_evaluator(tokens, **kwargs)(model)  # lm_loss: 7 batches as one forward
         one_by_one = lm_evaluator(tokens, loss_fn=lambda m, b: lm_loss(m, b), **kwargs)(model)
-    assert grouped["loss"] == pytest.approx(one_by_one["loss"], rel=1e-6)
+    # Other row counts may take other BLAS kernels (float sums in another order): equal to float32 noise.
+    assert grouped["loss"] == pytest.approx(one_by_one["loss"], rel=1e-5)
     assert 3.0 < grouped["loss"] < 5.0  # ~ln(50) for an untrained model: real windows were scored
