@@ -48,9 +48,9 @@ def lm_evaluator(
         # as one larger forward with the same result: fewer, larger matrix products. The group is bounded
         # by its logits, (group·batch_size, block_size, V) floats, to 64 MB. Other losses go batch by batch.
         group = 1
-        if loss_fn is lm_loss:
-            logits_bytes = batch_size * block_size * unwrap(model).config.vocab_size * 4
-            group = max(1, min(steps, (64 << 20) // logits_bytes))
+        vocab = getattr(getattr(unwrap(model), "config", None), "vocab_size", None)
+        if loss_fn is lm_loss and vocab:
+            group = max(1, min(steps, (64 << 20) // (batch_size * block_size * vocab * 4)))
         total = torch.zeros((), device=device)
         done = 0
         while done < steps:
