@@ -64,7 +64,7 @@ def timed(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> tupl
 def run_nanogpt(checkout: Path, work: Path, *, kept_memory: bool = False) -> dict[str, float]:
     """nanoGPT's train.py on its own prepared data (its prepare.py over the shared Tiny Shakespeare).
 
-    kept_memory: with glibc told to keep freed memory, as scratchgpt's CLI does (device.keep_freed_memory),
+    kept_memory: with glibc told to keep freed memory, as scratchgpt's training driver does (device.keep_freed_memory),
     through the environment variables glibc reads at start-up: what nanoGPT's own code would gain from it.
     """
     tree = work / "nanogpt"
@@ -74,7 +74,7 @@ def run_nanogpt(checkout: Path, work: Path, *, kept_memory: bool = False) -> dic
         shutil.copy(TEXT, data / "input.txt")  # prepare.py downloads only when input.txt is missing
         subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True)
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_SETTINGS}  # as a user launches it
-    env.update(MALLOC_SETTINGS if kept_memory else {})
+    env.update({k: str(v) for k, v in MALLOC_SETTINGS.items()} if kept_memory else {})
     wall, out = timed([sys.executable, "train.py", *NANOGPT_ARGS, f"--out_dir={work / 'nanogpt-out'}"], tree, env)
     iters = [float(m.group(2)) for m in re.finditer(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", out, re.M)
              if int(m.group(1)) % 250 != 0]  # eval iterations carry the evaluation's time
@@ -176,7 +176,7 @@ def main() -> None:
                 out["speedrun_to_target_vs_nanogpt"] = round(out["speedrun"]["to_target_s"] / n, 3)
             out["targets"] = {"scratchgpt_wall_vs_nanogpt": 0.85, "speedrun_to_target_vs_nanogpt": 0.25,
                               "overhead_share": 0.05}
-        keep_freed_memory()  # what the CLI does first: the loop is measured as `scratchgpt train` runs it
+        keep_freed_memory()  # what the driver does: the loop is measured as `scratchgpt train` runs it
         out["loop"] = loop_overhead(work, args.overhead_steps, args.overhead_rounds)
     print(json.dumps(out))
 

@@ -135,7 +135,7 @@ def other_runnable_threads(*, samples: int = 5, gap_s: float = 0.02) -> int | No
 
 # glibc's mallopt parameters (malloc.h) and the values we set; see keep_freed_memory.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 1 << 30}
 
 
 def keep_freed_memory() -> bool:
@@ -146,11 +146,13 @@ def keep_freed_memory() -> bool:
     activations every step, so each step page-faults its memory in again: nanoGPT's CPU recipe (4 x 128,
     batch 12 x 64) took ~1,450 page faults and ~10 ms of CPU per 55 ms step on an AMD EPYC (Zen 3, KVM). With
     the mmap threshold fixed at glibc's maximum (32 MB) and trimming only above 1 GiB of free heap, the same
-    step takes ~4 faults and ~20% less time. Peak memory is unchanged (kept blocks are reused, not added).
+    step takes ~4 faults and 12-20% less time.
 
-    It sets the variables glibc reads at start-up (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) for child
-    processes (torchrun's workers) and calls mallopt for this one. Nothing is changed where the user set
-    either variable, preloads another allocator (LD_PRELOAD), or the C library is not glibc.
+    The training driver calls it once the model is loaded, in each process, and only then: during a load it
+    would keep the load's freed temporaries too (loading a GPT-2 folder peaked at 1.6x the model's bytes
+    instead of 1.1x). It changes this process only (no environment variables, so nothing leaks into processes
+    started later), and nothing where the user set MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_, preloads
+    another allocator (LD_PRELOAD), or the C library is not glibc.
     """
     import ctypes
     import platform
@@ -164,19 +166,8 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, int(MALLOC_SETTINGS["MALLOC_MMAP_THRESHOLD_"])) == 1
-    ok = ok and mallopt(_M_TRIM_THRESHOLD, int(MALLOC_SETTINGS["MALLOC_TRIM_THRESHOLD_"])) == 1
-    if ok:
-        os.environ.update(MALLOC_SETTINGS)
-    return ok
-
-
-def allocator_line() -> str:
-    """How this process's malloc keeps freed memory, for the training log (see keep_freed_memory)."""
-    mmap, trim = (os.environ.get(k) for k in MALLOC_SETTINGS)
-    if mmap is None and trim is None:
-        return "the C library's default (freed memory goes back to the kernel)"
-    return f"mmap threshold {mmap or 'default'}, trim threshold {trim or 'default'} bytes"
+    return (mallopt(_M_MMAP_THRESHOLD, MALLOC_SETTINGS["MALLOC_MMAP_THRESHOLD_"]) == 1
+            and mallopt(_M_TRIM_THRESHOLD, MALLOC_SETTINGS["MALLOC_TRIM_THRESHOLD_"]) == 1)
 
 
 @dataclass(frozen=True)

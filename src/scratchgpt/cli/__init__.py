@@ -18,7 +18,6 @@ import threading
 from collections.abc import Sequence
 
 from scratchgpt.cli.commands import COMMANDS
-from scratchgpt.device import keep_freed_memory
 
 # Exceptions that mean "the user's input is wrong": shown as one line, never as a traceback.
 # (tensor_files.CheckpointError and WriteError are ValueErrors; FileNotFoundError is an OSError.)
@@ -139,7 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         command_name = f"scratchgpt {args.command}"
         _set_openmp_waiting()
-        keep_freed_memory()
         _import_torch_holding_signals()
         if args.command in _INFERENCE_COMMANDS:
             _fit_threads()

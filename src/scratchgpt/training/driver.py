@@ -9,6 +9,7 @@ group again. The TrainConfig is `drive`'s argument alone, and `drive` resolves w
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from scratchgpt.config import TrainConfig
+from scratchgpt.device import keep_freed_memory
 from scratchgpt.training.runtime import Runtime, process_group
 from scratchgpt.training.train import (
     BatchSource,
@@ -56,6 +58,9 @@ def drive(config: TrainConfig, build: Callable[[Runtime], Job], *, log: LogFn | 
     """Run the job `build(runtime)` makes on the device, dtype and processes `config` names: (result, after's value)."""
     with process_group(config.device, config.dtype, config.attn_impl) as runtime:
         job = build(runtime)
+        # Once the model is loaded (a load would keep its freed temporaries too): every step reuses the last one's
+        # freed memory instead of page-faulting it in again (device.keep_freed_memory).
+        runtime = dataclasses.replace(runtime, malloc_kept=runtime.device.type == "cpu" and keep_freed_memory())
         if job.before is not None:
             runtime.place(job.model)
             job.before(runtime)

@@ -247,6 +247,7 @@ class Runtime:
     dtype: torch.dtype
     attn_impl: str
     weights_dtype: torch.dtype = torch.float32
+    malloc_kept: bool = False  # glibc keeps freed memory for the next step (device.keep_freed_memory)
 
     def precision(self) -> AbstractContextManager:
         """A fresh autocast context for this run's dtype (a no-op in float32)."""

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from scratchgpt.checkpoint import float32_weights, model_state, save_model_files, unwrap
 from scratchgpt.config import TrainConfig
-from scratchgpt.device import ThreadChoice, allocator_line, choose_threads, native_bf16, set_threads
+from scratchgpt.device import ThreadChoice, choose_threads, native_bf16, set_threads
 from scratchgpt.files import replace_dir
 from scratchgpt.model.gpt import GPT
 from scratchgpt.tensor_files import CheckpointError
@@ -437,7 +437,8 @@ class _Trainer:
             spins = os.environ.get("GOMP_SPINCOUNT")
             waiting = os.environ.get("OMP_WAIT_POLICY", "").lower() or (
                 f"spin {spins} rounds, then sleep" if spins else "OpenMP's default")
-            self.say(f"CPU threads: {self.threads.reason}; idle threads wait: {waiting}; malloc: {allocator_line()}")
+            malloc = "kept for reuse" if self.runtime.malloc_kept else "the C library's default"
+            self.say(f"CPU threads: {self.threads.reason}; idle threads wait: {waiting}; freed memory: {malloc}")
         fpt: float | None = None
         t_start = time.perf_counter()
         self._plotted = time.monotonic()  # the first redraw comes a minute in (see _checkpoint)
