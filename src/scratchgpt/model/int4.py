@@ -14,6 +14,11 @@ Kernels (`Int4Linear.kernel`):
   - "int4pack": torch's CPU int4 kernel `_weight_int4pack_mm_for_cpu`, weights kept at 4 bits in memory.
   - "dense": the weight dequantized once into a float copy (not saved) and an ordinary F.linear; the
     int4 file is small, the memory is float32's.
+  - "fbgemm": the int4 weight re-quantized once to int8 with one scale per row (not saved) and run by
+    fbgemm's int8 kernel (model/fbgemm.py), as `--quantize int8` runs: a quarter of float32's memory and
+    int8's speed. Not exact: fbgemm's per-row scales cannot express per-group ones, so each weight moves
+    by up to half an int8 step of its row (max|w| / 254), an error far below int4's own (up to half an
+    int4 step of its group, max|w_g| / 14).
 Measured on the 2-core AMD EPYC (Zen 3, AVX2 only, no AVX-512) this project develops on, torch 2.13,
 a busy shared machine: one 2304x768 product at batch 1 took 0.19-0.30 ms in float32 vs 5.7-12 ms with
 int4pack (float32 or bf16 activations alike); a whole one-token GPT-2 124M step, best of 8
@@ -21,10 +26,10 @@ interleaved, float32 31.4 ms, dense 32.5 ms, int4pack 125.9 ms (4x slower): the 
 with AVX2 more slowly than DRAM streams float32. It may win on AVX-512 CPUs (Zen 4, Xeon), which we
 could not measure. So nothing is assumed: on the CPU
 `choose_int4_kernel` times whole batch-1 forward steps of the model (one token: every weight streams
-once, as in a decode step, not one matrix left in the cache by a hot loop) with both, interleaved, and
-keeps int4pack only when the step was at least 10% faster; otherwise "dense", and a log line says that
-int4 saves file size only on this CPU. No exact way to run group-wise int4 through the int8 kernels
-exists (fbgemm's per-row scales cannot express per-group ones), so none is used.
+once, as in a decode step, not one matrix left in the cache by a hot loop) with every kernel this CPU
+has, interleaved, and keeps the fastest of int4pack and fbgemm only when its step was at least 10%
+faster than dense (the exact, known-good path); a log line says which ran and why. On that AMD EPYC
+fbgemm wins: int4 then decodes at int8's speed in int8's memory (bench/decode_race.py).
 """
 
 from __future__ import annotations
@@ -39,10 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scratchgpt.model.fbgemm import fbgemm_available, fbgemm_pack
+
 logger = logging.getLogger(__name__)
 
-Int4Kernel = Literal["reference", "int4pack", "dense"]
-INT4_KERNELS: tuple[str, ...] = ("reference", "int4pack", "dense")
+Int4Kernel = Literal["reference", "int4pack", "dense", "fbgemm"]
+INT4_KERNELS: tuple[str, ...] = ("reference", "int4pack", "dense", "fbgemm")
 INT4_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 # The smallest positive float16 (a subnormal): the scale of an all-zero group, which any scale represents.
 _MIN_SCALE = 2.0**-24
@@ -178,8 +185,14 @@ class Int4Linear(nn.Module):
         kernel = self.kernel
         if kernel == "int4pack" and not (x.is_cpu and self.int4pack_fits()):
             kernel = "dense"  # a shape the kernel does not take: the next fastest, not the slow reference
+        if kernel == "fbgemm" and not x.is_cpu:
+            kernel = "dense"
         if kernel == "reference" or x.numel() == 0:
             return self.reference(x)
+        if kernel == "fbgemm":  # the bias is packed with the weight
+            op, packed, reduce_range = self._prepared("fbgemm", torch.float32)
+            y = op(x if x.dtype == torch.float32 else x.float(), packed, reduce_range)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         if kernel == "dense":
             return F.linear(x, self._prepared("dense", x.dtype), bias)
@@ -193,14 +206,20 @@ class Int4Linear(nn.Module):
 
     def _prepared(self, kernel: str, dtype: torch.dtype):
         """The weight as `kernel` wants it in `dtype`, rebuilt whenever a buffer changed since it was built."""
-        buffers = (self.weight, self.weight_scale)
+        buffers = (self.weight, self.weight_scale, self.bias)
         cached = self._cache.get((kernel, dtype))
         if cached is not None and buffers_unchanged(cached[0], buffers):
             return cached[1]
         # Plain tensors, even when first built under inference_mode (a decode step, the kernel choice): an
         # inference tensor could never be used again by a forward that records gradients.
         with torch.inference_mode(False), torch.no_grad():
-            value = self.dequantized(dtype) if kernel == "dense" else self._int4pack(dtype)
+            if kernel == "dense":
+                value = self.dequantized(dtype)
+            elif kernel == "fbgemm":
+                w = self.dequantized(torch.float32)  # (out, in), one layer at a time
+                value = fbgemm_pack(w, (w.abs().amax(dim=1) / 127.0).clamp(min=_MIN_SCALE), self.bias)
+            else:
+                value = self._int4pack(dtype)
         self._cache[(kernel, dtype)] = (snapshot_of(buffers), value)
         return value
 
@@ -266,21 +285,24 @@ class Int4Embedding(nn.Module):
 
 
 def pick_int4_kernel(step_seconds: dict[str, float], *, margin: float = 0.9) -> Int4Kernel:
-    """From measured step times of "dense" and (if measured) "int4pack": int4pack only when its whole
-    step was at least 1 - `margin` (10%) faster, since dense is the known-good path. Deterministic."""
-    fast = step_seconds.get("int4pack", math.inf)
-    return "int4pack" if fast < margin * step_seconds["dense"] else "dense"
+    """From measured step times of "dense" and (where measured) "int4pack" and "fbgemm": the faster of
+    the last two when its whole step was at least 1 - `margin` (10%) faster than dense, the known-good
+    path; otherwise dense. Deterministic."""
+    fast = min(("int4pack", "fbgemm"), key=lambda k: step_seconds.get(k, math.inf))
+    return fast if step_seconds.get(fast, math.inf) < margin * step_seconds["dense"] else "dense"
 
 
 @torch.inference_mode()
 def choose_int4_kernel(model: nn.Module, *, repeats: int = 3,
                        step_time: Callable[[str], float] | None = None) -> Int4Kernel:
-    """Time batch-1 forward steps of `model` (one token) with every Int4Linear on "dense" and on
-    "int4pack", interleaved, best of `repeats`; switch them all to the faster (see `pick_int4_kernel`).
+    """Time batch-1 forward steps of `model` (one token) with every Int4Linear on "dense", "int4pack" and
+    "fbgemm" (those this torch and CPU have), interleaved, best of `repeats`; switch them all to the
+    winner (see `pick_int4_kernel`) and log which and why.
 
     A one-token forward streams every weight once, like a decode step, so the caches hold what they
-    would hold while decoding; the first round also builds both kernels' weights (best-of discards it).
-    `step_time(kernel)` replaces the measurement (seconds for one step), for tests.
+    would hold while decoding; the first round also builds every kernel's weights (best-of discards it).
+    `step_time(kernel)` replaces the measurement (seconds for one step), for tests: then every kernel is
+    a candidate.
     """
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     if not layers:
@@ -288,6 +310,8 @@ def choose_int4_kernel(model: nn.Module, *, repeats: int = 3,
     candidates = ["dense"]
     if step_time is not None or any(m.int4pack_fits() for m in layers):
         candidates.append("int4pack")
+    if step_time is not None or fbgemm_available():
+        candidates.append("fbgemm")
     best = dict.fromkeys(candidates, math.inf)
     if len(candidates) > 1:
         step_time = step_time or _forward_timer(model, layers)
@@ -297,11 +321,15 @@ def choose_int4_kernel(model: nn.Module, *, repeats: int = 3,
     kernel = pick_int4_kernel(best)
     for m in layers:
         m.use(kernel)
+    measured = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in best.items() if math.isfinite(v))
+    capability = torch.backends.cpu.get_cpu_capability()
     if kernel == "dense":
-        measured = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in best.items() if math.isfinite(v))
-        logger.warning("int4: torch's int4 kernel is not faster than float32 on this CPU (%s; one step: %s); the "
-                       "weights are dequantized to float at load, so int4 saves file size, not memory or time",
-                       torch.backends.cpu.get_cpu_capability(), measured or "kernel unavailable")
+        logger.warning("int4: no int4 kernel is faster than float32 on this CPU (%s; one step: %s); the weights "
+                       "are dequantized to float at load, so int4 saves file size, not memory or time",
+                       capability, measured or "no other kernel available")
+    elif kernel == "fbgemm":
+        logger.info("int4: run by fbgemm's int8 kernel, re-quantized per row at load (%s; one step: %s): int8's "
+                    "speed and memory", capability, measured)
     return kernel
 
 

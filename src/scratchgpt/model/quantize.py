@@ -46,8 +46,7 @@ I/O), so checkpoint.py can rebuild quantized models from it.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Any, Literal, get_args
 
 import torch
@@ -55,7 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scratchgpt.config import Quantize
-from scratchgpt.device import cpu_has, native_bf16
+from scratchgpt.device import native_bf16
+from scratchgpt.model.fbgemm import FbgemmPack, fbgemm_available, fbgemm_pack
 from scratchgpt.model.int4 import (
     INT4_KERNELS,
     Int4Embedding,
@@ -86,9 +86,7 @@ def default_kernel(device: torch.device | str = "cpu") -> Kernel:
     elsewhere the reference (the fast kernels are CPU-only)."""
     if torch.device(device).type != "cpu":
         return "reference"
-    if "fbgemm" in torch.backends.quantized.supported_engines and torch.backends.cpu.get_cpu_capability() in (
-        "AVX2", "AVX512"
-    ):
+    if fbgemm_available():
         return "fbgemm"
     if native_bf16("cpu"):
         return "int8pack"
@@ -190,7 +188,7 @@ class Int8Linear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _fbgemm_packed(self) -> tuple[Callable, object, bool]:
+    def _fbgemm_packed(self) -> FbgemmPack:
         """(kernel, fbgemm's packed weight, reduce_range), rebuilt whenever a buffer changed since packing.
 
         Changed means replaced (load_state_dict(assign=True), a dtype cast) or written in place
@@ -199,21 +197,7 @@ class Int8Linear(nn.Module):
         """
         w, s, b = self.weight, self.weight_scale, self.bias
         if not buffers_unchanged(self._packed_src, (w, s, b)):
-            with warnings.catch_warnings():
-                # torch warns that quantized tensors are deprecated; we only use one to feed fbgemm's
-                # packing routine, and the model stores plain int8 + float tensors.
-                warnings.simplefilter("ignore")
-                qw = torch.quantize_per_channel(
-                    w.float() * s[:, None], s.double(), torch.zeros(self.out_features, dtype=torch.long), 0,
-                    torch.qint8,
-                )
-                # clone: the pack keeps a reference to the float32 bias it is given.
-                packed = torch.ops.quantized.linear_prepack(qw, None if b is None else b.float().clone())
-            # `.default._op`: the resolved overload's C++ entry point. The bare packet re-resolves the
-            # overload per call, and the Python wrapper re-checks every argument for fake script
-            # objects: ~10 µs per call together, ~5% of an int8 decode step at 49 calls per token.
-            op = torch.ops.quantized.linear_dynamic.default._op
-            self._packed = (op, packed, not (cpu_has("avx512_vnni") or cpu_has("avx_vnni")))
+            self._packed = fbgemm_pack(w.float() * s[:, None], s, b)
             self._packed_src = snapshot_of((w, s, b))
         return self._packed
 
