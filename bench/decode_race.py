@@ -156,7 +156,7 @@ def build(name: str, *, tiny: bool, gpt2_dir: Path | None, work: Path):
                                       "n_inner": 128 if config.n_inner else None})
     if tok is None:
         tok = llama_tokenizer(config.vocab_size, work / f"{name}-tokenizer")
-    model = GPT(config).eval()
+    model = GPT(config).eval().requires_grad_(False)  # frozen, as the CLI loads it (see choose_decode_path)
     return model, tok
 
 

@@ -231,7 +231,7 @@ def main() -> None:
         if config.tie_word_embeddings:
             model.lm_head.weight = model.transformer.wte.weight
         model.reset_buffers(device="cpu")
-        return model.eval()
+        return model.eval().requires_grad_(False)  # frozen, as the CLI loads it (see choose_decode_path)
 
     if "gpt2" in rows:
         torch.manual_seed(0)

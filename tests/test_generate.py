@@ -507,6 +507,57 @@ def test_decode_path_follows_the_faster_real_step_per_group() -> None:
     assert {m.few_rows for m in model.transformer.modules() if isinstance(m, torch.nn.Linear)} == {0}
 
 
+def test_input_major_storage_is_tried_only_on_a_frozen_model_and_changes_no_value(tmp_path) -> None:
+    """Input-major storage (Wᵀ contiguous, `weight` its view) wins only when its whole step is 10% faster
+    than every other path; only a frozen model tries it; tokens, logits and saved bytes stay the same."""
+    from scratchgpt.checkpoint import save_model
+    from scratchgpt.inference.generate import INPUT_MAJOR, DecodePath, choose_decode_path, pick_decode_path
+    from scratchgpt.model.fast_linear import Linear, is_input_major
+
+    plain, blocks, head = DecodePath(), DecodePath(blocks=True), DecodePath(head=True)
+    assert pick_decode_path({plain: 30e-3, blocks: 29e-3, head: 22e-3, INPUT_MAJOR: 19e-3}) == INPUT_MAJOR
+    assert pick_decode_path({plain: 30e-3, blocks: 29e-3, head: 22e-3, INPUT_MAJOR: 20e-3}) == head  # not 10%
+    assert pick_decode_path({plain: 30e-3, blocks: 31e-3, head: 33e-3, INPUT_MAJOR: 35e-3}) == plain
+
+    def timed(times: dict) -> tuple[list, object]:
+        asked: list[DecodePath] = []
+
+        def step(p: DecodePath) -> float:
+            asked.append(p)
+            return times[p]
+        return asked, step
+
+    times = {plain: 30e-3, blocks: 31e-3, head: 40e-3, INPUT_MAJOR: 20e-3}
+    training = tiny_model()  # parameters require gradients: an optimizer may hold moments laid out like them
+    asked, step = timed(times)
+    assert choose_decode_path(training, step_time=step) == plain and INPUT_MAJOR not in asked
+    assert not any(is_input_major(m) for m in training.modules() if isinstance(m, Linear))
+
+    model, reference = tiny_model().requires_grad_(False), tiny_model()  # the same weights (same seed)
+    save_model(model, tmp_path / "before")
+    prompt = [5, 6, 7]
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        logits = reference(x)[0]
+    want = generate(reference, prompt, GREEDY)
+    asked, step = timed(times)
+    assert choose_decode_path(model, step_time=step) == INPUT_MAJOR and asked.count(INPUT_MAJOR) == 3
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    assert all(is_input_major(m) and m.few_rows == 0 for m in layers)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied: the same parameter, re-laid out
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], logits, rtol=1e-5, atol=1e-6)  # another BLAS orientation
+    assert generate(model, prompt, GREEDY) == want
+    save_model(model, tmp_path / "after")
+    assert (tmp_path / "after" / "model.safetensors").read_bytes() == \
+        (tmp_path / "before" / "model.safetensors").read_bytes()
+    # Not chosen: measured, then put back in nn.Linear's layout.
+    again = tiny_model().requires_grad_(False)
+    asked, step = timed({**times, INPUT_MAJOR: 29e-3})
+    assert choose_decode_path(again, step_time=step) == plain and INPUT_MAJOR in asked
+    assert not any(is_input_major(m) for m in again.modules() if isinstance(m, Linear))
+
+
 def test_decode_path_times_whole_decode_steps() -> None:
     """What is timed is a real decode step through the model, not one matrix product in a hot loop.
 

@@ -405,12 +405,14 @@ def checkpoint_kind(path: str | Path) -> str:
 
 def load_any(
     path_or_name: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-    quantize: str | None = None, inference_dtype: str | None = None,
+    quantize: str | None = None, inference_dtype: str | None = None, for_inference: bool = False,
 ) -> tuple[GPT, Any]:
     """(model, tokenizer) from a scratchgpt run directory, a Hugging Face directory, or a hub name.
 
     `quantize` ("int8", "int4", ...) and `inference_dtype` ("bfloat16") prepare the model for fast inference
-    (see model/quantize.py); an already-quantized run directory loads as it is.
+    (see model/quantize.py); an already-quantized run directory loads as it is. `for_inference`: the model
+    is frozen (no parameter requires a gradient) and in eval mode, which lets decoding lay its weights out
+    for speed (inference.generate.choose_decode_path).
     """
     from scratchgpt.data.tokenizers import load_tokenizer
 
@@ -429,6 +431,8 @@ def load_any(
         from scratchgpt.model.quantize import prepare_for_inference
 
         prepare_for_inference(model, quantize=quantize, dtype=inference_dtype, device=device)
+    if for_inference:
+        model.requires_grad_(False).eval()
     return model, tokenizer
 
 

@@ -206,8 +206,10 @@ def _load(cfg: GenerateConfig, device: Any, seed: int | None):
     from scratchgpt.model.gpt import GPT
 
     if cfg.checkpoint:
-        return load_any(cfg.checkpoint, device=device, quantize=cfg.quantize, inference_dtype=cfg.dtype)
+        return load_any(cfg.checkpoint, device=device, quantize=cfg.quantize, inference_dtype=cfg.dtype,
+                        for_inference=True)
     model = GPT(GPTConfig.from_name(cfg.model), generator=torch.Generator().manual_seed(seed or 0)).to(device).eval()
+    model.requires_grad_(False)
     if cfg.quantize or cfg.dtype:
         from scratchgpt.model.quantize import prepare_for_inference
 
@@ -231,7 +233,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         from scratchgpt.checkpoint import load_any
         from scratchgpt.inference.speculative import check_draft
 
-        draft, draft_tokenizer = load_any(cfg.draft, device=device, quantize=cfg.quantize, inference_dtype=cfg.dtype)
+        draft, draft_tokenizer = load_any(cfg.draft, device=device, quantize=cfg.quantize, inference_dtype=cfg.dtype,
+                                          for_inference=True)
         try:
             check_draft(model, draft, model_tokenizer=tokenizer, draft_tokenizer=draft_tokenizer or tokenizer)
         except ValueError as e:
@@ -470,7 +473,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     configs, _ = read_config_sections(args)
     cfg: ChatConfig = configs["chat"]
     model, tokenizer = load_any(cfg.checkpoint, device=resolve_device(cfg.device), quantize=cfg.quantize,
-                                inference_dtype=cfg.dtype)
+                                inference_dtype=cfg.dtype, for_inference=True)
     template = cfg.chat_template or saved_chat_template(cfg.checkpoint, tokenizer=tokenizer)
     session = ChatSession(model, tokenizer, template=template, system=cfg.system, sampling=configs["sampling"])
     interactive = sys.stdin.isatty()

@@ -26,7 +26,7 @@ from torch import Tensor
 from scratchgpt.config import SamplingConfig
 from scratchgpt.inference.sampling import sample_next_token
 from scratchgpt.inference.speculative import Speculator, make_speculator
-from scratchgpt.model.fast_linear import Linear
+from scratchgpt.model.fast_linear import Linear, store_input_major
 from scratchgpt.model.gpt import GPT, KVCache
 
 # ---------------------------------------------------------------------------------------------
@@ -343,27 +343,37 @@ def _decode(
 
 @dataclass(frozen=True)
 class DecodePath:
-    """Which `Linear` layers take the few-row path (W @ xᵀ) when decoding: the blocks', the LM head's."""
+    """How the `Linear` layers decode: the few-row path (W @ xᵀ) for the blocks' and/or the LM head's, or
+    every weight stored input-major (`model.fast_linear.store_input_major`; then no few-row path)."""
 
     blocks: bool = False
     head: bool = False
+    input_major: bool = False
+
+
+INPUT_MAJOR = DecodePath(input_major=True)
 
 
 def pick_decode_path(step_seconds: dict[DecodePath, float], *, margin: float = 0.9) -> DecodePath:
-    """The path from measured decode-step times of `DecodePath()`, `DecodePath(blocks=True)` and
-    `DecodePath(head=True)`: a group switches to W @ xᵀ only when that made the whole step at least
-    1 - `margin` (10%) faster than the plain path. Deterministic given the times."""
+    """The path from measured decode-step times of `DecodePath()`, `DecodePath(blocks=True)`,
+    `DecodePath(head=True)` and (when measured) `INPUT_MAJOR`: a group switches to W @ xᵀ only when that
+    made the whole step at least 1 - `margin` (10%) faster than the plain path; input-major storage wins
+    only when its step was 10% faster than every other measured one. Deterministic given the times."""
     plain = step_seconds[DecodePath()]
-    return DecodePath(blocks=step_seconds[DecodePath(blocks=True)] < margin * plain,
-                      head=step_seconds[DecodePath(head=True)] < margin * plain)
+    few = DecodePath(blocks=step_seconds[DecodePath(blocks=True)] < margin * plain,
+                     head=step_seconds[DecodePath(head=True)] < margin * plain)
+    others = min(t for p, t in step_seconds.items() if p != INPUT_MAJOR)
+    return INPUT_MAJOR if step_seconds.get(INPUT_MAJOR, float("inf")) < margin * others else few
 
 
 def set_decode_path(model: GPT, path: DecodePath) -> None:
-    """Turn `Linear`'s few-row path on or off per group: the LM head, and every other layer."""
+    """Turn `Linear`'s few-row path on or off per group (the LM head, every other layer) and store the
+    weights input-major or not."""
     head = getattr(model, "lm_head", None)
-    for m in model.modules():
-        if isinstance(m, Linear):
-            m.few_rows = 16 if (path.head if m is head else path.blocks) else 0
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    for m in layers:
+        m.few_rows = 16 if (path.head if m is head else path.blocks) else 0
+    store_input_major(layers, path.input_major)
 
 
 @torch.inference_mode()
@@ -382,6 +392,11 @@ def choose_decode_path(
     Costs 3·`repeats` decode steps (the first round also warms every path up; best-of discards it);
     the answer is kept on the model, so later calls return at once. `step_time(path)` replaces the
     measurement (seconds for one step), for tests.
+
+    A frozen model (no parameter requires a gradient: what the CLI, the server and `load_any(...,
+    for_inference)` give) also tries input-major storage, `repeats` steps after the others: switching it
+    copies every weight once, so it is not interleaved with them. A model that may still train keeps
+    nn.Linear's layout (an optimizer's moment buffers are laid out like the weights).
     """
     chosen = getattr(model, "_decode_path", None)
     if chosen is not None:
@@ -396,6 +411,8 @@ def choose_decode_path(
         for _ in range(repeats):  # interleaved: a machine that slows down mid-way slows every candidate
             for c in candidates:
                 best[c] = min(best[c], step_time(c))
+        if not any(p.requires_grad for p in model.parameters()):
+            best[INPUT_MAJOR] = min(step_time(INPUT_MAJOR) for _ in range(repeats))
         path = pick_decode_path(best)
     set_decode_path(model, path)
     model._decode_path = path

@@ -494,7 +494,8 @@ def serve(
     dev = check_device(device)
     sock = bind_socket(host, port)  # before loading: a port in use fails in a second, not after a load
     try:
-        model, tokenizer = load_any(checkpoint, device=dev, quantize=quantize, inference_dtype=inference_dtype)
+        model, tokenizer = load_any(checkpoint, device=dev, quantize=quantize, inference_dtype=inference_dtype,
+                                    for_inference=True)
         chat_template = chat_template or saved_chat_template(checkpoint, tokenizer=tokenizer)
         name = model_name or Path(checkpoint).resolve().name or str(checkpoint)
         app = create_app(model, tokenizer, model_name=name, chat_template=chat_template, api_key=api_key,

@@ -1,12 +1,25 @@
-"""`Linear`: `nn.Linear` plus a faster CPU path for the one or few rows of a decode step.
+"""`Linear`: `nn.Linear` plus faster CPU paths for the one or few rows of a decode step.
 
-A speed trick for inference, kept out of `model/gpt.py` so the model reads as plain PyTorch: the GPT builds
+Speed tricks for inference, kept out of `model/gpt.py` so the model reads as plain PyTorch: the GPT builds
 its projections from this class, which is `nn.Linear` exactly (same parameters, same state-dict names, same
 `F.linear` call) until `scratchgpt.inference.generate.choose_decode_path` times decode steps on this machine
-and switches the few-row path on where it is faster. Training and batched inference never take it.
+and switches one of two paths on where it is faster. Training and batched inference never take the first;
+the second changes only where the weights' bytes lie, so any forward runs on it.
+
+1. The few-row path (`Linear.few_rows`): (W @ xᵀ)ᵀ instead of x @ Wᵀ, see the class.
+2. Input-major storage (`store_input_major`): the weight's memory holds Wᵀ, (in, out), and the parameter
+   is its transposed view, so `F.linear(x, W)` runs x @ Wᵀ on a contiguous Wᵀ. BLAS then streams the
+   weight row by row, accumulating into the small output: on the 2-core AMD EPYC (Zen 3) machines here
+   one core read a 3072 x 768 matrix from DRAM at 16-22 GB/s that way against 12-16 GB/s for the (out, in)
+   layout, and a whole GPT-2 124M decode step was 10-15% faster. The same values and parameter objects
+   (a tied embedding shares the layout, and its lookups read strided rows), no extra memory; a
+   checkpoint saved afterwards is byte-identical (the writers make tensors contiguous). Only frozen
+   models switch (no parameter requires a gradient): an optimizer's moment buffers keep the old layout.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -40,3 +53,26 @@ class Linear(nn.Linear):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], y.size(-1))
+
+
+@torch.no_grad()
+def store_input_major(layers: Iterable[nn.Linear], on: bool = True) -> None:
+    """Store each layer's weight input-major (memory holds Wᵀ, `weight` is its transposed view) or, with
+    `on` False, back in nn.Linear's (out, in) order. Values never change; one matrix is copied at a time.
+    A weight shared by two layers (a tied head) is switched once."""
+    seen: set[int] = set()
+    for layer in layers:
+        w = layer.weight
+        if id(w) in seen:
+            continue
+        seen.add(id(w))
+        if on and w.is_contiguous():
+            w.data = w.data.t().contiguous().t()
+        elif not on and not w.is_contiguous():
+            w.data = w.data.contiguous()
+
+
+def is_input_major(layer: nn.Linear) -> bool:
+    """Whether the layer's weight is stored input-major (see `store_input_major`)."""
+    w = layer.weight
+    return w.dim() == 2 and w.size(0) > 1 and w.size(1) > 1 and w.stride() == (1, w.size(0))

@@ -78,7 +78,7 @@ def unpack_int4(packed: Tensor, n: int) -> Tensor:
 def quantize_int4(weight: Tensor, *, group_size: int = 32) -> tuple[Tensor, Tensor]:
     """Group-wise symmetric int4 of a (rows, n) matrix: (packed (rows, ceil(n/2)) uint8, scale (rows,
     ceil(n/group_size)) float16) with w ≈ scale · q per group (see the module docstring)."""
-    w = weight.detach().float()
+    w = weight.detach().float().contiguous()  # a weight stored input-major (model/fast_linear.py) is a view
     rows, n = w.shape
     groups = F.pad(w, (0, (-n) % group_size)).view(rows, -1, group_size)  # (rows, G, group_size)
     # Rounded to float16 first, then q against the rounded scale: dequantizing gives back exactly
