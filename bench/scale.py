@@ -97,6 +97,7 @@ def scratchgpt_train(row: str, args: argparse.Namespace) -> dict:
     import torch
 
     from scratchgpt.config import LoRAConfig, TrainConfig
+    from scratchgpt.device import keep_freed_memory
     from scratchgpt.training.lora import apply_lora, lora_parameters
     from scratchgpt.training.memory import estimate_memory
     from scratchgpt.training.optim import make_optimizer
@@ -122,6 +123,7 @@ def scratchgpt_train(row: str, args: argparse.Namespace) -> dict:
     opt = make_optimizer(params, TrainConfig(dtype="bf16-true" if base == "bf16-true" else "float32"),
                          device_type="cpu")
     built = peak_rss_mb()
+    keep_freed_memory()  # as the training driver does once the model is loaded (training/driver.py)
     reset_peak()
     gen = torch.Generator().manual_seed(1)
     device = torch.device("cpu")
@@ -134,7 +136,10 @@ def scratchgpt_train(row: str, args: argparse.Namespace) -> dict:
     times = _steps(step, args.steps)
     est = estimate_memory(model, opt, tokens=args.seq, dtype_bytes=amp.itemsize, checkpointing=ckpt)
     return {"peak_rss_build_mb": round(built), "peak_rss_steps_mb": round(peak_rss_mb()),
-            "estimate_mb": round(est.total / 2**20), **_timing(times)}
+            "estimate_mb": round(est.peak / 2**20), "estimate_parts_mb": {k: round(v / 2**20) for k, v in (
+                ("weights", est.trainable + est.frozen), ("gradients", est.gradients), ("optimizer", est.optimizer),
+                ("activations", est.activations), ("transient", est.transient), ("runtime", est.runtime))},
+            **_timing(times)}
 
 
 def _hf_model(preset: str, args: argparse.Namespace):

@@ -65,8 +65,11 @@ def test_lora_over_an_int8_base_counts_the_frozen_base_in_its_own_bytes():
 
 def test_line_adds_up_in_gigabytes():
     est = MemoryEstimate(trainable=2 * 10**9, frozen=10**9, gradients=2 * 10**9, optimizer=4 * 10**9,
-                         activations_per_token=1024, tokens=500_000, frozen_by_dtype=(("int8", 10**9),))
+                         activations_per_token=1024, tokens=500_000, frozen_by_dtype=(("int8", 10**9),),
+                         transient=10**9, runtime=250_000_000)
     assert est.total == 9 * 10**9 + 512_000_000
+    assert est.peak == est.total + 10**9 + 250_000_000
     assert est.line() == ("memory estimate per process: weights 2.00 GB trainable + 1.00 GB frozen (int8 1.00), "
                           "gradients 2.00 GB, optimizer state 4.00 GB, activations 0.51 GB (1.0 KiB/token × 500000 "
-                          "tokens, activation checkpointing off): ~9.51 GB in all")
+                          "tokens, activation checkpointing off): ~9.51 GB in all; peak RSS ~10.76 GB with each "
+                          "step's transient buffers (1.00 GB) and the runtime (0.25 GB)")
