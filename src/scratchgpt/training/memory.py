@@ -22,13 +22,13 @@ model.gpt.LOSS_CHUNK_BYTES the head and loss run a chunk of tokens at a time, so
 The peak RSS adds what the total leaves out, as measured (peak RSS, AMD EPYC Zen 3, torch 2.13):
     runtime      Python, torch and scratchgpt before any model: 224 MB
     transient    what each step makes and frees again, whose pages the allocator keeps for the next step:
-                 the gradient of one block's activations and the block recomputed beside it (2 blocks), the
-                 head's working set (a chunk's logits, log-probabilities and both their gradients, or the
-                 whole logits' gradient), an int8 base's dequantized weight blocks (2 x 64 MB), fbgemm's
-                 packed copy of int8 weights where that kernel runs (2 bytes a weight), all times
-                 TRANSIENT_FACTOR: freed blocks the next request does not fit stay resident too
-Measured at Llama-3.2-1B, LoRA over an int8 base, 512 tokens, checkpointing: estimated peak 2.69 GB, measured
-2.70 GB (README: the 1B figures). Read the parts as what the bytes are for, the peak as good to ~15%.
+                 about 6 blocks' worth of activations (one block recomputed, its gradients, the outputs its
+                 matmuls and adapters make and sum), the head's working set (a chunk's logits, log-probabilities
+                 and their gradient, or the whole logits' gradient), an int8 base's dequantized weight blocks (2 of
+                 at most 64 MB), and fbgemm's packed copy of int8 weights where that kernel runs (2 bytes a weight)
+Measured (peak RSS of the steps, kept freed memory as the training driver sets it): Llama-3.2-1B, LoRA over an
+int8 base, 512 tokens, checkpointing: estimated 2.39 GB, measured 2.68 GB (bench/scale.py); a 4-layer,
+256-wide GPT with a 65k vocabulary at 512 tokens: within 15% full and LoRA-int8 (tests/test_memory.py).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from scratchgpt.training.optim import KahanAdamW, MuonAdamW
 
 GB = 1e9
 RUNTIME_BYTES = 224 << 20  # Python + torch + scratchgpt imported, no model yet (module docstring)
-TRANSIENT_FACTOR = 2  # measured peak over the transient buffers counted (Llama-3.2-1B, module docstring)
+TRANSIENT_BLOCKS = 6  # one block's activations, in blocks' worth made and freed per step (module docstring)
 
 
 @dataclass(frozen=True)
@@ -106,14 +106,15 @@ def _block_values_per_token(config: GPTConfig) -> int:
 
 def _transient_bytes(model: nn.Module, config: GPTConfig | None, *, tokens: int, dtype_bytes: int,
                      chunk_tokens: int | None) -> int:
-    """Each step's transient buffers (module docstring), before TRANSIENT_FACTOR."""
+    """Each step's transient buffers (module docstring)."""
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    out = 2 * BLOCK_BYTES if int8 else 0  # a dequantized block of rows, and the next one being made
+    # A dequantized block of rows (at most BLOCK_BYTES of float32), and the next one being made.
+    out = 2 * min(BLOCK_BYTES, max(4 * m.weight.numel() for m in int8)) if int8 else 0
     out += 2 * sum(m.weight.numel() for m in int8 if m.kernel == "fbgemm")  # the pack: int8 copy + packed layout
     if config is not None:
-        out += 2 * dtype_bytes * _block_values_per_token(config) * tokens
+        out += TRANSIENT_BLOCKS * dtype_bytes * _block_values_per_token(config) * tokens
         logits = 4 * config.vocab_size
-        out += 4 * logits * chunk_tokens if chunk_tokens is not None else logits * tokens
+        out += 3 * logits * chunk_tokens if chunk_tokens is not None else logits * tokens
     return out
 
 
@@ -158,5 +159,5 @@ def estimate_memory(
         trainable=trainable, frozen=sum(frozen.values()), gradients=trainable, optimizer=_optimizer_bytes(optimizer),
         activations_per_token=per_token, tokens=tokens, checkpointing=checkpointing,
         frozen_by_dtype=tuple(sorted(frozen.items(), key=lambda kv: -kv[1])),
-        transient=TRANSIENT_FACTOR * transient, runtime=RUNTIME_BYTES,
+        transient=transient, runtime=RUNTIME_BYTES,
     )
