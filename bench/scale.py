@@ -14,8 +14,10 @@ Weights are random, in the preset's shapes; batch 1, AdamW, --seq tokens (512). 
   decode-{float32,bfloat16,int8}    greedy decode tok/s at llama-3.2-1b; hf-decode-float32: transformers
 
 Training rows report the peak RSS of building the model and, separately, of the steps (the high-water
-mark is reset after building through /proc/self/clear_refs, which getrusage then reports), and s/step
-(the median of the steps after the first).
+mark is reset after building through /proc/self/clear_refs, which getrusage then reports), s/step (the
+median of the steps after the first), and the start-of-run memory estimate's peak (training/memory.py) with
+its parts. The model is built as a run loads one (meta device, then initialised in place), and the steps
+run with freed memory kept for reuse, as the training driver sets it once the model is loaded.
 
 peft is a bench-only dependency: `pip install peft` (into the environment that runs this script); without
 it the peft rows print {"skipped": ...}. The 1B rows need ~10 GB of memory and minutes each: on a shared

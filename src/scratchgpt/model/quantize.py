@@ -119,7 +119,8 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     for start in range(0, out_features, rows):
         w = weight[start:start + rows].detach().to(torch.float32, copy=True)  # a copy: scaled in place below
         # An all-zero row would give scale 0 and 0/0 below; any positive scale represents it exactly.
-        s = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+        # max|w| as max(max w, -min w): no |w| block beside w (the transient of quantizing a loaded 1B base).
+        s = (torch.maximum(w.amax(dim=1), w.amin(dim=1).neg()) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
         q[start:start + rows] = w.div_(s[:, None]).round_().clamp_(-127, 127)  # whole numbers: exact in int8
         scale[start:start + rows] = s
     return q, scale
