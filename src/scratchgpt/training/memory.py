@@ -27,8 +27,9 @@ The peak RSS adds what the total leaves out, as measured (peak RSS, AMD EPYC Zen
                  and their gradient, or the whole logits' gradient), an int8 base's dequantized weight blocks (2 of
                  at most 64 MB), and fbgemm's packed copy of int8 weights where that kernel runs (2 bytes a weight)
 Measured (peak RSS of the steps, kept freed memory as the training driver sets it): Llama-3.2-1B, LoRA over an
-int8 base, 512 tokens, checkpointing: estimated 2.39 GB, measured 2.68 GB (bench/scale.py); a 4-layer,
-256-wide GPT with a 65k vocabulary at 512 tokens: within 15% full and LoRA-int8 (tests/test_memory.py).
+int8 base, 512 tokens, checkpointing: estimated 2,419 MiB, measured 2,604 MiB; over a float32 base 2-5% under,
+Qwen3-0.6B's full float32 fine-tune 6% under (bench/scale.py, README: "Fine-tune a 1B model on a laptop"); a
+4-layer, 256-wide GPT with a 65k vocabulary at 512 tokens: within 15%, full and LoRA-int8 (tests/test_memory.py).
 """
 
 from __future__ import annotations
