@@ -19,9 +19,10 @@ median of the steps after the first), and the start-of-run memory estimate's pea
 its parts. The model is built as a run loads one (meta device, then initialised in place), and the steps
 run with freed memory kept for reuse, as the training driver sets it once the model is loaded.
 
-peft is a bench-only dependency: `pip install peft` (into the environment that runs this script); without
-it the peft rows print {"skipped": ...}. The 1B rows need ~10 GB of memory and minutes each: on a shared
-machine check the script first with --smoke (tiny models of the same families, seconds per row).
+peft is a bench-only dependency: `pip install 'scratchgpt[bench]'` (transformers + peft; with `-c
+constraints.txt`, so torch stays the one installed); without it the peft rows print {"skipped": ...}.
+The 1B rows need ~10 GB of memory and minutes each (the bf16 ones about an hour a step where bf16 is
+emulated): on a shared machine check the script first with --smoke (tiny models, seconds per row).
 
 Real run:    python bench/scale.py --rows lora-float32 lora-int8 peft-float32 --steps 3
 Smoke test:  python bench/scale.py --smoke
@@ -160,7 +161,7 @@ def peft_train(row: str, args: argparse.Namespace) -> dict:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        return {"skipped": "peft is not installed (bench-only dependency: pip install peft)"}
+        return {"skipped": "peft is not installed (bench-only dependency: pip install 'scratchgpt[bench]')"}
     import torch
 
     model = get_peft_model(_hf_model(LORA_PRESET, args), LoraConfig(r=8, lora_alpha=16, target_modules=HF_TARGETS))
