@@ -14,12 +14,15 @@ Weights are random, in the preset's shapes; batch 1, AdamW, --seq tokens (512). 
   decode-{float32,bfloat16,int8}    greedy decode tok/s at llama-3.2-1b; hf-decode-float32: transformers
 
 Training rows report the peak RSS of building the model and, separately, of the steps (the high-water
-mark is reset after building through /proc/self/clear_refs, which getrusage then reports), and s/step
-(the median of the steps after the first).
+mark is reset after building through /proc/self/clear_refs, which getrusage then reports), s/step (the
+median of the steps after the first), and the start-of-run memory estimate's peak (training/memory.py) with
+its parts. The model is built as a run loads one (meta device, then initialised in place), and the steps
+run with freed memory kept for reuse, as the training driver sets it once the model is loaded.
 
-peft is a bench-only dependency: `pip install peft` (into the environment that runs this script); without
-it the peft rows print {"skipped": ...}. The 1B rows need ~10 GB of memory and minutes each: on a shared
-machine check the script first with --smoke (tiny models of the same families, seconds per row).
+peft is a bench-only dependency: `pip install 'scratchgpt[bench]'` (transformers + peft; with `-c
+constraints.txt`, so torch stays the one installed); without it the peft rows print {"skipped": ...}.
+The 1B rows need ~10 GB of memory and minutes each (the bf16 ones about an hour a step where bf16 is
+emulated): on a shared machine check the script first with --smoke (tiny models, seconds per row).
 
 Real run:    python bench/scale.py --rows lora-float32 lora-int8 peft-float32 --steps 3
 Smoke test:  python bench/scale.py --smoke
@@ -62,6 +65,23 @@ def model_config(preset: str, smoke: bool):
     return GPTConfig.from_name(preset, **(SMOKE if smoke else {}))
 
 
+def build(cfg, *, dtype):
+    """A GPT of `cfg` with random weights (seed 0), as a run loads one: on the meta device, then given memory
+    and initialised in place. GPT's own constructor would first make and initialise a head of its own, then
+    drop it for the tied embedding: at llama-3.2-1b a 0.5 GB (bf16) transient no loaded model has."""
+    import torch
+
+    from scratchgpt.model.gpt import GPT
+
+    model = GPT(cfg, device="meta", dtype=dtype)
+    model.to_empty(device="cpu")  # untouched pages: no RSS until written
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight  # to_empty made two tensors of the tied one
+    model.reset_buffers(device="cpu")
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    return model
+
+
 def _steps(step, n: int) -> list[float]:
     times = []
     for _ in range(n):
@@ -80,7 +100,7 @@ def scratchgpt_train(row: str, args: argparse.Namespace) -> dict:
     import torch
 
     from scratchgpt.config import LoRAConfig, TrainConfig
-    from scratchgpt.model.gpt import GPT
+    from scratchgpt.device import keep_freed_memory
     from scratchgpt.training.lora import apply_lora, lora_parameters
     from scratchgpt.training.memory import estimate_memory
     from scratchgpt.training.optim import make_optimizer
@@ -93,7 +113,7 @@ def scratchgpt_train(row: str, args: argparse.Namespace) -> dict:
     # Built as the run holds it: a bf16 or int8 base (or bf16-true model) directly in bfloat16, as `finetune`
     # loads its start model for them (lora.base_load_dtype); the int8 base is quantized from that.
     weights = torch.bfloat16 if base in ("bf16", "bf16-true", "int8") else torch.float32
-    model = GPT(cfg, generator=torch.Generator().manual_seed(0), dtype=weights).train()
+    model = build(cfg, dtype=weights).train()
     if kind == "lora":
         targets = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
         base_dtype = {"float32": "float32", "bf16": "bfloat16", "int8": "int8"}[base]
@@ -106,6 +126,7 @@ def scratchgpt_train(row: str, args: argparse.Namespace) -> dict:
     opt = make_optimizer(params, TrainConfig(dtype="bf16-true" if base == "bf16-true" else "float32"),
                          device_type="cpu")
     built = peak_rss_mb()
+    keep_freed_memory()  # as the training driver does once the model is loaded (training/driver.py)
     reset_peak()
     gen = torch.Generator().manual_seed(1)
     device = torch.device("cpu")
@@ -118,7 +139,10 @@ def scratchgpt_train(row: str, args: argparse.Namespace) -> dict:
     times = _steps(step, args.steps)
     est = estimate_memory(model, opt, tokens=args.seq, dtype_bytes=amp.itemsize, checkpointing=ckpt)
     return {"peak_rss_build_mb": round(built), "peak_rss_steps_mb": round(peak_rss_mb()),
-            "estimate_mb": round(est.total / 2**20), **_timing(times)}
+            "estimate_mb": round(est.peak / 2**20), "estimate_parts_mb": {k: round(v / 2**20) for k, v in (
+                ("weights", est.trainable + est.frozen), ("gradients", est.gradients), ("optimizer", est.optimizer),
+                ("activations", est.activations), ("transient", est.transient), ("runtime", est.runtime))},
+            **_timing(times)}
 
 
 def _hf_model(preset: str, args: argparse.Namespace):
@@ -137,7 +161,7 @@ def peft_train(row: str, args: argparse.Namespace) -> dict:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        return {"skipped": "peft is not installed (bench-only dependency: pip install peft)"}
+        return {"skipped": "peft is not installed (bench-only dependency: pip install 'scratchgpt[bench]')"}
     import torch
 
     model = get_peft_model(_hf_model(LORA_PRESET, args), LoraConfig(r=8, lora_alpha=16, target_modules=HF_TARGETS))

@@ -293,3 +293,48 @@ def test_a_base_loaded_straight_into_bfloat16_is_the_base_a_float32_load_gives(t
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
     x = tokens()
     assert torch.equal(straight.eval()(x)[0], float32.eval()(x)[0])
+
+
+def test_int8_base_runs_the_reference_kernel_a_block_of_rows_at_a_time(monkeypatch):
+    """The int8 base never builds fbgemm's pack (a second copy of its weights); a weight over BLOCK_BYTES is
+    dequantized a block of output rows at a time, forward and backward, with the one-block results."""
+    import scratchgpt.model.quantize as quantize
+
+    results = []
+    for block_bytes in (quantize.BLOCK_BYTES, 4 * 32 * 7):  # 7 rows of 32 float32 inputs: the head in 14 blocks
+        monkeypatch.setattr(quantize, "BLOCK_BYTES", block_bytes)
+        model = tiny_gpt(tie_word_embeddings=False).train()
+        apply_lora(model, LoRAConfig(rank=4, alpha=8, base_dtype="int8", targets=("c_attn", "c_fc", "lm_head")),
+                   generator=torch.Generator().manual_seed(5))
+        perturb_adapters(model)
+        assert {m.kernel for m in model.modules() if isinstance(m, quantize.Int8Linear)} == {"reference"}
+        assert len(model.lm_head.base.row_blocks(torch.float32)) == (1 if block_bytes > 4096 else 14)
+        logits, grads = _loss_and_grads(model)
+        assert all(m._packed is None for m in model.modules() if isinstance(m, quantize.Int8Linear))
+        results.append((logits, grads))
+    (logits0, grads0), (logits1, grads1) = results
+    assert torch.allclose(logits1, logits0, rtol=1e-5, atol=1e-6)
+    for name, grad in grads0.items():
+        assert torch.allclose(grads1[name], grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_int8_base_frees_each_float_matrix_once_it_is_quantized(monkeypatch):
+    """Lowering a base to int8 holds the float matrices not yet quantized and no others (a 1B build's peak)."""
+    import weakref
+
+    from scratchgpt.model.quantize import Int8Linear
+
+    model = tiny_gpt(tie_word_embeddings=True)
+    floats = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    alive_at_each_layer = []
+    real = Int8Linear.from_linear.__func__
+
+    def counting(cls, linear, **kw):
+        alive_at_each_layer.append(sum(ref() is not None for ref in floats))
+        return real(cls, linear, **kw)
+
+    monkeypatch.setattr(Int8Linear, "from_linear", classmethod(counting))
+    apply_lora(model, LoRAConfig(rank=4, base_dtype="int8"))
+    # The 8 block matrices first, each freed as it goes, then the table and the head tied to it.
+    assert alive_at_each_layer == list(range(len(floats), 0, -1)) and len(floats) == 9
+    assert all(ref() is None for ref in floats)

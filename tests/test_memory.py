@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
 from scratchgpt.config import GPTConfig, LoRAConfig, TrainConfig
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.lora import apply_lora, lora_parameters
@@ -65,8 +72,53 @@ def test_lora_over_an_int8_base_counts_the_frozen_base_in_its_own_bytes():
 
 def test_line_adds_up_in_gigabytes():
     est = MemoryEstimate(trainable=2 * 10**9, frozen=10**9, gradients=2 * 10**9, optimizer=4 * 10**9,
-                         activations_per_token=1024, tokens=500_000, frozen_by_dtype=(("int8", 10**9),))
+                         activations_per_token=1024, tokens=500_000, frozen_by_dtype=(("int8", 10**9),),
+                         transient=10**9, runtime=250_000_000)
     assert est.total == 9 * 10**9 + 512_000_000
+    assert est.peak == est.total + 10**9 + 250_000_000
     assert est.line() == ("memory estimate per process: weights 2.00 GB trainable + 1.00 GB frozen (int8 1.00), "
                           "gradients 2.00 GB, optimizer state 4.00 GB, activations 0.51 GB (1.0 KiB/token × 500000 "
-                          "tokens, activation checkpointing off): ~9.51 GB in all")
+                          "tokens, activation checkpointing off): ~9.51 GB in all; peak RSS ~10.76 GB with each "
+                          "step's transient buffers (1.00 GB) and the runtime (0.25 GB)")
+
+
+_PEAK_RUN = """
+import resource, sys, torch
+from scratchgpt.config import GPTConfig, LoRAConfig, TrainConfig
+from scratchgpt.device import keep_freed_memory
+from scratchgpt.model.gpt import GPT
+from scratchgpt.training.lora import apply_lora, lora_parameters
+from scratchgpt.training.memory import estimate_memory
+from scratchgpt.training.optim import make_optimizer
+from scratchgpt.training.train import train_step
+
+lora = sys.argv[1] == "lora"
+torch.set_num_threads(1)
+cfg = GPTConfig(vocab_size=65536, n_positions=512, n_embd=256, n_layer=4, n_head=4, n_kv_head=2, n_inner=1024,
+                activation="swiglu", norm="rmsnorm", pos_encoding="rope", bias=False)
+model = GPT(cfg, generator=torch.Generator().manual_seed(0)).train()
+params = list(model.parameters())
+if lora:
+    apply_lora(model, LoRAConfig(rank=8, base_dtype="int8", targets=("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")))
+    params = lora_parameters(model)
+model.activation_checkpointing = lora
+opt = make_optimizer(params, TrainConfig(), device_type="cpu")
+keep_freed_memory()  # as the training driver
+x = torch.randint(cfg.vocab_size, (1, 512), generator=torch.Generator().manual_seed(1))
+for _ in range(3):
+    train_step(model, opt, [(x, torch.roll(x, -1, dims=1))], params=params, grad_accum_steps=1)
+est = estimate_memory(model, opt, tokens=512, dtype_bytes=4, checkpointing=lora)
+print(est.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.slow  # two processes of their own, ~30-60 s each on two busy cores
+@pytest.mark.parametrize("run", ["full", "lora"])
+def test_peak_estimate_is_within_15_percent_of_a_small_runs_peak_rss(run):
+    """A process of its own trains a small Llama-shaped GPT (65k vocabulary, 512 tokens) three steps: full float32
+    training, or LoRA over an int8 base with checkpointing (chunked loss); the estimate's peak RSS meets it."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    out = subprocess.run([sys.executable, "-c", _PEAK_RUN, run], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(src)}).stdout
+    estimated, measured = map(int, out.split())
+    assert abs(estimated - measured) / measured < 0.15, (estimated, measured)

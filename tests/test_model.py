@@ -576,6 +576,38 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(pos_encoding
         assert torch.equal(grads0[name], grads1[name]), name
 
 
+def test_chunked_loss_under_checkpointing_matches_the_plain_loss(monkeypatch):
+    """Logits over LOSS_CHUNK_BYTES are scored a chunk of tokens at a time (none kept whole): the same mean
+    over the scored tokens (-100 ignored) and the same gradients as F.cross_entropy on the whole logits."""
+    import scratchgpt.model.gpt as gpt_module
+
+    cfg = GPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4, embd_pdrop=0.1, resid_pdrop=0.1)
+    x = torch.randint(50, (2, 16), generator=torch.Generator().manual_seed(0))
+    y = torch.roll(x, -1, dims=1)
+    y[0, :9] = -100  # a chunk boundary inside the ignored run, and chunks with no scored token at all
+    results = []
+    for chunk_tokens in (None, 5):  # None: the plain path; 5 tokens a chunk: 7 chunks of 32 tokens, the last of 2
+        monkeypatch.setattr(gpt_module, "LOSS_CHUNK_BYTES", 4 * 50 * chunk_tokens if chunk_tokens else 1 << 30)
+        heads: list[int] = []
+        model = GPT(cfg, generator=torch.Generator().manual_seed(1)).train()
+        model.lm_head.register_forward_hook(lambda m, i, o, heads=heads: heads.append(o.shape[0]))
+        model.activation_checkpointing = True
+        torch.manual_seed(7)  # the dropout stream
+        logits, loss = model(x, y)
+        loss.backward()
+        results.append((logits, loss.detach(), {n: p.grad for n, p in model.named_parameters()}, heads))
+    (logits0, loss0, grads0, heads0), (logits1, loss1, grads1, heads1) = results
+    assert logits0.shape == (2, 16, 50) and logits1 is None
+    # The forward, then the backward recomputing each chunk, last first.
+    assert heads0 == [2] and heads1 == [5] * 6 + [2] + [2] + [5] * 6
+    expected = F.cross_entropy(logits0.detach().flatten(0, 1), y.flatten(), ignore_index=-100)
+    assert torch.allclose(loss0, expected) and torch.allclose(loss1, loss0, rtol=1e-6, atol=0)
+    for name, grad in grads0.items():
+        assert torch.allclose(grads1[name], grad, rtol=1e-5, atol=1e-7), name
+    with torch.no_grad():  # no backward follows: the plain path, logits returned
+        assert model(x, y)[0].shape == (2, 16, 50)
+
+
 def test_activation_checkpointing_saves_nothing_outside_training(monkeypatch):
     """Eval, no-grad and KV-cache calls never checkpoint (no backward follows); training calls do, per block."""
     import scratchgpt.model.gpt as gpt_module

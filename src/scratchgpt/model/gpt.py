@@ -68,6 +68,10 @@ from scratchgpt.config import GPTConfig
 from scratchgpt.model.fast_linear import Linear
 
 AttnImpl = Literal["sdpa", "eager"]
+# Under activation checkpointing, float32 logits of more than this many bytes per micro-batch are computed
+# and scored a chunk of tokens at a time (GPT._chunked_loss): at Llama-3.2-1B's 128,256-token vocabulary one
+# 512-token sequence's logits are 263 MB, and the plain loss keeps three such tensors alive in its backward.
+LOSS_CHUNK_BYTES = 64 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,14 +602,20 @@ class GPT(nn.Module):
         position_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         last_token_only: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Logits (B, T, V) for token ids `idx` (B, T); mean cross-entropy if `targets` (-100 = ignore).
 
         With `kv_cache`, `idx` continues the cached sequence (which is advanced by T). `attention_mask`
         (B, T) marks real tokens (1) versus left padding (0). `last_token_only` computes logits for the
-        final position alone, which is all that sampling needs.
+        final position alone, which is all that sampling needs. Under activation checkpointing in training,
+        with `targets` and float32 logits over LOSS_CHUNK_BYTES, the loss is computed a chunk of tokens at a
+        time (`_chunked_loss`) and the logits returned are None: they never exist whole.
         """
         x = self.hidden_states(idx, kv_cache=kv_cache, position_ids=position_ids, attention_mask=attention_mask)
+        if targets is not None and self._recomputes(kv_cache) and not last_token_only:
+            rows = max(1, LOSS_CHUNK_BYTES // (4 * self.config.vocab_size))  # tokens per chunk of float32 logits
+            if x.shape[0] * x.shape[1] > rows:
+                return None, self._chunked_loss(x.flatten(0, 1), targets.flatten(), rows=rows)
         if last_token_only:
             x = x[:, -1:, :]  # (B, 1, C): skip the V-wide head for positions nobody samples from
         logits = self.head(x)  # (B, T, V)
@@ -657,7 +667,7 @@ class GPT(nn.Module):
         # pass: one more forward per block, for activation memory of one block instead of all of them.
         # Only when a backward will follow (training mode, grad on, no KV cache). The recomputation replays
         # the RNG state (preserve_rng_state), so its dropout masks, loss and gradients are those without it.
-        recompute = self.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
+        recompute = self._recomputes(kv_cache)
         for i, block in enumerate(self.transformer.h):
             if recompute:
                 x = checkpoint(block, x, use_reentrant=False, start=start, mask=mask, rope=rope)
@@ -667,6 +677,27 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length = start + T
         return x  # (B, T, C)
+
+    def _recomputes(self, kv_cache: KVCache | None) -> bool:
+        """Whether this call checkpoints: only when a backward will follow (training mode, grad on, no KV cache)."""
+        return self.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
+
+    def _chunked_loss(self, x: Tensor, targets: Tensor, *, rows: int) -> Tensor:
+        """Mean cross-entropy of hidden states x (N, C) against targets (N,), `rows` tokens at a time.
+
+        Each chunk's head and loss run under checkpoint: the forward keeps only the chunk's hidden states and
+        the backward recomputes its logits, so one chunk's (rows, V) logits, log-probabilities and gradients
+        exist at a time instead of the whole micro-batch's. The sum over chunks divided by the scored tokens
+        is F.cross_entropy's mean (-100 ignored) up to float rounding.
+        """
+        total = x.new_zeros((), dtype=torch.float32)
+        for start in range(0, x.shape[0], rows):
+            total = total + checkpoint(self._loss_sum, x[start:start + rows], targets[start:start + rows],
+                                       use_reentrant=False)
+        return total / (targets != -100).sum()
+
+    def _loss_sum(self, x: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(self.head(x), targets, ignore_index=-100, reduction="sum")  # (rows, V) -> ()
 
     def head(self, x: Tensor) -> Tensor:
         """Final norm, LM head and (if configured) soft-cap: hidden states (..., C) -> logits (..., V)."""

@@ -31,6 +31,8 @@ frozen, but the gradient must reach the layer's input. Neither fast kernel has a
 silently returns none), and the reference's would keep each dequantized float weight alive until the
 backward pass. So an input that needs a gradient goes through `_FrozenInt8Matmul`: the forward runs the
 layer's kernel, the backward multiplies by the dequantized weight made for that call and freed after it.
+A LoRA base runs the reference kernel (lora.lower_base says why: fbgemm's pack is a second copy of the
+weights), which dequantizes a large weight a block of rows at a time, in the forward as in the backward.
 `dequantize_model` turns a quantized model back into a float one (merging LoRA over an int8 base).
 
 int4 (`--quantize int4`, group 32; `int4-g64`, `int4-g128`): group-wise symmetric 4-bit weights with a
@@ -113,10 +115,11 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     scale = torch.empty(out_features, dtype=torch.float32, device=weight.device)
     rows = max(1, BLOCK_BYTES // (in_features * 4))
     for start in range(0, out_features, rows):
-        w = weight[start:start + rows].detach().float()
+        w = weight[start:start + rows].detach().to(torch.float32, copy=True)  # a copy: scaled in place below
         # An all-zero row would give scale 0 and 0/0 below; any positive scale represents it exactly.
-        s = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-        q[start:start + rows] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        # max|w| as max(max w, -min w): no |w| block beside w (the transient of quantizing a loaded 1B base).
+        s = (torch.maximum(w.amax(dim=1), w.amin(dim=1).neg()) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+        q[start:start + rows] = w.div_(s[:, None]).round_().clamp_(-127, 127)  # whole numbers: exact in int8
         scale[start:start + rows] = s
     return q, scale
 
@@ -139,29 +142,46 @@ class Int8Linear(nn.Module):
         self._packed_src: tuple | None = None  # the buffers and their versions it was packed from
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, kernel: Kernel = "reference") -> Int8Linear:
-        q, scale = quantize_weight(linear.weight)
+    def from_linear(cls, linear: nn.Linear, *, kernel: Kernel = "reference",
+                    quantized: tuple[Tensor, Tensor] | None = None) -> Int8Linear:
+        """The int8 version of `linear`; `quantized`: its weight's (q, scale) when already made (a tied head)."""
+        q, scale = quantized if quantized is not None else quantize_weight(linear.weight)
         bias = linear.bias
-        layer = cls(linear.in_features, linear.out_features, bias=bias is not None, kernel=kernel,
-                    device=linear.weight.device, bias_dtype=bias.dtype if bias is not None else torch.float32)
-        layer.weight.copy_(q)
-        layer.weight_scale.copy_(scale)
-        if bias is not None:
-            layer.bias.copy_(bias.detach())
+        layer = cls(linear.in_features, linear.out_features, bias=bias is not None, kernel=kernel, device="meta")
+        # The tensors themselves become the buffers (no zeroed ones copied into: a 1B model's 128k-row table
+        # would be held twice while it is quantized).
+        layer.weight, layer.weight_scale = q, scale
+        layer.bias = None if bias is None else bias.detach().clone()
         return layer
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The float weight (out, in) this layer stands for: scale ⊙ q."""
-        # In place on the fresh copy: one (out, in) temporary, not two (a backward makes this per call).
-        return self.weight.to(dtype).mul_(self.weight_scale.to(dtype)[:, None])
+    def dequantized(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> Tensor:
+        """The float weight (out, in) this layer stands for, scale ⊙ q, or the block of its output `rows`."""
+        # In place on the fresh copy: one temporary, not two (a backward makes this per call).
+        return self.weight[rows].to(dtype).mul_(self.weight_scale[rows].to(dtype)[:, None])
+
+    def row_blocks(self, dtype: torch.dtype) -> list[slice]:
+        """Output rows in blocks of <= BLOCK_BYTES of dequantized `dtype` weight (one block for most layers)."""
+        rows = max(1, BLOCK_BYTES // (self.in_features * dtype.itemsize))
+        return [slice(start, start + rows) for start in range(0, self.out_features, rows)]
 
     def reference(self, x: Tensor) -> Tensor:
-        """Plain definition: dequantize the weight, then an ordinary linear layer in x's dtype."""
+        """Plain definition: dequantize the weight, then an ordinary linear layer in x's dtype.
+
+        A weight over BLOCK_BYTES (a 1B model's 128k-row head: 1 GB in float32) is dequantized and multiplied
+        a block of output rows at a time, so its float copy never exists whole; each output column is the
+        same product either way.
+        """
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantized(x.dtype), bias)
+        blocks = self.row_blocks(x.dtype)
+        if len(blocks) == 1:
+            return F.linear(x, self.dequantized(x.dtype), bias)
+        y = x.new_empty(*x.shape[:-1], self.out_features)  # (..., out)
+        for rows in blocks:
+            y[..., rows] = F.linear(x, self.dequantized(x.dtype, rows), None if bias is None else bias[rows])
+        return y
 
     def forward(self, x: Tensor) -> Tensor:
         if x.requires_grad and torch.is_grad_enabled():  # training something below this frozen layer
@@ -220,12 +240,9 @@ class _FrozenInt8Matmul(torch.autograd.Function):
         # weight is rebuilt a block of rows (<= 64 MB) at a time: a large head, V x C, never exists whole (at
         # Llama-3.2-1B's 128,256 x 2,048 it would be 1 GB of float32). One block: exactly the whole product.
         layer, dtype = ctx.layer, grad_y.dtype
-        rows = max(1, BLOCK_BYTES // (layer.in_features * grad_y.element_size()))
         grad_x: Tensor | None = None
-        for start in range(0, layer.out_features, rows):
-            block = slice(start, start + rows)
-            w = layer.weight[block].to(dtype) * layer.weight_scale[block].to(dtype)[:, None]  # (rows, in)
-            part = grad_y[..., block] @ w
+        for rows in layer.row_blocks(dtype):
+            part = grad_y[..., rows] @ layer.dequantized(dtype, rows)  # (..., rows) @ (rows, in)
             grad_x = part if grad_x is None else grad_x.add_(part)
         return grad_x, None
 
@@ -248,9 +265,8 @@ class Int8Embedding(nn.Module):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding) -> Int8Embedding:
         q, scale = quantize_weight(embedding.weight)
-        layer = cls(embedding.num_embeddings, embedding.embedding_dim, device=embedding.weight.device)
-        layer.weight.copy_(q)
-        layer.weight_scale.copy_(scale)
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, device="meta")
+        layer.weight, layer.weight_scale = q, scale  # as in Int8Linear.from_linear: no zeroed copies
         layer.out_dtype = embedding.weight.dtype
         return layer
 
@@ -301,6 +317,18 @@ def _children_of_type(model: nn.Module, kind: type[nn.Module]) -> list[tuple[nn.
             if isinstance(child, kind)]
 
 
+def _replace_each(model: nn.Module, kind: type[nn.Module], make: Callable[[Any], nn.Module], *,
+                  skip: Collection[int] = (), only: Callable[[Any], bool] = lambda child: True) -> None:
+    """Replace every submodule of type `kind` that `only` accepts (but those whose id is in `skip`) by make(it).
+    One at a time, and nothing here holds a replaced module afterwards: its float weight is freed at once, so
+    quantizing a 1B model never holds much more than its float bytes."""
+    pending = [entry for entry in _children_of_type(model, kind) if only(entry[2]) and id(entry[2]) not in skip]
+    pending.reverse()  # popped from the end: in model order
+    while pending:
+        parent, attr, child = pending.pop()
+        setattr(parent, attr, make(child))
+
+
 def quantize_model(model: nn.Module, mode: str = "int8", *, kernel: Kernel | None = None,
                    skip: Collection[str] = ()) -> nn.Module:
     """Replace every linear layer and embedding table of `model` (in place) by its int8 or int4 version.
@@ -324,32 +352,33 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, kernel: Kernel | Non
         _check_kernel(kernel, device, mode=mode)
     group = INT4_GROUPS.get(mode)
 
+    tables: dict[int, nn.Module] = {}  # id of the float table -> its quantized version
+
     def table(embedding: nn.Embedding) -> nn.Module:
-        if group is None:
-            return Int8Embedding.from_embedding(embedding)
-        return Int4Embedding.from_embedding(embedding, group_size=group)
+        quantized = Int8Embedding.from_embedding(embedding) if group is None else \
+            Int4Embedding.from_embedding(embedding, group_size=group)
+        tables[id(embedding.weight)] = quantized
+        return quantized
 
     def layer(linear: nn.Linear) -> nn.Module:
+        # A head tied to a quantized table: the same rounding of the same matrix, so it shares the table's.
+        tied = tables.get(id(linear.weight))
         if group is None:
-            return Int8Linear.from_linear(linear, kernel="reference")
-        return Int4Linear.from_linear(linear, group_size=group, kernel="reference")
+            shared = (tied.weight, tied.weight_scale) if tied is not None else None
+            return Int8Linear.from_linear(linear, kernel="reference", quantized=shared)
+        quantized = Int4Linear.from_linear(linear, group_size=group, kernel="reference")
+        if tied is not None:
+            quantized.weight, quantized.weight_scale = tied.weight, tied.weight_scale
+        return quantized
 
     with torch.no_grad():
-        tables: dict[int, nn.Module] = {}  # id of the float table -> its quantized version
         kept = {id(m) for name, m in model.named_modules() if name in skip}
-        for parent, attr, embedding in _children_of_type(model, nn.Embedding):
-            if id(embedding) in kept:
-                continue
-            tables[id(embedding.weight)] = table(embedding)
-            setattr(parent, attr, tables[id(embedding.weight)])
-        for parent, attr, linear in _children_of_type(model, nn.Linear):
-            if id(linear) in kept:
-                continue
-            quantized = layer(linear)
-            tied = tables.get(id(linear.weight))
-            if tied is not None:  # the same rounding of the same matrix: keep one copy of it
-                quantized.weight, quantized.weight_scale = tied.weight, tied.weight_scale
-            setattr(parent, attr, quantized)
+        table_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        # The block layers first, each freeing its float matrix: the large tables (a 1B model's 128k x 2048)
+        # are quantized once the model has shrunk. Then the tables, then any head tied to one (sharing it).
+        _replace_each(model, nn.Linear, layer, skip=kept, only=lambda linear: id(linear.weight) not in table_weights)
+        _replace_each(model, nn.Embedding, table, skip=kept)
+        _replace_each(model, nn.Linear, layer, skip=kept)
     model.eval()
     if kernel is None:
         use_default_kernel(model)
