@@ -48,7 +48,7 @@ I/O), so checkpoint.py can rebuild quantized models from it.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any, Literal, get_args
 
 import torch
