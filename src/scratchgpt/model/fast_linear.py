@@ -11,7 +11,10 @@ the second changes only where the weights' bytes lie, so any forward runs on it.
    is its transposed view, so `F.linear(x, W)` runs x @ Wᵀ on a contiguous Wᵀ. BLAS then streams the
    weight row by row, accumulating into the small output: on the 2-core AMD EPYC (Zen 3) machines here
    one core read a 3072 x 768 matrix from DRAM at 16-22 GB/s that way against 12-16 GB/s for the (out, in)
-   layout, and a whole GPT-2 124M decode step was 10-15% faster. The same values and parameter objects
+   layout; a whole GPT-2 124M decode step on one thread was 10% faster (31.8 vs 28.8 tok/s). With two
+   threads on a quiet machine every path came out within noise (25-31 tok/s); on a busy one input-major
+   was the fastest (its product uses one core, so a stalled second core cannot hold it up). Hence the
+   measurement per machine rather than a default. The same values and parameter objects
    (a tied embedding shares the layout, and its lookups read strided rows), no extra memory; a
    checkpoint saved afterwards is byte-identical (the writers make tensors contiguous). Only frozen
    models switch (no parameter requires a gradient): an optimizer's moment buffers keep the old layout.
