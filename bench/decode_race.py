@@ -31,6 +31,7 @@ Prints one JSON line per model. Needs ~3x the float32 model's bytes of free memo
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import importlib.util
 import json
@@ -99,13 +100,10 @@ class LlamaCpp:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.ask_quit()
-
-    def ask_quit(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
 
 
 def _bench_generate():
@@ -185,7 +183,7 @@ def race(name: str, args: argparse.Namespace, llama: LlamaCpp, stream: dict, ben
         export_gguf(base, tok, path, dtype=gguf_dtype)
         row[f"{gguf_dtype}_export_s"] = round(time.perf_counter() - t0, 1)
         row[f"{gguf_dtype}_file_mb"] = round(path.stat().st_size / 1e6, 1)
-        ours = base if ours_fmt == "float32" else quantize_model(_copy(base), ours_fmt)
+        ours = base if ours_fmt == "float32" else quantize_model(copy.deepcopy(base), ours_fmt)
         loaded = llama.ask(op="load", path=str(path), n_ctx=args.prompt_len + args.new_tokens + 8,
                            threads=args.threads)
         row["llama_cpp_version"] = loaded["version"]
@@ -219,12 +217,6 @@ def race(name: str, args: argparse.Namespace, llama: LlamaCpp, stream: dict, ben
         if not args.keep:
             path.unlink()
     return row
-
-
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def _agree(a: list[int], b: list[int]) -> int:

@@ -51,3 +51,10 @@ def fbgemm_pack(weight: Tensor, scale: Tensor, bias: Tensor | None) -> FbgemmPac
     # of activation precision.
     return op, packed, not (cpu_has("avx512_vnni") or cpu_has("avx_vnni"))
 
+
+def fbgemm_linear(x: Tensor, pack: FbgemmPack) -> Tensor:
+    """y = x · Wᵀ + b through fbgemm (the bias was packed with W), for x of shape (..., in) in any float dtype:
+    fbgemm takes float32, so other dtypes go through it and back."""
+    op, packed, reduce_range = pack
+    y = op(x if x.dtype == torch.float32 else x.float(), packed, reduce_range)
+    return y if y.dtype == x.dtype else y.to(x.dtype)

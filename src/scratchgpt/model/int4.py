@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scratchgpt.model.fbgemm import fbgemm_available, fbgemm_pack
+from scratchgpt.model.fbgemm import fbgemm_available, fbgemm_linear, fbgemm_pack
 
 logger = logging.getLogger(__name__)
 
@@ -190,9 +190,7 @@ class Int4Linear(nn.Module):
         if kernel == "reference" or x.numel() == 0:
             return self.reference(x)
         if kernel == "fbgemm":  # the bias is packed with the weight
-            op, packed, reduce_range = self._prepared("fbgemm", torch.float32)
-            y = op(x if x.dtype == torch.float32 else x.float(), packed, reduce_range)
-            return y if y.dtype == x.dtype else y.to(x.dtype)
+            return fbgemm_linear(x, self._prepared("fbgemm", torch.float32))
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         if kernel == "dense":
             return F.linear(x, self._prepared("dense", x.dtype), bias)

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from scratchgpt.config import Quantize
 from scratchgpt.device import native_bf16
-from scratchgpt.model.fbgemm import FbgemmPack, fbgemm_available, fbgemm_pack
+from scratchgpt.model.fbgemm import FbgemmPack, fbgemm_available, fbgemm_linear, fbgemm_pack
 from scratchgpt.model.int4 import (
     INT4_KERNELS,
     Int4Embedding,
@@ -194,9 +194,7 @@ class Int8Linear(nn.Module):
             # multiply-add of CPUs without VNNI, at the cost of one bit of activation precision) and
             # adds the bias packed with the weight. It takes (..., in) as it is: decoding calls this
             # ~50 times per token, so every extra reshape, add or Python check here is measurable.
-            op, packed, reduce_range = self._fbgemm_packed()
-            y = op(x if x.dtype == torch.float32 else x.float(), packed, reduce_range)
-            return y if y.dtype == x.dtype else y.to(x.dtype)
+            return fbgemm_linear(x, self._fbgemm_packed())
         if not x.is_cpu or self.kernel == "reference" or x.numel() == 0:
             # Off the CPU (a layer quantized on the CPU, then moved) the reference is the only kernel.
             return self.reference(x)
