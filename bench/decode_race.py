@@ -208,6 +208,7 @@ def race(name: str, args: argparse.Namespace, llama: LlamaCpp, stream: dict, ben
         })
         if ours_fmt == "float32":
             row["float32_first_split_margin"] = _split_margin(base, prompt, ours_toks, theirs_toks)
+            row["float32_decode_path"] = _decode_path(base)
         elif reference is not None:
             row[f"{ours_fmt}_tokens_agree_with_float32"] = _agree(ours_toks, reference)
         if ours_fmt == "int4":
@@ -217,6 +218,16 @@ def race(name: str, args: argparse.Namespace, llama: LlamaCpp, stream: dict, ben
         if not args.keep:
             path.unlink()
     return row
+
+
+def _decode_path(model) -> str:
+    """The `Linear` path `choose_decode_path` measured and set for this model (see model/fast_linear.py)."""
+    path = getattr(model, "_decode_path", None)
+    if path is None:
+        return "not chosen"
+    if path.input_major:
+        return "input-major, split-K" if path.split else "input-major"
+    return "+".join(g for g, on in (("W@xT blocks", path.blocks), ("W@xT head", path.head)) if on) or "plain"
 
 
 def _agree(a: list[int], b: list[int]) -> int:

@@ -511,7 +511,13 @@ def test_input_major_storage_is_tried_only_on_a_frozen_model_and_changes_no_valu
     """Input-major storage (Wᵀ contiguous, `weight` its view) wins only when its whole step is 10% faster
     than every other path; only a frozen model tries it; tokens, logits and saved bytes stay the same."""
     from scratchgpt.checkpoint import save_model
-    from scratchgpt.inference.generate import INPUT_MAJOR, DecodePath, choose_decode_path, pick_decode_path
+    from scratchgpt.inference.generate import (
+        INPUT_MAJOR,
+        SPLIT_K,
+        DecodePath,
+        choose_decode_path,
+        pick_decode_path,
+    )
     from scratchgpt.model.fast_linear import Linear, is_input_major
 
     plain, blocks, head = DecodePath(), DecodePath(blocks=True), DecodePath(head=True)
@@ -527,10 +533,10 @@ def test_input_major_storage_is_tried_only_on_a_frozen_model_and_changes_no_valu
             return times[p]
         return asked, step
 
-    times = {plain: 30e-3, blocks: 31e-3, head: 40e-3, INPUT_MAJOR: 20e-3}
+    times = {plain: 30e-3, blocks: 31e-3, head: 40e-3, INPUT_MAJOR: 20e-3, SPLIT_K: 21e-3}
     training = tiny_model()  # parameters require gradients: an optimizer may hold moments laid out like them
     asked, step = timed(times)
-    assert choose_decode_path(training, step_time=step) == plain and INPUT_MAJOR not in asked
+    assert choose_decode_path(training, step_time=step) == plain and not any(p.input_major for p in asked)
     assert not any(is_input_major(m) for m in training.modules() if isinstance(m, Linear))
 
     model, reference = tiny_model().requires_grad_(False), tiny_model()  # the same weights (same seed)
@@ -553,9 +559,59 @@ def test_input_major_storage_is_tried_only_on_a_frozen_model_and_changes_no_valu
         (tmp_path / "before" / "model.safetensors").read_bytes()
     # Not chosen: measured, then put back in nn.Linear's layout.
     again = tiny_model().requires_grad_(False)
-    asked, step = timed({**times, INPUT_MAJOR: 29e-3})
+    asked, step = timed({**times, INPUT_MAJOR: 29e-3, SPLIT_K: 28e-3})
     assert choose_decode_path(again, step_time=step) == plain and INPUT_MAJOR in asked
-    assert not any(is_input_major(m) for m in again.modules() if isinstance(m, Linear))
+    assert not any(is_input_major(m) or m.split_k for m in again.modules() if isinstance(m, Linear))
+
+
+def test_split_k_products_equal_f_linear_and_are_chosen_only_when_the_step_is_faster(monkeypatch) -> None:
+    """Split-K (x's input dimension cut into slices, one bmm product per thread, summed) computes x @ Wᵀ up
+    to rounding for 1..SPLIT_ROWS rows, with and without a bias; more rows, a layer not stored input-major or
+    one thread take the plain path; the choice follows the measured whole steps."""
+    from scratchgpt.inference.generate import INPUT_MAJOR, SPLIT_K, DecodePath, choose_decode_path, pick_decode_path
+    from scratchgpt.model.fast_linear import SPLIT_ROWS, Linear, split_parts, store_input_major
+
+    assert [split_parts(768, t) for t in (1, 2, 4, 5, 16)] == [0, 2, 4, 4, 16]
+    assert split_parts(100, 2) == 2 and split_parts(129, 2) == 0 and split_parts(30, 2) == 0
+    assert split_parts(96, 5) == 4 and split_parts(48, 4) == 3
+    torch.manual_seed(0)
+    for bias in (True, False):
+        layer = Linear(256, 96, bias=bias).requires_grad_(False)
+        store_input_major([layer])
+        layer.split_k = 2
+        bmm_calls = []
+        monkeypatch.setattr(torch, "bmm", lambda *a, _bmm=torch.bmm, _calls=bmm_calls: _calls.append(1) or _bmm(*a))
+        for rows in (1, 2, 5, SPLIT_ROWS, SPLIT_ROWS + 1):
+            x = torch.randn(1, rows, 256)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        assert len(bmm_calls) == 4  # the split path ran for 1..SPLIT_ROWS rows, not for SPLIT_ROWS + 1
+        monkeypatch.undo()
+
+    plain, blocks, head = DecodePath(), DecodePath(blocks=True), DecodePath(head=True)
+    base = {plain: 30e-3, blocks: 29e-3, head: 31e-3}
+    assert pick_decode_path({**base, INPUT_MAJOR: 26e-3, SPLIT_K: 18e-3}) == SPLIT_K
+    assert pick_decode_path({**base, INPUT_MAJOR: 18e-3, SPLIT_K: 19e-3}) == INPUT_MAJOR  # the faster variant
+    assert pick_decode_path({**base, INPUT_MAJOR: 30e-3, SPLIT_K: 27e-3}) == plain  # not 10% faster
+
+    def chosen(threads: int, split_seconds: float) -> tuple[DecodePath, list, object]:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        asked: list[DecodePath] = []
+        times = {**base, INPUT_MAJOR: 26e-3, SPLIT_K: split_seconds}
+        model = tiny_model().requires_grad_(False)
+        path = choose_decode_path(model, step_time=lambda p: asked.append(p) or times[p])
+        monkeypatch.undo()
+        return path, asked, model
+
+    path, asked, model = chosen(2, 18e-3)
+    assert path == SPLIT_K and asked[-6:] == [INPUT_MAJOR, SPLIT_K] * 3  # interleaved, same storage
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    assert {m.split_k for m in layers} == {2}
+    want = generate(tiny_model(), [5, 6, 7], GREEDY)  # the same weights, nn.Linear's path
+    assert generate(model, [5, 6, 7], GREEDY) == want
+    assert generate(model, [5, 6, 7], GREEDY, use_cache=False) == want
+    path, asked, model = chosen(1, 1e-3)  # one thread: nothing to split over, not tried
+    assert path == INPUT_MAJOR and SPLIT_K not in asked
+    assert {m.split_k for m in model.modules() if isinstance(m, Linear)} == {0}
 
 
 def test_decode_path_times_whole_decode_steps() -> None:
@@ -586,3 +642,23 @@ def test_decode_path_times_whole_decode_steps() -> None:
     model.register_forward_hook(lambda *a: calls.append(1))
     assert choose_decode_path(model) == DecodePath(head=True)
     assert len(calls) >= 4  # prefill + warm-up + timed steps, each a full forward of the model
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_weights_are_measured_only_where_bf16_is_native(monkeypatch, native: bool) -> None:
+    """Emulated bf16 makes a big model's decode step take seconds: no measuring there (the plain path);
+    where the CPU multiplies bf16 natively the paths are timed like float32's, on a bf16 KV cache."""
+    import scratchgpt.inference.generate as gen
+
+    monkeypatch.setattr(gen, "native_bf16", lambda device="cpu": native)
+    model = tiny_model().to(torch.bfloat16).requires_grad_(False)
+    steps = []
+    model.register_forward_hook(lambda m, args, kwargs, out: steps.append(kwargs["kv_cache"].k.dtype),
+                                with_kwargs=True)
+    path = gen.choose_decode_path(model)
+    if native:
+        assert len(steps) >= 15 and set(steps) == {torch.bfloat16}  # 3 x 3 steps, then the input-major ones
+    else:
+        assert path == gen.DecodePath() and steps == []
+    out = generate(model, [5, 6, 7], GREEDY)[0]
+    assert len(out) == GREEDY.max_new_tokens

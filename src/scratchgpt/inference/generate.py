@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from scratchgpt.config import SamplingConfig
+from scratchgpt.device import native_bf16
 from scratchgpt.inference.sampling import sample_next_token
 from scratchgpt.inference.speculative import Speculator, make_speculator
-from scratchgpt.model.fast_linear import Linear, store_input_major
+from scratchgpt.model.fast_linear import Linear, split_parts, store_input_major
 from scratchgpt.model.gpt import GPT, KVCache
 
 # ---------------------------------------------------------------------------------------------
@@ -344,35 +345,43 @@ def _decode(
 @dataclass(frozen=True)
 class DecodePath:
     """How the `Linear` layers decode: the few-row path (W @ xᵀ) for the blocks' and/or the LM head's, or
-    every weight stored input-major (`model.fast_linear.store_input_major`; then no few-row path)."""
+    every weight stored input-major (`model.fast_linear.store_input_major`; then no few-row path), its
+    products optionally split over the threads (`split`: `Linear.split_k`)."""
 
     blocks: bool = False
     head: bool = False
     input_major: bool = False
+    split: bool = False
 
 
 INPUT_MAJOR = DecodePath(input_major=True)
+SPLIT_K = DecodePath(input_major=True, split=True)
 
 
 def pick_decode_path(step_seconds: dict[DecodePath, float], *, margin: float = 0.9) -> DecodePath:
     """The path from measured decode-step times of `DecodePath()`, `DecodePath(blocks=True)`,
-    `DecodePath(head=True)` and (when measured) `INPUT_MAJOR`: a group switches to W @ xᵀ only when that
-    made the whole step at least 1 - `margin` (10%) faster than the plain path; input-major storage wins
-    only when its step was 10% faster than every other measured one. Deterministic given the times."""
+    `DecodePath(head=True)` and (when measured) `INPUT_MAJOR` and `SPLIT_K`: a group switches to W @ xᵀ only
+    when that made the whole step at least 1 - `margin` (10%) faster than the plain path; input-major
+    storage (the faster of its two variants) wins only when its step was 10% faster than every other
+    measured one. Deterministic given the times."""
     plain = step_seconds[DecodePath()]
     few = DecodePath(blocks=step_seconds[DecodePath(blocks=True)] < margin * plain,
                      head=step_seconds[DecodePath(head=True)] < margin * plain)
-    others = min(t for p, t in step_seconds.items() if p != INPUT_MAJOR)
-    return INPUT_MAJOR if step_seconds.get(INPUT_MAJOR, float("inf")) < margin * others else few
+    others = min(t for p, t in step_seconds.items() if not p.input_major)
+    stored = min((p for p in (INPUT_MAJOR, SPLIT_K) if p in step_seconds), key=step_seconds.__getitem__,
+                 default=None)
+    return stored if stored is not None and step_seconds[stored] < margin * others else few
 
 
 def set_decode_path(model: GPT, path: DecodePath) -> None:
-    """Turn `Linear`'s few-row path on or off per group (the LM head, every other layer) and store the
-    weights input-major or not."""
+    """Turn `Linear`'s few-row path on or off per group (the LM head, every other layer), store the
+    weights input-major or not, and split their products over the threads or not."""
     head = getattr(model, "lm_head", None)
     layers = [m for m in model.modules() if isinstance(m, Linear)]
+    threads = torch.get_num_threads()
     for m in layers:
         m.few_rows = 16 if (path.head if m is head else path.blocks) else 0
+        m.split_k = split_parts(m.in_features, threads) if path.split else 0
     store_input_major(layers, path.input_major)
 
 
@@ -391,18 +400,25 @@ def choose_decode_path(
     weights) ranks the paths differently from the block layers on some CPUs.
     Costs 3·`repeats` decode steps (the first round also warms every path up; best-of discards it);
     the answer is kept on the model, so later calls return at once. `step_time(path)` replaces the
-    measurement (seconds for one step), for tests.
+    measurement (seconds for one step), for tests. Measured: CPU models with float32 weights, and with
+    bfloat16 ones where the CPU multiplies bf16 natively; any other keeps the plain path.
 
     A frozen model (no parameter requires a gradient: what the CLI, the server and `load_any(...,
-    for_inference)` give) also tries input-major storage, `repeats` steps after the others: switching it
-    copies every weight once, so it is not interleaved with them. A model that may still train keeps
-    nn.Linear's layout (an optimizer's moment buffers are laid out like the weights).
+    for_inference)` give) also tries input-major storage, after the others: switching it copies every
+    weight once, so it is not interleaved with them. Its two variants, whole products and products split
+    over the threads (`SPLIT_K`, tried with two threads or more), change no storage between them, so
+    they are interleaved, `repeats` steps each. A model that may still train keeps nn.Linear's layout
+    (an optimizer's moment buffers are laid out like the weights).
     """
     chosen = getattr(model, "_decode_path", None)
     if chosen is not None:
         return chosen
     weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
-    measurable = all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
+    dtypes = {w.dtype for w in weights}
+    # bfloat16 weights are measured only where bf16 products run natively: emulated, a 1B model's decode
+    # step takes seconds, and none of the paths would change that.
+    measurable = all(w.device.type == "cpu" for w in weights) and (
+        dtypes == {torch.float32} or (dtypes == {torch.bfloat16} and native_bf16("cpu")))
     path = DecodePath()
     if weights and (measurable or step_time is not None):
         candidates = (DecodePath(), DecodePath(blocks=True), DecodePath(head=True))
@@ -412,7 +428,11 @@ def choose_decode_path(
             for c in candidates:
                 best[c] = min(best[c], step_time(c))
         if not any(p.requires_grad for p in model.parameters()):
-            best[INPUT_MAJOR] = min(step_time(INPUT_MAJOR) for _ in range(repeats))
+            stored = (INPUT_MAJOR, SPLIT_K) if torch.get_num_threads() > 1 else (INPUT_MAJOR,)
+            best.update(dict.fromkeys(stored, float("inf")))
+            for _ in range(repeats):
+                for c in stored:
+                    best[c] = min(best[c], step_time(c))
         path = pick_decode_path(best)
     set_decode_path(model, path)
     model._decode_path = path
@@ -421,7 +441,8 @@ def choose_decode_path(
 
 def _decode_step_timer(model: GPT) -> Callable[[DecodePath], float]:
     """Seconds for one real decode step (batch 1, one token into the KV cache) with the given path."""
-    cache = KVCache.empty(model.config, batch_size=1, max_len=1, device="cpu", dtype=torch.float32)
+    dtype = next(m.weight.dtype for m in model.modules() if isinstance(m, Linear))
+    cache = KVCache.empty(model.config, batch_size=1, max_len=1, device="cpu", dtype=dtype)
     token = torch.zeros(1, 1, dtype=torch.long)
 
     def step_time(path: DecodePath) -> float:
