@@ -132,6 +132,39 @@ def test_loss_decreases_and_run_directory_is_loadable(char_data: Path, tmp_path:
     assert tok.name == "char" and tok.vocab_size == model.config.vocab_size
 
 
+def test_eval_train_false_scores_only_val_with_the_same_numbers(char_data: Path, tmp_path: Path) -> None:
+    """--eval-train false drops the train split from each evaluation (half its cost); val is scored on the
+    same windows, so its losses and the trained weights are exactly those of a run that scores both."""
+    common = ["--max-steps", "12", "--eval-interval", "6"]
+    assert _train(char_data, tmp_path / "both", *common) == 0
+    assert _train(char_data, tmp_path / "val", *common, "--eval-train", "false") == 0
+    rows = {k: list(csv.DictReader((tmp_path / k / "log.csv").open())) for k in ("both", "val")}
+    vals = {k: [(r["step"], r["val_loss"]) for r in v if r["val_loss"]] for k, v in rows.items()}
+    assert len(vals["val"]) == 3 and vals["val"] == vals["both"]  # steps 0, 6, 12
+    assert any(r.get("eval_train_loss") for r in rows["both"])
+    assert not any(r.get("eval_train_loss") for r in rows["val"])
+    assert (tmp_path / "val" / "model.safetensors").read_bytes() == \
+        (tmp_path / "both" / "model.safetensors").read_bytes()
+
+
+def test_loss_plot_is_redrawn_at_checkpoints_only_when_the_end_is_not_near(char_data: Path, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """A redraw at a checkpoint comes a minute after the last one, but not when the end of the run (which
+    draws the plot anyway) is due within that minute; with no interval every checkpoint but the last redraws."""
+    import scratchgpt.training.train as train_module
+
+    assert train_module.plot_due(since_last=65.0, seconds_left=200.0)
+    assert not train_module.plot_due(since_last=65.0, seconds_left=21.0)  # a 95 s run at its 1,500th of 2,000 steps
+    assert not train_module.plot_due(since_last=30.0, seconds_left=200.0)
+    assert not train_module.plot_due(since_last=1e9, seconds_left=0.0)  # the last step: the end draws it
+    drawn: list[int] = []
+    monkeypatch.setattr(train_module, "plot_log", lambda csv_path, png_path: drawn.append(1) or Path(png_path))
+    monkeypatch.setattr(train_module, "PLOT_EVERY_S", 0.0)
+    args = ["--max-steps", "12", "--checkpoint-interval", "4", "--plot", "true"]
+    assert _train(char_data, tmp_path / "run", *args) == 0
+    assert len(drawn) == 3  # checkpoints at steps 4 and 8, then the end of the run (not step 12's checkpoint too)
+
+
 def test_exact_resume_stop_and_continue(char_data: Path, tmp_path: Path) -> None:
     common = ["--lr-decay-steps", "24", "--eval-interval", "6", "--checkpoint-interval", "8",
               "--grad-accum-steps", "2"]

@@ -105,6 +105,13 @@ from scratchgpt.training.runtime import (
 # Seconds between redraws of loss.png at checkpoints (and always at the end of a run).
 PLOT_EVERY_S = 60.0
 
+
+def plot_due(*, since_last: float, seconds_left: float, every: float | None = None) -> bool:
+    """Whether a checkpoint redraws loss.png: `every` seconds (PLOT_EVERY_S) after the last redraw, unless the
+    end of the run, which draws it anyway, is due sooner than that (each redraw costs ~0.5 s)."""
+    every = PLOT_EVERY_S if every is None else every
+    return since_last >= every and seconds_left > every
+
 class BatchSource(Protocol):
     """Where training batches come from; its state resumes it at exactly the same batch."""
 
@@ -442,6 +449,7 @@ class _Trainer:
         fpt: float | None = None
         t_start = time.perf_counter()
         self._plotted = time.monotonic()  # the first redraw comes a minute in (see _checkpoint)
+        self._pace = (time.monotonic(), self.step)  # for the time left, which decides a redraw (see _checkpoint)
         metrics: dict[str, float] = {}
         train_loss: float | None = None
         interval = _Interval()
@@ -643,6 +651,14 @@ class _Trainer:
                 self.inner.train()
             self.say(f"--- sample at step {self.step} ---\n{text}\n---")
 
+    def _seconds_left(self) -> float:
+        """The time to max_steps at this session's pace so far (0 at the last step)."""
+        since, first = self._pace
+        if self.step >= self.cfg.max_steps:
+            return 0.0
+        done = self.step - first
+        return (self.cfg.max_steps - self.step) * (time.monotonic() - since) / done if done else math.inf
+
     def _plot(self) -> None:
         self._plotted = time.monotonic()
         png = plot_log(self.out_dir / LOG_FILE, self.out_dir / PLOT_FILE)
@@ -707,9 +723,10 @@ class _Trainer:
             else:
                 with self._rng_fork():  # an export may draw (LoRA's merge builds new layers); resume must not see it
                     self.export_fn(self.inner, self.out_dir)
-            # The plot is redrawn at most once a minute (each redraw costs ~0.5 s), never at the last step
-            # (the end of the run draws it), so short runs pay for it about once.
-            if self.cfg.plot and self.step < self.cfg.max_steps and time.monotonic() - self._plotted >= PLOT_EVERY_S:
+            # At most once a minute, and not when the run's end is due within it: a run of a minute or
+            # two draws the plot once, at its end.
+            since_last = time.monotonic() - self._plotted
+            if self.cfg.plot and plot_due(since_last=since_last, seconds_left=self._seconds_left()):
                 self._plot()
         self.ckpt_step = self.step
         if self.dist.enabled:

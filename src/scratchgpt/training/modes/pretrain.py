@@ -193,7 +193,7 @@ def pretrain_job(run: RunConfig, runtime: Runtime) -> Job:
                            batch_size=cfg.batch_size, seed=cfg.seed, stride=run.data.stride,
                            shuffle=run.data.shuffle, rank=info.rank, world_size=info.world_size)
     evals: dict[str, EvalFn] = {}
-    for split in ("train", "val"):
+    for split in ("train", "val") if cfg.eval_train else ("val",):
         if int(ds.meta[f"{split}_tokens"]) > block:
             evals[split] = lm_evaluator(ds.tokens(split), block_size=block, batch_size=cfg.batch_size,
                                         steps=cfg.eval_steps, seed=cfg.seed + (1 if split == "val" else 2))
