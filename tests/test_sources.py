@@ -385,6 +385,25 @@ def test_a_compressed_file_gets_workers_for_its_text_not_its_size(tmp_path: Path
     assert pools == [2]
 
 
+def test_parquet_is_read_a_little_at_a_time(tmp_path: Path) -> None:
+    """pyarrow's own memory (which tracemalloc does not see) holds a block, not the file: its default
+    pre-buffering read a whole 700 MB file ahead."""
+    import random
+
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    letters = bytes(b"abcdefghij klmnopqrstuvwxyz"[i % 27] for i in range(256))
+    noise = random.Random(0).randbytes(8_000_000).translate(letters).decode()
+    texts = [noise[i : i + 400] for i in range(0, len(noise), 400)]
+    src = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": texts}), src, row_group_size=2000, compression="snappy")
+    assert src.stat().st_size > 6 << 20  # ~8 MB: random letters barely compress
+    base, peak, rows = pa.total_allocated_bytes(), 0, 0
+    for block in iter_blocks(Source.of(src), block_bytes=64 << 10):
+        peak = max(peak, pa.total_allocated_bytes() - base)
+        rows += sum(map(len, block.data))
+    assert rows == len(texts) and peak < 3 << 20, peak
+
+
 @pytest.mark.parametrize(("kind", "workers"), [("jsonl.gz", 1), ("parquet", 1), ("jsonl.gz", 2)])
 def test_records_stream_in_bounded_memory(tiny_shakespeare: str, tmp_path: Path, kind: str, workers: int) -> None:
     """The process that reads (with workers=2: the one that reads blocks and writes ids) holds a few blocks."""
