@@ -139,21 +139,17 @@ def write_parquet(corpus: Path, out: Path, row_group_rows: int) -> int:
 
 
 def _tree(pid: int) -> list[int]:
-    """pid and all its descendants (from /proc/*/stat parent links)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            parents.setdefault(ppid, []).append(int(entry))
+    """pid and all its descendants (from each thread's /proc children list: scanning all of /proc every
+    sample cost the sampler a fifth of a core, taken from the run it measures)."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
-        todo.extend(parents.get(p, []))
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                todo.extend(int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split())
+        except OSError:  # the process ended meanwhile
+            continue
     return out
 
 
