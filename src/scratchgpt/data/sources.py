@@ -207,8 +207,8 @@ def iter_blocks(source: Source, *, field: str = "text", block_bytes: int = BLOCK
         raise ValueError(f"{source.path}: a {source.format} file holds no records")
 
 
-def block_texts(block: RecordBlock, *, field: str = "text", errors: Literal["strict", "replace"] = "strict",
-                errors_flag: bool = True) -> Iterator[str]:
+def block_texts(block: RecordBlock, *, field: str = "text",
+                errors: Literal["strict", "replace"] = "strict") -> Iterator[str]:
     """The text at `field` of each record of a block, in order.
 
     A missing field or column, a value that is not a string (null included), a line that is not a JSON
@@ -224,7 +224,7 @@ def block_texts(block: RecordBlock, *, field: str = "text", errors: Literal["str
             yield from values.to_pylist()
             row += len(values)
         return
-    for number, line, record in _block_lines(block, errors, errors_flag=errors_flag):
+    for number, line, record in _block_lines(block, errors, errors_flag=True):
         where = f"{block.source.path}: line {number}"
         text = _json_field(record, field, where)
         # A lone \ud800-\udfff escape decodes to a surrogate, which no UTF-8 tokenizer can encode
