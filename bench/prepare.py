@@ -17,11 +17,14 @@ train.bin is the same for 1 and 2 workers (per layout: many files add end-of-tex
 so an unsafe cut would show as a different hash). tests/test_tokenizer.py proves the cut rule on random and real text.
 
 The `jsonl_zst` layout (`--layouts jsonl_zst`) holds the same paragraphs as records of one zstd-compressed
-JSONL file (`{"text": ...}` per line; needs zstandard): each record is a document, so it has its own
-hash, the same for 1 and 2 workers; its rate is of the uncompressed JSONL bytes.
+JSONL file (`{"text": ...}` per line; needs zstandard), the `parquet` layout as rows of one Parquet file
+(a `text` column, snappy, row groups of `--row-group-rows`; needs pyarrow): each record is a document,
+so each has its own hash, the same for 1 and 2 workers; their rates are of the uncompressed JSONL bytes
+(the same text for both, so the rates compare). `--corpus DIR` keeps the generated files in DIR and
+reuses them on the next run (same --size-mb), so the corpus is written once.
 
     flock /tmp/scratchgpt-bench.lock .venv/bin/python bench/prepare.py [--size-mb 2048] [--files 256]
-    .venv/bin/python bench/prepare.py --size-mb 100 --layouts jsonl_zst
+    .venv/bin/python bench/prepare.py --size-mb 100 --layouts jsonl_zst,parquet --corpus /tmp/prepare-corpus
 
 Prints one JSON line.
 """
@@ -110,22 +113,43 @@ def write_jsonl_zst(corpus: Path, out: Path) -> int:
     return written
 
 
+def write_parquet(corpus: Path, out: Path, row_group_rows: int) -> int:
+    """The records of `write_jsonl_zst` as rows of a Parquet file (one `text` column, row groups of
+    `row_group_rows` rows); returns the bytes of their JSONL form, so that rates of both layouts compare."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("text", pa.string())])
+    written, rows = 0, []
+    with open(corpus, encoding="utf-8") as f, pq.ParquetWriter(out, schema, compression="snappy") as writer:
+        paragraph: list[str] = []
+        for line in [*f, "\n"]:  # a blank line at the end closes the last paragraph
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                rows.append("".join(paragraph))
+                written += len(json.dumps({"text": rows[-1]})) + 1
+                paragraph = []
+                if len(rows) == row_group_rows:
+                    writer.write_table(pa.table({"text": rows}, schema=schema), row_group_size=row_group_rows)
+                    rows = []
+        if rows:
+            writer.write_table(pa.table({"text": rows}, schema=schema), row_group_size=row_group_rows)
+    return written
+
+
 def _tree(pid: int) -> list[int]:
-    """pid and all its descendants (from /proc/*/stat parent links)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            parents.setdefault(ppid, []).append(int(entry))
+    """pid and all its descendants (from each thread's /proc children list: scanning all of /proc every
+    sample cost the sampler a fifth of a core, taken from the run it measures)."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
-        todo.extend(parents.get(p, []))
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                todo.extend(int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split())
+        except OSError:  # the process ended meanwhile
+            continue
     return out
 
 
@@ -195,7 +219,9 @@ def main() -> None:
     parser.add_argument("--chunk-mb", type=float, default=4.0, help="prepare's piece size (chunk_bytes)")
     parser.add_argument("--tmp", help="folder for the corpus (default: the system temp dir)")
     parser.add_argument("--layouts", default="one_file,many_files",
-                        help="comma-separated: one_file, many_files, jsonl_zst (default: one_file,many_files)")
+                        help="comma-separated: one_file, many_files, jsonl_zst, parquet (default: one_file,many_files)")
+    parser.add_argument("--row-group-rows", type=int, default=65536, help="rows per Parquet row group")
+    parser.add_argument("--corpus", help="keep the generated corpus in this folder and reuse it when it is there")
     args = parser.parse_args()
     layouts = args.layouts.split(",")
     chunk = int(args.chunk_mb * 2**20)
@@ -203,16 +229,34 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.tmp, prefix="scratchgpt-prepare-") as tmp:
         work = Path(tmp)
-        text = (DATA / "text" / "tinyshakespeare.txt").read_text(encoding="utf-8")
-        size = write_corpus(text, args.size_mb * 2**20, work / "corpus.txt", work / "many", args.files)
+        corpus = Path(args.corpus) if args.corpus else work
+        corpus.mkdir(parents=True, exist_ok=True)
+        sizes_file = corpus / "sizes.json"
+        made = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
+        if made.get("size_mb") != args.size_mb or made.get("files") != args.files:
+            text = (DATA / "text" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+            made = {"size_mb": args.size_mb, "files": args.files,
+                    "text": write_corpus(text, args.size_mb * 2**20, corpus / "corpus.txt", corpus / "many",
+                                         args.files)}
+        size = made["text"]
         out["corpus_mb"] = round(size / 2**20, 1)
-        out["files_many"] = len(list((work / "many").iterdir()))
-        sources = {"one_file": (work / "corpus.txt", size), "many_files": (work / "many", size)}
+        out["files_many"] = len(list((corpus / "many").iterdir()))
+        sources = {"one_file": (corpus / "corpus.txt", size), "many_files": (corpus / "many", size)}
         if "jsonl_zst" in layouts:
-            jsonl_bytes = write_jsonl_zst(work / "corpus.txt", work / "corpus.jsonl.zst")
-            sources["jsonl_zst"] = (work / "corpus.jsonl.zst", jsonl_bytes)
-            out["jsonl_mb"] = round(jsonl_bytes / 2**20, 1)
-            out["jsonl_zst_mb"] = round((work / "corpus.jsonl.zst").stat().st_size / 2**20, 1)
+            if "jsonl" not in made:
+                made["jsonl"] = write_jsonl_zst(corpus / "corpus.txt", corpus / "corpus.jsonl.zst")
+            sources["jsonl_zst"] = (corpus / "corpus.jsonl.zst", made["jsonl"])
+            out["jsonl_mb"] = round(made["jsonl"] / 2**20, 1)
+            out["jsonl_zst_mb"] = round((corpus / "corpus.jsonl.zst").stat().st_size / 2**20, 1)
+        if "parquet" in layouts:
+            key = f"parquet_{args.row_group_rows}"
+            parquet = corpus / f"corpus-{args.row_group_rows}.parquet"
+            if key not in made:
+                made[key] = write_parquet(corpus / "corpus.txt", parquet, args.row_group_rows)
+            sources["parquet"] = (parquet, made[key])
+            out["parquet_mb"] = round(parquet.stat().st_size / 2**20, 1)
+            out["parquet_row_group_rows"] = args.row_group_rows
+        sizes_file.write_text(json.dumps(made))
         hashes: dict[str, set[str]] = {}
         for layout in layouts:
             source, nbytes = sources[layout]
@@ -226,10 +270,10 @@ def main() -> None:
         # Many files and records are documents separated by end-of-text: each such layout has its own hash.
         out["same_bytes_all_runs"] = all(len(h) == 1 for h in hashes.values())
         if "one_file" in layouts:
-            reference = run_prepare(work / "corpus.txt", work / "reference", 2, chunk * 16)
+            reference = run_prepare(corpus / "corpus.txt", work / "reference", 2, chunk * 16)
             out["reference_16x_pieces_sha256"] = reference["sha256"]
             out["same_bytes_all_runs"] &= hashes["one_file"] == {reference["sha256"]}
-            out["one_call_prefix"] = one_call_prefix(work / "corpus.txt", work, args.prefix_mb * 2**20)
+            out["one_call_prefix"] = one_call_prefix(corpus / "corpus.txt", work, args.prefix_mb * 2**20)
     runs = [out[layout][f"workers_{w}"] for layout in layouts for w in (1, 2)]
     out["peak_tree_pss_mb_max"] = max(r["peak_tree_pss_mb"] for r in runs)
     out["peak_tree_rss_mb_max"] = max(r["peak_tree_rss_mb"] for r in runs)

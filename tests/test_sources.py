@@ -18,7 +18,7 @@ import pytest
 
 from scratchgpt.cli import main
 from scratchgpt.data.dataset import prepare
-from scratchgpt.data.sources import DataError, Source, find_sources, iter_records
+from scratchgpt.data.sources import DataError, Source, block_texts, find_sources, iter_blocks, iter_records
 
 # Records as a corpus has them: short and long, several lines, non-ASCII, whitespace only, empty, a
 # literal end-of-text marker (a document separator inside the text, as in a text file).
@@ -138,6 +138,76 @@ def test_gpt2_jsonl_matches_its_text_files(data_dir: Path, tmp_path: Path) -> No
     prepare(plain, tmp_path / "want", workers=1, **common)
     prepare(_jsonl(tmp_path / "c.jsonl", texts), tmp_path / "got", workers=2, chunk_bytes=64, **common)
     assert _token_files(tmp_path / "got") == _token_files(tmp_path / "want")
+
+
+def test_a_mixed_folder_numbers_documents_across_files_and_blocks(tmp_path: Path) -> None:
+    """Text, JSONL and Parquet files in one folder, records read in many blocks: whole documents held out
+    by split_by="documents" are those of the folder of one text file per document."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = TEXTS * 3
+    src = tmp_path / "mixed"
+    src.mkdir()
+    (src / "a.txt").write_text("A text file of its own, one document.")
+    _jsonl(src / "b.jsonl", texts)
+    pq.write_table(_table(texts[::-1]), src / "c.parquet", row_group_size=4)
+    plain = _text_folder(tmp_path / "plain", ["A text file of its own, one document.", *texts, *texts[::-1]])
+    common = dict(tokenizer="char", val_fraction=0.3, split_by="documents", chunk_bytes=40, progress=False)
+    prepare(plain, tmp_path / "want", workers=1, **common)
+    for workers in (1, 2):
+        meta = prepare(src, tmp_path / f"got{workers}", workers=workers, **common)
+        assert _token_files(tmp_path / f"got{workers}") == _token_files(tmp_path / "want"), workers
+        assert [f.get("records") for f in meta["files"]] == [None, 21, 21]
+
+
+def test_blocks_hold_whole_lines_and_number_them(tmp_path: Path) -> None:
+    src = tmp_path / "b.jsonl"
+    lines = [b'{"text": "one"}\n', b"\n", b'{"text": "' + b"x" * 30 + b'"}\n', b'{"text": "two"}\n', b'{"text": "end"}']
+    src.write_bytes(b"".join(lines))
+    blocks = list(iter_blocks(Source.of(src), block_bytes=20))
+    # 20 bytes a read: a block ends at the last line end read so far; the 41-byte line is a block of its own.
+    assert [(b.first, b.data) for b in blocks] == [(1, lines[0] + lines[1]), (3, lines[2]), (4, lines[3]),
+                                                   (5, lines[4])]
+    assert sum(b.nbytes for b in blocks) == src.stat().st_size
+    assert [t for b in blocks for t in block_texts(b)] == ["one", "x" * 30, "two", "end"]
+    # An error in a later block still names the file's line.
+    (tmp_path / "bad.jsonl").write_bytes(b"".join(lines[:4]) + b'{"text": 5}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl: line 5: field 'text' is a number"):
+        [t for b in iter_blocks(Source.of(tmp_path / "bad.jsonl"), block_bytes=20) for t in block_texts(b)]
+
+
+@pytest.mark.parametrize("kind", ["jsonl.zst", "parquet"])
+def test_workers_parse_the_records_and_name_the_bad_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        kind: str) -> None:
+    """With workers, the reading process parses no record (both passes), and a bad record far into the
+    file fails with the line or row of the file, not of its block."""
+    import os
+
+    import scratchgpt.data.dataset as dataset
+
+    main_pid, real = os.getpid(), dataset.block_texts
+
+    def only_in_workers(*args, **kwargs):
+        assert os.getpid() != main_pid, "a record was parsed by the reading process"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "block_texts", only_in_workers)  # forked workers inherit the spy
+    texts = [f"record {i}: " + "words " * (i % 7) for i in range(300)]
+    common = dict(tokenizer="char", val_fraction=0.1, chunk_bytes=256, progress=False)
+    prepare(_write_source(kind, tmp_path, texts), tmp_path / "two", workers=2, **common)
+    monkeypatch.setattr(dataset, "block_texts", real)
+    prepare(_text_folder(tmp_path / "plain", texts), tmp_path / "want", workers=1, **common)
+    assert _token_files(tmp_path / "two") == _token_files(tmp_path / "want")
+    if kind == "parquet":
+        pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+        pq.write_table(pa.table({"text": [*texts[:250], None, *texts[251:]]}), tmp_path / "bad.parquet",
+                       row_group_size=16)
+        bad, where = tmp_path / "bad.parquet", r"row 250 \(from 0\): 'text' is null"
+    else:
+        bad, where = _jsonl(tmp_path / "bad.jsonl.zst", texts[:250] + [7] + texts[251:], opener=_zst_opener), \
+            "line 251: field 'text' is a number"
+    with pytest.raises(DataError, match=f"{bad.name}: {where}"):
+        prepare(bad, tmp_path / "bad", workers=2, **common)
+    assert not (tmp_path / "bad" / "meta.json").exists()
 
 
 def test_datasets_save_to_disk_folder(tmp_path: Path) -> None:
@@ -315,19 +385,45 @@ def test_a_compressed_file_gets_workers_for_its_text_not_its_size(tmp_path: Path
     assert pools == [2]
 
 
-def test_records_stream_in_bounded_memory(tiny_shakespeare: str, tmp_path: Path) -> None:
+def test_parquet_is_read_a_little_at_a_time(tmp_path: Path) -> None:
+    """pyarrow's own memory (which tracemalloc does not see) holds a block, not the file: its default
+    pre-buffering read a whole 700 MB file ahead."""
+    import random
+
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    letters = bytes(b"abcdefghij klmnopqrstuvwxyz"[i % 27] for i in range(256))
+    noise = random.Random(0).randbytes(8_000_000).translate(letters).decode()
+    texts = [noise[i : i + 400] for i in range(0, len(noise), 400)]
+    src = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": texts}), src, row_group_size=2000, compression="snappy")
+    assert src.stat().st_size > 6 << 20  # ~8 MB: random letters barely compress
+    base, peak, rows = pa.total_allocated_bytes(), 0, 0
+    for block in iter_blocks(Source.of(src), block_bytes=64 << 10):
+        peak = max(peak, pa.total_allocated_bytes() - base)
+        rows += sum(map(len, block.data))
+    assert rows == len(texts) and peak < 3 << 20, peak
+
+
+@pytest.mark.parametrize(("kind", "workers"), [("jsonl.gz", 1), ("parquet", 1), ("jsonl.gz", 2)])
+def test_records_stream_in_bounded_memory(tiny_shakespeare: str, tmp_path: Path, kind: str, workers: int) -> None:
+    """The process that reads (with workers=2: the one that reads blocks and writes ids) holds a few blocks."""
     import tracemalloc
 
     paragraphs = tiny_shakespeare.split("\n\n")
     peaks = []
     for copies in (1, 3):
-        src = _jsonl(tmp_path / f"x{copies}.jsonl.gz", paragraphs * copies, opener=gzip.open)
+        if kind == "parquet":
+            pq = pytest.importorskip("pyarrow.parquet")
+            src = tmp_path / f"x{copies}.parquet"
+            pq.write_table(_table(paragraphs * copies), src, row_group_size=1000)
+        else:
+            src = _jsonl(tmp_path / f"x{copies}.jsonl.gz", paragraphs * copies, opener=gzip.open)
         tracemalloc.start()
         try:
-            prepare(src, tmp_path / "out", tokenizer="char", workers=1, chunk_bytes=64 << 10, progress=False)
+            prepare(src, tmp_path / "out", tokenizer="char", workers=workers, chunk_bytes=64 << 10, progress=False)
             peaks.append(tracemalloc.get_traced_memory()[1])
         finally:
             tracemalloc.stop()
-    # 1.1 MB or 3.3 MB of text in 7,000 or 21,000 records: the heap holds a line and a 64 KB batch, not the
+    # 1.1 MB or 3.3 MB of text in 7,000 or 21,000 records: the heap holds a few 64 KB blocks and batches, not the
     # corpus (reading 3.3 MB of records whole would add tens of MB of strings and ids).
     assert peaks[1] < peaks[0] + (1 << 20), peaks

@@ -7,11 +7,15 @@ a folder the trainer reads: train.bin and val.bin (or their shards), meta.json a
 The corpus is streamed: each file is read a few MB at a time and cut only where the pieces tokenize to
 the ids of the whole text (`tokenizers.safe_cut`), the pieces are tokenized by a pool of processes, and
 their ids are written in order, so memory stays bounded and the output is the same for any number of
-workers. By default each document's first (1 - val_fraction) of characters goes to train and the rest
-to val, as nanoGPT splits Tiny Shakespeare (301,966 / 36,059 GPT-2 tokens). For corpora of many small
-documents (one per file), `split_by="documents"` sends whole files to val instead, spread evenly over
-the sorted list. Each record of a record file is a document as a file is: the output is that of one
-text file per record (short records are joined with `<|endoftext|>` into pieces of about the same size).
+workers. A record file is read in blocks of whole records (`sources.iter_blocks`) that the pool's
+processes parse as well as tokenize, in both passes: one process reads each file (a compressed stream
+cannot be split), and parsing records (JSON, Python strings) costs far more than reading them, so the
+reading process must not parse. By default each document's first (1 - val_fraction) of characters goes
+to train and the rest to val, as nanoGPT splits Tiny Shakespeare (301,966 / 36,059 GPT-2 tokens). For
+corpora of many small documents (one per file), `split_by="documents"` sends whole files to val instead,
+spread evenly over the sorted list. Each record of a record file is a document as a file is: the output
+is that of one text file per record (short records are joined with `<|endoftext|>` into pieces of about
+the same size).
 
 The samplers read those files through `numpy.memmap` and yield (x, y) pairs of (B, T) int64 tensors
 (y is x shifted by one token). Shards are read as one sequence (`token_files.ShardedTokens`): a window
@@ -27,8 +31,9 @@ import codecs
 import glob
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -38,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scratchgpt.data.sources import DataError, Source, find_sources, iter_records, open_stream
+from scratchgpt.data.sources import DataError, RecordBlock, Source, block_texts, find_sources, iter_blocks, open_stream
 from scratchgpt.data.token_files import (
     META_FILE,
     META_FORMAT,
@@ -211,12 +216,69 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+# ---------------------------------------------------------------------------------------------
+# Work for the pool: the same functions in this process (one worker) or in the pool's processes
+# ---------------------------------------------------------------------------------------------
+
+# A job: (what the main process keeps for the result, the function, its arguments).
+_Job = tuple[Any, Callable[..., Any], tuple[Any, ...]]
+
+
+def _in_order(jobs: Iterable[_Job], pool: Executor | None, n_workers: int) -> Iterator[tuple[Any, Any]]:
+    """(kept, fn(*args)) for each job, in job order: run here when `pool` is None, else on the pool with at
+    most 2 jobs per worker in flight: enough to keep every worker busy, few enough that memory stays
+    bounded. Results are taken in submission order, so the output is the same for any number of workers."""
+    if pool is None:
+        for kept, fn, args in jobs:
+            yield kept, fn(*args)
+        return
+    in_flight: deque[tuple[Any, Future[Any]]] = deque()
+    for kept, fn, args in jobs:
+        in_flight.append((kept, pool.submit(fn, *args)))
+        if len(in_flight) >= 2 * n_workers:
+            kept, future = in_flight.popleft()
+            yield kept, future.result()
+    while in_flight:
+        kept, future = in_flight.popleft()
+        yield kept, future.result()
+
+
+def _pool_workers(workers: int, units: int) -> int:
+    """Processes for `units` pieces of work: `workers` (0: one per core), no more than there are units
+    (more would only cost start-up time)."""
+    return max(1, min(workers or os.cpu_count() or 1, units))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1: the survey
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Counts:
+    """What reading some documents learns: records, characters, any non-whitespace, the alphabet."""
+
+    records: int = 0
+    chars: int = 0
+    has_text: bool = False
+    alphabet: set[str] = dataclass_field(default_factory=set)
+
+    def see(self, piece: str, *, alphabet: bool) -> None:
+        """Count a piece of a document (not a record: `records` is counted by the caller)."""
+        self.chars += len(piece)
+        if not self.has_text and piece and not piece.isspace():
+            self.has_text = True
+        if alphabet:
+            self.alphabet.update(piece.replace(EOT_TEXT, ""))
+
+
 @dataclass
 class _Survey:
     """What one streaming pass over the corpus learns before anything is written."""
 
     chars: list[int]  # characters per source file (a text file's train/val cut needs its length)
     records: list[int | None]  # records per source file (None: a text file, one document)
+    blocks: list[list[int]]  # records per block (`sources.iter_blocks`) of each record file ([] for text)
     alphabet: set[str]  # distinct characters, `<|endoftext|>` markers aside (char tokenizer only)
     sample: list[str]  # pieces a bpe tokenizer trains on
     has_text: bool  # any non-whitespace at all
@@ -224,7 +286,7 @@ class _Survey:
 
 def _record_pieces(text: str, size: int) -> Iterator[str]:
     """A record's text in pieces of about `size` characters cut by `safe_cut` (joined, they give the text),
-    so that one long record is tokenized by several workers."""
+    so that one long record is tokenized a piece at a time, in bounded memory."""
     start = 0
     while len(text) - start > size:
         end = start + size
@@ -238,52 +300,85 @@ def _record_pieces(text: str, size: int) -> Iterator[str]:
         yield text[start:]
 
 
+def _survey_block(block: RecordBlock, field: str, errors: str, chunk_bytes: int, alphabet: bool,
+                  sample: Callable[[str], None] | None = None) -> _Counts:
+    """Parse (and so validate) a block of records and count them; `sample` sees every piece of them
+    (`_record_pieces`, as pass 2 cuts them). Runs in a pool worker, or here when `sample` is given."""
+    counts = _Counts()
+    for text in block_texts(block, field=field, errors=errors):  # type: ignore[arg-type]
+        counts.records += 1
+        counts.see(text, alphabet=alphabet)
+        if sample is not None:
+            for piece in _record_pieces(text, chunk_bytes):
+                sample(piece)
+    return counts
+
+
 def _survey(
     files: Sequence[Path | Source], sizes: Sequence[int], *, tokenizer: str, errors: str, chunk_bytes: int,
-    sample_chars: int, bar: Any, text_field: str = "text",
+    sample_chars: int, bar: Any, text_field: str = "text", workers: int = 1,
 ) -> _Survey:
     """Read every file once: validate its UTF-8 (and records), count its characters, gather what a trained
-    tokenizer needs."""
-    survey = _Survey([], [], set(), [], False)
+    tokenizer needs. Blocks of records are parsed by `workers` processes (text files are read here)."""
+    sources = [file if isinstance(file, Source) else Source.of(file) for file in files]
+    counts = [_Counts() for _ in sources]
+    blocks: list[list[int]] = [[] for _ in sources]
+    alphabet = tokenizer == "char"
     # bpe: a deterministic sample spread evenly over the corpus. A piece is taken when the running
     # quota (rate * characters seen so far) covers it; rate * total bytes <= sample_chars, and a file has
     # at most as many characters as bytes, so the sample never exceeds sample_chars. Small corpora
     # (rate 1) are taken whole, so their merges are those of the full text. A compressed file holds more
     # characters than bytes: the cap keeps the bound, and the sample then favours the corpus's start.
+    # Which piece is taken depends on every piece before it, so a bpe survey runs in this process.
     rate = min(1.0, sample_chars / max(1, sum(sizes)))
-    quota, taken = 0.0, 0
+    quota, taken, picked = 0.0, 0, []
 
-    def see(piece: str) -> None:
+    def sample(piece: str) -> None:
         nonlocal quota, taken
-        if not survey.has_text and not piece.isspace() and piece:
-            survey.has_text = True
-        if tokenizer == "char":
-            survey.alphabet.update(piece.replace(EOT_TEXT, ""))
-        elif tokenizer == "bpe":
-            quota += len(piece) * rate
-            if quota >= taken + len(piece) and taken + len(piece) <= sample_chars:
-                survey.sample.append(piece)
-                taken += len(piece)
+        quota += len(piece) * rate
+        if quota >= taken + len(piece) and taken + len(piece) <= sample_chars:
+            picked.append(piece)
+            taken += len(piece)
 
-    for file, size in zip(files, sizes, strict=True):
-        source = file if isinstance(file, Source) else Source.of(file)
-        n, records, reported = 0, 0, 0
-        if source.holds_records:
-            for text, nbytes in iter_records(source, field=text_field, errors=errors):  # type: ignore[arg-type]
-                for piece in _record_pieces(text, chunk_bytes):
-                    see(piece)
-                n, records, reported = n + len(text), records + 1, reported + nbytes
-                bar.update(nbytes)
-            bar.update(max(0, size - reported))
-        else:
+    sampler = sample if tokenizer == "bpe" else None
+
+    def jobs() -> Iterator[_Job]:
+        for index, (source, size) in enumerate(zip(sources, sizes, strict=True)):
+            if source.holds_records:
+                reported = 0
+                for block in iter_blocks(source, field=text_field, block_bytes=chunk_bytes):
+                    yield index, _survey_block, (block, text_field, errors, chunk_bytes, alphabet, sampler)
+                    bar.update(block.nbytes)
+                    reported += block.nbytes
+                bar.update(max(0, size - reported))  # what lies past the last record
+                continue
+            # A text file is read here (its pieces come one after another from one stream) while the
+            # workers parse the blocks before it.
             for piece, nbytes in iter_text_pieces(source, errors=errors,  # type: ignore[arg-type]
                                                   chunk_bytes=chunk_bytes, errors_flag=True):
-                see(piece)
-                n += len(piece)
+                counts[index].see(piece, alphabet=alphabet)
+                if sampler is not None:
+                    sampler(piece)
                 bar.update(nbytes)
-        survey.chars.append(n)
-        survey.records.append(records if source.holds_records else None)
-    return survey
+
+    n_workers = 1 if sampler is not None else _pool_workers(workers, -(-sum(sizes) // chunk_bytes))
+    with ProcessPoolExecutor(n_workers) if n_workers > 1 else nullcontext() as pool:
+        for index, found in _in_order(jobs(), pool, n_workers):
+            blocks[index].append(found.records)
+            file = counts[index]
+            file.records += found.records
+            file.chars += found.chars
+            file.has_text |= found.has_text
+            file.alphabet |= found.alphabet
+    return _Survey(chars=[c.chars for c in counts],
+                   records=[c.records if s.holds_records else None for c, s in zip(counts, sources, strict=True)],
+                   blocks=blocks, alphabet=set().union(*(c.alphabet for c in counts)), sample=picked,
+                   has_text=any(c.has_text for c in counts))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: documents -> ids
+# ---------------------------------------------------------------------------------------------
 
 
 def _encode_text(tok: Tokenizer, text: str, dtype: str) -> np.ndarray:
@@ -300,13 +395,15 @@ def _init_worker(tokenizer_dir: str) -> None:
     _WORKER_TOKENIZER[:] = [load_tokenizer(tokenizer_dir)]
 
 
-def _encode_in_worker(text: str, dtype: str) -> np.ndarray:
-    return _encode_text(_WORKER_TOKENIZER[0], text, dtype)
+def _with_worker_tokenizer(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(_WORKER_TOKENIZER[0], *args)
 
 
 # One piece of work: (first document, last document, split, text): the text of one document's part, or of
 # several records' parts joined by `<|endoftext|>` (which tokenizes to the id the writer puts between documents).
 _Task = tuple[int, int, Split, str]
+# Its ids: (first document, last document, split, ids).
+_Encoded = tuple[int, int, Split, np.ndarray]
 
 
 @dataclass
@@ -337,69 +434,86 @@ class _RecordBatch:
         return task
 
 
-def _tasks(files: Sequence[Source], sizes: Sequence[int], survey: _Survey, *, val_fraction: float, split_by: str,
-           text_field: str, errors: str, chunk_bytes: int, bar: Any) -> Iterator[_Task]:
-    """Every document's train part then its val part, in pieces, in file order.
+@dataclass(frozen=True)
+class _SplitRule:
+    """How pass 2 cuts documents into train and val and tokenizes them: what a worker needs besides its work."""
 
-    A text file is one document; each record of a record file is one. Documents are numbered across
-    the corpus, so `val_share` of split_by="documents" spreads whole records as it spreads files.
+    n_files: int
+    val_fraction: float
+    split_by: str
+    text_field: str
+    errors: str
+    chunk_bytes: int
+    dtype: str
+
+    def cut(self, doc: int, chars: int) -> int:
+        """Characters of document `doc` (of `chars`) that go to train (the same cut as split_text)."""
+        return int(chars * (1.0 - val_share(doc, self.n_files, self.val_fraction, self.split_by)))
+
+
+def _encode_task(tok: Tokenizer, task: _Task, dtype: str) -> list[_Encoded]:
+    first, last, split, text = task
+    return [(first, last, split, _encode_text(tok, text, dtype))]
+
+
+def _encode_block(tok: Tokenizer, block: RecordBlock, first_doc: int, rule: _SplitRule) -> list[_Encoded]:
+    """The ids of a block of records, documents first_doc, first_doc + 1, ...: each record's train part then
+    its val part, batched into tasks of about chunk_bytes characters."""
+    batches = {split: _RecordBatch(split) for split in SPLIT_FILES}
+    out = []
+    for doc, text in enumerate(block_texts(block, field=rule.text_field, errors=rule.errors),  # type: ignore[arg-type]
+                               first_doc):
+        cut = rule.cut(doc, len(text))
+        for split, part in (("train", text[:cut]), ("val", text[cut:])):
+            if not part:
+                continue
+            # Most records are one piece: no generator for them (a corpus holds millions of records).
+            pieces = (part,) if len(part) <= rule.chunk_bytes else _record_pieces(part, rule.chunk_bytes)
+            for piece in pieces:
+                if (task := batches[split].add(doc, piece, rule.chunk_bytes)) is not None:  # type: ignore[index]
+                    out += _encode_task(tok, task, rule.dtype)
+    for batch in batches.values():
+        if (task := batch.flush()) is not None:
+            out += _encode_task(tok, task, rule.dtype)
+    return out
+
+
+def _encode_jobs(files: Sequence[Source], sizes: Sequence[int], survey: _Survey, rule: _SplitRule,
+                 tok: Tokenizer | None, bar: Any) -> Iterator[_Job]:
+    """Every document's train part then its val part, in file order, as jobs that return `_Encoded` lists.
+    `tok` None: the jobs run on pool workers, with theirs.
+
+    A text file is one document, read here in pieces; each record of a record file is one, and its
+    blocks are parsed by the jobs. Documents are numbered across the corpus, so `val_share` of
+    split_by="documents" spreads whole records as it spreads files.
     """
+
+    def job(fn: Callable[..., Any], *args: Any) -> _Job:
+        return (None, _with_worker_tokenizer, (fn, *args)) if tok is None else (None, fn, (tok, *args))
+
     doc = 0
-    for source, size, n_chars in zip(files, sizes, survey.chars, strict=True):
-        if not source.holds_records:
-            # The same cut as split_text: the first (1 - share) of the document's characters go to train.
-            cut = int(n_chars * (1.0 - val_share(doc, len(files), val_fraction, split_by)))
-            pos = 0
-            for piece, nbytes in iter_text_pieces(source, errors=errors,  # type: ignore[arg-type]
-                                                  chunk_bytes=chunk_bytes, errors_flag=True):
-                head = max(0, min(len(piece), cut - pos))
-                if head:
-                    yield doc, doc, "train", piece[:head]
-                if head < len(piece):
-                    yield doc, doc, "val", piece[head:]
-                pos += len(piece)
-                bar.update(nbytes)
-            doc += 1
+    for source, size, n_chars, blocks in zip(files, sizes, survey.chars, survey.blocks, strict=True):
+        if source.holds_records:
+            reported = 0
+            for block, records in zip(iter_blocks(source, field=rule.text_field, block_bytes=rule.chunk_bytes),
+                                      blocks, strict=True):
+                yield job(_encode_block, block, doc, rule)
+                doc += records
+                bar.update(block.nbytes)
+                reported += block.nbytes
+            bar.update(max(0, size - reported))
             continue
-        batches = {split: _RecordBatch(split) for split in SPLIT_FILES}
-        reported = 0
-        for text, nbytes in iter_records(source, field=text_field, errors=errors):  # type: ignore[arg-type]
-            cut = int(len(text) * (1.0 - val_share(doc, len(files), val_fraction, split_by)))
-            for split, part in (("train", text[:cut]), ("val", text[cut:])):
-                for piece in _record_pieces(part, chunk_bytes):
-                    if (task := batches[split].add(doc, piece, chunk_bytes)) is not None:  # type: ignore[index]
-                        yield task
-            doc += 1
-            reported += nbytes
+        cut, pos = rule.cut(doc, n_chars), 0
+        for piece, nbytes in iter_text_pieces(source, errors=rule.errors,  # type: ignore[arg-type]
+                                              chunk_bytes=rule.chunk_bytes, errors_flag=True):
+            head = max(0, min(len(piece), cut - pos))
+            if head:
+                yield job(_encode_task, (doc, doc, "train", piece[:head]), rule.dtype)
+            if head < len(piece):
+                yield job(_encode_task, (doc, doc, "val", piece[head:]), rule.dtype)
+            pos += len(piece)
             bar.update(nbytes)
-        for batch in batches.values():
-            if (task := batch.flush()) is not None:
-                yield task
-        bar.update(max(0, size - reported))
-
-
-def _encode_tasks(
-    tasks: Iterator[_Task], tok: Tokenizer, tok_dir: Path, dtype: np.dtype, n_workers: int
-) -> Iterator[tuple[int, int, Split, np.ndarray]]:
-    """(first document, last document, split, ids) for every task, in task order, from a process pool when
-    n_workers > 1."""
-    if n_workers <= 1:
-        for first, last, split, text in tasks:
-            yield first, last, split, _encode_text(tok, text, dtype.name)
-        return
-    with ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=(str(tok_dir),)) as pool:
-        # At most 2 pieces per worker in flight: enough to keep every worker busy, few enough that memory
-        # stays bounded. Results are taken in submission order, so the output is the same for any
-        # number of workers (and, since every cut is safe, the same as one call on the whole text).
-        in_flight: deque[tuple[int, int, Split, Future[np.ndarray]]] = deque()
-        for first, last, split, text in tasks:
-            in_flight.append((first, last, split, pool.submit(_encode_in_worker, text, dtype.name)))
-            if len(in_flight) >= 2 * n_workers:
-                f, la, s, fut = in_flight.popleft()
-                yield f, la, s, fut.result()
-        while in_flight:
-            f, la, s, fut = in_flight.popleft()
-            yield f, la, s, fut.result()
+        doc += 1
 
 
 class _SplitWriter:
@@ -495,7 +609,8 @@ def prepare(
     end-of-text.
 
     The corpus is streamed twice, `chunk_bytes` at a time: once to validate it and learn what the split
-    and a trained tokenizer need, once to tokenize pieces on `workers` processes (0: one per core).
+    and a trained tokenizer need, once to tokenize pieces on `workers` processes (0: one per core); the
+    workers parse the records of record files in both passes (a bpe survey runs in this process).
     Memory stays bounded whatever the corpus size, and the bytes written are the same for any number
     of workers or any chunk size (for `bpe`, the sample it learns from is made of pieces, so past
     `bpe_sample_chars` of text the chunk size picks the sample). `shard_tokens` > 0 writes each split as
@@ -514,7 +629,7 @@ def prepare(
     # Pass 1 validates every file before anything is written: a bad byte or record fails in seconds.
     with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="reading", disable=not progress) as bar:
         survey = _survey(files, sizes, tokenizer=tokenizer, errors=errors, chunk_bytes=chunk_bytes,
-                         sample_chars=bpe_sample_chars, bar=bar, text_field=text_field)
+                         sample_chars=bpe_sample_chars, bar=bar, text_field=text_field, workers=workers)
     if not sum(survey.chars):  # e.g. a compressed empty file, records whose texts are all empty
         n_records = [r for r in survey.records if r is not None]
         detail = f": {sum(n_records):,} records, all of them empty" if n_records else ""
@@ -538,23 +653,30 @@ def prepare(
 
     # More workers than pieces would only cost start-up time (pieces are counted in characters: a
     # compressed file holds more than its size).
-    n_workers = max(1, min(workers or os.cpu_count() or 1, -(-max(sum(sizes), sum(survey.chars)) // chunk_bytes)))
+    n_workers = _pool_workers(workers, -(-max(sum(sizes), sum(survey.chars)) // chunk_bytes))
+    rule = _SplitRule(n_files=len(files), val_fraction=val_fraction, split_by=split_by, text_field=text_field,
+                      errors=errors, chunk_bytes=chunk_bytes, dtype=dtype.name)
     writers = {split: _SplitWriter(out_dir, split, shard_tokens) for split in SPLIT_FILES}
     last_doc = {split: -1 for split in SPLIT_FILES}
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="tokenizing", disable=not progress)
     try:
-        tasks = _tasks(files, sizes, survey, val_fraction=val_fraction, split_by=split_by, text_field=text_field,
-                       errors=errors, chunk_bytes=chunk_bytes, bar=bar)
-        for first, last, split, ids in _encode_tasks(tasks, tok, out_dir, dtype, n_workers):
-            if not len(ids):
-                continue
-            # Documents are separated (not terminated) by end-of-text; a task that goes on with the
-            # document of the last one continues it.
-            if first != last_doc[split] and writers[split].total:
-                writers[split].write(eot)
-            last_doc[split] = last
-            writers[split].write(ids)
-            bar.set_postfix(tokens=writers["train"].total + writers["val"].total, refresh=False)
+        # The workers load the tokenizer from the output folder, so that only text and ids cross between
+        # processes.
+        pool = (ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=(str(out_dir),))
+                if n_workers > 1 else nullcontext())
+        with pool as executor:
+            jobs = _encode_jobs(files, sizes, survey, rule, None if executor else tok, bar)
+            for _, encoded in _in_order(jobs, executor, n_workers):
+                for first, last, split, ids in encoded:
+                    if not len(ids):
+                        continue
+                    # Documents are separated (not terminated) by end-of-text; a task that goes on with the
+                    # document of the last one continues it.
+                    if first != last_doc[split] and writers[split].total:
+                        writers[split].write(eot)
+                    last_doc[split] = last
+                    writers[split].write(ids)
+                bar.set_postfix(tokens=writers["train"].total + writers["val"].total, refresh=False)
         for w in writers.values():
             w.close()
         # Token files of an earlier prepare into this folder that the new layout does not name go first.

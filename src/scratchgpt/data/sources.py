@@ -8,9 +8,10 @@ A source file is one of
                dataset's cache holds); one document per row
 Text and JSONL may be compressed: *.gz, *.xz (standard library), *.zst (the `zstandard` package).
 A record's text is at `field`: a top-level name, or a dotted path into nested objects (`meta.body`)
-(`iter_records`); fine-tuning reads whole records (`iter_objects`, used by `records.read_objects`).
+(`iter_records`; `iter_blocks` and `block_texts` split that into reading and parsing, so that several
+processes can parse one file); fine-tuning reads whole records (`iter_objects`, used by `records.read_objects`).
 Parquet and Arrow need `pyarrow`; the `data` extra installs both: pip install 'scratchgpt[data]'.
-Nothing is read whole: memory holds one line, or one batch of rows, at a time.
+Nothing is read whole: memory holds a block of lines or rows (a few MB) at a time.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ COMPRESSIONS = {".gz": "gzip", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
 # A folder source takes these (a glob or a named file takes any file; unknown suffixes are text).
 FOLDER_SUFFIXES = (".txt", ".jsonl", ".ndjson", ".parquet", ".arrow")
 BATCH_ROWS = 1024  # Parquet rows decoded per step
+PARQUET_BUFFER_BYTES = 1 << 20  # how much of a Parquet column is read from disk at a time
 INSTALL_DATA = "pip install 'scratchgpt[data]'"
 
 
@@ -171,21 +173,79 @@ _CHECK = {"gzip": "gzip -t", "xz": "xz -t", "zstd": "zstd -t"}
 # ---------------------------------------------------------------------------------------------
 # Records: the text at `field` of each JSONL line, Parquet row or Arrow row
 # ---------------------------------------------------------------------------------------------
+#
+# A record file is read in blocks (`iter_blocks`): whole JSONL lines, or the text column of consecutive
+# rows, about `block_bytes` at a time, still unparsed. Reading them is cheap (zstd, Parquet pages); parsing
+# them (JSON, UTF-8, Python strings) is not, so `block_texts` does that part, in whichever process holds
+# the block: `prepare` sends blocks to its workers, so the one process that reads a stream (a compressed
+# one cannot be split) does little more than read it.
+
+BLOCK_BYTES = 4 << 20  # raw bytes (JSONL) or text bytes (Parquet, Arrow) per block
 
 
-def iter_records(source: Source, *, field: str = "text",
-                 errors: Literal["strict", "replace"] = "strict") -> Iterator[tuple[str, int]]:
-    """(text, bytes of the file read since the last record) for each record of a record file, in order.
+@dataclass(frozen=True)
+class RecordBlock:
+    """Consecutive records of one file, read but not parsed: `data` holds whole JSONL lines (bytes), or the
+    text column of Parquet or Arrow rows (pyarrow string arrays). `first` is the line number of its first
+    line (JSONL, from 1) or the row of its first row (from 0); `nbytes`, how far reading it went into the
+    (compressed) file: the progress it stands for."""
+
+    source: Source
+    first: int
+    data: Any
+    nbytes: int
+
+
+def iter_blocks(source: Source, *, field: str = "text", block_bytes: int = BLOCK_BYTES) -> Iterator[RecordBlock]:
+    """The blocks of a record file, in order; `block_texts` gives their records. Only the file's format (a
+    Parquet or Arrow column missing or not text) is checked here; the records are checked as they are parsed."""
+    if source.format == "jsonl":
+        yield from _jsonl_blocks(source, block_bytes)
+    elif source.format in ("parquet", "arrow"):
+        yield from _arrow_blocks(source, field, block_bytes)
+    else:
+        raise ValueError(f"{source.path}: a {source.format} file holds no records")
+
+
+def block_texts(block: RecordBlock, *, field: str = "text",
+                errors: Literal["strict", "replace"] = "strict") -> Iterator[str]:
+    """The text at `field` of each record of a block, in order.
 
     A missing field or column, a value that is not a string (null included), a line that is not a JSON
     object: DataError naming the file and the line or row. Blank JSONL lines hold no record.
     """
-    if source.format == "jsonl":
-        yield from _jsonl_records(source, field, errors)
-    elif source.format in ("parquet", "arrow"):
-        yield from _arrow_records(source, field)
-    else:
-        raise ValueError(f"{source.path}: a {source.format} file holds no records")
+    if block.source.format != "jsonl":
+        row = block.first
+        for values in block.data:
+            if values.null_count:
+                at = row + values.is_null().to_pylist().index(True)
+                raise DataError(f"{block.source.path}: row {at} (from 0): {field!r} is null, not text; fill or "
+                                f"drop such rows")
+            yield from values.to_pylist()
+            row += len(values)
+        return
+    for number, line, record in _block_lines(block, errors, errors_flag=True):
+        where = f"{block.source.path}: line {number}"
+        text = _json_field(record, field, where)
+        # A lone \ud800-\udfff escape decodes to a surrogate, which no UTF-8 tokenizer can encode
+        # (a line without any \u escape cannot hold one, so most lines skip the search).
+        if b"\\u" in line and _SURROGATE.search(text):
+            if errors == "strict":
+                raise DataError(f"{where}: field {field!r} holds an unpaired UTF-16 surrogate escape (\\ud800-"
+                                f"\\udfff); fix the record, or pass --errors replace to substitute U+FFFD")
+            text = _SURROGATE.sub("\ufffd", text)
+        yield text
+
+
+def iter_records(source: Source, *, field: str = "text",
+                 errors: Literal["strict", "replace"] = "strict") -> Iterator[tuple[str, int]]:
+    """(text, bytes of the file read since the last record) for each record of a record file, in order: the
+    records of its blocks, read and parsed in this process (errors as `block_texts` raises them)."""
+    for block in iter_blocks(source, field=field):
+        step = block.nbytes  # reported with the block's first record
+        for text in block_texts(block, field=field, errors=errors):
+            yield text, step
+            step = 0
 
 
 def iter_objects(source: Source) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -196,11 +256,12 @@ def iter_objects(source: Source) -> Iterator[tuple[str, dict[str, Any]]]:
     object, or not UTF-8: DataError naming it.
     """
     if source.format == "jsonl":
-        for number, _, record, _ in _jsonl_lines(source, "strict", errors_flag=False):
-            if not isinstance(record, dict):
-                raise DataError(f"{source.path}: line {number}: {_JSON_KINDS.get(type(record), 'a value')}, not a "
-                                f"JSON object; each line must hold one object")
-            yield f"{source.path}: line {number}", record
+        for block in _jsonl_blocks(source, BLOCK_BYTES):
+            for number, _, record in _block_lines(block, "strict", errors_flag=False):
+                if not isinstance(record, dict):
+                    raise DataError(f"{source.path}: line {number}: {_JSON_KINDS.get(type(record), 'a value')}, "
+                                    f"not a JSON object; each line must hold one object")
+                yield f"{source.path}: line {number}", record
     elif source.format in ("parquet", "arrow"):
         row = 0
         for batch, _ in _arrow_batches(source, None, _optional("pyarrow", source.path, f"a {source.format} file")):
@@ -217,41 +278,42 @@ _FIELD_HINT = "pass --text-field NAME (a dotted path such as meta.body reaches i
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _jsonl_lines(source: Source, errors: str, *, errors_flag: bool = True) -> Iterator[tuple[int, bytes, Any, int]]:
-    """(line number, the line, its JSON value, how far into the (compressed) file) per non-blank line."""
+def _jsonl_blocks(source: Source, block_bytes: int) -> Iterator[RecordBlock]:
+    """Whole lines of a JSONL file, about block_bytes of them at a time (a longer line is one block)."""
     with open_stream(source) as (stream, raw):
-        for number, line in enumerate(stream, 1):
-            if number == 1 and line.startswith(codecs.BOM_UTF8):
-                line = line[len(codecs.BOM_UTF8):]  # dropped, as editors do
-            if line.isspace() or not line:
+        number, parts, reported = 1, [], 0  # parts: read already, no line end among them yet
+        while data := stream.read(block_bytes):
+            cut = data.rfind(b"\n") + 1
+            if not cut:
+                parts.append(data)
                 continue
-            try:
-                record = json.loads(line.decode("utf-8", errors=errors))
-            except UnicodeDecodeError as e:
-                fix = "convert the file to UTF-8" + (" (or, for a few damaged bytes, pass --errors replace)"
-                                                     if errors_flag else "")
-                raise DataError(f"{source.path}: line {number}: not valid UTF-8 at byte {e.start} of the line "
-                                f"(byte 0x{line[e.start]:02x}); {fix}") from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"{source.path}: line {number}: not valid JSON ({e.msg}: column {e.colno}); each "
-                                f"line must hold one JSON object") from None
-            yield number, line, record, raw.tell()
+            lines = b"".join([*parts, data[:cut]]) if parts else data[:cut]
+            parts = [data[cut:]] if cut < len(data) else []
+            position = raw.tell()
+            yield RecordBlock(source, number, lines, position - reported)
+            number, reported = number + lines.count(b"\n"), position
+        if parts:  # the last line, without a line end
+            yield RecordBlock(source, number, b"".join(parts), raw.tell() - reported)
 
 
-def _jsonl_records(source: Source, field: str, errors: str) -> Iterator[tuple[str, int]]:
-    reported = 0
-    for number, line, record, position in _jsonl_lines(source, errors):
-        where = f"{source.path}: line {number}"
-        text = _json_field(record, field, where)
-        # A lone \ud800-\udfff escape decodes to a surrogate, which no UTF-8 tokenizer can encode
-        # (a line without any \u escape cannot hold one, so most lines skip the search).
-        if b"\\u" in line and _SURROGATE.search(text):
-            if errors == "strict":
-                raise DataError(f"{where}: field {field!r} holds an unpaired UTF-16 surrogate escape (\\ud800-"
-                                f"\\udfff); fix the record, or pass --errors replace to substitute U+FFFD")
-            text = _SURROGATE.sub("\ufffd", text)
-        yield text, position - reported
-        reported = position
+def _block_lines(block: RecordBlock, errors: str, *, errors_flag: bool) -> Iterator[tuple[int, bytes, Any]]:
+    """(line number, the line, its JSON value) per non-blank line of a JSONL block."""
+    for number, line in enumerate(block.data.split(b"\n"), block.first):
+        if number == 1 and line.startswith(codecs.BOM_UTF8):
+            line = line[len(codecs.BOM_UTF8):]  # dropped, as editors do
+        if line.isspace() or not line:
+            continue
+        try:
+            record = json.loads(line.decode("utf-8", errors=errors))
+        except UnicodeDecodeError as e:
+            fix = "convert the file to UTF-8" + (" (or, for a few damaged bytes, pass --errors replace)"
+                                                 if errors_flag else "")
+            raise DataError(f"{block.source.path}: line {number}: not valid UTF-8 at byte {e.start} of the line "
+                            f"(byte 0x{line[e.start]:02x}); {fix}") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{block.source.path}: line {number}: not valid JSON ({e.msg}: column {e.colno}); "
+                            f"each line must hold one JSON object") from None
+        yield number, line, record
 
 
 def _json_field(record: Any, field: str, where: str) -> str:
@@ -273,25 +335,28 @@ def _json_field(record: Any, field: str, where: str) -> str:
     return value
 
 
-def _arrow_records(source: Source, field: str) -> Iterator[tuple[str, int]]:
+def _arrow_blocks(source: Source, field: str, block_bytes: int) -> Iterator[RecordBlock]:
+    """The text column (`field`, a dotted path reaching into structs) of a Parquet or Arrow file's rows,
+    about block_bytes of text at a time."""
     pa = _optional("pyarrow", source.path, f"a {source.format} file")
     import pyarrow.compute as pc
 
     size = source.path.stat().st_size
-    reported, row = 0, 0
+    arrays: list[Any] = []
+    row, held, reported = 0, 0, 0
     for batch, position in _arrow_batches(source, field, pa):
         values = batch.column(0)
         for name in _column_path(batch.schema, field)[1:]:
             values = pc.struct_field(values, [values.type.get_field_index(name)])  # null where the struct is null
-        if values.null_count:
-            at = row + values.is_null().to_pylist().index(True)
-            raise DataError(f"{source.path}: row {at} (from 0): {field!r} is null, not text; fill or drop such rows")
-        step = min(size, position) - reported  # the batch's bytes, reported with its first record
-        reported += step
-        for text in values.to_pylist():
-            yield text, step
-            step = 0
-        row += len(values)
+        arrays.append(values)
+        held += values.nbytes
+        if held >= block_bytes:
+            position = min(size, position)
+            yield RecordBlock(source, row, arrays, position - reported)
+            row, reported = row + sum(map(len, arrays)), position
+            arrays, held = [], 0
+    if arrays:
+        yield RecordBlock(source, row, arrays, max(0, size - reported))
 
 
 def _arrow_batches(source: Source, field: str | None, pa: Any) -> Iterator[tuple[Any, int]]:
@@ -306,10 +371,13 @@ def _arrow_batches(source: Source, field: str | None, pa: Any) -> Iterator[tuple
         if source.format == "parquet":
             import pyarrow.parquet as pq
 
-            pf = pq.ParquetFile(source.path)
+            # pre_buffer (pyarrow's default) reads ahead the whole file: a 700 MB file took 700 MB of memory.
+            pf = pq.ParquetFile(source.path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
             top = columns(pf.schema_arrow)
             total, done = max(1, pf.metadata.num_rows), 0
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=top):
+            # use_threads=False: one column, decoded 1,024 rows at a time, gains nothing from Arrow's threads,
+            # which took the cores from the tokenizer (one worker, 1 GB: 224 s threaded, 168 s without).
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=top, use_threads=False):
                 done += batch.num_rows
                 yield batch, size * done // total
             return
