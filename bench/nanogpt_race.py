@@ -108,7 +108,7 @@ def loop_overhead(work: Path, steps: int, rounds: int) -> dict[str, float]:
     run = resolve_run_config([read_toml(ROOT / "configs" / "shakespeare_char.toml"),
                               {"train": {"progress": False, "plot": False}}], source="shakespeare_char.toml",
                              progress=False)
-    from scratchgpt.data.dataset import RandomWindows
+    from scratchgpt.data.samplers import RandomWindows
     from scratchgpt.data.token_files import open_dataset
 
     ds = open_dataset(run.data.dir)

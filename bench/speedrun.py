@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from scratchgpt.config import RunConfig, read_toml
-from scratchgpt.data.dataset import make_sampler
+from scratchgpt.data.samplers import make_sampler
 from scratchgpt.data.token_files import open_dataset
 from scratchgpt.device import native_bf16
 from scratchgpt.training.driver import Job, drive

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from scratchgpt.checkpoint import model_state
 from scratchgpt.cli import main
 from scratchgpt.config import GPTConfig, TrainConfig
-from scratchgpt.data.dataset import RandomWindows
+from scratchgpt.data.samplers import RandomWindows
 from scratchgpt.data.token_files import open_dataset
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.modes.pretrain import lm_evaluator

@@ -151,15 +151,16 @@ def test_loss_plot_is_redrawn_at_checkpoints_only_when_the_end_is_not_near(char_
                                                                            monkeypatch) -> None:
     """A redraw at a checkpoint comes a minute after the last one, but not when the end of the run (which
     draws the plot anyway) is due within that minute; with no interval every checkpoint but the last redraws."""
+    import scratchgpt.training.runlog as runlog
     import scratchgpt.training.train as train_module
 
-    assert train_module.plot_due(since_last=65.0, seconds_left=200.0)
-    assert not train_module.plot_due(since_last=65.0, seconds_left=21.0)  # a 95 s run at its 1,500th of 2,000 steps
-    assert not train_module.plot_due(since_last=30.0, seconds_left=200.0)
-    assert not train_module.plot_due(since_last=1e9, seconds_left=0.0)  # the last step: the end draws it
+    assert runlog.plot_due(since_last=65.0, seconds_left=200.0)
+    assert not runlog.plot_due(since_last=65.0, seconds_left=21.0)  # a 95 s run at its 1,500th of 2,000 steps
+    assert not runlog.plot_due(since_last=30.0, seconds_left=200.0)
+    assert not runlog.plot_due(since_last=1e9, seconds_left=0.0)  # the last step: the end draws it
     drawn: list[int] = []
     monkeypatch.setattr(train_module, "plot_log", lambda csv_path, png_path: drawn.append(1) or Path(png_path))
-    monkeypatch.setattr(train_module, "PLOT_EVERY_S", 0.0)
+    monkeypatch.setattr(runlog, "PLOT_EVERY_S", 0.0)
     args = ["--max-steps", "12", "--checkpoint-interval", "4", "--plot", "true"]
     assert _train(char_data, tmp_path / "run", *args) == 0
     assert len(drawn) == 3  # checkpoints at steps 4 and 8, then the end of the run (not step 12's checkpoint too)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from scratchgpt.config import check_temperature, is_greedy
-from scratchgpt.data.dataset import SequentialWindows
+from scratchgpt.data.samplers import SequentialWindows
 from scratchgpt.data.tokenizers import Tokenizer, gpt2_tokenizer
 from scratchgpt.hf import hf_to_scratchgpt
 from scratchgpt.model.gpt import GPT

@@ -428,8 +428,7 @@ class TrainConfig(Config):
     warmdown_fraction: float = setting(0.5, "share of the steps the warmdown takes", gt=0.0, le=1.0)
     eval_interval: int = setting(250, "evaluate every N steps (0 = only at the end)", ge=0)
     eval_steps: int = setting(20, "batches per split in each evaluation", ge=1)
-    eval_train: bool = setting(True, "evaluate the train split too (val always; the running train loss is logged "
-                                     "either way): off halves each evaluation's cost")
+    eval_train: bool = setting(True, "evaluate the train split too (val always): off halves each evaluation")
     log_interval: int = setting(10, "write a log.csv row every N steps", ge=1)
     checkpoint_interval: int = setting(500, "checkpoint every N steps (0 = only at the end)", ge=0)
     keep_last: int = setting(2, "step checkpoints kept (the best by val loss is kept too)", ge=1)

@@ -298,3 +298,21 @@ def plot_metric(out_dir: str | Path, metric: str) -> Path | None:
     path = Path(out_dir) / f"{metric}.png"
     fig.savefig(path, dpi=100)
     return path
+
+
+# Seconds between redraws of loss.png at checkpoints (and always at the end of a run).
+PLOT_EVERY_S = 60.0
+
+
+def plot_due(*, since_last: float, seconds_left: float, every: float | None = None) -> bool:
+    """Whether a checkpoint redraws loss.png: `every` seconds (PLOT_EVERY_S) after the last redraw, unless the
+    end of the run, which draws it anyway, is due sooner than that (each redraw costs ~0.5 s)."""
+    every = PLOT_EVERY_S if every is None else every
+    return since_last >= every and seconds_left > every
+
+
+def progress_line(row: dict[str, Any], max_steps: int) -> str:
+    """The one-line progress report of a log row, printed when there is no progress bar."""
+    mfu = f" | mfu {row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else ""
+    return (f"step {row['step']}/{max_steps} | loss {row['train_loss']:.4f} | lr {row['lr']:.2e} | "
+            f"{row['tok_per_s']:.0f} tok/s{mfu}")

@@ -88,8 +88,10 @@ from scratchgpt.training.runlog import (
     CsvLog,
     flops_per_token,
     peak_flops,
+    plot_due,
     plot_log,
     precision_line,
+    progress_line,
 )
 from scratchgpt.training.runtime import (
     Runtime,
@@ -102,15 +104,6 @@ from scratchgpt.training.runtime import (
     wrap_model,
 )
 
-# Seconds between redraws of loss.png at checkpoints (and always at the end of a run).
-PLOT_EVERY_S = 60.0
-
-
-def plot_due(*, since_last: float, seconds_left: float, every: float | None = None) -> bool:
-    """Whether a checkpoint redraws loss.png: `every` seconds (PLOT_EVERY_S) after the last redraw, unless the
-    end of the run, which draws it anyway, is due sooner than that (each redraw costs ~0.5 s)."""
-    every = PLOT_EVERY_S if every is None else every
-    return since_last >= every and seconds_left > every
 
 class BatchSource(Protocol):
     """Where training batches come from; its state resumes it at exactly the same batch."""
@@ -521,7 +514,7 @@ class _Trainer:
                     if not do_eval and not self._bar.disable:
                         self._bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:.0f}")
                     elif self._bar.disable and not do_eval:
-                        self.say(_progress_line(row, cfg.max_steps))
+                        self.say(progress_line(row, cfg.max_steps))
                 # The best loss is updated before the checkpoint of this step is written, so that the
                 # checkpoint records it: a run resumed from it then ends with the same best/.
                 improved = do_eval and self._update_best(metrics)
@@ -723,8 +716,7 @@ class _Trainer:
             else:
                 with self._rng_fork():  # an export may draw (LoRA's merge builds new layers); resume must not see it
                     self.export_fn(self.inner, self.out_dir)
-            # At most once a minute, and not when the run's end is due within it: a run of a minute or
-            # two draws the plot once, at its end.
+            # At most once a minute, and not when the run's end (which draws it) is due within the minute.
             since_last = time.monotonic() - self._plotted
             if self.cfg.plot and plot_due(since_last=since_last, seconds_left=self._seconds_left()):
                 self._plot()
@@ -806,9 +798,3 @@ def _seq_len(batch: Any) -> int:
         return batch.shape[-1]
     values = batch.values() if isinstance(batch, Mapping) else batch
     return _seq_len(next(iter(values)))
-
-
-def _progress_line(row: dict[str, Any], max_steps: int) -> str:
-    mfu = f" | mfu {row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else ""
-    return (f"step {row['step']}/{max_steps} | loss {row['train_loss']:.4f} | lr {row['lr']:.2e} | "
-            f"{row['tok_per_s']:.0f} tok/s{mfu}")

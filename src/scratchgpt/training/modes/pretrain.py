@@ -20,7 +20,8 @@ from torch import nn
 
 from scratchgpt.checkpoint import unwrap
 from scratchgpt.config import DataConfig, RunConfig, SamplingConfig, TrainConfig, config_from_dict, merge_run_dicts
-from scratchgpt.data.dataset import RandomWindows, make_sampler, prepare
+from scratchgpt.data.dataset import prepare
+from scratchgpt.data.samplers import RandomWindows, make_sampler
 from scratchgpt.data.token_files import TokenDataset, check_token_files, open_dataset
 from scratchgpt.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from scratchgpt.model.gpt import GPT
