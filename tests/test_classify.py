@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections import Counter
 from pathlib import Path
@@ -210,3 +211,16 @@ def test_empty_split_is_an_error(tmp_path: Path):
     with pytest.raises(DataError, match=r"few\.tsv: the val split is empty"):
         finetune_classify(ClassifyConfig(data=str(tmp_path / "few.tsv"), tokenizer="char"),
                           train={"out_dir": str(tmp_path / "r")}, model=TINY, verbose=False)
+
+
+def test_eval_train_false_scores_only_val_in_fine_tuning(sms_subset: Path, tmp_path: Path):
+    """`eval_train = false` holds for every mode: the fine-tuning loop evaluates val alone."""
+    out = tmp_path / "run"
+    finetune_classify(
+        ClassifyConfig(data=str(sms_subset), tokenizer="char", trainable="all", max_length=64, dropout=0.0),
+        train={**FAST, "max_steps": 4, "eval_interval": 2, "eval_steps": 1, "out_dir": str(out), "eval_train": False},
+        model=TINY, verbose=False,
+    )
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    assert [r["step"] for r in rows if r.get("val_loss")] == ["0", "2", "4"]
+    assert not any(v for r in rows for k, v in r.items() if k.startswith("eval_train_"))

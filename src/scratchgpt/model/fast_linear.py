@@ -25,8 +25,8 @@ forward runs on it.
    are set, and one core cannot pull the weights from DRAM as fast as two: on the 2-core AMD EPYC (Zen 3)
    here a 2048 x 8192 weight streamed from DRAM at 16 GB/s either way round and at 24-28 GB/s split in two
    (the 2048 x 128,256 head: 19-23 against 32-42), and GPT-2 124M decoded at 46-48 tok/s against 24-28
-   (Llama-3.2-1B shape: 6.2 against 3.5). The slabs are views
-   of the stored Wᵀ (no copy); results equal F.linear up to float rounding (the sum's order differs).
+   (Llama-3.2-1B shape: 6.2 against 3.5). The slabs are views of the stored Wᵀ (no copy); results equal
+   F.linear up to float rounding (the sum's order differs).
 """
 
 from __future__ import annotations

@@ -491,13 +491,15 @@ def run_mode(
                        for name, part in mode.parts.items() if part}
         return metrics, is_main()
 
+    splits = ("train", "val") if tcfg.eval_train else ("val",)
+
     def job(runtime: Runtime) -> Job:
         return Job(
             model, ExampleBatches(mode.parts["train"], mode.collate, batch_size=tcfg.batch_size, seed=tcfg.seed),
             loss_fn=mode.loss_fn, params=params,
             evals={name: (lambda m, part=part: mode.evaluate(m, part, batch_size=tcfg.batch_size,
                                                              max_batches=tcfg.eval_steps))
-                   for name, part in mode.parts.items() if name in ("train", "val") and part},
+                   for name, part in mode.parts.items() if name in splits and part},
             sample_fn=mode.sample_fn, tokenizer=start.tokenizer,
             run_config={"finetune": finetune, "train": config_to_dict(tcfg)},
             export_fn=export_fn(start.tokenizer, {**mode.info, "finetune": finetune}, base=start.source),
