@@ -657,7 +657,7 @@ def test_bfloat16_weights_are_measured_only_where_bf16_is_native(monkeypatch, na
                                 with_kwargs=True)
     path = gen.choose_decode_path(model)
     if native:
-        assert len(steps) >= 15 and set(steps) == {torch.bfloat16}  # 3 x 3 steps, then the input-major ones
+        assert len(steps) >= 12 and set(steps) == {torch.bfloat16}  # 3 x 3 steps, then the input-major ones
     else:
         assert path == gen.DecodePath() and steps == []
     out = generate(model, [5, 6, 7], GREEDY)[0]
