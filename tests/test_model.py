@@ -576,12 +576,21 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(pos_encoding
         assert torch.equal(grads0[name], grads1[name]), name
 
 
-def test_chunked_loss_under_checkpointing_matches_the_plain_loss(monkeypatch):
+class _WrappedHead(nn.Linear):
+    """A head that is not a plain linear layer (as a LoRA or int8 one is not): the loss cannot fuse with it."""
+
+
+@pytest.mark.parametrize("head", ["plain", "plain-untied", "wrapped"])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_chunked_loss_matches_the_plain_loss(monkeypatch, head, checkpointing):
     """Logits over LOSS_CHUNK_BYTES are scored a chunk of tokens at a time (none kept whole): the same mean
-    over the scored tokens (-100 ignored) and the same gradients as F.cross_entropy on the whole logits."""
+    over the scored tokens (-100 ignored) and the same gradients as F.cross_entropy on the whole logits. A plain
+    head runs fused with the loss (model/fused_loss.py), with or without checkpointing; any other head runs
+    chunk by chunk under checkpoint, and only where activation checkpointing is on."""
     import scratchgpt.model.gpt as gpt_module
 
-    cfg = GPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4, embd_pdrop=0.1, resid_pdrop=0.1)
+    cfg = GPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4, embd_pdrop=0.1, resid_pdrop=0.1,
+                    tie_word_embeddings=head != "plain-untied")
     x = torch.randint(50, (2, 16), generator=torch.Generator().manual_seed(0))
     y = torch.roll(x, -1, dims=1)
     y[0, :9] = -100  # a chunk boundary inside the ignored run, and chunks with no scored token at all
@@ -590,22 +599,36 @@ def test_chunked_loss_under_checkpointing_matches_the_plain_loss(monkeypatch):
         monkeypatch.setattr(gpt_module, "LOSS_CHUNK_BYTES", 4 * 50 * chunk_tokens if chunk_tokens else 1 << 30)
         heads: list[int] = []
         model = GPT(cfg, generator=torch.Generator().manual_seed(1)).train()
+        if head == "wrapped":
+            wrapped = _WrappedHead(32, 50, bias=False)
+            wrapped.weight = model.lm_head.weight  # still tied to the token embedding
+            model.lm_head = wrapped
         model.lm_head.register_forward_hook(lambda m, i, o, heads=heads: heads.append(o.shape[0]))
-        model.activation_checkpointing = True
+        model.activation_checkpointing = checkpointing
         torch.manual_seed(7)  # the dropout stream
         logits, loss = model(x, y)
-        loss.backward()
+        (loss / 3).backward()  # as with 3 accumulation steps: the backward scales what the fused forward made
         results.append((logits, loss.detach(), {n: p.grad for n, p in model.named_parameters()}, heads))
     (logits0, loss0, grads0, heads0), (logits1, loss1, grads1, heads1) = results
-    assert logits0.shape == (2, 16, 50) and logits1 is None
-    # The forward, then the backward recomputing each chunk, last first.
-    assert heads0 == [2] and heads1 == [5] * 6 + [2] + [2] + [5] * 6
+    assert logits0.shape == (2, 16, 50)
+    assert heads0 == [2]
+    if head.startswith("plain"):  # fused: the head's weight is used directly, never called
+        assert logits1 is None and heads1 == []
+    elif checkpointing:  # the forward, then the backward recomputing each chunk, last first
+        assert logits1 is None and heads1 == [5] * 6 + [2] + [2] + [5] * 6
+    else:  # a wrapped head without checkpointing: the plain path
+        assert logits1.shape == (2, 16, 50) and heads1 == [2]
     expected = F.cross_entropy(logits0.detach().flatten(0, 1), y.flatten(), ignore_index=-100)
     assert torch.allclose(loss0, expected) and torch.allclose(loss1, loss0, rtol=1e-6, atol=0)
+    # Tied: a fused head makes the lookup's gradient sparse ...
+    assert (model.lm_head.weight is model.transformer.wte.weight) == (head != "plain-untied")
     for name, grad in grads0.items():
+        assert grads1[name].layout == torch.strided, name  # ... and the sum is dense, as the optimizer needs
         assert torch.allclose(grads1[name], grad, rtol=1e-5, atol=1e-7), name
     with torch.no_grad():  # no backward follows: the plain path, logits returned
         assert model(x, y)[0].shape == (2, 16, 50)
+    model.eval()
+    assert model(x, y)[0].shape == (2, 16, 50)
 
 
 def test_activation_checkpointing_saves_nothing_outside_training(monkeypatch):

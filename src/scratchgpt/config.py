@@ -441,7 +441,7 @@ class TrainConfig(Config):
     device: str = setting("auto", "'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', 'mps'")
     dtype: Literal["auto", "float32", "bfloat16", "float16", "bf16-true"] = setting(
         "auto", "autocast dtype; auto = bfloat16 on CUDA and on CPUs with native bf16 (AVX512_BF16/AMX), float32 "
-                "elsewhere; bf16-true = weights, gradients and AdamW state in bfloat16 too (Kahan-compensated updates)")
+                "elsewhere; bf16-true = weights, gradients and optimizer state in bfloat16 (Kahan-compensated updates)")
     attn_impl: Literal["auto", "eager", "sdpa"] = setting(
         "auto", "attention path; auto = sdpa (measured faster for training on CPU and GPU)")
     compile: bool = setting(False, "torch.compile the model")
@@ -459,9 +459,6 @@ class TrainConfig(Config):
         name = type(self).__name__
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ValueError(f"{name}.min_lr={self.min_lr!r} is above lr={self.lr!r}; the floor must be <= lr")
-        if self.optimizer == "muon" and self.dtype == "bf16-true":
-            raise ValueError(f"{name}: dtype='bf16-true' trains with AdamW only (its updates are compensated for "
-                             f"bf16 rounding; Muon's are not); use optimizer='adamw' or another dtype")
         if self.optimizer == "muon" and self.fsdp:
             raise ValueError(f"{name}: optimizer='muon' does not work with fsdp=true (Newton-Schulz needs whole "
                              f"matrices, FSDP shards them); use DDP (fsdp=false) or optimizer='adamw'")

@@ -66,12 +66,21 @@ from torch.utils.checkpoint import checkpoint
 
 from scratchgpt.config import GPTConfig
 from scratchgpt.model.fast_linear import Linear
+from scratchgpt.model.fused_loss import linear_cross_entropy
 
 AttnImpl = Literal["sdpa", "eager"]
-# Under activation checkpointing, float32 logits of more than this many bytes per micro-batch are computed
-# and scored a chunk of tokens at a time (GPT._chunked_loss): at Llama-3.2-1B's 128,256-token vocabulary one
-# 512-token sequence's logits are 263 MB, and the plain loss keeps three such tensors alive in its backward.
+# In a training forward, float32 logits of more than this many bytes per micro-batch are computed and scored
+# a chunk of tokens at a time, and never kept whole (`loss_chunk_rows`): at Llama-3.2-1B's 128,256-token
+# vocabulary one 512-token sequence's logits are 263 MB, and the plain loss keeps three such tensors alive
+# in its backward.
 LOSS_CHUNK_BYTES = 64 << 20
+
+
+def loss_chunk_rows(vocab_size: int, tokens: int) -> int | None:
+    """Tokens per chunk of the loss for a micro-batch of `tokens` tokens: those whose float32 logits fill
+    LOSS_CHUNK_BYTES, or None when the whole micro-batch's logits fit in that (then no chunking)."""
+    rows = max(1, LOSS_CHUNK_BYTES // (4 * vocab_size))
+    return rows if tokens > rows else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,15 +616,31 @@ class GPT(nn.Module):
 
         With `kv_cache`, `idx` continues the cached sequence (which is advanced by T). `attention_mask`
         (B, T) marks real tokens (1) versus left padding (0). `last_token_only` computes logits for the
-        final position alone, which is all that sampling needs. Under activation checkpointing in training,
-        with `targets` and float32 logits over LOSS_CHUNK_BYTES, the loss is computed a chunk of tokens at a
-        time (`_chunked_loss`) and the logits returned are None: they never exist whole.
+        final position alone, which is all that sampling needs. In a training forward (grad on) with
+        `targets` and float32 logits over LOSS_CHUNK_BYTES, the loss is computed a chunk of tokens at a time
+        and the logits returned are None: they never exist whole. A plain linear head runs fused with the
+        loss (`model.fused_loss`); any other (LoRA, int8) runs under checkpoint, with activation
+        checkpointing on (`_chunked_loss`).
         """
-        x = self.hidden_states(idx, kv_cache=kv_cache, position_ids=position_ids, attention_mask=attention_mask)
-        if targets is not None and self._recomputes(kv_cache) and not last_token_only:
-            rows = max(1, LOSS_CHUNK_BYTES // (4 * self.config.vocab_size))  # tokens per chunk of float32 logits
-            if x.shape[0] * x.shape[1] > rows:
-                return None, self._chunked_loss(x.flatten(0, 1), targets.flatten(), rows=rows)
+        rows = loss_chunk_rows(self.config.vocab_size, idx.numel())
+        chunked = targets is not None and rows is not None and not last_token_only and kv_cache is None \
+            and self.training and torch.is_grad_enabled()
+        # Not while torch.compile traces: the fused step's gradients and chunk loop are for eager mode.
+        fused = chunked and self.head_fuses_with_loss() and not torch.compiler.is_compiling()
+        head = self.lm_head
+        # A head tied to the token embedding and fused with the loss puts the shared weight's dense (V, C)
+        # gradient into .grad itself; the lookup's own can then be sparse (its rows only) and is added to it in
+        # place, instead of as a second dense (V, C) tensor (311 MB at Qwen3-0.6B in bf16).
+        sparse = fused and head.weight.requires_grad and isinstance(self.transformer.wte, nn.Embedding) \
+            and self.transformer.wte.weight is head.weight
+        x = self.hidden_states(idx, kv_cache=kv_cache, position_ids=position_ids, attention_mask=attention_mask,
+                               sparse_embedding_grad=sparse)
+        if fused:
+            h = self.transformer.ln_f(x).flatten(0, 1)  # (N, C)
+            return None, linear_cross_entropy(h, head.weight, head.bias, targets.flatten(),
+                                              softcap=self.config.logit_softcap, rows=rows, grad_into_param=sparse)
+        if chunked and self._recomputes(kv_cache):
+            return None, self._chunked_loss(x.flatten(0, 1), targets.flatten(), rows=rows)
         if last_token_only:
             x = x[:, -1:, :]  # (B, 1, C): skip the V-wide head for positions nobody samples from
         logits = self.head(x)  # (B, T, V)
@@ -631,11 +656,14 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         position_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        sparse_embedding_grad: bool = False,
     ) -> Tensor:
         """The residual stream after the last block, (B, T, C): `forward` without the final norm and head.
 
         Why separate: scoring (eval) needs the V-wide head only at some positions, and for many
         positions it is cheaper to run the head a few rows at a time than to hold (B, T, V) logits.
+        `sparse_embedding_grad` makes the token embedding's gradient sparse: only where a dense gradient of
+        the same weight is sure to join it (a tied head fused with the loss), or an optimizer would get it.
         """
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
@@ -655,7 +683,8 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=idx.device)  # (T,)
 
-        x = self.transformer.wte(idx)  # (B, T, C)
+        wte = self.transformer.wte
+        x = F.embedding(idx, wte.weight, sparse=True) if sparse_embedding_grad else wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos_encoding == "rope":
             rope = self.transformer.wpe(position_ids)  # (cos, sin), applied to q and k in every layer
@@ -681,6 +710,11 @@ class GPT(nn.Module):
     def _recomputes(self, kv_cache: KVCache | None) -> bool:
         """Whether this call checkpoints: only when a backward will follow (training mode, grad on, no KV cache)."""
         return self.activation_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
+
+    def head_fuses_with_loss(self) -> bool:
+        """Whether a chunked loss runs fused with the head (`model.fused_loss`): a plain linear head only (the
+        fused step uses its weight and bias directly; a LoRA or int8 head has more to it)."""
+        return type(self.lm_head) in (Linear, nn.Linear)
 
     def _chunked_loss(self, x: Tensor, targets: Tensor, *, rows: int) -> Tensor:
         """Mean cross-entropy of hidden states x (N, C) against targets (N,), `rows` tokens at a time.

@@ -5,7 +5,8 @@ a model fits on the machine before an hour is spent finding out.
                  split into what trains and the frozen rest
     gradients    one per trainable parameter, in its dtype (accumulation adds into the same buffers)
     optimizer    AdamW: exp_avg + exp_avg_sq per trainable parameter in its dtype; KahanAdamW (bf16-true) also
-                 its compensation; Muon: one momentum buffer for each matrix it trains
+                 its compensation; Muon: one momentum buffer for each matrix it trains (and a compensation for
+                 bf16 ones)
     activations  what autograd keeps for the backward pass, per token (below) × the micro-batch's tokens
                  (gradient accumulation runs one micro-batch at a time, so it does not multiply this)
 
@@ -16,8 +17,9 @@ Ckv = n_kv_head·hs, H the MLP's hidden width), in the activations' dtype (bf16 
                  output projection's input 2Cq, the MLP's hidden 2H (3H for SwiGLU: gate, up, silu(gate))
     the head     the final norm's input and output 2C, plus logits and log-probabilities (2V) in float32
 With activation checkpointing a block keeps only its input (C), and the backward pass recomputes one block
-at a time, so one block's full set is added back once; and where the micro-batch's float32 logits exceed
-model.gpt.LOSS_CHUNK_BYTES the head and loss run a chunk of tokens at a time, so no logits are kept at all.
+at a time, so one block's full set is added back once. Where the micro-batch's float32 logits exceed
+model.gpt.LOSS_CHUNK_BYTES the head and loss run a chunk of tokens at a time, so no logits are kept at all:
+always with a plain linear head (fused with the loss), and under checkpointing with any head.
 
 The peak RSS adds what the total leaves out, as measured (peak RSS, AMD EPYC Zen 3, torch 2.13):
     runtime      Python, torch and scratchgpt before any model: 224 MB
@@ -40,7 +42,7 @@ import torch
 from torch import nn
 
 from scratchgpt.config import GPTConfig
-from scratchgpt.model.gpt import LOSS_CHUNK_BYTES
+from scratchgpt.model.gpt import GPT, loss_chunk_rows
 from scratchgpt.model.quantize import BLOCK_BYTES, Int8Linear
 from scratchgpt.training.optim import KahanAdamW, MuonAdamW
 
@@ -123,9 +125,13 @@ def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
     """The state `optimizer` will hold once it has stepped: per parameter, its slots × its bytes."""
     muon = {id(p) for g in optimizer.muon.param_groups for p in g["params"]} \
         if isinstance(optimizer, MuonAdamW) and optimizer.muon is not None else set()
-    adam_slots = 3 if isinstance(optimizer, KahanAdamW) else 2
-    return sum(p.numel() * p.element_size() * (1 if id(p) in muon else adam_slots)
-               for g in optimizer.param_groups for p in g["params"])
+    adamw = optimizer.adamw if isinstance(optimizer, MuonAdamW) else optimizer
+    adam_slots = 3 if isinstance(adamw, KahanAdamW) else 2
+
+    def slots(p: torch.Tensor) -> int:  # Muon: momentum, and a compensation for bf16 weights (bf16-true)
+        return (1 + (p.dtype == torch.bfloat16)) if id(p) in muon else adam_slots
+
+    return sum(p.numel() * p.element_size() * slots(p) for g in optimizer.param_groups for p in g["params"])
 
 
 def estimate_memory(
@@ -149,10 +155,11 @@ def estimate_memory(
             frozen[name] = frozen.get(name, 0) + n
     config = getattr(model, "config", None)
     config = config if isinstance(config, GPTConfig) else None
-    chunk_tokens = None  # GPT.forward's rule: chunked under checkpointing when the logits exceed LOSS_CHUNK_BYTES
-    if config is not None and checkpointing:
-        rows = max(1, LOSS_CHUNK_BYTES // (4 * config.vocab_size))
-        chunk_tokens = rows if tokens > rows else None
+    # GPT.forward's rule: logits over LOSS_CHUNK_BYTES are chunked with a plain head (fused with the loss) or
+    # under checkpointing (any head).
+    chunk_tokens = loss_chunk_rows(config.vocab_size, tokens) if config is not None else None
+    if chunk_tokens is not None and not (checkpointing or (isinstance(model, GPT) and model.head_fuses_with_loss())):
+        chunk_tokens = None
     per_token = activation_bytes_per_token(config, dtype_bytes=dtype_bytes, checkpointing=checkpointing,
                                            logits=chunk_tokens is None) if config is not None else 0
     transient = _transient_bytes(model, config, tokens=tokens, dtype_bytes=dtype_bytes, chunk_tokens=chunk_tokens)
