@@ -10,6 +10,7 @@ Weights are random, in the preset's shapes; batch 1, AdamW, --seq tokens (512). 
   peft-{float32,bf16}               transformers + peft, the same LoRA (q/k/v/o/gate/up/down, rank 8); bf16:
                                     float32 weights under bf16 autocast
   full-{float32,bf16-true}[+ckpt]   scratchgpt full fine-tune (qwen3-0.6b)
+  hf-full-{float32,bf16}            transformers, the same full fine-tune (bf16: under bf16 autocast)
   load-{float32,bfloat16}           load_hf of a saved llama-3.2-1b folder (written once into --work)
   decode-{float32,bfloat16,int8}    greedy decode tok/s at llama-3.2-1b; hf-decode-float32: transformers
 
@@ -43,6 +44,7 @@ from pathlib import Path
 
 LORA_ROWS = tuple(f"lora-{b}{c}" for b in ("float32", "bf16", "int8") for c in ("", "+ckpt"))
 ROWS = (*LORA_ROWS, "peft-float32", "peft-bf16", "full-float32", "full-bf16-true", "full-bf16-true+ckpt",
+        "hf-full-float32", "hf-full-bf16",
         "load-float32", "load-bfloat16", "decode-float32", "decode-bfloat16", "decode-int8", "hf-decode-float32")
 LORA_PRESET, FULL_PRESET = "llama-3.2-1b", "qwen3-0.6b"
 # --smoke: the presets' families at toy sizes (every code path, seconds per row).
@@ -157,14 +159,19 @@ def _hf_model(preset: str, args: argparse.Namespace):
     return AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
 
 
-def peft_train(row: str, args: argparse.Namespace) -> dict:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        return {"skipped": "peft is not installed (bench-only dependency: pip install 'scratchgpt[bench]')"}
+def hf_train(row: str, args: argparse.Namespace) -> dict:
+    """transformers (+ peft for the LoRA rows): the same steps as scratchgpt's rows, fused AdamW."""
     import torch
 
-    model = get_peft_model(_hf_model(LORA_PRESET, args), LoraConfig(r=8, lora_alpha=16, target_modules=HF_TARGETS))
+    if row.startswith("peft-"):
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            return {"skipped": "peft is not installed (bench-only dependency: pip install 'scratchgpt[bench]')"}
+        model = get_peft_model(_hf_model(LORA_PRESET, args), LoraConfig(r=8, lora_alpha=16,
+                                                                        target_modules=HF_TARGETS))
+    else:
+        model = _hf_model(FULL_PRESET, args)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -261,8 +268,8 @@ def one(row: str, args: argparse.Namespace) -> dict:
         return save(args)
     if row.startswith(("lora-", "full-")):
         out = scratchgpt_train(row, args)
-    elif row.startswith("peft-"):
-        out = peft_train(row, args)
+    elif row.startswith(("peft-", "hf-full-")):
+        out = hf_train(row, args)
     elif row.startswith("load-"):
         out = load(row, args)
     else:
