@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 # float32 products run with FLOAT32_ROWS times `rows` tokens a chunk: each chunk streams the whole (V, C) head,
 # and MKL's float32 product is slow at few rows. Measured on Llama-3.2-1B's head (128,256 x 2048), 2 threads,
 # AMD EPYC Zen 4: 112 GFLOP/s at 130 rows, 141 at 256, 146-191 at 512; bfloat16 ran ~400 at every count.
