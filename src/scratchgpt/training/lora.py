@@ -84,7 +84,7 @@ class LoRALinear(nn.Module):
         # x Aᵀ first: (N, r) is far smaller than forming the (out, in) product B·A every step. The scaling goes
         # on it too, not on an out-wide tensor, and B's product is added into y by addmm rather than made as a
         # (N, out) tensor of its own: its backward then forms B's gradient as (hᵀ g)ᵀ, r rows by out, instead
-        # of g ᵀh. On Llama-3.2-1B's 16,384-wide gate/up layer (float32, 512 tokens) that made the adapter's
+        # of gᵀh. On Llama-3.2-1B's 16,384-wide gate/up layer (float32, 512 tokens) that made the adapter's
         # forward 5x and its B gradient 3.7x faster.
         h = F.linear(self.lora_dropout(x), a) * self.scaling  # (N, r)
         h, bt = h.to(y.dtype), b.t().to(y.dtype)  # (autocast may give y another dtype than x's)
