@@ -38,7 +38,7 @@ def test_loss_and_gradients_match_cross_entropy(cap, rows):
     (ref * 0.25).backward()
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
     for g, r in zip(got, [h.grad, w.grad, b.grad], strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)  # chunked products sum in another order
     assert h.grad[3:11].abs().sum() == 0  # ignored tokens get no gradient
 
 

@@ -407,8 +407,9 @@ def test_kahan_adamw_in_chunks_is_the_same_update(monkeypatch: pytest.MonkeyPatc
     import scratchgpt.training.optim as optim
 
     gen = torch.Generator().manual_seed(0)
-    start = [torch.randn(40, 30, generator=gen).bfloat16(), torch.randn(30, 40, generator=gen).bfloat16()]
-    grads = [[torch.randn(40, 30, generator=gen).bfloat16(), torch.randn(40, 30, generator=gen).bfloat16().t()]
+    # Sizes in whole chunks of whole vectors on any CPU, so no element takes another code path when chunked.
+    start = [torch.randn(64, 32, generator=gen).bfloat16(), torch.randn(32, 64, generator=gen).bfloat16()]
+    grads = [[torch.randn(64, 32, generator=gen).bfloat16(), torch.randn(64, 32, generator=gen).bfloat16().t()]
              for _ in range(5)]
 
     def run() -> list[torch.Tensor]:
@@ -421,7 +422,7 @@ def test_kahan_adamw_in_chunks_is_the_same_update(monkeypatch: pytest.MonkeyPatc
         return [p.detach().clone() for p in params]
 
     whole = run()
-    monkeypatch.setattr(optim, "CHUNK", 64)  # 1,200 elements: 19 chunks
+    monkeypatch.setattr(optim, "CHUNK", 64)  # 2,048 elements: 32 chunks
     chunked = run()
     for a, b in zip(whole, chunked, strict=True):
         assert torch.equal(a, b)
