@@ -7,6 +7,7 @@ record is a document, as each file is), or the decompressed text file.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import lzma
 import re
@@ -385,10 +386,17 @@ def test_a_compressed_file_gets_workers_for_its_text_not_its_size(tmp_path: Path
     assert pools == [2]
 
 
-def test_parquet_is_read_a_little_at_a_time(tmp_path: Path) -> None:
-    """pyarrow's own memory (which tracemalloc does not see) holds a block, not the file: its default
-    pre-buffering read a whole 700 MB file ahead."""
+@pytest.mark.parametrize("where", ["parsing process", "reading process"])
+def test_parquet_is_read_a_little_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """pyarrow's own memory (which tracemalloc does not see) holds a batch of rows, not the file (its default
+    pre-buffering read a whole 700 MB file ahead), whether the row groups are read where the block is parsed
+    (small row groups) or streamed by the reading process (row groups over WORKER_READ_BYTES)."""
     import random
+
+    import scratchgpt.data.sources as sources
+
+    if where == "reading process":
+        monkeypatch.setattr(sources, "WORKER_READ_BYTES", 1 << 10)
 
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     letters = bytes(b"abcdefghij klmnopqrstuvwxyz"[i % 27] for i in range(256))
@@ -397,11 +405,46 @@ def test_parquet_is_read_a_little_at_a_time(tmp_path: Path) -> None:
     src = tmp_path / "big.parquet"
     pq.write_table(pa.table({"text": texts}), src, row_group_size=2000, compression="snappy")
     assert src.stat().st_size > 6 << 20  # ~8 MB: random letters barely compress
-    base, peak, rows = pa.total_allocated_bytes(), 0, 0
+    base, peak, got = pa.total_allocated_bytes(), 0, []
     for block in iter_blocks(Source.of(src), block_bytes=64 << 10):
-        peak = max(peak, pa.total_allocated_bytes() - base)
-        rows += sum(map(len, block.data))
-    assert rows == len(texts) and peak < 3 << 20, peak
+        assert isinstance(block.data, sources.RowGroups) == (where == "parsing process")
+        for text in block_texts(block):
+            peak = max(peak, pa.total_allocated_bytes() - base)
+            got.append(text)
+    assert got == texts and peak < 3 << 20, peak
+
+
+def test_parquet_blocks_of_whole_row_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small row groups are planned from the metadata alone (nothing of the column is read by the reading
+    process) into blocks of whole row groups of about block_bytes of text; their rows and progress add up,
+    nested columns and a bad row are found where the block is parsed, and prepare writes the same ids as
+    when the reading process streams the column."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    import scratchgpt.data.sources as sources
+
+    texts = [f"row {i} " + "x" * (i % 50) for i in range(1000)]
+    src = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"meta": [{"body": t} for t in texts]}), src, row_group_size=100)
+    monkeypatch.setattr(sources, "_arrow_batches", None)  # the planned path never streams the column
+    blocks = list(iter_blocks(Source.of(src), field="meta.body", block_bytes=4096))
+    assert all(isinstance(b.data, sources.RowGroups) for b in blocks) and 1 < len(blocks) < 10
+    assert [i for b in blocks for i in b.data.indexes] == list(range(10))  # each row group once, in order
+    assert [b.first for b in blocks] == [0, *itertools.accumulate(b.data.rows for b in blocks[:-1])]
+    assert sum(b.nbytes for b in blocks) == src.stat().st_size
+    assert [t for b in blocks for t in block_texts(b, field="meta.body")] == texts
+    monkeypatch.undo()
+
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"text": [*texts[:950], None, *texts[951:]]}), bad, row_group_size=100)
+    with pytest.raises(DataError, match=r"bad.parquet: row 950 \(from 0\): 'text' is null"):
+        [t for b in iter_blocks(Source.of(bad), block_bytes=4096) for t in block_texts(b)]
+
+    common = dict(tokenizer="char", val_fraction=0.1, chunk_bytes=2048, progress=False, text_field="meta.body")
+    prepare(src, tmp_path / "planned", workers=2, **common)
+    monkeypatch.setattr(sources, "WORKER_READ_BYTES", 0)  # every row group too big: streamed by the reader
+    assert not any(isinstance(b.data, sources.RowGroups) for b in iter_blocks(Source.of(src), field="meta.body"))
+    prepare(src, tmp_path / "streamed", workers=1, **common)
+    assert _token_files(tmp_path / "planned") == _token_files(tmp_path / "streamed")
 
 
 @pytest.mark.parametrize(("kind", "workers"), [("jsonl.gz", 1), ("parquet", 1), ("jsonl.gz", 2)])

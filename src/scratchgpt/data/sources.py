@@ -181,14 +181,27 @@ _CHECK = {"gzip": "gzip -t", "xz": "xz -t", "zstd": "zstd -t"}
 # one cannot be split) does little more than read it.
 
 BLOCK_BYTES = 4 << 20  # raw bytes (JSONL) or text bytes (Parquet, Arrow) per block
+# A Parquet file whose row groups hold at most this much of the text column (uncompressed, as its metadata
+# says) is cut into blocks of whole row groups that the parsing process reads itself: the reading process
+# then only plans, and no text crosses a pipe. Bigger row groups are streamed by the reading process, so
+# that no process holds more than a few blocks.
+WORKER_READ_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """Whole row groups of a Parquet file, not read yet: `block_texts` reads them where it runs."""
+
+    indexes: tuple[int, ...]
+    rows: int
 
 
 @dataclass(frozen=True)
 class RecordBlock:
-    """Consecutive records of one file, read but not parsed: `data` holds whole JSONL lines (bytes), or the
-    text column of Parquet or Arrow rows (pyarrow string arrays). `first` is the line number of its first
-    line (JSONL, from 1) or the row of its first row (from 0); `nbytes`, how far reading it went into the
-    (compressed) file: the progress it stands for."""
+    """Consecutive records of one file, read but not parsed: `data` holds whole JSONL lines (bytes), the text
+    column of Parquet or Arrow rows (pyarrow string arrays), or Parquet `RowGroups` to read. `first` is the
+    line number of its first line (JSONL, from 1) or the row of its first row (from 0); `nbytes`, how far
+    reading it went into the (compressed) file: the progress it stands for."""
 
     source: Source
     first: int
@@ -216,7 +229,8 @@ def block_texts(block: RecordBlock, *, field: str = "text",
     """
     if block.source.format != "jsonl":
         row = block.first
-        for values in block.data:
+        arrays = _read_row_groups(block, field) if isinstance(block.data, RowGroups) else block.data
+        for values in arrays:
             if values.null_count:
                 at = row + values.is_null().to_pylist().index(True)
                 raise DataError(f"{block.source.path}: row {at} (from 0): {field!r} is null, not text; fill or "
@@ -337,17 +351,17 @@ def _json_field(record: Any, field: str, where: str) -> str:
 
 def _arrow_blocks(source: Source, field: str, block_bytes: int) -> Iterator[RecordBlock]:
     """The text column (`field`, a dotted path reaching into structs) of a Parquet or Arrow file's rows,
-    about block_bytes of text at a time."""
+    about block_bytes of text at a time: Parquet row groups to read (`_row_group_blocks`) where they are
+    small enough, else the column itself, read here."""
     pa = _optional("pyarrow", source.path, f"a {source.format} file")
-    import pyarrow.compute as pc
-
+    if source.format == "parquet" and (planned := _row_group_blocks(source, field, block_bytes, pa)) is not None:
+        yield from planned
+        return
     size = source.path.stat().st_size
     arrays: list[Any] = []
     row, held, reported = 0, 0, 0
     for batch, position in _arrow_batches(source, field, pa):
-        values = batch.column(0)
-        for name in _column_path(batch.schema, field)[1:]:
-            values = pc.struct_field(values, [values.type.get_field_index(name)])  # null where the struct is null
+        values = _text_column(batch, field)
         arrays.append(values)
         held += values.nbytes
         if held >= block_bytes:
@@ -357,6 +371,66 @@ def _arrow_blocks(source: Source, field: str, block_bytes: int) -> Iterator[Reco
             arrays, held = [], 0
     if arrays:
         yield RecordBlock(source, row, arrays, max(0, size - reported))
+
+
+def _text_column(batch: Any, field: str) -> Any:
+    """The string array at `field` of a record batch of one column (the top of `field`'s path)."""
+    import pyarrow.compute as pc
+
+    values = batch.column(0)
+    for name in _column_path(batch.schema, field)[1:]:
+        values = pc.struct_field(values, [values.type.get_field_index(name)])  # null where the struct is null
+    return values
+
+
+def _row_group_blocks(source: Source, field: str, block_bytes: int, pa: Any) -> list[RecordBlock] | None:
+    """Blocks of whole row groups, about block_bytes of text each, planned from the file's metadata alone;
+    None when a row group holds more than WORKER_READ_BYTES of the column (or the metadata is unreadable:
+    the streaming reader then says why)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(source.path).metadata
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        return None
+    top = _check_field(meta.schema.to_arrow_schema(), source, field, pa)[0]
+    groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+    sizes = [sum(g.column(j).total_uncompressed_size for j in range(g.num_columns)
+                 if g.column(j).path_in_schema.split(".")[0] == top) for g in groups]
+    if any(n > WORKER_READ_BYTES for n in sizes):
+        return None
+    size, total = source.path.stat().st_size, max(1, meta.num_rows)
+    blocks: list[RecordBlock] = []
+    indexes: list[int] = []
+    row, rows, held, reported = 0, 0, 0, 0
+    for i, (group, n) in enumerate(zip(groups, sizes, strict=True)):
+        indexes.append(i)
+        rows, held = rows + group.num_rows, held + n
+        if held >= block_bytes or i == len(groups) - 1:
+            position = size if i == len(groups) - 1 else size * (row + rows) // total
+            blocks.append(RecordBlock(source, row, RowGroups(tuple(indexes), rows), position - reported))
+            row, reported, indexes, rows, held = row + rows, position, [], 0, 0
+    return blocks
+
+
+def _read_row_groups(block: RecordBlock, field: str) -> Iterator[Any]:
+    """The text column of a block's `RowGroups`, a batch of rows at a time (read as `_arrow_batches` reads)."""
+    pa = _optional("pyarrow", block.source.path, "a parquet file")
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(block.source.path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
+        top = _column_path(pf.schema_arrow, field)[0]
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=list(block.data.indexes), columns=[top],
+                                     use_threads=False):
+            yield _text_column(batch, field)
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataError(f"{block.source.path}: not a readable parquet file ({e}); write it again with "
+                        f"pyarrow or `datasets`") from None
 
 
 def _arrow_batches(source: Source, field: str | None, pa: Any) -> Iterator[tuple[Any, int]]:
