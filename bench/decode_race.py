@@ -54,13 +54,22 @@ FORMATS = {"float32": "float32", "int8": "q8_0", "int4": "q4_0"}  # ours -> the 
 _WORKER = r"""
 import json, sys, time
 import llama_cpp
+import llama_cpp.llama_cpp as api
+defaults = api.llama_model_default_params
 llm = None
 for line in sys.stdin:
     cmd = json.loads(line)
     if cmd["op"] == "load":
         llm = None
+        if not cmd["extra_buffers"]:  # no repacked weights (AMX, CPU_REPACK): llama.cpp's plain kernels
+            def no_extra(defaults=defaults):
+                params = defaults()
+                params.use_extra_bufts = False
+                return params
+            api.llama_model_default_params = no_extra
         llm = llama_cpp.Llama(model_path=cmd["path"], n_ctx=cmd["n_ctx"], n_batch=64, n_threads=cmd["threads"],
                               n_threads_batch=cmd["threads"], verbose=False)
+        api.llama_model_default_params = defaults
         out = {"ok": True, "version": llama_cpp.__version__}
     elif cmd["op"] == "run":
         llm.reset()  # no prefix reuse: the prompt is evaluated every time, as ours is
@@ -77,16 +86,25 @@ for line in sys.stdin:
 """
 
 
+class WorkerDied(RuntimeError):
+    """The llama.cpp process ended while answering (a crash inside llama.cpp: see `race`)."""
+
+
 class LlamaCpp:
     """llama-cpp-python in a child process of its own environment."""
 
     def __init__(self, venv: Path) -> None:
-        python = venv / "bin" / "python"
-        if not python.is_file():
+        self.python = venv / "bin" / "python"
+        if not self.python.is_file():
             raise SystemExit(f"bench/decode_race.py: no llama-cpp-python environment at {venv}; build it with "
                              f"`bash bench/build_llama_cpp.sh` (or pass --llama-cpp-venv)")
-        self.proc = subprocess.Popen([str(python), "-c", _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+        flags = venv / "build-flags.txt"
+        self.build_flags = flags.read_text().strip() if flags.is_file() else "not recorded"
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([str(self.python), "-c", _WORKER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
 
     def ask(self, **cmd: object) -> dict:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -94,8 +112,7 @@ class LlamaCpp:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise SystemExit(f"bench/decode_race.py: the llama.cpp worker died on {cmd['op']} (exit "
-                             f"{self.proc.wait()})")
+            raise WorkerDied(f"the llama.cpp worker died on {cmd['op']} (exit {self.proc.wait()})")
         return json.loads(line)
 
     def close(self) -> None:
@@ -173,7 +190,8 @@ def race(name: str, args: argparse.Namespace, llama: LlamaCpp, stream: dict, ben
     row: dict[str, object] = {"bench": "decode_race", "model": name + ("-tiny" if args.tiny else ""),
                               "params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 1),
                               "threads": args.threads, "prompt_tokens": args.prompt_len,
-                              "new_tokens": args.new_tokens, "rounds": args.rounds, **stream}
+                              "new_tokens": args.new_tokens, "rounds": args.rounds, **stream,
+                              "llama_cpp_build": llama.build_flags}
     reference: list[int] | None = None
     for ours_fmt, gguf_dtype in FORMATS.items():
         if ours_fmt not in args.formats:
@@ -184,11 +202,15 @@ def race(name: str, args: argparse.Namespace, llama: LlamaCpp, stream: dict, ben
         row[f"{gguf_dtype}_export_s"] = round(time.perf_counter() - t0, 1)
         row[f"{gguf_dtype}_file_mb"] = round(path.stat().st_size / 1e6, 1)
         ours = base if ours_fmt == "float32" else quantize_model(copy.deepcopy(base), ours_fmt)
-        loaded = llama.ask(op="load", path=str(path), n_ctx=args.prompt_len + args.new_tokens + 8,
-                           threads=args.threads)
-        row["llama_cpp_version"] = loaded["version"]
         ours_toks = generate(ours, prompt, sampling)[0]  # warm-up of both sides
-        theirs_toks = llama.ask(op="run", prompt=prompt, n=args.new_tokens)["tokens"]
+        try:
+            row["llama_cpp_version"], theirs_toks = _load_and_run(llama, path, prompt, args, extra_buffers=True)
+        except WorkerDied as e:
+            # ggml's AMX buffer has crashed (segmentation fault) on some AMX machines (llama.cpp#20824):
+            # the row then races llama.cpp without repacked weights, and says so.
+            llama.start()
+            row["llama_cpp_version"], theirs_toks = _load_and_run(llama, path, prompt, args, extra_buffers=False)
+            row[f"llama_cpp_{gguf_dtype}_extra_buffers"] = f"off: {e} with them"
         best_ours = best_theirs = float("inf")
         for _ in range(args.rounds):
             t0 = time.perf_counter()
@@ -218,6 +240,14 @@ def race(name: str, args: argparse.Namespace, llama: LlamaCpp, stream: dict, ben
         if not args.keep:
             path.unlink()
     return row
+
+
+def _load_and_run(llama: LlamaCpp, path: Path, prompt: list[int], args: argparse.Namespace, *,
+                  extra_buffers: bool) -> tuple[str, list[int]]:
+    """Load a GGUF file into the llama.cpp worker and decode once (the warm-up): (its version, the tokens)."""
+    loaded = llama.ask(op="load", path=str(path), n_ctx=args.prompt_len + args.new_tokens + 8,
+                       threads=args.threads, extra_buffers=extra_buffers)
+    return loaded["version"], llama.ask(op="run", prompt=prompt, n=args.new_tokens)["tokens"]
 
 
 def _decode_path(model) -> str:
