@@ -433,6 +433,10 @@ def test_parquet_blocks_of_whole_row_groups(tmp_path: Path, monkeypatch: pytest.
     assert sum(b.nbytes for b in blocks) == src.stat().st_size
     assert [t for b in blocks for t in block_texts(b, field="meta.body")] == texts
     monkeypatch.undo()
+    # A top-level column whose own name holds a dot is sized by its chunks too (one block each here).
+    dotted = tmp_path / "dotted.parquet"
+    pq.write_table(pa.table({"meta.body": texts, "n": list(range(1000))}), dotted, row_group_size=100)
+    assert len(list(iter_blocks(Source.of(dotted), field="meta.body", block_bytes=1000))) == 10
 
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"text": [*texts[:950], None, *texts[951:]]}), bad, row_group_size=100)
