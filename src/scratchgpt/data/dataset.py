@@ -10,7 +10,8 @@ their ids are written in order, so memory stays bounded and the output is the sa
 workers. A record file is read in blocks of whole records (`sources.iter_blocks`) that the pool's
 processes parse as well as tokenize, in both passes: one process reads each file (a compressed stream
 cannot be split), and parsing records (JSON, Python strings) costs far more than reading them, so the
-reading process must not parse. By default each document's first (1 - val_fraction) of characters goes
+reading process must not parse. A Parquet file whose row groups are of moderate size is not even read
+there: its blocks are row-group numbers, planned from its metadata, that each process reads itself. By default each document's first (1 - val_fraction) of characters goes
 to train and the rest to val, as nanoGPT splits Tiny Shakespeare (301,966 / 36,059 GPT-2 tokens). For
 corpora of many small documents (one per file), `split_by="documents"` sends whole files to val instead,
 spread evenly over the sorted list. Each record of a record file is a document as a file is: the output

@@ -397,10 +397,11 @@ def _row_group_blocks(source: Source, field: str, block_bytes: int, pa: Any) -> 
         return None
     top = _check_field(meta.schema.to_arrow_schema(), source, field, pa)[0]
     groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
-    # The column chunks under `top` (itself, or a struct's fields: "meta.body" under "meta"; a top-level
-    # name may hold dots itself).
-    sizes = [sum(c.total_uncompressed_size for c in map(g.column, range(g.num_columns))
-                 if c.path_in_schema == top or c.path_in_schema.startswith(top + ".")) for g in groups]
+    # The leaf columns under `top` (itself, or a struct's fields: "meta.body" under "meta"; a top-level name
+    # may hold dots itself), found once: a row group's size is theirs.
+    leaves = [j for j in range(meta.num_columns)
+              if (path := meta.schema.column(j).path) == top or path.startswith(top + ".")]
+    sizes = [sum(g.column(j).total_uncompressed_size for j in leaves) for g in groups]
     if any(n > WORKER_READ_BYTES for n in sizes):
         return None
     size, total = source.path.stat().st_size, max(1, meta.num_rows)
