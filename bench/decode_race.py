@@ -87,7 +87,12 @@ for line in sys.stdin:
 
 
 class WorkerDied(RuntimeError):
-    """The llama.cpp process ended while answering (a crash inside llama.cpp: see `race`)."""
+    """The llama.cpp process ended while answering; `signal` is True when a signal killed it (a crash inside
+    llama.cpp: see `race`)."""
+
+    def __init__(self, message: str, *, signal: bool) -> None:
+        super().__init__(message)
+        self.signal = signal
 
 
 class LlamaCpp:
@@ -108,11 +113,15 @@ class LlamaCpp:
 
     def ask(self, **cmd: object) -> dict:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
         if not line:
-            raise WorkerDied(f"the llama.cpp worker died on {cmd['op']} (exit {self.proc.wait()})")
+            code = self.proc.wait()
+            raise WorkerDied(f"the llama.cpp worker died on {cmd['op']} (exit {code})", signal=code < 0)
         return json.loads(line)
 
     def close(self) -> None:
@@ -207,7 +216,9 @@ def race(name: str, args: argparse.Namespace, llama: LlamaCpp, stream: dict, ben
             row["llama_cpp_version"], theirs_toks = _load_and_run(llama, path, prompt, args, extra_buffers=True)
         except WorkerDied as e:
             # ggml's AMX buffer has crashed (segmentation fault) on some AMX machines (llama.cpp#20824):
-            # the row then races llama.cpp without repacked weights, and says so.
+            # the row then races llama.cpp without repacked weights, and says so. Any other end is an error.
+            if not e.signal:
+                raise SystemExit(f"bench/decode_race.py: {e}") from None
             llama.start()
             row["llama_cpp_version"], theirs_toks = _load_and_run(llama, path, prompt, args, extra_buffers=False)
             row[f"llama_cpp_{gguf_dtype}_extra_buffers"] = f"off: {e} with them"
