@@ -11,12 +11,12 @@ workers. A record file is read in blocks of whole records (`sources.iter_blocks`
 processes parse as well as tokenize, in both passes: one process reads each file (a compressed stream
 cannot be split), and parsing records (JSON, Python strings) costs far more than reading them, so the
 reading process must not parse. A Parquet file whose row groups are of moderate size is not even read
-there: its blocks are row-group numbers, planned from its metadata, that each process reads itself. By default each document's first (1 - val_fraction) of characters goes
-to train and the rest to val, as nanoGPT splits Tiny Shakespeare (301,966 / 36,059 GPT-2 tokens). For
-corpora of many small documents (one per file), `split_by="documents"` sends whole files to val instead,
-spread evenly over the sorted list. Each record of a record file is a document as a file is: the output
-is that of one text file per record (short records are joined with `<|endoftext|>` into pieces of about
-the same size).
+there: its blocks are row-group numbers, planned from its metadata, that each process reads itself. By
+default each document's first (1 - val_fraction) of characters goes to train and the rest to val, as
+nanoGPT splits Tiny Shakespeare (301,966 / 36,059 GPT-2 tokens). For corpora of many small documents (one
+per file), `split_by="documents"` sends whole files to val instead, spread evenly over the sorted list.
+Each record of a record file is a document as a file is: the output is that of one text file per record
+(short records are joined with `<|endoftext|>` into pieces of about the same size).
 """
 
 from __future__ import annotations

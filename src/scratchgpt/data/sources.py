@@ -390,12 +390,13 @@ def _row_group_blocks(source: Source, field: str, block_bytes: int, pa: Any) -> 
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.ParquetFile(source.path).metadata
+        pf = pq.ParquetFile(source.path)
     except (pa.ArrowInvalid, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         return None
-    top = _check_field(meta.schema.to_arrow_schema(), source, field, pa)[0]
+    meta = pf.metadata
+    top = _check_field(pf.schema_arrow, source, field, pa)[0]  # the schema the streaming reader checks
     groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
     # The leaf columns under `top` (itself, or a struct's fields: "meta.body" under "meta"; a top-level name
     # may hold dots itself), found once: a row group's size is theirs.
