@@ -422,19 +422,36 @@ def _row_group_blocks(source: Source, field: str, block_bytes: int, pa: Any) -> 
 def _read_row_groups(block: RecordBlock, field: str) -> Iterator[Any]:
     """The text column of a block's `RowGroups`, a batch of rows at a time (read as `_arrow_batches` reads)."""
     pa = _optional("pyarrow", block.source.path, "a parquet file")
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(block.source.path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
+    with _readable(block.source, pa):
+        pf = _open_parquet(block.source.path)
         top = _column_path(pf.schema_arrow, field)[0]
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=list(block.data.indexes), columns=[top],
-                                     use_threads=False):
+        for batch in _parquet_batches(pf, [top], row_groups=list(block.data.indexes)):
             yield _text_column(batch, field)
+
+
+@contextmanager
+def _readable(source: Source, pa: Any) -> Iterator[None]:
+    """pyarrow's errors reading a Parquet or Arrow file, as one DataError line (a missing file stays as it is)."""
+    try:
+        yield
     except (pa.ArrowInvalid, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
-        raise DataError(f"{block.source.path}: not a readable parquet file ({e}); write it again with "
+        raise DataError(f"{source.path}: not a readable {source.format} file ({e}); write it again with "
                         f"pyarrow or `datasets`") from None
+
+
+def _open_parquet(path: Path) -> Any:
+    import pyarrow.parquet as pq
+
+    # pre_buffer (pyarrow's default) reads ahead the whole file: a 700 MB file took 700 MB of memory.
+    return pq.ParquetFile(path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
+
+
+def _parquet_batches(pf: Any, columns: list[str] | None, *, row_groups: list[int] | None = None) -> Iterator[Any]:
+    # use_threads=False: one column, decoded 1,024 rows at a time, gains nothing from Arrow's threads, which
+    # took the cores from the tokenizer (one worker, 1 GB: 224 s threaded, 168 s without).
+    return pf.iter_batches(batch_size=BATCH_ROWS, row_groups=row_groups, columns=columns, use_threads=False)
 
 
 def _arrow_batches(source: Source, field: str | None, pa: Any) -> Iterator[tuple[Any, int]]:
@@ -445,17 +462,12 @@ def _arrow_batches(source: Source, field: str | None, pa: Any) -> Iterator[tuple
         return None if field is None else [_check_field(schema, source, field, pa)[0]]
 
     size = source.path.stat().st_size
-    try:
+    with _readable(source, pa):
         if source.format == "parquet":
-            import pyarrow.parquet as pq
-
-            # pre_buffer (pyarrow's default) reads ahead the whole file: a 700 MB file took 700 MB of memory.
-            pf = pq.ParquetFile(source.path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
+            pf = _open_parquet(source.path)
             top = columns(pf.schema_arrow)
             total, done = max(1, pf.metadata.num_rows), 0
-            # use_threads=False: one column, decoded 1,024 rows at a time, gains nothing from Arrow's threads,
-            # which took the cores from the tokenizer (one worker, 1 GB: 224 s threaded, 168 s without).
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=top, use_threads=False):
+            for batch in _parquet_batches(pf, top):
                 done += batch.num_rows
                 yield batch, size * done // total
             return
@@ -472,11 +484,6 @@ def _arrow_batches(source: Source, field: str | None, pa: Any) -> Iterator[tuple
             top = columns(stream.schema)
             for batch in stream:
                 yield batch if top is None else batch.select(top), mm.tell()
-    except (pa.ArrowInvalid, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise DataError(f"{source.path}: not a readable {source.format} file ({e}); write it again with "
-                        f"pyarrow or `datasets`") from None
 
 
 def _column_path(schema: Any, field: str) -> list[str]:
