@@ -28,7 +28,11 @@ if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import llama_cpp" 2>/dev/
         && [ "$(cat "$VENV/build-flags.txt" 2>/dev/null)" = "$FLAGS" ]; then
     echo "$VENV"; exit 0
 fi
-rm -rf "$VENV"
+if [ -e "$VENV" ]; then
+    # Only a virtual environment is replaced (LLAMA_CPP_VENV may name any folder).
+    [ -f "$VENV/pyvenv.cfg" ] || { echo "bench/build_llama_cpp.sh: $VENV exists and is not a virtual environment; pass another LLAMA_CPP_VENV" >&2; exit 1; }
+    rm -rf "$VENV"
+fi
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip >&2
 CMAKE_ARGS="$FLAGS -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \

@@ -328,6 +328,8 @@ def main() -> None:
             Path(args.work).mkdir(parents=True, exist_ok=True)
             for name in args.models:
                 print(json.dumps(race(name, args, llama, stream, bench_gen)), flush=True)
+    except WorkerDied as e:  # past a row's first decode: nothing left to retry
+        raise SystemExit(f"bench/decode_race.py: {e}") from None
     finally:
         llama.close()
 
