@@ -30,6 +30,12 @@ from torch import Tensor
 FLOAT32_ROWS = 4
 
 
+def fused_chunk_rows(rows: int, dtype_bytes: int) -> int:
+    """Tokens a chunk of the fused step holds for products of `dtype_bytes` per value, `rows` being
+    `gpt.loss_chunk_rows`'s count (what the training loop runs and the memory estimate counts)."""
+    return rows * FLOAT32_ROWS if dtype_bytes == 4 else rows
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over tokens of cross-entropy(softcap(h Wᵀ + b), targets); the gradients are made in the forward."""
 
@@ -131,7 +137,6 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, targets
     """
     if dtype is None:
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-    if dtype == torch.float32:
-        rows *= FLOAT32_ROWS
+    rows = fused_chunk_rows(rows, dtype.itemsize)
     total = _LinearCrossEntropy.apply(h, weight, bias, targets, softcap, rows, dtype, grad_into_param)
     return total / (targets != -100).sum()

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from scratchgpt.config import GPTConfig
-from scratchgpt.model.fused_loss import FLOAT32_ROWS
+from scratchgpt.model.fused_loss import fused_chunk_rows
 from scratchgpt.model.gpt import GPT, loss_chunk_rows
 from scratchgpt.model.quantize import BLOCK_BYTES, Int8Linear
 from scratchgpt.training.optim import KahanAdamW, MuonAdamW
@@ -162,8 +162,8 @@ def estimate_memory(
     fused = isinstance(model, GPT) and model.head_fuses_with_loss()
     if chunk_tokens is not None and not (checkpointing or fused):
         chunk_tokens = None
-    if chunk_tokens is not None and fused and dtype_bytes == 4:  # float32 products: larger chunks (fused_loss)
-        chunk_tokens = min(tokens, chunk_tokens * FLOAT32_ROWS)
+    if chunk_tokens is not None and fused:
+        chunk_tokens = min(tokens, fused_chunk_rows(chunk_tokens, dtype_bytes))
     per_token = activation_bytes_per_token(config, dtype_bytes=dtype_bytes, checkpointing=checkpointing,
                                            logits=chunk_tokens is None) if config is not None else 0
     transient = _transient_bytes(model, config, tokens=tokens, dtype_bytes=dtype_bytes, chunk_tokens=chunk_tokens)
