@@ -14,6 +14,10 @@ Kernels (`Int4Linear.kernel`):
   - "int4pack": torch's CPU int4 kernel `_weight_int4pack_mm_for_cpu`, weights kept at 4 bits in memory.
   - "dense": the weight dequantized once into a float copy (not saved) and an ordinary F.linear; the
     int4 file is small, the memory is float32's.
+  - "native": scratchgpt's own kernel (model/csrc/int4_linear.cpp, compiled on first use by
+    model/native.py): the weights read as stored, 4.5 bits each, the activation quantized to int8 per
+    32 columns as llama.cpp's Q4_0 x Q8_0 product does, integer multiply-adds (AVX512-VNNI or AVX2).
+    Where it cannot be built, or a layer's `in` is not a multiple of 128, the layer runs "fbgemm".
   - "fbgemm": the int4 weight re-quantized once to int8 with one scale per row (not saved) and run by
     fbgemm's int8 kernel (model/fbgemm.py), as `--quantize int8` runs: a quarter of float32's memory and
     int8's speed. Not exact: fbgemm's per-row scales cannot express per-group ones, so each weight moves
@@ -45,11 +49,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scratchgpt.model.fbgemm import fbgemm_available, fbgemm_linear, fbgemm_pack
+from scratchgpt.model.native import native_kernels
 
 logger = logging.getLogger(__name__)
 
-Int4Kernel = Literal["reference", "int4pack", "dense", "fbgemm"]
-INT4_KERNELS: tuple[str, ...] = ("reference", "int4pack", "dense", "fbgemm")
+Int4Kernel = Literal["reference", "int4pack", "dense", "fbgemm", "native"]
+INT4_KERNELS: tuple[str, ...] = ("reference", "int4pack", "dense", "fbgemm", "native")
 INT4_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 # The smallest positive float16 (a subnormal): the scale of an all-zero group, which any scale represents.
 _MIN_SCALE = 2.0**-24
@@ -181,8 +186,21 @@ class Int4Linear(nn.Module):
         """Whether torch's int4 kernel takes this shape (whole groups along `in`; `out` is padded to 16)."""
         return int4pack_available() and self.in_features % self.group_size == 0
 
+    def native_fits(self) -> bool:
+        """Whether scratchgpt's own kernel takes this layer here: `in` a multiple of 128 and the kernel built
+        (compiled on the first call that asks: see model/native.py)."""
+        return self.in_features % 128 == 0 and native_kernels() is not None
+
     def forward(self, x: Tensor) -> Tensor:
         kernel = self.kernel
+        if kernel == "native":
+            usable = x.is_cpu and x.numel() and self.in_features % 128 == 0 and not (
+                x.requires_grad and torch.is_grad_enabled())
+            kernels = native_kernels() if usable else None
+            if kernels is not None:
+                return self._native(kernels, x)
+            # no backward, another device, a shape it does not take: the next fastest, exact where it matters
+            kernel = "fbgemm" if fbgemm_available() and not x.requires_grad else "dense"
         if kernel == "int4pack" and not (x.is_cpu and self.int4pack_fits()):
             kernel = "dense"  # a shape the kernel does not take: the next fastest, not the slow reference
         if kernel == "fbgemm" and not x.is_cpu:
@@ -201,6 +219,15 @@ class Int4Linear(nn.Module):
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _native(self, kernels, x: Tensor) -> Tensor:
+        """y = x · Wᵀ + b by scratchgpt's kernel: float32 in and out (other dtypes go through it and back)."""
+        flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in); no copy when already so
+        bias = None if self.bias is None else self.bias.float().contiguous()
+        y = kernels.int4_linear(flat, self.weight.contiguous(), self.weight_scale.contiguous(), bias,
+                                self.group_size)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _prepared(self, kernel: str, dtype: torch.dtype):
         """The weight as `kernel` wants it in `dtype`, rebuilt whenever a buffer changed since it was built."""
@@ -283,10 +310,10 @@ class Int4Embedding(nn.Module):
 
 
 def pick_int4_kernel(step_seconds: dict[str, float], *, margin: float = 0.9) -> Int4Kernel:
-    """From measured step times of "dense" and (where measured) "int4pack" and "fbgemm": the faster of
-    the last two when its whole step was at least 1 - `margin` (10%) faster than dense, the known-good
-    path; otherwise dense. Deterministic."""
-    fast = min(("int4pack", "fbgemm"), key=lambda k: step_seconds.get(k, math.inf))
+    """From measured step times of "dense" and (where measured) "int4pack", "fbgemm" and "native": the
+    fastest of the others when its whole step was at least 1 - `margin` (10%) faster than dense, the
+    known-good path; otherwise dense. Deterministic."""
+    fast = min(("int4pack", "fbgemm", "native"), key=lambda k: step_seconds.get(k, math.inf))
     return fast if step_seconds.get(fast, math.inf) < margin * step_seconds["dense"] else "dense"
 
 
@@ -310,6 +337,8 @@ def choose_int4_kernel(model: nn.Module, *, repeats: int = 3,
         candidates.append("int4pack")
     if step_time is not None or fbgemm_available():
         candidates.append("fbgemm")
+    if step_time is not None or any(m.native_fits() for m in layers):
+        candidates.append("native")
     best = dict.fromkeys(candidates, math.inf)
     if len(candidates) > 1:
         step_time = step_time or _forward_timer(model, layers)
@@ -328,6 +357,9 @@ def choose_int4_kernel(model: nn.Module, *, repeats: int = 3,
     elif kernel == "fbgemm":
         logger.info("int4: run by fbgemm's int8 kernel, re-quantized per row at load (%s; one step: %s): int8's "
                     "speed and memory", capability, measured)
+    elif kernel == "native":
+        logger.info("int4: run by scratchgpt's int4 kernel (%s, %s; one step: %s)", capability,
+                    native_kernels().instruction_set(), measured)
     return kernel
 
 

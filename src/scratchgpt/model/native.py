@@ -1,0 +1,121 @@
+"""scratchgpt's own CPU kernels in C++ (model/csrc/), compiled on first use for the CPU they run on.
+
+One kernel today: `int4_linear`, the group-wise int4 product of model/int4.py at batch sizes a decode
+step has, written the way llama.cpp's Q4_0 x Q8_0 dot product is (the activation quantized to int8 per
+32 columns, integer multiply-adds of nibbles and bytes: AVX512-VNNI or AVX2). Neither torch's own
+int4 kernel nor fbgemm's int8 one streams 4-bit weights at the memory's speed on these CPUs (see
+model/int4.py), and a decode step is that stream.
+
+How it is built: `torch.utils.cpp_extension.load` (PyTorch's documented way to JIT-compile an extension;
+it needs a C++ compiler and ninja, which the `ninja` package provides) with `-O3 -march=native`, once per
+CPU model and source version, into `$XDG_CACHE_HOME/scratchgpt/kernels` (or ~/.cache); later processes
+load the built library in ~0.1 s. Where it cannot be built (no compiler, another platform, a build
+error) `native_kernels()` returns None with the reason in `native_unavailable()`, and int4 runs on the
+kernels torch has. `SCRATCHGPT_NATIVE=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "int4_linear.cpp"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
+
+# One build or load at a time in this process (torch's builder also locks the folder against other processes).
+_lock = threading.Lock()
+
+
+def kernel_dir() -> Path:
+    """Where built kernels live: `$XDG_CACHE_HOME/scratchgpt/kernels` or `~/.cache/scratchgpt/kernels`."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "scratchgpt" / "kernels"
+
+
+def _cpu_tag() -> str:
+    """A short name of this CPU model and its flags: a library built with -march=native for one CPU may
+    not run on another, so each gets its own build."""
+    text = ""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+        wanted = ("vendor_id", "cpu family", "model", "model name", "flags")
+        text = "\n".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in wanted}))
+    except OSError:
+        text = platform.processor()
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _name() -> str:
+    """The extension's name: its source, flags and CPU, so a changed source or another CPU builds anew."""
+    h = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_tag().encode())
+    return f"scratchgpt_int4_{h.hexdigest()[:12]}"
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the `ninja` package installs it beside this interpreter."""
+    if shutil.which("ninja"):
+        return
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        candidates.insert(0, Path(ninja.BIN_DIR))
+    except ImportError:
+        pass
+    for d in candidates:
+        if (d / "ninja").exists():
+            os.environ["PATH"] = f"{d}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
+
+
+def _build() -> ModuleType:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise RuntimeError(f"the kernel is written for x86-64 CPUs, not {platform.machine()}")
+    if not SOURCE.is_file():
+        raise RuntimeError(f"{SOURCE} is missing from the installed package")
+    _ninja_on_path()
+    from torch.utils import cpp_extension
+
+    name = _name()
+    build = kernel_dir() / name
+    build.mkdir(parents=True, exist_ok=True)
+    if not any(build.glob(f"{name}*.so")):
+        # A warning so the CLI shows it (it configures no logging): the pause is explained, once per CPU.
+        logger.warning("compiling scratchgpt's int4 kernel for this CPU, once (~30 s), into %s", build)
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"],
+                              build_directory=str(build), verbose=False)
+
+
+@functools.cache
+def _loaded() -> tuple[ModuleType | None, str | None]:
+    """(the built module, None) or (None, why not): decided once per process."""
+    if os.environ.get("SCRATCHGPT_NATIVE", "").strip() == "0":
+        return None, "turned off (SCRATCHGPT_NATIVE=0)"
+    try:
+        return _build(), None
+    except Exception as e:  # a missing compiler or ninja, a build error: torch's kernels still run
+        reason = " ".join(str(e).split())[-300:] or type(e).__name__
+        logger.info("scratchgpt's int4 kernel is not available here (%s); torch's kernels run", reason)
+        return None, reason
+
+
+def native_kernels() -> ModuleType | None:
+    """The compiled kernels (built on first use, then loaded), or None where they cannot be built here."""
+    with _lock:
+        return _loaded()[0]
+
+
+def native_unavailable() -> str | None:
+    """Why `native_kernels()` returns None here, or None when it returns the kernels."""
+    with _lock:
+        return _loaded()[1]

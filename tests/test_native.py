@@ -1,0 +1,134 @@
+"""scratchgpt's own int4 kernel (model/native.py, model/csrc/int4_linear.cpp): built here, and exact where the
+int8 activation it makes is exact, and within the bound of that rounding elsewhere."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+import torch
+
+from scratchgpt.model import native
+from scratchgpt.model.int4 import Int4Linear
+
+BUILDABLE = platform.machine().lower() in ("x86_64", "amd64") and shutil.which("c++") is not None
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The built module. Where a compiler exists on x86-64 it must build: a silent fallback would hide a
+    broken kernel behind slower decoding."""
+    if not BUILDABLE:
+        pytest.skip("scratchgpt's int4 kernel is written for x86-64 and needs a C++ compiler")
+    module = native.native_kernels()
+    assert module is not None, native.native_unavailable()
+    return module
+
+
+def layer_of(n_in: int, n_out: int, group: int, *, bias: bool, seed: int) -> Int4Linear:
+    lin = torch.nn.Linear(n_in, n_out, bias=bias)
+    gen = torch.Generator().manual_seed(seed)
+    torch.nn.init.normal_(lin.weight, std=0.02, generator=gen)
+    if bias:
+        torch.nn.init.normal_(lin.bias, std=0.02, generator=gen)
+    return Int4Linear.from_linear(lin, group_size=group)
+
+
+def on_int8_blocks(rows: int, n: int, seed: int) -> torch.Tensor:
+    """Activations the kernel's int8 quantization keeps exactly: integers with |x| <= 127, each block of 32
+    columns reaching 127 (so its scale is exactly 1)."""
+    x = torch.randint(-127, 128, (rows, n), generator=torch.Generator().manual_seed(seed)).float()
+    x[:, ::32] = 127.0
+    return x
+
+
+@pytest.mark.parametrize(("n_in", "n_out", "group", "bias"), [(128, 37, 32, True), (256, 64, 64, False),
+                                                             (384, 130, 128, True), (768, 96, 32, False)])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_exact_where_the_int8_activation_is_exact(kernels, n_in, n_out, group, bias, rows):
+    """Integer products of nibbles and bytes, then one float scaling per 8 columns: on activations the int8
+    blocks hold exactly, the product is the reference's up to float rounding of the sums."""
+    layer = layer_of(n_in, n_out, group, bias=bias, seed=n_in + rows)
+    x = on_int8_blocks(rows, n_in, seed=rows)
+    got = kernels.int4_linear(x, layer.weight, layer.weight_scale, layer.bias, group)
+    torch.testing.assert_close(got, layer.reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("n_in", "group"), [(128, 32), (256, 64), (512, 128)])
+def test_within_half_an_int8_step_of_each_activation_block(kernels, n_in, group):
+    """Off the int8 grid each activation moves by at most half its block's step (max|x_b| / 254), so each
+    output moves by at most sum_b step_b / 2 · sum_{k in b} |w_k|; the kernel stays inside that bound, and
+    is not the reference bit for bit (the rounding really happens)."""
+    layer = layer_of(n_in, 50, group, bias=True, seed=1)
+    x = torch.randn(5, n_in, generator=torch.Generator().manual_seed(2))
+    x[1] = 0.0  # an all-zero row: scale 0, no division by zero
+    x[2, :32] *= 1e-3  # blocks of very different sizes in one row
+    got = kernels.int4_linear(x, layer.weight, layer.weight_scale, layer.bias, group)
+    ref = layer.reference(x)
+    half_step = x.abs().view(5, -1, 32).amax(dim=-1) / 254  # (rows, blocks)
+    w_abs = layer.dequantized().abs().view(50, -1, 32).sum(dim=-1)  # (out, blocks)
+    bound = half_step @ w_abs.t() + 1e-5  # (rows, out)
+    assert ((got - ref).abs() <= bound).all()
+    assert torch.equal(got[1], ref[1])  # zero in, bias out
+    assert not torch.equal(got, ref)
+
+
+def test_the_layer_runs_it_in_any_float_dtype_and_falls_back_for_gradients(kernels):
+    layer = layer_of(256, 48, 32, bias=True, seed=3)
+    layer.use("native")
+    x = on_int8_blocks(4, 256, seed=3)
+    ref = layer.reference(x)
+    torch.testing.assert_close(layer(x.view(2, 2, 256)).view(4, 48), ref, rtol=1e-5, atol=1e-5)
+    y16 = layer(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), ref, rtol=2e-2, atol=2e-2)
+    # No backward in the kernel: a forward that trains something below this layer takes an exact path.
+    xg = torch.randn(3, 256, requires_grad=True)
+    layer(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, layer.dequantized().sum(0).expand(3, 256), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the same tensor without gradients runs the kernel
+        assert not torch.equal(layer(xg), layer.reference(xg))
+    # A layer the kernel does not take (in = 96, not a multiple of 128) runs another kernel, same numbers.
+    odd = layer_of(96, 10, 32, bias=False, seed=4)
+    odd.use("native")
+    xo = torch.randn(2, 96)
+    assert (odd(xo) - odd.reference(xo)).norm() / odd.reference(xo).norm() < 0.02
+
+
+def test_bad_arguments_are_refused_not_read_out_of_bounds(kernels):
+    layer = layer_of(256, 8, 32, bias=False, seed=5)
+    x = torch.randn(1, 256)
+    with pytest.raises(RuntimeError, match="multiple of 128"):
+        kernels.int4_linear(torch.randn(1, 96), layer.weight[:, :48].contiguous(),
+                            layer.weight_scale[:, :3].contiguous(), None, 32)
+    with pytest.raises(RuntimeError, match="bytes a row"):
+        kernels.int4_linear(torch.randn(1, 128), layer.weight, layer.weight_scale, None, 32)
+    with pytest.raises(RuntimeError, match="scale shape"):
+        kernels.int4_linear(x, layer.weight, layer.weight_scale, None, 64)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.int4_linear(x.double(), layer.weight, layer.weight_scale, None, 32)
+    with pytest.raises(RuntimeError, match="bias"):
+        kernels.int4_linear(x, layer.weight, layer.weight_scale, torch.zeros(7), 32)
+
+
+def test_turned_off_by_the_environment_and_says_why(monkeypatch):
+    monkeypatch.setenv("SCRATCHGPT_NATIVE", "0")
+    native._loaded.cache_clear()
+    try:
+        assert native.native_kernels() is None
+        assert "SCRATCHGPT_NATIVE=0" in native.native_unavailable()
+        layer = layer_of(256, 16, 32, bias=True, seed=6)
+        layer.use("native")  # asked for, not there: the layer still answers, through fbgemm or dense
+        x = torch.randn(2, 256)
+        assert (layer(x) - layer.reference(x)).norm() / layer.reference(x).norm() < 0.02
+    finally:
+        native._loaded.cache_clear()
+
+
+def test_builds_per_source_and_cpu():
+    """The extension's name covers its source, flags and CPU: an edited kernel, or another CPU (-march=native),
+    never loads a stale library."""
+    name = native._name()
+    assert name.startswith("scratchgpt_int4_") and name == native._name()
+    assert native.kernel_dir().name == "kernels"
