@@ -244,8 +244,8 @@ def race(name: str, args: argparse.Namespace, llama: LlamaCpp, stream: dict, ben
             row["float32_decode_path"] = _decode_path(base)
         elif reference is not None:
             row[f"{ours_fmt}_tokens_agree_with_float32"] = _agree(ours_toks, reference)
-        if ours_fmt == "int4":
-            row["int4_kernel"] = _int4_kernel(ours)
+        if ours_fmt in ("int8", "int4"):
+            row[f"{ours_fmt}_kernel"] = _kernel(ours)
         del ours
         gc.collect()
         if not args.keep:
@@ -285,12 +285,12 @@ def _split_margin(model, prompt: list[int], ours: list[int], theirs: list[int]) 
     return round(float(logits[ours[i]] - logits[theirs[i]]), 6)
 
 
-def _int4_kernel(model) -> str:
-    """Which path the int4 layers run: "int4pack" (torch's int4 kernel) or "dense" (float32 weights
-    dequantized at load: chosen where the int4 kernel's whole decode step was slower)."""
-    from scratchgpt.model.int4 import Int4Linear
+def _kernel(model) -> str:
+    """Which kernel the quantized layers run, as measured and set at load ("native": scratchgpt's own,
+    model/native.py; "fbgemm", "int4pack", "dense": see model/quantize.py and model/int4.py)."""
+    from scratchgpt.model.quantize import QUANTIZED_LINEARS
 
-    return ",".join(sorted({m.kernel for m in model.modules() if isinstance(m, Int4Linear)}))
+    return ",".join(sorted({m.kernel for m in model.modules() if isinstance(m, QUANTIZED_LINEARS)}))
 
 
 def _gguf_tensor_bytes(path: Path) -> int:

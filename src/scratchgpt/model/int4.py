@@ -318,16 +318,30 @@ def pick_int4_kernel(step_seconds: dict[str, float], *, margin: float = 0.9) -> 
 
 
 @torch.inference_mode()
+def time_kernels(model: nn.Module, layers: list[nn.Module], candidates: list[str], *, repeats: int = 3,
+                 step_time: Callable[[str], float] | None = None) -> dict[str, float]:
+    """Best-of-`repeats` seconds of a batch-1 forward step of `model` (one token) with every layer in `layers`
+    on each candidate kernel, rounds interleaved (a machine that slows down mid-way slows every candidate).
+
+    A one-token forward streams every weight once, like a decode step, so the caches hold what they would
+    hold while decoding; the first round also builds every kernel's weights (best-of discards it).
+    `step_time(kernel)` replaces the measurement (seconds for one step), for tests. The layers are left on
+    the last candidate: the caller switches them to its choice.
+    """
+    best = dict.fromkeys(candidates, math.inf)
+    if len(candidates) > 1:
+        step_time = step_time or _forward_timer(model, layers)
+        for _ in range(repeats):
+            for c in candidates:
+                best[c] = min(best[c], step_time(c))
+    return best
+
+
 def choose_int4_kernel(model: nn.Module, *, repeats: int = 3,
                        step_time: Callable[[str], float] | None = None) -> Int4Kernel:
-    """Time batch-1 forward steps of `model` (one token) with every Int4Linear on "dense", "int4pack" and
-    "fbgemm" (those this torch and CPU have), interleaved, best of `repeats`; switch them all to the
-    winner (see `pick_int4_kernel`) and log which and why.
-
-    A one-token forward streams every weight once, like a decode step, so the caches hold what they
-    would hold while decoding; the first round also builds every kernel's weights (best-of discards it).
-    `step_time(kernel)` replaces the measurement (seconds for one step), for tests: then every kernel is
-    a candidate.
+    """Time batch-1 forward steps of `model` with every Int4Linear on "dense", "int4pack", "fbgemm" and
+    "native" (those this torch and CPU have; `time_kernels`); switch them all to the winner (see
+    `pick_int4_kernel`) and log which and why. `step_time`: for tests, then every kernel is a candidate.
     """
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     if not layers:
@@ -339,12 +353,7 @@ def choose_int4_kernel(model: nn.Module, *, repeats: int = 3,
         candidates.append("fbgemm")
     if step_time is not None or any(m.native_fits() for m in layers):
         candidates.append("native")
-    best = dict.fromkeys(candidates, math.inf)
-    if len(candidates) > 1:
-        step_time = step_time or _forward_timer(model, layers)
-        for _ in range(repeats):  # interleaved: a machine that slows down mid-way slows every candidate
-            for c in candidates:
-                best[c] = min(best[c], step_time(c))
+    best = time_kernels(model, layers, candidates, repeats=repeats, step_time=step_time)
     kernel = pick_int4_kernel(best)
     for m in layers:
         m.use(kernel)

@@ -1,10 +1,13 @@
 """scratchgpt's own CPU kernels in C++ (model/csrc/), compiled on first use for the CPU they run on.
 
-One kernel today: `int4_linear`, the group-wise int4 product of model/int4.py at batch sizes a decode
-step has, written the way llama.cpp's Q4_0 x Q8_0 dot product is (the activation quantized to int8 per
-32 columns, integer multiply-adds of nibbles and bytes: AVX512-VNNI or AVX2). Neither torch's own
-int4 kernel nor fbgemm's int8 one streams 4-bit weights at the memory's speed on these CPUs (see
-model/int4.py), and a decode step is that stream.
+Two kernels (model/csrc/quantized_linear.cpp), for the batch sizes a decode step has, written the way
+llama.cpp's Q4_0 x Q8_0 and Q8_0 x Q8_0 dot products are: the activation quantized to int8 per 32
+columns, integer multiply-adds of weights and activation bytes (AVX512-VNNI, or AVX2), one float
+multiply-add per 4-8 columns. `int4_linear` runs model/int4.py's group-wise int4 layers, `int8_linear`
+model/quantize.py's per-row int8 ones, each on the weights exactly as stored (no second copy). Neither
+torch's own int4 kernel nor fbgemm's int8 one streams the weights at the memory's speed on these CPUs,
+and a decode step is that stream: which kernel runs is still measured per model (`choose_int4_kernel`,
+`choose_int8_kernel`).
 
 How it is built: `torch.utils.cpp_extension.load` (PyTorch's documented way to JIT-compile an extension;
 it needs a C++ compiler and ninja, which the `ninja` package provides) with `-O3 -march=native`, once per
@@ -29,7 +32,7 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "int4_linear.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "quantized_linear.cpp"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
 
 # One build or load at a time in this process (torch's builder also locks the folder against other processes).
@@ -58,7 +61,7 @@ def _cpu_tag() -> str:
 def _name() -> str:
     """The extension's name: its source, flags and CPU, so a changed source or another CPU builds anew."""
     h = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_tag().encode())
-    return f"scratchgpt_int4_{h.hexdigest()[:12]}"
+    return f"scratchgpt_kernels_{h.hexdigest()[:12]}"
 
 
 def _ninja_on_path() -> None:
@@ -91,7 +94,7 @@ def _build() -> ModuleType:
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob(f"{name}*.so")):
         # A warning so the CLI shows it (it configures no logging): the pause is explained, once per CPU.
-        logger.warning("compiling scratchgpt's int4 kernel for this CPU, once (~30 s), into %s", build)
+        logger.warning("compiling scratchgpt's quantized CPU kernels for this CPU, once (~30 s), into %s", build)
     return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"],
                               build_directory=str(build), verbose=False)
 
@@ -105,7 +108,7 @@ def _loaded() -> tuple[ModuleType | None, str | None]:
         return _build(), None
     except Exception as e:  # a missing compiler or ninja, a build error: torch's kernels still run
         reason = " ".join(str(e).split())[-300:] or type(e).__name__
-        logger.info("scratchgpt's int4 kernel is not available here (%s); torch's kernels run", reason)
+        logger.info("scratchgpt's quantized CPU kernels are not available here (%s); torch's run", reason)
         return None, reason
 
 

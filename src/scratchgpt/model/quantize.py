@@ -48,6 +48,7 @@ I/O), so checkpoint.py can rebuild quantized models from it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 from typing import Any, Literal, get_args
 
@@ -65,13 +66,15 @@ from scratchgpt.model.int4 import (
     buffers_unchanged,
     choose_int4_kernel,
     snapshot_of,
+    time_kernels,
 )
+from scratchgpt.model.native import native_kernels
 
 # The one list of modes (`--quantize`, `export --format`): config.py's Literal, which the CLI reads too.
 QUANT_MODES: tuple[str, ...] = get_args(Quantize)
 INT4_GROUPS: dict[str, int] = {"int4": 32, "int4-g64": 64, "int4-g128": 128}  # int4 mode -> group size
-INT8_KERNELS: tuple[str, ...] = ("reference", "fbgemm", "int8pack")
-Kernel = Literal["reference", "fbgemm", "int8pack", "int4pack", "dense"]  # int8's three, then int4's
+INT8_KERNELS: tuple[str, ...] = ("reference", "fbgemm", "int8pack", "native")
+Kernel = Literal["reference", "fbgemm", "int8pack", "native", "int4pack", "dense"]  # int8's four, then int4's
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -80,7 +83,7 @@ INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # ---------------------------------------------------------------------------------------------
 
 
-CPU_KERNELS: tuple[str, ...] = ("fbgemm", "int8pack", "int4pack")
+CPU_KERNELS: tuple[str, ...] = ("fbgemm", "int8pack", "native", "int4pack")
 
 
 def default_kernel(device: torch.device | str = "cpu") -> Kernel:
@@ -189,13 +192,22 @@ class Int8Linear(nn.Module):
         return self._kernel_forward(x)
 
     def _kernel_forward(self, x: Tensor) -> Tensor:
-        if self.kernel == "fbgemm" and x.is_cpu and x.numel():
+        kernel = self.kernel
+        if kernel == "native" and x.is_cpu and x.numel():
+            kernels = native_kernels() if self.in_features % 64 == 0 else None
+            if kernels is not None:  # scratchgpt's own kernel (model/native.py): the int8 weight as stored
+                flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in); no copy when already so
+                bias = None if self.bias is None else self.bias.float().contiguous()
+                y = kernels.int8_linear(flat, self.weight, self.weight_scale, bias)
+                return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            kernel = "fbgemm" if fbgemm_available() else "reference"  # not built here, or `in` not a multiple of 64
+        if kernel == "fbgemm" and x.is_cpu and x.numel():
             # fbgemm quantizes the activations per call (reduce_range avoids int16 overflow in the
             # multiply-add of CPUs without VNNI, at the cost of one bit of activation precision) and
             # adds the bias packed with the weight. It takes (..., in) as it is: decoding calls this
             # ~50 times per token, so every extra reshape, add or Python check here is measurable.
             return fbgemm_linear(x, self._fbgemm_packed())
-        if not x.is_cpu or self.kernel == "reference" or x.numel() == 0:
+        if not x.is_cpu or kernel == "reference" or x.numel() == 0:
             # Off the CPU (a layer quantized on the CPU, then moved) the reference is the only kernel.
             return self.reference(x)
         # int8pack: weights stay int8, activations go through bf16 (native on these CPUs)
@@ -385,12 +397,33 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, kernel: Kernel | Non
     return model
 
 
+def choose_int8_kernel(model: nn.Module, *, repeats: int = 3,
+                       step_time: Callable[[str], float] | None = None) -> Kernel:
+    """The int8 kernel for a model on the CPU: `default_kernel`'s, or scratchgpt's own ("native", model/native.py)
+    where it is built here and a whole one-token forward step with it is faster (timed as for int4,
+    `time_kernels`: every weight streamed once, rounds interleaved). Switches the layers and returns it."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    base = default_kernel("cpu")
+    candidates = [base]
+    if step_time is not None or (any(m.in_features % 64 == 0 for m in layers) and native_kernels() is not None):
+        candidates.append("native")
+    best = time_kernels(model, layers, candidates, repeats=repeats, step_time=step_time)
+    kernel = "native" if best.get("native", math.inf) < best[base] else base
+    for m in layers:
+        m.kernel = kernel
+    return kernel
+
+
 def use_default_kernel(model: nn.Module) -> None:
-    """Put the quantized layers of `model` on the default kernel for where they live: int8 by the CPU's
-    features (`default_kernel`), int4 on the CPU by timing forward steps (`choose_int4_kernel`)."""
+    """Put the quantized layers of `model` on the default kernel for where they live: on the CPU the faster
+    of the feature-chosen kernel and scratchgpt's own for int8 (`choose_int8_kernel`), int4 by timing
+    forward steps (`choose_int4_kernel`); elsewhere the reference."""
     device = _device_of(model)
     if any(isinstance(m, Int8Linear) for m in model.modules()):
-        set_kernel(model, default_kernel(device))
+        if device.type == "cpu":
+            choose_int8_kernel(model)
+        else:
+            set_kernel(model, default_kernel(device))
     if any(isinstance(m, Int4Linear) for m in model.modules()):
         if device.type == "cpu":
             choose_int4_kernel(model)
