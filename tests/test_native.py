@@ -203,3 +203,24 @@ def test_int8_choice_takes_the_native_kernel_only_when_its_whole_step_is_faster(
     assert kernels_of() == {"native"}
     assert choose_int8_kernel(q, step_time=lambda k: {base: 1.0, "native": 1.2}[k]) == base
     assert kernels_of() == {base}
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one(kernels, tmp_path, monkeypatch):
+    """torch's builder waits while its lock file exists; one left by a killed build (older than any build
+    takes) is removed, so the next process builds instead of waiting forever."""
+    import os
+    import time
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    build = native.kernel_dir() / native._name()
+    build.mkdir(parents=True)
+    lock = build / "lock"
+    lock.write_text("")
+    old = time.time() - native.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    native._loaded.cache_clear()
+    try:
+        assert native.native_kernels() is not None  # built afresh into tmp_path, not hung on the lock
+        assert not lock.exists() and any(build.glob("*.so"))
+    finally:
+        native._loaded.cache_clear()

@@ -27,12 +27,15 @@ import platform
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "quantized_linear.cpp"
+# A build lock older than this was left by a killed build (a build takes ~30 s on two cores).
+STALE_LOCK_S = 600.0
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
 
 # One build or load at a time in this process (torch's builder also locks the folder against other processes).
@@ -92,6 +95,12 @@ def _build() -> ModuleType:
     name = _name()
     build = kernel_dir() / name
     build.mkdir(parents=True, exist_ok=True)
+    lock = build / "lock"  # torch's builder holds it while compiling, and waits forever while it exists
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()  # left by a build that was killed: no build takes that long
+    except FileNotFoundError:
+        pass
     if not any(build.glob(f"{name}*.so")):
         # A warning so the CLI shows it (it configures no logging): the pause is explained, once per CPU.
         logger.warning("compiling scratchgpt's quantized CPU kernels for this CPU, once (~30 s), into %s", build)

@@ -13,8 +13,12 @@ Which fast kernel (measured at batch 1 on a 768x2304 linear, µs; two-core cloud
     activations 100, fbgemm dynamic int8 (`torch.ops.quantized.linear_dynamic`) 57.
   - Sapphire Rapids (AVX512, avx512_bf16, AMX, VNNI; this branch): fp32 193-327, int8pack + bf16 103,
     fbgemm dynamic 62-86, bf16 weights 250-295 (slower than fp32 at batch 1 here).
-fbgemm is the fastest everywhere we measured, so it is the default where PyTorch ships it (x86
-with AVX2 or better). It also quantizes each input row-block to uint8 on the fly (per tensor), so it
+fbgemm was the fastest of torch's kernels everywhere we measured, so it is the default where PyTorch
+ships it (x86 with AVX2 or better). scratchgpt's own kernel ("native", model/native.py: the int8 weights
+as stored times the activation quantized to int8 per 32 columns, VNNI or AVX2 multiply-adds, no packed
+copy) competes with it per model: `choose_int8_kernel` times whole one-token forward steps with each and
+keeps the faster (on the Intel Xeon with AMX here: 42 vs 67 µs for a 4096x768 product, and it won the
+GPT-2 and Llama-1B decode steps). It also quantizes each input row-block to uint8 on the fly (per tensor), so it
 is not purely weight-only; tests bound its difference from the reference, and bench/generate.py
 checks perplexity and greedy text. `int8pack` (bf16 activations, weights exactly as stored) is the
 choice where fbgemm is missing but bf16 is native; elsewhere the reference runs.
