@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "quantized_linear.cpp"
 # A build lock older than this was left by a killed build (a build takes ~30 s on two cores).
 STALE_LOCK_S = 600.0
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
+FLAGS = ("-O3", "-std=c++17", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
 
 # One build or load at a time in this process (torch's builder also locks the folder against other processes).
 _lock = threading.Lock()
@@ -61,10 +61,10 @@ def _cpu_tag() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _name() -> str:
+def _name(march: str = "native") -> str:
     """The extension's name: its source, flags and CPU, so a changed source or another CPU builds anew."""
-    h = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_tag().encode())
-    return f"scratchgpt_kernels_{h.hexdigest()[:12]}"
+    h = hashlib.sha256(SOURCE.read_bytes() + " ".join((*FLAGS, march)).encode() + _cpu_tag().encode())
+    return f"scratchgpt_kernels_{march.replace('-', '_')}_{h.hexdigest()[:12]}"
 
 
 def _ninja_on_path() -> None:
@@ -84,7 +84,11 @@ def _ninja_on_path() -> None:
             return
 
 
-def _build() -> ModuleType:
+def build(march: str = "native") -> ModuleType:
+    """Compile (once; later a load of the built library) the kernels for `-march=<march>`: "native" is this
+    CPU's every instruction set; the tests also build "haswell" (AVX2, the code path of CPUs without
+    AVX512-VNNI) and "x86-64" (the plain C++ one) to check those on a machine that would not choose them.
+    Raises where it cannot be built."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"the kernel is written for x86-64 CPUs, not {platform.machine()}")
     if not SOURCE.is_file():
@@ -92,20 +96,20 @@ def _build() -> ModuleType:
     _ninja_on_path()
     from torch.utils import cpp_extension
 
-    name = _name()
-    build = kernel_dir() / name
-    build.mkdir(parents=True, exist_ok=True)
-    lock = build / "lock"  # torch's builder holds it while compiling, and waits forever while it exists
+    name = _name(march)
+    folder = kernel_dir() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "lock"  # torch's builder holds it while compiling, and waits forever while it exists
     try:
         if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
             lock.unlink()  # left by a build that was killed: no build takes that long
     except FileNotFoundError:
         pass
-    if not any(build.glob(f"{name}*.so")):
+    if not any(folder.glob(f"{name}*.so")):
         # A warning so the CLI shows it (it configures no logging): the pause is explained, once per CPU.
-        logger.warning("compiling scratchgpt's quantized CPU kernels for this CPU, once (~30 s), into %s", build)
-    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"],
-                              build_directory=str(build), verbose=False)
+        logger.warning("compiling scratchgpt's quantized CPU kernels for this CPU, once (~30 s), into %s", folder)
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=[*FLAGS, f"-march={march}"],
+                              extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
 
 
 @functools.cache
@@ -114,7 +118,7 @@ def _loaded() -> tuple[ModuleType | None, str | None]:
     if os.environ.get("SCRATCHGPT_NATIVE", "").strip() == "0":
         return None, "turned off (SCRATCHGPT_NATIVE=0)"
     try:
-        return _build(), None
+        return build(), None
     except Exception as e:  # a missing compiler or ninja, a build error: torch's kernels still run
         reason = " ".join(str(e).split())[-300:] or type(e).__name__
         logger.info("scratchgpt's quantized CPU kernels are not available here (%s); torch's run", reason)
