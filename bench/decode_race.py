@@ -188,7 +188,7 @@ def race(name: str, args: argparse.Namespace, llama: LlamaCpp, stream: dict, ben
     from scratchgpt import SamplingConfig
     from scratchgpt.export.gguf import export_gguf
     from scratchgpt.inference.generate import generate
-    from scratchgpt.model.quantize import quantize_model
+    from scratchgpt.model.quantize import kernels_in_use, quantize_model
 
     work = Path(args.work)
     base, tok = build(name, tiny=args.tiny, gpt2_dir=args.gpt2_dir, work=work)
@@ -245,7 +245,7 @@ def race(name: str, args: argparse.Namespace, llama: LlamaCpp, stream: dict, ben
         elif reference is not None:
             row[f"{ours_fmt}_tokens_agree_with_float32"] = _agree(ours_toks, reference)
         if ours_fmt in ("int8", "int4"):
-            row[f"{ours_fmt}_kernel"] = _kernel(ours)
+            row[f"{ours_fmt}_kernel"] = kernels_in_use(ours)
         del ours
         gc.collect()
         if not args.keep:
@@ -283,14 +283,6 @@ def _split_margin(model, prompt: list[int], ours: list[int], theirs: list[int]) 
     with torch.no_grad():
         logits = model(torch.tensor([prompt + ours[:i]]))[0][0, -1]
     return round(float(logits[ours[i]] - logits[theirs[i]]), 6)
-
-
-def _kernel(model) -> str:
-    """Which kernel the quantized layers run, as measured and set at load ("native": scratchgpt's own,
-    model/native.py; "fbgemm", "int4pack", "dense": see model/quantize.py and model/int4.py)."""
-    from scratchgpt.model.quantize import QUANTIZED_LINEARS
-
-    return ",".join(sorted({m.kernel for m in model.modules() if isinstance(m, QUANTIZED_LINEARS)}))
 
 
 def _gguf_tensor_bytes(path: Path) -> int:

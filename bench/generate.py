@@ -159,7 +159,7 @@ def _bench_pair(ours, hf, *, label: str, vocab: int, args, stream: dict[str, obj
     import copy
 
     from scratchgpt.device import cpu_capability
-    from scratchgpt.model.quantize import cast_weights, default_kernel, quantize_model
+    from scratchgpt.model.quantize import cast_weights, kernels_in_use, quantize_model
 
     def agree(a: list[int], b: list[int]) -> int:
         return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
@@ -168,8 +168,8 @@ def _bench_pair(ours, hf, *, label: str, vocab: int, args, stream: dict[str, obj
         """tok/s as a fraction of the DRAM bound: bandwidth / bytes streamed per token."""
         return round(tok_s * bytes_per_token(model) / (stream["dram_read_gb_s"] * 1e9), 3)
 
-    fast: dict[str, object] = {**cpu_capability(), "int8_kernel": default_kernel()}
     int8 = quantize_model(copy.deepcopy(ours), "int8")
+    fast: dict[str, object] = {**cpu_capability(), "int8_kernel": kernels_in_use(int8)}
     bf16 = cast_weights(copy.deepcopy(ours), "bfloat16") if cpu_capability()["native_bf16"] else None
     for name, m in (("int8", int8), ("bf16", bf16)):
         if m is None:
@@ -285,7 +285,7 @@ def trained(args: argparse.Namespace) -> None:
     from scratchgpt.device import cpu_capability
     from scratchgpt.eval.perplexity import evaluate_perplexity, text_document
     from scratchgpt.inference.generate import generate
-    from scratchgpt.model.quantize import default_kernel, quantize_model
+    from scratchgpt.model.quantize import kernels_in_use, quantize_model
 
     if not args.text:
         raise SystemExit("--checkpoint needs --text FILE (held-out text)")
@@ -304,7 +304,7 @@ def trained(args: argparse.Namespace) -> None:
     prompts = [ids[s : s + 32].tolist() for s in p_starts]
     same32 = sum(generate(model, p, greedy)[0] == generate(int8, p, greedy)[0] for p in prompts)
     row = {"bench": "generate-trained", "checkpoint": args.checkpoint, **cpu_capability(),
-           "int8_kernel": default_kernel(), "held_out_tokens": r32.tokens, "context": T,
+           "int8_kernel": kernels_in_use(int8), "held_out_tokens": r32.tokens, "context": T,
            "fp32_nll": round(nll32, 4), "int8_nll": round(nll8, 4),
            "fp32_bits_per_byte": round(r32.bits_per_byte, 4), "int8_bits_per_byte": round(r8.bits_per_byte, 4),
            "ppl_change_pct": round((math.exp(nll8 - nll32) - 1) * 100, 3),

@@ -418,6 +418,12 @@ def choose_int8_kernel(model: nn.Module, *, repeats: int = 3,
     return kernel
 
 
+def kernels_in_use(model: nn.Module) -> str:
+    """The kernels the quantized linear layers of `model` are set to, sorted and joined ("native",
+    "fbgemm,native" where some layers' shapes fall back): what benchmarks report."""
+    return ",".join(sorted({m.kernel for m in model.modules() if isinstance(m, QUANTIZED_LINEARS)}))
+
+
 def use_default_kernel(model: nn.Module) -> None:
     """Put the quantized layers of `model` on the default kernel for where they live: on the CPU the faster
     of the feature-chosen kernel and scratchgpt's own for int8 (`choose_int8_kernel`), int4 by timing
