@@ -130,10 +130,17 @@ def test_bad_arguments_are_refused_not_read_out_of_bounds(any_build):
         any_build.int4_linear(torch.randn(1, 128), layer.weight, layer.weight_scale, None, 32)
     with pytest.raises(RuntimeError, match="scale shape"):
         any_build.int4_linear(x, layer.weight, layer.weight_scale, None, 64)
-    with pytest.raises(RuntimeError, match="float32"):
-        any_build.int4_linear(x.double(), layer.weight, layer.weight_scale, None, 32)
+    with pytest.raises(RuntimeError, match="floating point"):
+        any_build.int4_linear(x.long(), layer.weight, layer.weight_scale, None, 32)
     with pytest.raises(RuntimeError, match="bias"):
         any_build.int4_linear(x, layer.weight, layer.weight_scale, torch.zeros(7), 32)
+    with pytest.raises(RuntimeError, match="uint8"):
+        any_build.int4_linear(x, layer.weight.t(), layer.weight_scale, None, 32)  # not contiguous: refused
+    # Any leading shape and float dtype: computed in float32, returned in x's shape and dtype.
+    y = any_build.int4_linear(x, layer.weight, layer.weight_scale, None, 32)
+    y3 = any_build.int4_linear(x.double().view(1, 1, 256), layer.weight, layer.weight_scale, None, 32)
+    assert y3.shape == (1, 1, 8) and y3.dtype == torch.float64 and torch.equal(y3.view(1, 8).float(), y)
+    assert any_build.int4_linear(torch.empty(0, 3, 256), layer.weight, layer.weight_scale, None, 32).shape == (0, 3, 8)
 
 
 def test_turned_off_by_the_environment_and_says_why(monkeypatch):

@@ -196,11 +196,12 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         kernel = self.kernel
         if kernel == "native":
-            usable = x.is_cpu and x.numel() and self.in_features % 128 == 0 and not (
-                x.requires_grad and torch.is_grad_enabled())
+            # Reshapes, casts and the bias are done in C++ (native.py): ~50 calls a decode step, where each
+            # Python-side step costs about what a small product does.
+            usable = x.is_cpu and self.in_features % 128 == 0 and not (x.requires_grad and torch.is_grad_enabled())
             kernels = native_kernels() if usable else None
             if kernels is not None:
-                return self._native(kernels, x)
+                return kernels.int4_linear(x, self.weight, self.weight_scale, self.bias, self.group_size)
             # no backward, another device, a shape it does not take: the next fastest, exact where it matters
             kernel = "fbgemm" if fbgemm_available() and not x.requires_grad else "dense"
         if kernel == "int4pack" and not (x.is_cpu and self.int4pack_fits()):
@@ -221,15 +222,6 @@ class Int4Linear(nn.Module):
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def _native(self, kernels, x: Tensor) -> Tensor:
-        """y = x · Wᵀ + b by scratchgpt's kernel: float32 in and out (other dtypes go through it and back)."""
-        flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in); no copy when already so
-        bias = None if self.bias is None else self.bias.float().contiguous()
-        y = kernels.int4_linear(flat, self.weight.contiguous(), self.weight_scale.contiguous(), bias,
-                                self.group_size)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _prepared(self, kernel: str, dtype: torch.dtype):
         """The weight as `kernel` wants it in `dtype`, rebuilt whenever a buffer changed since it was built."""

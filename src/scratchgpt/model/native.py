@@ -118,7 +118,8 @@ def _loaded() -> tuple[ModuleType | None, str | None]:
     if os.environ.get("SCRATCHGPT_NATIVE", "").strip() == "0":
         return None, "turned off (SCRATCHGPT_NATIVE=0)"
     try:
-        return build(), None
+        with _lock:
+            return build(), None
     except Exception as e:  # a missing compiler or ninja, a build error: torch's kernels still run
         reason = " ".join(str(e).split())[-300:] or type(e).__name__
         logger.info("scratchgpt's quantized CPU kernels are not available here (%s); torch's run", reason)
@@ -126,12 +127,13 @@ def _loaded() -> tuple[ModuleType | None, str | None]:
 
 
 def native_kernels() -> ModuleType | None:
-    """The compiled kernels (built on first use, then loaded), or None where they cannot be built here."""
-    with _lock:
-        return _loaded()[0]
+    """The compiled kernels (built on first use, then loaded), or None where they cannot be built here.
+
+    Called on every quantized product, so no lock here: two threads that both ask first may both load the
+    built library (the build itself is locked, in `_loaded` and by torch's builder)."""
+    return _loaded()[0]
 
 
 def native_unavailable() -> str | None:
     """Why `native_kernels()` returns None here, or None when it returns the kernels."""
-    with _lock:
-        return _loaded()[1]
+    return _loaded()[1]

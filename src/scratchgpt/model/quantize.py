@@ -197,13 +197,10 @@ class Int8Linear(nn.Module):
 
     def _kernel_forward(self, x: Tensor) -> Tensor:
         kernel = self.kernel
-        if kernel == "native" and x.is_cpu and x.numel():
+        if kernel == "native" and x.is_cpu:
             kernels = native_kernels() if self.in_features % 64 == 0 else None
             if kernels is not None:  # scratchgpt's own kernel (model/native.py): the int8 weight as stored
-                flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in); no copy when already so
-                bias = None if self.bias is None else self.bias.float().contiguous()
-                y = kernels.int8_linear(flat, self.weight, self.weight_scale, bias)
-                return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+                return kernels.int8_linear(x, self.weight, self.weight_scale, self.bias)
             kernel = "fbgemm" if fbgemm_available() else "reference"  # not built here, or `in` not a multiple of 64
         if kernel == "fbgemm" and x.is_cpu and x.numel():
             # fbgemm quantizes the activations per call (reduce_range avoids int16 overflow in the

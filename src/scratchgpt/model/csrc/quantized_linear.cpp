@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define SG_AVX512_VNNI 1
@@ -357,10 +358,32 @@ void run8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* ws
 
 }  // namespace
 
-// x (M, K) float32, weight (N, K/2) uint8, scale (N, K/G) float16, bias (N,) float32 or None -> (M, N) float32.
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+// What both entry points do around the kernel, in C++ because a decode step calls them ~50 times a token
+// (the same steps in Python cost more than a small product): x (..., K) of any float dtype as a contiguous
+// float32 (M, K), the bias as float32, and the result back in x's shape and dtype.
+at::Tensor as_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1 && at::isFloatingType(x.scalar_type()), "x: (..., K) floating point");
+  return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
+}
+
+const float* bias_of(const c10::optional<at::Tensor>& bias, int64_t N, at::Tensor& holder) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->dim() == 1 && bias->numel() == N && at::isFloatingType(bias->scalar_type()), "bias: (N,) floating point");
+  holder = bias->to(at::kFloat).contiguous();
+  return holder.data_ptr<float>();
+}
+
+at::Tensor shaped_like(const at::Tensor& y, const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor out = y.view(sizes);
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+// x (..., K) float, weight (N, K/2) uint8, scale (N, K/G) float16, bias (N,) or None -> (..., N) in x's dtype.
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& bias, int64_t group_size) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous (M, K) float32");
+  const at::Tensor x = as_rows(x_in);
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kByte && weight.is_contiguous(), "weight: (N, K/2) uint8");
   TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kHalf && scale.is_contiguous(), "scale: (N, K/G) float16");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -368,38 +391,32 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(weight.size(1) * 2 == K, "int4_linear: weight has ", weight.size(1), " bytes a row for K = ", K);
   TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "group size 32, 64 or 128");
   TORCH_CHECK(scale.size(0) == N && scale.size(1) * group_size == K, "int4_linear: scale shape");
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: (N,) float32");
-    b = bias->data_ptr<float>();
-  }
+  at::Tensor holder;
+  const float* b = bias_of(bias, N, holder);
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const at::Half* s = scale.data_ptr<at::Half>();
   if (group_size == 32) run<32>(x.data_ptr<float>(), M, K, w, s, b, N, y.data_ptr<float>());
   else if (group_size == 64) run<64>(x.data_ptr<float>(), M, K, w, s, b, N, y.data_ptr<float>());
   else run<128>(x.data_ptr<float>(), M, K, w, s, b, N, y.data_ptr<float>());
-  return y;
+  return shaped_like(y, x_in, N);
 }
 
-// x (M, K) float32, weight (N, K) int8, scale (N,) float32, bias (N,) float32 or None -> (M, N) float32.
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+// x (..., K) float, weight (N, K) int8, scale (N,) float32, bias (N,) or None -> (..., N) in x's dtype.
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous (M, K) float32");
+  const at::Tensor x = as_rows(x_in);
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(), "weight: (N, K) int8");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(K % kChunk8 == 0, "int8_linear: K must be a multiple of 64, got ", K);
   TORCH_CHECK(weight.size(1) == K, "int8_linear: weight has ", weight.size(1), " columns for K = ", K);
   TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N,
               "scale: (N,) float32");
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: (N,) float32");
-    b = bias->data_ptr<float>();
-  }
+  at::Tensor holder;
+  const float* b = bias_of(bias, N, holder);
   at::Tensor y = at::empty({M, N}, x.options());
   run8(x.data_ptr<float>(), M, K, weight.data_ptr<int8_t>(), scale.data_ptr<float>(), b, N, y.data_ptr<float>());
-  return y;
+  return shaped_like(y, x_in, N);
 }
 
 std::string instruction_set() {
