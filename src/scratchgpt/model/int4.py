@@ -17,7 +17,8 @@ Kernels (`Int4Linear.kernel`):
   - "native": scratchgpt's own kernel (model/csrc/int4_linear.cpp, compiled on first use by
     model/native.py): the weights read as stored, 4.5 bits each, the activation quantized to int8 per
     32 columns as llama.cpp's Q4_0 x Q8_0 product does, integer multiply-adds (AVX512-VNNI or AVX2).
-    Where it cannot be built, or a layer's `in` is not a multiple of 128, the layer runs "fbgemm".
+    Where it cannot be built, or a layer's `in` is not a multiple of 128, the layer runs "fbgemm"; so do
+    products of more than native.MAX_ROWS rows (a prompt's prefill), where fbgemm's matrix product wins.
   - "fbgemm": the int4 weight re-quantized once to int8 with one scale per row (not saved) and run by
     fbgemm's int8 kernel (model/fbgemm.py), as `--quantize int8` runs: a quarter of float32's memory and
     int8's speed. Not exact: fbgemm's per-row scales cannot express per-group ones, so each weight moves
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scratchgpt.model.fbgemm import fbgemm_available, fbgemm_linear, fbgemm_pack
-from scratchgpt.model.native import native_kernels
+from scratchgpt.model.native import MAX_ROWS, native_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -199,10 +200,11 @@ class Int4Linear(nn.Module):
             # Reshapes, casts and the bias are done in C++ (native.py): ~50 calls a decode step, where each
             # Python-side step costs about what a small product does.
             usable = x.is_cpu and self.in_features % 128 == 0 and not (x.requires_grad and torch.is_grad_enabled())
-            kernels = native_kernels() if usable else None
+            many_rows = x.numel() > MAX_ROWS * self.in_features and fbgemm_available()  # a prefill: a matrix product
+            kernels = native_kernels() if usable and not many_rows else None
             if kernels is not None:
                 return kernels.int4_linear(x, self.weight, self.weight_scale, self.bias, self.group_size)
-            # no backward, another device, a shape it does not take: the next fastest, exact where it matters
+            # many rows, no backward, another device, a shape it does not take: the next fastest
             kernel = "fbgemm" if fbgemm_available() and not x.requires_grad else "dense"
         if kernel == "int4pack" and not (x.is_cpu and self.int4pack_fits()):
             kernel = "dense"  # a shape the kernel does not take: the next fastest, not the slow reference

@@ -34,6 +34,13 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "quantized_linear.cpp"
+# The kernels are matrix-vector products: each row of activations re-reads the weights. Up to this many rows
+# (a decode step, a speculative check, a small server batch) they beat fbgemm's int8 matrix product; above it
+# (a prompt's prefill, evaluation) the layers hand the product to fbgemm. Measured on the Intel Xeon (AMX),
+# a 768 -> 3072 int8 layer, ms: 1 row 0.07 vs 0.12, 4 rows 0.14 vs 0.17, 16 rows 0.46 vs 0.22, 1,024 rows
+# 27 vs 6.6 (float32: 18).
+MAX_ROWS = 8
+
 # A build lock older than this was left by a killed build (a build takes ~30 s on two cores).
 STALE_LOCK_S = 600.0
 FLAGS = ("-O3", "-std=c++17", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads

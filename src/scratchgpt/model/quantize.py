@@ -72,7 +72,7 @@ from scratchgpt.model.int4 import (
     snapshot_of,
     time_kernels,
 )
-from scratchgpt.model.native import native_kernels
+from scratchgpt.model.native import MAX_ROWS, native_kernels
 
 # The one list of modes (`--quantize`, `export --format`): config.py's Literal, which the CLI reads too.
 QUANT_MODES: tuple[str, ...] = get_args(Quantize)
@@ -198,10 +198,14 @@ class Int8Linear(nn.Module):
     def _kernel_forward(self, x: Tensor) -> Tensor:
         kernel = self.kernel
         if kernel == "native" and x.is_cpu:
-            kernels = native_kernels() if self.in_features % 64 == 0 else None
-            if kernels is not None:  # scratchgpt's own kernel (model/native.py): the int8 weight as stored
+            # scratchgpt's own kernel (model/native.py), the int8 weight as stored, for the few rows of a decode
+            # step; a prefill's many rows (native.MAX_ROWS) go to fbgemm's matrix product, as do shapes it does
+            # not take (`in` not a multiple of 64) and CPUs where it was not built.
+            many_rows = x.numel() > MAX_ROWS * self.in_features and fbgemm_available()
+            kernels = native_kernels() if self.in_features % 64 == 0 and not many_rows else None
+            if kernels is not None:
                 return kernels.int8_linear(x, self.weight, self.weight_scale, self.bias)
-            kernel = "fbgemm" if fbgemm_available() else "reference"  # not built here, or `in` not a multiple of 64
+            kernel = "fbgemm" if fbgemm_available() else "reference"
         if kernel == "fbgemm" and x.is_cpu and x.numel():
             # fbgemm quantizes the activations per call (reduce_range avoids int16 overflow in the
             # multiply-add of CPUs without VNNI, at the cost of one bit of activation precision) and
