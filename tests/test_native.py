@@ -1,5 +1,5 @@
-"""scratchgpt's own int4 kernel (model/native.py, model/csrc/int4_linear.cpp): built here, and exact where the
-int8 activation it makes is exact, and within the bound of that rounding elsewhere."""
+"""scratchgpt's own int4 and int8 kernels (model/native.py, model/csrc/quantized_linear.cpp): built here (each
+code path), exact where the int8 activation they make is exact, within the bound of that rounding elsewhere."""
 
 from __future__ import annotations
 

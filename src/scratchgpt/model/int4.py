@@ -14,7 +14,7 @@ Kernels (`Int4Linear.kernel`):
   - "int4pack": torch's CPU int4 kernel `_weight_int4pack_mm_for_cpu`, weights kept at 4 bits in memory.
   - "dense": the weight dequantized once into a float copy (not saved) and an ordinary F.linear; the
     int4 file is small, the memory is float32's.
-  - "native": scratchgpt's own kernel (model/csrc/int4_linear.cpp, compiled on first use by
+  - "native": scratchgpt's own kernel (model/csrc/quantized_linear.cpp, compiled on first use by
     model/native.py): the weights read as stored, 4.5 bits each, the activation quantized to int8 per
     32 columns as llama.cpp's Q4_0 x Q8_0 product does, integer multiply-adds (AVX512-VNNI or AVX2).
     Where it cannot be built, or a layer's `in` is not a multiple of 128, the layer runs "fbgemm"; so do

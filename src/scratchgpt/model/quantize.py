@@ -18,10 +18,11 @@ ships it (x86 with AVX2 or better). scratchgpt's own kernel ("native", model/nat
 as stored times the activation quantized to int8 per 32 columns, VNNI or AVX2 multiply-adds, no packed
 copy) competes with it per model: `choose_int8_kernel` times whole one-token forward steps with each and
 keeps the faster (on the Intel Xeon with AMX here: 42 vs 67 µs for a 4096x768 product, and it won the
-GPT-2 and Llama-1B decode steps). It also quantizes each input row-block to uint8 on the fly (per tensor), so it
-is not purely weight-only; tests bound its difference from the reference, and bench/generate.py
-checks perplexity and greedy text. `int8pack` (bf16 activations, weights exactly as stored) is the
-choice where fbgemm is missing but bf16 is native; elsewhere the reference runs.
+GPT-2 and Llama-1B decode steps; past native.MAX_ROWS rows, a prefill, fbgemm's matrix product runs).
+fbgemm quantizes each input row-block to uint8 on the fly (per tensor), and the native kernel each 32
+columns of an input row to int8, so neither is purely weight-only; tests bound their difference from the
+reference, and bench/generate.py checks perplexity and greedy text. `int8pack` (bf16 activations, weights
+exactly as stored) is the choice where fbgemm is missing but bf16 is native; elsewhere the reference runs.
 Off the CPU (CUDA) only the reference exists here: fbgemm and `_weight_int8pack_mm` are CPU kernels, so
 an int8 model on a GPU dequantizes each weight and multiplies with the GPU's own matmul: a quarter of
 the memory for the stored weights, no speed-up. Asking for a CPU kernel there is refused.
