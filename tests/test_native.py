@@ -70,7 +70,7 @@ def float_rounding(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(("n_in", "n_out", "group", "bias"), [(128, 37, 32, True), (256, 64, 64, False),
                                                              (384, 130, 128, True), (768, 96, 32, False)])
-@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 40])
 def test_int4_exact_where_the_int8_activation_is_exact(any_build, n_in, n_out, group, bias, rows):
     """Integer products of nibbles and bytes, then one float scaling per 8 columns: on activations the int8
     blocks hold exactly, the product is the reference's up to float rounding of the sums."""
@@ -179,7 +179,7 @@ def int8_layer(n_in: int, n_out: int, *, bias: bool, seed: int):
 
 
 @pytest.mark.parametrize(("n_in", "n_out", "bias"), [(64, 37, True), (192, 64, False), (768, 130, True)])
-@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 40])
 def test_int8_exact_where_the_int8_activation_is_exact(any_build, n_in, n_out, bias, rows):
     layer = int8_layer(n_in, n_out, bias=bias, seed=n_in + rows)
     x = on_int8_blocks(rows, n_in, seed=rows)

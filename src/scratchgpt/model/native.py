@@ -34,12 +34,13 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "quantized_linear.cpp"
-# The kernels are matrix-vector products: each row of activations re-reads the weights. Up to this many rows
-# (a decode step, a speculative check, a small server batch) they beat fbgemm's int8 matrix product; above it
-# (a prompt's prefill, evaluation) the layers hand the product to fbgemm. Measured on the Intel Xeon (AMX),
-# a 768 -> 3072 int8 layer, ms: 1 row 0.07 vs 0.12, 4 rows 0.14 vs 0.17, 16 rows 0.46 vs 0.22, 1,024 rows
-# 27 vs 6.6 (float32: 18).
-MAX_ROWS = 8
+# The kernels are built for a decode step's few activation rows: int4 loads each weight chunk once for up to
+# four rows, int8 once per row. Up to this many rows (a decode step, a small batch) they beat fbgemm's int8
+# matrix product; above it (a prompt's prefill, evaluation, a speculative check of 5+ rows) the layers hand
+# the product to fbgemm. Measured on the Intel Xeon (AMX), 768 -> 3072 and 3072 -> 768 layers, hot in cache,
+# ms, int4 / int8 / fbgemm: 1 row 0.04 / 0.04 / 0.08, 4 rows 0.08 / 0.12-0.13 / 0.10-0.11, 8 rows
+# 0.15-0.17 / 0.21-0.23 / 0.12-0.13, 1,024 rows (before int4's four-row tiles) 24 / 27 / 6.6 (float32: 18).
+MAX_ROWS = 4
 
 # A build lock older than this was left by a killed build (a build takes ~30 s on two cores).
 STALE_LOCK_S = 600.0

@@ -85,9 +85,11 @@ inline float group_scale_lane(const at::Half* s, int lane) {
 // R weight rows at once against one prepared activation row (they share its loads): out[r] = row r · x.
 // Per 4 chunks, each row's group scales (16, 8 or 4 float16 values) become floats once; each chunk then
 // picks its lanes' scales with one permute.
-template <int G, int R>
-inline void dot_rows(const uint8_t* w, int64_t row_bytes, const at::Half* s, int64_t row_groups,
-                     const uint8_t* xp, int64_t chunks, float* out) {
+template <int G, int R, int MT>
+inline void dot_tile(const uint8_t* w, int64_t row_bytes, const at::Half* s, int64_t row_groups,
+                     const uint8_t* xp, int64_t x_stride, int64_t chunks, float* out) {
+  // R weight rows x MT activation rows: each weight chunk is loaded and split into nibbles once, its scales
+  // converted once, and used for all MT activation rows (a small batch, a speculative check); out[m * R + r].
   constexpr int per_chunk = kChunk / G;  // groups per chunk: 4, 2 or 1
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   // idx[u] lane i: the group of column 8i of chunk u among the 4 chunks' scales, u · per_chunk + i · per_chunk / 16
@@ -97,8 +99,9 @@ inline void dot_rows(const uint8_t* w, int64_t row_bytes, const at::Half* s, int
     for (int i = 0; i < 16; ++i) lanes[i] = u * per_chunk + (i * per_chunk) / 16;
     idx[u] = _mm512_load_si512(lanes);
   }
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
     const int n = static_cast<int>(std::min<int64_t>(4, chunks - c0));
     const __mmask16 mask = static_cast<__mmask16>((1u << (n * per_chunk)) - 1u);
@@ -109,21 +112,28 @@ inline void dot_rows(const uint8_t* w, int64_t row_bytes, const at::Half* s, int
       scales[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, s + r * row_groups + c0 * per_chunk));
     }
     for (int u = 0; u < n; ++u) {
-      const uint8_t* x = xp + (c0 + u) * kXBytes;
-      const __m512i even = _mm512_loadu_si512(x), odd = _mm512_loadu_si512(x + 64);
-      const __m512i corr = _mm512_loadu_si512(x + 128);
-      const __m512 xscale = _mm512_loadu_ps(reinterpret_cast<const float*>(x + 192));
+      __m512i lo[R], hi[R];
+      __m512 wscale[R];
       for (int r = 0; r < R; ++r) {
         const __m512i v = _mm512_loadu_si512(w + r * row_bytes + (c0 + u) * 64);
-        const __m512i lo = _mm512_and_si512(v, low4);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(corr, lo, even), hi, odd);
-        const __m512 sc = _mm512_mul_ps(_mm512_permutexvar_ps(idx[u], scales[r]), xscale);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[r]);
+        lo[r] = _mm512_and_si512(v, low4);
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        wscale[r] = _mm512_permutexvar_ps(idx[u], scales[r]);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const uint8_t* x = xp + m * x_stride + (c0 + u) * kXBytes;
+        const __m512i even = _mm512_loadu_si512(x), odd = _mm512_loadu_si512(x + 64);
+        const __m512i corr = _mm512_loadu_si512(x + 128);
+        const __m512 xscale = _mm512_loadu_ps(reinterpret_cast<const float*>(x + 192));
+        for (int r = 0; r < R; ++r) {
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(corr, lo[r], even), hi[r], odd);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wscale[r], xscale), acc[m][r]);
+        }
       }
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
 #elif SG_AVX2
@@ -188,12 +198,26 @@ inline float dot_row(const uint8_t* w, const at::Half* s, const uint8_t* xp, int
 #endif
 
 #if !SG_AVX512_VNNI
-template <int G, int R>
-inline void dot_rows(const uint8_t* w, int64_t row_bytes, const at::Half* s, int64_t row_groups,
-                     const uint8_t* xp, int64_t chunks, float* out) {
-  for (int r = 0; r < R; ++r) out[r] = dot_row<G>(w + r * row_bytes, s + r * row_groups, xp, chunks);
+template <int G, int R, int MT>
+inline void dot_tile(const uint8_t* w, int64_t row_bytes, const at::Half* s, int64_t row_groups,
+                     const uint8_t* xp, int64_t x_stride, int64_t chunks, float* out) {
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r)
+      out[m * R + r] = dot_row<G>(w + r * row_bytes, s + r * row_groups, xp + m * x_stride, chunks);
 }
 #endif
+
+// out[m * R + r] for the MT (1-4) activation rows from m: the tile size as a template argument.
+template <int G, int R>
+inline void dot_rows_of(int MT, const uint8_t* w, int64_t row_bytes, const at::Half* s, int64_t row_groups,
+                        const uint8_t* xp, int64_t x_stride, int64_t chunks, float* out) {
+  switch (MT) {
+    case 4: dot_tile<G, R, 4>(w, row_bytes, s, row_groups, xp, x_stride, chunks, out); break;
+    case 3: dot_tile<G, R, 3>(w, row_bytes, s, row_groups, xp, x_stride, chunks, out); break;
+    case 2: dot_tile<G, R, 2>(w, row_bytes, s, row_groups, xp, x_stride, chunks, out); break;
+    default: dot_tile<G, R, 1>(w, row_bytes, s, row_groups, xp, x_stride, chunks, out);
+  }
+}
 
 template <int G>
 void run(const float* x, int64_t M, int64_t K, const uint8_t* w, const at::Half* s, const float* bias,
@@ -211,22 +235,27 @@ void run(const float* x, int64_t M, int64_t K, const uint8_t* w, const at::Half*
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
       const int64_t m1 = std::min(M, m0 + kRowTile);
+      const int64_t x_stride = chunks * kXBytes;
       int64_t n = n0;
       for (; n + 1 < n1; n += 2) {  // two weight rows share each activation load
-        for (int64_t m = m0; m < m1; ++m) {
-          float out[2];
-          dot_rows<G, 2>(w + n * row_bytes, row_bytes, s + n * row_groups, row_groups, xp + m * chunks * kXBytes,
-                         chunks, out);
-          y[m * N + n] = out[0] + (bias ? bias[n] : 0.f);
-          y[m * N + n + 1] = out[1] + (bias ? bias[n + 1] : 0.f);
+        for (int64_t m = m0; m < m1; m += 4) {  // up to four activation rows share each weight load
+          const int mt = static_cast<int>(std::min<int64_t>(4, m1 - m));
+          float out[8];
+          dot_rows_of<G, 2>(mt, w + n * row_bytes, row_bytes, s + n * row_groups, row_groups, xp + m * x_stride,
+                            x_stride, chunks, out);
+          for (int t = 0; t < mt; ++t) {
+            y[(m + t) * N + n] = out[2 * t] + (bias ? bias[n] : 0.f);
+            y[(m + t) * N + n + 1] = out[2 * t + 1] + (bias ? bias[n + 1] : 0.f);
+          }
         }
       }
       for (; n < n1; ++n) {
-        for (int64_t m = m0; m < m1; ++m) {
-          float out[1];
-          dot_rows<G, 1>(w + n * row_bytes, row_bytes, s + n * row_groups, row_groups, xp + m * chunks * kXBytes,
-                         chunks, out);
-          y[m * N + n] = out[0] + (bias ? bias[n] : 0.f);
+        for (int64_t m = m0; m < m1; m += 4) {
+          const int mt = static_cast<int>(std::min<int64_t>(4, m1 - m));
+          float out[4];
+          dot_rows_of<G, 1>(mt, w + n * row_bytes, row_bytes, s + n * row_groups, row_groups, xp + m * x_stride,
+                            x_stride, chunks, out);
+          for (int t = 0; t < mt; ++t) y[(m + t) * N + n] = out[t] + (bias ? bias[n] : 0.f);
         }
       }
     }
