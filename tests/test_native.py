@@ -280,3 +280,19 @@ def test_a_prefill_of_many_rows_goes_to_fbgemm_and_a_decode_step_to_the_kernel(k
             got = layer(x)
             assert not torch.equal(by_fbgemm, direct(x))  # the two paths are told apart by their rounding
             assert torch.equal(got, direct(x) if rows <= native.MAX_ROWS else by_fbgemm), (type(layer).__name__, rows)
+
+
+def test_a_non_finite_activation_gives_nan_outputs_not_garbage(any_build):
+    """An inf or NaN in an activation row: that row's outputs are NaN (as a float product's would be), the
+    other rows are untouched, and nothing non-finite is ever converted to an integer."""
+    layer4 = layer_of(256, 16, 32, bias=True, seed=8)
+    layer8 = int8_layer(256, 16, bias=True, seed=8)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(9))
+    bad = x.clone()
+    bad[1, 5] = float("inf")
+    bad[2, 200] = float("nan")
+    for run in (lambda t: any_build.int4_linear(t, layer4.weight, layer4.weight_scale, layer4.bias, 32),
+                lambda t: any_build.int8_linear(t, layer8.weight, layer8.weight_scale, layer8.bias)):
+        y = run(bad)
+        assert torch.isnan(y[1:]).all()
+        assert torch.equal(y[0], run(x)[0])

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -46,6 +47,20 @@ constexpr int64_t kXBytes = 256;      // prepared activation per chunk: 64 even 
 //   [128, 192) int32 per lane i: -8 · (sum of the 8 quantized values lane i multiplies), so the unsigned
 //              nibbles u = q + 8 give sum q·x exactly
 //   [192, 256) float per lane i: the scale of the activation block (32 columns) lane i belongs to
+// The int8 quantization of one block of 32 activations: (scale, 1 / step). A block holding an infinity or
+// NaN gets scale NaN and step 0 (its values quantize to 0), so the outputs it feeds are NaN, as a float product's
+// would be, and no non-finite value is ever converted to an integer (undefined in C++).
+inline void block_scale(const float* xb, float& scale, float& inv) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int k = 0; k < 32; ++k) {
+    finite = finite && std::isfinite(xb[k]);
+    amax = std::max(amax, std::fabs(xb[k]));
+  }
+  scale = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+  inv = finite && amax > 0.f ? 127.f / amax : 0.f;
+}
+
 void prepare_row(const float* x, int64_t K, uint8_t* out) {
   for (int64_t c = 0; c < K / kChunk; ++c) {
     const float* xc = x + c * kChunk;
@@ -55,13 +70,11 @@ void prepare_row(const float* x, int64_t K, uint8_t* out) {
     float* scale = reinterpret_cast<float*>(out + c * kXBytes + 192);
     for (int b = 0; b < 4; ++b) {  // activation blocks of 32 columns
       const float* xb = xc + 32 * b;
-      float amax = 0.f;
-      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
-      const float s = amax / 127.f;
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      float s, inv;
+      block_scale(xb, s, inv);
       for (int j = 0; j < 16; ++j) {
-        even[16 * b + j] = static_cast<int8_t>(std::nearbyint(xb[2 * j] * inv));
-        odd[16 * b + j] = static_cast<int8_t>(std::nearbyint(xb[2 * j + 1] * inv));
+        even[16 * b + j] = static_cast<int8_t>(inv > 0.f ? std::nearbyint(xb[2 * j] * inv) : 0.f);
+        odd[16 * b + j] = static_cast<int8_t>(inv > 0.f ? std::nearbyint(xb[2 * j + 1] * inv) : 0.f);
       }
       for (int l = 0; l < 4; ++l) {
         const int i = 4 * b + l;  // lane i: bytes 4i .. 4i + 3 of each half
@@ -279,15 +292,14 @@ void prepare_row8(const float* x, int64_t K, uint8_t* out) {
     int8_t* q = reinterpret_cast<int8_t*>(mag + 64);
     float* scale = reinterpret_cast<float*>(mag + 128);
     for (int b = 0; b < 2; ++b) {
-      float amax = 0.f;
-      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xc[32 * b + k]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      float s, inv;
+      block_scale(xc + 32 * b, s, inv);
       for (int k = 0; k < 32; ++k) {
-        const int v = static_cast<int>(std::nearbyint(xc[32 * b + k] * inv));
+        const int v = inv > 0.f ? static_cast<int>(std::nearbyint(xc[32 * b + k] * inv)) : 0;
         q[32 * b + k] = static_cast<int8_t>(v);
         mag[32 * b + k] = static_cast<uint8_t>(v < 0 ? -v : v);
       }
-      for (int l = 0; l < 8; ++l) scale[8 * b + l] = amax / 127.f;
+      for (int l = 0; l < 8; ++l) scale[8 * b + l] = s;
     }
   }
 }
