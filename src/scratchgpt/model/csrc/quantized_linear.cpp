@@ -25,7 +25,8 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
+    defined(__F16C__)
 #define SG_AVX512_VNNI 1
 #include <immintrin.h>
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
