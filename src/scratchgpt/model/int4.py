@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scratchgpt.model.fbgemm import fbgemm_available, fbgemm_linear, fbgemm_pack
-from scratchgpt.model.native import MAX_ROWS, native_kernels
+from scratchgpt.model.native import INT4_COLUMNS, MAX_ROWS, native_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -192,14 +192,15 @@ class Int4Linear(nn.Module):
     def native_fits(self) -> bool:
         """Whether scratchgpt's own kernel takes this layer here: `in` a multiple of 128 and the kernel built
         (compiled on the first call that asks: see model/native.py)."""
-        return self.in_features % 128 == 0 and native_kernels() is not None
+        return self.in_features % INT4_COLUMNS == 0 and native_kernels() is not None
 
     def forward(self, x: Tensor) -> Tensor:
         kernel = self.kernel
         if kernel == "native":
             # Reshapes, casts and the bias are done in C++ (native.py): ~50 calls a decode step, where each
             # Python-side step costs about what a small product does.
-            usable = x.is_cpu and self.in_features % 128 == 0 and not (x.requires_grad and torch.is_grad_enabled())
+            usable = x.is_cpu and self.in_features % INT4_COLUMNS == 0 and not (
+                x.requires_grad and torch.is_grad_enabled())
             many_rows = x.numel() > MAX_ROWS * self.in_features and fbgemm_available()  # a prefill: a matrix product
             kernels = native_kernels() if usable and not many_rows else None
             if kernels is not None:

@@ -13,8 +13,8 @@ How it is built: `torch.utils.cpp_extension.load` (PyTorch's documented way to J
 it needs a C++ compiler and ninja, which the `ninja` package provides) with `-O3 -march=native`, once per
 CPU model and source version, into `$XDG_CACHE_HOME/scratchgpt/kernels` (or ~/.cache); later processes
 load the built library in ~0.1 s. Where it cannot be built (no compiler, another platform, a build
-error) `native_kernels()` returns None with the reason in `native_unavailable()`, and int4 runs on the
-kernels torch has. `SCRATCHGPT_NATIVE=0` turns it off.
+error) `native_kernels()` returns None with the reason in `native_unavailable()`, and the int4 and int8
+layers run on the kernels torch has. `SCRATCHGPT_NATIVE=0` turns it off.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ SOURCE = Path(__file__).with_name("csrc") / "quantized_linear.cpp"
 # ms, int4 / int8 / fbgemm: 1 row 0.04 / 0.04 / 0.08, 4 rows 0.08 / 0.12-0.13 / 0.10-0.11, 8 rows
 # 0.15-0.17 / 0.21-0.23 / 0.12-0.13, 1,024 rows (before int4's four-row tiles) 24 / 27 / 6.6 (float32: 18).
 MAX_ROWS = 4
+# The columns one step of each kernel takes (64 bytes of weights): a layer's `in` must be a multiple of it.
+INT4_COLUMNS, INT8_COLUMNS = 128, 64  # kChunk and kChunk8 in the C++ file
 
 # A build lock older than this was left by a killed build (a build takes ~30 s on two cores).
 STALE_LOCK_S = 600.0

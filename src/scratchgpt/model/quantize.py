@@ -73,7 +73,7 @@ from scratchgpt.model.int4 import (
     snapshot_of,
     time_kernels,
 )
-from scratchgpt.model.native import MAX_ROWS, native_kernels
+from scratchgpt.model.native import INT8_COLUMNS, MAX_ROWS, native_kernels
 
 # The one list of modes (`--quantize`, `export --format`): config.py's Literal, which the CLI reads too.
 QUANT_MODES: tuple[str, ...] = get_args(Quantize)
@@ -203,7 +203,7 @@ class Int8Linear(nn.Module):
             # step; a prefill's many rows (native.MAX_ROWS) go to fbgemm's matrix product, as do shapes it does
             # not take (`in` not a multiple of 64) and CPUs where it was not built.
             many_rows = x.numel() > MAX_ROWS * self.in_features and fbgemm_available()
-            kernels = native_kernels() if self.in_features % 64 == 0 and not many_rows else None
+            kernels = native_kernels() if self.in_features % INT8_COLUMNS == 0 and not many_rows else None
             if kernels is not None:
                 return kernels.int8_linear(x, self.weight, self.weight_scale, self.bias)
             kernel = "fbgemm" if fbgemm_available() else "reference"
@@ -411,7 +411,8 @@ def choose_int8_kernel(model: nn.Module, *, repeats: int = 3,
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     base = default_kernel("cpu")
     candidates = [base]
-    if step_time is not None or (any(m.in_features % 64 == 0 for m in layers) and native_kernels() is not None):
+    fits = any(m.in_features % INT8_COLUMNS == 0 for m in layers)
+    if step_time is not None or (fits and native_kernels() is not None):
         candidates.append("native")
     best = time_kernels(model, layers, candidates, repeats=repeats, step_time=step_time)
     kernel = "native" if best.get("native", math.inf) < best[base] else base
