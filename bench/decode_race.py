@@ -268,6 +268,8 @@ def _decode_path(model) -> str:
         return "not chosen"
     if path.input_major:
         return "input-major, split-K" if path.split else "input-major"
+    if path.native:
+        return "scratchgpt's kernel"
     return "+".join(g for g, on in (("W@xT blocks", path.blocks), ("W@xT head", path.head)) if on) or "plain"
 
 

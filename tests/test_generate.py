@@ -491,7 +491,7 @@ def test_decode_path_is_measured_once_and_both_paths_agree() -> None:
 
 def test_decode_path_follows_the_faster_real_step_per_group() -> None:
     """The choice is made from whole-step times, one decision for the blocks and one for the head."""
-    from scratchgpt.inference.generate import DecodePath, choose_decode_path, pick_decode_path
+    from scratchgpt.inference.generate import NATIVE, DecodePath, choose_decode_path, pick_decode_path
 
     plain, blocks, head = DecodePath(), DecodePath(blocks=True), DecodePath(head=True)
     # The Zen 4 case: W @ xᵀ streams the head from DRAM twice as fast; the blocks gain nothing.
@@ -500,7 +500,8 @@ def test_decode_path_follows_the_faster_real_step_per_group() -> None:
     assert pick_decode_path({plain: 30e-3, blocks: 20e-3, head: 25e-3}) == DecodePath(blocks=True, head=True)
     assert pick_decode_path({plain: 30e-3, blocks: 31e-3, head: 60e-3}) == DecodePath()
     # Best of the repeats: one slow outlier (another process) does not decide.
-    times = {plain: iter([30e-3, 90e-3]), blocks: iter([95e-3, 29e-3]), head: iter([15e-3, 16e-3])}
+    times = {plain: iter([30e-3, 90e-3]), blocks: iter([95e-3, 29e-3]), head: iter([15e-3, 16e-3]),
+             NATIVE: iter([40e-3, 40e-3])}  # (asked where scratchgpt's kernels build)
     model = tiny_model()
     assert choose_decode_path(model, repeats=2, step_time=lambda p: next(times[p])) == DecodePath(head=True)
     assert model.lm_head.few_rows == 16
@@ -513,6 +514,7 @@ def test_input_major_storage_is_tried_only_on_a_frozen_model_and_changes_no_valu
     from scratchgpt.checkpoint import save_model
     from scratchgpt.inference.generate import (
         INPUT_MAJOR,
+        NATIVE,
         SPLIT_K,
         DecodePath,
         choose_decode_path,
@@ -533,7 +535,7 @@ def test_input_major_storage_is_tried_only_on_a_frozen_model_and_changes_no_valu
             return times[p]
         return asked, step
 
-    times = {plain: 30e-3, blocks: 31e-3, head: 40e-3, INPUT_MAJOR: 20e-3, SPLIT_K: 21e-3}
+    times = {plain: 30e-3, blocks: 31e-3, head: 40e-3, INPUT_MAJOR: 20e-3, SPLIT_K: 21e-3, NATIVE: 32e-3}
     training = tiny_model()  # parameters require gradients: an optimizer may hold moments laid out like them
     asked, step = timed(times)
     assert choose_decode_path(training, step_time=step) == plain and not any(p.input_major for p in asked)
@@ -568,7 +570,14 @@ def test_split_k_products_equal_f_linear_and_are_chosen_only_when_the_step_is_fa
     """Split-K (x's input dimension cut into slices, one bmm product per thread, summed) computes x @ Wᵀ up
     to rounding for 1..SPLIT_ROWS rows, with and without a bias; more rows, a layer not stored input-major or
     one thread take the plain path; the choice follows the measured whole steps."""
-    from scratchgpt.inference.generate import INPUT_MAJOR, SPLIT_K, DecodePath, choose_decode_path, pick_decode_path
+    from scratchgpt.inference.generate import (
+        INPUT_MAJOR,
+        NATIVE,
+        SPLIT_K,
+        DecodePath,
+        choose_decode_path,
+        pick_decode_path,
+    )
     from scratchgpt.model.fast_linear import SPLIT_ROWS, Linear, split_parts, store_input_major
 
     assert [split_parts(768, t) for t in (1, 2, 4, 5, 16)] == [0, 2, 4, 4, 16]
@@ -596,7 +605,7 @@ def test_split_k_products_equal_f_linear_and_are_chosen_only_when_the_step_is_fa
     def chosen(threads: int, split_seconds: float) -> tuple[DecodePath, list, object]:
         monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
         asked: list[DecodePath] = []
-        times = {**base, INPUT_MAJOR: 26e-3, SPLIT_K: split_seconds}
+        times = {**base, INPUT_MAJOR: 26e-3, SPLIT_K: split_seconds, NATIVE: 35e-3}
         model = tiny_model().requires_grad_(False)
         path = choose_decode_path(model, step_time=lambda p: asked.append(p) or times[p])
         monkeypatch.undo()
@@ -612,6 +621,32 @@ def test_split_k_products_equal_f_linear_and_are_chosen_only_when_the_step_is_fa
     path, asked, model = chosen(1, 1e-3)  # one thread: nothing to split over, not tried
     assert path == INPUT_MAJOR and SPLIT_K not in asked
     assert {m.split_k for m in model.modules() if isinstance(m, Linear)} == {0}
+
+
+def test_scratchgpt_kernel_is_chosen_when_its_whole_step_is_the_fastest() -> None:
+    """`NATIVE` (every layer's few-row products on model/csrc/float_linear.cpp) wins when its measured step
+    is the fastest of the paths that keep the storage; input-major storage must still beat it by 10%.
+    Chosen, it changes no token."""
+    from scratchgpt.inference.generate import INPUT_MAJOR, NATIVE, DecodePath, choose_decode_path, pick_decode_path
+    from scratchgpt.model.fast_linear import Linear
+    from scratchgpt.model.native import native_kernels
+
+    plain, blocks, head = DecodePath(), DecodePath(blocks=True), DecodePath(head=True)
+    base = {plain: 30e-3, blocks: 29e-3, head: 25e-3}
+    assert pick_decode_path({**base, NATIVE: 24e-3}) == NATIVE  # no margin: it changes no storage
+    assert pick_decode_path({**base, NATIVE: 26e-3}) == head
+    assert pick_decode_path({**base, NATIVE: 24e-3, INPUT_MAJOR: 22e-3}) == NATIVE  # not 10% faster
+    assert pick_decode_path({**base, NATIVE: 24e-3, INPUT_MAJOR: 21e-3}) == INPUT_MAJOR
+    if native_kernels() is None:
+        pytest.skip("scratchgpt's kernels do not build here")
+    model = tiny_model()
+    want = generate(tiny_model(), [5, 6, 7], GREEDY)  # the same weights on nn.Linear's path
+    asked: list[DecodePath] = []
+    assert choose_decode_path(model, step_time=lambda p: asked.append(p) or {**base, NATIVE: 20e-3}[p]) == NATIVE
+    assert asked.count(NATIVE) == 3
+    assert all(m.native for m in model.modules() if isinstance(m, Linear))
+    assert generate(model, [5, 6, 7], GREEDY) == want
+    assert generate(model, [[5, 6, 7], [8]], GREEDY)[0] == want[0]  # a batch of two rows: the kernel too
 
 
 def test_decode_path_times_whole_decode_steps() -> None:

@@ -296,3 +296,59 @@ def test_a_non_finite_activation_gives_nan_outputs_not_garbage(any_build):
         y = run(bad)
         assert torch.isnan(y[1:]).all()
         assert torch.equal(y[0], run(x)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The float kernel (model/csrc/float_linear.cpp): float32 and bfloat16 weights as stored, a few rows
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n_in", "n_out"), [(768, 37), (769, 200), (13, 5), (64, 1), (48, 130)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9])
+def test_float_kernel_equals_the_float_product_up_to_summation_order(any_build, dtype, n_in, n_out, rows):
+    """Every code path, the columns' tails (K not a multiple of the vector width), the rows' tails (N not a
+    multiple of the four streams per band), 1-4 rows per pass and more rows in several passes: the product
+    of the weights as stored (bf16 widened exactly) with the float32 activation, plus the bias."""
+    gen = torch.Generator().manual_seed(n_in * 31 + rows)
+    w = torch.randn(n_out, n_in, generator=gen).to(dtype)
+    x, b = torch.randn(rows, n_in, generator=gen), torch.randn(n_out, generator=gen)
+    exact = x.double() @ w.double().t()
+    bound = float_rounding(x, w.float())
+    assert ((any_build.float_linear(x, w, None) - exact).abs() <= bound).all()
+    assert ((any_build.float_linear(x, w, b) - (exact + b.double())).abs() <= bound + 1e-6).all()
+
+
+def test_float_kernel_keeps_the_activation_dtype_and_refuses_what_it_cannot_read(kernels):
+    w = torch.randn(24, 40)
+    x = torch.randn(2, 3, 40, dtype=torch.bfloat16)
+    y = kernels.float_linear(x, w, None)
+    assert y.shape == (2, 3, 24) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), x.float() @ w.t(), rtol=2e-2, atol=5e-2)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernels.float_linear(torch.randn(1, 40), w.t().contiguous().t(), None)  # input-major storage
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.float_linear(torch.randn(1, 40), w.half(), None)
+    with pytest.raises(RuntimeError, match="columns"):
+        kernels.float_linear(torch.randn(1, 41), w, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        kernels.float_linear(torch.randn(1, 40), w, torch.randn(23))
+
+
+def test_linear_takes_the_float_kernel_for_a_few_rows_only(kernels, monkeypatch):
+    """`Linear.native` sends up to MAX_ROWS rows to the kernel and more (a prefill) to F.linear; a layer
+    whose weight is not in (out, in) order takes F.linear too. Same numbers up to rounding."""
+    from scratchgpt.model.fast_linear import Linear, store_input_major
+
+    calls = []
+    monkeypatch.setattr(kernels, "float_linear", lambda *a, f=kernels.float_linear: calls.append(1) or f(*a))
+    torch.manual_seed(0)
+    layer = Linear(96, 40).requires_grad_(False)
+    layer.native = True
+    for rows in (1, native.MAX_ROWS, native.MAX_ROWS + 1):
+        x = torch.randn(1, rows, 96)
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert len(calls) == 2
+    store_input_major([layer])
+    layer(torch.randn(1, 96))
+    assert len(calls) == 2

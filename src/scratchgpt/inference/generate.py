@@ -29,6 +29,7 @@ from scratchgpt.inference.sampling import sample_next_token
 from scratchgpt.inference.speculative import Speculator, make_speculator
 from scratchgpt.model.fast_linear import Linear, split_parts, store_input_major
 from scratchgpt.model.gpt import GPT, KVCache
+from scratchgpt.model.native import native_kernels
 
 # ---------------------------------------------------------------------------------------------
 # Text assembly: UTF-8-safe streaming and stop strings
@@ -346,28 +347,34 @@ def _decode(
 class DecodePath:
     """How the `Linear` layers decode: the few-row path (W @ xᵀ) for the blocks' and/or the LM head's, or
     every weight stored input-major (`model.fast_linear.store_input_major`; then no few-row path), its
-    products optionally split over the threads (`split`: `Linear.split_k`)."""
+    products optionally split over the threads (`split`: `Linear.split_k`), or every layer's few-row
+    products on scratchgpt's own kernel (`native`: `Linear.native`, the weights as stored)."""
 
     blocks: bool = False
     head: bool = False
     input_major: bool = False
     split: bool = False
+    native: bool = False
 
 
 INPUT_MAJOR = DecodePath(input_major=True)
 SPLIT_K = DecodePath(input_major=True, split=True)
+NATIVE = DecodePath(native=True)
 
 
 def pick_decode_path(step_seconds: dict[DecodePath, float], *, margin: float = 0.9) -> DecodePath:
     """The path from measured decode-step times of `DecodePath()`, `DecodePath(blocks=True)`,
-    `DecodePath(head=True)` and (when measured) `INPUT_MAJOR` and `SPLIT_K`: a group switches to W @ xᵀ only
-    when that made the whole step at least 1 - `margin` (10%) faster than the plain path; input-major
-    storage (the faster of its two variants) wins only when its step was 10% faster than every other
-    measured one. Deterministic given the times."""
+    `DecodePath(head=True)` and (when measured) `NATIVE`, `INPUT_MAJOR` and `SPLIT_K`: a group switches to
+    W @ xᵀ only when that made the whole step at least 1 - `margin` (10%) faster than the plain path;
+    scratchgpt's kernel wins when its step was the fastest of those (it changes no storage, so no margin);
+    input-major storage (the faster of its two variants) wins only when its step was 10% faster than every
+    other measured one. Deterministic given the times."""
     plain = step_seconds[DecodePath()]
     few = DecodePath(blocks=step_seconds[DecodePath(blocks=True)] < margin * plain,
                      head=step_seconds[DecodePath(head=True)] < margin * plain)
     others = min(t for p, t in step_seconds.items() if not p.input_major)
+    if NATIVE in step_seconds and step_seconds[NATIVE] == others:
+        few = NATIVE
     stored = min((p for p in (INPUT_MAJOR, SPLIT_K) if p in step_seconds), key=step_seconds.__getitem__,
                  default=None)
     return stored if stored is not None and step_seconds[stored] < margin * others else few
@@ -375,13 +382,15 @@ def pick_decode_path(step_seconds: dict[DecodePath, float], *, margin: float = 0
 
 def set_decode_path(model: GPT, path: DecodePath) -> None:
     """Turn `Linear`'s few-row path on or off per group (the LM head, every other layer), store the
-    weights input-major or not, and split their products over the threads or not."""
+    weights input-major or not, split their products over the threads or not, and run them on
+    scratchgpt's kernel or not."""
     head = getattr(model, "lm_head", None)
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     threads = torch.get_num_threads()
     for m in layers:
         m.few_rows = 16 if (path.head if m is head else path.blocks) else 0
         m.split_k = split_parts(m.in_features, threads) if path.split else 0
+        m.native = path.native
     store_input_major(layers, path.input_major)
 
 
@@ -422,6 +431,8 @@ def choose_decode_path(
     path = DecodePath()
     if weights and (measurable or step_time is not None):
         candidates = (DecodePath(), DecodePath(blocks=True), DecodePath(head=True))
+        if native_kernels() is not None:  # (built on first use; where it cannot be, not a candidate)
+            candidates += (NATIVE,)
         step_time = step_time or _decode_step_timer(model)
         best = dict.fromkeys(candidates, float("inf"))
         for _ in range(repeats):  # interleaved: a machine that slows down mid-way slows every candidate

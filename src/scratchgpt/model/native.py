@@ -33,7 +33,9 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "quantized_linear.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "quantized_linear.cpp", CSRC / "float_linear.cpp")  # one extension; the first binds all
+HEADERS = (CSRC / "kernels.h",)
 # The kernels are built for a decode step's few activation rows: int4 loads each weight chunk once for up to
 # four rows, int8 once per row. Up to this many rows (a decode step, a small batch) they beat fbgemm's int8
 # matrix product; above it (a prompt's prefill, evaluation, a speculative check of 5+ rows) the layers hand
@@ -73,7 +75,8 @@ def _cpu_tag() -> str:
 
 def _name(march: str = "native") -> str:
     """The extension's name: its source, flags and CPU, so a changed source or another CPU builds anew."""
-    h = hashlib.sha256(SOURCE.read_bytes() + " ".join((*FLAGS, march)).encode() + _cpu_tag().encode())
+    text = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
+    h = hashlib.sha256(text + " ".join((*FLAGS, march)).encode() + _cpu_tag().encode())
     return f"scratchgpt_kernels_{march.replace('-', '_')}_{h.hexdigest()[:12]}"
 
 
@@ -101,8 +104,9 @@ def build(march: str = "native") -> ModuleType:
     Raises where it cannot be built."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"the kernel is written for x86-64 CPUs, not {platform.machine()}")
-    if not SOURCE.is_file():
-        raise RuntimeError(f"{SOURCE} is missing from the installed package")
+    missing = [str(p) for p in (*SOURCES, *HEADERS) if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} missing from the installed package")
     _ninja_on_path()
     from torch.utils import cpp_extension
 
@@ -118,7 +122,8 @@ def build(march: str = "native") -> ModuleType:
     if not any(folder.glob(f"{name}*.so")):
         # A warning so the CLI shows it (it configures no logging): the pause is explained, once per CPU.
         logger.warning("compiling scratchgpt's quantized CPU kernels for this CPU, once (~30 s), into %s", folder)
-    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=[*FLAGS, f"-march={march}"],
+    return cpp_extension.load(name=name, sources=[str(p) for p in SOURCES],
+                              extra_cflags=[*FLAGS, f"-march={march}", f"-I{CSRC}"],
                               extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
 
 

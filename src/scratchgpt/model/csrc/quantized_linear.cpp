@@ -25,6 +25,8 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
     defined(__F16C__)
 #define SG_AVX512_VNNI 1
@@ -400,9 +402,9 @@ void run8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* ws
 
 }  // namespace
 
-// What both entry points do around the kernel, in C++ because a decode step calls them ~50 times a token
-// (the same steps in Python cost more than a small product): x (..., K) of any float dtype as a contiguous
-// float32 (M, K), the bias as float32, and the result back in x's shape and dtype.
+// What every entry point does around its kernel (declared in kernels.h), in C++ because a decode step calls
+// them ~50 times a token (the same steps in Python cost more than a small product): x (..., K) of any float
+// dtype as a contiguous float32 (M, K), the bias as float32, and the result back in x's shape and dtype.
 at::Tensor as_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 1 && at::isFloatingType(x.scalar_type()), "x: (..., K) floating point");
   return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
@@ -474,5 +476,7 @@ std::string instruction_set() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "y = x W^T + b for group-wise int4 W (scratchgpt's stored layout)");
   m.def("int8_linear", &int8_linear, "y = x W^T + b for int8 W with one scale per row (as stored)");
+  m.def("float_linear", &float_linear, "y = x W^T + b for a few rows x and float32 or bfloat16 W (N, K)");
   m.def("instruction_set", &instruction_set, "which code path this build runs");
+  m.def("float_instruction_set", &float_instruction_set, "which code path float_linear runs");
 }
