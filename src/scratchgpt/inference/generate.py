@@ -28,6 +28,7 @@ from scratchgpt.device import native_bf16
 from scratchgpt.inference.sampling import sample_next_token
 from scratchgpt.inference.speculative import Speculator, make_speculator
 from scratchgpt.model.fast_linear import Linear, split_parts, store_input_major
+from scratchgpt.model.fused_decode import fuse_decode_steps
 from scratchgpt.model.gpt import GPT, KVCache
 from scratchgpt.model.native import native_kernels
 
@@ -422,6 +423,9 @@ def choose_decode_path(
     chosen = getattr(model, "_decode_path", None)
     if chosen is not None:
         return chosen
+    # Each block's one-call decode step (model/fused_decode.py) runs wherever its products run on
+    # scratchgpt's kernels: set before timing, so the NATIVE candidate is measured as it will decode.
+    fuse_decode_steps(model)
     weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
     dtypes = {w.dtype for w in weights}
     # bfloat16 weights are measured only where bf16 products run natively: emulated, a 1B model's decode

@@ -424,6 +424,10 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: two sub-layers, each wrapped in a shortcut connection."""
 
+    # A faster path for one decoding token, or None (model/fused_decode.py sets it; it returns None where it
+    # cannot run, and the modules below compute the same thing).
+    decode_step: Callable[[Tensor, tuple[Tensor, Tensor], int], Tensor | None] | None = None
+
     def __init__(self, config: GPTConfig, *, attn_impl: AttnImpl = "sdpa", device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
@@ -436,6 +440,11 @@ class Block(nn.Module):
         self, x: Tensor, *, kv: tuple[Tensor, Tensor] | None = None, start: int = 0, mask: Tensor | None = None,
         rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
+        if self.decode_step is not None and kv is not None and mask is None and rope is None \
+                and x.size(0) == 1 and x.size(1) == 1:
+            y = self.decode_step(x, kv, start)
+            if y is not None:
+                return y
         # The shortcuts let gradients flow straight through deep stacks.
         x = x + self.attn(self.ln_1(x), kv=kv, start=start, mask=mask, rope=rope)
         x = x + self.mlp(self.ln_2(x))

@@ -34,7 +34,7 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "quantized_linear.cpp", CSRC / "float_linear.cpp")  # one extension; the first binds all
+SOURCES = (CSRC / "quantized_linear.cpp", CSRC / "float_linear.cpp", CSRC / "decode_block.cpp")  # one extension
 HEADERS = (CSRC / "kernels.h",)
 # The kernels are built for a decode step's few activation rows: int4 loads each weight chunk once for up to
 # four rows, int8 once per row. Up to this many rows (a decode step, a small batch) they beat fbgemm's int8

@@ -170,26 +170,29 @@ void run_float(const float* x, int64_t M, int64_t K, const W* w, const float* bi
 
 }  // namespace
 
-// x (..., K) float, weight (N, K) float32 or bfloat16 (contiguous), bias (N,) or None -> (..., N) in x's
-// dtype. Up to kMaxM rows per pass over the weights; more rows take more passes (the Python side sends
-// only a few).
-at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  const at::Tensor x = as_rows(x_in);
+// y (M, N) = x (M, K) · Wᵀ + b for weight (N, K) float32 or bfloat16: checked, then the kernel, up to kMaxM
+// rows per pass over the weights (more rows take more passes: the Python side sends only a few).
+void float_rows(const float* x, int64_t M, int64_t K, const at::Tensor& weight, const float* bias, float* y) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
                   (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
               "float_linear: weight must be a contiguous (N, K) float32 or bfloat16 tensor");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const int64_t N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K, "float_linear: weight has ", weight.size(1), " columns for K = ", K);
-  at::Tensor holder;
-  const float* b = bias_of(bias, N, holder);
-  at::Tensor y = at::empty({M, N}, x.options());
   for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
     const int64_t rows = std::min<int64_t>(kMaxM, M - m0);
-    const float* xm = x.data_ptr<float>() + m0 * K;
-    float* ym = y.data_ptr<float>() + m0 * N;
-    if (weight.scalar_type() == at::kFloat) run_float(xm, rows, K, weight.data_ptr<float>(), b, N, ym);
-    else run_float(xm, rows, K, weight.data_ptr<at::BFloat16>(), b, N, ym);
+    if (weight.scalar_type() == at::kFloat) run_float(x + m0 * K, rows, K, weight.data_ptr<float>(), bias, N, y + m0 * N);
+    else run_float(x + m0 * K, rows, K, weight.data_ptr<at::BFloat16>(), bias, N, y + m0 * N);
   }
+}
+
+// x (..., K) float, weight (N, K) float32 or bfloat16 (contiguous), bias (N,) or None -> (..., N) in x's dtype.
+at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const at::Tensor x = as_rows(x_in);
+  const int64_t N = weight.dim() == 2 ? weight.size(0) : 0;
+  at::Tensor holder;
+  const float* b = bias_of(bias, N, holder);
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  float_rows(x.data_ptr<float>(), x.size(0), x.size(1), weight, b, y.data_ptr<float>());
   return shaped_like(y, x_in, N);
 }
 

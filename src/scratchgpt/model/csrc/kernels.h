@@ -12,6 +12,20 @@ at::Tensor as_rows(const at::Tensor& x);
 const float* bias_of(const c10::optional<at::Tensor>& bias, int64_t N, at::Tensor& holder);
 at::Tensor shaped_like(const at::Tensor& y, const at::Tensor& x, int64_t N);
 
+// The products on raw rows, arguments checked: y (M, N) = x (M, K) · Wᵀ + b (bias nullptr: none).
+// quantized_linear.cpp: int4 (weight (N, K/2) uint8, scale (N, K/G) float16) and int8 (weight (N, K) int8,
+// scale (N,) float32); float_linear.cpp: float32 or bfloat16 weight (N, K).
+void int4_rows(const float* x, int64_t M, int64_t K, const at::Tensor& weight, const at::Tensor& scale,
+               const float* bias, int64_t group_size, float* y);
+void int8_rows(const float* x, int64_t M, int64_t K, const at::Tensor& weight, const at::Tensor& scale,
+               const float* bias, float* y);
+void float_rows(const float* x, int64_t M, int64_t K, const at::Tensor& weight, const float* bias, float* y);
+
 // float_linear.cpp
 at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 std::string float_instruction_set();
+
+// decode_block.cpp
+at::Tensor gpt2_block_decode(const at::Tensor& x, const std::vector<at::Tensor>& params, const std::vector<int64_t>& groups,
+                             const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start, int64_t n_head,
+                             double eps_1, double eps_2, bool exact_gelu);

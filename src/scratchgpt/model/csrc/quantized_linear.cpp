@@ -102,9 +102,9 @@ inline float group_scale_lane(const at::Half* s, int lane) {
 // Per 4 chunks, each row's group scales (16, 8 or 4 float16 values) become floats once; each chunk then
 // picks its lanes' scales with one permute.
 template <int G, int R, int MT>
-inline void dot_tile(const uint8_t* w, int64_t row_bytes, const at::Half* s, int64_t row_groups,
+inline void dot_tile(const uint8_t* w, int64_t w_stride, const at::Half* s, int64_t s_stride,
                      const uint8_t* xp, int64_t x_stride, int64_t chunks, float* out) {
-  // R weight rows x MT activation rows: each weight chunk is loaded and split into nibbles once, its scales
+  // R weight rows (w_stride bytes and s_stride scales apart) x MT activation rows: each weight chunk is loaded and split into nibbles once, its scales
   // converted once, and used for all MT activation rows (a small batch, a speculative check); out[m * R + r].
   constexpr int per_chunk = kChunk / G;  // groups per chunk: 4, 2 or 1
   const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -123,15 +123,15 @@ inline void dot_tile(const uint8_t* w, int64_t row_bytes, const at::Half* s, int
     const __mmask16 mask = static_cast<__mmask16>((1u << (n * per_chunk)) - 1u);
     __m512 scales[R];
     for (int r = 0; r < R; ++r) {
-      const uint8_t* ahead = w + r * row_bytes + c0 * 64 + SG_PREFETCH;
+      const uint8_t* ahead = w + r * w_stride + c0 * 64 + SG_PREFETCH;
       for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(ahead + 64 * l), _MM_HINT_T0);
-      scales[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, s + r * row_groups + c0 * per_chunk));
+      scales[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, s + r * s_stride + c0 * per_chunk));
     }
     for (int u = 0; u < n; ++u) {
       __m512i lo[R], hi[R];
       __m512 wscale[R];
       for (int r = 0; r < R; ++r) {
-        const __m512i v = _mm512_loadu_si512(w + r * row_bytes + (c0 + u) * 64);
+        const __m512i v = _mm512_loadu_si512(w + r * w_stride + (c0 + u) * 64);
         lo[r] = _mm512_and_si512(v, low4);
         hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         wscale[r] = _mm512_permutexvar_ps(idx[u], scales[r]);
@@ -215,23 +215,23 @@ inline float dot_row(const uint8_t* w, const at::Half* s, const uint8_t* xp, int
 
 #if !SG_AVX512_VNNI
 template <int G, int R, int MT>
-inline void dot_tile(const uint8_t* w, int64_t row_bytes, const at::Half* s, int64_t row_groups,
+inline void dot_tile(const uint8_t* w, int64_t w_stride, const at::Half* s, int64_t s_stride,
                      const uint8_t* xp, int64_t x_stride, int64_t chunks, float* out) {
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < R; ++r)
-      out[m * R + r] = dot_row<G>(w + r * row_bytes, s + r * row_groups, xp + m * x_stride, chunks);
+      out[m * R + r] = dot_row<G>(w + r * w_stride, s + r * s_stride, xp + m * x_stride, chunks);
 }
 #endif
 
 // out[m * R + r] for the MT (1-4) activation rows from m: the tile size as a template argument.
 template <int G, int R>
-inline void dot_rows_of(int MT, const uint8_t* w, int64_t row_bytes, const at::Half* s, int64_t row_groups,
+inline void dot_rows_of(int MT, const uint8_t* w, int64_t w_stride, const at::Half* s, int64_t s_stride,
                         const uint8_t* xp, int64_t x_stride, int64_t chunks, float* out) {
   switch (MT) {
-    case 4: dot_tile<G, R, 4>(w, row_bytes, s, row_groups, xp, x_stride, chunks, out); break;
-    case 3: dot_tile<G, R, 3>(w, row_bytes, s, row_groups, xp, x_stride, chunks, out); break;
-    case 2: dot_tile<G, R, 2>(w, row_bytes, s, row_groups, xp, x_stride, chunks, out); break;
-    default: dot_tile<G, R, 1>(w, row_bytes, s, row_groups, xp, x_stride, chunks, out);
+    case 4: dot_tile<G, R, 4>(w, w_stride, s, s_stride, xp, x_stride, chunks, out); break;
+    case 3: dot_tile<G, R, 3>(w, w_stride, s, s_stride, xp, x_stride, chunks, out); break;
+    case 2: dot_tile<G, R, 2>(w, w_stride, s, s_stride, xp, x_stride, chunks, out); break;
+    default: dot_tile<G, R, 1>(w, w_stride, s, s_stride, xp, x_stride, chunks, out);
   }
 }
 
@@ -249,23 +249,26 @@ void run(const float* x, int64_t M, int64_t K, const uint8_t* w, const at::Half*
   const int64_t grain = std::max<int64_t>(1, 32768 / row_bytes);
   constexpr int64_t kRowTile = 32;  // activation rows per pass over a block of weight rows (prefill)
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    // The band is read as two sequential streams, one per half: pass i takes row i of each half (the two
+    // weight rows that share each activation load). See float_linear.cpp's run_rows for why.
+    const int64_t half = (n1 - n0) / 2;
+    const int64_t x_stride = chunks * kXBytes;
     for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
       const int64_t m1 = std::min(M, m0 + kRowTile);
-      const int64_t x_stride = chunks * kXBytes;
-      int64_t n = n0;
-      for (; n + 1 < n1; n += 2) {  // two weight rows share each activation load
+      for (int64_t i = 0; i < half; ++i) {
+        const int64_t n = n0 + i, n2 = n0 + half + i;
         for (int64_t m = m0; m < m1; m += 4) {  // up to four activation rows share each weight load
           const int mt = static_cast<int>(std::min<int64_t>(4, m1 - m));
           float out[8];
-          dot_rows_of<G, 2>(mt, w + n * row_bytes, row_bytes, s + n * row_groups, row_groups, xp + m * x_stride,
-                            x_stride, chunks, out);
+          dot_rows_of<G, 2>(mt, w + n * row_bytes, half * row_bytes, s + n * row_groups, half * row_groups,
+                            xp + m * x_stride, x_stride, chunks, out);
           for (int t = 0; t < mt; ++t) {
             y[(m + t) * N + n] = out[2 * t] + (bias ? bias[n] : 0.f);
-            y[(m + t) * N + n + 1] = out[2 * t + 1] + (bias ? bias[n + 1] : 0.f);
+            y[(m + t) * N + n2] = out[2 * t + 1] + (bias ? bias[n2] : 0.f);
           }
         }
       }
-      for (; n < n1; ++n) {
+      for (int64_t n = n0 + 2 * half; n < n1; ++n) {  // an odd band's last row
         for (int64_t m = m0; m < m1; m += 4) {
           const int mt = static_cast<int>(std::min<int64_t>(4, m1 - m));
           float out[4];
@@ -307,8 +310,9 @@ void prepare_row8(const float* x, int64_t K, uint8_t* out) {
   }
 }
 
+// R weight rows w_stride bytes apart against one prepared activation row: out[r] = row r · x.
 template <int R>
-inline void dot_rows8(const int8_t* w, int64_t K, const uint8_t* xp, float* out) {
+inline void dot_rows8(const int8_t* w, int64_t w_stride, int64_t K, const uint8_t* xp, float* out) {
   const int64_t chunks = K / kChunk8;
 #if SG_AVX512_VNNI
   __m512 acc[R];
@@ -320,7 +324,7 @@ inline void dot_rows8(const int8_t* w, int64_t K, const uint8_t* xp, float* out)
     const __mmask64 negative = _mm512_movepi8_mask(_mm512_loadu_si512(x + 64));
     const __m512 xscale = _mm512_loadu_ps(reinterpret_cast<const float*>(x + 128));
     for (int r = 0; r < R; ++r) {
-      const int8_t* wr = w + r * K + c * kChunk8;
+      const int8_t* wr = w + r * w_stride + c * kChunk8;
       _mm_prefetch(reinterpret_cast<const char*>(wr + SG_PREFETCH), _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512(wr);
       const __m512i signed_w = _mm512_mask_sub_epi8(v, negative, zero, v);  // -w where x < 0
@@ -336,7 +340,7 @@ inline void dot_rows8(const int8_t* w, int64_t K, const uint8_t* xp, float* out)
     for (int64_t c = 0; c < chunks; ++c) {
       const uint8_t* x = xp + c * kXBytes8;
       for (int h = 0; h < 2; ++h) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + c * kChunk8 + 32 * h));
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * w_stride + c * kChunk8 + 32 * h));
         const __m256i signed_w = _mm256_sign_epi8(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 + 32 * h)));
         // |x| <= 127 and |w| <= 127: a pair of products fits int16 (2 · 127 · 127)
         const __m256i p = _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * h)), signed_w);
@@ -358,7 +362,7 @@ inline void dot_rows8(const int8_t* w, int64_t K, const uint8_t* xp, float* out)
       const float* xscale = reinterpret_cast<const float*>(x + 128);
       for (int lane = 0; lane < 16; ++lane) {
         int32_t dot = 0;
-        for (int t = 0; t < 4; ++t) dot += q[4 * lane + t] * w[r * K + c * kChunk8 + 4 * lane + t];
+        for (int t = 0; t < 4; ++t) dot += q[4 * lane + t] * w[r * w_stride + c * kChunk8 + 4 * lane + t];
         total += static_cast<float>(dot) * xscale[lane];
       }
     }
@@ -378,21 +382,22 @@ void run8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* ws
   const int64_t grain = std::max<int64_t>(1, 32768 / K);
   constexpr int64_t kRowTile = 32;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    const int64_t half = (n1 - n0) / 2;  // two sequential streams per band, as int4's run reads them
     for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
       const int64_t m1 = std::min(M, m0 + kRowTile);
-      int64_t n = n0;
-      for (; n + 1 < n1; n += 2) {
+      for (int64_t i = 0; i < half; ++i) {
+        const int64_t n = n0 + i, n2 = n0 + half + i;
         for (int64_t m = m0; m < m1; ++m) {
           float out[2];
-          dot_rows8<2>(w + n * K, K, xp + m * chunks * kXBytes8, out);
+          dot_rows8<2>(w + n * K, half * K, K, xp + m * chunks * kXBytes8, out);
           y[m * N + n] = out[0] * wscale[n] + (bias ? bias[n] : 0.f);
-          y[m * N + n + 1] = out[1] * wscale[n + 1] + (bias ? bias[n + 1] : 0.f);
+          y[m * N + n2] = out[1] * wscale[n2] + (bias ? bias[n2] : 0.f);
         }
       }
-      for (; n < n1; ++n) {
+      for (int64_t n = n0 + 2 * half; n < n1; ++n) {
         for (int64_t m = m0; m < m1; ++m) {
           float out[1];
-          dot_rows8<1>(w + n * K, K, xp + m * chunks * kXBytes8, out);
+          dot_rows8<1>(w + n * K, K, K, xp + m * chunks * kXBytes8, out);
           y[m * N + n] = out[0] * wscale[n] + (bias ? bias[n] : 0.f);
         }
       }
@@ -424,25 +429,44 @@ at::Tensor shaped_like(const at::Tensor& y, const at::Tensor& x, int64_t N) {
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
-// x (..., K) float, weight (N, K/2) uint8, scale (N, K/G) float16, bias (N,) or None -> (..., N) in x's dtype.
-at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scale,
-                       const c10::optional<at::Tensor>& bias, int64_t group_size) {
-  const at::Tensor x = as_rows(x_in);
+// y (M, N) = x (M, K) · Wᵀ + b for weight (N, K/2) uint8, scale (N, K/G) float16: checked, then the kernel.
+void int4_rows(const float* x, int64_t M, int64_t K, const at::Tensor& weight, const at::Tensor& scale,
+               const float* bias, int64_t group_size, float* y) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kByte && weight.is_contiguous(), "weight: (N, K/2) uint8");
   TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kHalf && scale.is_contiguous(), "scale: (N, K/G) float16");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const int64_t N = weight.size(0);
   TORCH_CHECK(K % kChunk == 0, "int4_linear: K must be a multiple of 128, got ", K);
   TORCH_CHECK(weight.size(1) * 2 == K, "int4_linear: weight has ", weight.size(1), " bytes a row for K = ", K);
   TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "group size 32, 64 or 128");
   TORCH_CHECK(scale.size(0) == N && scale.size(1) * group_size == K, "int4_linear: scale shape");
-  at::Tensor holder;
-  const float* b = bias_of(bias, N, holder);
-  at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const at::Half* s = scale.data_ptr<at::Half>();
-  if (group_size == 32) run<32>(x.data_ptr<float>(), M, K, w, s, b, N, y.data_ptr<float>());
-  else if (group_size == 64) run<64>(x.data_ptr<float>(), M, K, w, s, b, N, y.data_ptr<float>());
-  else run<128>(x.data_ptr<float>(), M, K, w, s, b, N, y.data_ptr<float>());
+  if (group_size == 32) run<32>(x, M, K, w, s, bias, N, y);
+  else if (group_size == 64) run<64>(x, M, K, w, s, bias, N, y);
+  else run<128>(x, M, K, w, s, bias, N, y);
+}
+
+// y (M, N) = x (M, K) · Wᵀ + b for weight (N, K) int8, scale (N,) float32: checked, then the kernel.
+void int8_rows(const float* x, int64_t M, int64_t K, const at::Tensor& weight, const at::Tensor& scale,
+               const float* bias, float* y) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(), "weight: (N, K) int8");
+  const int64_t N = weight.size(0);
+  TORCH_CHECK(K % kChunk8 == 0, "int8_linear: K must be a multiple of 64, got ", K);
+  TORCH_CHECK(weight.size(1) == K, "int8_linear: weight has ", weight.size(1), " columns for K = ", K);
+  TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N,
+              "scale: (N,) float32");
+  run8(x, M, K, weight.data_ptr<int8_t>(), scale.data_ptr<float>(), bias, N, y);
+}
+
+// x (..., K) float, weight (N, K/2) uint8, scale (N, K/G) float16, bias (N,) or None -> (..., N) in x's dtype.
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias, int64_t group_size) {
+  const at::Tensor x = as_rows(x_in);
+  const int64_t N = weight.size(0);
+  at::Tensor holder;
+  const float* b = bias_of(bias, N, holder);
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  int4_rows(x.data_ptr<float>(), x.size(0), x.size(1), weight, scale, b, group_size, y.data_ptr<float>());
   return shaped_like(y, x_in, N);
 }
 
@@ -450,16 +474,11 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& weight, const a
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& bias) {
   const at::Tensor x = as_rows(x_in);
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(), "weight: (N, K) int8");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(K % kChunk8 == 0, "int8_linear: K must be a multiple of 64, got ", K);
-  TORCH_CHECK(weight.size(1) == K, "int8_linear: weight has ", weight.size(1), " columns for K = ", K);
-  TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N,
-              "scale: (N,) float32");
+  const int64_t N = weight.size(0);
   at::Tensor holder;
   const float* b = bias_of(bias, N, holder);
-  at::Tensor y = at::empty({M, N}, x.options());
-  run8(x.data_ptr<float>(), M, K, weight.data_ptr<int8_t>(), scale.data_ptr<float>(), b, N, y.data_ptr<float>());
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  int8_rows(x.data_ptr<float>(), x.size(0), x.size(1), weight, scale, b, y.data_ptr<float>());
   return shaped_like(y, x_in, N);
 }
 
@@ -477,6 +496,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "y = x W^T + b for group-wise int4 W (scratchgpt's stored layout)");
   m.def("int8_linear", &int8_linear, "y = x W^T + b for int8 W with one scale per row (as stored)");
   m.def("float_linear", &float_linear, "y = x W^T + b for a few rows x and float32 or bfloat16 W (N, K)");
+  m.def("gpt2_block_decode", &gpt2_block_decode, "one token through a GPT-2 block, its KV cache updated");
   m.def("instruction_set", &instruction_set, "which code path this build runs");
   m.def("float_instruction_set", &float_instruction_set, "which code path float_linear runs");
 }

@@ -1,0 +1,120 @@
+"""The one-call decode step of a GPT-2 block (model/fused_decode.py, model/csrc/decode_block.cpp): the same
+logits and KV cache as the block's modules, for every weight format it takes, and the modules wherever it
+does not apply."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from scratchgpt import GPT, GPTConfig
+from scratchgpt.inference.generate import NATIVE, decode_one_token, prefill, set_decode_path
+from scratchgpt.model import fused_decode
+from scratchgpt.model.fused_decode import fuse_decode_steps
+from scratchgpt.model.gpt import KVCache
+from scratchgpt.model.native import native_kernels
+from scratchgpt.model.quantize import quantize_model, set_kernel
+
+pytestmark = pytest.mark.skipif(native_kernels() is None, reason="scratchgpt's kernels do not build here")
+
+PROMPT, STEPS = [[3, 1, 4, 1, 5]], 12
+
+
+def tiny(**overrides) -> GPT:
+    config = GPTConfig(**{"vocab_size": 97, "n_positions": 32, "n_embd": 128, "n_layer": 2, "n_head": 4, **overrides})
+    return GPT(config, generator=torch.Generator().manual_seed(0)).eval().requires_grad_(False)
+
+
+def on_kernels(model: GPT, fmt: str) -> GPT:
+    """`model` with every product on scratchgpt's kernels: float `Linear.native`, int8 / int4 kernel "native"."""
+    if fmt in ("float32", "bfloat16"):
+        model = model.to(getattr(torch, fmt))
+        set_decode_path(model, NATIVE)
+        return model
+    model = quantize_model(copy.deepcopy(model), fmt)
+    set_kernel(model, "native")
+    return model
+
+
+def decode(model: GPT, fused: bool, calls: list[bool] | None = None) -> tuple[torch.Tensor, KVCache]:
+    """Logits of a prefill and STEPS single-token steps, and the cache they leave."""
+    fuse_decode_steps(model, fused)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache.empty(model.config, batch_size=1, max_len=24, dtype=dtype)
+    with torch.inference_mode():
+        out = [prefill(model, torch.tensor(PROMPT), cache, mask=None, positions=None)]
+        for t in range(STEPS):
+            out.append(decode_one_token(model, torch.tensor([[7 + t]]), cache, positions=None))
+    return torch.stack(out).float(), cache
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 2}, {"bias": False, "activation": "gelu_exact"}])
+def test_fused_step_equals_the_modules(fmt, overrides, monkeypatch):
+    """Logits and the cache's keys and values match the modules' to float rounding (bf16: to bf16 rounding,
+    since the fused step keeps the residual stream in float32 within a block), and every step was fused."""
+    model = on_kernels(tiny(**overrides), fmt)
+    ran = []
+    monkeypatch.setattr(fused_decode, "block_decode",
+                        lambda *a, f=fused_decode.block_decode: ran.append(1) or f(*a))
+    want, want_cache = decode(model, fused=False)
+    assert not ran
+    got, cache = decode(model, fused=True)
+    assert len(ran) == STEPS * model.config.n_layer  # the prefill (5 tokens) ran the modules
+    tol = dict(rtol=3e-2, atol=3e-2) if fmt == "bfloat16" else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    n = len(PROMPT[0]) + STEPS
+    torch.testing.assert_close(cache.k[..., :n, :].float(), want_cache.k[..., :n, :].float(), **tol)
+    torch.testing.assert_close(cache.v[..., :n, :].float(), want_cache.v[..., :n, :].float(), **tol)
+    if fmt != "bfloat16":
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_not_fused_where_it_does_not_apply():
+    """A layer off scratchgpt's kernels, a Llama-shaped block (RMSNorm, SwiGLU, RoPE), a training block or a
+    batch of two rows: the step returns None / is never asked, and the modules decode as before."""
+    model = on_kernels(tiny(), "float32")
+    fuse_decode_steps(model)
+    block = model.transformer.h[0]
+    x = torch.randn(1, 1, 128)
+    kv = (torch.zeros(1, 4, 8, 32), torch.zeros(1, 4, 8, 32))
+    with torch.inference_mode():
+        assert block.decode_step(x, kv, 0) is not None
+        block.mlp.c_fc.native = False  # this one product on another path: not fused, the modules run
+        assert block.decode_step(x, kv, 0) is None
+        block.mlp.c_fc.native = True
+        block.train()
+        assert block.decode_step(x, kv, 0) is None
+        block.eval()
+    llama = on_kernels(tiny(pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False), "float32")
+    fuse_decode_steps(llama)
+    with torch.inference_mode():
+        assert llama.transformer.h[0].decode_step(x, kv, 0) is None
+    # Two rows: Block never asks (the C++ step takes one token of one sequence).
+    asked = []
+    for b in model.transformer.h:
+        b.decode_step = lambda *a: asked.append(1)
+    cache = KVCache.empty(model.config, batch_size=2, max_len=8)
+    with torch.inference_mode():
+        prefill(model, torch.tensor([[1, 2], [3, 4]]), cache, mask=None, positions=None)
+        decode_one_token(model, torch.tensor([[5], [6]]), cache, positions=None)
+    assert not asked
+
+
+def test_bad_arguments_are_refused(monkeypatch):
+    kernels = native_kernels()
+    model = on_kernels(tiny(), "float32")
+    block = model.transformer.h[0]
+    x = torch.randn(1, 1, 128)
+    kv = (torch.zeros(1, 4, 8, 32), torch.zeros(1, 4, 8, 32))
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="outside the cache"):
+            fused_decode.block_decode(block, x, kv, 8)
+        with pytest.raises(RuntimeError, match="one token"):
+            fused_decode.block_decode(block, torch.randn(2, 1, 128), kv, 0)
+        with pytest.raises(RuntimeError, match="caches"):
+            fused_decode.block_decode(block, x, (kv[0], kv[1].double()), 0)
+        with pytest.raises(RuntimeError, match="16 parameters"):
+            kernels.gpt2_block_decode(x, [], [0, 0, 0, 0], *kv, 0, 4, 1e-5, 1e-5, False)
