@@ -9,6 +9,12 @@ torch's own int4 kernel nor fbgemm's int8 one streams the weights at the memory'
 and a decode step is that stream: which kernel runs is still measured per model (`choose_int4_kernel`,
 `choose_int8_kernel`).
 
+model/csrc/float_linear.cpp (`float_linear`) does the same for float32 and bfloat16 weights in nn.Linear's
+layout (model/fast_linear.py's `Linear.native`, chosen per model by `choose_decode_path`), and
+model/csrc/decode_block.cpp (`gpt2_block_decode`) runs a whole GPT-2 block for one decoding token on
+these products (model/fused_decode.py). All three kernels read each thread's band of weight rows as
+several sequential streams (see float_linear.cpp): one core keeps more reads in flight that way.
+
 How it is built: `torch.utils.cpp_extension.load` (PyTorch's documented way to JIT-compile an extension;
 it needs a C++ compiler and ninja, which the `ninja` package provides) with `-O3 -march=native`, once per
 CPU model and source version, into `$XDG_CACHE_HOME/scratchgpt/kernels` (or ~/.cache); later processes
@@ -121,7 +127,7 @@ def build(march: str = "native") -> ModuleType:
         pass
     if not any(folder.glob(f"{name}*.so")):
         # A warning so the CLI shows it (it configures no logging): the pause is explained, once per CPU.
-        logger.warning("compiling scratchgpt's quantized CPU kernels for this CPU, once (~30 s), into %s", folder)
+        logger.warning("compiling scratchgpt's CPU kernels for this CPU, once (~30 s), into %s", folder)
     return cpp_extension.load(name=name, sources=[str(p) for p in SOURCES],
                               extra_cflags=[*FLAGS, f"-march={march}", f"-I{CSRC}"],
                               extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
@@ -137,7 +143,7 @@ def _loaded() -> tuple[ModuleType | None, str | None]:
             return build(), None
     except Exception as e:  # a missing compiler or ninja, a build error: torch's kernels still run
         reason = " ".join(str(e).split())[-300:] or type(e).__name__
-        logger.info("scratchgpt's quantized CPU kernels are not available here (%s); torch's run", reason)
+        logger.info("scratchgpt's CPU kernels are not available here (%s); torch's run", reason)
         return None, reason
 
 
