@@ -88,6 +88,11 @@ def test_not_fused_where_it_does_not_apply():
         block.train()
         assert block.decode_step(x, kv, 0) is None
         block.eval()
+    block.requires_grad_(True)  # grad on and a parameter that wants it: no backward in C++, the modules run
+    assert block.decode_step(x, kv, 0) is None
+    with torch.no_grad():
+        assert block.decode_step(x, kv, 0) is not None
+    block.requires_grad_(False)
     llama = on_kernels(tiny(pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False), "float32")
     fuse_decode_steps(llama)
     with torch.inference_mode():

@@ -352,3 +352,17 @@ def test_linear_takes_the_float_kernel_for_a_few_rows_only(kernels, monkeypatch)
     store_input_major([layer])
     layer(torch.randn(1, 96))
     assert len(calls) == 2
+    # Gradients wanted (a model that trains after a sample was decoded with it): F.linear, gradients exact.
+    trained = Linear(96, 40)
+    trained.native = True
+    x = torch.randn(2, 96, requires_grad=True)
+    trained(x).sum().backward()
+    assert len(calls) == 2
+    torch.testing.assert_close(x.grad, trained.weight.sum(0).expand(2, 96).detach())
+    assert trained.weight.grad is not None
+    with torch.no_grad():
+        trained(torch.randn(1, 96))
+    assert len(calls) == 3
+    layer.half()  # float16 weights: not the kernel's (float32 or bf16), F.linear
+    layer(torch.randn(1, 96, dtype=torch.float16))
+    assert len(calls) == 3

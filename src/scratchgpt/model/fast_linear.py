@@ -68,8 +68,9 @@ class Linear(nn.Linear):
         rows = x.numel() // x.size(-1)
         if rows == 0 or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
-        if self.native and rows <= MAX_ROWS and self.weight.is_contiguous():
-            kernels = native_kernels()
+        if self.native and rows <= MAX_ROWS and self.weight.is_contiguous() and self.weight.dtype in _NATIVE_DTYPES \
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            kernels = native_kernels()  # (no backward in the kernel: anything that needs gradients takes F.linear)
             if kernels is not None:
                 return kernels.float_linear(x, self.weight, self.bias)
         if self.split_k > 1 and rows <= SPLIT_ROWS and is_input_major(self):
@@ -94,6 +95,8 @@ class Linear(nn.Linear):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # the weights model/csrc/float_linear.cpp reads
 
 # Split-K pays for up to this many rows (a decode step, a server batch, a short prompt's prefill): on a
 # 2048 x 8192 input-major weight, 2 threads, AMD EPYC (Zen 3), MKL's own product took 1.24x the split one's

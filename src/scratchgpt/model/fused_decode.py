@@ -54,8 +54,10 @@ def _gpt2_shaped(block: Block) -> bool:
 def block_decode(block: Block, x: Tensor, kv: tuple[Tensor, Tensor], start: int) -> Tensor | None:
     """The block's output for x (1, 1, C), its cache written at `start`; None where it cannot run here."""
     kernels = native_kernels()
-    if kernels is None or block.training or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
+    if kernels is None or block.training or not x.is_cpu:
         return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
+        return None  # no backward in C++: a step that needs gradients runs the modules
     attn, mlp = block.attn, block.mlp
     layers = [_layer_args(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)]
     if any(a is None for a in layers) or not _gpt2_shaped(block):
