@@ -27,7 +27,7 @@ forward runs on it.
    (the 2048 x 128,256 head: 19-23 against 32-42), and GPT-2 124M decoded at 46-48 tok/s against 24-28
    (Llama-3.2-1B shape: 6.2 against 3.5). The slabs are views of the stored Wᵀ (no copy); results equal
    F.linear up to float rounding (the sum's order differs).
-4. scratchgpt's own kernel (`Linear.native_rows`, model/csrc/float_linear.cpp): float32 or bfloat16
+4. scratchgpt's own kernel (`Linear.native`, model/csrc/float_linear.cpp): float32 or bfloat16
    weights in nn.Linear's layout, streamed by a hand-written loop: one band of rows per thread, read as
    four sequential streams. On the Intel Xeon (AMX) here GPT-2 124M's 49 products of one decode step
    streamed at 26-27 GB/s that way against 22 GB/s with the best of the paths above (a plain read of 1 GB
