@@ -68,8 +68,10 @@ def test_fused_step_equals_the_modules(fmt, overrides, monkeypatch):
     n = len(PROMPT[0]) + STEPS
     torch.testing.assert_close(cache.k[..., :n, :].float(), want_cache.k[..., :n, :].float(), **tol)
     torch.testing.assert_close(cache.v[..., :n, :].float(), want_cache.v[..., :n, :].float(), **tol)
-    if fmt != "bfloat16":
-        assert torch.equal(got.argmax(-1), want.argmax(-1))
+    if fmt != "bfloat16":  # the same greedy token wherever the top two are not a near-tie (any CPU's rounding)
+        top2 = want.topk(2, dim=-1).values
+        clear = (top2[..., 0] - top2[..., 1]) > 1e-4
+        assert clear.any() and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
 
 
 def test_not_fused_where_it_does_not_apply():
