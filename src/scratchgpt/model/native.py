@@ -40,7 +40,8 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "quantized_linear.cpp", CSRC / "float_linear.cpp", CSRC / "decode_block.cpp")  # one extension
+SOURCES = (CSRC / "bindings.cpp", CSRC / "quantized_linear.cpp", CSRC / "float_linear.cpp",  # one extension
+           CSRC / "decode_block.cpp")  # bindings.cpp first: the slowest to compile, started first
 HEADERS = (CSRC / "kernels.h",)
 # The kernels are built for a decode step's few activation rows: int4 loads each weight chunk once for up to
 # four rows, int8 once per row. Up to this many rows (a decode step, a small batch) they beat fbgemm's int8
@@ -52,7 +53,7 @@ MAX_ROWS = 4
 # The columns one step of each kernel takes (64 bytes of weights): a layer's `in` must be a multiple of it.
 INT4_COLUMNS, INT8_COLUMNS = 128, 64  # kChunk and kChunk8 in the C++ file
 
-# A build lock older than this was left by a killed build (a build takes ~30 s on two cores).
+# A build lock older than this was left by a killed build (a build takes ~20 s on two cores).
 STALE_LOCK_S = 600.0
 FLAGS = ("-O3", "-std=c++17", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
 
@@ -127,7 +128,7 @@ def build(march: str = "native") -> ModuleType:
         pass
     if not any(folder.glob(f"{name}*.so")):
         # A warning so the CLI shows it (it configures no logging): the pause is explained, once per CPU.
-        logger.warning("compiling scratchgpt's CPU kernels for this CPU, once (~30 s), into %s", folder)
+        logger.warning("compiling scratchgpt's CPU kernels for this CPU, once (~20 s), into %s", folder)
     return cpp_extension.load(name=name, sources=[str(p) for p in SOURCES],
                               extra_cflags=[*FLAGS, f"-march={march}", f"-I{CSRC}"],
                               extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)

@@ -13,8 +13,6 @@
 // bias. A weight is float32/bfloat16 (N, K), int8 (N, K) with a float32 scale per row, or uint8 (N, K/2)
 // int4 with float16 scales per group of groups[i] columns (0 for the others).
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>

@@ -16,8 +16,6 @@
 // Built by model/native.py together with quantized_linear.cpp (one extension); the instruction set is
 // chosen at compile time: AVX-512 (16 floats a vector), AVX2 + FMA (8), or plain C++.
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>

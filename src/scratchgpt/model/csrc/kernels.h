@@ -1,7 +1,11 @@
-// What the two source files of scratchgpt's CPU kernels share (model/native.py builds them as one extension).
+// What the source files of scratchgpt's CPU kernels share (model/native.py builds them as one extension).
+// Only ATen's tensor, parallel_for and empty are included here: torch/extension.h (the whole C++ frontend
+// and the Python bindings) takes ~30 s to compile per file, so only bindings.cpp includes the binding part.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <string>
 
@@ -29,3 +33,10 @@ std::string float_instruction_set();
 at::Tensor gpt2_block_decode(const at::Tensor& x, const std::vector<at::Tensor>& params, const std::vector<int64_t>& groups,
                              const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start, int64_t n_head,
                              double eps_1, double eps_2, bool exact_gelu);
+
+// quantized_linear.cpp
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias, int64_t group_size);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias);
+std::string instruction_set();
