@@ -14,10 +14,13 @@ with its safety checks, logging and bookkeeping; evaluation and checkpoints off)
     flock /tmp/scratchgpt-bench.lock .venv/bin/python bench/nanogpt_race.py --nanogpt PATH/TO/nanoGPT
     .venv/bin/python bench/nanogpt_race.py --overhead-only          # no nanoGPT checkout: the loop's overhead
 
-Prints one JSON line: the CPU, per run wall seconds, median ms per step and final val loss, the ratios
-(scratchgpt wall / nanoGPT wall: target <= 0.85; the speedrun's time from launch to val <= 1.886 / nanoGPT's
-wall: target <= 0.25) and the
-loop overhead as a share of a step (target <= 5%).
+With --rounds N the three runs repeat N times in mirrored order (nanoGPT first in odd rounds, last in even
+ones), so that a machine whose speed drifts over minutes weighs on both sides alike.
+
+Prints one JSON line: the CPU, per run wall seconds, median ms per step and final val loss (per round with
+--rounds > 1), the ratios (scratchgpt wall / nanoGPT wall: target <= 0.85; the speedrun's time from launch
+to val <= 1.886 / nanoGPT's wall: target <= 0.25; the median of the rounds') and the loop overhead as a
+share of a step (target <= 5%).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from scratchgpt.training.train import train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "text" / "tinyshakespeare.txt"
+CONFIGS = {"scratchgpt": "configs/shakespeare_char.toml", "speedrun": "configs/shakespeare_char_speedrun.toml"}
 TARGET_VAL = 1.886  # nanoGPT's final val loss on this recipe (1.8857)
 NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
                 "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
@@ -154,6 +158,8 @@ def main() -> None:
     parser.add_argument("--overhead-only", action="store_true", help="only the loop-overhead measurement")
     parser.add_argument("--nanogpt-kept-memory", action="store_true",
                         help="also run nanoGPT with glibc keeping freed memory, as scratchgpt's CLI runs")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="race rounds, in mirrored order (ratios: the median of the rounds')")
     parser.add_argument("--overhead-steps", type=int, default=300)
     parser.add_argument("--overhead-rounds", type=int, default=5)
     args = parser.parse_args()
@@ -164,16 +170,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="scratchgpt-race-") as tmp:
         work = Path(tmp)
         if not args.overhead_only:
-            out["nanogpt"] = run_nanogpt(args.nanogpt, work)
+            # Rounds in mirrored order (nanoGPT first, then last, ...): a machine that drifts over minutes
+            # (measured here: the same command 28% slower 20 minutes later) then weighs on both sides alike,
+            # and each round's ratios compare runs minutes apart, not a quarter of an hour.
+            rounds = []
+            for r in range(args.rounds):
+                order = ["nanogpt", "scratchgpt", "speedrun"] if r % 2 == 0 else ["speedrun", "scratchgpt", "nanogpt"]
+                runs = {}
+                for name in order:
+                    runs[name] = (run_nanogpt(args.nanogpt, work) if name == "nanogpt" else
+                                  run_scratchgpt(CONFIGS[name], work, name))
+                n = runs["nanogpt"]["wall_s"]
+                runs["scratchgpt_wall_vs_nanogpt"] = round(runs["scratchgpt"]["wall_s"] / n, 3)
+                runs["speedrun_wall_vs_nanogpt"] = round(runs["speedrun"]["wall_s"] / n, 3)
+                if runs["speedrun"]["to_target_s"] is not None:
+                    runs["speedrun_to_target_vs_nanogpt"] = round(runs["speedrun"]["to_target_s"] / n, 3)
+                rounds.append(runs)
+            out.update(rounds[0] if len(rounds) == 1 else {"rounds": rounds})
+            for key in ("scratchgpt_wall_vs_nanogpt", "speedrun_wall_vs_nanogpt", "speedrun_to_target_vs_nanogpt"):
+                values = [r[key] for r in rounds if key in r]
+                if len(rounds) > 1 and values:
+                    out[key] = round(statistics.median(values), 3)  # the median of the rounds' ratios
             if args.nanogpt_kept_memory:
                 out["nanogpt_kept_memory"] = run_nanogpt(args.nanogpt, work, kept_memory=True)
-            out["scratchgpt"] = run_scratchgpt("configs/shakespeare_char.toml", work, "baseline")
-            out["speedrun"] = run_scratchgpt("configs/shakespeare_char_speedrun.toml", work, "speedrun")
-            n = out["nanogpt"]["wall_s"]
-            out["scratchgpt_wall_vs_nanogpt"] = round(out["scratchgpt"]["wall_s"] / n, 3)
-            out["speedrun_wall_vs_nanogpt"] = round(out["speedrun"]["wall_s"] / n, 3)
-            if out["speedrun"]["to_target_s"] is not None:
-                out["speedrun_to_target_vs_nanogpt"] = round(out["speedrun"]["to_target_s"] / n, 3)
             out["targets"] = {"scratchgpt_wall_vs_nanogpt": 0.85, "speedrun_to_target_vs_nanogpt": 0.25,
                               "overhead_share": 0.05}
         keep_freed_memory()  # what the driver does: the loop is measured as `scratchgpt train` runs it

@@ -671,3 +671,23 @@ def test_lm_evaluation_in_grouped_forwards_gives_the_batch_by_batch_loss() -> No
     # Other row counts may take other BLAS kernels (float sums in another order): equal to float32 noise.
     assert grouped["loss"] == pytest.approx(one_by_one["loss"], rel=1e-5)
     assert 3.0 < grouped["loss"] < 5.0  # ~ln(50) for an untrained model: real windows were scored
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3, float("nan")])
+def test_clip_grad_norm_gives_torchs_gradients_and_norm_to_the_bit(scale: float) -> None:
+    from scratchgpt.training.train import clip_grad_norm
+
+    def params_with_grads() -> list[torch.nn.Parameter]:
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((7, 5), (5,), (3, 4, 2))]
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen) * scale
+        return ps
+
+    ours, ref = params_with_grads(), params_with_grads()
+    norm, norm_ref = clip_grad_norm(ours, 1.0), torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    assert torch.equal(norm, norm_ref) or (norm.isnan() and norm_ref.isnan())
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0))
+    if scale == 1e3:  # clipped: the total norm is now max_norm
+        assert torch.nn.utils.get_total_norm([p.grad for p in ours]).item() == pytest.approx(1.0, rel=1e-5)
