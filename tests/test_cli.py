@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -504,3 +506,22 @@ def test_prepare_reads_a_run_file_and_flags_override_it(tmp_path, capsys):
     assert main(["prepare", "-c", str(toml), "--tokenizer", "char"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["tokenizer"], out["vocab_size"], out["train_tokens"], out["val_tokens"]) == ("char", 9, 600, 200)
+
+
+def test_the_console_entry_exits_with_mains_code_after_threads_atexit_and_buffered_output() -> None:
+    """`run()` (the console script, `python -m scratchgpt`) skips the interpreter's teardown with os._exit:
+    what a normal exit does first must still happen (non-daemon threads joined, atexit handlers, stdout flushed)."""
+    code = (
+        "import atexit, sys, threading, time, scratchgpt.cli as cli\n"
+        "def fake_main():\n"
+        "    atexit.register(lambda: print('atexit ran'))\n"
+        "    threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()\n"
+        "    sys.stdout.write('buffered, no newline')\n"
+        "    return 3\n"
+        "cli.main = fake_main\n"
+        "cli.run()\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "buffered, no newlinethread done\natexit ran\n", proc.stdout
