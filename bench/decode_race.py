@@ -314,7 +314,9 @@ def main() -> None:
     from scratchgpt.device import cpu_capability
 
     stream = bench_gen.dram_read_bandwidth()  # first: nothing else holds the memory bus yet
-    stream = {**cpu_capability(), **stream}
+    from scratchgpt.model.native import code_paths
+
+    stream = {**cpu_capability(), "native_code_paths": code_paths(), **stream}
     llama = LlamaCpp(args.llama_cpp_venv)
     try:
         with tempfile.TemporaryDirectory(prefix="decode_race-") as tmp:

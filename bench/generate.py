@@ -169,7 +169,10 @@ def _bench_pair(ours, hf, *, label: str, vocab: int, args, stream: dict[str, obj
         return round(tok_s * bytes_per_token(model) / (stream["dram_read_gb_s"] * 1e9), 3)
 
     int8 = quantize_model(copy.deepcopy(ours), "int8")
-    fast: dict[str, object] = {**cpu_capability(), "int8_kernel": kernels_in_use(int8)}
+    from scratchgpt.model.native import code_paths
+
+    fast: dict[str, object] = {**cpu_capability(), "int8_kernel": kernels_in_use(int8),
+                               "native_code_paths": code_paths()}
     bf16 = cast_weights(copy.deepcopy(ours), "bfloat16") if cpu_capability()["native_bf16"] else None
     for name, m in (("int8", int8), ("bf16", bf16)):
         if m is None:

@@ -366,3 +366,9 @@ def test_linear_takes_the_float_kernel_for_a_few_rows_only(kernels, monkeypatch)
     layer.half()  # float16 weights: not the kernel's (float32 or bf16), F.linear
     layer(torch.randn(1, 96, dtype=torch.float16))
     assert len(calls) == 3
+
+
+def test_code_paths_name_the_paths_this_build_runs(kernels) -> None:
+    paths = native.code_paths()
+    assert paths == {"quantized": kernels.instruction_set(), "float": kernels.float_instruction_set()}
+    assert paths["quantized"] in ("avx512_vnni", "avx2", "scalar") and paths["float"] in ("avx512", "avx2", "scalar")

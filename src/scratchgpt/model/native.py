@@ -159,3 +159,13 @@ def native_kernels() -> ModuleType | None:
 def native_unavailable() -> str | None:
     """Why `native_kernels()` returns None here, or None when it returns the kernels."""
     return _loaded()[1]
+
+
+def code_paths() -> dict[str, str] | None:
+    """Which code path each kernel family of this build runs ("avx512_vnni"/"avx2"/"scalar" for int8 and
+    int4, "avx512"/"avx2"/"scalar" for float: a CPU with AVX-512 but no VNNI differs), for benchmarks to
+    report beside the CPU; None where the kernels are not available."""
+    kernels = native_kernels()
+    if kernels is None:
+        return None
+    return {"quantized": kernels.instruction_set(), "float": kernels.float_instruction_set()}
