@@ -169,8 +169,9 @@ def run() -> None:
     Why: once torch is loaded (and torch._dynamo, which torch's optimizers import on first use), the
     interpreter's teardown frees its ~3,000 modules one by one: 0.6-0.7 s after the work is done, on every
     command (measured on a 2-core Xeon: 0.02 s with this exit). What a normal exit does that matters still
-    happens, in its order: other non-daemon threads are joined, atexit handlers run (temporary folders,
-    multiprocessing, logging), stdout and stderr are flushed; then `os._exit` skips the teardown. Every file
+    happens, in its order: thread pools are told to stop and non-daemon threads joined, atexit handlers run
+    (temporary folders, multiprocessing, logging), stdout and stderr are flushed; then `os._exit` skips the
+    teardown. Every file
     the package writes is closed by then (written through `with` blocks). Exits by exception (argparse's
     usage errors, an unexpected traceback) take the normal way out.
     """
@@ -178,9 +179,9 @@ def run() -> None:
     import contextlib
 
     code = main()
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # Python's own exit does these two first (Py_FinalizeEx): threading's exit hooks (which tell thread
+    # pools to stop), then joining every non-daemon thread; then the atexit handlers.
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         # (a reader that went away, as in `scratchgpt ... | head`, or a closed stream: nothing left to flush to)
