@@ -96,3 +96,27 @@ def test_a_speedrun_shaped_model_trains_with_the_same_gradients_as_autograds_ops
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
     assert any("q_norm" in n for n in grads) and all(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_exported_and_compiled_models_trace_torchs_plain_ops() -> None:
+    """torch.export (what the ONNX export runs on) and torch.compile see F.rms_norm and relu: ops every exporter
+    knows and the compiler fuses, not the autograd Functions or torch's CPU-only fused RMSNorm."""
+    config = GPTConfig(vocab_size=40, n_positions=16, n_embd=32, n_layer=2, n_head=4, norm="rmsnorm",
+                       activation="relu2", qk_norm=True, pos_encoding="rope", bias=False, embd_pdrop=0.0,
+                       resid_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT(config, generator=torch.Generator().manual_seed(5)).eval()
+    x = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert "aten.rms_norm.default" in ops and not any("fused_rms_norm" in op for op in ops), ops
+        torch.testing.assert_close(program.module()(x)[0], model(x)[0])
+    model.train()
+    compiled = torch.compile(model, backend="eager")  # dynamo's tracing only: quick
+    loss = compiled(x, x)[1]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model(x, x)[1].backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -10,8 +10,9 @@ has no CPU backward), and the backward is written out with the fewest passes the
 The gradients are the same functions, computed in a different order: equal to autograd's up to
 float32 rounding (tests/test_fused_ops.py checks them in float64 with `gradcheck` and against autograd
 in float32). RMSNorm takes this path for float32 on the CPU only (CUDA has its own fused backward, and
-other dtypes keep the float32 upcast model/gpt.py does); relu² takes it everywhere gradients flow. Pure
-`torch`, like the rest of the model package.
+other dtypes keep the float32 upcast model/gpt.py does); relu² takes it everywhere gradients flow. Under
+torch.compile and torch.export the modules keep torch's plain ops (the compiler fuses them; exporters know
+them). Pure `torch`, like the rest of the model package.
 """
 
 from __future__ import annotations

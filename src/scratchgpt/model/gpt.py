@@ -116,9 +116,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == self.weight.dtype == torch.float32:
-            if x.device.type == "cpu":
+            if x.device.type == "cpu" and not torch.compiler.is_compiling():
                 # torch's fused forward and a short written-out backward (model/fused_ops.py): on the CPU
-                # F.rms_norm is a chain of small ops, forward and back.
+                # F.rms_norm is a chain of small ops, forward and back. (torch.compile fuses those ops itself,
+                # and torch.export / ONNX export trace the plain ones.)
                 return rms_norm(x, self.weight, self.eps)
             # The same numbers in one call (decoding calls this ~4 times per layer per token).
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
@@ -150,6 +151,8 @@ class ReLUSquared(nn.Module):
     models (Primer; the nanoGPT speedruns and nanochat use it)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # (compiled or exported: the plain ops, which the compiler fuses)
+            return F.relu(x).square()
         return relu_squared(x)  # F.relu(x).square(), with a two-pass backward (model/fused_ops.py)
 
 
