@@ -1,6 +1,6 @@
-"""The one-call decode step of a GPT-2 block (model/fused_decode.py, model/csrc/decode_block.cpp): the same
-logits and KV cache as the block's modules, for every weight format it takes, and the modules wherever it
-does not apply."""
+"""The one-call decode step of a block (model/fused_decode.py, model/csrc/decode_block.cpp): the same logits
+and KV cache as the block's modules, for every weight format and block shape it takes (GPT-2, Llama, Qwen2,
+Qwen3, the speedrun's), and the modules wherever it does not apply."""
 
 from __future__ import annotations
 
@@ -50,33 +50,47 @@ def decode(model: GPT, fused: bool, calls: list[bool] | None = None) -> tuple[to
     return torch.stack(out).float(), cache
 
 
+LLAMA = {"pos_encoding": "rope", "norm": "rmsnorm", "activation": "swiglu", "bias": False, "n_kv_head": 2}
+
+
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "int4"])
-@pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 2}, {"bias": False, "activation": "gelu_exact"}])
+@pytest.mark.parametrize("overrides", [
+    {}, {"n_kv_head": 2}, {"bias": False, "activation": "gelu_exact"},
+    LLAMA,  # RMSNorm, SwiGLU, RoPE, grouped-query attention
+    {**LLAMA, "qkv_bias": True},  # Qwen2: biases on q, k and v
+    {**LLAMA, "qk_norm": True},  # Qwen3: RMSNorm per head on queries and keys
+    {**LLAMA, "activation": "relu2", "qk_norm": True, "n_kv_head": 4},  # the speedrun's block
+], ids=["gpt2", "gqa", "exact-gelu", "llama", "qwen2", "qwen3", "speedrun"])
 def test_fused_step_equals_the_modules(fmt, overrides, monkeypatch):
     """Logits and the cache's keys and values match the modules' to float rounding (bf16: to bf16 rounding,
     since the fused step keeps the residual stream in float32 within a block), and every step was fused."""
     model = on_kernels(tiny(**overrides), fmt)
     ran = []
-    monkeypatch.setattr(fused_decode, "block_decode",
-                        lambda *a, f=fused_decode.block_decode: ran.append(1) or f(*a))
+    monkeypatch.setattr(fused_decode, "block_decode",  # records whether each call ran the C++ (not None)
+                        lambda *a, f=fused_decode.block_decode: ran.append((y := f(*a)) is not None) or y)
     want, want_cache = decode(model, fused=False)
     assert not ran
     got, cache = decode(model, fused=True)
-    assert len(ran) == STEPS * model.config.n_layer  # the prefill (5 tokens) ran the modules
-    tol = dict(rtol=3e-2, atol=3e-2) if fmt == "bfloat16" else dict(rtol=1e-4, atol=1e-5)
+    assert len(ran) == STEPS * model.config.n_layer and all(ran)  # the prefill (5 tokens) ran the modules
+    # int8/int4 products quantize their input row per block of 32: a last-bit difference in a norm's output
+    # (C++ against torch's kernel) can move one activation by one int8 step, so logits move by ~1e-3.
+    tol = {"float32": dict(rtol=1e-4, atol=1e-5), "bfloat16": dict(rtol=3e-2, atol=3e-2)}.get(
+        fmt, dict(rtol=1e-2, atol=1e-2))
     torch.testing.assert_close(got, want, **tol)
     n = len(PROMPT[0]) + STEPS
+    if fmt in ("int8", "int4") and overrides.get("qk_norm"):
+        tol = dict(rtol=3e-2, atol=3e-2)  # a key's RMSNorm over 32 channels magnifies such an int8 step
     torch.testing.assert_close(cache.k[..., :n, :].float(), want_cache.k[..., :n, :].float(), **tol)
     torch.testing.assert_close(cache.v[..., :n, :].float(), want_cache.v[..., :n, :].float(), **tol)
     if fmt != "bfloat16":  # the same greedy token wherever the top two are not a near-tie (any CPU's rounding)
         top2 = want.topk(2, dim=-1).values
-        clear = (top2[..., 0] - top2[..., 1]) > 1e-4
+        clear = (top2[..., 0] - top2[..., 1]) > (1e-4 if fmt == "float32" else 2e-2)
         assert clear.any() and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
 
 
 def test_not_fused_where_it_does_not_apply():
-    """A layer off scratchgpt's kernels, a Llama-shaped block (RMSNorm, SwiGLU, RoPE), a training block or a
-    batch of two rows: the step returns None / is never asked, and the modules decode as before."""
+    """A layer off scratchgpt's kernels, an activation the C++ lacks (plain ReLU), a training block or a batch
+    of two rows: the step returns None / is never asked, and the modules decode as before."""
     model = on_kernels(tiny(), "float32")
     fuse_decode_steps(model)
     block = model.transformer.h[0]
@@ -95,10 +109,10 @@ def test_not_fused_where_it_does_not_apply():
     with torch.no_grad():
         assert block.decode_step(x, kv, 0) is not None
     block.requires_grad_(False)
-    llama = on_kernels(tiny(pos_encoding="rope", norm="rmsnorm", activation="swiglu", bias=False), "float32")
-    fuse_decode_steps(llama)
+    relu = on_kernels(tiny(activation="relu"), "float32")
+    fuse_decode_steps(relu)
     with torch.inference_mode():
-        assert llama.transformer.h[0].decode_step(x, kv, 0) is None
+        assert relu.transformer.h[0].decode_step(x, kv, 0) is None
     # Two rows: Block never asks (the C++ step takes one token of one sequence).
     asked = []
     for b in model.transformer.h:
@@ -123,5 +137,12 @@ def test_bad_arguments_are_refused(monkeypatch):
             fused_decode.block_decode(block, torch.randn(2, 1, 128), kv, 0)
         with pytest.raises(RuntimeError, match="caches"):
             fused_decode.block_decode(block, x, (kv[0], kv[1].double()), 0)
+        none = torch.empty(0)
         with pytest.raises(RuntimeError, match="16 parameters"):
-            kernels.gpt2_block_decode(x, [], [0, 0, 0, 0], *kv, 0, 4, 1e-5, 1e-5, False)
+            kernels.block_decode(x, [], [0, 0, 0, 0], *kv, 0, 4, 1e-5, 1e-5, False, 0, none, none, none, none, 0.0)
+        with pytest.raises(RuntimeError, match="activation"):
+            kernels.block_decode(x, [none] * 16, [0, 0, 0, 0], *kv, 0, 4, 1e-5, 1e-5, False, 7, none, none, none,
+                                 none, 0.0)
+        # RoPE angles for more than one position (or a missing half): the modules run.
+        assert fused_decode.block_decode(block, x, kv, 0, (torch.ones(32), torch.empty(0))) is None
+        assert fused_decode.block_decode(block, x, kv, 0, (torch.ones(2, 32), torch.ones(2, 32))) is None

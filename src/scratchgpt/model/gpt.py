@@ -70,6 +70,7 @@ from scratchgpt.model.fused_loss import linear_cross_entropy
 from scratchgpt.model.fused_ops import relu_squared, rms_norm
 
 AttnImpl = Literal["sdpa", "eager"]
+Rope = tuple[Tensor, Tensor]  # RoPE's (cos, sin) for the positions at hand (see RotaryEmbedding)
 # In a training forward, float32 logits of more than this many bytes per micro-batch are computed and scored
 # a chunk of tokens at a time, and never kept whole (`loss_chunk_rows`): at Llama-3.2-1B's 128,256-token
 # vocabulary one 512-token sequence's logits are 263 MB, and the plain loss keeps three such tensors alive
@@ -438,7 +439,7 @@ class Block(nn.Module):
 
     # A faster path for one decoding token, or None (model/fused_decode.py sets it; it returns None where it
     # cannot run, and the modules below compute the same thing).
-    decode_step: Callable[[Tensor, tuple[Tensor, Tensor], int], Tensor | None] | None = None
+    decode_step: Callable[[Tensor, tuple[Tensor, Tensor], int, Rope | None], Tensor | None] | None = None
 
     def __init__(self, config: GPTConfig, *, attn_impl: AttnImpl = "sdpa", device=None, dtype=None):
         super().__init__()
@@ -452,9 +453,8 @@ class Block(nn.Module):
         self, x: Tensor, *, kv: tuple[Tensor, Tensor] | None = None, start: int = 0, mask: Tensor | None = None,
         rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        if self.decode_step is not None and kv is not None and mask is None and rope is None \
-                and x.size(0) == 1 and x.size(1) == 1:
-            y = self.decode_step(x, kv, start)
+        if self.decode_step is not None and kv is not None and mask is None and x.size(0) == 1 and x.size(1) == 1:
+            y = self.decode_step(x, kv, start, rope)
             if y is not None:
                 return y
         # The shortcuts let gradients flow straight through deep stacks.

@@ -30,9 +30,10 @@ at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight, const c10
 std::string float_instruction_set();
 
 // decode_block.cpp
-at::Tensor gpt2_block_decode(const at::Tensor& x, const std::vector<at::Tensor>& params, const std::vector<int64_t>& groups,
-                             const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start, int64_t n_head,
-                             double eps_1, double eps_2, bool exact_gelu);
+at::Tensor block_decode(const at::Tensor& x, const std::vector<at::Tensor>& params, const std::vector<int64_t>& groups,
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start, int64_t n_head,
+                        double eps_1, double eps_2, bool rms, int64_t activation, const at::Tensor& rope_cos,
+                        const at::Tensor& rope_sin, const at::Tensor& q_norm, const at::Tensor& k_norm, double qk_eps);
 
 // quantized_linear.cpp
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
