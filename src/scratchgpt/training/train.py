@@ -211,8 +211,8 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> Tensor:
     on the CPU the scaling is skipped when its factor is 1.
 
     Why: torch multiplies every gradient by min(1, max_norm / (norm + 1e-6)) whatever the norm, so that a
-    GPU never waits for it. On the CPU the norm is at hand, and in most steps of a healthy run it is below
-    max_norm: multiplying by exactly 1 would change nothing and costs a pass over every gradient.
+    GPU never waits for it. On the CPU the norm is at hand, and where it is below max_norm multiplying by
+    exactly 1 would change nothing and cost a pass over every gradient.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or grads[0].device.type != "cpu" or any(type(g) is not Tensor for g in grads):
