@@ -73,18 +73,21 @@ def test_fused_step_equals_the_modules(fmt, overrides, monkeypatch):
     got, cache = decode(model, fused=True)
     assert len(ran) == STEPS * model.config.n_layer and all(ran)  # the prefill (5 tokens) ran the modules
     # int8/int4 products quantize their input row per block of 32: a last-bit difference in a norm's output
-    # (C++ against torch's kernel) can move one activation by one int8 step, so logits move by ~1e-3.
+    # (C++ against torch's kernel) can move one activation by one int8 step, and later layers and steps carry
+    # it on: logits moved by up to 6e-3 here (an Intel Xeon); another CPU's rounding may move them more.
     tol = {"float32": dict(rtol=1e-4, atol=1e-5), "bfloat16": dict(rtol=3e-2, atol=3e-2)}.get(
-        fmt, dict(rtol=1e-2, atol=1e-2))
+        fmt, dict(rtol=3e-2, atol=3e-2))
     torch.testing.assert_close(got, want, **tol)
     n = len(PROMPT[0]) + STEPS
     if fmt in ("int8", "int4") and overrides.get("qk_norm"):
-        tol = dict(rtol=3e-2, atol=3e-2)  # a key's RMSNorm over 32 channels magnifies such an int8 step
+        # A key's RMSNorm scales it to unit size, magnifying such steps (2.7e-2 here); a wrong rotation or
+        # position would still be off by ~1.
+        tol = dict(rtol=1e-1, atol=1e-1)
     torch.testing.assert_close(cache.k[..., :n, :].float(), want_cache.k[..., :n, :].float(), **tol)
     torch.testing.assert_close(cache.v[..., :n, :].float(), want_cache.v[..., :n, :].float(), **tol)
     if fmt != "bfloat16":  # the same greedy token wherever the top two are not a near-tie (any CPU's rounding)
         top2 = want.topk(2, dim=-1).values
-        clear = (top2[..., 0] - top2[..., 1]) > (1e-4 if fmt == "float32" else 2e-2)
+        clear = (top2[..., 0] - top2[..., 1]) > (1e-4 if fmt == "float32" else 6e-2)
         assert clear.any() and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
 
 
