@@ -185,13 +185,10 @@ void float_rows(const float* x, int64_t M, int64_t K, const at::Tensor& weight, 
 
 // x (..., K) float, weight (N, K) float32 or bfloat16 (contiguous), bias (N,) or None -> (..., N) in x's dtype.
 at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  const at::Tensor x = as_rows(x_in);
   const int64_t N = weight.dim() == 2 ? weight.size(0) : 0;
-  at::Tensor holder;
-  const float* b = bias_of(bias, N, holder);
-  at::Tensor y = at::empty({x.size(0), N}, x.options());
-  float_rows(x.data_ptr<float>(), x.size(0), x.size(1), weight, b, y.data_ptr<float>());
-  return shaped_like(y, x_in, N);
+  return product_of_rows(x_in, N, bias, [&](const float* x, int64_t M, int64_t K, const float* b, float* y) {
+    float_rows(x, M, K, weight, b, y);
+  });
 }
 
 std::string float_instruction_set() {

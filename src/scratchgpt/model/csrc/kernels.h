@@ -16,6 +16,19 @@ at::Tensor as_rows(const at::Tensor& x);
 const float* bias_of(const c10::optional<at::Tensor>& bias, int64_t N, at::Tensor& holder);
 at::Tensor shaped_like(const at::Tensor& y, const at::Tensor& x, int64_t N);
 
+// A Python-facing product: x (..., K) of any float dtype -> (..., N) in x's dtype, `rows(x, M, K, bias, y)`
+// filling the float32 (M, N) result from the contiguous float32 rows (what int4_linear, int8_linear and
+// float_linear share around their kernels).
+template <typename Rows>
+at::Tensor product_of_rows(const at::Tensor& x_in, int64_t N, const c10::optional<at::Tensor>& bias, Rows rows) {
+  const at::Tensor x = as_rows(x_in);
+  at::Tensor holder;
+  const float* b = bias_of(bias, N, holder);
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  rows(x.data_ptr<float>(), x.size(0), x.size(1), b, y.data_ptr<float>());
+  return shaped_like(y, x_in, N);
+}
+
 // The products on raw rows, arguments checked: y (M, N) = x (M, K) · Wᵀ + b (bias nullptr: none).
 // quantized_linear.cpp: int4 (weight (N, K/2) uint8, scale (N, K/G) float16) and int8 (weight (N, K) int8,
 // scale (N,) float32); float_linear.cpp: float32 or bfloat16 weight (N, K).

@@ -459,25 +459,17 @@ void int8_rows(const float* x, int64_t M, int64_t K, const at::Tensor& weight, c
 // x (..., K) float, weight (N, K/2) uint8, scale (N, K/G) float16, bias (N,) or None -> (..., N) in x's dtype.
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& bias, int64_t group_size) {
-  const at::Tensor x = as_rows(x_in);
-  const int64_t N = weight.size(0);
-  at::Tensor holder;
-  const float* b = bias_of(bias, N, holder);
-  at::Tensor y = at::empty({x.size(0), N}, x.options());
-  int4_rows(x.data_ptr<float>(), x.size(0), x.size(1), weight, scale, b, group_size, y.data_ptr<float>());
-  return shaped_like(y, x_in, N);
+  return product_of_rows(x_in, weight.size(0), bias, [&](const float* x, int64_t M, int64_t K, const float* b, float* y) {
+    int4_rows(x, M, K, weight, scale, b, group_size, y);
+  });
 }
 
 // x (..., K) float, weight (N, K) int8, scale (N,) float32, bias (N,) or None -> (..., N) in x's dtype.
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& bias) {
-  const at::Tensor x = as_rows(x_in);
-  const int64_t N = weight.size(0);
-  at::Tensor holder;
-  const float* b = bias_of(bias, N, holder);
-  at::Tensor y = at::empty({x.size(0), N}, x.options());
-  int8_rows(x.data_ptr<float>(), x.size(0), x.size(1), weight, scale, b, y.data_ptr<float>());
-  return shaped_like(y, x_in, N);
+  return product_of_rows(x_in, weight.size(0), bias, [&](const float* x, int64_t M, int64_t K, const float* b, float* y) {
+    int8_rows(x, M, K, weight, scale, b, y);
+  });
 }
 
 std::string instruction_set() {
