@@ -1,5 +1,5 @@
-"""The one-call decode step of a block (model/fused_decode.py, model/csrc/decode_block.cpp): the same logits
-and KV cache as the block's modules, for every weight format and block shape it takes (GPT-2, Llama, Qwen2,
+"""The one-call decode step of the blocks (model/fused_decode.py, model/csrc/decode_block.cpp): the same logits
+and KV cache as the blocks' modules, for every weight format and block shape it takes (GPT-2, Llama, Qwen2,
 Qwen3, the speedrun's), and the modules wherever it does not apply."""
 
 from __future__ import annotations
@@ -66,12 +66,12 @@ def test_fused_step_equals_the_modules(fmt, overrides, monkeypatch):
     since the fused step keeps the residual stream in float32 within a block), and every step was fused."""
     model = on_kernels(tiny(**overrides), fmt)
     ran = []
-    monkeypatch.setattr(fused_decode, "block_decode",  # records whether each call ran the C++ (not None)
-                        lambda *a, f=fused_decode.block_decode: ran.append((y := f(*a)) is not None) or y)
+    monkeypatch.setattr(fused_decode, "stack_decode",  # records whether each call ran the C++ (not None)
+                        lambda *a, f=fused_decode.stack_decode: ran.append((y := f(*a)) is not None) or y)
     want, want_cache = decode(model, fused=False)
     assert not ran
     got, cache = decode(model, fused=True)
-    assert len(ran) == STEPS * model.config.n_layer and all(ran)  # the prefill (5 tokens) ran the modules
+    assert len(ran) == STEPS and all(ran)  # the prefill (5 tokens) ran the modules
     # int8/int4 products quantize their input row per block of 32: a last-bit difference in a norm's output
     # (C++ against torch's kernel) can move one activation by one int8 step, and later layers and steps carry
     # it on: logits moved by up to 6e-3 here (an Intel Xeon); another CPU's rounding may move them more.
@@ -92,34 +92,38 @@ def test_fused_step_equals_the_modules(fmt, overrides, monkeypatch):
 
 
 def test_not_fused_where_it_does_not_apply():
-    """A layer off scratchgpt's kernels, an activation the C++ lacks (plain ReLU), a training block or a batch
-    of two rows: the step returns None / is never asked, and the modules decode as before."""
+    """A layer off scratchgpt's kernels, an activation the C++ lacks (plain ReLU), a block in training mode, two
+    kinds of block in one model, or a batch of two rows: the step returns None / is never asked, and the
+    modules decode as before."""
     model = on_kernels(tiny(), "float32")
     fuse_decode_steps(model)
-    block = model.transformer.h[0]
     x = torch.randn(1, 1, 128)
-    kv = (torch.zeros(1, 4, 8, 32), torch.zeros(1, 4, 8, 32))
+    cache = KVCache.empty(model.config, batch_size=1, max_len=8)
     with torch.inference_mode():
-        assert block.decode_step(x, kv, 0) is not None
-        block.mlp.c_fc.native = False  # this one product on another path: not fused, the modules run
-        assert block.decode_step(x, kv, 0) is None
-        block.mlp.c_fc.native = True
-        block.train()
-        assert block.decode_step(x, kv, 0) is None
-        block.eval()
-    block.requires_grad_(True)  # grad on and a parameter that wants it: no backward in C++, the modules run
-    assert block.decode_step(x, kv, 0) is None
+        assert model.decode_step(x, cache, 0) is not None
+        model.transformer.h[1].mlp.c_fc.native = False  # one product on another path: not fused, the modules run
+        assert model.decode_step(x, cache, 0) is None
+        model.transformer.h[1].mlp.c_fc.native = True
+        model.transformer.h[1].train()
+        assert model.decode_step(x, cache, 0) is None
+        model.eval()
+        assert model.decode_step(x, cache, 0) is not None
+    model.transformer.h[1].requires_grad_(True)  # grad on and a parameter that wants it: no backward in C++
+    assert model.decode_step(x, cache, 0) is None
     with torch.no_grad():
-        assert block.decode_step(x, kv, 0) is not None
-    block.requires_grad_(False)
+        assert model.decode_step(x, cache, 0) is not None
+    model.requires_grad_(False)
     relu = on_kernels(tiny(activation="relu"), "float32")
     fuse_decode_steps(relu)
     with torch.inference_mode():
-        assert relu.transformer.h[0].decode_step(x, kv, 0) is None
-    # Two rows: Block never asks (the C++ step takes one token of one sequence).
+        assert relu.decode_step(x, cache, 0) is None
+        mixed = on_kernels(tiny(), "float32")  # block 1 with exact GELU, block 0 with tanh: one kind per call
+        mixed.transformer.h[1].mlp.act = torch.nn.GELU()
+        fuse_decode_steps(mixed)
+        assert mixed.decode_step(x, cache, 0) is None
+    # Two rows: the model never asks (the C++ step takes one token of one sequence).
     asked = []
-    for b in model.transformer.h:
-        b.decode_step = lambda *a: asked.append(1)
+    model.decode_step = lambda *a: asked.append(1)
     cache = KVCache.empty(model.config, batch_size=2, max_len=8)
     with torch.inference_mode():
         prefill(model, torch.tensor([[1, 2], [3, 4]]), cache, mask=None, positions=None)
@@ -127,25 +131,33 @@ def test_not_fused_where_it_does_not_apply():
     assert not asked
 
 
-def test_bad_arguments_are_refused(monkeypatch):
+def test_bad_arguments_are_refused():
     kernels = native_kernels()
     model = on_kernels(tiny(), "float32")
-    block = model.transformer.h[0]
     x = torch.randn(1, 1, 128)
-    kv = (torch.zeros(1, 4, 8, 32), torch.zeros(1, 4, 8, 32))
+    cache = KVCache.empty(model.config, batch_size=1, max_len=8)
+    cache.k.zero_(), cache.v.zero_()
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match="outside the cache"):
-            fused_decode.block_decode(block, x, kv, 8)
+            fused_decode.stack_decode(model, x, cache, 8)
         with pytest.raises(RuntimeError, match="one token"):
-            fused_decode.block_decode(block, torch.randn(2, 1, 128), kv, 0)
+            fused_decode.stack_decode(model, torch.randn(2, 1, 128), cache, 0)
         with pytest.raises(RuntimeError, match="caches"):
-            fused_decode.block_decode(block, x, (kv[0], kv[1].double()), 0)
+            fused_decode.stack_decode(model, x, KVCache(cache.k, cache.v.double()), 0)
+        with pytest.raises(RuntimeError, match="caches"):  # a batch of two in the cache
+            fused_decode.stack_decode(model, x, KVCache.empty(model.config, batch_size=2, max_len=8), 0)
         none = torch.empty(0)
-        with pytest.raises(RuntimeError, match="16 parameters"):
-            kernels.block_decode(x, [], [0, 0, 0, 0], *kv, 0, 4, 1e-5, 1e-5, False, 0, none, none, none, none, 0.0)
+        args = (cache.k, cache.v, 0, 4, [1e-5] * 4, False, 0, none, none, [none] * 4, 0.0)
+        with pytest.raises(RuntimeError, match="16·L parameters"):
+            kernels.blocks_decode(x, [], [0] * 8, *args)
+        params = fused_decode._block_args(model.transformer.h[0])[0]
         with pytest.raises(RuntimeError, match="activation"):
-            kernels.block_decode(x, [none] * 16, [0, 0, 0, 0], *kv, 0, 4, 1e-5, 1e-5, False, 7, none, none, none,
-                                 none, 0.0)
+            kernels.blocks_decode(x, params * 2, [0] * 8, *args[:6], 7, *args[7:])
+        swapped = params[:2] + params[5:8] + params[2:5] + params[8:]  # c_attn and c_proj swapped: refused
+        before = cache.k.clone()
+        with pytest.raises(RuntimeError, match="rows where"):
+            kernels.blocks_decode(x, params + swapped, [0] * 8, *args)
+        assert torch.equal(cache.k, before)  # checked before the first block wrote its cache
         # RoPE angles for more than one position (or a missing half): the modules run.
-        assert fused_decode.block_decode(block, x, kv, 0, (torch.ones(32), torch.empty(0))) is None
-        assert fused_decode.block_decode(block, x, kv, 0, (torch.ones(2, 32), torch.ones(2, 32))) is None
+        assert fused_decode.stack_decode(model, x, cache, 0, (torch.ones(32), torch.empty(0))) is None
+        assert fused_decode.stack_decode(model, x, cache, 0, (torch.ones(2, 32), torch.ones(2, 32))) is None

@@ -188,6 +188,9 @@ def sample_rows(
     on which rows share the batch. `history(r)` gives row r's tokens so far (1-D), needed only for a
     repetition penalty. Rows marked inactive get token 0.
     """
+    if logits.size(0) == 1 and (active is None or active[0]) and samplings[0].greedy \
+            and samplings[0].repetition_penalty == 1.0:
+        return logits.argmax(dim=-1)  # one greedy row (the common decode): no per-row bookkeeping
     out = torch.zeros(logits.size(0), dtype=torch.long, device=logits.device)
     rows = [r for r in range(logits.size(0)) if active is None or active[r]]
     greedy = [r for r in rows if samplings[r].greedy and samplings[r].repetition_penalty == 1.0]

@@ -1,15 +1,16 @@
-"""One decode step of a transformer block in one call of scratchgpt's C++ (model/csrc/decode_block.cpp).
+"""One decode step of all transformer blocks in one call of scratchgpt's C++ (model/csrc/decode_block.cpp).
 
-A speed trick for batch-1 decoding, kept out of model/gpt.py as `fast_linear` is: the `Block` calls
-`block.decode_step(x, kv, start, rope)` when it is set and the call is one new token of one sequence with a
-KV cache and no mask; `fuse_decode_steps(model)` sets it. The step runs only where every one of the block's
-four products already runs on scratchgpt's kernels (float `Linear` with `native` on, int8 and int4 layers
-on kernel "native") and the block's parts are ones the C++ computes: LayerNorm or RMSNorm; GELU (tanh or
-erf), SwiGLU or relu²; RoPE or none; QK-norm (RMSNorm per head) or none; anywhere else it returns None and
-the block runs its modules. So the products and their numbers are the ones the layers compute; what
-changes is the ~25 small tensor operations between them (norms, heads, RoPE, the cache write, attention,
-the activation, the residual adds), which at GPT-2 124M cost 3-6 ms a token on the Intel Xeon here
-against ~18 ms of weight streaming (see the C++ file). Results equal the modules' up to float rounding.
+A speed trick for batch-1 decoding, kept out of model/gpt.py as `fast_linear` is: `GPT.hidden_states` calls
+`model.decode_step(x, cache, start, rope)` when it is set and the call is one new token of one sequence with
+a KV cache and no mask; `fuse_decode_steps(model)` sets it. The step runs only where every block's four
+products already run on scratchgpt's kernels (float `Linear` with `native` on, int8 and int4 layers on
+kernel "native") and the blocks' parts are ones the C++ computes, the same kind in every block: LayerNorm or
+RMSNorm; GELU (tanh or erf), SwiGLU or relu²; RoPE or none; QK-norm (RMSNorm per head) or none; anywhere
+else it returns None and the blocks run their modules. So the products and their numbers are the ones the
+layers compute; what changes is the ~25 small tensor operations a block between them (norms, heads, RoPE,
+the cache write, attention, the activation, the residual adds), which at GPT-2 124M cost 3-6 ms a token on
+the Intel Xeon here against ~18 ms of weight streaming, and the Python around a call per block (~1 ms a
+token: see the C++ file). Results equal the modules' up to float rounding.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from scratchgpt.model.fast_linear import Linear
-from scratchgpt.model.gpt import GELU, GPT, Block, LayerNorm, ReLUSquared, RMSNorm, SwiGLU
+from scratchgpt.model.gpt import GELU, GPT, Block, KVCache, LayerNorm, ReLUSquared, RMSNorm, SwiGLU
 from scratchgpt.model.int4 import Int4Linear
 from scratchgpt.model.native import INT4_COLUMNS, INT8_COLUMNS, native_kernels
 from scratchgpt.model.quantize import Int8Linear
@@ -69,33 +70,58 @@ def _block_shape(block: Block) -> tuple[bool, int, Tensor, Tensor, float] | None
     return norms == {RMSNorm}, act, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps
 
 
-def block_decode(block: Block, x: Tensor, kv: tuple[Tensor, Tensor], start: int,
-                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
-    """The block's output for x (1, 1, C), its cache written at `start` (RoPE's (cos, sin) for this position
-    when the model rotates); None where it cannot run here."""
-    kernels = native_kernels()
-    if kernels is None or block.training or not x.is_cpu:
+def _block_args(block: Block) -> tuple[list[Tensor], list[int], tuple[float, float], tuple[Tensor, Tensor],
+                                       tuple[bool, int, float]] | None:
+    """What decode_block.cpp takes for one block: its 16 tensors, 4 group sizes, the norms' epsilons, the
+    QK-norm weights and (RMSNorm?, activation code, QK-norm eps); None where the block cannot run there."""
+    if block.training:
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
-        return None  # no backward in C++: a step that needs gradients runs the modules
     attn, mlp = block.attn, block.mlp
     layers = [_layer_args(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)]
     shape = _block_shape(block)
     if any(a is None for a in layers) or shape is None:
         return None
-    cos, sin = rope if rope is not None else (_NONE, _NONE)
-    if rope is not None and (cos.numel() != attn.head_size or sin.numel() != attn.head_size):
-        return None  # (one position of one sequence only)
     rms, act, q_norm, k_norm, qk_eps = shape
     ln_1, ln_2 = block.ln_1, block.ln_2
     bias_1, bias_2 = getattr(ln_1, "bias", None), getattr(ln_2, "bias", None)
     params = [ln_1.weight, _NONE if bias_1 is None else bias_1, *layers[0][:3], *layers[1][:3],
               ln_2.weight, _NONE if bias_2 is None else bias_2, *layers[2][:3], *layers[3][:3]]
-    return kernels.block_decode(x, params, [a[3] for a in layers], kv[0], kv[1], start, attn.n_head, ln_1.eps,
-                                ln_2.eps, rms, act, cos.reshape(-1), sin.reshape(-1), q_norm, k_norm, qk_eps)
+    return params, [a[3] for a in layers], (ln_1.eps, ln_2.eps), (q_norm, k_norm), (rms, act, qk_eps)
+
+
+def stack_decode(model: GPT, x: Tensor, cache: KVCache, start: int,
+                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
+    """The residual stream after every block for x (1, 1, C), each layer's cache written at `start` (RoPE's
+    (cos, sin) for this position when the model rotates); None where it cannot run here (the blocks run)."""
+    kernels = native_kernels()
+    if kernels is None or not x.is_cpu:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in model.transformer.h.parameters())):
+        return None  # no backward in C++: a step that needs gradients runs the modules
+    cos, sin = rope if rope is not None else (_NONE, _NONE)
+    if rope is not None and (cos.numel() != model.config.head_size or sin.numel() != model.config.head_size):
+        return None  # (one position of one sequence only)
+    params: list[Tensor] = []
+    groups: list[int] = []
+    eps: list[float] = []
+    qk_norms: list[Tensor] = []
+    kind = None
+    for block in model.transformer.h:
+        args = _block_args(block)
+        if args is None or (kind is not None and args[4] != kind):
+            return None  # every block in C++ or none (one kind of norm and activation for all)
+        params += args[0]
+        groups += args[1]
+        eps += args[2]
+        qk_norms += args[3]
+        kind = args[4]
+    if kind is None:
+        return None
+    rms, act, qk_eps = kind
+    return kernels.blocks_decode(x, params, groups, cache.k, cache.v, start, model.config.n_head, eps, rms, act,
+                                 cos.reshape(-1), sin.reshape(-1), qk_norms, qk_eps)
 
 
 def fuse_decode_steps(model: GPT, on: bool = True) -> None:
-    """Give every block of `model` the one-call decode step (or, with `on` False, take it away)."""
-    for block in model.transformer.h:
-        block.decode_step = functools.partial(block_decode, block) if on else None
+    """Give `model` the one-call decode step of its blocks (or, with `on` False, take it away)."""
+    model.decode_step = functools.partial(stack_decode, model) if on else None

@@ -437,10 +437,6 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: two sub-layers, each wrapped in a shortcut connection."""
 
-    # A faster path for one decoding token, or None (model/fused_decode.py sets it; it returns None where it
-    # cannot run, and the modules below compute the same thing).
-    decode_step: Callable[[Tensor, tuple[Tensor, Tensor], int, Rope | None], Tensor | None] | None = None
-
     def __init__(self, config: GPTConfig, *, attn_impl: AttnImpl = "sdpa", device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
@@ -453,10 +449,6 @@ class Block(nn.Module):
         self, x: Tensor, *, kv: tuple[Tensor, Tensor] | None = None, start: int = 0, mask: Tensor | None = None,
         rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        if self.decode_step is not None and kv is not None and mask is None and x.size(0) == 1 and x.size(1) == 1:
-            y = self.decode_step(x, kv, start, rope)
-            if y is not None:
-                return y
         # The shortcuts let gradients flow straight through deep stacks.
         x = x + self.attn(self.ln_1(x), kv=kv, start=start, mask=mask, rope=rope)
         x = x + self.mlp(self.ln_2(x))
@@ -506,6 +498,11 @@ def softcap(logits: Tensor, cap: float) -> Tensor:
 
 class GPT(nn.Module):
     """GPT: token (+ position) embeddings, a stack of blocks, final norm, LM head (GPT-2 by default)."""
+
+    # A faster path through all blocks for one decoding token of one sequence, or None: (x (1, 1, C), cache,
+    # start, rope) -> the residual stream after the last block, its caches written; None where it cannot run,
+    # and the blocks compute the same thing (model/fused_decode.py sets it).
+    decode_step: Callable[[Tensor, KVCache, int, Rope | None], Tensor | None] | None = None
 
     def __init__(
         self,
@@ -718,6 +715,11 @@ class GPT(nn.Module):
         # Only when a backward will follow (training mode, grad on, no KV cache). The recomputation replays
         # the RNG state (preserve_rng_state), so its dropout masks, loss and gradients are those without it.
         recompute = self._recomputes(kv_cache)
+        if self.decode_step is not None and kv_cache is not None and mask is None and B == 1 and T == 1:
+            y = self.decode_step(x, kv_cache, start, rope)
+            if y is not None:
+                kv_cache.length = start + T
+                return y  # (1, 1, C)
         for i, block in enumerate(self.transformer.h):
             if recompute:
                 x = checkpoint(block, x, use_reentrant=False, start=start, mask=mask, rope=rope)

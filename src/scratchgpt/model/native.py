@@ -11,7 +11,7 @@ and a decode step is that stream: which kernel runs is still measured per model 
 
 model/csrc/float_linear.cpp (`float_linear`) does the same for float32 and bfloat16 weights in nn.Linear's
 layout (model/fast_linear.py's `Linear.native`, chosen per model by `choose_decode_path`), and
-model/csrc/decode_block.cpp (`block_decode`) runs a whole block (GPT-2, Llama, Qwen) for one decoding token on
+model/csrc/decode_block.cpp (`blocks_decode`) runs all blocks (GPT-2, Llama, Qwen) for one decoding token on
 these products (model/fused_decode.py). All three kernels read each thread's band of weight rows as
 several sequential streams (see float_linear.cpp): one core keeps more reads in flight that way.
 

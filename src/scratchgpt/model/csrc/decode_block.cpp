@@ -1,19 +1,21 @@
-// One decode step of a transformer block in one call: x (1, 1, C) -> x + attn(norm_1(x)) -> + mlp(norm_2(.)),
-// the layer's KV cache written at `start`. What model/gpt.py's Block computes for one new token, no mask:
-// GPT-2's block (LayerNorm, GELU) and the Llama / Qwen ones (RMSNorm, SwiGLU or relu², RoPE, grouped-query
-// attention, QK-norm, biases on q/k/v).
+// One decode step of the whole stack of transformer blocks in one call: x (1, 1, C) goes through every block,
+// x + attn(norm_1(x)), then + mlp(norm_2(.)), each layer's KV cache written at `start`. What model/gpt.py's
+// blocks compute for one new token, no mask: GPT-2's block (LayerNorm, GELU) and the Llama / Qwen ones
+// (RMSNorm, SwiGLU or relu², RoPE, grouped-query attention, QK-norm, biases on q/k/v).
 //
 // Why: at GPT-2 124M a decode step's ~300 small tensor operations around the products (norms, splitting
 // heads, writing the cache, attention over a few hundred keys, GELU, residual adds) cost 3-6 ms a token on
 // the Intel Xeon here, against ~18 ms for streaming the weights: each runs after a product has swept the
 // caches, so each pays the memory's latency again, and each goes through the dispatcher. Here they are
-// loops over a few thousand floats in one call, and the four products run on the same kernels the layers
-// use (float_rows, int8_rows, int4_rows), so only the work between them changes.
+// loops over a few thousand floats, and the four products of a block run on the same kernels the layers
+// use (float_rows, int8_rows, int4_rows), so only the work between them changes. One call for all blocks
+// rather than one per block: the Python around each block call (module calls, argument lists) cost ~2 ms a
+// token at 124M, most of it cache misses, since every weight streamed evicts the interpreter's data.
 //
-// params (16 tensors; an empty tensor stands for None): norm_1 weight, bias; c_attn weight, scale, bias;
-// attn c_proj weight, scale, bias; norm_2 weight, bias; c_fc weight, scale, bias; mlp c_proj weight, scale,
-// bias. A weight is float32/bfloat16 (N, K), int8 (N, K) with a float32 scale per row, or uint8 (N, K/2)
-// int4 with float16 scales per group of groups[i] columns (0 for the others).
+// params (16 tensors per block; an empty tensor stands for None): norm_1 weight, bias; c_attn weight, scale,
+// bias; attn c_proj weight, scale, bias; norm_2 weight, bias; c_fc weight, scale, bias; mlp c_proj weight,
+// scale, bias. A weight is float32/bfloat16 (N, K), int8 (N, K) with a float32 scale per row, or uint8
+// (N, K/2) int4 with float16 scales per group of groups[i] columns (0 for the others).
 
 #include <algorithm>
 #include <cmath>
@@ -84,6 +86,22 @@ void heads_in_place(float* v, int64_t heads, int64_t hs, const float* norm_w, fl
 inline float as_float(float v) { return v; }
 inline float as_float(at::BFloat16 v) { return static_cast<float>(v); }
 
+// dot(a, b) over n floats. Sixteen partial sums side by side: the compiler turns the inner loop into vector
+// multiply-adds (a single running sum is a chain of dependent adds it may not reorder: ~4 cycles per
+// multiply-add, which made attention over a few hundred keys ~1 ms of a GPT-2 124M token on the Xeon here).
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * as_float(b[i + j]);
+  float s = 0.f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  for (; i < n; ++i) s += a[i] * as_float(b[i]);
+  return s;
+}
+
 // Write this token's keys and values at `start`, then each query head attends over positions 0..start of its
 // key/value head (grouped-query: n_head / nkv query heads per key/value head). cache (nkv, T_max, hs).
 template <typename T>
@@ -109,9 +127,7 @@ void attend(const float* qkv, T* kc, T* vc, int64_t n_head, int64_t nkv, int64_t
       const T* V = vc + (h / rep) * t_max * hs;
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t t = 0; t < S; ++t) {
-        float s = 0.f;
-        for (int64_t d = 0; d < hs; ++d) s += qh[d] * as_float(K[t * hs + d]);
-        p[t] = s * scale;
+        p[t] = dot(qh, K + t * hs, hs) * scale;
         top = std::max(top, p[t]);
       }
       float total = 0.f;
@@ -120,81 +136,119 @@ void attend(const float* qkv, T* kc, T* vc, int64_t n_head, int64_t nkv, int64_t
       std::fill(out, out + hs, 0.f);
       for (int64_t t = 0; t < S; ++t) {
         const float a = p[t] / total;
-        for (int64_t d = 0; d < hs; ++d) out[d] += a * as_float(V[t * hs + d]);
+        const T* Vt = V + t * hs;
+        for (int64_t d = 0; d < hs; ++d) out[d] += a * as_float(Vt[d]);
       }
     }
   });
 }
 
+// One block's parameters as the C++ reads them (float32 views of the norms' and QK-norm's weights).
+struct BlockParams {
+  const at::Tensor* p;  // its 16 tensors in `params`
+  const int64_t* groups;  // its 4 group sizes
+  const float *n1_w, *n1_b, *n2_w, *n2_b, *qn, *kn;
+  double eps_1, eps_2;
+  at::Tensor holders[6];
+};
+
 }  // namespace
 
-at::Tensor block_decode(const at::Tensor& x_in, const std::vector<at::Tensor>& params, const std::vector<int64_t>& groups,
-                        const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start, int64_t n_head,
-                        double eps_1, double eps_2, bool rms, int64_t activation, const at::Tensor& rope_cos,
-                        const at::Tensor& rope_sin, const at::Tensor& q_norm, const at::Tensor& k_norm, double qk_eps) {
-  TORCH_CHECK(params.size() == 16 && groups.size() == 4, "block_decode: 16 parameters and 4 group sizes");
-  TORCH_CHECK(activation >= 0 && activation <= 3, "block_decode: activation 0 (GELU, tanh), 1 (GELU, erf), 2 (SwiGLU) "
-              "or 3 (relu²)");
+at::Tensor blocks_decode(const at::Tensor& x_in, const std::vector<at::Tensor>& params,
+                         const std::vector<int64_t>& groups, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         int64_t start, int64_t n_head, const std::vector<double>& eps, bool rms, int64_t activation,
+                         const at::Tensor& rope_cos, const at::Tensor& rope_sin, const std::vector<at::Tensor>& qk_norms,
+                         double qk_eps) {
+  const int64_t L = k_cache.dim() == 5 ? k_cache.size(0) : 0;
+  TORCH_CHECK(L > 0 && params.size() == static_cast<size_t>(16 * L) && groups.size() == static_cast<size_t>(4 * L) &&
+                  eps.size() == static_cast<size_t>(2 * L) && qk_norms.size() == static_cast<size_t>(2 * L),
+              "blocks_decode: for L blocks (the caches' first size), 16·L parameters, 4·L group sizes, 2·L epsilons "
+              "and 2·L QK-norm weights");
+  TORCH_CHECK(activation >= 0 && activation <= 3, "blocks_decode: activation 0 (GELU, tanh), 1 (GELU, erf), "
+              "2 (SwiGLU) or 3 (relu²)");
   const at::Tensor x = as_rows(x_in);
-  TORCH_CHECK(x.size(0) == 1, "block_decode: one token of one sequence, got ", x.size(0), " rows");
+  TORCH_CHECK(x.size(0) == 1, "blocks_decode: one token of one sequence, got ", x.size(0), " rows");
   const int64_t C = x.size(1);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+  TORCH_CHECK(k_cache.size(1) == 1 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
                   v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type() &&
                   (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
-              "block_decode: caches (1, n_kv_head, T_max, head_size), contiguous, float32 or bfloat16");
-  const int64_t nkv = k_cache.size(1), t_max = k_cache.size(2), hs = k_cache.size(3);
-  TORCH_CHECK(n_head > 0 && n_head % nkv == 0, "block_decode: n_head must be a multiple of n_kv_head");
-  TORCH_CHECK(start >= 0 && start < t_max, "block_decode: position ", start, " is outside the cache");
-  const int64_t q_dim = n_head * hs, qkv_dim = q_dim + 2 * nkv * hs;
-  const int64_t wide = params[10].dim() == 2 ? params[10].size(0) : 0;  // c_fc's outputs (2·H for SwiGLU)
-  const int64_t hidden = activation == 2 ? wide / 2 : wide;
+              "blocks_decode: caches (L, 1, n_kv_head, T_max, head_size), contiguous, float32 or bfloat16");
+  const int64_t nkv = k_cache.size(2), t_max = k_cache.size(3), hs = k_cache.size(4);
+  TORCH_CHECK(n_head > 0 && n_head % nkv == 0, "blocks_decode: n_head must be a multiple of n_kv_head");
+  TORCH_CHECK(start >= 0 && start < t_max, "blocks_decode: position ", start, " is outside the cache");
+  const int64_t q_dim = n_head * hs, qkv_dim = q_dim + 2 * nkv * hs, layer_cache = nkv * t_max * hs;
+  at::Tensor rope_holders[2];
+  const float* cos = floats(rope_cos, hs, "rope cos", rope_holders[0]);
+  const float* sin = floats(rope_sin, hs, "rope sin", rope_holders[1]);
+  TORCH_CHECK((cos == nullptr) == (sin == nullptr), "blocks_decode: RoPE needs both cos and sin");
 
-  at::Tensor holders[8];
-  const float* n1_w = floats(params[0], C, "norm_1 weight", holders[0]);
-  const float* n1_b = floats(params[1], C, "norm_1 bias", holders[1]);
-  const float* n2_w = floats(params[8], C, "norm_2 weight", holders[2]);
-  const float* n2_b = floats(params[9], C, "norm_2 bias", holders[3]);
-  const float* cos = floats(rope_cos, hs, "rope cos", holders[4]);
-  const float* sin = floats(rope_sin, hs, "rope sin", holders[5]);
-  TORCH_CHECK((cos == nullptr) == (sin == nullptr), "block_decode: RoPE needs both cos and sin");
-  const float* qn = floats(q_norm, hs, "q_norm weight", holders[6]);
-  const float* kn = floats(k_norm, hs, "k_norm weight", holders[7]);
-  TORCH_CHECK((qn == nullptr) == (kn == nullptr), "block_decode: QK-norm needs both weights");
+  // Every block's arguments checked before the first one runs (the products check their columns).
+  std::vector<BlockParams> blocks(L);
+  int64_t wide = 0;  // the widest c_fc (2·H for SwiGLU)
+  for (int64_t l = 0; l < L; ++l) {
+    BlockParams& b = blocks[l];
+    b.p = params.data() + 16 * l;
+    b.groups = groups.data() + 4 * l;
+    b.n1_w = floats(b.p[0], C, "norm_1 weight", b.holders[0]);
+    b.n1_b = floats(b.p[1], C, "norm_1 bias", b.holders[1]);
+    b.n2_w = floats(b.p[8], C, "norm_2 weight", b.holders[2]);
+    b.n2_b = floats(b.p[9], C, "norm_2 bias", b.holders[3]);
+    b.qn = floats(qk_norms[2 * l], hs, "q_norm weight", b.holders[4]);
+    b.kn = floats(qk_norms[2 * l + 1], hs, "k_norm weight", b.holders[5]);
+    TORCH_CHECK((b.qn == nullptr) == (b.kn == nullptr), "blocks_decode: QK-norm needs both weights");
+    b.eps_1 = eps[2 * l];
+    b.eps_2 = eps[2 * l + 1];
+    const int slot[4] = {2, 5, 10, 13};  // where the four weights are among a block's 16 tensors
+    for (int i = 0; i < 4; ++i) {
+      const at::Tensor& w = b.p[slot[i]];
+      TORCH_CHECK(w.dim() == 2, "blocks_decode: block ", l, " has a weight that is not a matrix");
+      const int64_t rows = i == 0 ? qkv_dim : i == 2 ? w.size(0) : C;  // c_fc: any width (2·H for SwiGLU)
+      TORCH_CHECK(w.size(0) == rows, "blocks_decode: block ", l, " has a weight of ", w.size(0), " rows where ",
+                  rows, " were expected");
+    }
+    wide = std::max(wide, b.p[10].size(0));
+  }
   std::vector<float> h(std::max(C, q_dim)), qkv(qkv_dim), att(q_dim), a(C), f(wide);
-  at::Tensor out = at::empty({1, C}, x.options());
+  at::Tensor out = x.clone();  // the residual stream, updated block by block
   float* r = out.data_ptr<float>();
-  const float* x0 = x.data_ptr<float>();
-  auto norm = [&](const float* in, const float* w, const float* b, double eps) {
-    if (rms) rms_norm(in, C, w, static_cast<float>(eps), h.data());
-    else layer_norm(in, C, w, b, static_cast<float>(eps), h.data());
-  };
 
-  // x + attn(norm_1(x))
-  norm(x0, n1_w, n1_b, eps_1);
-  product(params[2], params[3], params[4], groups[0], h.data(), C, qkv_dim, qkv.data());
-  if (qn || cos) {  // queries, then keys: QK-norm, then RoPE (model/gpt.py's order)
-    heads_in_place(qkv.data(), n_head, hs, qn, static_cast<float>(qk_eps), cos, sin);
-    heads_in_place(qkv.data() + q_dim, nkv, hs, kn, static_cast<float>(qk_eps), cos, sin);
-  }
-  if (k_cache.scalar_type() == at::kFloat)
-    attend(qkv.data(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), n_head, nkv, t_max, hs, start, att.data());
-  else
-    attend(qkv.data(), k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), n_head, nkv, t_max, hs, start,
-           att.data());
-  product(params[5], params[6], params[7], groups[1], att.data(), q_dim, C, a.data());
-  for (int64_t c = 0; c < C; ++c) r[c] = x0[c] + a[c];
+  for (int64_t l = 0; l < L; ++l) {
+    const BlockParams& b = blocks[l];
+    const at::Tensor* p = b.p;
+    auto norm = [&](const float* w, const float* bias, double e) {
+      if (rms) rms_norm(r, C, w, static_cast<float>(e), h.data());
+      else layer_norm(r, C, w, bias, static_cast<float>(e), h.data());
+    };
+    const int64_t width = p[10].size(0), hidden = activation == 2 ? width / 2 : width;
 
-  // + mlp(norm_2(.))
-  norm(r, n2_w, n2_b, eps_2);
-  product(params[10], params[11], params[12], groups[2], h.data(), C, wide, f.data());
-  for (int64_t j = 0; j < hidden; ++j) {
-    const float u = f[j];
-    if (activation == 0) f[j] = 0.5f * u * (1.f + std::tanh(0.79788456080286536f * (u + 0.044715f * u * u * u)));
-    else if (activation == 1) f[j] = 0.5f * u * (1.f + std::erf(u * 0.70710678118654752f));
-    else if (activation == 2) f[j] = u / (1.f + std::exp(-u)) * f[hidden + j];  // silu(gate) · up
-    else f[j] = u > 0.f ? u * u : 0.f;
+    // r += attn(norm_1(r))
+    norm(b.n1_w, b.n1_b, b.eps_1);
+    product(p[2], p[3], p[4], b.groups[0], h.data(), C, qkv_dim, qkv.data());
+    if (b.qn || cos) {  // queries, then keys: QK-norm, then RoPE (model/gpt.py's order)
+      heads_in_place(qkv.data(), n_head, hs, b.qn, static_cast<float>(qk_eps), cos, sin);
+      heads_in_place(qkv.data() + q_dim, nkv, hs, b.kn, static_cast<float>(qk_eps), cos, sin);
+    }
+    if (k_cache.scalar_type() == at::kFloat)
+      attend(qkv.data(), k_cache.data_ptr<float>() + l * layer_cache, v_cache.data_ptr<float>() + l * layer_cache,
+             n_head, nkv, t_max, hs, start, att.data());
+    else
+      attend(qkv.data(), k_cache.data_ptr<at::BFloat16>() + l * layer_cache,
+             v_cache.data_ptr<at::BFloat16>() + l * layer_cache, n_head, nkv, t_max, hs, start, att.data());
+    product(p[5], p[6], p[7], b.groups[1], att.data(), q_dim, C, a.data());
+    for (int64_t c = 0; c < C; ++c) r[c] += a[c];
+
+    // r += mlp(norm_2(r))
+    norm(b.n2_w, b.n2_b, b.eps_2);
+    product(p[10], p[11], p[12], b.groups[2], h.data(), C, width, f.data());
+    for (int64_t j = 0; j < hidden; ++j) {
+      const float u = f[j];
+      if (activation == 0) f[j] = 0.5f * u * (1.f + std::tanh(0.79788456080286536f * (u + 0.044715f * u * u * u)));
+      else if (activation == 1) f[j] = 0.5f * u * (1.f + std::erf(u * 0.70710678118654752f));
+      else if (activation == 2) f[j] = u / (1.f + std::exp(-u)) * f[hidden + j];  // silu(gate) · up
+      else f[j] = u > 0.f ? u * u : 0.f;
+    }
+    product(p[13], p[14], p[15], b.groups[3], f.data(), hidden, C, a.data());
+    for (int64_t c = 0; c < C; ++c) r[c] += a[c];
   }
-  product(params[13], params[14], params[15], groups[3], f.data(), hidden, C, a.data());
-  for (int64_t c = 0; c < C; ++c) r[c] += a[c];
   return shaped_like(out, x_in, C);
 }

@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 
 #include <string>
+#include <vector>
 
 // The steps both entry points take around a kernel (quantized_linear.cpp): x (..., K) of any float dtype
 // as a contiguous float32 (M, K); the bias as float32 (nullptr for None; `holder` keeps the copy alive);
@@ -43,10 +44,10 @@ at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight, const c10
 std::string float_instruction_set();
 
 // decode_block.cpp
-at::Tensor block_decode(const at::Tensor& x, const std::vector<at::Tensor>& params, const std::vector<int64_t>& groups,
-                        const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start, int64_t n_head,
-                        double eps_1, double eps_2, bool rms, int64_t activation, const at::Tensor& rope_cos,
-                        const at::Tensor& rope_sin, const at::Tensor& q_norm, const at::Tensor& k_norm, double qk_eps);
+at::Tensor blocks_decode(const at::Tensor& x, const std::vector<at::Tensor>& params, const std::vector<int64_t>& groups,
+                         const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start, int64_t n_head,
+                         const std::vector<double>& eps, bool rms, int64_t activation, const at::Tensor& rope_cos,
+                         const at::Tensor& rope_sin, const std::vector<at::Tensor>& qk_norms, double qk_eps);
 
 // quantized_linear.cpp
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
