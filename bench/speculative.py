@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from scratchgpt.config import DRAFT_TOKENS
+
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "text" / "tinyshakespeare.txt"
 
@@ -70,7 +72,7 @@ def main() -> None:
     parser.add_argument("--draft-embd", type=int, default=128)
     parser.add_argument("--draft-heads", type=int, default=4)
     parser.add_argument("--draft-steps", type=int, default=1500)
-    parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round")
+    parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, help="tokens the draft proposes per round")
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=96)

@@ -38,8 +38,12 @@ def on_kernels(model: GPT, fmt: str) -> GPT:
     return model
 
 
-def decode(model: GPT, fused: bool, calls: list[bool] | None = None) -> tuple[torch.Tensor, KVCache]:
-    """Logits of a prefill and STEPS single-token steps, and the cache they leave."""
+CHUNKS = [[40, 41, 42], [50, 51, 52, 53]]  # several new tokens in one pass (a speculative check)
+
+
+def decode(model: GPT, fused: bool) -> tuple[torch.Tensor, KVCache]:
+    """Logits of a prefill, STEPS single-token steps and two chunks of new tokens (every position's), and the
+    cache they leave."""
     fuse_decode_steps(model, fused)
     dtype = next(model.parameters()).dtype
     cache = KVCache.empty(model.config, batch_size=1, max_len=24, dtype=dtype)
@@ -47,6 +51,10 @@ def decode(model: GPT, fused: bool, calls: list[bool] | None = None) -> tuple[to
         out = [prefill(model, torch.tensor(PROMPT), cache, mask=None, positions=None)]
         for t in range(STEPS):
             out.append(decode_one_token(model, torch.tensor([[7 + t]]), cache, positions=None))
+        for chunk in CHUNKS:
+            logits, _ = model(torch.tensor([chunk]), kv_cache=cache)  # (1, T, V)
+            out += list(logits[0, :, None, :])
+    assert cache.length == len(PROMPT[0]) + STEPS + sum(map(len, CHUNKS)) == cache.max_len
     return torch.stack(out).float(), cache
 
 
@@ -71,14 +79,14 @@ def test_fused_step_equals_the_modules(fmt, overrides, monkeypatch):
     want, want_cache = decode(model, fused=False)
     assert not ran
     got, cache = decode(model, fused=True)
-    assert len(ran) == STEPS and all(ran)  # the prefill (5 tokens) ran the modules
+    assert ran == [False] + [True] * (STEPS + len(CHUNKS))  # the prefill (5 tokens, over MAX_ROWS) ran the modules
     # int8/int4 products quantize their input row per block of 32: a last-bit difference in a norm's output
     # (C++ against torch's kernel) can move one activation by one int8 step, and later layers and steps carry
     # it on: logits moved by up to 6e-3 here (an Intel Xeon); another CPU's rounding may move them more.
     tol = {"float32": dict(rtol=1e-4, atol=1e-5), "bfloat16": dict(rtol=3e-2, atol=3e-2)}.get(
         fmt, dict(rtol=3e-2, atol=3e-2))
     torch.testing.assert_close(got, want, **tol)
-    n = len(PROMPT[0]) + STEPS
+    n = cache.max_len
     if fmt in ("int8", "int4") and overrides.get("qk_norm"):
         # A key's RMSNorm scales it to unit size, magnifying such steps (2.7e-2 here); a wrong rotation or
         # position would still be off by ~1.
@@ -137,27 +145,33 @@ def test_bad_arguments_are_refused():
     x = torch.randn(1, 1, 128)
     cache = KVCache.empty(model.config, batch_size=1, max_len=8)
     cache.k.zero_(), cache.v.zero_()
+    none = torch.empty(0)
+    params = fused_decode._block_args(model.transformer.h[0])[0]
+    args = (cache.k, cache.v, 0, 4, [1e-5] * 4, False, 0, none, none, [none] * 4, 0.0)
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match="outside the cache"):
             fused_decode.stack_decode(model, x, cache, 8)
-        with pytest.raises(RuntimeError, match="one token"):
-            fused_decode.stack_decode(model, torch.randn(2, 1, 128), cache, 0)
+        with pytest.raises(RuntimeError, match="outside the cache"):  # positions 6 to 8 of 8
+            fused_decode.stack_decode(model, torch.randn(1, 3, 128), cache, 6)
+        with pytest.raises(RuntimeError, match="one sequence"):
+            kernels.blocks_decode(torch.randn(2, 1, 128), params * 2, [0] * 8, *args)
+        assert fused_decode.stack_decode(model, torch.randn(2, 1, 128), cache, 0) is None  # the modules run
+        assert fused_decode.stack_decode(model, torch.randn(1, 5, 128), cache, 0) is None  # over MAX_ROWS tokens
         with pytest.raises(RuntimeError, match="caches"):
             fused_decode.stack_decode(model, x, KVCache(cache.k, cache.v.double()), 0)
         with pytest.raises(RuntimeError, match="caches"):  # a batch of two in the cache
             fused_decode.stack_decode(model, x, KVCache.empty(model.config, batch_size=2, max_len=8), 0)
-        none = torch.empty(0)
-        args = (cache.k, cache.v, 0, 4, [1e-5] * 4, False, 0, none, none, [none] * 4, 0.0)
         with pytest.raises(RuntimeError, match="16·L parameters"):
             kernels.blocks_decode(x, [], [0] * 8, *args)
-        params = fused_decode._block_args(model.transformer.h[0])[0]
         with pytest.raises(RuntimeError, match="activation"):
             kernels.blocks_decode(x, params * 2, [0] * 8, *args[:6], 7, *args[7:])
+        with pytest.raises(RuntimeError, match="rope cos"):  # angles for one token, two new tokens
+            kernels.blocks_decode(torch.randn(1, 2, 128), params * 2, [0] * 8, *args[:7], torch.ones(32),
+                                  torch.ones(32), *args[9:])
         swapped = params[:2] + params[5:8] + params[2:5] + params[8:]  # c_attn and c_proj swapped: refused
-        before = cache.k.clone()
         with pytest.raises(RuntimeError, match="rows where"):
             kernels.blocks_decode(x, params + swapped, [0] * 8, *args)
-        assert torch.equal(cache.k, before)  # checked before the first block wrote its cache
-        # RoPE angles for more than one position (or a missing half): the modules run.
+        assert not cache.k.any() and not cache.v.any()  # each refused before a block wrote its cache
+        # RoPE angles for other positions than the new tokens' (or a missing half): the modules run.
         assert fused_decode.stack_decode(model, x, cache, 0, (torch.ones(32), torch.empty(0))) is None
         assert fused_decode.stack_decode(model, x, cache, 0, (torch.ones(2, 32), torch.ones(2, 32))) is None

@@ -333,6 +333,13 @@ def is_greedy(temperature: float) -> bool:
     return temperature < GREEDY_BELOW
 
 
+# Most tokens a draft proposes per pass by default: with the token before them, a check of 4 new tokens, which
+# scratchgpt's CPU kernels run reading each weight once (native.MAX_ROWS rows: model/fused_decode.py); a 5th
+# costs a second read of every weight, or the modules. Measured (Intel Xeon AMX, bench/speculative.py, 8 x 384
+# target, 2 x 128 draft): 3 -> 1.68x plain decoding, 4 -> 0.94x.
+DRAFT_TOKENS = 3
+
+
 @dataclass(frozen=True)
 class SamplingConfig(Config):
     """How to pick each next token. temperature 0 (or below 1e-4) means greedy."""

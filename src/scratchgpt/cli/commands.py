@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 from scratchgpt.cli.flags import Section, add_config_sections, read_config_sections, read_config_tables
 from scratchgpt.config import (
     DEVICE_HELP,
+    DRAFT_TOKENS,
     EVAL_TASKS,
     INFERENCE_DTYPE_HELP,
     PRESET_NAMES,
@@ -85,8 +86,8 @@ class GenerateConfig(ModelSource):
     dtype: InferenceDtype | None = setting(None, INFERENCE_DTYPE_HELP)
     # Only here: chat and serve decode several conversations in one batch, which speculation does not.
     draft: str | None = setting(None, "speculative decoding with this smaller model (same tokenizer)")
-    draft_tokens: int = setting(4, "most tokens the draft proposes per pass (one fewer after a rejection, two more "
-                                   "after a pass kept whole)", ge=1)
+    draft_tokens: int = setting(DRAFT_TOKENS, "most tokens the draft proposes per pass (one fewer after a rejection, "
+                                              "two more after a pass kept whole)", ge=1)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from scratchgpt.config import SamplingConfig
+from scratchgpt.config import DRAFT_TOKENS, SamplingConfig
 from scratchgpt.device import native_bf16
 from scratchgpt.inference.sampling import sample_next_token
 from scratchgpt.inference.speculative import Speculator, make_speculator
@@ -215,7 +215,7 @@ def iter_generate(
     use_cache: bool = True,
     prompt_lookup: int = 0,
     draft: GPT | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = DRAFT_TOKENS,
     stats: dict[str, int] | None = None,
 ) -> Iterator[list[Step]]:
     """Decode a batch of prompts together; yield, per step, the new token of every unfinished row.
@@ -523,7 +523,7 @@ def generate(
     tokenizer=None,
     prompt_lookup: int = 0,
     draft: GPT | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = DRAFT_TOKENS,
     stats: dict[str, int] | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (end-of-text excluded). One prompt or a batch of any lengths.
@@ -546,7 +546,7 @@ def generate(
 def stream_text(
     model: GPT, tokenizer, prompt: str, sampling: SamplingConfig, *,
     generator: torch.Generator | None = None, use_cache: bool = True, prompt_lookup: int = 0,
-    draft: GPT | None = None, draft_tokens: int = 4, stats: dict[str, int] | None = None,
+    draft: GPT | None = None, draft_tokens: int = DRAFT_TOKENS, stats: dict[str, int] | None = None,
 ) -> Iterator[str]:
     """Yield the completion of `prompt` as text pieces, never splitting a UTF-8 character."""
     # An empty prompt starts from end-of-text, the token GPT-2 saw between documents.

@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from scratchgpt.config import SamplingConfig
+from scratchgpt.config import DRAFT_TOKENS, SamplingConfig
 from scratchgpt.inference.sampling import sample_from_probs, token_probs
 from scratchgpt.model.gpt import GPT, KVCache
 
@@ -116,7 +116,7 @@ def make_speculator(
     use_cache: bool,
     prompt_lookup: int = 0,
     draft: GPT | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = DRAFT_TOKENS,
     stats: dict[str, int] | None = None,
     max_len: int,
 ) -> Speculator | None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from scratchgpt.model.fast_linear import Linear
 from scratchgpt.model.gpt import GELU, GPT, Block, KVCache, LayerNorm, ReLUSquared, RMSNorm, SwiGLU
 from scratchgpt.model.int4 import Int4Linear
-from scratchgpt.model.native import INT4_COLUMNS, INT8_COLUMNS, native_kernels
+from scratchgpt.model.native import INT4_COLUMNS, INT8_COLUMNS, MAX_ROWS, native_kernels
 from scratchgpt.model.quantize import Int8Linear
 
 _NONE = torch.empty(0)  # stands for a missing bias (the C++ side takes a list of tensors)
@@ -91,16 +91,23 @@ def _block_args(block: Block) -> tuple[list[Tensor], list[int], tuple[float, flo
 
 def stack_decode(model: GPT, x: Tensor, cache: KVCache, start: int,
                  rope: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
-    """The residual stream after every block for x (1, 1, C), each layer's cache written at `start` (RoPE's
-    (cos, sin) for this position when the model rotates); None where it cannot run here (the blocks run)."""
+    """The residual stream after every block for x (1, T, C), T new tokens of one sequence after `start` cached
+    ones (causal), each layer's cache written at start .. start + T - 1 (RoPE's (cos, sin), (T, hs), for those
+    positions when the model rotates); None where it cannot run here (the blocks run).
+
+    T is at most native.MAX_ROWS (4): the products then read each weight once for all T rows, as the layers'
+    own products do for so few rows (a decoding token: T = 1; a speculative check of up to 3 guesses; a short
+    prompt). More rows, a prefill or a longer check, run the modules (their matrix products)."""
     kernels = native_kernels()
-    if kernels is None or not x.is_cpu:
+    T = x.size(1) if x.dim() == 3 else 0
+    if kernels is None or not x.is_cpu or x.size(0) != 1 or not 1 <= T <= MAX_ROWS:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in model.transformer.h.parameters())):
         return None  # no backward in C++: a step that needs gradients runs the modules
     cos, sin = rope if rope is not None else (_NONE, _NONE)
-    if rope is not None and (cos.numel() != model.config.head_size or sin.numel() != model.config.head_size):
-        return None  # (one position of one sequence only)
+    rope_size = T * model.config.head_size
+    if rope is not None and (cos.numel() != rope_size or sin.numel() != rope_size):
+        return None  # (angles for these positions of one sequence only)
     params: list[Tensor] = []
     groups: list[int] = []
     eps: list[float] = []

@@ -499,9 +499,9 @@ def softcap(logits: Tensor, cap: float) -> Tensor:
 class GPT(nn.Module):
     """GPT: token (+ position) embeddings, a stack of blocks, final norm, LM head (GPT-2 by default)."""
 
-    # A faster path through all blocks for one decoding token of one sequence, or None: (x (1, 1, C), cache,
-    # start, rope) -> the residual stream after the last block, its caches written; None where it cannot run,
-    # and the blocks compute the same thing (model/fused_decode.py sets it).
+    # A faster path through all blocks for new tokens of one sequence after a KV cache, or None: (x (1, T, C),
+    # cache, start, rope) -> the residual stream after the last block, its caches written; None where it cannot
+    # run, and the blocks compute the same thing (model/fused_decode.py sets it).
     decode_step: Callable[[Tensor, KVCache, int, Rope | None], Tensor | None] | None = None
 
     def __init__(
@@ -694,6 +694,8 @@ class GPT(nn.Module):
             raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {start + T} are needed")
 
         mask = self._attention_mask(B, T, start, kv_cache, attention_mask, idx.device)
+        # New tokens of one unpadded sequence after a cache may take the decode step (it is causal by itself).
+        fast = self.decode_step is not None and kv_cache is not None and mask is None and B == 1
         if mask is None and T > 1 and start > 0:
             # Several new tokens after a cached prefix (speculative verification, chunked prefill): one
             # causal mask for all layers rather than one per layer.
@@ -715,11 +717,11 @@ class GPT(nn.Module):
         # Only when a backward will follow (training mode, grad on, no KV cache). The recomputation replays
         # the RNG state (preserve_rng_state), so its dropout masks, loss and gradients are those without it.
         recompute = self._recomputes(kv_cache)
-        if self.decode_step is not None and kv_cache is not None and mask is None and B == 1 and T == 1:
+        if fast and not recompute:
             y = self.decode_step(x, kv_cache, start, rope)
             if y is not None:
                 kv_cache.length = start + T
-                return y  # (1, 1, C)
+                return y  # (1, T, C)
         for i, block in enumerate(self.transformer.h):
             if recompute:
                 x = checkpoint(block, x, use_reentrant=False, start=start, mask=mask, rope=rope)

@@ -1,6 +1,7 @@
-// One decode step of the whole stack of transformer blocks in one call: x (1, 1, C) goes through every block,
-// x + attn(norm_1(x)), then + mlp(norm_2(.)), each layer's KV cache written at `start`. What model/gpt.py's
-// blocks compute for one new token, no mask: GPT-2's block (LayerNorm, GELU) and the Llama / Qwen ones
+// One decode step of the whole stack of transformer blocks in one call: x (1, M, C), M new tokens of one
+// sequence (one while decoding; a few when a speculative guess is checked), goes through every block,
+// x + attn(norm_1(x)), then + mlp(norm_2(.)), each layer's KV cache written at start .. start + M - 1. What
+// model/gpt.py's blocks compute for new tokens after a cache, causal, no padding: GPT-2's block (LayerNorm, GELU) and the Llama / Qwen ones
 // (RMSNorm, SwiGLU or relu², RoPE, grouped-query attention, QK-norm, biases on q/k/v).
 //
 // Why: at GPT-2 124M a decode step's ~300 small tensor operations around the products (norms, splitting
@@ -37,17 +38,16 @@ const float* floats(const at::Tensor& t, int64_t n, const char* what, at::Tensor
   return holder.data_ptr<float>();
 }
 
-// y = layer(x) for one row: the weight's dtype says which kernel. Returns the layer's output width N.
-int64_t product(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& bias, int64_t group,
-                const float* x, int64_t K, int64_t N, float* y) {
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == N, "block_decode: a weight has ", weight.size(0),
+// y (M, N) = layer(x (M, K)): the weight's dtype says which kernel.
+void product(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& bias, int64_t group,
+             const float* x, int64_t M, int64_t K, int64_t N, float* y) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == N, "blocks_decode: a weight has ", weight.size(0),
               " rows where ", N, " were expected");
   at::Tensor holder;
   const float* b = floats(bias, N, "bias", holder);
-  if (weight.scalar_type() == at::kChar) int8_rows(x, 1, K, weight, scale, b, y);
-  else if (weight.scalar_type() == at::kByte) int4_rows(x, 1, K, weight, scale, b, group, y);
-  else float_rows(x, 1, K, weight, b, y);
-  return N;
+  if (weight.scalar_type() == at::kChar) int8_rows(x, M, K, weight, scale, b, y);
+  else if (weight.scalar_type() == at::kByte) int4_rows(x, M, K, weight, scale, b, group, y);
+  else float_rows(x, M, K, weight, b, y);
 }
 
 void layer_norm(const float* x, int64_t C, const float* w, const float* b, float eps, float* out) {
@@ -102,27 +102,31 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return s;
 }
 
-// Write this token's keys and values at `start`, then each query head attends over positions 0..start of its
-// key/value head (grouped-query: n_head / nkv query heads per key/value head). cache (nkv, T_max, hs).
+// Write the M new tokens' keys and values at positions start .. start + M - 1, then each query head of new
+// token m attends over positions 0 .. start + m of its key/value head (causal; grouped-query: n_head / nkv
+// query heads per key/value head). qkv (M, q_dim + 2·nkv·hs), cache (nkv, T_max, hs), y (M, n_head·hs).
 template <typename T>
-void attend(const float* qkv, T* kc, T* vc, int64_t n_head, int64_t nkv, int64_t t_max, int64_t hs,
+void attend(const float* qkv, int64_t M, T* kc, T* vc, int64_t n_head, int64_t nkv, int64_t t_max, int64_t hs,
             int64_t start, float* y) {
-  const float* q = qkv;
-  const float* k = qkv + n_head * hs;
-  const float* v = k + nkv * hs;
-  for (int64_t g = 0; g < nkv; ++g)
-    for (int64_t d = 0; d < hs; ++d) {
-      kc[(g * t_max + start) * hs + d] = static_cast<T>(k[g * hs + d]);
-      vc[(g * t_max + start) * hs + d] = static_cast<T>(v[g * hs + d]);
-    }
-  const int64_t S = start + 1, rep = n_head / nkv;
+  const int64_t width = (n_head + 2 * nkv) * hs;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* k = qkv + m * width + n_head * hs;
+    const float* v = k + nkv * hs;
+    for (int64_t g = 0; g < nkv; ++g)
+      for (int64_t d = 0; d < hs; ++d) {
+        kc[(g * t_max + start + m) * hs + d] = static_cast<T>(k[g * hs + d]);
+        vc[(g * t_max + start + m) * hs + d] = static_cast<T>(v[g * hs + d]);
+      }
+  }
+  const int64_t rep = n_head / nkv;
   const float scale = 1.f / std::sqrt(static_cast<float>(hs));
-  // Heads in parallel once a head's work is worth a thread's start (~16k multiply-adds).
-  const int64_t grain = std::max<int64_t>(1, 16384 / (S * hs));
-  at::parallel_for(0, n_head, grain, [&](int64_t h0, int64_t h1) {
-    std::vector<float> p(S);
-    for (int64_t h = h0; h < h1; ++h) {
-      const float* qh = q + h * hs;
+  // (token, head) pairs in parallel once one's work is worth a thread's start (~16k multiply-adds).
+  const int64_t grain = std::max<int64_t>(1, 16384 / ((start + M) * hs));
+  at::parallel_for(0, M * n_head, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(start + M);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m = i / n_head, h = i % n_head, S = start + m + 1;
+      const float* qh = qkv + m * width + h * hs;
       const T* K = kc + (h / rep) * t_max * hs;
       const T* V = vc + (h / rep) * t_max * hs;
       float top = -std::numeric_limits<float>::infinity();
@@ -132,7 +136,7 @@ void attend(const float* qkv, T* kc, T* vc, int64_t n_head, int64_t nkv, int64_t
       }
       float total = 0.f;
       for (int64_t t = 0; t < S; ++t) total += (p[t] = std::exp(p[t] - top));
-      float* out = y + h * hs;
+      float* out = y + m * n_head * hs + h * hs;
       std::fill(out, out + hs, 0.f);
       for (int64_t t = 0; t < S; ++t) {
         const float a = p[t] / total;
@@ -166,20 +170,22 @@ at::Tensor blocks_decode(const at::Tensor& x_in, const std::vector<at::Tensor>& 
               "and 2·L QK-norm weights");
   TORCH_CHECK(activation >= 0 && activation <= 3, "blocks_decode: activation 0 (GELU, tanh), 1 (GELU, erf), "
               "2 (SwiGLU) or 3 (relu²)");
-  const at::Tensor x = as_rows(x_in);
-  TORCH_CHECK(x.size(0) == 1, "blocks_decode: one token of one sequence, got ", x.size(0), " rows");
-  const int64_t C = x.size(1);
+  const at::Tensor x = as_rows(x_in);  // (M, C): M new tokens of one sequence
+  TORCH_CHECK(x_in.dim() <= 2 || (x_in.dim() == 3 && x_in.size(0) == 1),
+              "blocks_decode: new tokens of one sequence, (1, M, C), got ", x_in.sizes());
+  const int64_t M = x.size(0), C = x.size(1);
   TORCH_CHECK(k_cache.size(1) == 1 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
                   v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type() &&
                   (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
               "blocks_decode: caches (L, 1, n_kv_head, T_max, head_size), contiguous, float32 or bfloat16");
   const int64_t nkv = k_cache.size(2), t_max = k_cache.size(3), hs = k_cache.size(4);
   TORCH_CHECK(n_head > 0 && n_head % nkv == 0, "blocks_decode: n_head must be a multiple of n_kv_head");
-  TORCH_CHECK(start >= 0 && start < t_max, "blocks_decode: position ", start, " is outside the cache");
+  TORCH_CHECK(M >= 1 && start >= 0 && start + M <= t_max, "blocks_decode: positions ", start, " to ",
+              start + M - 1, " are outside the cache of ", t_max);
   const int64_t q_dim = n_head * hs, qkv_dim = q_dim + 2 * nkv * hs, layer_cache = nkv * t_max * hs;
   at::Tensor rope_holders[2];
-  const float* cos = floats(rope_cos, hs, "rope cos", rope_holders[0]);
-  const float* sin = floats(rope_sin, hs, "rope sin", rope_holders[1]);
+  const float* cos = floats(rope_cos, M * hs, "rope cos (one row per new token)", rope_holders[0]);
+  const float* sin = floats(rope_sin, M * hs, "rope sin (one row per new token)", rope_holders[1]);
   TORCH_CHECK((cos == nullptr) == (sin == nullptr), "blocks_decode: RoPE needs both cos and sin");
 
   // Every block's arguments checked before the first one runs (the products check their columns).
@@ -208,47 +214,60 @@ at::Tensor blocks_decode(const at::Tensor& x_in, const std::vector<at::Tensor>& 
     }
     wide = std::max(wide, b.p[10].size(0));
   }
-  std::vector<float> h(std::max(C, q_dim)), qkv(qkv_dim), att(q_dim), a(C), f(wide);
-  at::Tensor out = x.clone();  // the residual stream, updated block by block
+  // Per new token (row): the normed stream, q/k/v, attention's output, a product's output, c_fc's output and
+  // the activation's (packed (M, hidden) for the next product: SwiGLU halves the width).
+  std::vector<float> h(M * C), qkv(M * qkv_dim), att(M * q_dim), a(M * C), f(M * wide), g(M * wide);
+  at::Tensor out = x.clone();  // the residual stream (M, C), updated block by block
   float* r = out.data_ptr<float>();
 
   for (int64_t l = 0; l < L; ++l) {
     const BlockParams& b = blocks[l];
     const at::Tensor* p = b.p;
     auto norm = [&](const float* w, const float* bias, double e) {
-      if (rms) rms_norm(r, C, w, static_cast<float>(e), h.data());
-      else layer_norm(r, C, w, bias, static_cast<float>(e), h.data());
+      for (int64_t m = 0; m < M; ++m) {
+        if (rms) rms_norm(r + m * C, C, w, static_cast<float>(e), h.data() + m * C);
+        else layer_norm(r + m * C, C, w, bias, static_cast<float>(e), h.data() + m * C);
+      }
     };
     const int64_t width = p[10].size(0), hidden = activation == 2 ? width / 2 : width;
 
     // r += attn(norm_1(r))
     norm(b.n1_w, b.n1_b, b.eps_1);
-    product(p[2], p[3], p[4], b.groups[0], h.data(), C, qkv_dim, qkv.data());
-    if (b.qn || cos) {  // queries, then keys: QK-norm, then RoPE (model/gpt.py's order)
-      heads_in_place(qkv.data(), n_head, hs, b.qn, static_cast<float>(qk_eps), cos, sin);
-      heads_in_place(qkv.data() + q_dim, nkv, hs, b.kn, static_cast<float>(qk_eps), cos, sin);
+    product(p[2], p[3], p[4], b.groups[0], h.data(), M, C, qkv_dim, qkv.data());
+    if (b.qn || cos) {  // queries, then keys: QK-norm, then RoPE at each token's position (model/gpt.py's order)
+      for (int64_t m = 0; m < M; ++m) {
+        float* row = qkv.data() + m * qkv_dim;
+        const float* c_m = cos ? cos + m * hs : nullptr;
+        const float* s_m = sin ? sin + m * hs : nullptr;
+        heads_in_place(row, n_head, hs, b.qn, static_cast<float>(qk_eps), c_m, s_m);
+        heads_in_place(row + q_dim, nkv, hs, b.kn, static_cast<float>(qk_eps), c_m, s_m);
+      }
     }
     if (k_cache.scalar_type() == at::kFloat)
-      attend(qkv.data(), k_cache.data_ptr<float>() + l * layer_cache, v_cache.data_ptr<float>() + l * layer_cache,
+      attend(qkv.data(), M, k_cache.data_ptr<float>() + l * layer_cache, v_cache.data_ptr<float>() + l * layer_cache,
              n_head, nkv, t_max, hs, start, att.data());
     else
-      attend(qkv.data(), k_cache.data_ptr<at::BFloat16>() + l * layer_cache,
+      attend(qkv.data(), M, k_cache.data_ptr<at::BFloat16>() + l * layer_cache,
              v_cache.data_ptr<at::BFloat16>() + l * layer_cache, n_head, nkv, t_max, hs, start, att.data());
-    product(p[5], p[6], p[7], b.groups[1], att.data(), q_dim, C, a.data());
-    for (int64_t c = 0; c < C; ++c) r[c] += a[c];
+    product(p[5], p[6], p[7], b.groups[1], att.data(), M, q_dim, C, a.data());
+    for (int64_t i = 0; i < M * C; ++i) r[i] += a[i];
 
     // r += mlp(norm_2(r))
     norm(b.n2_w, b.n2_b, b.eps_2);
-    product(p[10], p[11], p[12], b.groups[2], h.data(), C, width, f.data());
-    for (int64_t j = 0; j < hidden; ++j) {
-      const float u = f[j];
-      if (activation == 0) f[j] = 0.5f * u * (1.f + std::tanh(0.79788456080286536f * (u + 0.044715f * u * u * u)));
-      else if (activation == 1) f[j] = 0.5f * u * (1.f + std::erf(u * 0.70710678118654752f));
-      else if (activation == 2) f[j] = u / (1.f + std::exp(-u)) * f[hidden + j];  // silu(gate) · up
-      else f[j] = u > 0.f ? u * u : 0.f;
+    product(p[10], p[11], p[12], b.groups[2], h.data(), M, C, width, f.data());
+    for (int64_t m = 0; m < M; ++m) {
+      const float* fm = f.data() + m * width;
+      float* gm = g.data() + m * hidden;
+      for (int64_t j = 0; j < hidden; ++j) {
+        const float u = fm[j];
+        if (activation == 0) gm[j] = 0.5f * u * (1.f + std::tanh(0.79788456080286536f * (u + 0.044715f * u * u * u)));
+        else if (activation == 1) gm[j] = 0.5f * u * (1.f + std::erf(u * 0.70710678118654752f));
+        else if (activation == 2) gm[j] = u / (1.f + std::exp(-u)) * fm[hidden + j];  // silu(gate) · up
+        else gm[j] = u > 0.f ? u * u : 0.f;
+      }
     }
-    product(p[13], p[14], p[15], b.groups[3], f.data(), hidden, C, a.data());
-    for (int64_t c = 0; c < C; ++c) r[c] += a[c];
+    product(p[13], p[14], p[15], b.groups[3], g.data(), M, hidden, C, a.data());
+    for (int64_t i = 0; i < M * C; ++i) r[i] += a[i];
   }
   return shaped_like(out, x_in, C);
 }
