@@ -1,16 +1,17 @@
 """One decode step of all transformer blocks in one call of scratchgpt's C++ (model/csrc/decode_block.cpp).
 
 A speed trick for batch-1 decoding, kept out of model/gpt.py as `fast_linear` is: `GPT.hidden_states` calls
-`model.decode_step(x, cache, start, rope)` when it is set and the call is one new token of one sequence with
-a KV cache and no mask; `fuse_decode_steps(model)` sets it. The step runs only where every block's four
-products already run on scratchgpt's kernels (float `Linear` with `native` on, int8 and int4 layers on
-kernel "native") and the blocks' parts are ones the C++ computes, the same kind in every block: LayerNorm or
-RMSNorm; GELU (tanh or erf), SwiGLU or relu²; RoPE or none; QK-norm (RMSNorm per head) or none; anywhere
-else it returns None and the blocks run their modules. So the products and their numbers are the ones the
-layers compute; what changes is the ~25 small tensor operations a block between them (norms, heads, RoPE,
-the cache write, attention, the activation, the residual adds), which at GPT-2 124M cost 3-6 ms a token on
-the Intel Xeon here against ~18 ms of weight streaming, and the Python around a call per block (~1 ms a
-token: see the C++ file). Results equal the modules' up to float rounding.
+`model.decode_step(x, cache, start, rope)` when it is set and the call is new tokens of one sequence after a
+KV cache, no padding mask (`stack_decode` takes up to native.MAX_ROWS of them); `fuse_decode_steps(model)`
+sets it. The step runs only where every block's four products already run on scratchgpt's kernels (float
+`Linear` with `native` on, int8 and int4 layers on kernel "native") and the blocks' parts are ones the C++
+computes, the same kind in every block: LayerNorm or RMSNorm; GELU (tanh or erf), SwiGLU or relu²; RoPE or
+none; QK-norm (RMSNorm per head) or none; anywhere else it returns None and the blocks run their modules. So
+the products and their numbers are the ones the layers compute; what changes is the ~25 small tensor
+operations a block between them (norms, heads, RoPE, the cache write, attention, the activation, the residual
+adds), which at GPT-2 124M cost 3-6 ms a token on the Intel Xeon here against ~18 ms of weight streaming, and
+the Python around a call per block (~1 ms a token: see the C++ file). Results equal the modules' up to float
+rounding (bf16 models: the residual stream stays float32 from the first block to the last).
 """
 
 from __future__ import annotations
