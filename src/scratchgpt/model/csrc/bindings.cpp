@@ -10,7 +10,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "y = x W^T + b for group-wise int4 W (scratchgpt's stored layout)");
   m.def("int8_linear", &int8_linear, "y = x W^T + b for int8 W with one scale per row (as stored)");
   m.def("float_linear", &float_linear, "y = x W^T + b for a few rows x and float32 or bfloat16 W (N, K)");
-  m.def("blocks_decode", &blocks_decode, "one token through a stack of transformer blocks, their KV caches updated");
+  m.def("blocks_decode", &blocks_decode, "new tokens of one sequence through all blocks, their KV caches written");
   m.def("instruction_set", &instruction_set, "which code path this build runs");
   m.def("float_instruction_set", &float_instruction_set, "which code path float_linear runs");
 }

@@ -1,8 +1,9 @@
 // One decode step of the whole stack of transformer blocks in one call: x (1, M, C), M new tokens of one
 // sequence (one while decoding; a few when a speculative guess is checked), goes through every block,
 // x + attn(norm_1(x)), then + mlp(norm_2(.)), each layer's KV cache written at start .. start + M - 1. What
-// model/gpt.py's blocks compute for new tokens after a cache, causal, no padding: GPT-2's block (LayerNorm, GELU) and the Llama / Qwen ones
-// (RMSNorm, SwiGLU or relu², RoPE, grouped-query attention, QK-norm, biases on q/k/v).
+// model/gpt.py's blocks compute for new tokens after a cache, causal, no padding: GPT-2's block (LayerNorm,
+// GELU) and the Llama / Qwen ones (RMSNorm, SwiGLU or relu², RoPE, grouped-query attention, QK-norm, biases
+// on q/k/v).
 //
 // Why: at GPT-2 124M a decode step's ~300 small tensor operations around the products (norms, splitting
 // heads, writing the cache, attention over a few hundred keys, GELU, residual adds) cost 3-6 ms a token on
@@ -10,7 +11,7 @@
 // caches, so each pays the memory's latency again, and each goes through the dispatcher. Here they are
 // loops over a few thousand floats, and the four products of a block run on the same kernels the layers
 // use (float_rows, int8_rows, int4_rows), so only the work between them changes. One call for all blocks
-// rather than one per block: the Python around each block call (module calls, argument lists) cost ~2 ms a
+// rather than one per block: the Python around each block call (module calls, argument lists) cost ~1 ms a
 // token at 124M, most of it cache misses, since every weight streamed evicts the interpreter's data.
 //
 // params (16 tensors per block; an empty tensor stands for None): norm_1 weight, bias; c_attn weight, scale,
