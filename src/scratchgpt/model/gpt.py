@@ -717,7 +717,7 @@ class GPT(nn.Module):
         # Only when a backward will follow (training mode, grad on, no KV cache). The recomputation replays
         # the RNG state (preserve_rng_state), so its dropout masks, loss and gradients are those without it.
         recompute = self._recomputes(kv_cache)
-        if fast and not recompute:
+        if fast:
             y = self.decode_step(x, kv_cache, start, rope)
             if y is not None:
                 kv_cache.length = start + T
