@@ -34,12 +34,6 @@
 
 namespace {
 
-#ifndef SGF_PREFETCH
-#define SGF_PREFETCH 0
-#endif
-#ifndef SGF_HINT
-#define SGF_HINT _MM_HINT_T0
-#endif
 constexpr int kRows = 4;      // weight rows side by side
 constexpr int kMaxM = 4;      // activation rows per call (model/native.py: MAX_ROWS)
 
