@@ -116,13 +116,16 @@ def stack_decode(model: GPT, x: Tensor, cache: KVCache, start: int,
     kind = None
     for block in model.transformer.h:
         args = _block_args(block)
-        if args is None or (kind is not None and args[4] != kind):
+        if args is None:
+            return None
+        block_params, block_groups, block_eps, block_qk, block_kind = args
+        if kind is not None and block_kind != kind:
             return None  # every block in C++ or none (one kind of norm and activation for all)
-        params += args[0]
-        groups += args[1]
-        eps += args[2]
-        qk_norms += args[3]
-        kind = args[4]
+        params += block_params
+        groups += block_groups
+        eps += block_eps
+        qk_norms += block_qk
+        kind = block_kind
     if kind is None:
         return None
     rms, act, qk_eps = kind
