@@ -175,3 +175,42 @@ def test_bad_arguments_are_refused():
         # RoPE angles for other positions than the new tokens' (or a missing half): the modules run.
         assert fused_decode.stack_decode(model, x, cache, 0, (torch.ones(32), torch.empty(0))) is None
         assert fused_decode.stack_decode(model, x, cache, 0, (torch.ones(2, 32), torch.ones(2, 32))) is None
+
+
+def test_a_generations_cache_gathers_the_blocks_arguments_once(monkeypatch):
+    """A cache with a step memo (one generation's own) gathers the blocks' arguments at its first fused step
+    only, for its own model only; a plain cache (choose_decode_path's timer switches paths between steps on
+    one) gathers them at every step. Either way the same logits."""
+    from scratchgpt import SamplingConfig
+    from scratchgpt.inference.generate import generate
+
+    model, other = on_kernels(tiny(), "float32"), on_kernels(tiny(n_layer=3), "float32")
+    fuse_decode_steps(model)
+    fuse_decode_steps(other)
+    gathered = []
+    monkeypatch.setattr(fused_decode, "_stack_args",
+                        lambda m, f=fused_decode._stack_args: gathered.append(m) or f(m))
+    logits = {}
+    with torch.inference_mode():
+        for memo in (False, True):
+            cache = KVCache.empty(model.config, batch_size=1, max_len=24, step_memo=memo)
+            prefill(model, torch.tensor(PROMPT), cache, mask=None, positions=None)  # 5 tokens: the modules
+            logits[memo] = [decode_one_token(model, torch.tensor([[7 + t]]), cache, positions=None)
+                            for t in range(STEPS)]
+            assert gathered == [model] * (1 if memo else STEPS)
+            gathered.clear()
+        assert all(torch.equal(a, b) for a, b in zip(logits[False], logits[True], strict=True))
+        # The memo belongs to the model that filled it: another model on the same cache gathers its own.
+        cache = KVCache.empty(model.config, batch_size=1, max_len=24, step_memo=True)
+        decode_one_token(model, torch.tensor([[1]]), cache, positions=None)
+        cache3 = KVCache.empty(other.config, batch_size=1, max_len=24, step_memo=True)
+        cache3.step_memo = cache.step_memo
+        decode_one_token(other, torch.tensor([[1]]), cache3, positions=None)
+        assert gathered == [model, other]
+    # generate() decodes on a cache of its own with the memo: one gathering for a whole generation (after its
+    # first call's choose_decode_path, which times steps on a plain cache).
+    sampling = SamplingConfig(max_new_tokens=STEPS, temperature=0.0)
+    generate(model, PROMPT[0], sampling)
+    gathered.clear()
+    out = generate(model, PROMPT[0], sampling)
+    assert len(out[0]) == STEPS and gathered == [model]

@@ -296,7 +296,7 @@ def _decode(
     cache = None
     if cache_len is not None:
         cache = KVCache.empty(model.config, batch_size=B, max_len=cache_len, device=device,
-                              dtype=next(model.parameters()).dtype)
+                              dtype=next(model.parameters()).dtype, step_memo=True)  # (this loop's own)
         logits = prefill(model, seq, cache, mask=mask if padded else None, positions=positions if padded else None)
     else:
         logits = _full_forward(model, seq, mask, padded)

@@ -80,7 +80,7 @@ class DraftModel:
         stats.setdefault("accepted", 0)
         param = next(draft.parameters())
         self.cache = KVCache.empty(draft.config, batch_size=1, max_len=min(max_len, draft.config.n_positions),
-                                   device=param.device, dtype=param.dtype)
+                                   device=param.device, dtype=param.dtype, step_memo=True)  # (one generation's)
         self._n_fed = 0  # len(tokens) of the last proposal
         self._q: Tensor | None = None  # the draft's distributions for the last proposal (sampling only)
 

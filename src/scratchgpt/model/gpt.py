@@ -468,15 +468,21 @@ class KVCache:
     v: Tensor
     length: int = 0
     key_valid: Tensor | None = None
+    # Scratch space for `GPT.decode_step` over this cache's life (model/fused_decode.py keeps the blocks' kernel
+    # arguments here, gathered at the first step): only for a cache that one generation owns, during which
+    # the model does not change. None (the default): nothing is kept, every step looks at the model anew.
+    step_memo: dict[str, Any] | None = None
 
     @classmethod
     def empty(
         cls, config: GPTConfig, *, batch_size: int, max_len: int | None = None,
-        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32, step_memo: bool = False,
     ) -> KVCache:
+        """An empty cache; `step_memo`: the caller's generation owns it (see the field)."""
         max_len = min(max_len or config.n_positions, config.n_positions)
         shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_size)
-        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype),
+                   step_memo={} if step_memo else None)
 
     @property
     def max_len(self) -> int:
