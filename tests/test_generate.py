@@ -502,8 +502,11 @@ def test_decode_path_follows_the_faster_real_step_per_group() -> None:
     # Best of the repeats: one slow outlier (another process) does not decide.
     times = {plain: iter([30e-3, 90e-3]), blocks: iter([95e-3, 29e-3]), head: iter([15e-3, 16e-3]),
              NATIVE: iter([40e-3, 40e-3])}  # (asked where scratchgpt's kernels build)
-    model = tiny_model()
-    assert choose_decode_path(model, repeats=2, step_time=lambda p: next(times[p])) == DecodePath(head=True)
+    model = tiny_model().train()  # (a model still in training mode is timed as it decodes: in eval mode)
+    modes: list[bool] = []
+    chosen = choose_decode_path(model, repeats=2, step_time=lambda p: modes.append(model.training) or next(times[p]))
+    assert chosen == DecodePath(head=True)
+    assert modes == [False] * 8 and model.training  # each step timed in eval mode; the mode given back
     assert model.lm_head.few_rows == 16
     assert {m.few_rows for m in model.transformer.modules() if isinstance(m, torch.nn.Linear)} == {0}
 

@@ -673,6 +673,41 @@ def test_lm_evaluation_in_grouped_forwards_gives_the_batch_by_batch_loss() -> No
     assert 3.0 < grouped["loss"] < 5.0  # ~ln(50) for an untrained model: real windows were scored
 
 
+def test_lm_evaluation_groups_are_bounded_by_the_mlp_activation() -> None:
+    """Batches are grouped while the MLP's hidden activation of a group stays within 8 MB (cache-sized
+    forwards): 512 x 16 tokens x 128 hidden floats = 4 MB a batch, so 5 batches take 3 forwards."""
+    tokens = np.random.default_rng(0).integers(0, 50, 20000).astype(np.uint16)
+    model = GPT(GPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2),
+                generator=torch.Generator().manual_seed(0)).eval()
+    forwards = []
+    model.register_forward_hook(lambda m, args, out: forwards.append(args[0].shape))
+    kwargs = dict(block_size=16, batch_size=512, steps=5, seed=3)
+    with torch.no_grad():
+        grouped = lm_evaluator(tokens, **kwargs)(model)
+        assert forwards == [(1024, 16), (1024, 16), (512, 16)]
+        one_by_one = lm_evaluator(tokens, loss_fn=lambda m, b: lm_loss(m, b), **kwargs)(model)
+    assert grouped["loss"] == pytest.approx(one_by_one["loss"], rel=1e-5)
+
+
+def test_a_training_sample_decodes_on_the_plain_path_unmeasured(char_data: Path, monkeypatch) -> None:
+    """The sample printed during training is a few hundred tokens: no timed decode steps for it (nor the build of
+    scratchgpt's kernels they could start); the plain path is kept on the model."""
+    from scratchgpt.data.tokenizers import load_tokenizer
+    from scratchgpt.inference import generate as gen
+    from scratchgpt.training.modes.pretrain import make_sample_fn
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a training sample measured decode paths")
+
+    monkeypatch.setattr(gen, "_measure_decode_path", refuse)
+    tok = load_tokenizer(char_data)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=16, n_embd=32, n_layer=1, n_head=2),
+                generator=torch.Generator().manual_seed(0))
+    text = make_sample_fn(tok, TrainConfig(sample_tokens=20, sample_prompt="a"))(model)
+    assert text.startswith("a") and len(text) > 1
+    assert model._decode_path == gen.DecodePath() and model.training  # (generation gives the mode back)
+
+
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3, float("nan")])
 def test_clip_grad_norm_gives_torchs_gradients_and_norm_to_the_bit(scale: float) -> None:
     from scratchgpt.training.train import clip_grad_norm

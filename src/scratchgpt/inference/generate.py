@@ -426,8 +426,19 @@ def choose_decode_path(
     chosen = getattr(model, "_decode_path", None)
     if chosen is not None:
         return chosen
-    # Each block's one-call decode step (model/fused_decode.py) runs wherever its products run on
-    # scratchgpt's kernels: set before timing, so the NATIVE candidate is measured as it will decode.
+    # Timed as it will decode: in eval mode (a model still in training mode would time its dropout, and its
+    # blocks' one-call step refuses to run in training mode), with each block's one-call decode step
+    # (model/fused_decode.py) on wherever its products run on scratchgpt's kernels.
+    was_training = model.training
+    model.eval()
+    try:
+        return _measure_decode_path(model, repeats=repeats, step_time=step_time)
+    finally:
+        model.train(was_training)
+
+
+def _measure_decode_path(model: GPT, *, repeats: int, step_time: Callable[[DecodePath], float] | None) -> DecodePath:
+    """choose_decode_path's measurement (the model in eval mode), kept on the model."""
     fuse_decode_steps(model)
     weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
     dtypes = {w.dtype for w in weights}
@@ -452,9 +463,16 @@ def choose_decode_path(
                 for c in stored:
                     best[c] = min(best[c], step_time(c))
         path = pick_decode_path(best)
+    keep_decode_path(model, path)
+    return path
+
+
+def keep_decode_path(model: GPT, path: DecodePath = DecodePath()) -> None:
+    """Decode `model` with `path` from now on, unmeasured: `choose_decode_path` returns it from then on.
+    For decoding too short to be worth a measurement (a sample during training: the plain path, which needs
+    no kernel build either)."""
     set_decode_path(model, path)
     model._decode_path = path
-    return path
 
 
 def _decode_step_timer(model: GPT) -> Callable[[DecodePath], float]:
