@@ -502,11 +502,14 @@ def test_int4_kernel_follows_the_faster_whole_step(caplog):
     def timed(times):
         def step(kernel: str) -> float:
             calls.append(kernel)
+            assert not q.training and not torch.is_grad_enabled()  # timed as it decodes
             return times[kernel]
         return step
 
     step = timed({"dense": 1.0, "int4pack": 0.5, "fbgemm": 0.6, "native": 0.55})
-    assert choose_int4_kernel(q, step_time=step) == "int4pack"
+    q.train()  # (a model left in training mode: its mode is given back)
+    assert choose_int4_kernel(q, step_time=step) == "int4pack" and q.training
+    q.eval()
     assert calls == ["dense", "int4pack", "fbgemm", "native"] * 3 and {m.kernel for m in layers} == {"int4pack"}
     caplog.clear()
     step = timed({"dense": 1.0, "int4pack": 0.95, "fbgemm": 0.93, "native": 0.92})

@@ -328,9 +328,17 @@ def time_kernels(model: nn.Module, layers: list[nn.Module], candidates: list[str
     best = dict.fromkeys(candidates, math.inf)
     if len(candidates) > 1:
         step_time = step_time or _forward_timer(model, layers)
-        for _ in range(repeats):
-            for c in candidates:
-                best[c] = min(best[c], step_time(c))
+        # Timed as it decodes: in eval mode (no dropout) and without autograd's bookkeeping. (no_grad rather than
+        # inference_mode: weights a kernel builds on its first call may later be used by a step with gradients.)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for _ in range(repeats):
+                    for c in candidates:
+                        best[c] = min(best[c], step_time(c))
+        finally:
+            model.train(was_training)
     return best
 
 
