@@ -467,12 +467,17 @@ def _measure_decode_path(model: GPT, *, repeats: int, step_time: Callable[[Decod
     return path
 
 
-def keep_decode_path(model: GPT, path: DecodePath = DecodePath()) -> None:
-    """Decode `model` with `path` from now on, unmeasured: `choose_decode_path` returns it from then on.
-    For decoding too short to be worth a measurement (a sample during training: the plain path, which needs
-    no kernel build either)."""
+def keep_decode_path(model: GPT, path: DecodePath | None = None) -> DecodePath:
+    """Decode `model` with `path` from now on, unmeasured: `choose_decode_path` returns it from then on. With
+    no `path`, the one already chosen, else the plain path: for decoding too short to be worth a measurement
+    (a sample during training; the plain path needs no kernel build either)."""
+    if path is None:
+        path = getattr(model, "_decode_path", None)
+    if path is None:
+        path = DecodePath()
     set_decode_path(model, path)
     model._decode_path = path
+    return path
 
 
 def _decode_step_timer(model: GPT) -> Callable[[DecodePath], float]:

@@ -83,10 +83,9 @@ def make_sample_fn(tokenizer: Any, config: TrainConfig) -> SampleFn:
             from scratchgpt.inference.generate import generate_text, keep_decode_path
         except ImportError:  # generation lives in its own module; training works without it
             return "(no sample: scratchgpt.inference.generate is not available)"
-        if getattr(model, "_decode_path", None) is None:
-            # A few hundred tokens: not worth choose_decode_path's timed steps, nor (on a machine where they
-            # were never built) the ~20 s build of scratchgpt's C++ kernels it would start.
-            keep_decode_path(model)
+        # A few hundred tokens: not worth choose_decode_path's timed steps, nor (on a machine where they were
+        # never built) the ~20 s build of scratchgpt's C++ kernels it would start.
+        keep_decode_path(model)
         gen = torch.Generator(device=model_device(model)).manual_seed(config.seed)
         return config.sample_prompt + generate_text(model, tokenizer, config.sample_prompt, sampling, generator=gen)
 
