@@ -190,21 +190,27 @@ def main() -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     init = str(work / "shakespeare")
+    from scratchgpt.device import cpu_capability
 
-    print(json.dumps(base(work, args.threads, args.base_steps)), flush=True)
+    cpu = cpu_capability()  # which CPU these figures come from, on every line
+
+    def emit(result: dict) -> None:
+        print(json.dumps({**result, **cpu}), flush=True)
+
+    emit(base(work, args.threads, args.base_steps))
     todo = ["spam", "instruct", "dpo", "lora"] if args.experiment == "all" else [args.experiment]
     for name in todo:
         if name == "spam":
-            print(json.dumps(spam(work, args.threads, init=init, name="spam")), flush=True)
-            print(json.dumps(spam(work, args.threads, init="scratch", name="spam-scratch")), flush=True)
+            emit(spam(work, args.threads, init=init, name="spam"))
+            emit(spam(work, args.threads, init="scratch", name="spam-scratch"))
         elif name == "instruct":
-            print(json.dumps(instruct(work, args.threads, init=init)), flush=True)
+            emit(instruct(work, args.threads, init=init))
         elif name == "dpo":
             if not (work / "instruct" / "config.json").is_file():
                 instruct(work, args.threads, init=init)
-            print(json.dumps(dpo(work, args.threads, init=str(work / "instruct"))), flush=True)
+            emit(dpo(work, args.threads, init=str(work / "instruct")))
         elif name == "lora":
-            print(json.dumps(lora(work, args.threads, init=init)), flush=True)
+            emit(lora(work, args.threads, init=init))
 
 
 if __name__ == "__main__":

@@ -275,8 +275,10 @@ def one(row: str, args: argparse.Namespace) -> dict:
     else:
         out = decode(row, args)
     cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    from scratchgpt.device import cpu_capability
+
     return {"row": row, "seq": args.seq, "smoke": args.smoke, "threads": torch.get_num_threads(),
-            "cpu": cpu.group(1) if cpu else None, **out}
+            "cpu": cpu.group(1) if cpu else None, **cpu_capability(), **out}
 
 
 def _shared_flags(args: argparse.Namespace) -> list[str]:

@@ -117,6 +117,8 @@ async def run_clients(url: str, *, clients: int, seconds: float, max_tokens: int
 
 
 def main() -> None:
+    from scratchgpt.device import cpu_capability
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time per mode")
@@ -152,6 +154,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "seconds_per_mode": args.seconds,
         "cpu_threads": args.threads or torch.get_num_threads(),
+        **cpu_capability(),  # which CPU these figures come from
         **results,
         "gain": {
             "requests_per_s": round(batched["requests_per_s"] / single["requests_per_s"], 2),

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from scratchgpt.config import read_toml
+from scratchgpt.device import cpu_capability
 from scratchgpt.training.modes.pretrain import pretrain, resolve_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def main() -> None:
         "best_val_loss": round(result.best_val_loss, 4), "wall_s": round(wall, 1),
         "train_s": round(result.elapsed_s, 1), "tokens_per_s": round(result.tokens_per_s, 1),
         "mfu": round(result.mfu, 4) if result.mfu is not None else None, "threads": torch.get_num_threads(),
-        "target_val_loss": 1.89, "ok": result.metrics["val_loss"] <= 1.89,
+        "target_val_loss": 1.89, "ok": result.metrics["val_loss"] <= 1.89, **cpu_capability(),
     }
     print(json.dumps(out))
 

@@ -23,6 +23,7 @@ import tokenizers
 from tokenizers import pre_tokenizers, trainers
 
 from scratchgpt.data.tokenizers import EOT_TEXT, ByteBPETokenizer, GPT2Tokenizer
+from scratchgpt.device import cpu_capability
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +123,7 @@ def main() -> None:
         "encode": bench_encode(args.data_dir / "gpt2", text, args.repeats),
         "train": bench_train(text, args.merges),
         "env": {"python": platform.python_version(), "tokenizers": tokenizers.__version__,
-                "cpu_count": os.cpu_count()},
+                "cpu_count": os.cpu_count(), **cpu_capability()},
     }
     print(json.dumps(result))
 
