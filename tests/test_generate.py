@@ -96,6 +96,21 @@ def test_temperature_zero_is_argmax_and_first_max_wins_ties():
     assert sample_next_token(logits, SamplingConfig(temperature=0.0)).item() == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_are_argmax_with_ties_nan_and_infinities(dtype):
+    """greedy_tokens (max's indices, faster on the CPU) picks exactly what argmax picks: the first maximum."""
+    from scratchgpt.inference.sampling import greedy_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    for V in (1, 7, 50257):
+        x = torch.randint(-3, 3, (4, V), generator=gen).to(dtype)  # many ties
+        x[1, V // 2] = float("nan")  # a NaN is the maximum, as in argmax
+        x[2] = float("-inf")  # a row with nothing allowed
+        x[3, -1] = float("inf")
+        assert torch.equal(greedy_tokens(x), x.argmax(dim=-1)), V
+        assert torch.equal(greedy_tokens(x[0]), x[0].argmax())  # one row, no batch dimension
+
+
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     logits = torch.tensor([[2.0, -2.0, 1.0]])
     out = apply_repetition_penalty(logits, torch.tensor([0, 1, 1]), 2.0)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from scratchgpt.config import DRAFT_TOKENS, SamplingConfig
 from scratchgpt.device import native_bf16
-from scratchgpt.inference.sampling import sample_next_token
+from scratchgpt.inference.sampling import greedy_tokens, sample_next_token
 from scratchgpt.inference.speculative import Speculator, make_speculator
 from scratchgpt.model.fast_linear import Linear, split_parts, store_input_major
 from scratchgpt.model.fused_decode import fuse_decode_steps
@@ -190,12 +190,12 @@ def sample_rows(
     """
     if logits.size(0) == 1 and (active is None or active[0]) and samplings[0].greedy \
             and samplings[0].repetition_penalty == 1.0:
-        return logits.argmax(dim=-1)  # one greedy row (the common decode): no per-row bookkeeping
+        return greedy_tokens(logits)  # one greedy row (the common decode): no per-row bookkeeping
     out = torch.zeros(logits.size(0), dtype=torch.long, device=logits.device)
     rows = [r for r in range(logits.size(0)) if active is None or active[r]]
     greedy = [r for r in rows if samplings[r].greedy and samplings[r].repetition_penalty == 1.0]
     if greedy:
-        out[greedy] = logits[greedy].argmax(dim=-1)
+        out[greedy] = greedy_tokens(logits[greedy])
     for r in rows:
         if r in greedy:
             continue

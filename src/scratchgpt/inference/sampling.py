@@ -16,6 +16,16 @@ from torch import Tensor
 from scratchgpt.config import SamplingConfig
 
 
+def greedy_tokens(logits: Tensor) -> Tensor:
+    """The first maximum of each row: (..., V) -> (...), what `argmax(dim=-1)` returns (ties, NaN, -inf alike).
+
+    Why not argmax: torch's CPU argmax over a GPT-2 vocabulary (50,257) took 70 µs in float32 and 168 µs in
+    bfloat16, its max with indices 28 and 43 µs (Intel Xeon here, hot): up to 1-2% of a bf16 or int8 token,
+    though whole generations, paired, did not resolve it from this machine's ±5% noise.
+    """
+    return logits.max(dim=-1).indices
+
+
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
     """CTRL-style penalty on tokens in `seen` (1-D ids): positive logits ÷ penalty, negative × penalty."""
     if penalty == 1.0 or seen.numel() == 0:
@@ -57,7 +67,7 @@ def sample_next_token(
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
     if sampling.greedy:
-        return logits.argmax(dim=-1)
+        return greedy_tokens(logits)
     return sample_from_probs(token_probs(logits, sampling), generator=generator)
 
 

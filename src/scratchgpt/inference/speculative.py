@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from scratchgpt.config import DRAFT_TOKENS, SamplingConfig
-from scratchgpt.inference.sampling import sample_from_probs, token_probs
+from scratchgpt.inference.sampling import greedy_tokens, sample_from_probs, token_probs
 from scratchgpt.model.gpt import GPT, KVCache
 
 Verified = tuple[Tensor, list[int], Tensor | None]  # logits after the last kept token (1, V), kept tokens, next
@@ -208,7 +208,7 @@ def verify_draft(
     logits, _ = model(inp, kv_cache=cache)  # (1, 1+k, V): reads the weights once for 1+k tokens
     chosen = None
     if accept is None:
-        preds = logits[0].argmax(dim=-1).tolist()  # greedy choice after each input position
+        preds = greedy_tokens(logits[0]).tolist()  # greedy choice after each input position
         n_ok = 0
         while n_ok < len(draft) and preds[n_ok] == draft[n_ok]:
             n_ok += 1
@@ -235,7 +235,7 @@ def draft_propose(
     for i in range(k):
         logits, _ = draft(inp, kv_cache=dcache, last_token_only=True)
         if sampling.greedy:
-            tok = int(logits[0, -1].argmax())
+            tok = int(greedy_tokens(logits[0, -1]))
         else:
             q = token_probs(logits[:, -1], sampling)  # (1, V)
             tok = int(sample_from_probs(q, generator=generator)[0])
