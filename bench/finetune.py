@@ -181,6 +181,8 @@ def lora(work: Path, threads: int | None, *, init: str) -> dict:
 
 
 def main() -> None:
+    from scratchgpt.device import cpu_capability
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", choices=["base", "spam", "instruct", "dpo", "lora", "all"])
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench-finetune"))
@@ -190,8 +192,6 @@ def main() -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     init = str(work / "shakespeare")
-    from scratchgpt.device import cpu_capability
-
     cpu = cpu_capability()  # which CPU these figures come from, on every line
 
     def emit(result: dict) -> None:
