@@ -214,3 +214,43 @@ def test_a_generations_cache_gathers_the_blocks_arguments_once(monkeypatch):
     gathered.clear()
     out = generate(model, PROMPT[0], sampling)
     assert len(out[0]) == STEPS and gathered == [model]
+
+
+def test_a_generations_rope_rows_come_from_one_table(monkeypatch):
+    """With a step memo, a RoPE model's decode steps slice (cos, sin) from a table of positions the memo keeps
+    (extended by doubling past 256 positions), for its own model only: the same bits as computing them per
+    step (the same logits, bit for bit), and RotaryEmbedding runs once per table instead of once per step."""
+    from scratchgpt.model.gpt import RotaryEmbedding
+
+    rope = {"n_positions": 600, "pos_encoding": "rope", "norm": "rmsnorm", "activation": "swiglu", "bias": False}
+    model = on_kernels(tiny(**rope), "float32")
+    other = on_kernels(tiny(**rope, rope_theta=500.0), "float32")
+    calls = []
+    monkeypatch.setattr(RotaryEmbedding, "forward",
+                        lambda self, ids, f=RotaryEmbedding.forward: calls.append(ids.numel()) or f(self, ids))
+    prompt = torch.arange(250)[None] % 97  # decoding then crosses the table's first 256 positions
+    logits = {}
+    with torch.inference_mode():
+        for memo in (False, True):
+            fuse_decode_steps(model)
+            cache = KVCache.empty(model.config, batch_size=1, max_len=600, step_memo=memo)
+            calls.clear()
+            prefill(model, prompt, cache, mask=None, positions=None)  # 250 tokens (the modules run them)
+            logits[memo] = [decode_one_token(model, torch.tensor([[7 + t]]), cache, positions=None)
+                            for t in range(STEPS)]
+            # memo: a table of 256 positions (the prefill's), then one of 512 at position 256; without:
+            # the prefill's 250 positions, then one per step
+            assert calls == ([256, 512] if memo else [250] + [1] * STEPS)
+        assert all(torch.equal(a, b) for a, b in zip(logits[False], logits[True], strict=True))
+        # Another model (other frequencies) on the same memo builds its own table: its logits are those it
+        # computes without a memo.
+        fuse_decode_steps(other)
+        plain = KVCache.empty(other.config, batch_size=1, max_len=600)
+        shared = KVCache.empty(other.config, batch_size=1, max_len=600, step_memo=True)
+        shared.step_memo = cache.step_memo
+        for c in (plain, shared):
+            prefill(other, prompt, c, mask=None, positions=None)
+        for t in range(3):
+            token = torch.tensor([[7 + t]])
+            assert torch.equal(decode_one_token(other, token, plain, positions=None),
+                               decode_one_token(other, token, shared, positions=None))

@@ -388,10 +388,18 @@ def test_rope_scores_depend_only_on_distance():
 
 def test_rope_angles_stay_float32_in_a_bf16_model():
     model = GPT(tiny_config(pos_encoding="rope", norm="rmsnorm", n_positions=2048)).to(torch.bfloat16)
-    assert model.transformer.wpe.inv_freq.dtype == torch.bfloat16  # .to() casts buffers...
+    exact_freq = RotaryEmbedding(tiny_config(pos_encoding="rope", n_positions=2048)).inv_freq
+    # .to()/.half() cast every floating buffer; RotaryEmbedding keeps its frequencies float32 and exact
+    assert model.transformer.wpe.inv_freq.dtype == torch.float32
+    assert torch.equal(model.transformer.wpe.inv_freq, exact_freq)
+    assert torch.equal(model.half().float().transformer.wpe.inv_freq, exact_freq)
+    model = model.to(torch.bfloat16)
     cos, sin = model.transformer.wpe(torch.tensor([1000, 1001]))
     exact = RotaryEmbedding(tiny_config(pos_encoding="rope", n_positions=2048))(torch.tensor([1000, 1001]))
-    assert cos.dtype == torch.float32 and torch.equal(cos, exact[0]) and torch.equal(sin, exact[1])  # ...not angles
+    assert cos.dtype == torch.float32 and torch.equal(cos, exact[0]) and torch.equal(sin, exact[1])
+    model.transformer.wpe.inv_freq = exact_freq.to(torch.bfloat16)  # assigned by hand: recomputed in forward
+    cos, sin = model.transformer.wpe(torch.tensor([1000, 1001]))
+    assert torch.equal(cos, exact[0]) and torch.equal(sin, exact[1])
     x = tokens(1, 6)
     logits, _ = model(x)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

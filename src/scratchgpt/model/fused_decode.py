@@ -85,9 +85,11 @@ def _block_args(block: Block) -> tuple[list[Tensor], list[int], tuple[float, flo
     rms, act, q_norm, k_norm, qk_eps = shape
     ln_1, ln_2 = block.ln_1, block.ln_2
     bias_1, bias_2 = getattr(ln_1, "bias", None), getattr(ln_2, "bias", None)
-    params = [ln_1.weight, _NONE if bias_1 is None else bias_1, *layers[0][:3], *layers[1][:3],
-              ln_2.weight, _NONE if bias_2 is None else bias_2, *layers[2][:3], *layers[3][:3]]
-    return params, [a[3] for a in layers], (ln_1.eps, ln_2.eps), (q_norm, k_norm), (rms, act, qk_eps)
+    # The norms' vectors as float32 (the C++ side computes in float32; a bf16 model's would otherwise be
+    # converted there at every step: kept once per generation with the step memo).
+    f32 = [_NONE if t is None else t.float() for t in (ln_1.weight, bias_1, ln_2.weight, bias_2, q_norm, k_norm)]
+    params = [f32[0], f32[1], *layers[0][:3], *layers[1][:3], f32[2], f32[3], *layers[2][:3], *layers[3][:3]]
+    return params, [a[3] for a in layers], (ln_1.eps, ln_2.eps), (f32[4], f32[5]), (rms, act, qk_eps)
 
 
 StackArgs = tuple[list[Tensor], list[int], list[float], list[Tensor], tuple[bool, int, float]]
@@ -151,7 +153,7 @@ def stack_decode(model: GPT, x: Tensor, cache: KVCache, start: int,
         return None
     params, groups, eps, qk_norms, (rms, act, qk_eps) = args
     return kernels.blocks_decode(x, params, groups, cache.k, cache.v, start, model.config.n_head, eps, rms, act,
-                                 cos.reshape(-1), sin.reshape(-1), qk_norms, qk_eps)
+                                 cos, sin, qk_norms, qk_eps)
 
 
 def fuse_decode_steps(model: GPT, on: bool = True) -> None:

@@ -31,10 +31,13 @@ namespace {
 
 bool given(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
 
-// A float32 view of an optional parameter (nullptr for None); `holder` keeps a converted copy alive.
+// A float32 view of an optional parameter's n values (nullptr for None; any shape, read in memory order);
+// `holder` keeps a converted copy alive.
 const float* floats(const at::Tensor& t, int64_t n, const char* what, at::Tensor& holder) {
   if (!given(t)) return nullptr;
-  TORCH_CHECK(t.dim() == 1 && t.numel() == n && at::isFloatingType(t.scalar_type()), what, ": (", n, ",) floating point");
+  TORCH_CHECK(t.numel() == n && at::isFloatingType(t.scalar_type()), what, ": ", n, " floating-point values");
+  // Already float32 and contiguous (model/fused_decode.py passes them so): no call through the dispatcher.
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t.data_ptr<float>();
   holder = t.to(at::kFloat).contiguous();
   return holder.data_ptr<float>();
 }
