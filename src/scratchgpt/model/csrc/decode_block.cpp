@@ -27,6 +27,11 @@
 
 #include "kernels.h"
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SGD_AVX512 1
+#include <immintrin.h>
+#endif
+
 namespace {
 
 bool given(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
@@ -106,6 +111,91 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return s;
 }
 
+#if SGD_AVX512
+// Attention over S cached positions for one query head, AVX-512, head size a multiple of 16 (at most 256).
+// Why by hand: the portable loops below reduce each key's 16 partial sums one float at a time and call the
+// scalar exp once per key; at GPT-2 124M (12 key/value heads, 64 channels) attention over 1,000 positions
+// then cost ~3.7 ms of a bf16 token on the Intel Xeon here, at ~10 GB/s of keys and values where the weights
+// stream at ~28. Here four keys' dot products run side by side and are reduced together, the exponentials
+// are computed 16 at a time, and the output row stays in registers while the values stream past.
+inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 widen16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// e^x for x <= 0 (softmax's shifted scores), 16 at a time: 2^n · e^r with n = round(x / ln 2) and
+// |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7, about float32's rounding);
+// below -87 (e^x < 1.7e-38, far under any weight a softmax keeps) the result is 0.
+inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.f);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n·ln2, ln2 in two parts so that r keeps its low bits
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.f / 720.f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 120.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 24.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 6.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~tiny), y, n);
+}
+
+template <typename T>
+void attend_head_avx512(const float* q, const T* K, const T* V, int64_t S, int64_t hs, float scale, float* p,
+                        float* out) {
+  const int nv = static_cast<int>(hs / 16);
+  __m512 qv[16];
+  for (int i = 0; i < nv; ++i) qv[i] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * i), _mm512_set1_ps(scale));
+  float top = -std::numeric_limits<float>::infinity();
+  int64_t t = 0;
+  for (; t + 4 <= S; t += 4) {  // four keys at a time: four independent chains of multiply-adds
+    const T* k = K + t * hs;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int i = 0; i < nv; ++i) {
+      a0 = _mm512_fmadd_ps(qv[i], widen16(k + 16 * i), a0);
+      a1 = _mm512_fmadd_ps(qv[i], widen16(k + hs + 16 * i), a1);
+      a2 = _mm512_fmadd_ps(qv[i], widen16(k + 2 * hs + 16 * i), a2);
+      a3 = _mm512_fmadd_ps(qv[i], widen16(k + 3 * hs + 16 * i), a3);
+    }
+    p[t] = _mm512_reduce_add_ps(a0);
+    p[t + 1] = _mm512_reduce_add_ps(a1);
+    p[t + 2] = _mm512_reduce_add_ps(a2);
+    p[t + 3] = _mm512_reduce_add_ps(a3);
+    top = std::max(top, std::max(std::max(p[t], p[t + 1]), std::max(p[t + 2], p[t + 3])));
+  }
+  for (; t < S; ++t) {
+    __m512 a = _mm512_setzero_ps();
+    for (int i = 0; i < nv; ++i) a = _mm512_fmadd_ps(qv[i], widen16(K + t * hs + 16 * i), a);
+    p[t] = _mm512_reduce_add_ps(a);
+    top = std::max(top, p[t]);
+  }
+  // p <- exp(p - top), 16 at a time (the last, partial vector masked)
+  const __m512 shift = _mm512_set1_ps(top);
+  __m512 sum = _mm512_setzero_ps();
+  for (t = 0; t < S; t += 16) {
+    const __mmask16 m = S - t >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (S - t)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + t), shift));
+    _mm512_mask_storeu_ps(p + t, m, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+  }
+  const float inv = 1.f / _mm512_reduce_add_ps(sum);
+  __m512 acc[16];
+  for (int i = 0; i < nv; ++i) acc[i] = _mm512_setzero_ps();
+  for (t = 0; t < S; ++t) {
+    const __m512 a = _mm512_set1_ps(p[t]);
+    const T* v = V + t * hs;
+    for (int i = 0; i < nv; ++i) acc[i] = _mm512_fmadd_ps(a, widen16(v + 16 * i), acc[i]);
+  }
+  for (int i = 0; i < nv; ++i) _mm512_storeu_ps(out + 16 * i, _mm512_mul_ps(acc[i], _mm512_set1_ps(inv)));
+}
+#endif
+
 // Write the M new tokens' keys and values at positions start .. start + M - 1, then each query head of new
 // token m attends over positions 0 .. start + m of its key/value head (causal; grouped-query: n_head / nkv
 // query heads per key/value head). qkv (M, q_dim + 2·nkv·hs), cache (nkv, T_max, hs), y (M, n_head·hs).
@@ -133,6 +223,12 @@ void attend(const float* qkv, int64_t M, T* kc, T* vc, int64_t n_head, int64_t n
       const float* qh = qkv + m * width + h * hs;
       const T* K = kc + (h / rep) * t_max * hs;
       const T* V = vc + (h / rep) * t_max * hs;
+#if SGD_AVX512
+      if (hs % 16 == 0 && hs <= 256) {
+        attend_head_avx512(qh, K, V, S, hs, scale, p.data(), y + m * n_head * hs + h * hs);
+        continue;
+      }
+#endif
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t t = 0; t < S; ++t) {
         p[t] = dot(qh, K + t * hs, hs) * scale;
