@@ -254,3 +254,19 @@ def test_a_generations_rope_rows_come_from_one_table(monkeypatch):
             token = torch.tensor([[7 + t]])
             assert torch.equal(decode_one_token(other, token, plain, positions=None),
                                decode_one_token(other, token, shared, positions=None))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_nan_in_the_cache_poisons_the_fused_step_as_the_modules(dtype):
+    """Attention's exponentials (decode_block.cpp's vectorised softmax) keep a NaN score NaN, as std::exp and the
+    modules' softmax do: a corrupted cache shows in the logits instead of being weighted away."""
+    model = on_kernels(tiny(), dtype)
+    out = {}
+    for fused in (False, True):
+        fuse_decode_steps(model, fused)
+        cache = KVCache.empty(model.config, batch_size=1, max_len=24, dtype=getattr(torch, dtype))
+        with torch.inference_mode():
+            prefill(model, torch.tensor(PROMPT), cache, mask=None, positions=None)
+            cache.k[0, 0, 1, 2, 3] = float("nan")  # one channel of one key of layer 0
+            out[fused] = decode_one_token(model, torch.tensor([[7]]), cache, positions=None)
+    assert torch.isnan(out[False]).all() and torch.isnan(out[True]).all()

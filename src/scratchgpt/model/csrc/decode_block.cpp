@@ -126,11 +126,12 @@ inline __m512 widen16(const at::BFloat16* p) {
 
 // e^x for x <= 0 (softmax's shifted scores), 16 at a time: 2^n · e^r with n = round(x / ln 2) and
 // |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7, about float32's rounding);
-// below -87 (e^x < 1.7e-38, far under any weight a softmax keeps) the result is 0.
+// below -87 (e^x < 1.7e-38, far under any weight a softmax keeps) the result is 0; a NaN stays NaN (as
+// std::exp's), so a NaN score still poisons its row as it does in the modules.
 inline __m512 exp16(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.f);
   const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(x, lo);
+  x = _mm512_max_ps(lo, x);  // (max returns its second operand where either is NaN)
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // r = x - n·ln2, ln2 in two parts so that r keeps its low bits
