@@ -99,6 +99,22 @@ def test_fused_step_equals_the_modules(fmt, overrides, monkeypatch):
         assert clear.any() and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
 
 
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16"])
+@pytest.mark.parametrize("overrides", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_fused_step_with_a_head_size_off_the_vector_width(fmt, overrides, monkeypatch):
+    """Head size 24: attention runs decode_block.cpp's portable loops (its AVX-512 path takes head sizes that
+    are multiples of 16; the other shapes here are 32), to the same tolerance as test_fused_step_equals_the_modules."""
+    model = on_kernels(tiny(**{**overrides, "n_embd": 96}), fmt)
+    ran = []
+    monkeypatch.setattr(fused_decode, "stack_decode",
+                        lambda *a, f=fused_decode.stack_decode: ran.append((y := f(*a)) is not None) or y)
+    want, want_cache = decode(model, fused=False)
+    got, cache = decode(model, fused=True)
+    assert ran == [False] + [True] * (STEPS + len(CHUNKS))
+    tol = dict(rtol=1e-4, atol=1e-5) if fmt == "float32" else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(cache.v.float(), want_cache.v.float(), **tol)
+
 def test_not_fused_where_it_does_not_apply():
     """A layer off scratchgpt's kernels, an activation the C++ lacks (plain ReLU), a block in training mode, two
     kinds of block in one model, or a batch of two rows: the step returns None / is never asked, and the

@@ -477,9 +477,10 @@ class KVCache:
     v: Tensor
     length: int = 0
     key_valid: Tensor | None = None
-    # Scratch space for `GPT.decode_step` over this cache's life (model/fused_decode.py keeps the blocks' kernel
-    # arguments here, gathered at the first step): only for a cache that one generation owns, during which
-    # the model does not change. None (the default): nothing is kept, every step looks at the model anew.
+    # Scratch space for the decode steps over this cache's life (model/fused_decode.py keeps the blocks' kernel
+    # arguments here, gathered at the first step; `GPT._rope_rows` a table of RoPE's angles): only for a cache
+    # that one generation owns, during which the model does not change. None (the default): nothing is kept,
+    # every step looks at the model anew.
     step_memo: dict[str, Any] | None = None
 
     @classmethod
