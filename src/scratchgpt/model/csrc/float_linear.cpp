@@ -42,19 +42,9 @@ namespace {
 constexpr int kRows = 4;      // weight rows side by side
 constexpr int kMaxM = 4;      // activation rows per call (model/native.py: MAX_ROWS)
 
-// Widening loads: `n` (< the vector width, for a row's tail) or a full vector of weights as floats.
-#if SGF_AVX512
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-#elif SGF_AVX2
+// Widening loads: `n` (< the vector width, for a row's tail) or a full vector of weights as floats (AVX-512:
+// kernels.h's load16).
+#if SGF_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));

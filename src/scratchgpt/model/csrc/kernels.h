@@ -10,6 +10,23 @@
 #include <string>
 #include <vector>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+// float32 or bfloat16 values as 16 floats (a bf16 value is the top half of a float32): a full vector, or the
+// first lanes of mask `m` (a row's tail; the other lanes 0). float_linear.cpp's weight rows and
+// decode_block.cpp's keys and values.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
 // The steps both entry points take around a kernel (quantized_linear.cpp): x (..., K) of any float dtype
 // as a contiguous float32 (M, K); the bias as float32 (nullptr for None; `holder` keeps the copy alive);
 // the (M, N) result back in x's shape and dtype.
