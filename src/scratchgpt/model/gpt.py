@@ -752,10 +752,11 @@ class GPT(nn.Module):
 
     def _rope_rows(self, memo: dict[str, Any], start: int, T: int) -> Rope:
         """RoPE's (cos, sin), each (T, hs), for positions start .. start + T - 1, sliced from a table that a
-        generation's cache memo keeps (see KVCache.step_memo) and extends by doubling. The rows are the same
-        bits as `wpe(arange(start, start + T))` (the same element-wise ops on the same angles; tested), but
-        a decode step then costs two slices instead of ~8 small operations (~0.2 ms a token at Llama 124M in
-        bf16 on the Intel Xeon here, once the token's weights have swept the caches)."""
+        generation's cache memo keeps (see KVCache.step_memo) and extends by doubling. The rows are
+        `wpe(arange(start, start + T))`'s values (the same element-wise ops on the same angles: bit for bit on
+        the Intel Xeon here, tested to float rounding), but a decode step then costs two slices instead of ~8
+        small operations (~0.2 ms a token at Llama 124M in bf16 there, once the token's weights have swept the
+        caches)."""
         table = memo.get("rope")
         if table is None or table[0] is not self or table[1].size(0) < start + T:
             n = max(start + T, 256, 2 * table[1].size(0) if table is not None and table[0] is self else 0)
