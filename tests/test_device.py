@@ -156,3 +156,25 @@ def test_a_users_malloc_setting_is_left_alone(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     assert keep_freed_memory() is False
+
+
+def test_threads_left_to_others_lowers_and_restores_the_count() -> None:
+    import torch
+
+    from scratchgpt.device import threads_left_to_others
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        with threads_left_to_others(1):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 3
+        with threads_left_to_others(5):  # never below one
+            assert torch.get_num_threads() == 1
+        with pytest.raises(RuntimeError), threads_left_to_others(2):
+            raise RuntimeError("the block failed")
+        assert torch.get_num_threads() == 3  # restored on the way out of an error too
+        with threads_left_to_others(0):
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

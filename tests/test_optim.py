@@ -20,6 +20,7 @@ from scratchgpt.config import GPTConfig, RunConfig, TrainConfig, read_toml
 from scratchgpt.device import native_bf16
 from scratchgpt.model.gpt import GPT
 from scratchgpt.training.optim import (
+    FusedAdamW,
     KahanAdamW,
     Muon,
     MuonAdamW,
@@ -32,7 +33,7 @@ from scratchgpt.training.optim import (
     resolve_ns_dtype,
     set_lr,
 )
-from scratchgpt.training.run_state import latest_checkpoint
+from scratchgpt.training.run_state import latest_checkpoint, named_optimizer_state
 from scratchgpt.training.runtime import resolve_dtype
 from scratchgpt.training.train import lm_loss, train_step
 
@@ -195,7 +196,11 @@ def test_tied_head_is_an_embedding_and_adamw_stays_the_default() -> None:
     assert roles["head"] == []
     assert all(p.dim() == 1 for p in roles["no_decay"]) and all(p.dim() == 2 for p in roles["matrix"])
     opt = make_optimizer(model.parameters(), TrainConfig(), device_type="cpu", model=model)
-    assert type(opt) is torch.optim.AdamW and ns_dtype_of(opt) is None
+    assert type(opt) is FusedAdamW and ns_dtype_of(opt) is None
+    # On a GPU (or without the fused kernel) torch's own class.
+    assert type(make_optimizer(model.parameters(), TrainConfig(), device_type="cuda", model=model)) is torch.optim.AdamW
+    assert type(make_optimizer(model.parameters(), TrainConfig(fused_adamw=False), device_type="cpu",
+                               model=model)) is torch.optim.AdamW
 
 
 def _step(model: GPT, opt: torch.optim.Optimizer, seed: int) -> float:
@@ -222,6 +227,128 @@ def test_state_dict_round_trip_resumes_exactly() -> None:
         assert _step(models[0], opts[0], s) == _step(models[1], opts[1], s)
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def _two_group_params(seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.randn(16, 8, generator=gen))
+    b = torch.nn.Parameter(torch.randn(8, generator=gen))
+    return [{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("extra", [{}, {"amsgrad": True}, {"maximize": True}, {"overflow": True}])
+def test_fused_adamw_is_torchs_fused_adamw_to_the_bit(extra: dict) -> None:
+    overflow = extra.pop("overflow", False)
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, **extra)
+    groups = [_two_group_params(0), _two_group_params(0)]
+    ours, torchs = FusedAdamW(groups[0], **kw), torch.optim.AdamW(groups[1], fused=True, **kw)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        grads = [torch.randn(16, 8, generator=gen), torch.randn(8, generator=gen)]
+        for opt in (ours, torchs):
+            for group, g in zip(opt.param_groups, grads, strict=True):
+                group["params"][0].grad = g.clone()
+            if overflow:  # what a GradScaler hands the fused kernel: a scale, and a skipped step at step 3
+                opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(float(step == 3))
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(groups[0], groups[1], strict=True):
+        assert torch.equal(a["params"][0], b["params"][0])
+    for sa, sb in zip(ours.state.values(), torchs.state.values(), strict=True):
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert ours.state_dict()["param_groups"] == torchs.state_dict()["param_groups"]
+    if overflow:
+        assert {float(s["step"]) for s in ours.state.values()} == {5.0}  # the skipped step did not count
+
+
+def test_fused_adamw_checkpoints_load_into_torchs_and_back() -> None:
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    params = [_two_group_params(0) for _ in range(3)]
+    first = FusedAdamW(params[0], **kw)
+    gen = torch.Generator().manual_seed(2)
+    grads = [[torch.randn(16, 8, generator=gen), torch.randn(8, generator=gen)] for _ in range(6)]
+
+    def step(opt: torch.optim.Optimizer, g: list[torch.Tensor]) -> None:
+        for group, x in zip(opt.param_groups, g, strict=True):
+            group["params"][0].grad = x.clone()
+        opt.step()
+        opt.zero_grad()
+
+    for g in grads[:3]:
+        step(first, g)
+    saved = copy.deepcopy(first.state_dict())
+    # torch's AdamW and a fresh FusedAdamW resume from it, at the same weights, and stay equal to the original.
+    others = [torch.optim.AdamW(params[1], fused=True, **kw), FusedAdamW(params[2], **kw)]
+    for opt, ps in zip(others, params[1:], strict=True):
+        for group, src in zip(ps, params[0], strict=True):
+            group["params"][0].data.copy_(src["params"][0])
+        opt.load_state_dict(copy.deepcopy(saved))  # (loading keeps the tensors it is given: one copy each)
+    for g in grads[3:]:
+        for opt in (first, *others):
+            step(opt, g)
+    for ps in params[1:]:
+        for group, ref in zip(ps, params[0], strict=True):
+            assert torch.equal(group["params"][0], ref["params"][0])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "adamw-bf16"])
+def test_named_optimizer_state_is_torch_distributed_checkpoints(optimizer: str) -> None:
+    config = GPTConfig(vocab_size=40, n_positions=16, n_embd=32, n_layer=2, n_head=2)  # a tied head
+    model = GPT(config, generator=torch.Generator().manual_seed(0))
+    if optimizer == "adamw-bf16":
+        model = model.to(torch.bfloat16)
+    model.transformer.h[1].mlp.c_fc.weight.requires_grad_(False)  # a frozen matrix is in no group
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(trainable, TrainConfig(optimizer=optimizer.split("-")[0]), device_type="cpu", model=model)
+    x = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        train_step(model, opt, [(x, x)], params=trainable, grad_accum_steps=1)
+    ours = named_optimizer_state(model, opt)
+    theirs = get_optimizer_state_dict(model, opt)
+    assert ours["param_groups"] == theirs["param_groups"]
+    assert ours["state"].keys() == theirs["state"].keys()
+    for name, state in ours["state"].items():
+        assert state.keys() == theirs["state"][name].keys()
+        for key, value in state.items():
+            assert torch.equal(value, theirs["state"][name][key]) if isinstance(value, torch.Tensor) \
+                else value == theirs["state"][name][key]
+    with pytest.raises(ValueError, match="not in the model"):
+        named_optimizer_state(GPT(config), opt)
+
+
+def test_training_on_the_cpu_never_imports_torch_dynamo(tmp_path: Path) -> None:
+    """torch._dynamo's import is ~1 s of a run's start; every optimizer make_optimizer builds on the CPU avoids it
+    (steps, zero_grad, state_dict, load_state_dict, the checkpoint's named state), and so does `scratchgpt train`."""
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be, that is the question\n" * 40)
+    script = f"""
+import sys
+import torch
+from scratchgpt.config import GPTConfig, TrainConfig
+from scratchgpt.model.gpt import GPT
+from scratchgpt.training.optim import make_optimizer
+from scratchgpt.training.run_state import named_optimizer_state
+from scratchgpt.training.train import train_step
+for name, dtype in (("adamw", torch.float32), ("muon", torch.float32), ("adamw", torch.bfloat16)):
+    model = GPT(GPTConfig(vocab_size=40, n_positions=16, n_embd=32, n_layer=2, n_head=2)).to(dtype)
+    params = list(model.parameters())
+    opt = make_optimizer(params, TrainConfig(optimizer=name), device_type="cpu", model=model)
+    x = torch.randint(0, 40, (2, 16))
+    train_step(model, opt, [(x, x)], params=params, grad_accum_steps=1, grad_clip=1.0)
+    opt.load_state_dict(opt.state_dict())
+    named_optimizer_state(model, opt)
+assert "torch._dynamo" not in sys.modules, "an optimizer imported torch._dynamo"
+from scratchgpt.cli import main
+code = main(["train", "--source", {str(text)!r}, "--dir", {str(tmp_path / "data")!r}, "--tokenizer", "char",
+             "--out-dir", {str(tmp_path / "run")!r}, "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+             "--block-size", "16", "--batch-size", "2", "--max-steps", "4", "--checkpoint-interval", "2",
+             "--eval-interval", "2", "--eval-steps", "1", "--sample-interval", "0", "--progress", "false"])
+assert code == 0
+assert "torch._dynamo" not in sys.modules, "scratchgpt train imported torch._dynamo"
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert latest_checkpoint(tmp_path / "run").name == "ckpt-00000004"
 
 
 # ---------------------------------------------------------------------------------------------

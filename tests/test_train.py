@@ -163,7 +163,8 @@ def test_loss_plot_is_redrawn_at_checkpoints_only_when_the_end_is_not_near(char_
     monkeypatch.setattr(runlog, "PLOT_EVERY_S", 0.0)
     args = ["--max-steps", "12", "--checkpoint-interval", "4", "--plot", "true"]
     assert _train(char_data, tmp_path / "run", *args) == 0
-    assert len(drawn) == 3  # checkpoints at steps 4 and 8, then the end of the run (not step 12's checkpoint too)
+    assert len(drawn) == 2  # checkpoints at steps 4 and 8 (not step 12's checkpoint too) ...
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"  # ... and the end, by another process
 
 
 def test_exact_resume_stop_and_continue(char_data: Path, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from scratchgpt.config import GPTConfig
 from scratchgpt.files import atomic_write, check_overwrite, replace_dir, write_json
 from scratchgpt.hf import config_from_hf, config_to_hf, hf_to_scratchgpt, scratchgpt_to_hf
 from scratchgpt.model.gpt import GPT, register_pretrained_loader
+from scratchgpt.signals import import_holding_signals
 from scratchgpt.tensor_files import (
     CheckpointError,
     check_header,
@@ -147,7 +148,7 @@ def load_model(
         config = GPTConfig.from_dict(cfg["model"], source=str(run_dir / "config.json"))
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{run_dir / 'config.json'}: invalid model config: {e}") from None
-    model = GPT(config, device="meta")
+    model = _meta_gpt(config)
     if prepare is not None:
         prepare(model, cfg)
     # Read straight into `dtype` and assigned, not copied: the weights are never held twice.
@@ -155,6 +156,13 @@ def load_model(
                        source=run_dir / "model.safetensors")
     model = model.to(device=device, dtype=dtype)  # buffers; the weights are already in `dtype`
     return model.eval(), cfg
+
+
+def _meta_gpt(config: GPTConfig) -> GPT:
+    """A GPT without storage (weights come from a file next). The meta device's first use imports torch._dynamo
+    from C++ (see signals.py): imported here first, with Ctrl-C held."""
+    import_holding_signals("torch._dynamo")
+    return GPT(config, device="meta")
 
 
 def _load_state_strict(model: GPT, state: dict[str, Tensor], *, source: str | Path) -> None:
@@ -283,7 +291,7 @@ def load_hf(
         raise CheckpointError(str(e)) from None
     if config_overrides:
         config = GPTConfig.from_dict({**config.to_dict(), **config_overrides})
-    model = GPT(config, device="meta")
+    model = _meta_gpt(config)
     weights = _read_hf_weights(directory, dtype=dtype)
     try:
         # consume: each HF tensor is dropped once renamed, transposed or stacked, so none is held twice.
@@ -548,7 +556,7 @@ def load_quantized(run_dir: str | Path, cfg: dict[str, Any], *, device: torch.de
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{source}: invalid model config: {e}") from None
     state = load_tensors(weights)
-    model = GPT(config, device="meta")
+    model = _meta_gpt(config)
     layers = set(quant.get("layers") or [])
     # Files written before embeddings were quantized have no "embeddings": their tables load as float.
     embeddings = set(quant.get("embeddings") or [])

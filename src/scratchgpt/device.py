@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,6 +211,26 @@ def set_threads(choice: ThreadChoice) -> ThreadChoice:
     if torch.get_num_threads() != choice.threads:
         torch.set_num_threads(choice.threads)
     return choice
+
+
+@contextmanager
+def threads_left_to_others(cores: int) -> Iterator[None]:
+    """Inside the block torch uses `cores` fewer intra-op threads (at least one); the count is restored after.
+
+    For work that runs beside another process of ours for a moment (the training loop's background drawing
+    of loss.png): an OpenMP thread whose core is taken holds every other thread at each op's barrier, which
+    made a 2-thread sample ~2x slower on 2 cores beside the drawing, against ~1.4x slower on one thread.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if cores > 0 and before > 1:
+        torch.set_num_threads(max(1, before - cores))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def last_level_cache_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Sequence
 
 from scratchgpt.cli.commands import COMMANDS
+from scratchgpt.signals import import_holding_signals
 
 # Exceptions that mean "the user's input is wrong": shown as one line, never as a traceback.
 # (tensor_files.CheckpointError and WriteError are ValueErrors; FileNotFoundError is an OSError.)
@@ -98,36 +99,6 @@ def _fit_threads() -> None:
     set_threads(choose_threads())
 
 
-def _import_torch_holding_signals() -> None:
-    """Import torch with SIGINT/SIGTERM held back until the import is done, then act on them.
-
-    Much of torch's import runs C++ that calls back into Python; a KeyboardInterrupt raised inside such a
-    callback cannot unwind through the C++ frames and aborts the process (SIGABRT, "terminate called after
-    throwing an instance of 'pybind11::error_already_set'"). Holding the signal for the second or two of
-    the import turns a Ctrl-C at that moment into the usual one-line "interrupted" and exit code 130.
-
-    The same holds for what torch imports lazily from C++ later: the first operation on the meta
-    device (every checkpoint load, `info`) runs a Python kernel that imports torch._dynamo, sympy and
-    ~800 modules (1-2 s) with C++ frames below it. Importing torch._dynamo here, held, moves that
-    window inside this one; afterwards loading a model imports nothing more.
-    """
-    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
-        return
-    received: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
-    try:
-        import torch  # noqa: F401
-        import torch._dynamo  # noqa: F401
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if received:
-        if received[0] == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise Terminated
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     command_name = "scratchgpt"
     previous = None
@@ -138,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         command_name = f"scratchgpt {args.command}"
         _set_openmp_waiting()
-        _import_torch_holding_signals()
+        # torch, with Ctrl-C held (signals.py); torch._dynamo too (held), which the meta device imports on first
+        # use under C++ frames, except for pretraining, which may never need it (~1 s of its start).
+        import_holding_signals("torch", *(() if args.command == "train" else ("torch._dynamo",)))
         if args.command in _INFERENCE_COMMANDS:
             _fit_threads()
         return int(args.func(args) or 0)

@@ -56,8 +56,8 @@ from scratchgpt.training.lora import (
     merge_lora,
     save_adapters,
 )
+from scratchgpt.training.plots import plot_metric
 from scratchgpt.training.run_state import folder_contents
-from scratchgpt.training.runlog import plot_metric
 from scratchgpt.training.runtime import Runtime, all_reduce_sums, distributed_info, is_main, model_device, to_device
 from scratchgpt.training.train import TrainResult
 

@@ -26,12 +26,15 @@ The peak RSS adds what the total leaves out, as measured (peak RSS, AMD EPYC Zen
     transient    what each step makes and frees again, whose pages the allocator keeps for the next step:
                  about 6 blocks' worth of activations (one block recomputed, its gradients, the outputs its
                  matmuls and adapters make and sum), the head's working set (a chunk's logits, log-probabilities
-                 and their gradient, or the whole logits' gradient), an int8 base's dequantized weight blocks (2 of
-                 at most 64 MB), and fbgemm's packed copy of int8 weights where that kernel runs (2 bytes a weight)
+                 and their gradient; fused with the loss, a chunk's logits, which become their own gradient,
+                 and the head's weight gradient, made in the forward; or the whole logits' gradient), an int8
+                 base's dequantized weight blocks (2 of at most 64 MB), and fbgemm's packed copy of int8 weights
+                 where that kernel runs (2 bytes a weight)
 Measured (peak RSS of the steps, kept freed memory as the training driver sets it): Llama-3.2-1B, LoRA over an
 int8 base, 512 tokens, checkpointing: estimated 2,419 MiB, measured 2,604 MiB; over a float32 base 2-5% under,
 Qwen3-0.6B's full float32 fine-tune 6% under (bench/scale.py, README: "Fine-tune a 1B model on a laptop"); a
-4-layer, 256-wide GPT with a 65k vocabulary at 512 tokens: within 15%, full and LoRA-int8 (tests/test_memory.py).
+4-layer, 256-wide GPT with a 65k vocabulary at 512 tokens: within 15%, full and LoRA-int8 (tests/test_memory.py;
+Intel Xeon, 2026-12-07: full float32 0.4% under, LoRA-int8 4% over).
 """
 
 from __future__ import annotations
@@ -109,8 +112,9 @@ def _block_values_per_token(config: GPTConfig) -> int:
 
 
 def _transient_bytes(model: nn.Module, config: GPTConfig | None, *, tokens: int, dtype_bytes: int,
-                     chunk_tokens: int | None) -> int:
-    """Each step's transient buffers (module docstring)."""
+                     chunk_tokens: int | None, fused_head_grad: int | None) -> int:
+    """Each step's transient buffers (module docstring). `fused_head_grad`: with the head fused with the loss,
+    the bytes of the head's weight gradient it makes in the forward (0 for a frozen head); None otherwise."""
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
     # A dequantized block of rows (at most BLOCK_BYTES of float32), and the next one being made.
     out = 2 * min(BLOCK_BYTES, max(4 * m.weight.numel() for m in int8)) if int8 else 0
@@ -118,7 +122,15 @@ def _transient_bytes(model: nn.Module, config: GPTConfig | None, *, tokens: int,
     if config is not None:
         out += TRANSIENT_BLOCKS * dtype_bytes * _block_values_per_token(config) * tokens
         logits = 4 * config.vocab_size
-        out += 3 * logits * chunk_tokens if chunk_tokens is not None else logits * tokens
+        if chunk_tokens is None:
+            out += logits * tokens
+        elif fused_head_grad is not None:
+            # model.fused_loss: one chunk's float32 logits (and their copy in a lower matmul dtype), which become
+            # their own gradient in place, and the head's weight gradient, made whole in the forward.
+            low = config.vocab_size * dtype_bytes if dtype_bytes != 4 else 0
+            out += (logits + low) * chunk_tokens + fused_head_grad
+        else:  # chunks under checkpoint: a chunk's logits, log-probabilities and their gradient
+            out += 3 * logits * chunk_tokens
     return out
 
 
@@ -166,7 +178,11 @@ def estimate_memory(
         chunk_tokens = min(tokens, fused_chunk_rows(chunk_tokens, dtype_bytes))
     per_token = activation_bytes_per_token(config, dtype_bytes=dtype_bytes, checkpointing=checkpointing,
                                            logits=chunk_tokens is None) if config is not None else 0
-    transient = _transient_bytes(model, config, tokens=tokens, dtype_bytes=dtype_bytes, chunk_tokens=chunk_tokens)
+    head = getattr(model, "lm_head", None) if fused else None
+    head_grad = None if head is None else (head.weight.numel() * head.weight.element_size()
+                                           if id(head.weight) in trained else 0)
+    transient = _transient_bytes(model, config, tokens=tokens, dtype_bytes=dtype_bytes, chunk_tokens=chunk_tokens,
+                                 fused_head_grad=head_grad)
     return MemoryEstimate(
         trainable=trainable, frozen=sum(frozen.values()), gradients=trainable, optimizer=_optimizer_bytes(optimizer),
         activations_per_token=per_token, tokens=tokens, checkpointing=checkpointing,

@@ -31,7 +31,7 @@ from scratchgpt.checkpoint import check_float_weights
 from scratchgpt.files import atomic_write_text, check_overwrite, fsync_dir, recover_replaced_dir, write_json
 from scratchgpt.model.gpt import GPT
 from scratchgpt.tensor_files import CheckpointError, load_tensors, read_json, save_tensors
-from scratchgpt.training.runlog import LOG_FILE, PLOT_FILE
+from scratchgpt.training.plots import LOG_FILE, PLOT_FILE
 
 CKPT_PREFIX = "ckpt-"
 LATEST_FILE = "latest"
@@ -338,6 +338,29 @@ def load_module_state(model: nn.Module, state: dict[str, Tensor], *, source: str
         raise CheckpointError(
             f"{source}: weights do not match the model (missing {missing[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
+
+
+def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer.state_dict()` with the parameters' names in `model` for their indices: what
+    torch.distributed.checkpoint's get_optimizer_state_dict(full_state_dict=True) returns for a model that is
+    not sharded (tested against it), so that both write the same checkpoints and its set_optimizer_state_dict
+    reads either. Why not call it: it imports torch._dynamo on its first use (~1 s of a run, at the first
+    checkpoint), to check whether the model is a compiled one; the caller passes the unwrapped model.
+
+    The tensors are the optimizer's own (no copies): write them out before the next step. After at least one
+    step (torch's version first steps an optimizer that has no state, with lr 0, to create it).
+    """
+    osd = optimizer.state_dict()
+    order = [p for group in optimizer.param_groups for p in group["params"]]
+    position = {p: i for i, p in enumerate(order)}
+    names = {position[p]: name for name, p in model.named_parameters() if p in position}
+    missing = [i for i in range(len(order)) if i not in names]
+    if missing:
+        raise ValueError(f"{len(missing)} of the optimizer's parameters are not in the model")
+    osd["state"] = {names[i]: state for i, state in osd["state"].items()}
+    for group in osd["param_groups"]:
+        group["params"] = [names[i] for i in group["params"]]
+    return osd
 
 
 def optimizer_state_to_flat(osd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -1,9 +1,8 @@
-"""The run log: log.csv (one row per log step, evaluations as columns), throughput and MFU, the precision
-line a run starts with, and the plots.
+"""The run log: log.csv (one row per log step, evaluations as columns), throughput and MFU, and the precision
+line a run starts with.
 
-Every mode writes the same log.csv through `CsvLog`, reads it back through `read_log`, and draws it with
-`plot_log` (the loss) or `plot_metric` (any evaluated metric, e.g. classification accuracy): one
-matplotlib policy (the Agg canvas, no pyplot global state) for all of them.
+Every mode writes the same log.csv through `CsvLog`; `plots.py` reads it back (`read_log`) and draws it
+(`plot_log` for the loss, `plot_metric` for any evaluated metric, e.g. classification accuracy).
 """
 
 from __future__ import annotations
@@ -124,8 +123,6 @@ def precision_line(cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtyp
 # log.csv and its plots
 # ---------------------------------------------------------------------------------------------
 
-LOG_FILE = "log.csv"
-PLOT_FILE = "loss.png"
 LOG_COLUMNS = ("step", "tokens", "lr", "train_loss", "val_loss", "tok_per_s", "mfu", "elapsed_s")
 
 
@@ -221,83 +218,6 @@ def _row_problem(header: list[str], record: list[str]) -> str | None:
     if not record[0]:
         return "no step"
     return None
-
-
-def read_log_table(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
-    """(columns, rows) of a log.csv (a run directory or the file itself); empty when there is none."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / LOG_FILE
-    if not path.is_file():
-        return [], []
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
-
-
-def read_log(path: str | Path) -> list[dict[str, str]]:
-    """The rows of a log.csv (a run directory or the file itself); empty when there is none."""
-    return read_log_table(path)[1]
-
-
-def _figure(size: tuple[float, float]) -> Any:
-    """A matplotlib Figure on the Agg canvas (no pyplot: no global backend switch, no figure registry); None
-    without matplotlib."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    fig = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _series(rows: list[dict[str, str]], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
-    pts = [(float(r[x_key]), float(r[y_key])) for r in rows if r.get(y_key) not in (None, "")]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def plot_log(csv_path: str | Path, png_path: str | Path) -> Path | None:
-    """Plot train and val loss against steps and against tokens seen; None (with no file) without matplotlib."""
-    fig = _figure((11, 4))
-    if fig is None:
-        return None
-    rows = read_log(csv_path)
-    for ax, x_key, label in zip(fig.subplots(1, 2), ("step", "tokens"), ("step", "tokens seen"), strict=True):
-        ax.plot(*_series(rows, x_key, "train_loss"), label="train (running)", lw=1, alpha=0.7)
-        if any(r.get("eval_train_loss") for r in rows):
-            ax.plot(*_series(rows, x_key, "eval_train_loss"), "o-", ms=3, label="train (eval)")
-        ax.plot(*_series(rows, x_key, "val_loss"), "o-", ms=3, label="val")
-        ax.set_xlabel(label)
-        ax.set_ylabel("cross-entropy loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.savefig(png_path, dpi=110)
-    return Path(png_path)
-
-
-def plot_metric(out_dir: str | Path, metric: str) -> Path | None:
-    """<metric>.png from every `<split>_<metric>` column of log.csv against the step; None without matplotlib."""
-    rows = read_log(out_dir)
-    columns = [c for c in (rows[0] if rows else {}) if c.endswith(f"_{metric}")]
-    if not columns:
-        return None
-    fig = _figure((6, 4))
-    if fig is None:
-        return None
-    ax = fig.subplots()
-    for col in columns:
-        xs, ys = _series(rows, "step", col)
-        if xs:
-            ax.plot(xs, ys, marker="o", label=col.removeprefix("eval_").removesuffix(f"_{metric}"))
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.legend()
-    path = Path(out_dir) / f"{metric}.png"
-    fig.savefig(path, dpi=100)
-    return path
 
 
 # Seconds between redraws of loss.png at checkpoints (and always at the end of a run).

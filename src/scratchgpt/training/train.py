@@ -60,12 +60,13 @@ from torch import Tensor, nn
 
 from scratchgpt.checkpoint import float32_weights, model_state, save_model_files, unwrap
 from scratchgpt.config import TrainConfig
-from scratchgpt.device import ThreadChoice, choose_threads, native_bf16, set_threads
+from scratchgpt.device import ThreadChoice, choose_threads, native_bf16, set_threads, threads_left_to_others
 from scratchgpt.files import replace_dir
 from scratchgpt.model.gpt import GPT
 from scratchgpt.tensor_files import CheckpointError
 from scratchgpt.training.memory import estimate_memory
 from scratchgpt.training.optim import lr_at, make_optimizer, set_lr
+from scratchgpt.training.plots import LOG_FILE, PLOT_FILE, DrawingInBackground, plot_log
 from scratchgpt.training.run_state import (
     BEST_DIR,
     RunLock,
@@ -76,6 +77,7 @@ from scratchgpt.training.run_state import (
     clear_run_dir,
     export_model_files,
     load_module_state,
+    named_optimizer_state,
     optimizer_state_from_flat,
     optimizer_state_to_flat,
     read_training_checkpoint,
@@ -83,13 +85,10 @@ from scratchgpt.training.run_state import (
     write_training_checkpoint,
 )
 from scratchgpt.training.runlog import (
-    LOG_FILE,
-    PLOT_FILE,
     CsvLog,
     flops_per_token,
     peak_flops,
     plot_due,
-    plot_log,
     precision_line,
     progress_line,
 )
@@ -481,6 +480,7 @@ class _Trainer:
             if self._update_best(metrics):  # the starting point counts: best/ is never worse than it
                 self._export_best()
         interrupted = False
+        drawing: DrawingInBackground | None = None
         with StopRequest() as stop:
             while self.step < cfg.max_steps:
                 lr = set_lr(self.optimizer, self.step, cfg)
@@ -536,6 +536,10 @@ class _Trainer:
                         self._bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:.0f}")
                     elif self._bar.disable and not do_eval:
                         self.say(progress_line(row, cfg.max_steps))
+                if last and csv_log is not None and cfg.plot:
+                    # log.csv has its last row: loss.png is drawn by another process while this one writes
+                    # the last checkpoint and generates the sample (plots.py); the end of the run collects it.
+                    drawing = DrawingInBackground(self.out_dir / LOG_FILE, self.out_dir / PLOT_FILE)
                 # The best loss is updated before the checkpoint of this step is written, so that the
                 # checkpoint records it: a run resumed from it then ends with the same best/.
                 improved = do_eval and self._update_best(metrics)
@@ -544,7 +548,8 @@ class _Trainer:
                 if improved:
                     self._export_best()
                 if self.sample_fn is not None and not stopping and (last or _every(self.step, cfg.sample_interval)):
-                    self._sample()
+                    with threads_left_to_others(1 if drawing is not None else 0):  # a core for the drawing
+                        self._sample()
                 if do_eval or ckpt_due:
                     interval.reset()  # evaluation and saving are not training time
                 elif interval.steps and self.step % cfg.log_interval == 0:
@@ -556,7 +561,7 @@ class _Trainer:
                     break
         self._bar.close()
         if csv_log is not None and cfg.plot:
-            self._plot()
+            self._plot(drawing)
         total_tokens = sum(t for t, _ in tok_rates)
         total_seconds = sum(s for _, s in tok_rates)
         return TrainResult(
@@ -673,10 +678,13 @@ class _Trainer:
         done = self.step - first
         return (self.cfg.max_steps - self.step) * (time.monotonic() - since) / done if done else math.inf
 
-    def _plot(self) -> None:
+    def _plot(self, drawing: DrawingInBackground | None = None) -> None:
+        """Draw loss.png, or collect the one `drawing` made (drawn here after all if it did not)."""
         self._plotted = time.monotonic()
-        png = plot_log(self.out_dir / LOG_FILE, self.out_dir / PLOT_FILE)
-        if png is None:
+        drawn = drawing.wait() if drawing is not None else False
+        if drawn is False:  # (here an error shows as it would anywhere)
+            drawn = plot_log(self.out_dir / LOG_FILE, self.out_dir / PLOT_FILE) is not None
+        if not drawn:
             self.say("note: matplotlib is not installed, so no loss plot (pip install 'scratchgpt[plot]')")
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -713,10 +721,13 @@ class _Trainer:
         return rng_json, tensors
 
     def _checkpoint(self, *, elapsed: float, lr: float) -> None:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
         state = self._gathered_model_state()
-        osd = get_optimizer_state_dict(self.inner, self.optimizer, options=self._state_options())
+        if self.fsdp:  # gathered from every rank (collective)
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            osd = get_optimizer_state_dict(self.inner, self.optimizer, options=self._state_options())
+        else:
+            osd = named_optimizer_state(self.inner, self.optimizer)
         rng_json, rng_tensors = self._gather_rng()
         if self.dist.is_main:
             opt_tensors, opt_json = optimizer_state_to_flat(osd)
