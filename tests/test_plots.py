@@ -59,6 +59,7 @@ def test_without_matplotlib_the_background_drawing_says_none(tmp_path: Path, mon
     assert not (tmp_path / "loss.png").exists()
 
 
-def test_a_drawing_that_cannot_start_says_so(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+@pytest.mark.parametrize("python", ["no-such-python", ""])  # a missing interpreter; none known (embedded Python)
+def test_a_drawing_that_cannot_start_says_so(tmp_path: Path, monkeypatch, python: str) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / python) if python else python)
     assert DrawingInBackground(tmp_path / "log.csv", tmp_path / "loss.png").wait() is False

@@ -9,8 +9,8 @@ pyplot (no global backend switch, no figure registry); each file is written whol
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,17 +111,19 @@ class DrawingInBackground:
     """
 
     def __init__(self, csv_path: str | Path, png_path: str | Path) -> None:
-        # The child finds this very scratchgpt (a source tree on PYTHONPATH included). Its output is not the
-        # run's: a Ctrl-C reaches it too (same process group) and it dies of it quietly; the run reports.
+        # The child imports scratchgpt as this process would (same environment and folder), and falls back on
+        # the folder this very module came from (a source tree put on sys.path by hand), last so that it can
+        # shadow nothing. Its output is not the run's: a Ctrl-C reaches it too (same process group) and it
+        # dies of it quietly; the run reports.
         package_root = str(Path(__file__).resolve().parents[2])
-        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-        try:
-            self._proc: subprocess.Popen | None = subprocess.Popen(
-                [sys.executable, "-m", "scratchgpt.training.plots", str(csv_path), str(png_path)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONPATH": path})
-        except OSError:
-            self._proc = None
+        code = (f"import sys; sys.path.append({package_root!r}); "
+                "from scratchgpt.training.plots import main; sys.exit(main(sys.argv[1:]))")
+        self._proc: subprocess.Popen | None = None
+        if sys.executable:  # (empty or None where Python is embedded)
+            with contextlib.suppress(OSError):  # (then wait() says False, and the run draws it itself)
+                self._proc = subprocess.Popen([sys.executable, "-c", code, str(csv_path), str(png_path)],
+                                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL)
 
     def wait(self, timeout: float = 120.0) -> bool | None:
         """True when the file was drawn, None when matplotlib is missing, False on any other outcome."""
