@@ -115,6 +115,14 @@ def _undecorated(method: Any) -> Any:
     return getattr(method, "__wrapped__", method)
 
 
+def closure_loss(closure: Any) -> Any:
+    """What torch's optimizers do with `step(closure)` first: the loss it returns, computed with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class WithoutDynamo:
     """Mixin for optimizers: torch.optim.Optimizer's add_param_group, zero_grad, state_dict and
     load_state_dict, without the `torch._disable_dynamo` wrappers torch puts around them.
@@ -154,10 +162,7 @@ class Muon(WithoutDynamo, torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -221,10 +226,7 @@ class MuonAdamW(WithoutDynamo, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for opt in self._inner:
             opt.step()
         return loss
@@ -255,10 +257,7 @@ class FusedAdamW(WithoutDynamo, torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         # A GradScaler (float16) hands the fused kernel its scale and overflow flag through these attributes.
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for group in self.param_groups:
@@ -307,10 +306,7 @@ class KahanAdamW(WithoutDynamo, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
