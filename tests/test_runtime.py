@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 
 from scratchgpt.device import native_bf16
-from scratchgpt.training.runtime import is_main, process_group, resolve_dtype, resolve_runtime
+from scratchgpt.training.runtime import StopRequest, is_main, process_group, resolve_dtype, resolve_runtime
 
 
 def test_is_main_follows_torchrun_rank_before_a_group_exists(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,3 +57,20 @@ def test_bf16_true_places_models_in_bfloat16_under_bf16_autocast() -> None:
     with rt.precision():
         _, loss = model(x, x)
     assert loss.dtype == torch.float32  # autocast keeps the cross-entropy in float32
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
+@pytest.mark.parametrize(("first", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stopped_run_exits_with_the_signal_that_stopped_it(first: int, code: int) -> None:
+    from types import SimpleNamespace
+
+    from scratchgpt.cli.commands import stopped_exit_code
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), first)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second request changes nothing
+        assert stop.requested and stop.signum == first
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers back after the loop
+    assert stopped_exit_code(SimpleNamespace(interrupted=True, stop_signal=stop.signum)) == code
+    assert stopped_exit_code(SimpleNamespace(interrupted=True, stop_signal=None)) == 130  # another rank asked
+    assert stopped_exit_code(SimpleNamespace(interrupted=False, stop_signal=None)) == 0

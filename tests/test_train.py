@@ -480,11 +480,20 @@ def test_leftovers_are_cleaned_on_the_next_start(char_data: Path, finished_run: 
 @pytest.mark.slow  # six interpreter start-ups: CI runs it (scripts/test.sh); the default suite skips it
 @pytest.mark.skipif(os.name != "posix", reason="needs POSIX signals")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_during_start_up_is_one_line(tmp_path: Path, sig: int) -> None:
+@pytest.mark.parametrize("command", ["info", "train"])
+def test_a_signal_during_start_up_is_one_line(tmp_path: Path, sig: int, command: str) -> None:
     # Whenever it lands (while torch is imported, or while the command runs), no traceback. (Not in the
-    # interpreter's own first ~50 ms: a signal while Python imports `site` is Python's to report.)
+    # interpreter's own first ~50 ms: a signal while Python imports `site` is Python's to report.) `train`
+    # imports less up front than `info` (no torch._dynamo): its start-up is a window of its own.
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be, that is the question\n" * 40)
+    argv = ["info", "--model", "gpt2"] if command == "info" else [
+        "train", "--source", str(text), "--dir", str(tmp_path / "data"), "--tokenizer", "char", "--n-layer", "1",
+        "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "2", "--max-steps", "100000",
+        "--progress", "false", "--sample-interval", "0", "--overwrite", "true"]
     for delay in (0.3, 0.8, 2.0):
-        proc = subprocess.Popen([sys.executable, "-m", "scratchgpt", "info", "--model", "gpt2"],
+        run_argv = argv if command == "info" else [*argv, "--out-dir", str(tmp_path / f"run-{delay}")]
+        proc = subprocess.Popen([sys.executable, "-m", "scratchgpt", *run_argv],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
         proc.send_signal(sig)

@@ -10,6 +10,7 @@ The run functions import torch and the library inside, so that building the pars
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,7 +334,16 @@ def _run_train(args: argparse.Namespace) -> int:
                    "eval_step": result.metrics_step, **{k: round(v, 4) for k, v in result.metrics.items()},
                    "best_val_loss": result.best_val_loss, "interrupted": result.interrupted}
         print(json.dumps(summary))
-    return 130 if result.interrupted else 0
+    return stopped_exit_code(result)
+
+
+def stopped_exit_code(result: Any) -> int:
+    """A training command's exit code: 0, or 128 + the signal that stopped the run and saved its checkpoint
+    (130 for Ctrl-C, 143 for SIGTERM, as for a command stopped outside the loop; 130 on a rank that stopped
+    because another one was asked to)."""
+    if not result.interrupted:
+        return 0
+    return 128 + int(result.stop_signal or signal.SIGINT)
 
 
 # ================================ fine-tuning: finetune, classify, chat ================================
@@ -406,7 +416,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     rest = {k: v for k, v in result.metrics.items() if not isinstance(v, dict)}
     if is_main():  # under torchrun, rank 0 speaks for the job
         print(json.dumps({"out_dir": str(result.out_dir), **splits, "start": start, **rest}))
-    return 130 if result.interrupted else 0
+    return stopped_exit_code(result)
 
 
 def _run_finetune_merge(args: argparse.Namespace) -> int:

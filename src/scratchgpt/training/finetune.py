@@ -445,6 +445,7 @@ class FinetuneResult:
     model: GPT
     tokenizer: Tokenizer
     interrupted: bool = False
+    stop_signal: int | None = None  # as TrainResult's
 
 
 def run_mode(
@@ -518,7 +519,8 @@ def run_mode(
         write_json(Path(tcfg.out_dir) / METRICS_FILE, metrics)
         for metric in mode.plots if tcfg.plot else ():
             plot_metric(tcfg.out_dir, metric)
-    return FinetuneResult(Path(tcfg.out_dir), metrics, model, start.tokenizer, interrupted=result.interrupted)
+    return FinetuneResult(Path(tcfg.out_dir), metrics, model, start.tokenizer, interrupted=result.interrupted,
+                          stop_signal=result.stop_signal)
 
 
 def merge_adapters(base: str, adapters: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:

@@ -154,6 +154,7 @@ class TrainResult:
     best_step: int | None = None
     run_dir: Path | None = None
     interrupted: bool = False
+    stop_signal: int | None = None  # what stopped an interrupted run (SIGINT, SIGTERM); None: another rank's
 
 
 def train_step(
@@ -479,7 +480,7 @@ class _Trainer:
             self._record(csv_log, {"step": 0, "tokens": 0, "lr": lr_at(0, cfg), "elapsed_s": 0.0}, metrics)
             if self._update_best(metrics):  # the starting point counts: best/ is never worse than it
                 self._export_best()
-        interrupted = False
+        interrupted, stop_signal = False, None
         drawing: DrawingInBackground | None = None
         with StopRequest() as stop:
             while self.step < cfg.max_steps:
@@ -555,7 +556,7 @@ class _Trainer:
                 elif interval.steps and self.step % cfg.log_interval == 0:
                     interval.reset()
                 if stopping:
-                    interrupted = True
+                    interrupted, stop_signal = True, stop.signum
                     self.say(f"stopped at step {self.step}: checkpoint saved in {self.out_dir}; "
                              f"resume with --resume")
                     break
@@ -569,7 +570,7 @@ class _Trainer:
             tokens_per_s=total_tokens / total_seconds if total_seconds else 0.0, mfu=last_mfu,
             train_loss=train_loss, metrics=metrics, metrics_step=metrics_step, best_val_loss=self.best_val,
             best_step=self.best_step,
-            run_dir=self.out_dir, interrupted=interrupted,
+            run_dir=self.out_dir, interrupted=interrupted, stop_signal=stop_signal,
         )
 
     def _nothing_to_do(self, ckpt: Path) -> TrainResult:
