@@ -1,9 +1,9 @@
 """The run log's plots: log.csv read back, loss.png and <metric>.png drawn with matplotlib.
 
-No torch here, so that `python -m scratchgpt.training.plots LOG PNG` starts in ~0.1 s: the training loop
-draws its last loss.png that way, in a process of its own (`DrawingInBackground`), while it writes its last
-checkpoint and generates its sample; matplotlib's import and the drawing (~0.5 s on a 2-core Xeon) then
-overlap that work instead of adding to the run. One matplotlib policy for every plot: the Agg canvas, no
+No torch here, so that a Python process that only draws starts quickly (`python -m scratchgpt.training.plots
+LOG PNG`): the training loop draws its last loss.png in such a process (`DrawingInBackground`) while it writes
+its last checkpoint and generates its sample; matplotlib's import and the drawing (~0.5 s on a 2-core Xeon)
+then overlap that work instead of adding to the run. One matplotlib policy for every plot: the Agg canvas, no
 pyplot (no global backend switch, no figure registry); each file is written whole or not at all.
 """
 
