@@ -318,7 +318,8 @@ def test_named_optimizer_state_is_torch_distributed_checkpoints(optimizer: str) 
 
 def test_training_on_the_cpu_never_imports_torch_dynamo(tmp_path: Path) -> None:
     """torch._dynamo's import is ~1 s of a run's start; every optimizer make_optimizer builds on the CPU avoids it
-    (steps, zero_grad, state_dict, load_state_dict, the checkpoint's named state), and so does `scratchgpt train`."""
+    (steps, zero_grad, state_dict, load_state_dict, the checkpoint's named state), and so do `scratchgpt train`
+    and `scratchgpt prepare`."""
     text = tmp_path / "text.txt"
     text.write_text("to be or not to be, that is the question\n" * 40)
     script = f"""
@@ -344,7 +345,9 @@ code = main(["train", "--source", {str(text)!r}, "--dir", {str(tmp_path / "data"
              "--block-size", "16", "--batch-size", "2", "--max-steps", "4", "--checkpoint-interval", "2",
              "--eval-interval", "2", "--eval-steps", "1", "--sample-interval", "0", "--progress", "false"])
 assert code == 0
-assert "torch._dynamo" not in sys.modules, "scratchgpt train imported torch._dynamo"
+assert main(["prepare", "--source", {str(text)!r}, "--dir", {str(tmp_path / "data2")!r}, "--tokenizer", "char",
+             "--no-progress"]) == 0
+assert "torch._dynamo" not in sys.modules, "scratchgpt train or prepare imported torch._dynamo"
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -61,6 +61,8 @@ def _on_sigterm(signum: int, frame) -> None:
 # Commands that decode or evaluate: their torch thread count is fitted to the machine at start (training
 # picks and logs its own, and keeps it across a resume).
 _INFERENCE_COMMANDS = frozenset({"generate", "chat", "serve", "eval", "classify"})
+# Commands that start without torch._dynamo (see main()).
+_NO_DYNAMO_COMMANDS = frozenset({"train", "prepare"})
 
 
 # OpenMP spin counts (libgomp's GOMP_SPINCOUNT) for an idle machine: a waiting thread spins this many rounds
@@ -110,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command_name = f"scratchgpt {args.command}"
         _set_openmp_waiting()
         # torch, with Ctrl-C held (signals.py); torch._dynamo too (held), which the meta device imports on first
-        # use under C++ frames, except for pretraining, which may never need it (~1 s of its start).
-        import_holding_signals("torch", *(() if args.command == "train" else ("torch._dynamo",)))
+        # use under C++ frames, except where it may never be needed (~1 s): pretraining (a checkpoint it loads
+        # imports it held, checkpoint.py) and data preparation (no model).
+        import_holding_signals("torch", *(() if args.command in _NO_DYNAMO_COMMANDS else ("torch._dynamo",)))
         if args.command in _INFERENCE_COMMANDS:
             _fit_threads()
         return int(args.func(args) or 0)
