@@ -43,6 +43,17 @@ def test_the_background_drawing_is_the_same_picture(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here.png", "log.csv", "loss.png"]  # no temporary left
 
 
+def test_the_background_drawing_ignores_modules_in_the_working_folder(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    _log(tmp_path, range(0, 30, 10))
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("csv", "random", "matplotlib"):  # a user's files where the run was started
+        (work / f"{name}.py").write_text("raise RuntimeError('not the standard library')\n")
+    monkeypatch.chdir(work)
+    assert DrawingInBackground(tmp_path / "log.csv", tmp_path / "loss.png").wait() is True
+
+
 def test_a_failed_background_drawing_says_so_and_leaves_no_file(tmp_path: Path) -> None:
     (tmp_path / "log.csv").write_text("step,train_loss\n1,not-a-number\n")  # the child's float() fails
     assert DrawingInBackground(tmp_path / "log.csv", tmp_path / "loss.png").wait() is False

@@ -111,12 +111,13 @@ class DrawingInBackground:
     """
 
     def __init__(self, csv_path: str | Path, png_path: str | Path) -> None:
-        # The child imports scratchgpt as this process would (same environment and folder), and falls back on
-        # the folder this very module came from (a source tree put on sys.path by hand), last so that it can
-        # shadow nothing. Its output is not the run's: a Ctrl-C reaches it too (same process group) and it
-        # dies of it quietly; the run reports.
+        # The child imports scratchgpt as this process would (same environment), and falls back on the folder
+        # this very module came from (a source tree put on sys.path by hand), last so that it can shadow
+        # nothing; `-c` would put the working folder first, where a user's csv.py or random.py would shadow the
+        # standard library: it is taken off. Its output is not the run's: a Ctrl-C reaches it too (same process
+        # group) and it dies of it quietly; the run reports.
         package_root = str(Path(__file__).resolve().parents[2])
-        code = (f"import sys; sys.path.append({package_root!r}); "
+        code = (f"import sys; sys.path[:1] = [p for p in sys.path[:1] if p]; sys.path.append({package_root!r}); "
                 "from scratchgpt.training.plots import main; sys.exit(main(sys.argv[1:]))")
         self._proc: subprocess.Popen | None = None
         if sys.executable:  # (empty or None where Python is embedded)
